@@ -1,0 +1,1 @@
+//! Embedded KVM VMM for the management VMs (issue 4 builds it out).
