@@ -1,2 +1,18 @@
 //! The host resource governor: loads the kernel programs, samples per-VM
-//! telemetry, and serves status.
+//! telemetry into rates, and serves status.
+//!
+//! - `telemetry`: the kernel programs (load, pin, attach, read maps)
+//! - `cgroup`, `netdev`, `tracefs`: the host as the kernel shows it
+//! - `sampler`: counters -> rates (pure)
+//! - `governor`: the watched VMs and one sampling step
+//! - `daemon`, `api`: `governor run` and its control socket
+
+pub mod api;
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+pub mod governor;
+pub mod netdev;
+pub mod sampler;
+pub mod telemetry;
+pub mod tracefs;

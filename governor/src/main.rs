@@ -1,1 +1,79 @@
-fn main() {}
+//! `governor run --config FILE` and `governor status`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use governor::api::{self, Request};
+use governor::config::{Config, DEFAULT_SOCKET};
+
+#[derive(Parser)]
+#[command(name = "governor", version, about = "eBPF host resource governor")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the kernel programs, watch the configured VMs, serve status.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Also print the status table every tick.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Check a config file without applying anything.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Per-VM table from a running governor.
+    Status {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the raw JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { config, print } => {
+            let cfg = Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(governor::daemon::run(cfg, print))
+        }
+        Cmd::Check { config } => {
+            let cfg = Config::load(&config)?;
+            println!("{}: ok, {} vm(s)", config.display(), cfg.vms.len());
+            Ok(())
+        }
+        Cmd::Status { socket, json } => {
+            let resp = api::call(&socket, &Request::Status)?;
+            let Some(status) = resp.status.filter(|_| resp.ok) else {
+                bail!("governor: {}", resp.error.unwrap_or_else(|| "no status".into()));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", governor::sampler::table(&status.vms));
+                for o in &status.ooms {
+                    println!("OOM kill: pid {} ({}) in {}", o.pid, o.comm, o.vm.as_deref().unwrap_or("?"));
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The governor's control socket: one JSON object per line each way.
+//!
+//! `{"cmd":"status"}` -> `{"ok":true,"status":{...}}`; errors come back as
+//! `{"ok":false,"error":"..."}`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::governor::OomRecord;
+use crate::sampler::VmStatus;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub tick: u64,
+    pub tick_ms: u64,
+    pub vms: Vec<VmStatus>,
+    pub ooms: Vec<OomRecord>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Decode one request line; the error text is what goes back to the client.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Client side, used by `governor status` and by tests.
+pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
+    use anyhow::Context;
+    let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut resp = String::new();
+    BufReader::new(s).read_line(&mut resp).context("read response")?;
+    serde_json::from_str(&resp).with_context(|| format!("bad response {resp:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests() {
+        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert!(parse_request(r#"{"cmd":"nope"}"#).unwrap_err().contains("bad request"));
+        assert!(parse_request("garbage").is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! The governor's configuration file (TOML), checked whole before anything
+//! is applied: a wrong config is refused with the field and the reason.
+//!
+//! ```toml
+//! tick_ms = 1000                       # 100 ..= 60000
+//! pin_dir = "/sys/fs/bpf/governor"
+//! socket = "/run/governor/governor.sock"
+//!
+//! [[vm]]
+//! name = "web1"                        # [A-Za-z0-9_.-], unique
+//! cgroup = "machine/web1"              # relative to the cgroup roots
+//! interfaces = ["tap-web1"]            # host-side ends of the VM's NICs
+//! role = "user"                        # user | mc (management VM)
+//! ```
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::cgroup::Layout;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/governor";
+pub const DEFAULT_SOCKET: &str = "/run/governor/governor.sock";
+pub const MIN_TICK_MS: u64 = 100;
+pub const MAX_TICK_MS: u64 = 60_000;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config: {0}")]
+    Syntax(String),
+    #[error("config: {field}: {reason}")]
+    Field { field: String, reason: String },
+}
+
+fn field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field { field: field.into(), reason: reason.into() }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    User,
+    /// A management-and-control VM.
+    Mc,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Mc => "mc",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub name: String,
+    pub cgroup: String,
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_tick")]
+    pub tick_ms: u64,
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<VmConfig>,
+}
+
+fn default_tick() -> u64 {
+    1000
+}
+fn default_pin_dir() -> PathBuf {
+    DEFAULT_PIN_DIR.into()
+}
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let cfg = Config::parse(&text)?;
+        cfg.check_host()?;
+        Ok(cfg)
+    }
+
+    /// Parse and check what can be checked without looking at the host.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if !(MIN_TICK_MS..=MAX_TICK_MS).contains(&self.tick_ms) {
+            return Err(field(
+                "tick_ms",
+                format!("{} is outside {MIN_TICK_MS}..={MAX_TICK_MS}", self.tick_ms),
+            ));
+        }
+        if !self.pin_dir.is_absolute() || !self.pin_dir.starts_with(crate::tracefs::BPFFS) {
+            return Err(field("pin_dir", format!("{} is not under {}", self.pin_dir.display(), crate::tracefs::BPFFS)));
+        }
+        if !self.socket.is_absolute() {
+            return Err(field("socket", "must be an absolute path"));
+        }
+        let mut names = HashSet::new();
+        let mut ifaces = HashSet::new();
+        let mut cgroups = HashSet::new();
+        for (i, vm) in self.vms.iter().enumerate() {
+            let at = |f: &str| format!("vm[{i}].{f}");
+            let ok_char = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
+            if vm.name.is_empty() || vm.name.len() > 64 || !vm.name.chars().all(ok_char) {
+                return Err(field(at("name"), format!("{:?} must be 1-64 of [A-Za-z0-9_.-]", vm.name)));
+            }
+            if !names.insert(vm.name.as_str()) {
+                return Err(field(at("name"), format!("{:?} is used by another vm", vm.name)));
+            }
+            let rel = Path::new(&vm.cgroup);
+            let rel_ok = !vm.cgroup.is_empty()
+                && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !rel_ok {
+                return Err(field(at("cgroup"), format!("{:?} must be a relative path without '.' or '..'", vm.cgroup)));
+            }
+            if !cgroups.insert(vm.cgroup.as_str()) {
+                return Err(field(at("cgroup"), format!("{:?} belongs to another vm", vm.cgroup)));
+            }
+            for (j, ifname) in vm.interfaces.iter().enumerate() {
+                if ifname.is_empty() || ifname.len() >= libc::IF_NAMESIZE || ifname.contains(['/', ' ']) {
+                    return Err(field(at(&format!("interfaces[{j}]")), format!("{ifname:?} is not an interface name")));
+                }
+                if !ifaces.insert(ifname.as_str()) {
+                    return Err(field(at(&format!("interfaces[{j}]")), format!("{ifname:?} belongs to another vm")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Check that every cgroup and interface named exists on this host.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        let layout = Layout::detect().map_err(|e| field("cgroup", e.to_string()))?;
+        for (i, vm) in self.vms.iter().enumerate() {
+            layout.open(&vm.cgroup).map_err(|e| field(format!("vm[{i}].cgroup"), e.to_string()))?;
+            for (j, ifname) in vm.interfaces.iter().enumerate() {
+                crate::netdev::ifindex(ifname)
+                    .map_err(|e| field(format!("vm[{i}].interfaces[{j}]"), format!("{ifname:?}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).expect_err("must be refused").to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse("").expect("empty is valid");
+        assert_eq!(c.tick_ms, 1000);
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(c.vms.is_empty());
+    }
+
+    #[test]
+    fn full() {
+        let c = Config::parse(
+            "tick_ms = 100\n[[vm]]\nname = \"a\"\ncgroup = \"x/a\"\ninterfaces = [\"veth0\"]\nrole = \"mc\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.vms.len(), 1);
+        assert_eq!(c.vms[0].role, Role::Mc);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        assert!(err("tick_ms = 50").contains("tick_ms"));
+        assert!(err("tick_ms = 100000").contains("tick_ms"));
+        assert!(err("pin_dir = \"/tmp/x\"").contains("pin_dir"));
+        assert!(err("[[vm]]\nname = \"\"\ncgroup = \"a\"").contains("vm[0].name"));
+        assert!(err("[[vm]]\nname = \"a b\"\ncgroup = \"a\"").contains("vm[0].name"));
+        assert!(err("[[vm]]\nname = \"a\"\ncgroup = \"../a\"").contains("vm[0].cgroup"));
+        assert!(err("[[vm]]\nname = \"a\"\ncgroup = \"/a\"").contains("vm[0].cgroup"));
+        let dup = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[[vm]]\nname = \"a\"\ncgroup = \"b\"";
+        assert!(err(dup).contains("vm[1].name"));
+        let shared = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces=[\"v\"]\n[[vm]]\nname = \"b\"\ncgroup = \"b\"\ninterfaces=[\"v\"]";
+        assert!(err(shared).contains("vm[1].interfaces[0]"));
+        assert!(err("[[vm]]\nname = \"a\"\ncgroup = \"a\"\nrole = \"boss\"").contains("role"));
+        assert!(err("bogus = 1").contains("bogus"));
+    }
+
+    #[test]
+    fn host_check_names_missing_things() {
+        let c = Config::parse("[[vm]]\nname = \"a\"\ncgroup = \"no-such-cgroup-xyz\"").expect("parses");
+        assert!(c.check_host().expect_err("missing cgroup").to_string().contains("vm[0].cgroup"));
+        let c = Config::parse("[[vm]]\nname = \"a\"\ncgroup = \".\"").err();
+        assert!(c.is_some());
+    }
+}

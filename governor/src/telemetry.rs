@@ -1,0 +1,296 @@
+//! Loads the kernel programs, pins their maps, attaches them, and reads the
+//! counters back.
+//!
+//! Maps are pinned under the pin directory (default `/sys/fs/bpf/governor`)
+//! so `bpftool map dump pinned /sys/fs/bpf/governor/CGROUPS` prints the
+//! per-cgroup counters with field names (the object carries BTF). Programs
+//! are pinned beside them (`prog_*`). Everything is detached and unpinned
+//! when the `Telemetry` is dropped.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
+use aya::{Ebpf, EbpfLoader};
+use governor_common::{maps, CgroupStats, NetStats, OomEvent, DELAY_BUCKETS};
+use thiserror::Error;
+
+use crate::tracefs;
+
+/// The kernel programs, compiled by build.rs and embedded.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GOVERNOR_EBPF_OBJ"));
+
+#[derive(Debug, Error)]
+pub enum TelemetryError {
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+    #[error("interface {name:?}: {reason}")]
+    Interface { name: String, reason: String },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+}
+
+/// Tracepoints the sched and memory programs hook, and their globals.
+const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("sched_switch", "sched", "sched_switch"),
+    ("sched_wakeup", "sched", "sched_wakeup"),
+    ("sched_wakeup_new", "sched", "sched_wakeup_new"),
+    ("page_fault_user", "exceptions", "page_fault_user"),
+    ("mark_victim", "oom", "mark_victim"),
+];
+
+/// (global in the object, tracepoint, field)
+const OFFSETS: &[(&str, &str, &str)] = &[
+    ("SWITCH_PREV_PID", "sched/sched_switch", "prev_pid"),
+    ("SWITCH_PREV_STATE", "sched/sched_switch", "prev_state"),
+    ("SWITCH_NEXT_PID", "sched/sched_switch", "next_pid"),
+    ("WAKEUP_PID", "sched/sched_wakeup", "pid"),
+    ("VICTIM_PID", "oom/mark_victim", "pid"),
+    ("VICTIM_COMM", "oom/mark_victim", "comm"),
+    ("VICTIM_TOTAL_VM", "oom/mark_victim", "total_vm"),
+    ("VICTIM_ANON_RSS", "oom/mark_victim", "anon_rss"),
+];
+
+struct Attached {
+    ifindex: u32,
+    ingress: SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+}
+
+pub struct Telemetry {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
+    net: PerCpuHashMap<MapData, u32, NetStats>,
+    oom: RingBuf<MapData>,
+    interfaces: HashMap<String, Attached>,
+}
+
+impl Telemetry {
+    /// Load, pin and attach the scheduler and memory programs. Stale pins
+    /// left by a process that died are replaced.
+    pub fn load(pin_dir: &Path) -> Result<Telemetry, TelemetryError> {
+        tracefs::ensure_mounts()?;
+        let mut offsets = Vec::new();
+        for (global, event, field) in OFFSETS {
+            offsets.push((*global, tracefs::field_offset(event, field)?));
+        }
+        let mut loader = EbpfLoader::new();
+        for (global, off) in &offsets {
+            loader.override_global(global, off, true);
+        }
+        let mut ebpf = loader.load(OBJECT)?;
+
+        if pin_dir.exists() {
+            fs::remove_dir_all(pin_dir).map_err(|source| TelemetryError::Io {
+                op: "remove stale pins",
+                path: pin_dir.to_path_buf(),
+                source,
+            })?;
+        }
+        fs::create_dir_all(pin_dir).map_err(|source| TelemetryError::Io {
+            op: "create",
+            path: pin_dir.to_path_buf(),
+            source,
+        })?;
+        for name in [maps::CGROUPS, maps::NET, maps::WAKEUPS, maps::CPU_STATE, maps::OOM_EVENTS] {
+            let path = pin_dir.join(name);
+            ebpf.map(name)
+                .ok_or(TelemetryError::Missing(name))?
+                .pin(&path)
+                .map_err(|source| TelemetryError::Pin { path, source })?;
+        }
+
+        for (prog, category, event) in TRACEPOINTS {
+            let p: &mut TracePoint = ebpf
+                .program_mut(prog)
+                .ok_or(TelemetryError::Missing(prog))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name: prog, source })?;
+            p.attach(category, event)
+                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            let path = pin_dir.join(format!("prog_{prog}"));
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
+        }
+        for prog in ["tc_ingress", "tc_egress"] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(prog)
+                .ok_or(TelemetryError::Missing(prog))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name: prog, source })?;
+            let path = pin_dir.join(format!("prog_{prog}"));
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
+        }
+
+        let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(TelemetryError::Missing(name));
+        let cgroups = PerCpuHashMap::try_from(take(&mut ebpf, maps::CGROUPS)?)
+            .map_err(|source| TelemetryError::Map { name: maps::CGROUPS, source })?;
+        let net = PerCpuHashMap::try_from(take(&mut ebpf, maps::NET)?)
+            .map_err(|source| TelemetryError::Map { name: maps::NET, source })?;
+        let oom = RingBuf::try_from(take(&mut ebpf, maps::OOM_EVENTS)?)
+            .map_err(|source| TelemetryError::Map { name: maps::OOM_EVENTS, source })?;
+        Ok(Telemetry { ebpf, pin_dir: pin_dir.to_path_buf(), cgroups, net, oom, interfaces: HashMap::new() })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attach the tc counters to both directions of an interface (clsact,
+    /// direct action). Filters of ours left on it by an earlier process are
+    /// replaced, never doubled. Returns the ifindex.
+    pub fn attach_interface(&mut self, name: &str) -> Result<u32, TelemetryError> {
+        if let Some(a) = self.interfaces.get(name) {
+            return Ok(a.ifindex);
+        }
+        let ifindex = crate::netdev::ifindex(name)
+            .map_err(|e| TelemetryError::Interface { name: name.into(), reason: e.to_string() })?;
+        // EEXIST when the qdisc is already there is fine.
+        if let Err(e) = tc::qdisc_add_clsact(name) {
+            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(TelemetryError::Interface { name: name.into(), reason: format!("add clsact: {e}") });
+            }
+        }
+        let mut ids = Vec::with_capacity(2);
+        for (prog, dir) in [("tc_ingress", TcAttachType::Ingress), ("tc_egress", TcAttachType::Egress)] {
+            let _ = tc::qdisc_detach_program(name, dir, prog);
+            let p: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(prog)
+                .ok_or(TelemetryError::Missing(prog))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            let id = p
+                .attach_with_options(name, dir, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(|e| TelemetryError::Interface { name: name.into(), reason: format!("attach {prog}: {e}") })?;
+            ids.push(id);
+        }
+        let egress = ids.pop().ok_or(TelemetryError::Missing("egress link"))?;
+        let ingress = ids.pop().ok_or(TelemetryError::Missing("ingress link"))?;
+        self.interfaces.insert(name.to_string(), Attached { ifindex, ingress, egress });
+        Ok(ifindex)
+    }
+
+    /// Detach from an interface (a no-op when the interface is already gone).
+    pub fn detach_interface(&mut self, name: &str) {
+        if let Some(a) = self.interfaces.remove(name) {
+            for (prog, id) in [("tc_ingress", a.ingress), ("tc_egress", a.egress)] {
+                if let Some(p) = self.ebpf.program_mut(prog) {
+                    if let Ok(p) = <&mut SchedClassifier>::try_from(p) {
+                        let _ = p.detach(id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counters of one cgroup, summed over CPUs (zero if it never ran).
+    pub fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError> {
+        match self.cgroups.get(&id, 0) {
+            Ok(per_cpu) => Ok(sum_cgroup(per_cpu.iter())),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(CgroupStats::default()),
+            Err(source) => Err(TelemetryError::Map { name: maps::CGROUPS, source }),
+        }
+    }
+
+    /// Counters of several cgroups added together (a VM's subtree).
+    pub fn cgroups(&self, ids: &[u64]) -> Result<CgroupStats, TelemetryError> {
+        let mut total = CgroupStats::default();
+        for id in ids {
+            add_cgroup(&mut total, &self.cgroup(*id)?);
+        }
+        Ok(total)
+    }
+
+    /// Counters of one interface, summed over CPUs.
+    pub fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError> {
+        match self.net.get(&ifindex, 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().fold(NetStats::default(), |a, v| NetStats {
+                rx_bytes: a.rx_bytes + v.rx_bytes,
+                rx_packets: a.rx_packets + v.rx_packets,
+                tx_bytes: a.tx_bytes + v.tx_bytes,
+                tx_packets: a.tx_packets + v.tx_packets,
+            })),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(NetStats::default()),
+            Err(source) => Err(TelemetryError::Map { name: maps::NET, source }),
+        }
+    }
+
+    /// OOM victims reported since the last call.
+    pub fn drain_oom(&mut self) -> Vec<OomEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.oom.next() {
+            if item.len() >= std::mem::size_of::<OomEvent>() {
+                // SAFETY: OomEvent is plain integers; read_unaligned copes
+                // with any alignment of the ring buffer record.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const OomEvent) });
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.interfaces.keys().cloned().collect();
+        for n in names {
+            self.detach_interface(&n);
+        }
+        // Unpinning lets the kernel free the maps once our fds close.
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn add_cgroup(a: &mut CgroupStats, v: &CgroupStats) {
+    a.on_cpu_ns += v.on_cpu_ns;
+    a.switches += v.switches;
+    a.runq_delay_ns += v.runq_delay_ns;
+    a.runq_count += v.runq_count;
+    a.page_faults += v.page_faults;
+    a.oom_kills += v.oom_kills;
+    for i in 0..DELAY_BUCKETS {
+        a.runq_hist[i] += v.runq_hist[i];
+    }
+}
+
+fn sum_cgroup<'a>(it: impl Iterator<Item = &'a CgroupStats>) -> CgroupStats {
+    let mut a = CgroupStats::default();
+    for v in it {
+        add_cgroup(&mut a, v);
+    }
+    a
+}
