@@ -1,1 +1,16 @@
-//! Embedded KVM VMM for the management VMs (issue 4 builds it out).
+//! Embedded KVM VMM for the management (MC) VMs: the host's second VMM
+//! (claim 13) and, inside the card simulator, the card's first VMM.
+//!
+//! See `vmm/README.md` for the device model, the guest and the snapshot format.
+
+pub mod boot;
+pub mod error;
+pub mod proto;
+pub mod serial;
+pub mod snapshot;
+pub mod vcpu_state;
+pub mod virtio;
+pub mod vm;
+
+pub use error::{Error, Result, StopReason};
+pub use vm::{Reply, RunState, Sinks, Vm, VmConfig};

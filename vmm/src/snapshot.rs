@@ -1,0 +1,266 @@
+//! Snapshot format (version 1), one byte stream so it can go to a file or
+//! over the card link:
+//!
+//! ```text
+//! offset 0   header, 64 bytes, little endian:
+//!            magic "MCVMSNAP", u32 version, u32 flags (0),
+//!            u64 state_len, u64 mem_size, u64 mem_offset, zero padding
+//! offset 64  state: JSON of `VmState` (vCPU regs/sregs/xsave/xcrs/MSRs/
+//!            LAPIC/events/mp_state, the three in-kernel irqchips, the
+//!            virtio-mmio console with its queues), state_len bytes
+//! mem_offset guest RAM image, mem_size bytes (mem_offset is 4 KiB aligned)
+//! ```
+//!
+//! Files are written sparse (pages the host never backed are holes) and
+//! restored by mapping the RAM image MAP_PRIVATE, so restore does not copy
+//! guest memory. The header is versioned: a reader refuses other versions.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use kvm_bindings::kvm_irqchip;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::error::{Error, Result};
+use crate::vcpu_state::VcpuState;
+use crate::virtio::ConsoleSnap;
+
+pub const MAGIC: [u8; 8] = *b"MCVMSNAP";
+pub const VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+const PAGE: usize = 4096;
+/// Upper bound on the JSON state, to refuse absurd headers early.
+const MAX_STATE: u64 = 16 << 20;
+const MAX_MEM: u64 = 3072 << 20;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VmState {
+    pub mem_size: u64,
+    pub vcpu: VcpuState,
+    pub irqchips: Vec<kvm_irqchip>,
+    pub console: ConsoleSnap,
+    /// The agent had printed its banner.
+    pub ready: bool,
+}
+
+struct Header {
+    state_len: u64,
+    mem_size: u64,
+    mem_offset: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0..8].copy_from_slice(&MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[16..24].copy_from_slice(&self.state_len.to_le_bytes());
+        h[24..32].copy_from_slice(&self.mem_size.to_le_bytes());
+        h[32..40].copy_from_slice(&self.mem_offset.to_le_bytes());
+        h
+    }
+
+    fn decode(h: &[u8; HEADER_LEN]) -> Result<Header> {
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        if h[0..8] != MAGIC {
+            return Err(Error::Snapshot("not a snapshot (bad magic)".into()));
+        }
+        let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        if version != VERSION {
+            return Err(Error::Snapshot(format!(
+                "version {version}, this VMM reads {VERSION}"
+            )));
+        }
+        let hd = Header {
+            state_len: u64_at(16),
+            mem_size: u64_at(24),
+            mem_offset: u64_at(32),
+        };
+        if hd.state_len > MAX_STATE
+            || hd.mem_size == 0
+            || hd.mem_size > MAX_MEM
+            || hd.mem_size % PAGE as u64 != 0
+            || hd.mem_offset % PAGE as u64 != 0
+            || hd.mem_offset < HEADER_LEN as u64 + hd.state_len
+        {
+            return Err(Error::Snapshot(format!(
+                "inconsistent header: state_len {} mem_size {} mem_offset {}",
+                hd.state_len, hd.mem_size, hd.mem_offset
+            )));
+        }
+        Ok(hd)
+    }
+}
+
+fn prepare(st: &VmState) -> Result<(Header, Vec<u8>)> {
+    let json = serde_json::to_vec(st).map_err(|e| Error::Snapshot(e.to_string()))?;
+    let mem_offset = (HEADER_LEN + json.len()).div_ceil(PAGE) * PAGE;
+    Ok((
+        Header {
+            state_len: json.len() as u64,
+            mem_size: st.mem_size,
+            mem_offset: mem_offset as u64,
+        },
+        json,
+    ))
+}
+
+/// Host view of guest RAM (one region starting at 0).
+fn ram(mem: &GuestMemoryMmap, size: u64) -> Result<&[u8]> {
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    if mem.iter().count() != 1 {
+        return Err(Error::Memory("snapshots support one RAM region".into()));
+    }
+    // SAFETY: the region maps `size` bytes; the vCPU is paused, so nothing
+    // writes to it while we read.
+    Ok(unsafe { std::slice::from_raw_parts(host, size as usize) })
+}
+
+pub fn write_stream<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    let (hd, json) = prepare(st)?;
+    let io = Error::io("snapshot stream");
+    let pad = vec![0u8; hd.mem_offset as usize - HEADER_LEN - json.len()];
+    let r = (|| {
+        w.write_all(&hd.encode())?;
+        w.write_all(&json)?;
+        w.write_all(&pad)?;
+        Ok::<_, std::io::Error>(())
+    })();
+    r.map_err(Error::io("snapshot stream"))?;
+    w.write_all(ram(mem, hd.mem_size)?).map_err(io)?;
+    w.flush().map_err(Error::io("snapshot stream"))?;
+    Ok(hd.mem_offset + hd.mem_size)
+}
+
+/// Pages backed on the host (mincore); the rest read as zero and become holes.
+fn resident_pages(buf: &[u8]) -> Vec<bool> {
+    let pages = buf.len().div_ceil(PAGE);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: buf is a page-aligned mapping of `len` bytes; vec has one byte per page.
+    let rc = unsafe {
+        libc::mincore(
+            buf.as_ptr() as *mut libc::c_void,
+            buf.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return vec![true; pages]; // cannot tell: write everything
+    }
+    vec.iter().map(|b| b & 1 == 1).collect()
+}
+
+pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    let (hd, json) = prepare(st)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let io = |what: &str| Error::io(format!("{} ({what})", tmp.display()));
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io("create"))?;
+    let total = hd.mem_offset + hd.mem_size;
+    f.set_len(total).map_err(io("set_len"))?;
+    f.write_all_at(&hd.encode(), 0).map_err(io("header"))?;
+    f.write_all_at(&json, HEADER_LEN as u64)
+        .map_err(io("state"))?;
+    let buf = ram(mem, hd.mem_size)?;
+    let resident = resident_pages(buf);
+    // Write runs of resident pages; the others stay holes.
+    let mut i = 0;
+    while i < resident.len() {
+        if !resident[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < resident.len() && resident[i] {
+            i += 1;
+        }
+        let (a, b) = (start * PAGE, (i * PAGE).min(buf.len()));
+        f.write_all_at(&buf[a..b], hd.mem_offset + a as u64)
+            .map_err(io("memory"))?;
+    }
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(Error::io(path.display().to_string()))?;
+    Ok(total)
+}
+
+fn parse_state(json: &[u8], hd: &Header) -> Result<VmState> {
+    let st: VmState =
+        serde_json::from_slice(json).map_err(|e| Error::Snapshot(format!("state: {e}")))?;
+    if st.mem_size != hd.mem_size {
+        return Err(Error::Snapshot(
+            "state and header disagree on the memory size".into(),
+        ));
+    }
+    if st.irqchips.len() != 3 {
+        return Err(Error::Snapshot(format!(
+            "{} irqchips, expected 3",
+            st.irqchips.len()
+        )));
+    }
+    Ok(st)
+}
+
+pub fn read_stream<R: Read>(mut r: R) -> Result<(VmState, GuestMemoryMmap)> {
+    let io = || Error::io("snapshot stream");
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).map_err(io())?;
+    let hd = Header::decode(&h)?;
+    let mut json = vec![0u8; hd.state_len as usize];
+    r.read_exact(&mut json).map_err(io())?;
+    let st = parse_state(&json, &hd)?;
+    let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
+    std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), hd.mem_size as usize)])
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| Error::Memory(e.to_string()))?;
+    // SAFETY: fresh private mapping of mem_size bytes, not yet shared with KVM.
+    let buf = unsafe { std::slice::from_raw_parts_mut(host, hd.mem_size as usize) };
+    r.read_exact(buf).map_err(io())?;
+    Ok((st, mem))
+}
+
+pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
+    let io = |what: &str| Error::io(format!("{} ({what})", path.display()));
+    let mut f = File::open(path).map_err(io("open"))?;
+    let mut h = [0u8; HEADER_LEN];
+    f.read_exact(&mut h).map_err(io("header"))?;
+    let hd = Header::decode(&h)?;
+    let len = f.metadata().map_err(io("stat"))?.len();
+    if len < hd.mem_offset + hd.mem_size {
+        return Err(Error::Snapshot(format!(
+            "{} is truncated ({len} bytes)",
+            path.display()
+        )));
+    }
+    let mut json = vec![0u8; hd.state_len as usize];
+    f.seek(SeekFrom::Start(HEADER_LEN as u64))
+        .map_err(io("seek"))?;
+    f.read_exact(&mut json).map_err(io("state"))?;
+    let st = parse_state(&json, &hd)?;
+    let region = MmapRegionBuilder::new(hd.mem_size as usize)
+        .with_file_offset(FileOffset::new(f, hd.mem_offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| Error::Memory(format!("mapping {}: {e}", path.display())))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| Error::Memory("guest region overflows".into()))?;
+    let mem =
+        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
+    Ok((st, mem))
+}

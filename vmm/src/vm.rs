@@ -1,0 +1,779 @@
+//! One management VM: KVM objects, guest memory, devices, the vCPU thread
+//! and its life cycle (created -> running <-> paused -> stopped).
+//!
+//! Threads: the vCPU thread owns the run loop and handles every exit
+//! synchronously (serial, idle port, exit port, virtio-mmio). Callers on other
+//! threads inject requests into the receive queue, pause the vCPU (a signal
+//! kicks it out of KVM_RUN) and read its state while it is parked.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_fpu, kvm_irqchip, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::error::{Error, Result, StopReason};
+use crate::proto::{self, word};
+use crate::serial::Serial;
+use crate::snapshot::{self, VmState};
+use crate::vcpu_state;
+use crate::virtio::Console;
+
+/// Where a new VM's console output and log records go.
+#[derive(Default)]
+pub struct Sinks {
+    /// Serial console bytes, as written by the guest.
+    pub serial: Option<Box<dyn Write + Send>>,
+    /// Log records from the agent, one JSON object per line.
+    pub log: Option<Box<dyn Write + Send>>,
+}
+
+/// What to boot.
+pub struct VmConfig {
+    /// Guest RAM in MiB (4..=3072; the MMIO window sits at 3.25 GiB).
+    pub mem_mib: u64,
+    /// The agent ELF (static, fixed address).
+    pub image: PathBuf,
+}
+
+impl VmConfig {
+    pub fn new(image: impl Into<PathBuf>, mem_mib: u64) -> Self {
+        VmConfig {
+            mem_mib,
+            image: image.into(),
+        }
+    }
+    fn validate(&self) -> Result<()> {
+        if !(4..=3072).contains(&self.mem_mib) {
+            return Err(Error::Config {
+                field: "mem_mib",
+                reason: format!("{} is outside 4..=3072", self.mem_mib),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RunState {
+    Created,
+    Running,
+    Paused,
+    Stopped(StopReason),
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunState::Created => write!(f, "created"),
+            RunState::Running => write!(f, "running"),
+            RunState::Paused => write!(f, "paused"),
+            RunState::Stopped(r) => write!(f, "stopped ({r})"),
+        }
+    }
+}
+
+/// An agent answer (or log record), decoded from its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    pub op: u64,
+    pub id: u64,
+    pub work: u64,
+    pub log_seq: u64,
+    pub steps: u64,
+    pub value: u64,
+    pub requests: u64,
+}
+
+impl Reply {
+    fn from_words(w: &[u64; 8]) -> Reply {
+        Reply {
+            op: w[word::OP],
+            id: w[word::ID],
+            work: w[word::WORK],
+            log_seq: w[word::LOG_SEQ],
+            steps: w[word::STEPS],
+            value: w[word::VALUE],
+            requests: w[word::REQUESTS],
+        }
+    }
+}
+
+struct Ctl {
+    state: RunState,
+    pause_req: bool,
+    stop_req: Option<StopReason>,
+    /// Set when a request was queued, so an idle vCPU goes back to the guest.
+    wake: bool,
+    tid: Option<libc::pthread_t>,
+    /// Kernel thread id of the vCPU thread (for cgroup placement).
+    os_tid: Option<libc::pid_t>,
+    replies: HashMap<u64, Reply>,
+    ready_at: Option<Instant>,
+    last_log: Option<Reply>,
+    logs: u64,
+}
+
+struct Devices {
+    serial: Serial,
+    console: Console,
+}
+
+struct Shared {
+    mem: GuestMemoryMmap,
+    vm: VmFd,
+    vcpu: Mutex<VcpuFd>,
+    dev: Mutex<Devices>,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    log: Mutex<Option<Box<dyn Write + Send>>>,
+}
+
+/// Take a lock even if a thread panicked while holding it: the state
+/// behind our mutexes stays consistent field by field.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub struct Vm {
+    sh: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    next_id: AtomicU64,
+    mem_size: u64,
+}
+
+/// How long an idle vCPU parks before looking at the rings again.
+const IDLE_PARK: Duration = Duration::from_millis(20);
+/// TSS area KVM needs on Intel hosts, placed below the 4 GiB boundary.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // An empty handler: delivery alone makes KVM_RUN return EINTR.
+        let _ = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler);
+    });
+}
+
+/// KVM VM with our memory registered and one vCPU with the host's CPUID.
+fn create_kvm(mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd)> {
+    let kvm = Kvm::new().map_err(Error::Kvm)?;
+    let vm = kvm.create_vm().map_err(Error::ioctl("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(Error::ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(Error::ioctl("KVM_CREATE_IRQCHIP"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping lives in `Shared::mem`, which outlives the VmFd.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    let vcpu = vm.create_vcpu(0).map_err(Error::ioctl("KVM_CREATE_VCPU"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(Error::ioctl("KVM_SET_CPUID2"))?;
+    Ok((vm, vcpu))
+}
+
+impl Vm {
+    /// Create a VM with the agent loaded and registers set; call [`Vm::start`].
+    pub fn create(cfg: &VmConfig, sinks: Sinks) -> Result<Vm> {
+        cfg.validate()?;
+        let size = cfg.mem_mib << 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let entry = crate::boot::load_elf(&mem, &cfg.image)?;
+        crate::boot::write_tables(&mem)?;
+        let (vm, vcpu) = create_kvm(&mem)?;
+        let sregs = vcpu.get_sregs().map_err(Error::ioctl("KVM_GET_SREGS"))?;
+        vcpu.set_sregs(&crate::boot::user_sregs(sregs))
+            .map_err(Error::ioctl("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&crate::boot::user_regs(entry))
+            .map_err(Error::ioctl("KVM_SET_REGS"))?;
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(Error::ioctl("KVM_SET_FPU"))?;
+        let dev = Devices {
+            serial: Serial::new(sinks.serial),
+            console: Console::new(),
+        };
+        Ok(Vm::assemble(mem, vm, vcpu, dev, sinks.log, None))
+    }
+
+    fn assemble(
+        mem: GuestMemoryMmap,
+        vm: VmFd,
+        vcpu: VcpuFd,
+        dev: Devices,
+        log: Option<Box<dyn Write + Send>>,
+        ready_at: Option<Instant>,
+    ) -> Vm {
+        let mem_size = mem.iter().map(|r| r.len()).sum();
+        let sh = Shared {
+            mem,
+            vm,
+            vcpu: Mutex::new(vcpu),
+            dev: Mutex::new(dev),
+            ctl: Mutex::new(Ctl {
+                state: RunState::Created,
+                pause_req: false,
+                stop_req: None,
+                wake: false,
+                tid: None,
+                os_tid: None,
+                replies: HashMap::new(),
+                ready_at,
+                last_log: None,
+                logs: 0,
+            }),
+            cv: Condvar::new(),
+            log: Mutex::new(log),
+        };
+        Vm {
+            sh: Arc::new(sh),
+            thread: None,
+            next_id: AtomicU64::new(1),
+            mem_size,
+        }
+    }
+
+    /// Start the vCPU thread (running, or parked when `paused`).
+    pub fn start(&mut self, paused: bool) -> Result<()> {
+        if self.thread.is_some() {
+            return Err(Error::State(self.state().to_string()));
+        }
+        install_kick_handler();
+        {
+            let mut ctl = lock(&self.sh.ctl);
+            ctl.pause_req = paused;
+            ctl.state = if paused {
+                RunState::Paused
+            } else {
+                RunState::Running
+            };
+        }
+        let sh = self.sh.clone();
+        let t = std::thread::Builder::new()
+            .name("vcpu0".into())
+            .spawn(move || vcpu_loop(&sh))
+            .map_err(Error::io("spawning the vCPU thread"))?;
+        self.thread = Some(t);
+        Ok(())
+    }
+
+    pub fn state(&self) -> RunState {
+        lock(&self.sh.ctl).state.clone()
+    }
+
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The vCPU thread's id (to move it into a cgroup).
+    pub fn vcpu_tid(&self) -> Option<libc::pid_t> {
+        lock(&self.sh.ctl).os_tid
+    }
+
+    /// Wait until the agent printed its banner.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        let mut ctl = lock(&self.sh.ctl);
+        loop {
+            if let Some(t) = ctl.ready_at {
+                return Ok(t);
+            }
+            if let RunState::Stopped(r) = &ctl.state {
+                return Err(Error::Stopped(r.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout, "the agent banner"));
+            }
+            ctl = self
+                .sh
+                .cv
+                .wait_timeout(ctl, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Serial console lines seen so far.
+    pub fn console_lines(&self) -> Vec<String> {
+        lock(&self.sh.dev).serial.lines.clone()
+    }
+
+    /// The newest log record and the number received by this process.
+    pub fn last_log(&self) -> (Option<Reply>, u64) {
+        let ctl = lock(&self.sh.ctl);
+        (ctl.last_log, ctl.logs)
+    }
+
+    /// Send a request to the agent and wait for its reply.
+    pub fn request(&self, op: u64, arg: u64, timeout: Duration) -> Result<Reply> {
+        {
+            let ctl = lock(&self.sh.ctl);
+            if ctl.state != RunState::Running || ctl.pause_req {
+                return Err(Error::State(ctl.state.to_string()));
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut w = [0u64; 8];
+        w[word::KIND] = proto::KIND_REQUEST;
+        w[word::OP] = op;
+        w[word::ID] = id;
+        w[word::ARG] = arg;
+        let pushed = lock(&self.sh.dev)
+            .console
+            .push_request(&self.sh.mem, Some(proto::encode(&w)));
+        if let Err(e) = pushed {
+            self.sh.fail(StopReason::Device(e.to_string()));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut ctl = lock(&self.sh.ctl);
+        ctl.wake = true;
+        self.sh.cv.notify_all();
+        loop {
+            if let Some(r) = ctl.replies.remove(&id) {
+                return Ok(r);
+            }
+            if let RunState::Stopped(r) = &ctl.state {
+                return Err(Error::Stopped(r.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout, "the agent's reply"));
+            }
+            ctl = self
+                .sh
+                .cv
+                .wait_timeout(ctl, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Park the vCPU outside KVM_RUN with all in-flight I/O completed.
+    pub fn pause(&self) -> Result<()> {
+        let mut ctl = lock(&self.sh.ctl);
+        match &ctl.state {
+            RunState::Paused => return Ok(()),
+            RunState::Running => {}
+            s => return Err(Error::State(s.to_string())),
+        }
+        ctl.pause_req = true;
+        self.sh.cv.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ctl.state == RunState::Running {
+            // Re-kick until the thread notices: a signal that lands just
+            // before KVM_RUN is entered would otherwise be lost.
+            if let Some(tid) = ctl.tid {
+                // SAFETY: tid is our vCPU thread, alive while Running.
+                unsafe { libc::pthread_kill(tid, kick_signal()) };
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(Duration::from_secs(5), "the vCPU to pause"));
+            }
+            ctl = self
+                .sh
+                .cv
+                .wait_timeout(ctl, Duration::from_millis(1))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        match &ctl.state {
+            RunState::Stopped(r) => Err(Error::Stopped(r.clone())),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn resume(&self) -> Result<()> {
+        let mut ctl = lock(&self.sh.ctl);
+        match &ctl.state {
+            RunState::Running => return Ok(()),
+            RunState::Paused => {}
+            s => return Err(Error::State(s.to_string())),
+        }
+        ctl.pause_req = false;
+        self.sh.cv.notify_all();
+        while ctl.state == RunState::Paused {
+            ctl = self.sh.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Stop the VM and join its vCPU thread. Returns why it stopped.
+    pub fn shutdown(&mut self) -> RunState {
+        self.sh.fail(StopReason::Requested);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut ctl = lock(&self.sh.ctl);
+        if !matches!(ctl.state, RunState::Stopped(_)) {
+            ctl.state = RunState::Stopped(StopReason::Requested);
+        }
+        ctl.state.clone()
+    }
+
+    /// Wait until the VM stops on its own (guest exit or error).
+    pub fn wait_stopped(&self, timeout: Duration) -> Result<StopReason> {
+        let deadline = Instant::now() + timeout;
+        let mut ctl = lock(&self.sh.ctl);
+        loop {
+            if let RunState::Stopped(r) = &ctl.state {
+                return Ok(r.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout(timeout, "the VM to stop"));
+            }
+            ctl = self
+                .sh
+                .cv
+                .wait_timeout(ctl, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn paused_state(&self) -> Result<VmState> {
+        if self.state() != RunState::Paused {
+            return Err(Error::State(format!(
+                "{} (snapshots need a paused VM)",
+                self.state()
+            )));
+        }
+        let vcpu = vcpu_state::save(&lock(&self.sh.vcpu))?;
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.sh
+                .vm
+                .get_irqchip(&mut c)
+                .map_err(Error::ioctl("KVM_GET_IRQCHIP"))?;
+            irqchips.push(c);
+        }
+        let console = lock(&self.sh.dev).console.snapshot();
+        let ready = lock(&self.sh.ctl).ready_at.is_some();
+        Ok(VmState {
+            mem_size: self.mem_size,
+            vcpu,
+            irqchips,
+            console,
+            ready,
+        })
+    }
+
+    /// Write a snapshot of the paused VM to a stream (e.g. a card-link channel).
+    pub fn snapshot_to<W: Write>(&self, w: W) -> Result<u64> {
+        let st = self.paused_state()?;
+        snapshot::write_stream(w, &st, &self.sh.mem)
+    }
+
+    /// Write a snapshot of the paused VM to a file (sparse: pages never
+    /// touched are holes). Written to a temporary name and renamed, so a VM
+    /// that was restored from `path` keeps its private mapping of the old file.
+    pub fn snapshot_to_file(&self, path: &Path) -> Result<u64> {
+        let st = self.paused_state()?;
+        snapshot::write_file(path, &st, &self.sh.mem)
+    }
+
+    /// Restore a VM from a snapshot stream; it comes up paused.
+    pub fn restore_from<R: std::io::Read>(r: R, sinks: Sinks) -> Result<Vm> {
+        let (st, mem) = snapshot::read_stream(r)?;
+        Vm::rebuild(st, mem, sinks)
+    }
+
+    /// Restore a VM from a snapshot file; guest memory is a private mapping of
+    /// the file, so restore cost does not grow with the guest's RAM.
+    pub fn restore_from_file(path: &Path, sinks: Sinks) -> Result<Vm> {
+        let (st, mem) = snapshot::read_file(path)?;
+        Vm::rebuild(st, mem, sinks)
+    }
+
+    fn rebuild(st: VmState, mem: GuestMemoryMmap, sinks: Sinks) -> Result<Vm> {
+        let console = Console::restore(&st.console).map_err(Error::Snapshot)?;
+        let (vm, vcpu) = create_kvm(&mem)?;
+        for c in &st.irqchips {
+            vm.set_irqchip(c).map_err(Error::ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        vcpu_state::restore(&vcpu, &st.vcpu)?;
+        let dev = Devices {
+            serial: Serial::new(sinks.serial),
+            console,
+        };
+        let ready = st.ready.then(Instant::now);
+        let mut vm = Vm::assemble(mem, vm, vcpu, dev, sinks.log, ready);
+        vm.start(true)?;
+        Ok(vm)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+impl Shared {
+    /// Ask the vCPU thread to stop with `reason` (first reason wins).
+    fn fail(&self, reason: StopReason) {
+        let mut ctl = lock(&self.ctl);
+        if ctl.stop_req.is_none() {
+            ctl.stop_req = Some(reason);
+        }
+        self.cv.notify_all();
+        if ctl.state == RunState::Running {
+            if let Some(tid) = ctl.tid {
+                // SAFETY: tid is our vCPU thread, alive while Running.
+                unsafe { libc::pthread_kill(tid, kick_signal()) };
+            }
+        }
+    }
+
+    fn set_stopped(&self, reason: StopReason) {
+        let mut ctl = lock(&self.ctl);
+        ctl.state = RunState::Stopped(reason);
+        ctl.tid = None;
+        self.cv.notify_all();
+    }
+
+    fn deliver(&self, frames: Vec<[u8; proto::FRAME_LEN]>) {
+        if frames.is_empty() {
+            return;
+        }
+        let mut ctl = lock(&self.ctl);
+        for f in &frames {
+            let w = proto::decode(f);
+            let r = Reply::from_words(&w);
+            match w[word::KIND] {
+                proto::KIND_RESPONSE => {
+                    if ctl.replies.len() > 1024 {
+                        ctl.replies.clear(); // nobody waits for these any more
+                    }
+                    ctl.replies.insert(r.id, r);
+                }
+                proto::KIND_LOG => {
+                    ctl.last_log = Some(r);
+                    ctl.logs += 1;
+                    if let Some(out) = lock(&self.log).as_mut() {
+                        let _ = writeln!(
+                            out,
+                            "{{\"seq\":{},\"work\":{},\"steps\":{},\"value\":{}}}",
+                            r.log_seq, r.work, r.steps, r.value
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(out) = lock(&self.log).as_mut() {
+            let _ = out.flush();
+        }
+        self.cv.notify_all();
+    }
+
+    /// Idle port: park until a request is queued, a pause/stop is asked, or
+    /// a short timeout passes.
+    fn idle(&self) {
+        let mut ctl = lock(&self.ctl);
+        if !ctl.wake && !ctl.pause_req && ctl.stop_req.is_none() {
+            ctl = self
+                .cv
+                .wait_timeout(ctl, IDLE_PARK)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        ctl.wake = false;
+    }
+}
+
+enum Next {
+    Continue,
+    Idle,
+    Stop(StopReason),
+}
+
+fn handle_exit(sh: &Shared, exit: VcpuExit<'_>) -> Next {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            let byte = data.first().copied().unwrap_or(0);
+            match port {
+                p if (proto::SERIAL_PORT..proto::SERIAL_PORT + 8).contains(&p) => {
+                    let line = lock(&sh.dev).serial.write(p - proto::SERIAL_PORT, byte);
+                    if line.as_deref() == Some(proto::BANNER) {
+                        let mut ctl = lock(&sh.ctl);
+                        ctl.ready_at.get_or_insert_with(Instant::now);
+                        sh.cv.notify_all();
+                    }
+                    Next::Continue
+                }
+                proto::IDLE_PORT => Next::Idle,
+                proto::EXIT_PORT => Next::Stop(StopReason::GuestExit(byte)),
+                _ => Next::Continue, // writes to absent ISA ports are dropped, as on hardware
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            let v = if (proto::SERIAL_PORT..proto::SERIAL_PORT + 8).contains(&port) {
+                lock(&sh.dev).serial.read(port - proto::SERIAL_PORT)
+            } else {
+                0xff
+            };
+            data.fill(v);
+            Next::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if (proto::VIRTIO_MMIO_BASE..proto::VIRTIO_MMIO_BASE + proto::VIRTIO_MMIO_SIZE)
+                .contains(&addr)
+            {
+                match lock(&sh.dev)
+                    .console
+                    .read(addr - proto::VIRTIO_MMIO_BASE, data)
+                {
+                    Ok(()) => Next::Continue,
+                    Err(e) => Next::Stop(StopReason::Device(e.to_string())),
+                }
+            } else {
+                Next::Stop(StopReason::UnknownMmio {
+                    addr,
+                    kind: format!("read of {} bytes", data.len()),
+                })
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !(proto::VIRTIO_MMIO_BASE..proto::VIRTIO_MMIO_BASE + proto::VIRTIO_MMIO_SIZE)
+                .contains(&addr)
+            {
+                return Next::Stop(StopReason::UnknownMmio {
+                    addr,
+                    kind: format!("write of {} bytes", data.len()),
+                });
+            }
+            let mut dev = lock(&sh.dev);
+            let frames = match dev
+                .console
+                .write(&sh.mem, addr - proto::VIRTIO_MMIO_BASE, data)
+            {
+                Ok(Some(q)) if q == proto::TX_QUEUE => dev.console.pop_frames(&sh.mem),
+                Ok(Some(_)) => dev.console.push_request(&sh.mem, None).map(|_| Vec::new()),
+                Ok(None) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            };
+            drop(dev);
+            match frames {
+                Ok(f) => {
+                    sh.deliver(f);
+                    Next::Continue
+                }
+                Err(e) => Next::Stop(StopReason::Device(e.to_string())),
+            }
+        }
+        VcpuExit::Hlt => Next::Stop(StopReason::Halted),
+        VcpuExit::Shutdown => Next::Stop(StopReason::TripleFault { rip: 0 }),
+        VcpuExit::FailEntry(reason, _) => Next::Stop(StopReason::FailEntry(reason)),
+        VcpuExit::InternalError => Next::Stop(StopReason::InternalError(0)),
+        VcpuExit::Intr => Next::Continue,
+        other => Next::Stop(StopReason::UnexpectedExit(format!("{other:?}"))),
+    }
+}
+
+fn vcpu_loop(sh: &Shared) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as libc::pid_t;
+    {
+        let mut ctl = lock(&sh.ctl);
+        ctl.os_tid = Some(tid);
+        // SAFETY: pthread_self has no preconditions.
+        ctl.tid = Some(unsafe { libc::pthread_self() });
+        sh.cv.notify_all();
+    }
+    let reason = run(sh);
+    sh.set_stopped(reason);
+}
+
+fn run(sh: &Shared) -> StopReason {
+    let mut vcpu = lock(&sh.vcpu);
+    loop {
+        {
+            let ctl = lock(&sh.ctl);
+            if let Some(r) = ctl.stop_req.clone() {
+                return r;
+            }
+            if ctl.pause_req {
+                drop(ctl);
+                // Complete any I/O the last exit left half done (the data of
+                // an IN or MMIO read reaches the guest only on the next
+                // KVM_RUN), so the saved registers are consistent.
+                vcpu.set_kvm_immediate_exit(1);
+                let _ = vcpu.run();
+                vcpu.set_kvm_immediate_exit(0);
+                drop(vcpu);
+                let mut ctl = lock(&sh.ctl);
+                ctl.state = RunState::Paused;
+                sh.cv.notify_all();
+                while ctl.pause_req && ctl.stop_req.is_none() {
+                    ctl = sh.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
+                }
+                if let Some(r) = ctl.stop_req.clone() {
+                    return r;
+                }
+                ctl.state = RunState::Running;
+                sh.cv.notify_all();
+                drop(ctl);
+                vcpu = lock(&sh.vcpu);
+                continue;
+            }
+        }
+        let next = match vcpu.run() {
+            Ok(exit) => handle_exit(sh, exit),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) => Next::Stop(StopReason::Run(e.to_string())),
+        };
+        match next {
+            Next::Continue => {}
+            Next::Idle => {
+                if let Err(e) = lock(&sh.dev).console.push_request(&sh.mem, None) {
+                    return StopReason::Device(e.to_string());
+                }
+                sh.idle();
+            }
+            Next::Stop(StopReason::TripleFault { .. }) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return StopReason::TripleFault { rip };
+            }
+            Next::Stop(r) => return r,
+        }
+    }
+}
