@@ -1,1 +1,33 @@
-//! The host's view of the management-and-control board card (issue 5 builds it out).
+//! The host's view of the management-and-control board card as a PCI function.
+//!
+//! - `abi`: the versioned register layout of BAR0 (identity, heartbeat, telemetry)
+//! - `mailbox`: the BAR2 command mailbox wire format and its decoders
+//! - `transport`: one trait, two transports (vfio-user, kernel VFIO)
+//! - `card`: the host driver on top of any transport (commands, snapshots, health)
+//! - `sim`: the card simulator (`card-sim` binary) and the launcher tests use
+//!
+//! Everything read from the card is validated; errors are `CardError`.
+
+pub mod abi;
+pub mod card;
+pub mod error;
+pub mod mailbox;
+pub mod sim;
+pub mod transport;
+mod wire;
+
+pub use card::{Card, CardOptions, HealthReport, SnapshotInfo};
+pub use error::{CardError, Result};
+pub use transport::kernel_vfio::{KernelVfioTransport, PciAddress};
+pub use transport::vfio_user::VfioUserTransport;
+pub use transport::Transport;
+
+/// Connect to a card-sim (or any vfio-user card) at `socket`.
+pub fn connect_vfio_user(
+    socket: &std::path::Path,
+    link_timeout: std::time::Duration,
+    opts: CardOptions,
+) -> Result<Card> {
+    let t = VfioUserTransport::connect(socket, link_timeout)?;
+    Card::open(Box::new(t), opts)
+}

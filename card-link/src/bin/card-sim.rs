@@ -1,0 +1,80 @@
+//! card-sim: plays the management-and-control board card as a vfio-user
+//! server. Usage:
+//!   card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N]
+//!            [--load-threads N] [--serial N]
+//! With --cgroup, the process joins that (already created) cgroup before it
+//! starts any thread, and its CPU and memory telemetry come from it.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use card_link::sim::{cgroup::CardCgroup, control, device, SimCard, SimConfig};
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("card-sim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mut socket: Option<PathBuf> = None;
+    let mut cfg = SimConfig::new(PathBuf::new());
+    while let Some(a) = args.next() {
+        let mut val = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--socket" => socket = Some(PathBuf::from(val("--socket")?)),
+            "--control" => cfg.control = Some(PathBuf::from(val("--control")?)),
+            "--cgroup" => cfg.cgroup = Some(val("--cgroup")?),
+            "--period-ms" => {
+                cfg.period_ms = val("--period-ms")?
+                    .parse()
+                    .map_err(|e| format!("--period-ms: {e}"))?;
+                if !(card_link::abi::MIN_PERIOD_MS..=card_link::abi::MAX_PERIOD_MS)
+                    .contains(&cfg.period_ms)
+                {
+                    return Err("--period-ms must be 10..=60000".into());
+                }
+            }
+            "--load-threads" => {
+                cfg.load_threads = val("--load-threads")?
+                    .parse()
+                    .map_err(|e| format!("--load-threads: {e}"))?
+            }
+            "--serial" => {
+                cfg.serial = val("--serial")?
+                    .parse()
+                    .map_err(|e| format!("--serial: {e}"))?
+            }
+            "-h" | "--help" => {
+                println!("card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N] [--load-threads N] [--serial N]");
+                return Ok(());
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    cfg.socket = socket.ok_or("--socket is required")?;
+    if let Some(name) = &cfg.cgroup {
+        CardCgroup::locate(name)
+            .join(std::process::id())
+            .map_err(|e| format!("join cgroup {name}: {e}"))?;
+    }
+    let card = SimCard::new(cfg.clone());
+    card.spawn_threads();
+    if let Some(path) = &cfg.control {
+        let _ = std::fs::remove_file(path);
+        let l = UnixListener::bind(path)
+            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        let c = card.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || control::serve(c, l))
+            .map_err(|e| e.to_string())?;
+    }
+    device::serve(card).map_err(|e| format!("vfio-user server: {e}"))
+}

@@ -1,0 +1,618 @@
+//! The command mailbox in BAR2 (ABI 1.0, see ABI.md): a request ring and a
+//! response ring of fixed-size slots, producer/consumer counters, a doorbell,
+//! and a completion interrupt (an eventfd). This module holds the wire format
+//! of messages and payloads and their validating decoders; `card.rs` drives it.
+
+use std::fmt;
+
+use crate::error::{CardError, Result};
+use crate::wire::{Reader, Writer};
+
+// BAR2 register offsets.
+pub const REG_REQ_PRODUCED: u64 = 0x00; // doorbell: host writes its producer count
+pub const REG_REQ_CONSUMED: u64 = 0x04;
+pub const REG_RESP_PRODUCED: u64 = 0x08;
+pub const REG_RESP_CONSUMED: u64 = 0x0c;
+pub const REG_SLOTS: u64 = 0x10;
+pub const REG_SLOT_SIZE: u64 = 0x14;
+pub const RINGS_OFFSET: u64 = 0x1000;
+
+pub const DEFAULT_SLOTS: u32 = 4;
+/// 256 KiB of payload plus the header, rounded to 4 KiB.
+pub const DEFAULT_SLOT_SIZE: u32 = 0x41000;
+pub const MAX_SLOTS: u32 = 64;
+pub const MAX_SLOT_SIZE: u32 = 1 << 20;
+pub const MAX_VMS: u32 = 256;
+pub const MAX_NAME: usize = 64;
+pub const MAX_EVENT_MSG: usize = 1024;
+
+pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"MBOX");
+pub const MSG_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 48;
+
+/// Size of BAR2 for a geometry.
+pub fn bar2_size(slots: u32, slot_size: u32) -> u64 {
+    RINGS_OFFSET + 2 * slots as u64 * slot_size as u64
+}
+
+pub fn req_slot_offset(slots: u32, slot_size: u32, index: u32) -> u64 {
+    RINGS_OFFSET + (index % slots) as u64 * slot_size as u64
+}
+
+pub fn resp_slot_offset(slots: u32, slot_size: u32, index: u32) -> u64 {
+    RINGS_OFFSET + (slots as u64 + (index % slots) as u64) * slot_size as u64
+}
+
+/// Mailbox geometry the host accepts from a card.
+pub fn check_geometry(slots: u32, slot_size: u32) -> Result<()> {
+    if !(1..=MAX_SLOTS).contains(&slots) {
+        return Err(CardError::Range {
+            what: "mailbox slots",
+            value: slots as u64,
+            range: "1..=64",
+        });
+    }
+    if !(4096..=MAX_SLOT_SIZE).contains(&slot_size) || slot_size % 8 != 0 {
+        return Err(CardError::Range {
+            what: "mailbox slot size",
+            value: slot_size as u64,
+            range: "4096..=1MiB, multiple of 8",
+        });
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Echo = 1,
+    Start = 2,
+    Stop = 3,
+    Pause = 4,
+    Resume = 5,
+    Snapshot = 6,
+    SnapshotRead = 7,
+    RestoreBegin = 8,
+    RestoreWrite = 9,
+    RestoreCommit = 10,
+    ListVms = 11,
+    ReadEvents = 12,
+}
+
+impl Op {
+    pub fn from_u16(v: u16) -> Option<Op> {
+        use Op::*;
+        Some(match v {
+            1 => Echo,
+            2 => Start,
+            3 => Stop,
+            4 => Pause,
+            5 => Resume,
+            6 => Snapshot,
+            7 => SnapshotRead,
+            8 => RestoreBegin,
+            9 => RestoreWrite,
+            10 => RestoreCommit,
+            11 => ListVms,
+            12 => ReadEvents,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        use Op::*;
+        match self {
+            Echo => "echo",
+            Start => "start",
+            Stop => "stop",
+            Pause => "pause",
+            Resume => "resume",
+            Snapshot => "snapshot",
+            SnapshotRead => "snapshot-read",
+            RestoreBegin => "restore-begin",
+            RestoreWrite => "restore-write",
+            RestoreCommit => "restore-commit",
+            ListVms => "list-vms",
+            ReadEvents => "read-events",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    NoSuchVm = 1,
+    BadRequest = 2,
+    Busy = 3,
+    Internal = 4,
+    Unsupported = 5,
+    Exists = 6,
+    BadState = 7,
+}
+
+impl Status {
+    pub fn from_u16(v: u16) -> Option<Status> {
+        use Status::*;
+        Some(match v {
+            0 => Ok,
+            1 => NoSuchVm,
+            2 => BadRequest,
+            3 => Busy,
+            4 => Internal,
+            5 => Unsupported,
+            6 => Exists,
+            7 => BadState,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Status::Ok => "ok",
+            Status::NoSuchVm => "no such VM",
+            Status::BadRequest => "bad request",
+            Status::Busy => "busy",
+            Status::Internal => "internal error",
+            Status::Unsupported => "unsupported",
+            Status::Exists => "already exists",
+            Status::BadState => "wrong VM state",
+        };
+        f.write_str(s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Request = 1,
+    Response = 2,
+}
+
+/// One mailbox message (request or response). Header layout (48 bytes):
+/// magic u32, version u8, kind u8, op u16, seq u32, vm u32, status u16,
+/// flags u16, payload_len u32, arg0 u64, arg1 u64, payload_crc u32, reserved u32.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub kind: Kind,
+    pub op: Op,
+    pub seq: u32,
+    pub vm: u32,
+    pub status: Status,
+    pub arg0: u64,
+    pub arg1: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Message {
+    pub fn request(op: Op, seq: u32, vm: u32, arg0: u64, arg1: u64, payload: Vec<u8>) -> Self {
+        Message {
+            kind: Kind::Request,
+            op,
+            seq,
+            vm,
+            status: Status::Ok,
+            arg0,
+            arg1,
+            payload,
+        }
+    }
+
+    pub fn response_to(
+        req: &Message,
+        status: Status,
+        arg0: u64,
+        arg1: u64,
+        payload: Vec<u8>,
+    ) -> Self {
+        Message {
+            kind: Kind::Response,
+            op: req.op,
+            seq: req.seq,
+            vm: req.vm,
+            status,
+            arg0,
+            arg1,
+            payload,
+        }
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        HEADER_LEN + self.payload.len()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(self.encoded_len());
+        w.u32(MSG_MAGIC)
+            .u8(MSG_VERSION)
+            .u8(self.kind as u8)
+            .u16(self.op as u16);
+        w.u32(self.seq).u32(self.vm).u16(self.status as u16).u16(0);
+        w.u32(self.payload.len() as u32)
+            .u64(self.arg0)
+            .u64(self.arg1);
+        w.u32(crc32fast::hash(&self.payload)).u32(0);
+        w.bytes(&self.payload);
+        w.buf
+    }
+
+    /// Read just the payload length from a header (to size a second read).
+    pub fn peek_payload_len(header: &[u8]) -> Result<usize> {
+        let mut r = Reader::at(header, 20, "mailbox header");
+        Ok(r.u32()? as usize)
+    }
+
+    /// Decode and validate one message; `max_payload` is the slot's room.
+    pub fn decode(buf: &[u8], max_payload: usize) -> Result<Message> {
+        let mut r = Reader::new(buf, "mailbox message");
+        let magic = r.u32()?;
+        if magic != MSG_MAGIC {
+            return Err(CardError::BadMagic {
+                found: magic,
+                expected: MSG_MAGIC,
+            });
+        }
+        let version = r.u8()?;
+        if version != MSG_VERSION {
+            return Err(CardError::Unknown {
+                what: "mailbox message version",
+                value: version as u64,
+            });
+        }
+        let kind = match r.u8()? {
+            1 => Kind::Request,
+            2 => Kind::Response,
+            v => {
+                return Err(CardError::Unknown {
+                    what: "mailbox message kind",
+                    value: v as u64,
+                })
+            }
+        };
+        let op_raw = r.u16()?;
+        let op = Op::from_u16(op_raw).ok_or(CardError::Unknown {
+            what: "mailbox op",
+            value: op_raw as u64,
+        })?;
+        let seq = r.u32()?;
+        let vm = r.u32()?;
+        let status_raw = r.u16()?;
+        let status = Status::from_u16(status_raw).ok_or(CardError::Unknown {
+            what: "mailbox status",
+            value: status_raw as u64,
+        })?;
+        let _flags = r.u16()?;
+        let len = r.u32()? as usize;
+        if len > max_payload {
+            return Err(CardError::Range {
+                what: "mailbox payload length",
+                value: len as u64,
+                range: "<= slot room",
+            });
+        }
+        let arg0 = r.u64()?;
+        let arg1 = r.u64()?;
+        let stated = r.u32()?;
+        let _reserved = r.u32()?;
+        let payload = r.bytes(len)?.to_vec();
+        let computed = crc32fast::hash(&payload);
+        if stated != computed {
+            return Err(CardError::Checksum {
+                what: "mailbox payload",
+                stated,
+                computed,
+            });
+        }
+        Ok(Message {
+            kind,
+            op,
+            seq,
+            vm,
+            status,
+            arg0,
+            arg1,
+            payload,
+        })
+    }
+}
+
+fn name_bytes(name: &str) -> Result<&[u8]> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(CardError::Invalid(format!(
+            "VM name must be 1..={MAX_NAME} bytes"
+        )));
+    }
+    Ok(name.as_bytes())
+}
+
+fn read_name(r: &mut Reader<'_>, len: usize, what: &'static str) -> Result<String> {
+    if len > MAX_NAME {
+        return Err(CardError::Range {
+            what,
+            value: len as u64,
+            range: "0..=64",
+        });
+    }
+    let b = r.bytes(len)?;
+    String::from_utf8(b.to_vec()).map_err(|_| CardError::Unknown {
+        what,
+        value: len as u64,
+    })
+}
+
+/// What the host asks the card to start: a management VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    pub name: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+}
+
+impl VmSpec {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let name = name_bytes(&self.name)?;
+        let mut w = Writer::default();
+        w.u32(self.mem_mib)
+            .u32(self.vcpus)
+            .u16(name.len() as u16)
+            .bytes(name);
+        Ok(w.buf)
+    }
+    pub fn decode(buf: &[u8]) -> Result<VmSpec> {
+        let mut r = Reader::new(buf, "VM spec");
+        let mem_mib = r.u32()?;
+        let vcpus = r.u32()?;
+        let n = r.u16()? as usize;
+        let name = read_name(&mut r, n, "VM name")?;
+        if name.is_empty() || !(1..=4096).contains(&mem_mib) || !(1..=8).contains(&vcpus) {
+            return Err(CardError::Range {
+                what: "VM spec",
+                value: mem_mib as u64,
+                range: "name 1..=64, mem 1..=4096 MiB, vcpus 1..=8",
+            });
+        }
+        Ok(VmSpec {
+            name,
+            mem_mib,
+            vcpus,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmState {
+    Running = 1,
+    Paused = 2,
+    Stopped = 3,
+}
+
+impl VmState {
+    pub fn from_u8(v: u8) -> Option<VmState> {
+        match v {
+            1 => Some(VmState::Running),
+            2 => Some(VmState::Paused),
+            3 => Some(VmState::Stopped),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmInfo {
+    pub id: u32,
+    pub state: VmState,
+    pub name: String,
+    pub mem_bytes: u64,
+}
+
+pub fn encode_vm_list(vms: &[VmInfo]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u32(vms.len() as u32);
+    for v in vms {
+        let name = &v.name.as_bytes()[..v.name.len().min(MAX_NAME)];
+        w.u32(v.id)
+            .u8(v.state as u8)
+            .u8(0)
+            .u16(name.len() as u16)
+            .u64(v.mem_bytes)
+            .bytes(name);
+    }
+    w.buf
+}
+
+pub fn decode_vm_list(buf: &[u8]) -> Result<Vec<VmInfo>> {
+    let mut r = Reader::new(buf, "VM list");
+    let count = r.u32()?;
+    if count > MAX_VMS {
+        return Err(CardError::Range {
+            what: "VM list count",
+            value: count as u64,
+            range: "0..=256",
+        });
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let id = r.u32()?;
+        let st = r.u8()?;
+        let state = VmState::from_u8(st).ok_or(CardError::Unknown {
+            what: "VM state",
+            value: st as u64,
+        })?;
+        let _pad = r.u8()?;
+        let n = r.u16()? as usize;
+        let mem_bytes = r.u64()?;
+        let name = read_name(&mut r, n, "VM name")?;
+        out.push(VmInfo {
+            id,
+            state,
+            name,
+            mem_bytes,
+        });
+    }
+    if r.remaining() != 0 {
+        return Err(CardError::Range {
+            what: "VM list trailing bytes",
+            value: r.remaining() as u64,
+            range: "0",
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub seq: u64,
+    pub time_ns: u64,
+    pub vm: u32,
+    pub level: u16,
+    pub message: String,
+}
+
+pub fn encode_events(events: &[Event]) -> Vec<u8> {
+    let mut w = Writer::default();
+    w.u32(events.len() as u32);
+    for e in events {
+        let mut m = e.message.as_str();
+        while m.len() > MAX_EVENT_MSG {
+            // Cut on a char boundary so the card never sends invalid UTF-8.
+            let mut cut = MAX_EVENT_MSG;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            m = &m[..cut];
+        }
+        w.u64(e.seq)
+            .u64(e.time_ns)
+            .u32(e.vm)
+            .u16(e.level)
+            .u16(m.len() as u16)
+            .bytes(m.as_bytes());
+    }
+    w.buf
+}
+
+/// Events must come in increasing sequence order; the host relies on it to resume.
+pub fn decode_events(buf: &[u8]) -> Result<Vec<Event>> {
+    let mut r = Reader::new(buf, "event log");
+    let count = r.u32()? as usize;
+    // Each event takes at least 24 bytes: a count that cannot fit is a lie.
+    if count > r.remaining() / 24 {
+        return Err(CardError::Range {
+            what: "event count",
+            value: count as u64,
+            range: "fits the payload",
+        });
+    }
+    let mut out: Vec<Event> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let seq = r.u64()?;
+        let time_ns = r.u64()?;
+        let vm = r.u32()?;
+        let level = r.u16()?;
+        let n = r.u16()? as usize;
+        if n > MAX_EVENT_MSG {
+            return Err(CardError::Range {
+                what: "event message length",
+                value: n as u64,
+                range: "0..=1024",
+            });
+        }
+        if level > 4 {
+            return Err(CardError::Unknown {
+                what: "event level",
+                value: level as u64,
+            });
+        }
+        let message = String::from_utf8(r.bytes(n)?.to_vec()).map_err(|_| CardError::Unknown {
+            what: "event message (not UTF-8)",
+            value: seq,
+        })?;
+        if let Some(prev) = out.last() {
+            if seq <= prev.seq {
+                return Err(CardError::Range {
+                    what: "event sequence",
+                    value: seq,
+                    range: "increasing",
+                });
+            }
+        }
+        out.push(Event {
+            seq,
+            time_ns,
+            vm,
+            level,
+            message,
+        });
+    }
+    if r.remaining() != 0 {
+        return Err(CardError::Range {
+            what: "event log trailing bytes",
+            value: r.remaining() as u64,
+            range: "0",
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_round_trip_and_corruption() {
+        let m = Message::request(Op::Echo, 9, 3, 1, 2, b"hello".to_vec());
+        let b = m.encode();
+        assert_eq!(Message::decode(&b, 1024).unwrap(), m);
+        for n in 0..b.len() {
+            assert!(Message::decode(&b[..n], 1024).is_err());
+        }
+        let mut bad = b.clone();
+        *bad.last_mut().unwrap() ^= 0x20;
+        assert!(matches!(
+            Message::decode(&bad, 1024),
+            Err(CardError::Checksum { .. })
+        ));
+        assert!(matches!(
+            Message::decode(&b, 2),
+            Err(CardError::Range { .. })
+        ));
+    }
+
+    #[test]
+    fn lists_and_events_round_trip() {
+        let vms = vec![VmInfo {
+            id: 1,
+            state: VmState::Running,
+            name: "mc-qos".into(),
+            mem_bytes: 64 << 20,
+        }];
+        assert_eq!(decode_vm_list(&encode_vm_list(&vms)).unwrap(), vms);
+        let ev = vec![
+            Event {
+                seq: 1,
+                time_ns: 5,
+                vm: 1,
+                level: 2,
+                message: "agent ready".into(),
+            },
+            Event {
+                seq: 2,
+                time_ns: 6,
+                vm: 0,
+                level: 1,
+                message: "é".repeat(600),
+            },
+        ];
+        let dec = decode_events(&encode_events(&ev)).unwrap();
+        assert_eq!(dec[0], ev[0]);
+        assert!(dec[1].message.len() <= MAX_EVENT_MSG);
+        let mut huge = Writer::default();
+        huge.u32(u32::MAX);
+        assert!(decode_events(&huge.buf).is_err());
+    }
+
+    #[test]
+    fn geometry_is_checked() {
+        assert!(check_geometry(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).is_ok());
+        assert!(check_geometry(0, DEFAULT_SLOT_SIZE).is_err());
+        assert!(check_geometry(4, 100).is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! The custom-hardware (FPGA) engine, modelled: a work queue served by one
+//! engine. Jobs take their stated service time on the engine (it does not
+//! use the card's CPU, as real offload hardware would not); busy time is
+//! measured around each job, so the busy ratio is measured, not assumed.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Duration>,
+}
+
+pub struct Fpga {
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    busy_ns: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+    /// Offered load from the knob, as a fraction of engine time.
+    offered_ppm: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+pub const MAX_QUEUE: usize = 10_000;
+
+impl Fpga {
+    pub fn start() -> Fpga {
+        let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
+        let busy_ns = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(AtomicU64::new(0));
+        let offered_ppm = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let (q, busy, done, stop) =
+                (queue.clone(), busy_ns.clone(), done.clone(), stop.clone());
+            let _ = std::thread::Builder::new()
+                .name("fpga-engine".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let job = {
+                            let (m, cv) = &*q;
+                            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                            while g.jobs.is_empty() && !stop.load(Ordering::Relaxed) {
+                                g = cv
+                                    .wait_timeout(g, Duration::from_millis(50))
+                                    .map(|r| r.0)
+                                    .unwrap_or_else(|e| e.into_inner().0);
+                            }
+                            g.jobs.pop_front()
+                        };
+                        if let Some(t) = job {
+                            let start = Instant::now();
+                            std::thread::sleep(t);
+                            busy.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+        }
+        {
+            // The knob's job generator: 1 ms jobs at the offered rate.
+            let (q, offered, stop) = (queue.clone(), offered_ppm.clone(), stop.clone());
+            let _ = std::thread::Builder::new()
+                .name("fpga-load".into())
+                .spawn(move || {
+                    let mut credit = 0.0f64;
+                    let tick = Duration::from_millis(10);
+                    while !stop.load(Ordering::Relaxed) {
+                        let rho = offered.load(Ordering::Relaxed) as f64 / 1e6;
+                        credit += rho * 10.0; // 10 ms tick / 1 ms jobs
+                        while credit >= 1.0 {
+                            credit -= 1.0;
+                            push(&q, Duration::from_millis(1));
+                        }
+                        std::thread::sleep(tick);
+                    }
+                });
+        }
+        Fpga {
+            queue,
+            busy_ns,
+            done,
+            offered_ppm,
+            stop,
+        }
+    }
+
+    /// Submit `count` jobs of `service` each (the "real work routed through it").
+    pub fn submit(&self, count: u32, service: Duration) -> usize {
+        let mut n = 0;
+        for _ in 0..count {
+            if push(&self.queue, service) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn set_offered(&self, ratio: f64) {
+        self.offered_ppm
+            .store((ratio.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn busy_ns(&self) -> u64 {
+        self.busy_ns.load(Ordering::Relaxed)
+    }
+
+    pub fn completed(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    pub fn depth(&self) -> u64 {
+        self.queue
+            .0
+            .lock()
+            .map(|g| g.jobs.len() as u64)
+            .unwrap_or(0)
+    }
+}
+
+fn push(q: &Arc<(Mutex<Queue>, Condvar)>, t: Duration) -> bool {
+    let (m, cv) = &**q;
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    if g.jobs.len() >= MAX_QUEUE {
+        return false;
+    }
+    g.jobs.push_back(t);
+    cv.notify_one();
+    true
+}
+
+impl Drop for Fpga {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.queue.1.notify_all();
+    }
+}

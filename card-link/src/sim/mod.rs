@@ -1,0 +1,16 @@
+//! card-sim: a process that plays the management-and-control board card.
+//! `device` serves the PCI function over vfio-user, `control` takes ECS
+//! service requests, load and faults, `cgroup` sizes and measures the card,
+//! `load`/`fpga` make real and modelled work, `vms` is the card-side VMM
+//! seam, and `process` launches card-sim for tests and benchmarks.
+
+pub mod cgroup;
+pub mod control;
+pub mod device;
+pub mod fpga;
+pub mod load;
+pub mod process;
+pub mod vms;
+
+pub use device::{SimCard, SimConfig};
+pub use process::SimProcess;

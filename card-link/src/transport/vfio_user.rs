@@ -1,0 +1,219 @@
+//! vfio-user transport: the `vfio_user` crate's client over a UNIX socket.
+//!
+//! The crate's client blocks forever if the server goes silent and exposes no
+//! socket to set a timeout on. A silent card must not hang the host, so after
+//! connecting we find the client's socket among our own fds (the one new
+//! socket whose peer is the card's path) and set SO_RCVTIMEO/SO_SNDTIMEO on
+//! it. A timed-out exchange may leave the stream out of step, so the transport
+//! then refuses further use (`LinkBroken`) until the caller reconnects.
+
+use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
+};
+use vfio_user::Client;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{check_access, Transport};
+use crate::error::{CardError, Result};
+
+/// Connections are made one at a time so the fd that appears is ours.
+static CONNECT_LOCK: Mutex<()> = Mutex::new(());
+
+pub struct VfioUserTransport {
+    client: Client,
+    path: PathBuf,
+    timeout: Duration,
+    broken: Option<String>,
+    sizes: Vec<(u32, u64)>,
+}
+
+fn open_fds() -> HashSet<i32> {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Path a UNIX socket fd is connected to, if it is one.
+fn peer_path(fd: i32) -> Option<PathBuf> {
+    // SAFETY: sockaddr_un is plain data; getpeername writes at most `len` bytes.
+    unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        if libc::getpeername(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
+            return None;
+        }
+        if addr.sun_family as i32 != libc::AF_UNIX {
+            return None;
+        }
+        let bytes: Vec<u8> = addr
+            .sun_path
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8)
+            .collect();
+        Some(PathBuf::from(String::from_utf8(bytes).ok()?))
+    }
+}
+
+fn set_timeouts(fd: i32, t: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: tv is a valid timeval for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &tv as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl VfioUserTransport {
+    /// Connect to a card's vfio-user socket. `timeout` bounds every exchange,
+    /// including the version negotiation of the connect itself.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
+        let _guard = CONNECT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let canon = path
+            .canonicalize()
+            .map_err(|e| CardError::Open(format!("{}: {e}", path.display())))?;
+        let before = open_fds();
+        let (tx, rx) = mpsc::channel();
+        let p = path.to_path_buf();
+        // The crate's connect negotiates without a timeout; run it on a helper
+        // thread so a silent card costs us a leaked thread, not a hang.
+        std::thread::Builder::new()
+            .name("card-connect".into())
+            .spawn(move || {
+                let _ = tx.send(Client::new(&p));
+            })
+            .map_err(|e| CardError::Open(format!("spawn connect thread: {e}")))?;
+        let client = match rx.recv_timeout(timeout) {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(CardError::Open(format!("{}: {e}", path.display()))),
+            Err(_) => {
+                return Err(CardError::Timeout {
+                    what: "vfio-user connect",
+                    timeout_ms: timeout.as_millis() as u64,
+                })
+            }
+        };
+        let fresh: Vec<i32> = open_fds()
+            .difference(&before)
+            .copied()
+            .filter(|&fd| {
+                peer_path(fd)
+                    .map(|p| p == canon || p == path)
+                    .unwrap_or(false)
+            })
+            .collect();
+        let [fd] = fresh[..] else {
+            return Err(CardError::Open(format!(
+                "could not identify the vfio-user socket to bound its timeouts ({} candidates)",
+                fresh.len()
+            )));
+        };
+        set_timeouts(fd, timeout)
+            .map_err(|e| CardError::Open(format!("set socket timeouts: {e}")))?;
+        let sizes = [0u32, 1, 2, 3, 4, 5]
+            .iter()
+            .filter_map(|&i| client.region(i).map(|r| (i, r.size)))
+            .collect();
+        Ok(VfioUserTransport {
+            client,
+            path: path.to_path_buf(),
+            timeout,
+            broken: None,
+            sizes,
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        match &self.broken {
+            Some(why) => Err(CardError::LinkBroken(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&mut self, what: &'static str, e: vfio_user::Error) -> CardError {
+        let timed_out = matches!(&e, vfio_user::Error::StreamRead(io) | vfio_user::Error::StreamWrite(io)
+            if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        let err = if timed_out {
+            CardError::Timeout {
+                what,
+                timeout_ms: self.timeout.as_millis() as u64,
+            }
+        } else {
+            CardError::Io(format!("{what}: {e}"))
+        };
+        self.broken = Some(err.to_string());
+        err
+    }
+}
+
+impl Transport for VfioUserTransport {
+    fn read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check()?;
+        check_access(self.region_size(index), index, offset, buf.len())?;
+        self.client
+            .region_read(index, offset, buf)
+            .map_err(|e| self.fail("region read", e))
+    }
+
+    fn write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        self.check()?;
+        check_access(self.region_size(index), index, offset, data.len())?;
+        self.client
+            .region_write(index, offset, data)
+            .map_err(|e| self.fail("region write", e))
+    }
+
+    fn region_size(&self, index: u32) -> Option<u64> {
+        self.sizes
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map(|(_, s)| *s)
+    }
+
+    fn set_completion_eventfd(&mut self, fd: &EventFd) -> Result<()> {
+        self.check()?;
+        self.client
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                0,
+                1,
+                &[fd.as_raw_fd()],
+            )
+            .map_err(|e| self.fail("set irqs", e))
+    }
+
+    fn describe(&self) -> String {
+        format!("vfio-user:{}", self.path.display())
+    }
+}
+
+impl Drop for VfioUserTransport {
+    fn drop(&mut self) {
+        let _ = self.client.shutdown();
+    }
+}
