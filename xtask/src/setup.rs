@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("stress-ng", "CPU and memory load"),
     ("linux-perf", "perf bench sched pipe for the overhead benchmark"),
     ("procps", "ps/pgrep for the demo"),
+    ("iputils-ping", "ping, for traffic and RTT in tests and benches"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

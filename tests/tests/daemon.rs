@@ -1,0 +1,129 @@
+//! `governor run` end to end: status over the socket, pins inspectable with
+//! bpftool, clean shutdown, and refusal of wrong configs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use governor::api::{self, Request};
+use integration_tests::*;
+
+fn governor_bin() -> PathBuf {
+    let p = bin_dir().join("governor");
+    assert!(p.exists(), "{} is missing: build it first (cargo xtask test does, or cargo build --release -p governor)", p.display());
+    p
+}
+
+struct Cfg {
+    path: PathBuf,
+}
+
+impl Cfg {
+    fn write(text: &str) -> Cfg {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("gcfg")));
+        std::fs::write(&path, text).expect("write config");
+        Cfg { path }
+    }
+}
+
+impl Drop for Cfg {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn run_status_and_clean_shutdown() {
+    require_root();
+    require_tool("bpftool");
+    let cg = TestCgroup::new("dmn");
+    let net = VmNet::new(2);
+    let pins = PinDir::new();
+    let socket = std::env::temp_dir().join(format!("{}.sock", unique("gsock")));
+    let rel = cg.cg.rel().to_string_lossy().into_owned();
+    let cfg = Cfg::write(&format!(
+        "tick_ms = 200\npin_dir = {:?}\nsocket = {:?}\n[[vm]]\nname = \"busy\"\ncgroup = {:?}\ninterfaces = [{:?}]\nrole = \"mc\"\n",
+        pins.0, socket, rel, net.ports[0].1.name
+    ));
+    let _hog = cg.spawn(&["sh", "-c", "while :; do :; done"]);
+    let mut gov = Guarded(Some(
+        Command::new(governor_bin())
+            .args(["run", "--config"])
+            .arg(&cfg.path)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start governor"),
+    ));
+    wait_for("the control socket", Duration::from_secs(10), || socket.exists());
+    // Some traffic through the VM's interface.
+    net.ports[0].0.exec(&["ping", "-c", "5", "-i", "0.05", "-q", &net.ports[1].2]);
+    std::thread::sleep(Duration::from_millis(600));
+
+    let status = api::call(&socket, &Request::Status).expect("status").status.expect("ok");
+    assert_eq!(status.tick_ms, 200);
+    assert!(status.tick >= 2, "ticks: {}", status.tick);
+    let vm = status.vms.iter().find(|v| v.name == "busy").expect("vm busy listed");
+    assert_eq!(vm.role, "mc");
+    assert_eq!(vm.cgroup_id, cg.cg.id().expect("id"));
+    assert!(vm.cpu_percent > 50.0 && vm.cpu_percent < 110.0, "a busy loop shows {}% CPU", vm.cpu_percent);
+    assert!(vm.tx_bytes_total > 0 && vm.rx_bytes_total > 0, "ping went both ways: {vm:?}");
+    assert!(vm.memory_working_set_bytes.is_some());
+
+    // The CLI prints the table.
+    let out = run(Command::new(governor_bin()).args(["status", "--socket"]).arg(&socket));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.starts_with("busy ")), "table:\n{table}");
+
+    // Pinned maps carry BTF: bpftool prints field names.
+    let dump = run(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pins.0.join("CGROUPS")));
+    let dump = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.contains("\"on_cpu_ns\"") && dump.contains("\"runq_hist\""), "bpftool dump lacks field names");
+
+    // SIGTERM: exits cleanly, detaches, unpins, removes its socket.
+    // SAFETY: plain kill(2) on our child.
+    unsafe { libc::kill(gov.child().id() as i32, libc::SIGTERM) };
+    let st = gov.wait_timeout(Duration::from_secs(10)).expect("governor exits on SIGTERM");
+    assert!(st.success(), "exit status {st}");
+    assert!(!pins.0.exists(), "pins left behind in {}", pins.0.display());
+    assert!(!socket.exists(), "socket left behind");
+    let filters = run(Command::new("tc").args(["filter", "show", "dev", &net.ports[0].1.name, "ingress"]));
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "tc filter left attached");
+}
+
+fn refused(cfg_text: &str, field: &str) {
+    let cfg = Cfg::write(cfg_text);
+    let out = Command::new(governor_bin()).args(["run", "--config"]).arg(&cfg.path).output().expect("run governor");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "config was accepted:\n{cfg_text}");
+    assert!(err.contains(field), "error does not name {field}: {err}");
+}
+
+#[test]
+fn wrong_configs_are_refused_whole() {
+    require_root();
+    let cg = TestCgroup::new("cfg");
+    let cg2 = TestCgroup::new("cfg");
+    let rel = cg.cg.rel().to_string_lossy().into_owned();
+    let rel2 = cg2.cg.rel().to_string_lossy().into_owned();
+    let pins = PinDir::new();
+    let base = format!("pin_dir = {:?}\n", pins.0);
+    refused(&format!("{base}tick_ms = 10\n"), "tick_ms");
+    refused(&format!("{base}[[vm]]\nname = \"a\"\ncgroup = \"governor-test/none-{}\"\n", std::process::id()), "vm[0].cgroup");
+    // The first VM is fine, the second names an interface that does not
+    // exist: nothing may be attached or pinned.
+    refused(
+        &format!("{base}[[vm]]\nname = \"a\"\ncgroup = {rel:?}\ninterfaces = [\"lo\"]\n[[vm]]\nname = \"b\"\ncgroup = {rel2:?}\ninterfaces = [\"nope0\"]\n"),
+        "vm[1].interfaces[0]",
+    );
+    assert!(!Path::new(&pins.0).exists(), "a refused config left pins");
+    let filters = run(Command::new("tc").args(["filter", "show", "dev", "lo", "ingress"]));
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "a refused config left a filter on lo");
+}
