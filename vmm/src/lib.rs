@@ -14,3 +14,5 @@ pub mod vm;
 
 pub use error::{Error, Result, StopReason};
 pub use vm::{Reply, RunState, Sinks, Vm, VmConfig};
+pub mod cgroup;
+pub mod control;

@@ -273,11 +273,9 @@ impl Vm {
         {
             let mut ctl = lock(&self.sh.ctl);
             ctl.pause_req = paused;
-            ctl.state = if paused {
-                RunState::Paused
-            } else {
-                RunState::Running
-            };
+            if !paused {
+                ctl.state = RunState::Running;
+            }
         }
         let sh = self.sh.clone();
         let t = std::thread::Builder::new()
@@ -285,6 +283,12 @@ impl Vm {
             .spawn(move || vcpu_loop(&sh))
             .map_err(Error::io("spawning the vCPU thread"))?;
         self.thread = Some(t);
+        // A paused start returns once the thread is parked, so the caller can
+        // snapshot or resume right away.
+        let mut ctl = lock(&self.sh.ctl);
+        while ctl.state == RunState::Created {
+            ctl = self.sh.cv.wait(ctl).unwrap_or_else(|p| p.into_inner());
+        }
         Ok(())
     }
 
@@ -775,5 +779,29 @@ fn run(sh: &Shared) -> StopReason {
             }
             Next::Stop(r) => return r,
         }
+    }
+}
+
+impl Vm {
+    /// Guest RAM pages currently backed on the host (mincore), in bytes.
+    pub fn guest_resident_bytes(&self) -> u64 {
+        self.sh
+            .mem
+            .iter()
+            .map(|r| {
+                let Ok(host) = self.sh.mem.get_host_address(r.start_addr()) else {
+                    return 0;
+                };
+                let len = r.len() as usize;
+                let pages = len.div_ceil(4096);
+                let mut v = vec![0u8; pages];
+                // SAFETY: host..host+len is our mapping; v has one byte per page.
+                let rc = unsafe { libc::mincore(host as *mut libc::c_void, len, v.as_mut_ptr()) };
+                if rc != 0 {
+                    return 0;
+                }
+                v.iter().filter(|b| *b & 1 == 1).count() as u64 * 4096
+            })
+            .sum()
     }
 }

@@ -1,0 +1,286 @@
+//! The control socket: a UNIX stream socket speaking JSON lines. One request
+//! object per line, one reply object per line; connections are served one at
+//! a time, in order. The governor and the card simulator use it (or the
+//! [`Client`] below) to drive a VMM process.
+//!
+//! Requests (`cmd` selects, other fields are arguments):
+//!
+//! | cmd | fields | reply fields |
+//! |---|---|---|
+//! | `create` | `guest`, `mem_mib` | |
+//! | `boot` | | `ready_ms` |
+//! | `restore` | `path` | `restore_ms` (VM comes up paused) |
+//! | `pause` / `resume` | | |
+//! | `snapshot` | `path` | `bytes`, `snapshot_ms` |
+//! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
+//! | `state` | | `state`, `last_log`, `logs` |
+//! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid` |
+//! | `shutdown` | | `state` (the process exits after replying) |
+//!
+//! Every reply has `ok`; failures carry `error` with the typed error's text.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::proto::op;
+use crate::vm::{Sinks, Vm, VmConfig};
+
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn op_code(name: &str) -> Option<u64> {
+    Some(match name {
+        "ping" => op::PING,
+        "step" => op::STEP,
+        "counters" => op::COUNTERS,
+        "auto" => op::AUTO,
+        "bad_mmio" => op::BAD_MMIO,
+        "bad_descriptor" => op::BAD_DESCRIPTOR,
+        "triple_fault" => op::TRIPLE_FAULT,
+        "shutdown" => op::SHUTDOWN,
+        _ => return None,
+    })
+}
+
+/// Makes new sinks for a VM created or restored over the socket.
+pub type SinkFactory = Box<dyn Fn() -> Sinks>;
+
+/// A VMM process's state as seen by the control socket.
+pub struct Server {
+    pub vm: Option<Vm>,
+    pub sinks: SinkFactory,
+    /// Called with every newly started VM (e.g. to place its threads in a cgroup).
+    pub on_start: Box<dyn Fn(&Vm)>,
+}
+
+fn field<'a>(req: &'a Value, name: &'static str) -> Result<&'a Value> {
+    req.get(name).ok_or(Error::Config {
+        field: name,
+        reason: "missing".into(),
+    })
+}
+
+fn str_field<'a>(req: &'a Value, name: &'static str) -> Result<&'a str> {
+    field(req, name)?.as_str().ok_or(Error::Config {
+        field: name,
+        reason: "not a string".into(),
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Resident bytes of this process (VmRSS).
+pub fn self_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+impl Server {
+    fn vm(&self) -> Result<&Vm> {
+        self.vm
+            .as_ref()
+            .ok_or_else(|| Error::State("absent (no VM created)".into()))
+    }
+
+    /// Handle one request; returns the reply and whether to exit afterwards.
+    pub fn handle(&mut self, req: &Value) -> (Value, bool) {
+        match self.dispatch(req) {
+            Ok((mut v, exit)) => {
+                v["ok"] = json!(true);
+                (v, exit)
+            }
+            Err(e) => (json!({"ok": false, "error": e.to_string()}), false),
+        }
+    }
+
+    fn dispatch(&mut self, req: &Value) -> Result<(Value, bool)> {
+        let cmd = str_field(req, "cmd")?;
+        let out = match cmd {
+            "create" => {
+                if self.vm.is_some() {
+                    return Err(Error::State("already created".into()));
+                }
+                let mem = field(req, "mem_mib")?.as_u64().ok_or(Error::Config {
+                    field: "mem_mib",
+                    reason: "not an integer".into(),
+                })?;
+                let cfg = VmConfig::new(PathBuf::from(str_field(req, "guest")?), mem);
+                self.vm = Some(Vm::create(&cfg, (self.sinks)())?);
+                json!({})
+            }
+            "boot" => {
+                let t = Instant::now();
+                let vm = self
+                    .vm
+                    .as_mut()
+                    .ok_or_else(|| Error::State("absent".into()))?;
+                vm.start(false)?;
+                (self.on_start)(vm);
+                let ready = vm.wait_ready(REQUEST_TIMEOUT)?;
+                json!({"ready_ms": ms(ready.saturating_duration_since(t))})
+            }
+            "restore" => {
+                if self.vm.is_some() {
+                    return Err(Error::State("already has a VM".into()));
+                }
+                let t = Instant::now();
+                let vm = Vm::restore_from_file(Path::new(str_field(req, "path")?), (self.sinks)())?;
+                let took = t.elapsed();
+                (self.on_start)(&vm);
+                self.vm = Some(vm);
+                json!({"restore_ms": ms(took)})
+            }
+            "pause" => {
+                self.vm()?.pause()?;
+                json!({})
+            }
+            "resume" => {
+                self.vm()?.resume()?;
+                json!({})
+            }
+            "snapshot" => {
+                let t = Instant::now();
+                let bytes = self
+                    .vm()?
+                    .snapshot_to_file(Path::new(str_field(req, "path")?))?;
+                json!({"bytes": bytes, "snapshot_ms": ms(t.elapsed())})
+            }
+            "request" => {
+                let name = str_field(req, "op")?;
+                let code = op_code(name).ok_or(Error::Config {
+                    field: "op",
+                    reason: format!("unknown op {name:?}"),
+                })?;
+                let arg = req.get("arg").and_then(Value::as_u64).unwrap_or(0);
+                let t = Instant::now();
+                let r = self.vm()?.request(code, arg, REQUEST_TIMEOUT)?;
+                json!({"reply": r, "rtt_us": t.elapsed().as_secs_f64() * 1e6})
+            }
+            "state" => {
+                let vm = self.vm()?;
+                let (last, logs) = vm.last_log();
+                json!({"state": vm.state(), "last_log": last, "logs": logs})
+            }
+            "stats" => {
+                let vm = self.vm()?;
+                json!({
+                    "rss_bytes": self_rss(),
+                    "guest_resident_bytes": vm.guest_resident_bytes(),
+                    "vcpu_tid": vm.vcpu_tid(),
+                })
+            }
+            "shutdown" => {
+                let state = match self.vm.as_mut() {
+                    Some(vm) => json!(vm.shutdown()),
+                    None => json!(null),
+                };
+                return Ok((json!({"state": state}), true));
+            }
+            other => {
+                return Err(Error::Config {
+                    field: "cmd",
+                    reason: format!("unknown command {other:?}"),
+                })
+            }
+        };
+        Ok((out, false))
+    }
+
+    /// Serve the socket until a `shutdown` request or the VM stopping on its own.
+    pub fn serve(&mut self, listener: &UnixListener) -> Result<()> {
+        for conn in listener.incoming() {
+            let conn = conn.map_err(Error::io("control socket accept"))?;
+            if self.serve_conn(conn)? {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_conn(&mut self, conn: UnixStream) -> Result<bool> {
+        let mut w = conn.try_clone().map_err(Error::io("control socket"))?;
+        let r = BufReader::new(conn);
+        for line in r.lines() {
+            let Ok(line) = line else { return Ok(false) };
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (reply, exit) = match serde_json::from_str::<Value>(&line) {
+                Ok(req) => self.handle(&req),
+                Err(e) => (
+                    json!({"ok": false, "error": format!("control protocol: bad JSON: {e}")}),
+                    false,
+                ),
+            };
+            if writeln!(w, "{reply}").is_err() {
+                return Ok(exit);
+            }
+            if exit {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Client side of the control socket.
+pub struct Client {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client> {
+        let s = UnixStream::connect(path).map_err(Error::io(path.display().to_string()))?;
+        Ok(Client {
+            w: s.try_clone().map_err(Error::io("control socket"))?,
+            r: BufReader::new(s),
+        })
+    }
+
+    /// Connect, retrying until the socket appears or `timeout` passes.
+    pub fn connect_wait(path: &Path, timeout: Duration) -> Result<Client> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Client::connect(path) {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }
+
+    /// Send one request; returns the reply, or the remote error as `Protocol`.
+    pub fn call(&mut self, req: Value) -> Result<Value> {
+        writeln!(self.w, "{req}").map_err(Error::io("control socket write"))?;
+        let mut line = String::new();
+        let n = self
+            .r
+            .read_line(&mut line)
+            .map_err(Error::io("control socket read"))?;
+        if n == 0 {
+            return Err(Error::Protocol("the VMM closed the control socket".into()));
+        }
+        let v: Value =
+            serde_json::from_str(&line).map_err(|e| Error::Protocol(format!("bad reply: {e}")))?;
+        if v.get("ok") == Some(&json!(true)) {
+            Ok(v)
+        } else {
+            Err(Error::Protocol(
+                v.get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no error text")
+                    .to_string(),
+            ))
+        }
+    }
+}
