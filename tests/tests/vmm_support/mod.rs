@@ -1,0 +1,199 @@
+//! Shared fixtures for the VMM tests: the guest ELF and the `vmm` binary
+//! (built on demand), unique names, and guards that kill child VMM processes
+//! and remove sockets, snapshot files and cgroups even when a test fails.
+//!
+//! The guest ELF is `$VMM_GUEST_ELF` when set (`cargo xtask test` sets it),
+//! else `target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest`, built
+//! here with the rustup stable cargo when missing or stale.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmm::control::Client;
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Fail (never skip) when KVM is not there.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("/dev/kvm is not usable ({e}): the VMM tests need KVM and root; they do not skip");
+    }
+}
+
+/// A name no other test run uses: prefix, pid, counter.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn stable_cargo() -> Command {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+    let mut c = if home.join("bin/rustup").exists() {
+        let mut c = Command::new(home.join("bin/cargo"));
+        c.arg("+stable");
+        c
+    } else {
+        Command::new("cargo")
+    };
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC", "RUSTC_WRAPPER", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTUP_TOOLCHAIN"] {
+        c.env_remove(var);
+    }
+    c
+}
+
+/// The agent ELF, built once per test binary.
+pub fn guest_elf() -> PathBuf {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        if let Some(p) = std::env::var_os("VMM_GUEST_ELF") {
+            return PathBuf::from(p);
+        }
+        let root = workspace();
+        let status = stable_cargo()
+            .current_dir(root.join("vmm/guest"))
+            .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+            .arg(root.join("target/vmm-guest"))
+            .status()
+            .expect("run cargo to build the guest");
+        assert!(status.success(), "building the guest failed: {status}");
+        root.join("target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest")
+    })
+    .clone()
+}
+
+/// The `vmm` binary of this build (same target dir as the test), built once.
+pub fn vmm_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test> -> target/<profile>
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary in target/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("target dir");
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        c.current_dir(workspace()).env("CARGO_TARGET_DIR", target_dir).args(["build", "-q", "-p", "vmm", "--bin", "vmm"]);
+        if release {
+            c.arg("--release");
+        }
+        let status = c.status().expect("run cargo to build the vmm binary");
+        assert!(status.success(), "building the vmm binary failed: {status}");
+        profile_dir.join("vmm")
+    })
+    .clone()
+}
+
+/// Removes a file (socket, snapshot, log) when dropped.
+pub struct TempPath(pub PathBuf);
+
+impl TempPath {
+    pub fn new(name: &str) -> TempPath {
+        TempPath(std::env::temp_dir().join(unique(name)))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A `vmm` child process with a control socket; killed and reaped on drop.
+pub struct VmmProc {
+    pub child: Child,
+    pub socket: TempPath,
+    pub client: Client,
+}
+
+impl VmmProc {
+    pub fn spawn(args: &[&str]) -> VmmProc {
+        let socket = TempPath::new("vmm-test.sock");
+        let child = Command::new(vmm_bin())
+            .args(args)
+            .arg("--socket")
+            .arg(&socket.0)
+            .arg("--serial")
+            .arg("/dev/null")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn the vmm binary");
+        let mut guard = ChildGuard(Some(child));
+        let client = Client::connect_wait(&socket.0, Duration::from_secs(10)).expect("connect to the vmm control socket");
+        let child = guard.0.take().expect("child present");
+        VmmProc { child, socket, client }
+    }
+
+    pub fn call(&mut self, req: Value) -> Value {
+        match self.client.call(req.clone()) {
+            Ok(v) => v,
+            Err(e) => panic!("control request {req} failed: {e}"),
+        }
+    }
+
+    pub fn request(&mut self, op: &str, arg: u64) -> Value {
+        self.call(json!({"cmd": "request", "op": op, "arg": arg}))["reply"].clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap: the process gets no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VmmProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Removes a test cgroup on every controller hierarchy when dropped (after
+/// the processes in it were killed).
+pub struct CgroupGuard(pub String);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        for base in ["", "unified", "cpu", "cpuacct", "cpuset", "memory"] {
+            let d = Path::new("/sys/fs/cgroup").join(base).join(&self.0);
+            if d.exists() {
+                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                    for pid in procs.split_whitespace() {
+                        if let Ok(p) = pid.parse::<i32>() {
+                            // SAFETY: plain kill(2) of a process left in our test cgroup.
+                            unsafe { libc::kill(p, libc::SIGKILL) };
+                        }
+                    }
+                }
+                for _ in 0..50 {
+                    if std::fs::remove_dir(&d).is_ok() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
