@@ -198,7 +198,7 @@ impl Card {
         // The host never has more than one command in flight, so the card
         // cannot overrun the response ring; RESP_CONSUMED is informational
         // and written once per lap to save a round trip per command.
-        if self.resp_consumed % self.slots == 0 {
+        if self.resp_consumed.is_multiple_of(self.slots) {
             self.t.write(
                 BAR2_INDEX,
                 mailbox::REG_RESP_CONSUMED,

@@ -31,3 +31,6 @@ pub fn connect_vfio_user(
     let t = VfioUserTransport::connect(socket, link_timeout)?;
     Card::open(Box::new(t), opts)
 }
+
+/// Re-exported for users of the control socket (`SimProcess::control`).
+pub use serde_json;

@@ -52,7 +52,7 @@ pub fn check_geometry(slots: u32, slot_size: u32) -> Result<()> {
             range: "1..=64",
         });
     }
-    if !(4096..=MAX_SLOT_SIZE).contains(&slot_size) || slot_size % 8 != 0 {
+    if !(4096..=MAX_SLOT_SIZE).contains(&slot_size) || !slot_size.is_multiple_of(8) {
         return Err(CardError::Range {
             what: "mailbox slot size",
             value: slot_size as u64,

@@ -34,13 +34,27 @@ pub struct VfioUserTransport {
     sizes: Vec<(u32, u64)>,
 }
 
-fn open_fds() -> HashSet<i32> {
-    std::fs::read_dir("/proc/self/fd")
+/// Our fds that are sockets connected to `path`, with their inode (an fd
+/// number alone can be reused between two listings).
+fn sockets_to(path: &Path, canon: &Path) -> HashSet<(i32, u64)> {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    fds.into_iter()
+        .filter(|&fd| {
+            peer_path(fd)
+                .map(|p| p == canon || p == path)
+                .unwrap_or(false)
+        })
+        .filter_map(|fd| {
+            // SAFETY: fstat fills a plain struct for an fd we just listed.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((fd, st.st_ino))
+        })
+        .collect()
 }
 
 /// Path a UNIX socket fd is connected to, if it is one.
@@ -96,7 +110,7 @@ impl VfioUserTransport {
         let canon = path
             .canonicalize()
             .map_err(|e| CardError::Open(format!("{}: {e}", path.display())))?;
-        let before = open_fds();
+        let before = sockets_to(path, &canon);
         let (tx, rx) = mpsc::channel();
         let p = path.to_path_buf();
         // The crate's connect negotiates without a timeout; run it on a helper
@@ -117,14 +131,9 @@ impl VfioUserTransport {
                 })
             }
         };
-        let fresh: Vec<i32> = open_fds()
+        let fresh: Vec<i32> = sockets_to(path, &canon)
             .difference(&before)
-            .copied()
-            .filter(|&fd| {
-                peer_path(fd)
-                    .map(|p| p == canon || p == path)
-                    .unwrap_or(false)
-            })
+            .map(|(fd, _)| *fd)
             .collect();
         let [fd] = fresh[..] else {
             return Err(CardError::Open(format!(
