@@ -84,8 +84,9 @@ pub mod maps {
 /// Maximum number of cgroups and interfaces tracked at once.
 pub const MAX_CGROUPS: usize = 16384;
 pub const MAX_IFACES: usize = 4096;
-/// Tasks that are runnable but not yet on a CPU.
-pub const MAX_WAITING_TASKS: usize = 65536;
+/// Slots of the "runnable since" array (a power of two; indexed by pid
+/// modulo this).
+pub const WAITING_SLOTS: usize = 1 << 18;
 
 /// Bucket index of a delay in nanoseconds.
 #[inline(always)]

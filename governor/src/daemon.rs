@@ -15,7 +15,8 @@ use crate::api::{parse_request, Request, Response, Status};
 use crate::config::Config;
 use crate::governor::Governor;
 
-pub async fn run(cfg: Config, print: bool) -> Result<()> {
+/// Run until SIGINT/SIGTERM, or until `stop_after` when given.
+pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
     let mut gov = Governor::new(&cfg).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let shared = Arc::new(RwLock::new(Status { tick_ms: cfg.tick_ms, ..Status::default() }));
@@ -28,11 +29,14 @@ pub async fn run(cfg: Config, print: bool) -> Result<()> {
     let mut timer = tokio::time::interval(Duration::from_millis(cfg.tick_ms));
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = 0u64;
+    let deadline = tokio::time::sleep(stop_after.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
     loop {
         tokio::select! {
             _ = timer.tick() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = &mut deadline => break,
         }
         let vms = match gov.tick() {
             Ok(v) => v.to_vec(),
@@ -45,7 +49,7 @@ pub async fn run(cfg: Config, print: bool) -> Result<()> {
         };
         tick += 1;
         if print && tick > 1 {
-            println!("{}", crate::sampler::table(&vms));
+            println!("tick {tick}\n{}", crate::sampler::table(&vms));
         }
         let mut s = shared.write().await;
         s.tick = tick;

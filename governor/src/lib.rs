@@ -8,9 +8,11 @@
 //! - `daemon`, `api`: `governor run` and its control socket
 
 pub mod api;
+pub mod btf;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod governor;
 pub mod netdev;
 pub mod sampler;

@@ -24,6 +24,14 @@ enum Cmd {
         #[arg(long)]
         print: bool,
     },
+    /// A live demo: three VMs (cgroups with real CPU, memory and network
+    /// load in their own namespaces) watched by the governor; all removed
+    /// at the end.
+    Demo {
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Check a config file without applying anything.
     Check {
         #[arg(long)]
@@ -53,7 +61,22 @@ fn main() -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(governor::daemon::run(cfg, print))
+                .block_on(governor::daemon::run(cfg, print, None))
+        }
+        Cmd::Demo { seconds } => {
+            let demo = governor::demo::Demo::start()?;
+            eprintln!("demo: {} VMs; status also via `governor status --socket {}`", demo.config.vms.len(), demo.config.socket.display());
+            let r = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(governor::daemon::run(
+                    demo.config.clone(),
+                    true,
+                    seconds.map(std::time::Duration::from_secs),
+                ));
+            drop(demo);
+            r
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;

@@ -59,23 +59,24 @@ pub enum TelemetryError {
     },
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] crate::btf::BtfError),
+    #[error("raw tracepoint {tp} passes {got} arguments, the program expects {want} (unsupported kernel)")]
+    RawTracepoint { tp: &'static str, got: u32, want: u32 },
 }
 
-/// Tracepoints the sched and memory programs hook, and their globals.
+/// Raw tracepoints (hot scheduler events) and the number of arguments the
+/// programs expect each to pass.
+const RAW_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4), ("sched_wakeup", 1), ("sched_wakeup_new", 1)];
+
+/// Classic tracepoints (rare events).
 const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("sched_switch", "sched", "sched_switch"),
-    ("sched_wakeup", "sched", "sched_wakeup"),
-    ("sched_wakeup_new", "sched", "sched_wakeup_new"),
     ("page_fault_user", "exceptions", "page_fault_user"),
     ("mark_victim", "oom", "mark_victim"),
 ];
 
 /// (global in the object, tracepoint, field)
 const OFFSETS: &[(&str, &str, &str)] = &[
-    ("SWITCH_PREV_PID", "sched/sched_switch", "prev_pid"),
-    ("SWITCH_PREV_STATE", "sched/sched_switch", "prev_state"),
-    ("SWITCH_NEXT_PID", "sched/sched_switch", "next_pid"),
-    ("WAKEUP_PID", "sched/sched_wakeup", "pid"),
     ("VICTIM_PID", "oom/mark_victim", "pid"),
     ("VICTIM_COMM", "oom/mark_victim", "comm"),
     ("VICTIM_TOTAL_VM", "oom/mark_victim", "total_vm"),
@@ -106,7 +107,16 @@ impl Telemetry {
         for (global, event, field) in OFFSETS {
             offsets.push((*global, tracefs::field_offset(event, field)?));
         }
+        let btf = crate::btf::Btf::from_sys_fs()?;
+        for (tp, want) in RAW_TRACEPOINTS {
+            let got = btf.raw_tracepoint_args(tp)?;
+            if got != *want {
+                return Err(TelemetryError::RawTracepoint { tp, got, want: *want });
+            }
+        }
+        let task_pid = btf.member_offset("task_struct", "pid")?;
         let mut loader = EbpfLoader::new();
+        loader.override_global("TASK_PID", &task_pid, true);
         for (global, off) in &offsets {
             loader.override_global(global, off, true);
         }
@@ -132,6 +142,17 @@ impl Telemetry {
                 .map_err(|source| TelemetryError::Pin { path, source })?;
         }
 
+        for (tp, _) in RAW_TRACEPOINTS {
+            let p: &mut aya::programs::RawTracePoint = ebpf
+                .program_mut(tp)
+                .ok_or(TelemetryError::Missing(tp))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name: tp, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name: tp, source })?;
+            p.attach(tp).map_err(|source| TelemetryError::Program { name: tp, source })?;
+            let path = pin_dir.join(format!("prog_{tp}"));
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
+        }
         for (prog, category, event) in TRACEPOINTS {
             let p: &mut TracePoint = ebpf
                 .program_mut(prog)
