@@ -1,11 +1,50 @@
 //! xtask pieces for card-link and card-sim: the `bench card` measurements.
 //! (Owned by the card-link work.)
+//!
+//! The measuring is done by card-link's `card-bench` binary (so xtask does
+//! not compile the vfio crates); it prints `ROW\tmetric\tvalue\tpeer\tnote`
+//! lines, turned into rows here. `bench` has already run `build::all()`, so
+//! target/release holds card-bench and card-sim.
 
-use anyhow::Result;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
 
 use crate::bench::Row;
+use crate::build::root;
 
 /// `cargo xtask bench card`.
 pub fn bench() -> Result<Vec<Row>> {
-    anyhow::bail!("bench card is not built yet (issue 5)")
+    let bin_dir = root().join("target/release");
+    let bench = bin_dir.join("card-bench");
+    let out = Command::new(&bench)
+        .env("CARD_SIM_BIN", bin_dir.join("card-sim"))
+        .output()
+        .with_context(|| format!("run {}", bench.display()))?;
+    if !out.status.success() {
+        bail!(
+            "card-bench failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rows = parse(&String::from_utf8_lossy(&out.stdout));
+    if rows.is_empty() {
+        bail!("card-bench printed no rows");
+    }
+    Ok(rows)
+}
+
+fn parse(text: &str) -> Vec<Row> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.strip_prefix("ROW\t")?.split('\t');
+            let (metric, value) = (f.next()?, f.next()?);
+            Some(
+                Row::new(metric, value)
+                    .peer(f.next().unwrap_or(""))
+                    .note(f.next().unwrap_or("")),
+            )
+        })
+        .collect()
 }

@@ -1,0 +1,190 @@
+//! Measurements behind `cargo xtask bench card`. Prints one line per row:
+//! `ROW<TAB>metric<TAB>value<TAB>peer<TAB>note`, which xtask turns into the
+//! BENCHMARKS.md table. Needs card-sim (found as in `SimProcess`).
+//!
+//! - floor: a plain vfio_user region read (4 bytes) against a trivial
+//!   in-process vfio_user server, measured in the same run
+//! - register read: the full BAR0 snapshot (512 B) read and validated
+//! - mailbox: echo command round trip (slot write, doorbell, eventfd, slot read)
+//! - snapshot streaming: card -> host and host -> card, MiB/s
+
+use std::fs::File;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use card_link::mailbox::VmSpec;
+use card_link::sim::device::{irqs, regions};
+use card_link::sim::process::{SimOptions, SimProcess};
+use card_link::sim::SimConfig;
+use card_link::{CardOptions, Transport, VfioUserTransport};
+use vfio_user::{Client, Server, ServerBackend};
+
+const OPS: usize = 10_000;
+
+struct Nothing;
+
+impl ServerBackend for Nothing {
+    fn region_read(&mut self, _: u32, _: u64, data: &mut [u8]) -> std::io::Result<()> {
+        data.fill(0);
+        Ok(())
+    }
+    fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn dma_map(
+        &mut self,
+        _: vfio_user::DmaMapFlags,
+        _: u64,
+        _: u64,
+        _: u64,
+        _: Option<File>,
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn dma_unmap(&mut self, _: vfio_user::DmaUnmapFlags, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn reset(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_irqs(&mut self, _: u32, _: u32, _: u32, _: u32, _: Vec<File>) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn pct(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    (at(0.50), at(0.99))
+}
+
+fn time_ops(mut f: impl FnMut(usize) -> Result<(), String>) -> Result<(f64, f64), String> {
+    for i in 0..200 {
+        f(i)?; // warm-up
+    }
+    let mut v = Vec::with_capacity(OPS);
+    for i in 0..OPS {
+        let t = Instant::now();
+        f(i)?;
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(pct(v))
+}
+
+fn row(metric: &str, value: String, peer: String, note: &str) {
+    println!("ROW\t{metric}\t{value}\t{peer}\t{note}");
+}
+
+fn floor() -> Result<(f64, f64), String> {
+    let path = std::env::temp_dir().join(format!("card-bench-floor-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let cfg = SimConfig::new(path.clone());
+    let server = Server::new(&path, false, irqs(), regions(&cfg)).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        let _ = server.run(&mut Nothing);
+    });
+    let mut c = Client::new(&path).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4];
+    let r = time_ops(|_| c.region_read(0, 0, &mut buf).map_err(|e| e.to_string()));
+    let _ = std::fs::remove_file(&path);
+    r
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("card-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let (f50, f99) = floor()?;
+    let floor_s = format!("{f50:.1} µs p50 / {f99:.1} µs p99");
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let sim = SimProcess::spawn(&SimOptions {
+        cgroup: is_root,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
+    let sock: &Path = sim.socket_path();
+
+    let mut t =
+        VfioUserTransport::connect(sock, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut w = [0u8; 4];
+    let (r50, r99) = time_ops(|_| t.read(0, 0, &mut w).map_err(|e| e.to_string()))?;
+    row(
+        "register read, 4 B (card-sim)",
+        format!("{r50:.1} µs p50 / {r99:.1} µs p99"),
+        floor_s.clone(),
+        "10,000 reads; raw BAR0 word",
+    );
+    drop(t);
+
+    let mut card =
+        card_link::connect_vfio_user(sock, Duration::from_secs(1), CardOptions::default())
+            .map_err(|e| e.to_string())?;
+    let (s50, s99) = time_ops(|_| card.registers().map(|_| ()).map_err(|e| e.to_string()))?;
+    row(
+        "register snapshot read + validate, 512 B",
+        format!("{s50:.1} µs p50 / {s99:.1} µs p99"),
+        floor_s.clone(),
+        "10,000 reads; magic, ABI, CRC, ranges checked",
+    );
+    let (m50, m99) = time_ops(|i| {
+        card.echo(i as u64, b"8 bytes!")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })?;
+    row(
+        "mailbox command round trip (echo)",
+        format!("{m50:.1} µs p50 / {m99:.1} µs p99"),
+        floor_s.clone(),
+        "10,000 commands; slot write + doorbell + eventfd + slot read",
+    );
+
+    let spec = VmSpec {
+        name: "bench-vm".into(),
+        mem_mib: 64,
+        vcpus: 1,
+    };
+    let vm = card.start_vm(&spec).map_err(|e| e.to_string())?;
+    let info = card.snapshot_vm(vm).map_err(|e| e.to_string())?;
+    let mut best_out = 0.0f64;
+    let mut image = Vec::with_capacity(info.size as usize);
+    for _ in 0..3 {
+        image.clear();
+        let t0 = Instant::now();
+        card.read_snapshot(vm, &info, &mut image)
+            .map_err(|e| e.to_string())?;
+        best_out = best_out.max(info.size as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64());
+    }
+    row(
+        "snapshot stream card -> host",
+        format!("{best_out:.0} MiB/s"),
+        String::new(),
+        &format!(
+            "{} MiB image, {} KiB chunks, CRC checked; best of 3",
+            info.size >> 20,
+            card.max_payload() >> 10
+        ),
+    );
+    card.stop_vm(vm).map_err(|e| e.to_string())?;
+    let spec2 = VmSpec {
+        name: "bench-restored".into(),
+        mem_mib: 64,
+        vcpus: 1,
+    };
+    let t0 = Instant::now();
+    let vm2 = card
+        .restore_vm(&spec2, image.len() as u64, &mut image.as_slice())
+        .map_err(|e| e.to_string())?;
+    let rate_in = info.size as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64();
+    row(
+        "snapshot stream host -> card (restore)",
+        format!("{rate_in:.0} MiB/s"),
+        String::new(),
+        "includes the card building the restored VM",
+    );
+    card.stop_vm(vm2).map_err(|e| e.to_string())?;
+    Ok(())
+}
