@@ -171,10 +171,6 @@ fn install_kick_handler() {
 fn create_kvm(mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd)> {
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     let vm = kvm.create_vm().map_err(Error::ioctl("KVM_CREATE_VM"))?;
-    vm.set_tss_address(KVM_TSS_ADDR)
-        .map_err(Error::ioctl("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(Error::ioctl("KVM_CREATE_IRQCHIP"))?;
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
@@ -190,6 +186,12 @@ fn create_kvm(mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd)> {
         unsafe { vm.set_user_memory_region(r) }
             .map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
+    // Memory slots go in first: on this host a slot added after KVM's own
+    // private slots (TSS, APIC page) costs milliseconds of memslot update.
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(Error::ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(Error::ioctl("KVM_CREATE_IRQCHIP"))?;
     let vcpu = vm.create_vcpu(0).map_err(Error::ioctl("KVM_CREATE_VCPU"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
