@@ -27,8 +27,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, MAX_CGROUPS, MAX_IFACES,
-    WAITING_SLOTS,
+    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, MAX_CGROUPS, MAX_IFACES, WAITING_SLOTS,
 };
 
 #[btf_map]
@@ -62,7 +61,6 @@ static VICTIM_COMM: u32 = 12;
 static VICTIM_TOTAL_VM: u32 = 16;
 #[no_mangle]
 static VICTIM_ANON_RSS: u32 = 24;
-
 
 #[inline(always)]
 fn offset(global: &'static u32) -> usize {
@@ -209,7 +207,10 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*s).oom_kills += 1 };
     }
-    let mut ev = OomEvent { cgroup_id: cg, ..OomEvent::default() };
+    let mut ev = OomEvent {
+        cgroup_id: cg,
+        ..OomEvent::default()
+    };
     // SAFETY: offsets from the tracepoint format.
     unsafe {
         ev.pid = ctx.read_at::<i32>(offset(&VICTIM_PID)).unwrap_or(0) as u32;

@@ -19,7 +19,10 @@ use crate::governor::Governor;
 pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
     let mut gov = Governor::new(&cfg).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
-    let shared = Arc::new(RwLock::new(Status { tick_ms: cfg.tick_ms, ..Status::default() }));
+    let shared = Arc::new(RwLock::new(Status {
+        tick_ms: cfg.tick_ms,
+        ..Status::default()
+    }));
     let listener = bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
     tokio::spawn(serve(listener, shared.clone()));
@@ -108,20 +111,41 @@ async fn client(stream: UnixStream, shared: Arc<RwLock<Status>>) {
         buf.clear();
         // Read at most MAX_LINE + 1 bytes of one line: a client cannot make
         // us buffer without bound.
-        match (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
+        match (&mut r)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .await
+        {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
         let too_long = buf.len() > MAX_LINE && buf.last() != Some(&b'\n');
         let resp = if too_long {
-            Response { ok: false, status: None, error: Some("request too long".into()) }
+            Response {
+                ok: false,
+                status: None,
+                error: Some("request too long".into()),
+            }
         } else {
-            match std::str::from_utf8(&buf).map_err(|e| e.to_string()).and_then(|l| parse_request(l.trim())) {
-                Ok(Request::Status) => Response { ok: true, status: Some(shared.read().await.clone()), error: None },
-                Err(e) => Response { ok: false, status: None, error: Some(e) },
+            match std::str::from_utf8(&buf)
+                .map_err(|e| e.to_string())
+                .and_then(|l| parse_request(l.trim()))
+            {
+                Ok(Request::Status) => Response {
+                    ok: true,
+                    status: Some(shared.read().await.clone()),
+                    error: None,
+                },
+                Err(e) => Response {
+                    ok: false,
+                    status: None,
+                    error: Some(e),
+                },
             }
         };
-        let Ok(mut out) = serde_json::to_string(&resp) else { break };
+        let Ok(mut out) = serde_json::to_string(&resp) else {
+            break;
+        };
         out.push('\n');
         if w.write_all(out.as_bytes()).await.is_err() || too_long {
             break;

@@ -60,9 +60,17 @@ impl Governor {
     /// Load the programs and register every VM of the config. Either all of
     /// it is in place or, on error, nothing stays attached or pinned.
     pub fn new(cfg: &Config) -> Result<Governor, GovernorError> {
-        let layout = Layout::detect().map_err(|source| GovernorError::Cgroup { vm: "*".into(), source })?;
+        let layout = Layout::detect().map_err(|source| GovernorError::Cgroup {
+            vm: "*".into(),
+            source,
+        })?;
         let telemetry = Telemetry::load(&cfg.pin_dir)?;
-        let mut g = Governor { telemetry, vms: Vec::new(), status: Vec::new(), ooms: VecDeque::new() };
+        let mut g = Governor {
+            telemetry,
+            vms: Vec::new(),
+            status: Vec::new(),
+            ooms: VecDeque::new(),
+        };
         for vm in &cfg.vms {
             // On error `g` is dropped, which detaches and unpins everything.
             g.add_vm(&layout, vm)?;
@@ -71,14 +79,24 @@ impl Governor {
     }
 
     fn add_vm(&mut self, layout: &Layout, cfg: &VmConfig) -> Result<(), GovernorError> {
-        let cg_err = |source| GovernorError::Cgroup { vm: cfg.name.clone(), source };
+        let cg_err = |source| GovernorError::Cgroup {
+            vm: cfg.name.clone(),
+            source,
+        };
         let cgroup = layout.open(&cfg.cgroup).map_err(cg_err)?;
         let id = cgroup.id().map_err(cg_err)?;
         let mut ifindexes = Vec::new();
         for ifname in &cfg.interfaces {
             ifindexes.push(self.telemetry.attach_interface(ifname)?);
         }
-        self.vms.push(Vm { cfg: cfg.clone(), cgroup, id, ifindexes, subtree: vec![id], prev: None });
+        self.vms.push(Vm {
+            cfg: cfg.clone(),
+            cgroup,
+            id,
+            ifindexes,
+            subtree: vec![id],
+            prev: None,
+        });
         Ok(())
     }
 
@@ -91,7 +109,10 @@ impl Governor {
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
         let mut out = Vec::with_capacity(self.vms.len());
         for vm in &mut self.vms {
-            let cg_err = |source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source };
+            let cg_err = |source| GovernorError::Cgroup {
+                vm: vm.cfg.name.clone(),
+                source,
+            };
             // The subtree can change (a VMM moving vCPU threads into child
             // cgroups); a VM whose cgroup vanished keeps its last ids.
             if let Ok(ids) = vm.cgroup.subtree_ids() {
@@ -107,14 +128,27 @@ impl Governor {
                 net.tx_packets += n.tx_packets;
             }
             let memory = vm.cgroup.memory().map_err(cg_err)?;
-            let cur = Sample { at: Instant::now(), cpu, net, memory };
+            let cur = Sample {
+                at: Instant::now(),
+                cpu,
+                net,
+                memory,
+            };
             let prev = vm.prev.as_ref().unwrap_or(&cur);
             out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
             vm.prev = Some(cur);
         }
         for ev in self.telemetry.drain_oom() {
-            let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
-            let vm = self.vms.iter().find(|v| v.subtree.contains(&ev.cgroup_id)).map(|v| v.cfg.name.clone());
+            let end = ev
+                .comm
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(ev.comm.len());
+            let vm = self
+                .vms
+                .iter()
+                .find(|v| v.subtree.contains(&ev.cgroup_id))
+                .map(|v| v.cfg.name.clone());
             tracing::warn!(pid = ev.pid, vm = ?vm, "OOM kill");
             if self.ooms.len() == OOM_LOG {
                 self.ooms.pop_front();

@@ -65,7 +65,11 @@ fn main() -> Result<()> {
         }
         Cmd::Demo { seconds } => {
             let demo = governor::demo::Demo::start()?;
-            eprintln!("demo: {} VMs; status also via `governor status --socket {}`", demo.config.vms.len(), demo.config.socket.display());
+            eprintln!(
+                "demo: {} VMs; status also via `governor status --socket {}`",
+                demo.config.vms.len(),
+                demo.config.socket.display()
+            );
             let r = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -86,14 +90,22 @@ fn main() -> Result<()> {
         Cmd::Status { socket, json } => {
             let resp = api::call(&socket, &Request::Status)?;
             let Some(status) = resp.status.filter(|_| resp.ok) else {
-                bail!("governor: {}", resp.error.unwrap_or_else(|| "no status".into()));
+                bail!(
+                    "governor: {}",
+                    resp.error.unwrap_or_else(|| "no status".into())
+                );
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", governor::sampler::table(&status.vms));
                 for o in &status.ooms {
-                    println!("OOM kill: pid {} ({}) in {}", o.pid, o.comm, o.vm.as_deref().unwrap_or("?"));
+                    println!(
+                        "OOM kill: pid {} ({}) in {}",
+                        o.pid,
+                        o.comm,
+                        o.vm.as_deref().unwrap_or("?")
+                    );
                 }
             }
             Ok(())

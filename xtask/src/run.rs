@@ -32,7 +32,10 @@ impl Attached {
         let tag = std::process::id();
         let cfg = std::env::temp_dir().join(format!("governor-bench-{tag}.toml"));
         let sock = format!("/run/governor/bench-{tag}.sock");
-        std::fs::write(&cfg, format!("pin_dir = \"/sys/fs/bpf/governor-bench-{tag}\"\nsocket = {sock:?}\n"))?;
+        std::fs::write(
+            &cfg,
+            format!("pin_dir = \"/sys/fs/bpf/governor-bench-{tag}\"\nsocket = {sock:?}\n"),
+        )?;
         let child = Command::new(release_bin("governor"))
             .args(["run", "--config"])
             .arg(&cfg)
@@ -64,16 +67,32 @@ impl Drop for Attached {
 /// switches (and two wakeups). Returns ns per op.
 fn sched_pipe(loops: u32) -> Result<f64> {
     let out = Command::new("taskset")
-        .args(["-c", "1", "perf", "bench", "sched", "pipe", "-l", &loops.to_string()])
+        .args([
+            "-c",
+            "1",
+            "perf",
+            "bench",
+            "sched",
+            "pipe",
+            "-l",
+            &loops.to_string(),
+        ])
         .output()
         .context("run perf bench sched pipe")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("perf bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "perf bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // "            5.123 usecs/op"
     text.lines()
-        .find_map(|l| l.trim().strip_suffix("usecs/op").and_then(|v| v.trim().parse::<f64>().ok()))
+        .find_map(|l| {
+            l.trim()
+                .strip_suffix("usecs/op")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
         .map(|us| us * 1000.0)
         .with_context(|| format!("no usecs/op in perf output:\n{text}"))
 }
@@ -99,13 +118,18 @@ pub fn bench_overhead() -> Result<Vec<Row>> {
     let slowdown = b / a;
     let verdict = |ok: bool| if ok { "meets goal" } else { "MISSES goal" };
     Ok(vec![
-        Row::new("sched pipe, programs detached (ns/op)", format!("{a:.0}"))
-            .note(format!("median of {ROUNDS} x {LOOPS} loops, pinned to CPU 1; 1 op = 2 switches + 2 wakeups")),
-        Row::new("sched pipe, programs attached (ns/op)", format!("{b:.0}")).peer("same run, alternating"),
+        Row::new("sched pipe, programs detached (ns/op)", format!("{a:.0}")).note(format!(
+            "median of {ROUNDS} x {LOOPS} loops, pinned to CPU 1; 1 op = 2 switches + 2 wakeups"
+        )),
+        Row::new("sched pipe, programs attached (ns/op)", format!("{b:.0}"))
+            .peer("same run, alternating"),
         Row::new("added per context switch (ns)", format!("{per_switch:.0}"))
             .note(format!("goal <= 150 ns: {}", verdict(per_switch <= 150.0))),
-        Row::new("slowdown ratio (attached / detached)", format!("{slowdown:.3}"))
-            .note(format!("goal <= 1.03: {}", verdict(slowdown <= 1.03))),
+        Row::new(
+            "slowdown ratio (attached / detached)",
+            format!("{slowdown:.3}"),
+        )
+        .note(format!("goal <= 1.03: {}", verdict(slowdown <= 1.03))),
     ])
 }
 

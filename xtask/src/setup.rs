@@ -14,17 +14,32 @@ use crate::build::{cargo_bin_dir, sh};
 
 /// Debian packages and why each is needed.
 const PACKAGES: &[(&str, &str)] = &[
-    ("rustc-web", "rustc 1.96 that ships core for bpfel-unknown-none"),
+    (
+        "rustc-web",
+        "rustc 1.96 that ships core for bpfel-unknown-none",
+    ),
     ("cargo-web", "cargo for rustc-web"),
-    ("libstd-rust-web-dev-bpf", "prebuilt core/alloc for bpfel-unknown-none"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "prebuilt core/alloc for bpfel-unknown-none",
+    ),
     ("llvm-22-dev", "LLVM that bpf-linker links against"),
     ("bpftool", "inspecting pinned maps and programs"),
-    ("iproute2", "ip and tc, for namespaces, veths and the tc checks"),
+    (
+        "iproute2",
+        "ip and tc, for namespaces, veths and the tc checks",
+    ),
     ("iperf3", "network load and accuracy peer"),
     ("stress-ng", "CPU and memory load"),
-    ("linux-perf", "perf bench sched pipe for the overhead benchmark"),
+    (
+        "linux-perf",
+        "perf bench sched pipe for the overhead benchmark",
+    ),
     ("procps", "ps/pgrep for the demo"),
-    ("iputils-ping", "ping, for traffic and RTT in tests and benches"),
+    (
+        "iputils-ping",
+        "ping, for traffic and RTT in tests and benches",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

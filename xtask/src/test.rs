@@ -48,7 +48,11 @@ fn count(s: &str, what: &str) -> u64 {
             let mut w = part.split_whitespace().rev();
             let name = w.next()?;
             let n = w.next()?;
-            if name == what { n.parse::<u64>().ok() } else { None }
+            if name == what {
+                n.parse::<u64>().ok()
+            } else {
+                None
+            }
         })
         .sum()
 }

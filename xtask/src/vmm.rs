@@ -26,7 +26,15 @@ fn stable_cargo(dir: &Path) -> Command {
         Command::new("cargo")
     };
     // Flags meant for the workspace build must not leak into the guest.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC", "RUSTC_WRAPPER", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTUP_TOOLCHAIN"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
+    ] {
         c.env_remove(var);
     }
     c.current_dir(dir);
@@ -36,7 +44,15 @@ fn stable_cargo(dir: &Path) -> Command {
 /// Build the freestanding management guest; returns the ELF path.
 pub fn build_guest() -> Result<Option<PathBuf>> {
     let dir = root().join("vmm/guest");
-    sh(stable_cargo(&dir).args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"]).arg(root().join("target/vmm-guest")))?;
+    sh(stable_cargo(&dir)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+        ])
+        .arg(root().join("target/vmm-guest")))?;
     let elf = guest_elf();
     if !elf.exists() {
         bail!("the guest ELF {} was not produced", elf.display());
