@@ -1,7 +1,9 @@
 //! card-sim: plays the management-and-control board card as a vfio-user
 //! server. Usage:
 //!   card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N]
-//!            [--load-threads N] [--serial N]
+//!            [--load-threads N] [--serial N] [--guest AGENT_ELF]
+//! With --guest, management VMs are real KVM guests run by the vmm crate;
+//! without it, modelled VMs (see sim::vms).
 //! With --cgroup, the process joins that (already created) cgroup before it
 //! starts any thread, and its CPU and memory telemetry come from it.
 
@@ -9,6 +11,7 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use card_link::sim::vmm_backend::VmmBackend;
 use card_link::sim::{cgroup::CardCgroup, control, device, SimCard, SimConfig};
 
 fn main() -> ExitCode {
@@ -24,6 +27,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let mut socket: Option<PathBuf> = None;
+    let mut guest: Option<PathBuf> = None;
     let mut cfg = SimConfig::new(PathBuf::new());
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().ok_or(format!("{name} needs a value"));
@@ -46,13 +50,14 @@ fn run() -> Result<(), String> {
                     .parse()
                     .map_err(|e| format!("--load-threads: {e}"))?
             }
+            "--guest" => guest = Some(PathBuf::from(val("--guest")?)),
             "--serial" => {
                 cfg.serial = val("--serial")?
                     .parse()
                     .map_err(|e| format!("--serial: {e}"))?
             }
             "-h" | "--help" => {
-                println!("card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N] [--load-threads N] [--serial N]");
+                println!("card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N] [--load-threads N] [--serial N] [--guest AGENT_ELF]");
                 return Ok(());
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -64,7 +69,15 @@ fn run() -> Result<(), String> {
             .join(std::process::id())
             .map_err(|e| format!("join cgroup {name}: {e}"))?;
     }
-    let card = SimCard::new(cfg.clone());
+    let card = match guest {
+        Some(g) => {
+            if !g.is_file() {
+                return Err(format!("--guest {}: no such file", g.display()));
+            }
+            SimCard::with_backend(cfg.clone(), Box::new(VmmBackend { guest: g }))
+        }
+        None => SimCard::new(cfg.clone()),
+    };
     card.spawn_threads();
     if let Some(path) = &cfg.control {
         let _ = std::fs::remove_file(path);

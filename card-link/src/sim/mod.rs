@@ -10,6 +10,7 @@ pub mod device;
 pub mod fpga;
 pub mod load;
 pub mod process;
+pub mod vmm_backend;
 pub mod vms;
 
 pub use device::{SimCard, SimConfig};

@@ -27,6 +27,8 @@ pub struct SimOptions {
     pub period_ms: u32,
     /// Put the process in a cgroup of its own (needs root).
     pub cgroup: bool,
+    /// The management agent ELF: VMs run on the vmm crate (else modelled).
+    pub guest: Option<PathBuf>,
 }
 
 impl Default for SimOptions {
@@ -36,6 +38,7 @@ impl Default for SimOptions {
             mem_bytes: 512 << 20,
             period_ms: 100,
             cgroup: true,
+            guest: None,
         }
     }
 }
@@ -89,6 +92,9 @@ impl SimProcess {
         cmd.arg("--period-ms").arg(opts.period_ms.to_string());
         cmd.arg("--load-threads")
             .arg((opts.cpus.ceil() as usize).max(1).to_string());
+        if let Some(g) = &opts.guest {
+            cmd.arg("--guest").arg(g);
+        }
         if opts.cgroup {
             let cg = CardCgroup::create(&tag, opts.cpus, opts.mem_bytes)
                 .map_err(|e| CardError::Open(format!("card cgroup {tag}: {e}")))?;

@@ -1,12 +1,14 @@
 //! The card-side VMM behind a small trait, so a real vmm-crate backed
-//! implementation plugs in where `ModelBackend` is used today.
+//! implementation plugs in: `vmm_backend::VmmBackend` (real KVM guests
+//! through the vmm crate) is used when card-sim is given the agent ELF
+//! (`--guest`); `ModelBackend` otherwise.
 //!
 //! `ModelBackend` runs no guest code: each "VM" is its guest memory (real,
 //! allocated and touched inside the card's cgroup, so it counts as card
 //! memory) plus an agent that prints a banner and a tick counter. Its
 //! snapshots are real byte images of that memory and state, which is what
-//! the mailbox streams. The vmm crate's API was not ready when this was
-//! written; see the README for the exact hand-over.
+//! the mailbox streams. It keeps card-sim usable where /dev/kvm or the guest
+//! ELF is missing, and gives byte-exact restore checks.
 
 use crate::mailbox::VmSpec;
 
