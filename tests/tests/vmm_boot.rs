@@ -14,7 +14,8 @@ const T: Duration = Duration::from_secs(10);
 
 fn boot(mem_mib: u64) -> Vm {
     require_kvm();
-    let mut vm = Vm::create(&VmConfig::new(guest_elf(), mem_mib), Sinks::default()).expect("create VM");
+    let mut vm =
+        Vm::create(&VmConfig::new(guest_elf(), mem_mib), Sinks::default()).expect("create VM");
     vm.start(false).expect("start vCPU");
     vm
 }
@@ -25,7 +26,11 @@ fn boots_to_agent_banner() {
     let mut vm = boot(64);
     let ready = vm.wait_ready(T).expect("agent banner");
     let took = ready - t;
-    assert!(vm.console_lines().iter().any(|l| l == BANNER), "console: {:?}", vm.console_lines());
+    assert!(
+        vm.console_lines().iter().any(|l| l == BANNER),
+        "console: {:?}",
+        vm.console_lines()
+    );
     assert_eq!(vm.state(), RunState::Running);
     assert!(took < Duration::from_secs(2), "banner took {took:?}");
     assert_eq!(vm.shutdown(), RunState::Stopped(StopReason::Requested));
@@ -67,11 +72,17 @@ fn pause_resume_keeps_state() {
     std::thread::sleep(Duration::from_millis(100));
     let (b, _) = vm.last_log();
     assert_eq!(a, b, "a paused guest makes no progress");
-    assert!(vm.request(op::PING, 0, T).is_err(), "requests are refused while paused");
+    assert!(
+        vm.request(op::PING, 0, T).is_err(),
+        "requests are refused while paused"
+    );
     vm.resume().expect("resume");
     std::thread::sleep(Duration::from_millis(50));
     let r = vm.request(op::AUTO, 0, T).expect("auto off");
-    assert!(r.log_seq > a.map_or(0, |l| l.log_seq), "progress after resume");
+    assert!(
+        r.log_seq > a.map_or(0, |l| l.log_seq),
+        "progress after resume"
+    );
     vm.shutdown();
 }
 
@@ -82,20 +93,31 @@ fn guest_exit_port_stops_cleanly() {
     // The agent answers first, then asks to stop: either the reply arrives
     // or the VM is already stopped; both are fine, the reason is what counts.
     let _ = vm.request(op::SHUTDOWN, 0, T);
-    assert_eq!(vm.wait_stopped(T).expect("stopped"), StopReason::GuestExit(0));
+    assert_eq!(
+        vm.wait_stopped(T).expect("stopped"),
+        StopReason::GuestExit(0)
+    );
 }
 
 #[test]
 fn vmm_binary_boots_and_answers_over_the_socket() {
     require_kvm();
     let elf = guest_elf();
-    let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8 path"), "--mem-mib", "64"]);
+    let mut p = VmmProc::spawn(&[
+        "--guest",
+        elf.to_str().expect("utf-8 path"),
+        "--mem-mib",
+        "64",
+    ]);
     let r = p.request("ping", 0);
     assert_eq!(r["value"], json!(PONG));
     let s = p.call(json!({"cmd": "state"}));
     assert_eq!(s["state"], json!("Running"));
     let bad = p.client.call(json!({"cmd": "request", "op": "nonsense"}));
-    assert!(bad.is_err_and(|e| e.to_string().contains("op")), "unknown op is refused naming the field");
+    assert!(
+        bad.is_err_and(|e| e.to_string().contains("op")),
+        "unknown op is refused naming the field"
+    );
     let down = p.call(json!({"cmd": "shutdown"}));
     assert_eq!(down["state"], json!({"Stopped": "Requested"}));
     let status = p.child.wait().expect("vmm exits");

@@ -31,8 +31,13 @@ fn misbehave(opcode: u64) -> StopReason {
     }
     let reason = victim.wait_stopped(T).expect("victim stopped");
     assert!(matches!(victim.state(), RunState::Stopped(_)));
-    assert!(victim.request(op::PING, 0, T).is_err(), "a stopped VM refuses requests");
-    let r = bystander.request(op::PING, 0, T).expect("bystander still answers");
+    assert!(
+        victim.request(op::PING, 0, T).is_err(),
+        "a stopped VM refuses requests"
+    );
+    let r = bystander
+        .request(op::PING, 0, T)
+        .expect("bystander still answers");
     assert_eq!(r.value, PONG);
     reason
 }
@@ -44,7 +49,10 @@ fn unknown_mmio_access_stops_that_vm() {
         matches!(&r, StopReason::UnknownMmio { addr, .. } if *addr == UNMAPPED_MMIO),
         "reason: {r:?}"
     );
-    assert!(r.to_string().contains("0xe0000000"), "message names the address: {r}");
+    assert!(
+        r.to_string().contains("0xe0000000"),
+        "message names the address: {r}"
+    );
 }
 
 #[test]

@@ -18,8 +18,11 @@ fn log_seqs(path: &std::path::Path) -> Vec<u64> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"));
-            v["seq"].as_u64().unwrap_or_else(|| panic!("log line without seq: {l}"))
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"));
+            v["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("log line without seq: {l}"))
         })
         .collect()
 }
@@ -28,7 +31,13 @@ fn assert_contiguous(seqs: &[u64], first: u64, what: &str) {
     assert!(!seqs.is_empty(), "{what}: no log records");
     assert_eq!(seqs[0], first, "{what}: first sequence number");
     for w in seqs.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "{what}: sequence jumps from {} to {}", w[0], w[1]);
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "{what}: sequence jumps from {} to {}",
+            w[0],
+            w[1]
+        );
     }
 }
 
@@ -37,20 +46,37 @@ fn snapshot_kill_restore_in_new_process_continues() {
     require_kvm();
     let elf = guest_elf();
     let snap = TempPath::new("vmm-test.snap");
-    let (log_a, log_b) = (TempPath::new("vmm-test-a.log"), TempPath::new("vmm-test-b.log"));
+    let (log_a, log_b) = (
+        TempPath::new("vmm-test-a.log"),
+        TempPath::new("vmm-test-b.log"),
+    );
 
-    let mut a = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8"), "--mem-mib", "64", "--log", log_a.0.to_str().expect("utf-8")]);
+    let mut a = VmmProc::spawn(&[
+        "--guest",
+        elf.to_str().expect("utf-8"),
+        "--mem-mib",
+        "64",
+        "--log",
+        log_a.0.to_str().expect("utf-8"),
+    ]);
     a.request("auto", 20_000);
     std::thread::sleep(Duration::from_millis(300));
     a.call(json!({"cmd": "pause"}));
     let before = a.call(json!({"cmd": "state"}));
-    let seq_a = before["last_log"]["log_seq"].as_u64().expect("a log record before the snapshot");
+    let seq_a = before["last_log"]["log_seq"]
+        .as_u64()
+        .expect("a log record before the snapshot");
     let work_a = before["last_log"]["work"].as_u64().expect("work counter");
     let s = a.call(json!({"cmd": "snapshot", "path": snap.0}));
     assert!(s["bytes"].as_u64().expect("bytes") >= 64 << 20);
     a.kill(); // SIGKILL: nothing of process A survives but the file
 
-    let mut b = VmmProc::spawn(&["--restore", snap.0.to_str().expect("utf-8"), "--log", log_b.0.to_str().expect("utf-8")]);
+    let mut b = VmmProc::spawn(&[
+        "--restore",
+        snap.0.to_str().expect("utf-8"),
+        "--log",
+        log_b.0.to_str().expect("utf-8"),
+    ]);
     std::thread::sleep(Duration::from_millis(300));
     let r = b.request("auto", 0);
     let c = b.request("counters", 0);
@@ -58,10 +84,21 @@ fn snapshot_kill_restore_in_new_process_continues() {
 
     let (sa, sb) = (log_seqs(&log_a.0), log_seqs(&log_b.0));
     assert_contiguous(&sa, 1, "process A");
-    assert_eq!(*sa.last().expect("nonempty"), seq_a, "A logged up to the paused state");
+    assert_eq!(
+        *sa.last().expect("nonempty"),
+        seq_a,
+        "A logged up to the paused state"
+    );
     assert_contiguous(&sb, seq_a + 1, "process B continues where A stopped");
-    assert!(r["work"].as_u64().expect("work") > work_a, "work counter continued: {r} vs {work_a}");
-    assert_eq!(c["log_seq"].as_u64(), sb.last().copied(), "agent's counter matches the last record");
+    assert!(
+        r["work"].as_u64().expect("work") > work_a,
+        "work counter continued: {r} vs {work_a}"
+    );
+    assert_eq!(
+        c["log_seq"].as_u64(),
+        sb.last().copied(),
+        "agent's counter matches the last record"
+    );
     // The request counter is guest state too: A served 1 request, B 2 more.
     assert_eq!(c["requests"], json!(3));
 }
@@ -95,7 +132,10 @@ fn bad_snapshots_are_refused_with_typed_errors() {
     let mut vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
-    assert!(matches!(vm.snapshot_to(Vec::new()), Err(Error::State(_))), "running VMs are not snapshotted");
+    assert!(
+        matches!(vm.snapshot_to(Vec::new()), Err(Error::State(_))),
+        "running VMs are not snapshotted"
+    );
     vm.pause().expect("pause");
     let mut good = Vec::new();
     vm.snapshot_to(&mut good).expect("snapshot");
@@ -108,7 +148,12 @@ fn bad_snapshots_are_refused_with_typed_errors() {
     let truncated = &good[..good.len() / 2];
     let mut bad_json = good.clone();
     bad_json[64] = b'#';
-    for (name, bytes) in [("magic", &bad_magic[..]), ("version", &bad_version[..]), ("truncated", truncated), ("state", &bad_json[..])] {
+    for (name, bytes) in [
+        ("magic", &bad_magic[..]),
+        ("version", &bad_version[..]),
+        ("truncated", truncated),
+        ("state", &bad_json[..]),
+    ] {
         match Vm::restore_from(bytes, Sinks::default()) {
             Err(Error::Snapshot(_)) | Err(Error::Io { .. }) => {}
             Err(e) => panic!("{name}: unexpected error kind {e}"),

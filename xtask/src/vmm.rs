@@ -1,10 +1,14 @@
 //! xtask pieces for the embedded VMM: building the management guest and the
 //! `bench vmm` measurements. (Owned by the VMM work.)
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::bench::Row;
 use crate::build::{cargo_bin_dir, root, sh};
@@ -63,7 +67,189 @@ pub fn build_guest() -> Result<Option<PathBuf>> {
     Ok(Some(elf))
 }
 
+/// Release-build `vmm` binary of the workspace.
+fn vmm_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    target.join("release/vmm")
+}
+
+/// A JSON-lines client for the VMM control socket. xtask has no JSON
+/// library, and the replies are flat enough to pick numbers out by key.
+struct Ctl {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Ctl {
+    fn connect(path: &Path) -> Result<Ctl> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => return Ok(Ctl { w: s.try_clone()?, r: BufReader::new(s) }),
+                Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("connect {}", path.display())),
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    fn call(&mut self, req: &str) -> Result<String> {
+        writeln!(self.w, "{req}")?;
+        let mut line = String::new();
+        self.r.read_line(&mut line)?;
+        if !line.contains("\"ok\":true") {
+            bail!("vmm refused {req}: {}", line.trim());
+        }
+        Ok(line)
+    }
+}
+
+/// The number after `"key":` in a flat JSON reply.
+fn num(reply: &str, key: &str) -> Result<f64> {
+    let pat = format!("\"{key}\":");
+    let at = reply.find(&pat).with_context(|| format!("no {key} in {reply}"))? + pat.len();
+    let rest = &reply[at..];
+    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e')).unwrap_or(rest.len());
+    rest[..end].parse::<f64>().with_context(|| format!("{key} in {reply}"))
+}
+
+/// Kills and reaps a child on drop, so a failed run leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Run {
+    ready_ms: f64,
+    overhead_bytes: f64,
+    snapshot_ms: f64,
+    snapshot_disk_bytes: f64,
+    restore_ms: f64,
+    restore_to_ping_ms: f64,
+    rtt_us: f64,
+}
+
+fn one_run(elf: &Path, i: usize) -> Result<Run> {
+    let tmp = std::env::temp_dir();
+    let tag = format!("{}-{i}", std::process::id());
+    let (sock, sock2, snap) = (
+        tmp.join(format!("vmm-bench-{tag}.sock")),
+        tmp.join(format!("vmm-bench-{tag}-r.sock")),
+        tmp.join(format!("vmm-bench-{tag}.snap")),
+    );
+    let _cleanup = Files(vec![sock.clone(), sock2.clone(), snap.clone()]);
+
+    // Process spawn -> the banner on the serial console (piped stdout).
+    let t0 = Instant::now();
+    let mut child = Proc(
+        Command::new(vmm_bin())
+            .args(["--mem-mib", "64", "--serial", "-", "--guest"])
+            .arg(elf)
+            .arg("--socket")
+            .arg(&sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn vmm")?,
+    );
+    let out = child.0.stdout.take().context("vmm stdout")?;
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        let line = lines.next().context("vmm exited before the banner")??;
+        if line.trim() == "mc-agent ready" {
+            break;
+        }
+    }
+    let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+    let mut c = Ctl::connect(&sock)?;
+    let rtt_us = num(&c.call(r#"{"cmd":"request","op":"ping"}"#)?, "rtt_us")?;
+    c.call(r#"{"cmd":"request","op":"step","arg":1000}"#)?;
+    let stats = c.call(r#"{"cmd":"stats"}"#)?;
+    let overhead_bytes = num(&stats, "rss_bytes")? - num(&stats, "guest_resident_bytes")?;
+    c.call(r#"{"cmd":"pause"}"#)?;
+    let s = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, snap.display()))?;
+    let snapshot_ms = num(&s, "snapshot_ms")?;
+    let snapshot_disk_bytes = std::fs::metadata(&snap).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
+    c.call(r#"{"cmd":"shutdown"}"#)?;
+    drop(child);
+
+    // Restore into a fresh, empty VMM process.
+    let t1 = Instant::now();
+    let _child2 = Proc(
+        Command::new(vmm_bin())
+            .args(["--serial", "/dev/null", "--socket"])
+            .arg(&sock2)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn vmm")?,
+    );
+    let mut c2 = Ctl::connect(&sock2)?;
+    let r = c2.call(&format!(r#"{{"cmd":"restore","path":"{}"}}"#, snap.display()))?;
+    let restore_ms = num(&r, "restore_ms")?;
+    c2.call(r#"{"cmd":"resume"}"#)?;
+    let p = c2.call(r#"{"cmd":"request","op":"counters"}"#)?;
+    let restore_to_ping_ms = t1.elapsed().as_secs_f64() * 1e3;
+    if num(&p, "work")? != 1000.0 {
+        bail!("restored agent lost its state: {p}");
+    }
+    c2.call(r#"{"cmd":"shutdown"}"#)?;
+    Ok(Run { ready_ms, overhead_bytes, snapshot_ms, snapshot_disk_bytes, restore_ms, restore_to_ping_ms, rtt_us })
+}
+
+struct Files(Vec<PathBuf>);
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// p50 and max of a series.
+fn p50_max(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let p50 = v.get(v.len() / 2).copied().unwrap_or(0.0);
+    (p50, v.last().copied().unwrap_or(0.0))
+}
+
 /// `cargo xtask bench vmm`.
 pub fn bench() -> Result<Vec<Row>> {
-    anyhow::bail!("bench vmm is not built yet (issue 4)")
+    if std::fs::metadata("/dev/kvm").is_err() {
+        bail!("/dev/kvm is missing: bench vmm needs KVM");
+    }
+    let elf = guest_elf();
+    if !vmm_bin().exists() {
+        sh(crate::build::cargo().args(["build", "--release", "-p", "vmm", "--bin", "vmm"]))?;
+    }
+    const RUNS: usize = 20;
+    let mut runs = Vec::new();
+    for i in 0..RUNS {
+        runs.push(one_run(&elf, i).with_context(|| format!("run {i}"))?);
+    }
+    let col = |f: fn(&Run) -> f64| p50_max(runs.iter().map(f).collect());
+    let ms = |(p, m): (f64, f64)| format!("p50 {p:.2} ms, max {m:.2} ms");
+    let mib = |(p, m): (f64, f64)| format!("p50 {:.2} MiB, max {:.2} MiB", p / 1048576.0, m / 1048576.0);
+    Ok(vec![
+        Row::new("process spawn to agent banner (64 MiB guest)", ms(col(|r| r.ready_ms)))
+            .peer("Firecracker: <= 8 CPU ms to API ready")
+            .note(format!("goal < 10 ms; {RUNS} runs")),
+        Row::new("VMM RSS excluding guest RAM", mib(col(|r| r.overhead_bytes)))
+            .peer("Firecracker: <= 5 MiB")
+            .note("VmRSS minus guest pages resident (mincore); goal < 5 MiB"),
+        Row::new("control round trip (ping over virtio-console)", format!("p50 {:.1} us, max {:.1} us", col(|r| r.rtt_us).0, col(|r| r.rtt_us).1))
+            .note("in-VMM time: queue request, guest polls, replies via transmitq notify"),
+        Row::new("snapshot create, 64 MiB guest (paused)", ms(col(|r| r.snapshot_ms)))
+            .note(format!("sparse file, {:.0} KiB on disk (p50)", col(|r| r.snapshot_disk_bytes).0 / 1024.0)),
+        Row::new("snapshot restore, 64 MiB guest (in VMM)", ms(col(|r| r.restore_ms)))
+            .peer("Firecracker: snapshot load < 8 ms")
+            .note("file -> VM ready to run; RAM mapped MAP_PRIVATE; goal < 10 ms"),
+        Row::new("spawn empty VMM + restore + resume + first reply", ms(col(|r| r.restore_to_ping_ms)))
+            .note("end to end, from a new process"),
+    ])
 }

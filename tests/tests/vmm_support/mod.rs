@@ -17,12 +17,19 @@ use serde_json::{json, Value};
 use vmm::control::Client;
 
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// Fail (never skip) when KVM is not there.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         panic!("/dev/kvm is not usable ({e}): the VMM tests need KVM and root; they do not skip");
     }
 }
@@ -30,13 +37,19 @@ pub fn require_kvm() {
 /// A name no other test run uses: prefix, pid, counter.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn stable_cargo() -> Command {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
+        });
     let mut c = if home.join("bin/rustup").exists() {
         let mut c = Command::new(home.join("bin/cargo"));
         c.arg("+stable");
@@ -44,7 +57,15 @@ fn stable_cargo() -> Command {
     } else {
         Command::new("cargo")
     };
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "RUSTC", "RUSTC_WRAPPER", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTUP_TOOLCHAIN"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
+    ] {
         c.env_remove(var);
     }
     c
@@ -60,7 +81,13 @@ pub fn guest_elf() -> PathBuf {
         let root = workspace();
         let status = stable_cargo()
             .current_dir(root.join("vmm/guest"))
-            .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+                "--target-dir",
+            ])
             .arg(root.join("target/vmm-guest"))
             .status()
             .expect("run cargo to build the guest");
@@ -76,11 +103,16 @@ pub fn vmm_bin() -> PathBuf {
     BIN.get_or_init(|| {
         // target/<profile>/deps/<test> -> target/<profile>
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary in target/<profile>/deps");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps");
         let target_dir = profile_dir.parent().expect("target dir");
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        c.current_dir(workspace()).env("CARGO_TARGET_DIR", target_dir).args(["build", "-q", "-p", "vmm", "--bin", "vmm"]);
+        c.current_dir(workspace())
+            .env("CARGO_TARGET_DIR", target_dir)
+            .args(["build", "-q", "-p", "vmm", "--bin", "vmm"]);
         if release {
             c.arg("--release");
         }
@@ -126,9 +158,14 @@ impl VmmProc {
             .spawn()
             .expect("spawn the vmm binary");
         let mut guard = ChildGuard(Some(child));
-        let client = Client::connect_wait(&socket.0, Duration::from_secs(10)).expect("connect to the vmm control socket");
+        let client = Client::connect_wait(&socket.0, Duration::from_secs(10))
+            .expect("connect to the vmm control socket");
         let child = guard.0.take().expect("child present");
-        VmmProc { child, socket, client }
+        VmmProc {
+            child,
+            socket,
+            client,
+        }
     }
 
     pub fn call(&mut self, req: Value) -> Value {
