@@ -55,6 +55,8 @@ pub struct Card {
     first: RegisterSnapshot,
     last_beat: u64,
     last_beat_at: Instant,
+    /// Commands given up on (timed out) that the card may still hold.
+    abandoned: u32,
 }
 
 pub struct SnapshotInfo {
@@ -105,6 +107,7 @@ impl Card {
             opts,
             last_beat: first.heartbeat,
             last_beat_at: Instant::now(),
+            abandoned: 0,
             first,
         })
     }
@@ -181,6 +184,30 @@ impl Card {
                 self.max_payload()
             )));
         }
+        if self.abandoned > 0 {
+            // Timed-out commands may still sit in the request ring: never
+            // overwrite a slot the card has not consumed.
+            let mut reg = [0u8; 4];
+            self.t
+                .read(BAR2_INDEX, mailbox::REG_REQ_CONSUMED, &mut reg)?;
+            let in_flight = self.req_produced.wrapping_sub(u32::from_le_bytes(reg));
+            if in_flight > self.slots {
+                return Err(CardError::Range {
+                    what: "mailbox requests in flight",
+                    value: in_flight as u64,
+                    range: "<= ring slots",
+                });
+            }
+            if in_flight >= self.slots {
+                return Err(CardError::Timeout {
+                    what: "mailbox full: the card is not consuming commands",
+                    timeout_ms: self.opts.command_timeout.as_millis() as u64,
+                });
+            }
+            if in_flight == 0 {
+                self.abandoned = 0;
+            }
+        }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let req = Message::request(op, seq, vm, arg0, arg1, payload.to_vec());
@@ -193,7 +220,14 @@ impl Card {
             mailbox::REG_REQ_PRODUCED,
             &self.req_produced.to_le_bytes(),
         )?;
-        let resp = self.wait_response(index, seq, op)?;
+        let resp = match self.wait_response(index, seq, op) {
+            Err(e @ CardError::Timeout { .. }) => {
+                self.abandoned += 1;
+                self.resp_consumed = self.resp_consumed.wrapping_add(1);
+                return Err(e);
+            }
+            r => r?,
+        };
         self.resp_consumed = self.resp_consumed.wrapping_add(1);
         // The host never has more than one command in flight, so the card
         // cannot overrun the response ring; RESP_CONSUMED is informational
@@ -249,8 +283,13 @@ impl Card {
             if produced.wrapping_sub(index) as i32 <= 0 {
                 continue; // not produced yet: the slot holds an older answer
             }
-            // The card says it answered, and the slot does not hold our answer.
-            let msg = got?;
+            // The card says it answered. The slot read above may predate the
+            // answer (it can land between the two reads), so read it again:
+            // only now is a mismatch a wrong answer.
+            let msg = self.read_slot(off, inline)?;
+            if msg.kind == mailbox::Kind::Response && msg.seq == seq && msg.op == op {
+                return Ok(msg);
+            }
             return Err(CardError::OutOfOrder {
                 expected: seq,
                 op: op as u16,

@@ -19,6 +19,7 @@ pub fn bench() -> Result<Vec<Row>> {
     let bench = bin_dir.join("card-bench");
     let out = Command::new(&bench)
         .env("CARD_SIM_BIN", bin_dir.join("card-sim"))
+        .env("VMM_GUEST_ELF", crate::vmm::guest_elf())
         .output()
         .with_context(|| format!("run {}", bench.display()))?;
     if !out.status.success() {
