@@ -16,3 +16,4 @@ pub use error::{Error, Result, StopReason};
 pub use vm::{Reply, RunState, Sinks, Vm, VmConfig};
 pub mod cgroup;
 pub mod control;
+pub mod linux;

@@ -1,7 +1,8 @@
 //! `vmm`: one management VM per process.
 //!
 //! ```text
-//! vmm [--guest ELF [--mem-mib N] | --restore SNAPSHOT] [--paused]
+//! vmm [--guest ELF | --kernel VMLINUX|BZIMAGE [--cmdline S] | --restore SNAPSHOT]
+//!     [--mem-mib N] [--paused]
 //!     [--socket PATH] [--serial PATH|-] [--log PATH|-]
 //!     [--cgroup NAME [--cpu-quota-us N] [--cpu-period-us N] [--cpuset LIST] [--memory-mib N]]
 //! ```
@@ -24,6 +25,8 @@ use vmm::{Sinks, StopReason, Vm, VmConfig};
 #[derive(Default)]
 struct Args {
     guest: Option<PathBuf>,
+    kernel: Option<PathBuf>,
+    cmdline: String,
     mem_mib: u64,
     restore: Option<PathBuf>,
     paused: bool,
@@ -37,6 +40,7 @@ struct Args {
 fn parse() -> Result<Args, String> {
     let mut a = Args {
         mem_mib: 64,
+        cmdline: "console=ttyS0 panic=1".into(),
         ..Default::default()
     };
     let mut it = std::env::args().skip(1);
@@ -45,6 +49,8 @@ fn parse() -> Result<Args, String> {
         let num = |v: String| v.parse::<u64>().map_err(|e| format!("{k}: {e}"));
         match k.as_str() {
             "--guest" => a.guest = Some(val()?.into()),
+            "--kernel" => a.kernel = Some(val()?.into()),
+            "--cmdline" => a.cmdline = val()?,
             "--mem-mib" => a.mem_mib = num(val()?)?,
             "--restore" => a.restore = Some(val()?.into()),
             "--paused" => a.paused = true,
@@ -60,11 +66,12 @@ fn parse() -> Result<Args, String> {
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    if a.guest.is_some() && a.restore.is_some() {
-        return Err("--guest and --restore exclude each other".into());
+    let sources = [a.guest.is_some(), a.kernel.is_some(), a.restore.is_some()];
+    if sources.iter().filter(|x| **x).count() > 1 {
+        return Err("--guest, --kernel and --restore exclude each other".into());
     }
-    if a.guest.is_none() && a.restore.is_none() && a.socket.is_none() {
-        return Err("give --guest, --restore or --socket".into());
+    if !sources.contains(&true) && a.socket.is_none() {
+        return Err("give --guest, --kernel, --restore or --socket".into());
     }
     Ok(a)
 }
@@ -131,6 +138,12 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
                     t0.elapsed().as_secs_f64() * 1e3
                 );
             }
+            vm = Some(v);
+        } else if let Some(k) = &args.kernel {
+            // Linux has no agent banner: the VM just runs until it stops.
+            let cfg = VmConfig::linux(k.clone(), args.mem_mib, args.cmdline.clone());
+            let mut v = Vm::create(&cfg, make_sinks())?;
+            v.start(args.paused)?;
             vm = Some(v);
         } else if let Some(s) = &args.restore {
             let v = Vm::restore_from_file(s, make_sinks())?;

@@ -86,8 +86,8 @@ impl Header {
         if hd.state_len > MAX_STATE
             || hd.mem_size == 0
             || hd.mem_size > MAX_MEM
-            || hd.mem_size % PAGE as u64 != 0
-            || hd.mem_offset % PAGE as u64 != 0
+            || !hd.mem_size.is_multiple_of(PAGE as u64)
+            || !hd.mem_offset.is_multiple_of(PAGE as u64)
             || hd.mem_offset < HEADER_LEN as u64 + hd.state_len
         {
             return Err(Error::Snapshot(format!(

@@ -248,24 +248,21 @@ impl Console {
                 return Ok(()); // no buffer yet; retried on the next guest exit
             };
             let head = chain.head_index();
-            let mut written = None;
-            for d in chain {
-                if !d.is_write_only() || (d.len() as usize) < FRAME_LEN {
-                    return Err(self.broken(
-                        d.addr().0,
-                        d.len(),
-                        "receive buffer not writable or short",
-                    ));
-                }
-                if mem.write_slice(&frame, d.addr()).is_err() {
-                    return Err(self.broken(d.addr().0, d.len(), "outside guest memory"));
-                }
-                written = Some(FRAME_LEN as u32);
-                break;
-            }
-            let Some(len) = written else {
+            // The frame goes into the chain's first descriptor.
+            let Some(d) = chain.into_iter().next() else {
                 return Err(self.broken(0, 0, "empty chain"));
             };
+            if !d.is_write_only() || (d.len() as usize) < FRAME_LEN {
+                return Err(self.broken(
+                    d.addr().0,
+                    d.len(),
+                    "receive buffer not writable or short",
+                ));
+            }
+            if mem.write_slice(&frame, d.addr()).is_err() {
+                return Err(self.broken(d.addr().0, d.len(), "outside guest memory"));
+            }
+            let len = FRAME_LEN as u32;
             self.queues[RX_QUEUE as usize]
                 .add_used(mem, head, len)
                 .map_err(|e| self.broken(0, 0, &format!("used ring: {e}")))?;

@@ -38,8 +38,11 @@ pub struct Sinks {
 pub struct VmConfig {
     /// Guest RAM in MiB (4..=3072; the MMIO window sits at 3.25 GiB).
     pub mem_mib: u64,
-    /// The agent ELF (static, fixed address).
+    /// The agent ELF (static, fixed address), or a Linux kernel when
+    /// `linux_cmdline` is set.
     pub image: PathBuf,
+    /// Boot `image` as Linux (ELF vmlinux or bzImage) with this command line.
+    pub linux_cmdline: Option<String>,
 }
 
 impl VmConfig {
@@ -47,6 +50,15 @@ impl VmConfig {
         VmConfig {
             mem_mib,
             image: image.into(),
+            linux_cmdline: None,
+        }
+    }
+    /// A Linux guest (for hosts whose KVM can run one).
+    pub fn linux(kernel: impl Into<PathBuf>, mem_mib: u64, cmdline: impl Into<String>) -> Self {
+        VmConfig {
+            mem_mib,
+            image: kernel.into(),
+            linux_cmdline: Some(cmdline.into()),
         }
     }
     fn validate(&self) -> Result<()> {
@@ -208,14 +220,29 @@ impl Vm {
         let size = cfg.mem_mib << 20;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)])
             .map_err(|e| Error::Memory(e.to_string()))?;
-        let entry = crate::boot::load_elf(&mem, &cfg.image)?;
         crate::boot::write_tables(&mem)?;
+        let (regs, kernel) = match &cfg.linux_cmdline {
+            None => (
+                crate::boot::user_regs(crate::boot::load_elf(&mem, &cfg.image)?),
+                false,
+            ),
+            Some(cmdline) => {
+                let mut f = std::fs::File::open(&cfg.image)
+                    .map_err(Error::io(cfg.image.display().to_string()))?;
+                let b = crate::linux::load_linux(&mem, &mut f, cmdline)?;
+                (crate::linux::linux_regs(&b), true)
+            }
+        };
         let (vm, vcpu) = create_kvm(&mem)?;
         let sregs = vcpu.get_sregs().map_err(Error::ioctl("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&crate::boot::user_sregs(sregs))
+        let sregs = if kernel {
+            crate::linux::kernel_sregs(sregs)
+        } else {
+            crate::boot::user_sregs(sregs)
+        };
+        vcpu.set_sregs(&sregs)
             .map_err(Error::ioctl("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&crate::boot::user_regs(entry))
-            .map_err(Error::ioctl("KVM_SET_REGS"))?;
+        vcpu.set_regs(&regs).map_err(Error::ioctl("KVM_SET_REGS"))?;
         let fpu = kvm_fpu {
             fcw: 0x37f,
             mxcsr: 0x1f80,

@@ -69,7 +69,9 @@ pub fn build_guest() -> Result<Option<PathBuf>> {
 
 /// Release-build `vmm` binary of the workspace.
 fn vmm_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
     target.join("release/vmm")
 }
 
@@ -85,8 +87,15 @@ impl Ctl {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match UnixStream::connect(path) {
-                Ok(s) => return Ok(Ctl { w: s.try_clone()?, r: BufReader::new(s) }),
-                Err(e) if Instant::now() > deadline => return Err(e).with_context(|| format!("connect {}", path.display())),
+                Ok(s) => {
+                    return Ok(Ctl {
+                        w: s.try_clone()?,
+                        r: BufReader::new(s),
+                    })
+                }
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e).with_context(|| format!("connect {}", path.display()))
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
         }
@@ -106,10 +115,17 @@ impl Ctl {
 /// The number after `"key":` in a flat JSON reply.
 fn num(reply: &str, key: &str) -> Result<f64> {
     let pat = format!("\"{key}\":");
-    let at = reply.find(&pat).with_context(|| format!("no {key} in {reply}"))? + pat.len();
+    let at = reply
+        .find(&pat)
+        .with_context(|| format!("no {key} in {reply}"))?
+        + pat.len();
     let rest = &reply[at..];
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e')).unwrap_or(rest.len());
-    rest[..end].parse::<f64>().with_context(|| format!("{key} in {reply}"))
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse::<f64>()
+        .with_context(|| format!("{key} in {reply}"))
 }
 
 /// Kills and reaps a child on drop, so a failed run leaves nothing behind.
@@ -171,9 +187,14 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
     let stats = c.call(r#"{"cmd":"stats"}"#)?;
     let overhead_bytes = num(&stats, "rss_bytes")? - num(&stats, "guest_resident_bytes")?;
     c.call(r#"{"cmd":"pause"}"#)?;
-    let s = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, snap.display()))?;
+    let s = c.call(&format!(
+        r#"{{"cmd":"snapshot","path":"{}"}}"#,
+        snap.display()
+    ))?;
     let snapshot_ms = num(&s, "snapshot_ms")?;
-    let snapshot_disk_bytes = std::fs::metadata(&snap).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
+    let snapshot_disk_bytes = std::fs::metadata(&snap)
+        .map(|m| m.blocks() as f64 * 512.0)
+        .unwrap_or(0.0);
     c.call(r#"{"cmd":"shutdown"}"#)?;
     drop(child);
 
@@ -189,7 +210,10 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
             .context("spawn vmm")?,
     );
     let mut c2 = Ctl::connect(&sock2)?;
-    let r = c2.call(&format!(r#"{{"cmd":"restore","path":"{}"}}"#, snap.display()))?;
+    let r = c2.call(&format!(
+        r#"{{"cmd":"restore","path":"{}"}}"#,
+        snap.display()
+    ))?;
     let restore_ms = num(&r, "restore_ms")?;
     c2.call(r#"{"cmd":"resume"}"#)?;
     let p = c2.call(r#"{"cmd":"request","op":"counters"}"#)?;
@@ -198,7 +222,15 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
         bail!("restored agent lost its state: {p}");
     }
     c2.call(r#"{"cmd":"shutdown"}"#)?;
-    Ok(Run { ready_ms, overhead_bytes, snapshot_ms, snapshot_disk_bytes, restore_ms, restore_to_ping_ms, rtt_us })
+    Ok(Run {
+        ready_ms,
+        overhead_bytes,
+        snapshot_ms,
+        snapshot_disk_bytes,
+        restore_ms,
+        restore_to_ping_ms,
+        rtt_us,
+    })
 }
 
 struct Files(Vec<PathBuf>);
@@ -234,22 +266,48 @@ pub fn bench() -> Result<Vec<Row>> {
     }
     let col = |f: fn(&Run) -> f64| p50_max(runs.iter().map(f).collect());
     let ms = |(p, m): (f64, f64)| format!("p50 {p:.2} ms, max {m:.2} ms");
-    let mib = |(p, m): (f64, f64)| format!("p50 {:.2} MiB, max {:.2} MiB", p / 1048576.0, m / 1048576.0);
+    let mib =
+        |(p, m): (f64, f64)| format!("p50 {:.2} MiB, max {:.2} MiB", p / 1048576.0, m / 1048576.0);
     Ok(vec![
-        Row::new("process spawn to agent banner (64 MiB guest)", ms(col(|r| r.ready_ms)))
-            .peer("Firecracker: <= 8 CPU ms to API ready")
-            .note(format!("goal < 10 ms; {RUNS} runs")),
-        Row::new("VMM RSS excluding guest RAM", mib(col(|r| r.overhead_bytes)))
-            .peer("Firecracker: <= 5 MiB")
-            .note("VmRSS minus guest pages resident (mincore); goal < 5 MiB"),
-        Row::new("control round trip (ping over virtio-console)", format!("p50 {:.1} us, max {:.1} us", col(|r| r.rtt_us).0, col(|r| r.rtt_us).1))
-            .note("in-VMM time: queue request, guest polls, replies via transmitq notify"),
-        Row::new("snapshot create, 64 MiB guest (paused)", ms(col(|r| r.snapshot_ms)))
-            .note(format!("sparse file, {:.0} KiB on disk (p50)", col(|r| r.snapshot_disk_bytes).0 / 1024.0)),
-        Row::new("snapshot restore, 64 MiB guest (in VMM)", ms(col(|r| r.restore_ms)))
-            .peer("Firecracker: snapshot load < 8 ms")
-            .note("file -> VM ready to run; RAM mapped MAP_PRIVATE; goal < 10 ms"),
-        Row::new("spawn empty VMM + restore + resume + first reply", ms(col(|r| r.restore_to_ping_ms)))
-            .note("end to end, from a new process"),
+        Row::new(
+            "process spawn to agent banner (64 MiB guest)",
+            ms(col(|r| r.ready_ms)),
+        )
+        .peer("Firecracker: <= 8 CPU ms to API ready")
+        .note(format!("goal < 10 ms; {RUNS} runs")),
+        Row::new(
+            "VMM RSS excluding guest RAM",
+            mib(col(|r| r.overhead_bytes)),
+        )
+        .peer("Firecracker: <= 5 MiB")
+        .note("VmRSS minus guest pages resident (mincore); goal < 5 MiB"),
+        Row::new(
+            "control round trip (ping over virtio-console)",
+            format!(
+                "p50 {:.1} us, max {:.1} us",
+                col(|r| r.rtt_us).0,
+                col(|r| r.rtt_us).1
+            ),
+        )
+        .note("in-VMM time: queue request, guest polls, replies via transmitq notify"),
+        Row::new(
+            "snapshot create, 64 MiB guest (paused)",
+            ms(col(|r| r.snapshot_ms)),
+        )
+        .note(format!(
+            "sparse file, {:.0} KiB on disk (p50)",
+            col(|r| r.snapshot_disk_bytes).0 / 1024.0
+        )),
+        Row::new(
+            "snapshot restore, 64 MiB guest (in VMM)",
+            ms(col(|r| r.restore_ms)),
+        )
+        .peer("Firecracker: snapshot load < 8 ms")
+        .note("file -> VM ready to run; RAM mapped MAP_PRIVATE; goal < 10 ms"),
+        Row::new(
+            "spawn empty VMM + restore + resume + first reply",
+            ms(col(|r| r.restore_to_ping_ms)),
+        )
+        .note("end to end, from a new process"),
     ])
 }
