@@ -101,6 +101,8 @@ pub struct SimCard {
     bar0: Mutex<Vec<u8>>,
     bar2: Mutex<Vec<u8>>,
     doorbell: (Mutex<bool>, Condvar),
+    /// Held by whoever answers requests, so they are answered one at a time, in order.
+    serving: Mutex<()>,
     irq: Mutex<Option<File>>,
     heartbeat: AtomicU64,
     pub faults: Faults,
@@ -133,6 +135,7 @@ impl SimCard {
             bar0: Mutex::new(vec![0u8; BAR0_SIZE as usize]),
             bar2: Mutex::new(bar2),
             doorbell: (Mutex::new(false), Condvar::new()),
+            serving: Mutex::new(()),
             irq: Mutex::new(None),
             heartbeat: AtomicU64::new(0),
             faults: Faults::default(),
@@ -318,8 +321,6 @@ impl SimCard {
     }
 
     fn mailbox_loop(&self) {
-        let (slots, slot_size) = (self.cfg.slots, self.cfg.slot_size);
-        let max_payload = slot_size as usize - HEADER_LEN;
         while !self.stop.load(Ordering::Relaxed) {
             {
                 let (m, cv) = &self.doorbell;
@@ -332,58 +333,80 @@ impl SimCard {
                 }
                 *rung = false;
             }
-            loop {
-                if self.faults.stall.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed) {
-                    break;
+            let _serving = lock(&self.serving);
+            self.serve_ring(false);
+        }
+    }
+
+    /// Called on the vfio-user thread right after a doorbell write: quick
+    /// commands are answered at once (saving a thread hand-off per command);
+    /// anything else, or a busy mailbox thread, is left to the mailbox thread
+    /// so a long command never blocks register reads.
+    fn ring_doorbell(&self) {
+        let drained = match self.serving.try_lock() {
+            Ok(_serving) => self.serve_ring(true),
+            Err(_) => false,
+        };
+        if !drained {
+            let (m, cv) = &self.doorbell;
+            *lock(m) = true;
+            cv.notify_one();
+        }
+    }
+
+    /// Answer pending requests in order; true when the ring is empty.
+    /// Callers hold `serving`.
+    fn serve_ring(&self, inline: bool) -> bool {
+        let (slots, slot_size) = (self.cfg.slots, self.cfg.slot_size);
+        let max_payload = slot_size as usize - HEADER_LEN;
+        loop {
+            if self.faults.stall.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let slow = self.faults.slow_ms.load(Ordering::Relaxed);
+            let (req, index) = {
+                let b = lock(&self.bar2);
+                let produced = Self::reg(&b, mailbox::REG_REQ_PRODUCED);
+                let consumed = Self::reg(&b, mailbox::REG_REQ_CONSUMED);
+                if produced == consumed {
+                    return true;
                 }
-                let (req, index) = {
-                    let b = lock(&self.bar2);
-                    let produced = Self::reg(&b, mailbox::REG_REQ_PRODUCED);
-                    let consumed = Self::reg(&b, mailbox::REG_REQ_CONSUMED);
-                    if produced == consumed {
-                        break;
-                    }
-                    let off = mailbox::req_slot_offset(slots, slot_size, consumed) as usize;
-                    let slot = &b[off..off + slot_size as usize];
-                    (Message::decode(slot, max_payload), consumed)
-                };
-                let slow = self.faults.slow_ms.load(Ordering::Relaxed);
-                if slow > 0 {
-                    std::thread::sleep(Duration::from_millis(slow));
+                let off = mailbox::req_slot_offset(slots, slot_size, consumed) as usize;
+                let slot = &b[off..off + slot_size as usize];
+                (Message::decode(slot, max_payload), consumed)
+            };
+            if inline && (slow > 0 || !req.as_ref().map(|m| quick(m.op)).unwrap_or(true)) {
+                return false;
+            }
+            if slow > 0 {
+                std::thread::sleep(Duration::from_millis(slow));
+            }
+            let resp = match req {
+                Ok(m) if m.kind == mailbox::Kind::Request => self.handle(&m, max_payload),
+                Ok(m) => {
+                    Message::response_to(&m, Status::BadRequest, 0, 0, b"not a request".to_vec())
                 }
-                let resp = match req {
-                    Ok(m) if m.kind == mailbox::Kind::Request => self.handle(&m, max_payload),
-                    Ok(m) => Message::response_to(
-                        &m,
+                Err(e) => {
+                    let dummy = Message::request(Op::Echo, 0, 0, 0, 0, Vec::new());
+                    Message::response_to(
+                        &dummy,
                         Status::BadRequest,
                         0,
                         0,
-                        b"not a request".to_vec(),
-                    ),
-                    Err(e) => {
-                        let dummy = Message::request(Op::Echo, 0, 0, 0, 0, Vec::new());
-                        Message::response_to(
-                            &dummy,
-                            Status::BadRequest,
-                            0,
-                            0,
-                            e.to_string().into_bytes(),
-                        )
-                    }
-                };
-                {
-                    let mut b = lock(&self.bar2);
-                    let off = mailbox::resp_slot_offset(slots, slot_size, index) as usize;
-                    let enc = resp.encode();
-                    b[off..off + enc.len()].copy_from_slice(&enc);
-                    let next = index.wrapping_add(1);
-                    b[mailbox::REG_REQ_CONSUMED as usize..][..4]
-                        .copy_from_slice(&next.to_le_bytes());
-                    b[mailbox::REG_RESP_PRODUCED as usize..][..4]
-                        .copy_from_slice(&next.to_le_bytes());
+                        e.to_string().into_bytes(),
+                    )
                 }
-                self.signal();
+            };
+            {
+                let mut b = lock(&self.bar2);
+                let off = mailbox::resp_slot_offset(slots, slot_size, index) as usize;
+                let enc = resp.encode();
+                b[off..off + enc.len()].copy_from_slice(&enc);
+                let next = index.wrapping_add(1);
+                b[mailbox::REG_REQ_CONSUMED as usize..][..4].copy_from_slice(&next.to_le_bytes());
+                b[mailbox::REG_RESP_PRODUCED as usize..][..4].copy_from_slice(&next.to_le_bytes());
             }
+            self.signal();
         }
     }
 
@@ -608,6 +631,19 @@ impl SimCard {
     }
 }
 
+/// Commands cheap enough to answer on the vfio-user thread.
+fn quick(op: Op) -> bool {
+    matches!(
+        op,
+        Op::Echo
+            | Op::ListVms
+            | Op::ReadEvents
+            | Op::SnapshotRead
+            | Op::RestoreBegin
+            | Op::RestoreWrite
+    )
+}
+
 /// The vfio-user device backend handing region accesses to the card.
 pub struct Backend(pub Arc<SimCard>);
 
@@ -678,9 +714,7 @@ impl ServerBackend for Backend {
         }
         lock(&c.bar2)[offset as usize..end as usize].copy_from_slice(data);
         if doorbell {
-            let (m, cv) = &c.doorbell;
-            *lock(m) = true;
-            cv.notify_one();
+            c.ring_doorbell();
         }
         Ok(())
     }
