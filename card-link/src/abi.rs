@@ -44,12 +44,8 @@ pub enum ResourceKind {
 }
 
 impl ResourceKind {
-    pub const ALL: [ResourceKind; 4] = [
-        ResourceKind::Fpga,
-        ResourceKind::Cpu,
-        ResourceKind::Memory,
-        ResourceKind::Network,
-    ];
+    pub const ALL: [ResourceKind; 4] =
+        [ResourceKind::Fpga, ResourceKind::Cpu, ResourceKind::Memory, ResourceKind::Network];
 
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
@@ -116,35 +112,20 @@ impl RegisterSnapshot {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(BAR0_SNAPSHOT_LEN);
         let len = BAR0_HEADER_LEN + self.resources.len().min(MAX_RESOURCES) * RESOURCE_STRIDE;
-        w.u32(MAGIC)
-            .u16(ABI_MAJOR)
-            .u16(self.abi_minor)
-            .u32(len as u32)
-            .u32(0);
+        w.u32(MAGIC).u16(ABI_MAJOR).u16(self.abi_minor).u32(len as u32).u32(0);
         w.u64(self.serial);
         let mut model = [0u8; 32];
         let m = self.model.as_bytes();
         let n = m.len().min(32);
         model[..n].copy_from_slice(&m[..n]);
         w.bytes(&model);
-        w.u64(self.heartbeat)
-            .u32(self.heartbeat_period_ms)
-            .u32(self.health as u32);
+        w.u64(self.heartbeat).u32(self.heartbeat_period_ms).u32(self.health as u32);
         w.u64(self.card_time_ns);
-        w.u32(self.resources.len().min(MAX_RESOURCES) as u32)
-            .u32(RESOURCE_STRIDE as u32);
-        w.u32(self.mailbox_slots)
-            .u32(self.mailbox_slot_size)
-            .u32(self.vm_count);
+        w.u32(self.resources.len().min(MAX_RESOURCES) as u32).u32(RESOURCE_STRIDE as u32);
+        w.u32(self.mailbox_slots).u32(self.mailbox_slot_size).u32(self.vm_count);
         w.pad_to(BAR0_HEADER_LEN);
         for r in self.resources.iter().take(MAX_RESOURCES) {
-            w.u32(r.kind as u32)
-                .u32(0)
-                .u64(r.capacity)
-                .u64(r.used)
-                .u64(r.total)
-                .u64(0)
-                .u64(0);
+            w.u32(r.kind as u32).u32(0).u64(r.capacity).u64(r.used).u64(r.total).u64(0).u64(0);
         }
         w.pad_to(BAR0_SNAPSHOT_LEN);
         let mut buf = w.buf;
@@ -159,45 +140,26 @@ impl RegisterSnapshot {
         let mut r = Reader::new(buf, "BAR0 snapshot");
         let magic = r.u32()?;
         if magic != MAGIC {
-            return Err(CardError::BadMagic {
-                found: magic,
-                expected: MAGIC,
-            });
+            return Err(CardError::BadMagic { found: magic, expected: MAGIC });
         }
         let major = r.u16()?;
         let minor = r.u16()?;
         if major != ABI_MAJOR {
-            return Err(CardError::AbiVersion {
-                major,
-                minor,
-                host_major: ABI_MAJOR,
-            });
+            return Err(CardError::AbiVersion { major, minor, host_major: ABI_MAJOR });
         }
         let len = r.u32()? as usize;
         if !(BAR0_HEADER_LEN..=BAR0_SNAPSHOT_LEN).contains(&len) {
-            return Err(CardError::Range {
-                what: "BAR0 length",
-                value: len as u64,
-                range: "0x80..=0x200",
-            });
+            return Err(CardError::Range { what: "BAR0 length", value: len as u64, range: "0x80..=0x200" });
         }
         if buf.len() < len {
-            return Err(CardError::Truncated {
-                what: "BAR0 snapshot",
-                need: len,
-                have: buf.len(),
-            });
+            return Err(CardError::Truncated { what: "BAR0 snapshot", need: len, have: buf.len() });
         }
         let stated = r.u32()?;
         let mut copy = buf[..len].to_vec();
         crate::wire::put_u32(&mut copy, OFF_CRC, 0);
         let computed = crc32fast::hash(&copy);
         if stated != computed {
-            return Err(CardError::Checksum {
-                what: "BAR0",
-                stated,
-                computed,
-            });
+            return Err(CardError::Checksum { what: "BAR0", stated, computed });
         }
         let body = &buf[..len];
         let mut r = Reader::at(body, 0x10, "BAR0 snapshot");
@@ -205,10 +167,7 @@ impl RegisterSnapshot {
         let model_raw = r.bytes(32)?;
         let end = model_raw.iter().position(|&b| b == 0).unwrap_or(32);
         let model = std::str::from_utf8(&model_raw[..end])
-            .map_err(|_| CardError::Unknown {
-                what: "model name (not UTF-8)",
-                value: 0,
-            })?
+            .map_err(|_| CardError::Unknown { what: "model name (not UTF-8)", value: 0 })?
             .to_string();
         let heartbeat = r.u64()?;
         let heartbeat_period_ms = r.u32()?;
@@ -223,29 +182,16 @@ impl RegisterSnapshot {
             0 => Health::Ok,
             1 => Health::Degraded,
             2 => Health::Failed,
-            v => {
-                return Err(CardError::Unknown {
-                    what: "health",
-                    value: v as u64,
-                })
-            }
+            v => return Err(CardError::Unknown { what: "health", value: v as u64 }),
         };
         let card_time_ns = r.u64()?;
         let count = r.u32()? as usize;
         let stride = r.u32()? as usize;
         if count > MAX_RESOURCES {
-            return Err(CardError::Range {
-                what: "resource count",
-                value: count as u64,
-                range: "0..=8",
-            });
+            return Err(CardError::Range { what: "resource count", value: count as u64, range: "0..=8" });
         }
         if stride != RESOURCE_STRIDE {
-            return Err(CardError::Range {
-                what: "resource stride",
-                value: stride as u64,
-                range: "48",
-            });
+            return Err(CardError::Range { what: "resource stride", value: stride as u64, range: "48" });
         }
         if BAR0_HEADER_LEN + count * stride != len {
             return Err(CardError::Range {
@@ -259,51 +205,29 @@ impl RegisterSnapshot {
         crate::mailbox::check_geometry(mailbox_slots, mailbox_slot_size)?;
         let vm_count = r.u32()?;
         if vm_count > crate::mailbox::MAX_VMS {
-            return Err(CardError::Range {
-                what: "vm count",
-                value: vm_count as u64,
-                range: "0..=256",
-            });
+            return Err(CardError::Range { what: "vm count", value: vm_count as u64, range: "0..=256" });
         }
         let mut resources: Vec<Resource> = Vec::with_capacity(count);
         for i in 0..count {
             let mut e = Reader::at(body, BAR0_HEADER_LEN + i * stride, "resource entry");
             let kind_raw = e.u32()?;
-            let kind = ResourceKind::from_u32(kind_raw).ok_or(CardError::Unknown {
-                what: "resource kind",
-                value: kind_raw as u64,
-            })?;
+            let kind = ResourceKind::from_u32(kind_raw)
+                .ok_or(CardError::Unknown { what: "resource kind", value: kind_raw as u64 })?;
             let _flags = e.u32()?;
             let capacity = e.u64()?;
             let used = e.u64()?;
             let total = e.u64()?;
             if resources.iter().any(|x| x.kind == kind) {
-                return Err(CardError::Unknown {
-                    what: "duplicate resource kind",
-                    value: kind_raw as u64,
-                });
+                return Err(CardError::Unknown { what: "duplicate resource kind", value: kind_raw as u64 });
             }
             if capacity == 0 {
-                return Err(CardError::Range {
-                    what: "resource capacity",
-                    value: 0,
-                    range: "> 0",
-                });
+                return Err(CardError::Range { what: "resource capacity", value: 0, range: "> 0" });
             }
             if kind == ResourceKind::Memory && used > capacity.saturating_mul(2) {
                 // cgroup v1 can overshoot the limit briefly; more than 2x is a lie.
-                return Err(CardError::Range {
-                    what: "memory used",
-                    value: used,
-                    range: "<= 2 x capacity",
-                });
+                return Err(CardError::Range { what: "memory used", value: used, range: "<= 2 x capacity" });
             }
-            resources.push(Resource {
-                kind,
-                capacity,
-                used,
-                total,
-            });
+            resources.push(Resource { kind, capacity, used, total });
         }
         Ok(RegisterSnapshot {
             abi_minor: minor,
@@ -357,10 +281,7 @@ pub fn utilisation(a: &RegisterSnapshot, b: &RegisterSnapshot) -> Result<Utilisa
         });
     }
     let dt_ns = (b.card_time_ns - a.card_time_ns) as f64;
-    let mut u = Utilisation {
-        interval_s: dt_ns / 1e9,
-        ..Default::default()
-    };
+    let mut u = Utilisation { interval_s: dt_ns / 1e9, ..Default::default() };
     for rb in &b.resources {
         let Some(ra) = a.resource(rb.kind) else {
             continue;
@@ -410,18 +331,8 @@ mod tests {
             mailbox_slot_size: crate::mailbox::DEFAULT_SLOT_SIZE,
             vm_count: 0,
             resources: vec![
-                Resource {
-                    kind: ResourceKind::Cpu,
-                    capacity: 1_000_000_000,
-                    used: 0,
-                    total: 5,
-                },
-                Resource {
-                    kind: ResourceKind::Memory,
-                    capacity: 512 << 20,
-                    used: 1 << 20,
-                    total: 2 << 20,
-                },
+                Resource { kind: ResourceKind::Cpu, capacity: 1_000_000_000, used: 0, total: 5 },
+                Resource { kind: ResourceKind::Memory, capacity: 512 << 20, used: 1 << 20, total: 2 << 20 },
             ],
         }
     }
@@ -437,30 +348,21 @@ mod tests {
     #[test]
     fn all_ones_is_bad_magic() {
         let b = vec![0xffu8; BAR0_SNAPSHOT_LEN];
-        assert!(matches!(
-            RegisterSnapshot::decode(&b),
-            Err(CardError::BadMagic { .. })
-        ));
+        assert!(matches!(RegisterSnapshot::decode(&b), Err(CardError::BadMagic { .. })));
     }
 
     #[test]
     fn flipped_bit_is_checksum_error() {
         let mut b = sample().encode();
         b[0x40] ^= 1;
-        assert!(matches!(
-            RegisterSnapshot::decode(&b),
-            Err(CardError::Checksum { .. })
-        ));
+        assert!(matches!(RegisterSnapshot::decode(&b), Err(CardError::Checksum { .. })));
     }
 
     #[test]
     fn wrong_major_is_refused() {
         let mut b = sample().encode();
         b[4] = 2;
-        assert!(matches!(
-            RegisterSnapshot::decode(&b),
-            Err(CardError::AbiVersion { major: 2, .. })
-        ));
+        assert!(matches!(RegisterSnapshot::decode(&b), Err(CardError::AbiVersion { major: 2, .. })));
     }
 
     #[test]

@@ -27,9 +27,7 @@ pub struct CardOptions {
 
 impl Default for CardOptions {
     fn default() -> Self {
-        CardOptions {
-            command_timeout: Duration::from_secs(5),
-        }
+        CardOptions { command_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -69,18 +67,11 @@ impl Card {
     /// and wire the completion interrupt.
     pub fn open(mut t: Box<dyn Transport>, opts: CardOptions) -> Result<Card> {
         let first = read_snapshot(t.as_mut())?;
-        let bar2 = t.region_size(BAR2_INDEX).ok_or(CardError::Range {
-            what: "BAR2 size",
-            value: 0,
-            range: "present",
-        })?;
+        let bar2 =
+            t.region_size(BAR2_INDEX).ok_or(CardError::Range { what: "BAR2 size", value: 0, range: "present" })?;
         let need = mailbox::bar2_size(first.mailbox_slots, first.mailbox_slot_size);
         if bar2 < need {
-            return Err(CardError::Range {
-                what: "BAR2 size",
-                value: bar2,
-                range: "covers both rings",
-            });
+            return Err(CardError::Range { what: "BAR2 size", value: bar2, range: "covers both rings" });
         }
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| CardError::Io(format!("eventfd: {e}")))?;
         t.set_completion_eventfd(&irq)?;
@@ -129,10 +120,7 @@ impl Card {
     pub fn registers(&mut self) -> Result<RegisterSnapshot> {
         let s = read_snapshot(self.t.as_mut())?;
         if s.serial != self.first.serial {
-            return Err(CardError::Unknown {
-                what: "card serial changed",
-                value: s.serial,
-            });
+            return Err(CardError::Unknown { what: "card serial changed", value: s.serial });
         }
         Ok(s)
     }
@@ -169,14 +157,7 @@ impl Card {
 
     /// One mailbox command: write the request slot, ring the doorbell, wait
     /// for the completion eventfd, read and validate the response.
-    pub fn call(
-        &mut self,
-        op: Op,
-        vm: u32,
-        arg0: u64,
-        arg1: u64,
-        payload: &[u8],
-    ) -> Result<Message> {
+    pub fn call(&mut self, op: Op, vm: u32, arg0: u64, arg1: u64, payload: &[u8]) -> Result<Message> {
         if payload.len() > self.max_payload() {
             return Err(CardError::Invalid(format!(
                 "payload of {} bytes exceeds {}",
@@ -188,8 +169,7 @@ impl Card {
             // Timed-out commands may still sit in the request ring: never
             // overwrite a slot the card has not consumed.
             let mut reg = [0u8; 4];
-            self.t
-                .read(BAR2_INDEX, mailbox::REG_REQ_CONSUMED, &mut reg)?;
+            self.t.read(BAR2_INDEX, mailbox::REG_REQ_CONSUMED, &mut reg)?;
             let in_flight = self.req_produced.wrapping_sub(u32::from_le_bytes(reg));
             if in_flight > self.slots {
                 return Err(CardError::Range {
@@ -215,11 +195,7 @@ impl Card {
         let off = mailbox::req_slot_offset(self.slots, self.slot_size, index);
         self.t.write(BAR2_INDEX, off, &req.encode())?;
         self.req_produced = self.req_produced.wrapping_add(1);
-        self.t.write(
-            BAR2_INDEX,
-            mailbox::REG_REQ_PRODUCED,
-            &self.req_produced.to_le_bytes(),
-        )?;
+        self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &self.req_produced.to_le_bytes())?;
         let resp = match self.wait_response(index, seq, op) {
             Err(e @ CardError::Timeout { .. }) => {
                 self.abandoned += 1;
@@ -233,20 +209,11 @@ impl Card {
         // cannot overrun the response ring; RESP_CONSUMED is informational
         // and written once per lap to save a round trip per command.
         if self.resp_consumed.is_multiple_of(self.slots) {
-            self.t.write(
-                BAR2_INDEX,
-                mailbox::REG_RESP_CONSUMED,
-                &self.resp_consumed.to_le_bytes(),
-            )?;
+            self.t.write(BAR2_INDEX, mailbox::REG_RESP_CONSUMED, &self.resp_consumed.to_le_bytes())?;
         }
         if resp.status != Status::Ok {
-            let message =
-                String::from_utf8_lossy(&resp.payload[..resp.payload.len().min(256)]).into_owned();
-            return Err(CardError::Refused {
-                op: op.name(),
-                status: resp.status,
-                message,
-            });
+            let message = String::from_utf8_lossy(&resp.payload[..resp.payload.len().min(256)]).into_owned();
+            return Err(CardError::Refused { op: op.name(), status: resp.status, message });
         }
         Ok(resp)
     }
@@ -277,8 +244,7 @@ impl Card {
                 }
             }
             let mut reg = [0u8; 4];
-            self.t
-                .read(BAR2_INDEX, mailbox::REG_RESP_PRODUCED, &mut reg)?;
+            self.t.read(BAR2_INDEX, mailbox::REG_RESP_PRODUCED, &mut reg)?;
             let produced = u32::from_le_bytes(reg);
             if produced.wrapping_sub(index) as i32 <= 0 {
                 continue; // not produced yet: the slot holds an older answer
@@ -304,17 +270,12 @@ impl Card {
         self.t.read(BAR2_INDEX, off, &mut buf)?;
         let len = Message::peek_payload_len(&buf)?;
         if len > self.max_payload() {
-            return Err(CardError::Range {
-                what: "mailbox payload length",
-                value: len as u64,
-                range: "<= slot room",
-            });
+            return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });
         }
         if HEADER_LEN + len > buf.len() {
             let have = buf.len();
             buf.resize(HEADER_LEN + len, 0);
-            self.t
-                .read(BAR2_INDEX, off + have as u64, &mut buf[have..])?;
+            self.t.read(BAR2_INDEX, off + have as u64, &mut buf[have..])?;
         }
         Message::decode(&buf[..HEADER_LEN + len], self.max_payload())
     }
@@ -335,11 +296,7 @@ impl Card {
     /// Start a management VM; returns its id on the card.
     pub fn start_vm(&mut self, spec: &VmSpec) -> Result<u32> {
         let m = self.call(Op::Start, 0, 0, 0, &spec.encode()?)?;
-        u32::try_from(m.arg0).map_err(|_| CardError::Range {
-            what: "VM id",
-            value: m.arg0,
-            range: "u32",
-        })
+        u32::try_from(m.arg0).map_err(|_| CardError::Range { what: "VM id", value: m.arg0, range: "u32" })
     }
 
     pub fn stop_vm(&mut self, vm: u32) -> Result<()> {
@@ -359,26 +316,14 @@ impl Card {
     pub fn snapshot_vm(&mut self, vm: u32) -> Result<SnapshotInfo> {
         let m = self.call(Op::Snapshot, vm, 0, 0, &[])?;
         if m.arg0 > MAX_SNAPSHOT {
-            return Err(CardError::Range {
-                what: "snapshot size",
-                value: m.arg0,
-                range: "<= 4 GiB",
-            });
+            return Err(CardError::Range { what: "snapshot size", value: m.arg0, range: "<= 4 GiB" });
         }
-        Ok(SnapshotInfo {
-            size: m.arg0,
-            crc: m.arg1 as u32,
-        })
+        Ok(SnapshotInfo { size: m.arg0, crc: m.arg1 as u32 })
     }
 
     /// Stream a VM's snapshot from the card into `out`, chunk by chunk,
     /// checking each chunk's length and the whole image's CRC.
-    pub fn read_snapshot(
-        &mut self,
-        vm: u32,
-        info: &SnapshotInfo,
-        out: &mut dyn Write,
-    ) -> Result<u64> {
+    pub fn read_snapshot(&mut self, vm: u32, info: &SnapshotInfo, out: &mut dyn Write) -> Result<u64> {
         let chunk = self.max_payload() as u64;
         let mut off = 0u64;
         let mut crc = crc32fast::Hasher::new();
@@ -393,17 +338,12 @@ impl Card {
                 });
             }
             crc.update(&m.payload);
-            out.write_all(&m.payload)
-                .map_err(|e| CardError::Io(format!("write snapshot: {e}")))?;
+            out.write_all(&m.payload).map_err(|e| CardError::Io(format!("write snapshot: {e}")))?;
             off += want;
         }
         let computed = crc.finalize();
         if computed != info.crc {
-            return Err(CardError::Checksum {
-                what: "snapshot image",
-                stated: info.crc,
-                computed,
-            });
+            return Err(CardError::Checksum { what: "snapshot image", stated: info.crc, computed });
         }
         Ok(off)
     }
@@ -411,25 +351,17 @@ impl Card {
     /// Send a snapshot image to the card and restore it as a new VM; returns its id.
     pub fn restore_vm(&mut self, spec: &VmSpec, size: u64, input: &mut dyn Read) -> Result<u32> {
         if size > MAX_SNAPSHOT {
-            return Err(CardError::Invalid(format!(
-                "snapshot of {size} bytes is too large"
-            )));
+            return Err(CardError::Invalid(format!("snapshot of {size} bytes is too large")));
         }
         let m = self.call(Op::RestoreBegin, 0, size, 0, &spec.encode()?)?;
-        let vm = u32::try_from(m.arg0).map_err(|_| CardError::Range {
-            what: "VM id",
-            value: m.arg0,
-            range: "u32",
-        })?;
+        let vm = u32::try_from(m.arg0).map_err(|_| CardError::Range { what: "VM id", value: m.arg0, range: "u32" })?;
         let chunk = self.max_payload();
         let mut buf = vec![0u8; chunk];
         let mut off = 0u64;
         let mut crc = crc32fast::Hasher::new();
         while off < size {
             let want = (chunk as u64).min(size - off) as usize;
-            input
-                .read_exact(&mut buf[..want])
-                .map_err(|e| CardError::Io(format!("read snapshot: {e}")))?;
+            input.read_exact(&mut buf[..want]).map_err(|e| CardError::Io(format!("read snapshot: {e}")))?;
             crc.update(&buf[..want]);
             self.call(Op::RestoreWrite, vm, off, 0, &buf[..want])?;
             off += want as u64;
@@ -448,11 +380,7 @@ impl Card {
         let m = self.call(Op::ReadEvents, 0, from, max as u64, &[])?;
         let ev = mailbox::decode_events(&m.payload)?;
         if ev.len() > max as usize || ev.first().is_some_and(|e| e.seq < from) {
-            return Err(CardError::Range {
-                what: "event log answer",
-                value: ev.len() as u64,
-                range: "as requested",
-            });
+            return Err(CardError::Range { what: "event log answer", value: ev.len() as u64, range: "as requested" });
         }
         Ok(ev)
     }
@@ -468,11 +396,7 @@ pub fn read_snapshot(t: &mut dyn Transport) -> Result<RegisterSnapshot> {
 
 /// Wait until `fd` is readable or `timeout` passes.
 fn wait_fd(fd: i32, timeout: Duration) -> Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
     let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
     // SAFETY: one valid pollfd.
     let rc = unsafe { libc::poll(&mut p, 1, ms) };

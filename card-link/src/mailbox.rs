@@ -46,11 +46,7 @@ pub fn resp_slot_offset(slots: u32, slot_size: u32, index: u32) -> u64 {
 /// Mailbox geometry the host accepts from a card.
 pub fn check_geometry(slots: u32, slot_size: u32) -> Result<()> {
     if !(1..=MAX_SLOTS).contains(&slots) {
-        return Err(CardError::Range {
-            what: "mailbox slots",
-            value: slots as u64,
-            range: "1..=64",
-        });
+        return Err(CardError::Range { what: "mailbox slots", value: slots as u64, range: "1..=64" });
     }
     if !(4096..=MAX_SLOT_SIZE).contains(&slot_size) || !slot_size.is_multiple_of(8) {
         return Err(CardError::Range {
@@ -184,35 +180,11 @@ pub struct Message {
 
 impl Message {
     pub fn request(op: Op, seq: u32, vm: u32, arg0: u64, arg1: u64, payload: Vec<u8>) -> Self {
-        Message {
-            kind: Kind::Request,
-            op,
-            seq,
-            vm,
-            status: Status::Ok,
-            arg0,
-            arg1,
-            payload,
-        }
+        Message { kind: Kind::Request, op, seq, vm, status: Status::Ok, arg0, arg1, payload }
     }
 
-    pub fn response_to(
-        req: &Message,
-        status: Status,
-        arg0: u64,
-        arg1: u64,
-        payload: Vec<u8>,
-    ) -> Self {
-        Message {
-            kind: Kind::Response,
-            op: req.op,
-            seq: req.seq,
-            vm: req.vm,
-            status,
-            arg0,
-            arg1,
-            payload,
-        }
+    pub fn response_to(req: &Message, status: Status, arg0: u64, arg1: u64, payload: Vec<u8>) -> Self {
+        Message { kind: Kind::Response, op: req.op, seq: req.seq, vm: req.vm, status, arg0, arg1, payload }
     }
 
     pub fn encoded_len(&self) -> usize {
@@ -221,14 +193,9 @@ impl Message {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(self.encoded_len());
-        w.u32(MSG_MAGIC)
-            .u8(MSG_VERSION)
-            .u8(self.kind as u8)
-            .u16(self.op as u16);
+        w.u32(MSG_MAGIC).u8(MSG_VERSION).u8(self.kind as u8).u16(self.op as u16);
         w.u32(self.seq).u32(self.vm).u16(self.status as u16).u16(0);
-        w.u32(self.payload.len() as u32)
-            .u64(self.arg0)
-            .u64(self.arg1);
+        w.u32(self.payload.len() as u32).u64(self.arg0).u64(self.arg1);
         w.u32(crc32fast::hash(&self.payload)).u32(0);
         w.bytes(&self.payload);
         w.buf
@@ -245,48 +212,28 @@ impl Message {
         let mut r = Reader::new(buf, "mailbox message");
         let magic = r.u32()?;
         if magic != MSG_MAGIC {
-            return Err(CardError::BadMagic {
-                found: magic,
-                expected: MSG_MAGIC,
-            });
+            return Err(CardError::BadMagic { found: magic, expected: MSG_MAGIC });
         }
         let version = r.u8()?;
         if version != MSG_VERSION {
-            return Err(CardError::Unknown {
-                what: "mailbox message version",
-                value: version as u64,
-            });
+            return Err(CardError::Unknown { what: "mailbox message version", value: version as u64 });
         }
         let kind = match r.u8()? {
             1 => Kind::Request,
             2 => Kind::Response,
-            v => {
-                return Err(CardError::Unknown {
-                    what: "mailbox message kind",
-                    value: v as u64,
-                })
-            }
+            v => return Err(CardError::Unknown { what: "mailbox message kind", value: v as u64 }),
         };
         let op_raw = r.u16()?;
-        let op = Op::from_u16(op_raw).ok_or(CardError::Unknown {
-            what: "mailbox op",
-            value: op_raw as u64,
-        })?;
+        let op = Op::from_u16(op_raw).ok_or(CardError::Unknown { what: "mailbox op", value: op_raw as u64 })?;
         let seq = r.u32()?;
         let vm = r.u32()?;
         let status_raw = r.u16()?;
-        let status = Status::from_u16(status_raw).ok_or(CardError::Unknown {
-            what: "mailbox status",
-            value: status_raw as u64,
-        })?;
+        let status = Status::from_u16(status_raw)
+            .ok_or(CardError::Unknown { what: "mailbox status", value: status_raw as u64 })?;
         let _flags = r.u16()?;
         let len = r.u32()? as usize;
         if len > max_payload {
-            return Err(CardError::Range {
-                what: "mailbox payload length",
-                value: len as u64,
-                range: "<= slot room",
-            });
+            return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });
         }
         let arg0 = r.u64()?;
         let arg1 = r.u64()?;
@@ -295,47 +242,25 @@ impl Message {
         let payload = r.bytes(len)?.to_vec();
         let computed = crc32fast::hash(&payload);
         if stated != computed {
-            return Err(CardError::Checksum {
-                what: "mailbox payload",
-                stated,
-                computed,
-            });
+            return Err(CardError::Checksum { what: "mailbox payload", stated, computed });
         }
-        Ok(Message {
-            kind,
-            op,
-            seq,
-            vm,
-            status,
-            arg0,
-            arg1,
-            payload,
-        })
+        Ok(Message { kind, op, seq, vm, status, arg0, arg1, payload })
     }
 }
 
 fn name_bytes(name: &str) -> Result<&[u8]> {
     if name.is_empty() || name.len() > MAX_NAME {
-        return Err(CardError::Invalid(format!(
-            "VM name must be 1..={MAX_NAME} bytes"
-        )));
+        return Err(CardError::Invalid(format!("VM name must be 1..={MAX_NAME} bytes")));
     }
     Ok(name.as_bytes())
 }
 
 fn read_name(r: &mut Reader<'_>, len: usize, what: &'static str) -> Result<String> {
     if len > MAX_NAME {
-        return Err(CardError::Range {
-            what,
-            value: len as u64,
-            range: "0..=64",
-        });
+        return Err(CardError::Range { what, value: len as u64, range: "0..=64" });
     }
     let b = r.bytes(len)?;
-    String::from_utf8(b.to_vec()).map_err(|_| CardError::Unknown {
-        what,
-        value: len as u64,
-    })
+    String::from_utf8(b.to_vec()).map_err(|_| CardError::Unknown { what, value: len as u64 })
 }
 
 /// What the host asks the card to start: a management VM.
@@ -350,10 +275,7 @@ impl VmSpec {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let name = name_bytes(&self.name)?;
         let mut w = Writer::default();
-        w.u32(self.mem_mib)
-            .u32(self.vcpus)
-            .u16(name.len() as u16)
-            .bytes(name);
+        w.u32(self.mem_mib).u32(self.vcpus).u16(name.len() as u16).bytes(name);
         Ok(w.buf)
     }
     pub fn decode(buf: &[u8]) -> Result<VmSpec> {
@@ -369,11 +291,7 @@ impl VmSpec {
                 range: "name 1..=64, mem 1..=4096 MiB, vcpus 1..=8",
             });
         }
-        Ok(VmSpec {
-            name,
-            mem_mib,
-            vcpus,
-        })
+        Ok(VmSpec { name, mem_mib, vcpus })
     }
 }
 
@@ -408,12 +326,7 @@ pub fn encode_vm_list(vms: &[VmInfo]) -> Vec<u8> {
     w.u32(vms.len() as u32);
     for v in vms {
         let name = &v.name.as_bytes()[..v.name.len().min(MAX_NAME)];
-        w.u32(v.id)
-            .u8(v.state as u8)
-            .u8(0)
-            .u16(name.len() as u16)
-            .u64(v.mem_bytes)
-            .bytes(name);
+        w.u32(v.id).u8(v.state as u8).u8(0).u16(name.len() as u16).u64(v.mem_bytes).bytes(name);
     }
     w.buf
 }
@@ -422,37 +335,21 @@ pub fn decode_vm_list(buf: &[u8]) -> Result<Vec<VmInfo>> {
     let mut r = Reader::new(buf, "VM list");
     let count = r.u32()?;
     if count > MAX_VMS {
-        return Err(CardError::Range {
-            what: "VM list count",
-            value: count as u64,
-            range: "0..=256",
-        });
+        return Err(CardError::Range { what: "VM list count", value: count as u64, range: "0..=256" });
     }
     let mut out = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let id = r.u32()?;
         let st = r.u8()?;
-        let state = VmState::from_u8(st).ok_or(CardError::Unknown {
-            what: "VM state",
-            value: st as u64,
-        })?;
+        let state = VmState::from_u8(st).ok_or(CardError::Unknown { what: "VM state", value: st as u64 })?;
         let _pad = r.u8()?;
         let n = r.u16()? as usize;
         let mem_bytes = r.u64()?;
         let name = read_name(&mut r, n, "VM name")?;
-        out.push(VmInfo {
-            id,
-            state,
-            name,
-            mem_bytes,
-        });
+        out.push(VmInfo { id, state, name, mem_bytes });
     }
     if r.remaining() != 0 {
-        return Err(CardError::Range {
-            what: "VM list trailing bytes",
-            value: r.remaining() as u64,
-            range: "0",
-        });
+        return Err(CardError::Range { what: "VM list trailing bytes", value: r.remaining() as u64, range: "0" });
     }
     Ok(out)
 }
@@ -479,12 +376,7 @@ pub fn encode_events(events: &[Event]) -> Vec<u8> {
             }
             m = &m[..cut];
         }
-        w.u64(e.seq)
-            .u64(e.time_ns)
-            .u32(e.vm)
-            .u16(e.level)
-            .u16(m.len() as u16)
-            .bytes(m.as_bytes());
+        w.u64(e.seq).u64(e.time_ns).u32(e.vm).u16(e.level).u16(m.len() as u16).bytes(m.as_bytes());
     }
     w.buf
 }
@@ -495,11 +387,7 @@ pub fn decode_events(buf: &[u8]) -> Result<Vec<Event>> {
     let count = r.u32()? as usize;
     // Each event takes at least 24 bytes: a count that cannot fit is a lie.
     if count > r.remaining() / 24 {
-        return Err(CardError::Range {
-            what: "event count",
-            value: count as u64,
-            range: "fits the payload",
-        });
+        return Err(CardError::Range { what: "event count", value: count as u64, range: "fits the payload" });
     }
     let mut out: Vec<Event> = Vec::with_capacity(count);
     for _ in 0..count {
@@ -509,45 +397,22 @@ pub fn decode_events(buf: &[u8]) -> Result<Vec<Event>> {
         let level = r.u16()?;
         let n = r.u16()? as usize;
         if n > MAX_EVENT_MSG {
-            return Err(CardError::Range {
-                what: "event message length",
-                value: n as u64,
-                range: "0..=1024",
-            });
+            return Err(CardError::Range { what: "event message length", value: n as u64, range: "0..=1024" });
         }
         if level > 4 {
-            return Err(CardError::Unknown {
-                what: "event level",
-                value: level as u64,
-            });
+            return Err(CardError::Unknown { what: "event level", value: level as u64 });
         }
-        let message = String::from_utf8(r.bytes(n)?.to_vec()).map_err(|_| CardError::Unknown {
-            what: "event message (not UTF-8)",
-            value: seq,
-        })?;
+        let message = String::from_utf8(r.bytes(n)?.to_vec())
+            .map_err(|_| CardError::Unknown { what: "event message (not UTF-8)", value: seq })?;
         if let Some(prev) = out.last() {
             if seq <= prev.seq {
-                return Err(CardError::Range {
-                    what: "event sequence",
-                    value: seq,
-                    range: "increasing",
-                });
+                return Err(CardError::Range { what: "event sequence", value: seq, range: "increasing" });
             }
         }
-        out.push(Event {
-            seq,
-            time_ns,
-            vm,
-            level,
-            message,
-        });
+        out.push(Event { seq, time_ns, vm, level, message });
     }
     if r.remaining() != 0 {
-        return Err(CardError::Range {
-            what: "event log trailing bytes",
-            value: r.remaining() as u64,
-            range: "0",
-        });
+        return Err(CardError::Range { what: "event log trailing bytes", value: r.remaining() as u64, range: "0" });
     }
     Ok(out)
 }
@@ -566,40 +431,17 @@ mod tests {
         }
         let mut bad = b.clone();
         *bad.last_mut().unwrap() ^= 0x20;
-        assert!(matches!(
-            Message::decode(&bad, 1024),
-            Err(CardError::Checksum { .. })
-        ));
-        assert!(matches!(
-            Message::decode(&b, 2),
-            Err(CardError::Range { .. })
-        ));
+        assert!(matches!(Message::decode(&bad, 1024), Err(CardError::Checksum { .. })));
+        assert!(matches!(Message::decode(&b, 2), Err(CardError::Range { .. })));
     }
 
     #[test]
     fn lists_and_events_round_trip() {
-        let vms = vec![VmInfo {
-            id: 1,
-            state: VmState::Running,
-            name: "mc-qos".into(),
-            mem_bytes: 64 << 20,
-        }];
+        let vms = vec![VmInfo { id: 1, state: VmState::Running, name: "mc-qos".into(), mem_bytes: 64 << 20 }];
         assert_eq!(decode_vm_list(&encode_vm_list(&vms)).unwrap(), vms);
         let ev = vec![
-            Event {
-                seq: 1,
-                time_ns: 5,
-                vm: 1,
-                level: 2,
-                message: "agent ready".into(),
-            },
-            Event {
-                seq: 2,
-                time_ns: 6,
-                vm: 0,
-                level: 1,
-                message: "é".repeat(600),
-            },
+            Event { seq: 1, time_ns: 5, vm: 1, level: 2, message: "agent ready".into() },
+            Event { seq: 2, time_ns: 6, vm: 0, level: 1, message: "é".repeat(600) },
         ];
         let dec = decode_events(&encode_events(&ev)).unwrap();
         assert_eq!(dec[0], ev[0]);

@@ -23,34 +23,19 @@ const PERIOD_MS: u64 = 100;
 const LINK_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn sim() -> SimProcess {
-    SimProcess::spawn(&SimOptions {
-        period_ms: PERIOD_MS as u32,
-        ..Default::default()
-    })
-    .expect("start card-sim")
+    SimProcess::spawn(&SimOptions { period_ms: PERIOD_MS as u32, ..Default::default() }).expect("start card-sim")
 }
 
 fn connect(sim: &SimProcess, cmd_timeout: Duration) -> Card {
-    card_link::connect_vfio_user(
-        sim.socket_path(),
-        LINK_TIMEOUT,
-        CardOptions {
-            command_timeout: cmd_timeout,
-        },
-    )
-    .expect("connect to card-sim")
+    card_link::connect_vfio_user(sim.socket_path(), LINK_TIMEOUT, CardOptions { command_timeout: cmd_timeout })
+        .expect("connect to card-sim")
 }
 
 #[test]
 fn card_sim_runs_in_its_cgroup_and_reports_identity() {
     let s = sim();
     let cg = s.cgroup.as_ref().expect("card cgroup");
-    assert!(
-        cg.pids().contains(&s.pid()),
-        "card-sim pid {} not in its cgroup {:?}",
-        s.pid(),
-        cg.pids()
-    );
+    assert!(cg.pids().contains(&s.pid()), "card-sim pid {} not in its cgroup {:?}", s.pid(), cg.pids());
     let mut card = connect(&s, Duration::from_secs(2));
     let id = card.identity().clone();
     assert_eq!(id.model, "card-sim mc-board");
@@ -71,15 +56,11 @@ fn card_mailbox_1000_commands_in_order() {
     let mut card = connect(&s, Duration::from_secs(2));
     for i in 0..1000u64 {
         let payload = i.to_le_bytes().repeat((i % 7) as usize + 1);
-        let m = card
-            .echo(i, &payload)
-            .unwrap_or_else(|e| panic!("command {i}: {e}"));
+        let m = card.echo(i, &payload).unwrap_or_else(|e| panic!("command {i}: {e}"));
         assert_eq!(m.arg0, i, "command {i} answered out of order");
         assert_eq!(m.payload, payload, "command {i} payload changed");
     }
-    let h = card
-        .check_health()
-        .expect("card healthy after 1000 commands");
+    let h = card.check_health().expect("card healthy after 1000 commands");
     assert!(h.heartbeat > 0);
 }
 
@@ -87,58 +68,33 @@ fn card_mailbox_1000_commands_in_order() {
 fn card_model_vm_lifecycle_event_log_and_snapshot_stream() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(10));
-    let spec = VmSpec {
-        name: "mc-qos".into(),
-        mem_mib: 32,
-        vcpus: 1,
-    };
+    let spec = VmSpec { name: "mc-qos".into(), mem_mib: 32, vcpus: 1 };
     let vm = card.start_vm(&spec).expect("start management VM");
     let events = card.read_events(0, 256).expect("read event log");
     assert!(
-        events
-            .iter()
-            .any(|e| e.vm == vm && e.message.contains("management agent ready")),
+        events.iter().any(|e| e.vm == vm && e.message.contains("management agent ready")),
         "agent banner not in the event log: {events:?}"
     );
     let list = card.list_vms().expect("list");
     assert_eq!(list.len(), 1);
-    assert_eq!(
-        (list[0].id, list[0].state, list[0].name.as_str()),
-        (vm, VmState::Running, "mc-qos")
-    );
+    assert_eq!((list[0].id, list[0].state, list[0].name.as_str()), (vm, VmState::Running, "mc-qos"));
 
     card.pause_vm(vm).expect("pause");
     let info = card.snapshot_vm(vm).expect("snapshot on the card");
-    assert!(
-        info.size > 32 << 20,
-        "snapshot holds the VM memory: {} bytes",
-        info.size
-    );
+    assert!(info.size > 32 << 20, "snapshot holds the VM memory: {} bytes", info.size);
     let mut image = Vec::new();
-    let n = card
-        .read_snapshot(vm, &info, &mut image)
-        .expect("stream snapshot card -> host");
+    let n = card.read_snapshot(vm, &info, &mut image).expect("stream snapshot card -> host");
     assert_eq!(n, info.size);
     assert_eq!(crc32(&image), info.crc);
 
     // And back: host -> card, restored as a second VM.
-    let spec2 = VmSpec {
-        name: "mc-qos-restored".into(),
-        mem_mib: 32,
-        vcpus: 1,
-    };
-    let vm2 = card
-        .restore_vm(&spec2, image.len() as u64, &mut image.as_slice())
-        .expect("restore");
+    let spec2 = VmSpec { name: "mc-qos-restored".into(), mem_mib: 32, vcpus: 1 };
+    let vm2 = card.restore_vm(&spec2, image.len() as u64, &mut image.as_slice()).expect("restore");
     let info2 = card.snapshot_vm(vm2).expect("snapshot restored VM");
     let mut image2 = Vec::new();
-    card.read_snapshot(vm2, &info2, &mut image2)
-        .expect("stream restored snapshot");
+    card.read_snapshot(vm2, &info2, &mut image2).expect("stream restored snapshot");
     assert_eq!(image2.len(), image.len());
-    assert!(
-        image2[24..] == image[24..],
-        "restored VM memory differs from the original"
-    );
+    assert!(image2[24..] == image[24..], "restored VM memory differs from the original");
     assert_eq!(card.list_vms().expect("list").len(), 2);
     card.stop_vm(vm).expect("stop");
     card.stop_vm(vm2).expect("stop restored");
@@ -156,23 +112,15 @@ fn card_model_vm_lifecycle_event_log_and_snapshot_stream() {
 fn card_ecs_control_service_creates_and_destroys_vms() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(5));
-    let r = s
-        .control(json!({"op": "ecs", "request": "create_vm", "name": "mc-log", "mem_mib": 8}))
-        .expect("ecs create");
+    let r =
+        s.control(json!({"op": "ecs", "request": "create_vm", "name": "mc-log", "mem_mib": 8})).expect("ecs create");
     let id = r["vm"].as_u64().expect("vm id") as u32;
     let list = card.list_vms().expect("list");
-    assert!(
-        list.iter().any(|v| v.id == id && v.name == "mc-log"),
-        "{list:?}"
-    );
-    s.control(json!({"op": "ecs", "request": "destroy_vm", "vm": id}))
-        .expect("ecs destroy");
+    assert!(list.iter().any(|v| v.id == id && v.name == "mc-log"), "{list:?}");
+    s.control(json!({"op": "ecs", "request": "destroy_vm", "vm": id})).expect("ecs destroy");
     assert!(card.list_vms().expect("list").is_empty());
     let bad = s.control(json!({"op": "ecs", "request": "create_vm"}));
-    assert!(
-        format!("{bad:?}").contains("field name"),
-        "refusal names the field: {bad:?}"
-    );
+    assert!(format!("{bad:?}").contains("field name"), "refusal names the field: {bad:?}");
 }
 
 /// Read the card's registers and its cgroup's own CPU counter back to back.
@@ -186,8 +134,7 @@ fn cpu_pair(card: &mut Card, s: &SimProcess) -> (card_link::abi::RegisterSnapsho
 fn card_telemetry_cpu_agrees_with_cgroup() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "load", "cpu": 0.5}))
-        .expect("cpu load");
+    s.control(json!({"op": "load", "cpu": 0.5})).expect("cpu load");
     std::thread::sleep(Duration::from_millis(1000));
     let (a, ca, ta) = cpu_pair(&mut card, &s);
     std::thread::sleep(Duration::from_millis(3000));
@@ -195,39 +142,22 @@ fn card_telemetry_cpu_agrees_with_cgroup() {
     let u = utilisation(&a, &b).expect("rates");
     let truth = (cb - ca) as f64 / tb.duration_since(ta).as_secs_f64() / 1e9;
     eprintln!("cpu: card says {:.3}, cgroup says {:.3}", u.cpu, truth);
-    assert!(
-        truth > 0.3,
-        "load knob did not load the card's cgroup: {truth:.3}"
-    );
-    assert!(
-        (u.cpu - truth).abs() <= 0.02,
-        "card cpu {:.3} vs cgroup {:.3}: more than 2 points apart",
-        u.cpu,
-        truth
-    );
+    assert!(truth > 0.3, "load knob did not load the card's cgroup: {truth:.3}");
+    assert!((u.cpu - truth).abs() <= 0.02, "card cpu {:.3} vs cgroup {:.3}: more than 2 points apart", u.cpu, truth);
 }
 
 #[test]
 fn card_telemetry_memory_agrees_with_cgroup() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "load", "mem_mib": 128}))
-        .expect("memory load");
+    s.control(json!({"op": "load", "mem_mib": 128})).expect("memory load");
     std::thread::sleep(Duration::from_millis(3 * PERIOD_MS));
     let snap = card.registers().expect("registers");
-    let truth = s
-        .cgroup
-        .as_ref()
-        .expect("cgroup")
-        .memory_bytes()
-        .expect("cgroup memory") as f64;
+    let truth = s.cgroup.as_ref().expect("cgroup").memory_bytes().expect("cgroup memory") as f64;
     let mem = snap.resource(ResourceKind::Memory).expect("memory");
     let cap = mem.capacity as f64;
     eprintln!("memory: card says {} B, cgroup says {truth} B", mem.used);
-    assert!(
-        truth >= 128.0 * 1048576.0,
-        "ballast not charged to the cgroup: {truth}"
-    );
+    assert!(truth >= 128.0 * 1048576.0, "ballast not charged to the cgroup: {truth}");
     assert!(
         ((mem.used as f64 - truth) / cap).abs() <= 0.02,
         "card memory {} vs cgroup {truth}: more than 2 points of capacity apart",
@@ -260,8 +190,7 @@ fn card_telemetry_network_agrees_with_peer() {
             }
         }
     });
-    s.control(json!({"op": "load", "net_bps": 20_000_000u64, "net_target": addr.to_string()}))
-        .expect("net load");
+    s.control(json!({"op": "load", "net_bps": 20_000_000u64, "net_target": addr.to_string()})).expect("net load");
     std::thread::sleep(Duration::from_millis(1000));
     let a = card.registers().expect("registers");
     let ra = received.load(Ordering::Relaxed);
@@ -270,32 +199,22 @@ fn card_telemetry_network_agrees_with_peer() {
     let b = card.registers().expect("registers");
     let rb = received.load(Ordering::Relaxed);
     let tb = Instant::now();
-    s.control(json!({"op": "load", "net_bps": 0}))
-        .expect("net off");
+    s.control(json!({"op": "load", "net_bps": 0})).expect("net off");
     done.store(true, Ordering::Relaxed);
     let _ = t.join();
     let u = utilisation(&a, &b).expect("rates");
     let cap = b.resource(ResourceKind::Network).expect("network").capacity as f64;
     let truth = (rb - ra) as f64 / tb.duration_since(ta).as_secs_f64() / cap;
-    eprintln!(
-        "network: card says {:.4}, peer says {:.4} of {cap} B/s",
-        u.network, truth
-    );
+    eprintln!("network: card says {:.4}, peer says {:.4} of {cap} B/s", u.network, truth);
     assert!(truth > 0.1, "peer received too little: {truth:.4}");
-    assert!(
-        (u.network - truth).abs() <= 0.02,
-        "card {:.4} vs peer {:.4}: more than 2 points apart",
-        u.network,
-        truth
-    );
+    assert!((u.network - truth).abs() <= 0.02, "card {:.4} vs peer {:.4}: more than 2 points apart", u.network, truth);
 }
 
 #[test]
 fn card_telemetry_fpga_busy_ratio_follows_offered_load() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "load", "fpga": 0.4}))
-        .expect("fpga load");
+    s.control(json!({"op": "load", "fpga": 0.4})).expect("fpga load");
     std::thread::sleep(Duration::from_millis(500));
     let a = card.registers().expect("registers");
     std::thread::sleep(Duration::from_millis(2000));
@@ -304,11 +223,7 @@ fn card_telemetry_fpga_busy_ratio_follows_offered_load() {
     eprintln!("fpga busy ratio {:.3} for 0.4 offered", u.fpga);
     // 1 ms jobs modelled with sleep: each job overshoots a little, so the
     // measured busy ratio sits at or a bit above the offered load.
-    assert!(
-        (0.35..=0.55).contains(&u.fpga),
-        "fpga busy ratio {:.3} for 0.4 offered",
-        u.fpga
-    );
+    assert!((0.35..=0.55).contains(&u.fpga), "fpga busy ratio {:.3} for 0.4 offered", u.fpga);
 }
 
 /// Poll health every half period until it fails; return the error and how
@@ -330,34 +245,19 @@ fn card_fault_stall_is_detected_within_three_heartbeats() {
     let s = sim();
     let mut card = connect(&s, Duration::from_millis(500));
     card.check_health().expect("healthy before");
-    s.control(json!({"op": "fault", "fault": "stall"}))
-        .expect("inject stall");
+    s.control(json!({"op": "fault", "fault": "stall"})).expect("inject stall");
     let t0 = Instant::now();
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("stall detected after {after:?}: {e}");
-    assert!(
-        matches!(e, CardError::Stalled { .. }),
-        "expected Stalled, got {e}"
-    );
+    assert!(matches!(e, CardError::Stalled { .. }), "expected Stalled, got {e}");
     // Three periods plus the polling interval and one period of phase.
-    assert!(
-        after <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2),
-        "stall detected too late: {after:?}"
-    );
+    assert!(after <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2), "stall detected too late: {after:?}");
     // The stalled firmware does not run commands: a typed timeout, on time.
     let t1 = Instant::now();
     let r = card.echo(1, b"x");
-    assert!(
-        matches!(r, Err(CardError::Timeout { .. })),
-        "command on a stalled card: {r:?}"
-    );
-    assert!(
-        t1.elapsed() < Duration::from_millis(900),
-        "timeout took {:?}",
-        t1.elapsed()
-    );
-    s.control(json!({"op": "fault", "fault": "stall", "on": false}))
-        .expect("clear stall");
+    assert!(matches!(r, Err(CardError::Timeout { .. })), "command on a stalled card: {r:?}");
+    assert!(t1.elapsed() < Duration::from_millis(900), "timeout took {:?}", t1.elapsed());
+    s.control(json!({"op": "fault", "fault": "stall", "on": false})).expect("clear stall");
     std::thread::sleep(Duration::from_millis(2 * PERIOD_MS));
     card.check_health().expect("healthy after the stall clears");
     // The command sent during the stall is answered late and skipped; new ones work.
@@ -381,14 +281,8 @@ fn card_fault_silent_card_is_detected_within_three_heartbeats() {
     let t0 = Instant::now();
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("silent card detected after {after:?}: {e}");
-    assert!(
-        matches!(e, CardError::Timeout { .. }),
-        "expected Timeout, got {e}"
-    );
-    assert!(
-        after <= Duration::from_millis(3 * PERIOD_MS),
-        "silence detected too late: {after:?}"
-    );
+    assert!(matches!(e, CardError::Timeout { .. }), "expected Timeout, got {e}");
+    assert!(after <= Duration::from_millis(3 * PERIOD_MS), "silence detected too late: {after:?}");
     // The link is now refused until reconnect; still a typed error, no hang.
     assert!(matches!(card.registers(), Err(CardError::LinkBroken(_))));
 }
@@ -397,8 +291,7 @@ fn card_fault_silent_card_is_detected_within_three_heartbeats() {
 fn card_fault_garbage_registers_are_refused() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "fault", "fault": "garbage"}))
-        .expect("inject garbage");
+    s.control(json!({"op": "fault", "fault": "garbage"})).expect("inject garbage");
     for _ in 0..50 {
         match card.registers() {
             Err(
@@ -412,8 +305,7 @@ fn card_fault_garbage_registers_are_refused() {
         let h = card.check_health();
         assert!(h.is_err(), "health on garbage registers: {h:?}");
     }
-    s.control(json!({"op": "fault", "fault": "garbage", "on": false}))
-        .expect("clear garbage");
+    s.control(json!({"op": "fault", "fault": "garbage", "on": false})).expect("clear garbage");
     card.check_health().expect("healthy after garbage clears");
 }
 
@@ -421,31 +313,18 @@ fn card_fault_garbage_registers_are_refused() {
 fn card_fault_slow_mailbox_times_out_on_time() {
     let s = sim();
     let mut card = connect(&s, Duration::from_millis(500));
-    s.control(json!({"op": "fault", "fault": "slow", "slow_ms": 200}))
-        .expect("slow 200 ms");
+    s.control(json!({"op": "fault", "fault": "slow", "slow_ms": 200})).expect("slow 200 ms");
     let t = Instant::now();
     card.echo(1, b"slow").expect("slow but within the timeout");
-    assert!(
-        t.elapsed() >= Duration::from_millis(200),
-        "slow fault had no effect: {:?}",
-        t.elapsed()
-    );
-    s.control(json!({"op": "fault", "fault": "slow", "slow_ms": 2000}))
-        .expect("slow 2 s");
+    assert!(t.elapsed() >= Duration::from_millis(200), "slow fault had no effect: {:?}", t.elapsed());
+    s.control(json!({"op": "fault", "fault": "slow", "slow_ms": 2000})).expect("slow 2 s");
     let t = Instant::now();
     let r = card.echo(2, b"too slow");
     let took = t.elapsed();
-    assert!(
-        matches!(r, Err(CardError::Timeout { .. })),
-        "expected Timeout, got {r:?}"
-    );
-    assert!(
-        took >= Duration::from_millis(500) && took < Duration::from_millis(800),
-        "timeout after {took:?}"
-    );
+    assert!(matches!(r, Err(CardError::Timeout { .. })), "expected Timeout, got {r:?}");
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_millis(800), "timeout after {took:?}");
     // Heartbeat keeps going: the card is slow, not dead.
-    card.check_health()
-        .expect("slow mailbox is not a dead card");
+    card.check_health().expect("slow mailbox is not a dead card");
 }
 
 #[test]
@@ -457,29 +336,18 @@ fn card_fault_crash_is_reported_and_host_keeps_running() {
     let _ = s.control(json!({"op": "fault", "fault": "crash"}));
     let t0 = Instant::now();
     while !s.exited() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "card-sim did not crash"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "card-sim did not crash");
         std::thread::sleep(Duration::from_millis(10));
     }
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("crash detected after {after:?}: {e}");
-    assert!(
-        matches!(e, CardError::Io(_) | CardError::Timeout { .. }),
-        "expected Io or Timeout, got {e}"
-    );
-    assert!(
-        after <= Duration::from_millis(3 * PERIOD_MS),
-        "crash detected too late: {after:?}"
-    );
+    assert!(matches!(e, CardError::Io(_) | CardError::Timeout { .. }), "expected Io or Timeout, got {e}");
+    assert!(after <= Duration::from_millis(3 * PERIOD_MS), "crash detected too late: {after:?}");
     assert!(card.echo(1, b"x").is_err());
     // The host goes on: a new card works.
     let s2 = sim();
     let mut card2 = connect(&s2, Duration::from_secs(2));
-    card2
-        .echo(7, b"alive")
-        .expect("host keeps working with a new card");
+    card2.echo(7, b"alive").expect("host keeps working with a new card");
 }
 
 /// The management agent ELF that `cargo xtask build` produces (or $VMM_GUEST_ELF).
@@ -494,34 +362,16 @@ fn guest_elf() -> std::path::PathBuf {
 #[test]
 fn card_vmm_guest_banner_snapshot_stream_and_restore() {
     let guest = guest_elf();
-    assert!(
-        guest.is_file(),
-        "management agent ELF {} missing: run `cargo xtask build` first",
-        guest.display()
-    );
-    assert!(
-        std::path::Path::new("/dev/kvm").exists(),
-        "/dev/kvm is required for the card-side VMM"
-    );
-    let s = SimProcess::spawn(&SimOptions {
-        period_ms: PERIOD_MS as u32,
-        guest: Some(guest),
-        ..Default::default()
-    })
-    .expect("start card-sim with the vmm backend");
+    assert!(guest.is_file(), "management agent ELF {} missing: run `cargo xtask build` first", guest.display());
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is required for the card-side VMM");
+    let s = SimProcess::spawn(&SimOptions { period_ms: PERIOD_MS as u32, guest: Some(guest), ..Default::default() })
+        .expect("start card-sim with the vmm backend");
     let mut card = connect(&s, Duration::from_secs(20));
-    let vm = card
-        .start_vm(&VmSpec {
-            name: "mc-monitor".into(),
-            mem_mib: 32,
-            vcpus: 1,
-        })
-        .expect("boot MC VM on the card");
+    let vm =
+        card.start_vm(&VmSpec { name: "mc-monitor".into(), mem_mib: 32, vcpus: 1 }).expect("boot MC VM on the card");
     let events = card.read_events(0, 256).expect("event log");
     assert!(
-        events
-            .iter()
-            .any(|e| e.vm == vm && e.message == vmm::proto::BANNER),
+        events.iter().any(|e| e.vm == vm && e.message == vmm::proto::BANNER),
         "agent banner {:?} not in the card's event log: {events:?}",
         vmm::proto::BANNER
     );
@@ -530,49 +380,30 @@ fn card_vmm_guest_banner_snapshot_stream_and_restore() {
     assert!(cg.pids().contains(&s.pid()));
 
     let info = card.snapshot_vm(vm).expect("snapshot on the card");
-    assert!(
-        info.size >= 32 << 20,
-        "snapshot carries guest RAM: {} bytes",
-        info.size
-    );
+    assert!(info.size >= 32 << 20, "snapshot carries guest RAM: {} bytes", info.size);
     let mut image = Vec::new();
     let t = Instant::now();
-    card.read_snapshot(vm, &info, &mut image)
-        .expect("stream snapshot card -> host");
-    eprintln!(
-        "streamed {} MiB card -> host in {:?}",
-        image.len() >> 20,
-        t.elapsed()
-    );
+    card.read_snapshot(vm, &info, &mut image).expect("stream snapshot card -> host");
+    eprintln!("streamed {} MiB card -> host in {:?}", image.len() >> 20, t.elapsed());
     assert_eq!(crc32(&image), info.crc);
     // The host-side vmm can read what the card streamed: same format end to end.
-    let host_vm = vmm::Vm::restore_from(image.as_slice(), vmm::Sinks::default())
-        .expect("host restores the card's snapshot");
+    let host_vm =
+        vmm::Vm::restore_from(image.as_slice(), vmm::Sinks::default()).expect("host restores the card's snapshot");
     host_vm.resume().expect("host resumes it");
-    let pong = host_vm
-        .request(vmm::proto::op::PING, 0, Duration::from_secs(10))
-        .expect("agent answers on the host");
+    let pong = host_vm.request(vmm::proto::op::PING, 0, Duration::from_secs(10)).expect("agent answers on the host");
     assert_eq!(pong.value, vmm::proto::PONG);
     drop(host_vm);
 
     // And back to the card: restored there as a second VM that runs.
     let vm2 = card
         .restore_vm(
-            &VmSpec {
-                name: "mc-monitor-2".into(),
-                mem_mib: 32,
-                vcpus: 1,
-            },
+            &VmSpec { name: "mc-monitor-2".into(), mem_mib: 32, vcpus: 1 },
             image.len() as u64,
             &mut image.as_slice(),
         )
         .expect("stream host -> card and restore");
     let list = card.list_vms().expect("list");
-    assert!(
-        list.iter()
-            .any(|v| v.id == vm2 && v.state == VmState::Running),
-        "{list:?}"
-    );
+    assert!(list.iter().any(|v| v.id == vm2 && v.state == VmState::Running), "{list:?}");
     card.stop_vm(vm).expect("stop");
     card.stop_vm(vm2).expect("stop restored");
     assert!(card.list_vms().expect("list").is_empty());
@@ -584,11 +415,7 @@ fn crc32(b: &[u8]) -> u32 {
     for &x in b {
         crc ^= x as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
         }
     }
     !crc

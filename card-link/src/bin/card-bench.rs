@@ -31,14 +31,7 @@ impl ServerBackend for Nothing {
     fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> std::io::Result<()> {
         Ok(())
     }
-    fn dma_map(
-        &mut self,
-        _: vfio_user::DmaMapFlags,
-        _: u64,
-        _: u64,
-        _: u64,
-        _: Option<File>,
-    ) -> std::io::Result<()> {
+    fn dma_map(&mut self, _: vfio_user::DmaMapFlags, _: u64, _: u64, _: u64, _: Option<File>) -> std::io::Result<()> {
         Ok(())
     }
     fn dma_unmap(&mut self, _: vfio_user::DmaUnmapFlags, _: u64, _: u64) -> std::io::Result<()> {
@@ -102,24 +95,13 @@ fn run() -> Result<(), String> {
     let floor_s = format!("{f50:.1} µs p50 / {f99:.1} µs p99");
     let is_root = unsafe { libc::geteuid() } == 0;
     // Management VMs are real KVM guests when the agent ELF is given.
-    let guest = std::env::var_os("VMM_GUEST_ELF")
-        .map(std::path::PathBuf::from)
-        .filter(|p| p.is_file());
-    let backend = if guest.is_some() {
-        "vmm KVM guest"
-    } else {
-        "modelled VM (no VMM_GUEST_ELF)"
-    };
-    let sim = SimProcess::spawn(&SimOptions {
-        cgroup: is_root,
-        guest,
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
+    let guest = std::env::var_os("VMM_GUEST_ELF").map(std::path::PathBuf::from).filter(|p| p.is_file());
+    let backend = if guest.is_some() { "vmm KVM guest" } else { "modelled VM (no VMM_GUEST_ELF)" };
+    let sim =
+        SimProcess::spawn(&SimOptions { cgroup: is_root, guest, ..Default::default() }).map_err(|e| e.to_string())?;
     let sock: &Path = sim.socket_path();
 
-    let mut t =
-        VfioUserTransport::connect(sock, Duration::from_secs(1)).map_err(|e| e.to_string())?;
+    let mut t = VfioUserTransport::connect(sock, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     let mut w = [0u8; 4];
     let (r50, r99) = time_ops(|_| t.read(0, 0, &mut w).map_err(|e| e.to_string()))?;
     row(
@@ -130,9 +112,8 @@ fn run() -> Result<(), String> {
     );
     drop(t);
 
-    let mut card =
-        card_link::connect_vfio_user(sock, Duration::from_secs(1), CardOptions::default())
-            .map_err(|e| e.to_string())?;
+    let mut card = card_link::connect_vfio_user(sock, Duration::from_secs(1), CardOptions::default())
+        .map_err(|e| e.to_string())?;
     let (s50, s99) = time_ops(|_| card.registers().map(|_| ()).map_err(|e| e.to_string()))?;
     row(
         "register snapshot read + validate, 512 B",
@@ -140,11 +121,7 @@ fn run() -> Result<(), String> {
         floor_s.clone(),
         "10,000 reads; magic, ABI, CRC, ranges checked",
     );
-    let (m50, m99) = time_ops(|i| {
-        card.echo(i as u64, b"8 bytes!")
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })?;
+    let (m50, m99) = time_ops(|i| card.echo(i as u64, b"8 bytes!").map(|_| ()).map_err(|e| e.to_string()))?;
     row(
         "mailbox command round trip (echo)",
         format!("{m50:.1} µs p50 / {m99:.1} µs p99"),
@@ -152,11 +129,7 @@ fn run() -> Result<(), String> {
         "10,000 commands; slot write + doorbell + eventfd + slot read",
     );
 
-    let spec = VmSpec {
-        name: "bench-vm".into(),
-        mem_mib: 64,
-        vcpus: 1,
-    };
+    let spec = VmSpec { name: "bench-vm".into(), mem_mib: 64, vcpus: 1 };
     let vm = card.start_vm(&spec).map_err(|e| e.to_string())?;
     let info = card.snapshot_vm(vm).map_err(|e| e.to_string())?;
     let mut best_out = 0.0f64;
@@ -164,8 +137,7 @@ fn run() -> Result<(), String> {
     for _ in 0..3 {
         image.clear();
         let t0 = Instant::now();
-        card.read_snapshot(vm, &info, &mut image)
-            .map_err(|e| e.to_string())?;
+        card.read_snapshot(vm, &info, &mut image).map_err(|e| e.to_string())?;
         best_out = best_out.max(info.size as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64());
     }
     row(
@@ -180,29 +152,14 @@ fn run() -> Result<(), String> {
     );
     card.stop_vm(vm).map_err(|e| e.to_string())?;
     let boot = Instant::now();
-    let booted = VmSpec {
-        name: "bench-boot".into(),
-        mem_mib: 64,
-        vcpus: 1,
-    };
+    let booted = VmSpec { name: "bench-boot".into(), mem_mib: 64, vcpus: 1 };
     let vm3 = card.start_vm(&booted).map_err(|e| e.to_string())?;
     let boot_ms = boot.elapsed().as_secs_f64() * 1e3;
-    row(
-        "start VM on the card, to agent ready",
-        format!("{boot_ms:.1} ms"),
-        String::new(),
-        backend,
-    );
+    row("start VM on the card, to agent ready", format!("{boot_ms:.1} ms"), String::new(), backend);
     card.stop_vm(vm3).map_err(|e| e.to_string())?;
-    let spec2 = VmSpec {
-        name: "bench-restored".into(),
-        mem_mib: 64,
-        vcpus: 1,
-    };
+    let spec2 = VmSpec { name: "bench-restored".into(), mem_mib: 64, vcpus: 1 };
     let t0 = Instant::now();
-    let vm2 = card
-        .restore_vm(&spec2, image.len() as u64, &mut image.as_slice())
-        .map_err(|e| e.to_string())?;
+    let vm2 = card.restore_vm(&spec2, image.len() as u64, &mut image.as_slice()).map_err(|e| e.to_string())?;
     let rate_in = info.size as f64 / (1 << 20) as f64 / t0.elapsed().as_secs_f64();
     row(
         "snapshot stream host -> card (restore)",

@@ -36,26 +36,16 @@ fn run() -> Result<(), String> {
             "--control" => cfg.control = Some(PathBuf::from(val("--control")?)),
             "--cgroup" => cfg.cgroup = Some(val("--cgroup")?),
             "--period-ms" => {
-                cfg.period_ms = val("--period-ms")?
-                    .parse()
-                    .map_err(|e| format!("--period-ms: {e}"))?;
-                if !(card_link::abi::MIN_PERIOD_MS..=card_link::abi::MAX_PERIOD_MS)
-                    .contains(&cfg.period_ms)
-                {
+                cfg.period_ms = val("--period-ms")?.parse().map_err(|e| format!("--period-ms: {e}"))?;
+                if !(card_link::abi::MIN_PERIOD_MS..=card_link::abi::MAX_PERIOD_MS).contains(&cfg.period_ms) {
                     return Err("--period-ms must be 10..=60000".into());
                 }
             }
             "--load-threads" => {
-                cfg.load_threads = val("--load-threads")?
-                    .parse()
-                    .map_err(|e| format!("--load-threads: {e}"))?
+                cfg.load_threads = val("--load-threads")?.parse().map_err(|e| format!("--load-threads: {e}"))?
             }
             "--guest" => guest = Some(PathBuf::from(val("--guest")?)),
-            "--serial" => {
-                cfg.serial = val("--serial")?
-                    .parse()
-                    .map_err(|e| format!("--serial: {e}"))?
-            }
+            "--serial" => cfg.serial = val("--serial")?.parse().map_err(|e| format!("--serial: {e}"))?,
             "-h" | "--help" => {
                 println!("card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N] [--load-threads N] [--serial N] [--guest AGENT_ELF]");
                 return Ok(());
@@ -65,9 +55,7 @@ fn run() -> Result<(), String> {
     }
     cfg.socket = socket.ok_or("--socket is required")?;
     if let Some(name) = &cfg.cgroup {
-        CardCgroup::locate(name)
-            .join(std::process::id())
-            .map_err(|e| format!("join cgroup {name}: {e}"))?;
+        CardCgroup::locate(name).join(std::process::id()).map_err(|e| format!("join cgroup {name}: {e}"))?;
     }
     let card = match guest {
         Some(g) => {
@@ -81,8 +69,7 @@ fn run() -> Result<(), String> {
     card.spawn_threads();
     if let Some(path) = &cfg.control {
         let _ = std::fs::remove_file(path);
-        let l = UnixListener::bind(path)
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        let l = UnixListener::bind(path).map_err(|e| format!("control socket {}: {e}", path.display()))?;
         let c = card.clone();
         std::thread::Builder::new()
             .name("control".into())

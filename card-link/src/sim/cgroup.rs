@@ -14,12 +14,7 @@ pub enum Layout {
     /// Pure cgroup v2: one directory with cpu.max, cpu.stat, memory.max, memory.current.
     V2 { dir: PathBuf },
     /// Hybrid: v1 cpu (quota), cpuacct (usage), memory; v2 unified dir for identity.
-    Hybrid {
-        cpu: PathBuf,
-        cpuacct: PathBuf,
-        memory: PathBuf,
-        unified: Option<PathBuf>,
-    },
+    Hybrid { cpu: PathBuf, cpuacct: PathBuf, memory: PathBuf, unified: Option<PathBuf> },
 }
 
 #[derive(Clone, Debug)]
@@ -29,22 +24,12 @@ pub struct CardCgroup {
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("write {value:?} to {}: {e}", path.display()),
-        )
-    })
+    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("write {value:?} to {}: {e}", path.display())))
 }
 
 fn read_u64(path: &Path) -> io::Result<u64> {
     let s = fs::read_to_string(path)?;
-    s.trim().parse::<u64>().map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{}: {e}", path.display()),
-        )
-    })
+    s.trim().parse::<u64>().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display())))
 }
 
 pub fn is_pure_v2() -> bool {
@@ -56,36 +41,23 @@ impl CardCgroup {
     pub fn locate(name: &str) -> CardCgroup {
         let root = Path::new(ROOT);
         let layout = if is_pure_v2() {
-            Layout::V2 {
-                dir: root.join(name),
-            }
+            Layout::V2 { dir: root.join(name) }
         } else {
             let unified = root.join("unified");
             Layout::Hybrid {
                 cpu: root.join("cpu").join(name),
                 cpuacct: root.join("cpuacct").join(name),
                 memory: root.join("memory").join(name),
-                unified: unified
-                    .join("cgroup.procs")
-                    .exists()
-                    .then(|| unified.join(name)),
+                unified: unified.join("cgroup.procs").exists().then(|| unified.join(name)),
             }
         };
-        CardCgroup {
-            name: name.to_string(),
-            layout,
-        }
+        CardCgroup { name: name.to_string(), layout }
     }
 
     fn dirs(&self) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V2 { dir } => vec![dir.clone()],
-            Layout::Hybrid {
-                cpu,
-                cpuacct,
-                memory,
-                unified,
-            } => {
+            Layout::Hybrid { cpu, cpuacct, memory, unified } => {
                 let mut v = vec![cpu.clone(), cpuacct.clone(), memory.clone()];
                 v.extend(unified.clone());
                 v
@@ -101,20 +73,12 @@ impl CardCgroup {
         match &cg.layout {
             Layout::V2 { dir } => {
                 // Enable the controllers for children of the root; harmless if already on.
-                let _ = write(
-                    &Path::new(ROOT).join("cgroup.subtree_control"),
-                    "+cpu +memory",
-                );
+                let _ = write(&Path::new(ROOT).join("cgroup.subtree_control"), "+cpu +memory");
                 fs::create_dir_all(dir)?;
                 write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                 write(&dir.join("memory.max"), &mem_bytes.to_string())?;
             }
-            Layout::Hybrid {
-                cpu,
-                cpuacct,
-                memory,
-                unified,
-            } => {
+            Layout::Hybrid { cpu, cpuacct, memory, unified } => {
                 for d in [cpu, cpuacct, memory] {
                     fs::create_dir_all(d)?;
                 }
@@ -123,10 +87,7 @@ impl CardCgroup {
                 }
                 write(&cpu.join("cpu.cfs_period_us"), &period.to_string())?;
                 write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
-                write(
-                    &memory.join("memory.limit_in_bytes"),
-                    &mem_bytes.to_string(),
-                )?;
+                write(&memory.join("memory.limit_in_bytes"), &mem_bytes.to_string())?;
             }
         }
         Ok(cg)
@@ -148,9 +109,7 @@ impl CardCgroup {
                 let usec = s
                     .lines()
                     .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse::<u64>().ok())
-                    .ok_or_else(|| {
-                        io::Error::new(io::ErrorKind::InvalidData, "cpu.stat has no usage_usec")
-                    })?;
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "cpu.stat has no usage_usec"))?;
                 Ok(usec * 1000)
             }
             Layout::Hybrid { cpuacct, .. } => read_u64(&cpuacct.join("cpuacct.usage")),
@@ -166,9 +125,7 @@ impl CardCgroup {
 
     pub fn memory_peak(&self) -> io::Result<u64> {
         match &self.layout {
-            Layout::V2 { dir } => {
-                read_u64(&dir.join("memory.peak")).or_else(|_| self.memory_bytes())
-            }
+            Layout::V2 { dir } => read_u64(&dir.join("memory.peak")).or_else(|_| self.memory_bytes()),
             Layout::Hybrid { memory, .. } => read_u64(&memory.join("memory.max_usage_in_bytes")),
         }
     }
@@ -190,28 +147,16 @@ impl CardCgroup {
                 let s = fs::read_to_string(dir.join("cpu.max"))?;
                 let mut it = s.split_whitespace();
                 let q = it.next().unwrap_or("max");
-                let p = it
-                    .next()
-                    .and_then(|p| p.parse::<u64>().ok())
-                    .unwrap_or(100_000);
+                let p = it.next().and_then(|p| p.parse::<u64>().ok()).unwrap_or(100_000);
                 (q.parse::<u64>().ok(), p)
             }
             Layout::Hybrid { cpu, .. } => {
                 let q = fs::read_to_string(cpu.join("cpu.cfs_quota_us"))?;
                 let p = read_u64(&cpu.join("cpu.cfs_period_us"))?;
-                (
-                    q.trim()
-                        .parse::<i64>()
-                        .ok()
-                        .filter(|&q| q > 0)
-                        .map(|q| q as u64),
-                    p,
-                )
+                (q.trim().parse::<i64>().ok().filter(|&q| q > 0).map(|q| q as u64), p)
             }
         };
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get() as u64)
-            .unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
         Ok(match quota {
             Some(q) if period > 0 => q * 1_000_000_000 / period,
             _ => cpus * 1_000_000_000,
@@ -244,10 +189,7 @@ impl CardCgroup {
                     r = fs::remove_dir(&d);
                 }
                 if let Err(e) = r {
-                    last = Err(io::Error::new(
-                        e.kind(),
-                        format!("rmdir {}: {e}", d.display()),
-                    ));
+                    last = Err(io::Error::new(e.kind(), format!("rmdir {}: {e}", d.display())));
                 }
             }
         }

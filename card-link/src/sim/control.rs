@@ -18,9 +18,7 @@ pub fn serve(card: Arc<SimCard>, listener: UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let c = card.clone();
-        let _ = std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || handle_conn(c, conn));
+        let _ = std::thread::Builder::new().name("control".into()).spawn(move || handle_conn(c, conn));
     }
 }
 
@@ -62,10 +60,7 @@ fn num(v: &Value, field: &str) -> Result<Option<f64>, String> {
 
 /// Apply one control request. Requests are checked whole before anything is applied.
 pub fn apply(card: &SimCard, v: &Value) -> Result<Value, String> {
-    let op = v
-        .get("op")
-        .and_then(Value::as_str)
-        .ok_or("field op: missing")?;
+    let op = v.get("op").and_then(Value::as_str).ok_or("field op: missing")?;
     match op {
         "status" => Ok(json!({
             "pid": std::process::id(),
@@ -88,13 +83,8 @@ pub fn apply(card: &SimCard, v: &Value) -> Result<Value, String> {
                     return Err("field net_target: only loopback peers are allowed".into());
                 }
             }
-            if cpu.is_some_and(|c| c > 64.0)
-                || mem.is_some_and(|m| m > 65536.0)
-                || fpga.is_some_and(|f| f > 1.0)
-            {
-                return Err(
-                    "load out of range: cpu <= 64 cores, mem_mib <= 65536, fpga <= 1".into(),
-                );
+            if cpu.is_some_and(|c| c > 64.0) || mem.is_some_and(|m| m > 65536.0) || fpga.is_some_and(|f| f > 1.0) {
+                return Err("load out of range: cpu <= 64 cores, mem_mib <= 65536, fpga <= 1".into());
             }
             if let Some(c) = cpu {
                 card.cpu.set(c, card.cfg.load_threads);
@@ -117,54 +107,31 @@ pub fn apply(card: &SimCard, v: &Value) -> Result<Value, String> {
             Ok(json!({"queued": queued}))
         }
         "fault" => {
-            let kind = v
-                .get("fault")
-                .and_then(Value::as_str)
-                .ok_or("field fault: missing")?;
+            let kind = v.get("fault").and_then(Value::as_str).ok_or("field fault: missing")?;
             let on = v.get("on").and_then(Value::as_bool).unwrap_or(true);
             match kind {
                 "stall" => card.faults.stall.store(on, Ordering::Relaxed),
                 "garbage" => card.faults.garbage.store(on, Ordering::Relaxed),
                 "slow" => {
                     let ms = num(v, "slow_ms")?.unwrap_or(1000.0).min(600_000.0) as u64;
-                    card.faults
-                        .slow_ms
-                        .store(if on { ms } else { 0 }, Ordering::Relaxed);
+                    card.faults.slow_ms.store(if on { ms } else { 0 }, Ordering::Relaxed);
                 }
                 "crash" => {
                     // Die the way crashed firmware does: no cleanup, no goodbye.
                     std::process::abort();
                 }
-                other => {
-                    return Err(format!(
-                        "field fault: unknown fault {other:?} (stall, garbage, slow, crash)"
-                    ))
-                }
+                other => return Err(format!("field fault: unknown fault {other:?} (stall, garbage, slow, crash)")),
             }
-            card.log(
-                0,
-                3,
-                format!("fault {kind} {}", if on { "injected" } else { "cleared" }),
-            );
+            card.log(0, 3, format!("fault {kind} {}", if on { "injected" } else { "cleared" }));
             Ok(json!({}))
         }
         "ecs" => {
-            let req = v
-                .get("request")
-                .and_then(Value::as_str)
-                .ok_or("field request: missing")?;
+            let req = v.get("request").and_then(Value::as_str).ok_or("field request: missing")?;
             match req {
                 "create_vm" => {
-                    let name = v
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .ok_or("field name: missing")?;
+                    let name = v.get("name").and_then(Value::as_str).ok_or("field name: missing")?;
                     let mem_mib = num(v, "mem_mib")?.unwrap_or(16.0) as u32;
-                    let spec = VmSpec {
-                        name: name.to_string(),
-                        mem_mib,
-                        vcpus: 1,
-                    };
+                    let spec = VmSpec { name: name.to_string(), mem_mib, vcpus: 1 };
                     let id = card.ecs_create(&spec)?;
                     Ok(json!({"vm": id}))
                 }
@@ -173,13 +140,9 @@ pub fn apply(card: &SimCard, v: &Value) -> Result<Value, String> {
                     card.ecs_destroy(id)?;
                     Ok(json!({}))
                 }
-                other => Err(format!(
-                    "field request: unknown service request {other:?} (create_vm, destroy_vm)"
-                )),
+                other => Err(format!("field request: unknown service request {other:?} (create_vm, destroy_vm)")),
             }
         }
-        other => Err(format!(
-            "field op: unknown op {other:?} (status, load, fpga_jobs, fault, ecs)"
-        )),
+        other => Err(format!("field op: unknown op {other:?} (status, load, fpga_jobs, fault, ecs)")),
     }
 }

@@ -12,10 +12,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vfio_bindings::bindings::vfio::{
-    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX,
-    VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
-    VFIO_REGION_INFO_FLAG_WRITE,
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{IrqInfo, Server, ServerBackend, ServerRegion};
 
@@ -144,28 +143,15 @@ impl SimCard {
             mem: MemLoad::default(),
             net: NetClient::start(),
             fpga: Fpga::start(),
-            vms: Mutex::new(VmTable {
-                backend,
-                next_id: 1,
-                vms: BTreeMap::new(),
-                restores: BTreeMap::new(),
-            }),
-            events: Mutex::new(EventLog {
-                next_seq: 1,
-                entries: VecDeque::new(),
-            }),
+            vms: Mutex::new(VmTable { backend, next_id: 1, vms: BTreeMap::new(), restores: BTreeMap::new() }),
+            events: Mutex::new(EventLog { next_seq: 1, entries: VecDeque::new() }),
             stop: AtomicBool::new(false),
             cfg,
         });
         card.log(
             0,
             1,
-            format!(
-                "card-sim up: serial {:#x}, ABI {}.{}",
-                card.cfg.serial,
-                abi::ABI_MAJOR,
-                abi::ABI_MINOR
-            ),
+            format!("card-sim up: serial {:#x}, ABI {}.{}", card.cfg.serial, abi::ABI_MAJOR, abi::ABI_MINOR),
         );
         card.refresh();
         card
@@ -174,25 +160,21 @@ impl SimCard {
     /// Start the heartbeat and mailbox threads.
     pub fn spawn_threads(self: &Arc<Self>) {
         let c = self.clone();
-        let _ = std::thread::Builder::new()
-            .name("heartbeat".into())
-            .spawn(move || {
-                let period = Duration::from_millis(c.cfg.period_ms as u64);
-                let mut next = Instant::now() + period;
-                while !c.stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
-                    next += period;
-                    if !c.faults.stall.load(Ordering::Relaxed) {
-                        c.heartbeat.fetch_add(1, Ordering::Relaxed);
-                    }
-                    c.drain_consoles();
-                    c.refresh();
+        let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+            let period = Duration::from_millis(c.cfg.period_ms as u64);
+            let mut next = Instant::now() + period;
+            while !c.stop.load(Ordering::Relaxed) {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next += period;
+                if !c.faults.stall.load(Ordering::Relaxed) {
+                    c.heartbeat.fetch_add(1, Ordering::Relaxed);
                 }
-            });
+                c.drain_consoles();
+                c.refresh();
+            }
+        });
         let c = self.clone();
-        let _ = std::thread::Builder::new()
-            .name("mailbox".into())
-            .spawn(move || c.mailbox_loop());
+        let _ = std::thread::Builder::new().name("mailbox".into()).spawn(move || c.mailbox_loop());
     }
 
     pub fn shutdown(&self) {
@@ -209,13 +191,7 @@ impl SimCard {
         let seq = l.next_seq;
         l.next_seq += 1;
         let time_ns = self.start.elapsed().as_nanos() as u64;
-        l.entries.push_back(Event {
-            seq,
-            time_ns,
-            vm,
-            level,
-            message,
-        });
+        l.entries.push_back(Event { seq, time_ns, vm, level, message });
         while l.entries.len() > EVENT_CAP {
             l.entries.pop_front();
         }
@@ -224,10 +200,7 @@ impl SimCard {
     fn drain_consoles(&self) {
         let lines: Vec<(u32, String)> = {
             let mut t = lock(&self.vms);
-            t.vms
-                .iter_mut()
-                .flat_map(|(id, e)| e.vm.take_console().into_iter().map(move |l| (*id, l)))
-                .collect()
+            t.vms.iter_mut().flat_map(|(id, e)| e.vm.take_console().into_iter().map(move |l| (*id, l))).collect()
         };
         for (id, l) in lines {
             self.log(id, 2, l);
@@ -285,18 +258,8 @@ impl SimCard {
                     used: self.fpga.depth(),
                     total: self.fpga.busy_ns(),
                 },
-                Resource {
-                    kind: ResourceKind::Cpu,
-                    capacity: cpu_cap,
-                    used: 0,
-                    total: cpu_ns,
-                },
-                Resource {
-                    kind: ResourceKind::Memory,
-                    capacity: limit,
-                    used: mem,
-                    total: peak,
-                },
+                Resource { kind: ResourceKind::Cpu, capacity: cpu_cap, used: 0, total: cpu_ns },
+                Resource { kind: ResourceKind::Memory, capacity: limit, used: mem, total: peak },
                 Resource {
                     kind: ResourceKind::Network,
                     capacity: self.cfg.net_capacity_bps.max(1),
@@ -383,18 +346,10 @@ impl SimCard {
             }
             let resp = match req {
                 Ok(m) if m.kind == mailbox::Kind::Request => self.handle(&m, max_payload),
-                Ok(m) => {
-                    Message::response_to(&m, Status::BadRequest, 0, 0, b"not a request".to_vec())
-                }
+                Ok(m) => Message::response_to(&m, Status::BadRequest, 0, 0, b"not a request".to_vec()),
                 Err(e) => {
                     let dummy = Message::request(Op::Echo, 0, 0, 0, 0, Vec::new());
-                    Message::response_to(
-                        &dummy,
-                        Status::BadRequest,
-                        0,
-                        0,
-                        e.to_string().into_bytes(),
-                    )
+                    Message::response_to(&dummy, Status::BadRequest, 0, 0, e.to_string().into_bytes())
                 }
             };
             {
@@ -420,11 +375,7 @@ impl SimCard {
         }
     }
 
-    fn execute(
-        &self,
-        m: &Message,
-        max_payload: usize,
-    ) -> Result<(u64, u64, Vec<u8>), (Status, String)> {
+    fn execute(&self, m: &Message, max_payload: usize) -> Result<(u64, u64, Vec<u8>), (Status, String)> {
         let bad = |s: String| (Status::BadRequest, s);
         let no_vm = || (Status::NoSuchVm, format!("no VM {}", m.vm));
         let vmerr = |s: String| (Status::Internal, s);
@@ -442,21 +393,9 @@ impl SimCard {
                 let id = t.next_id;
                 t.next_id += 1;
                 let vm = t.backend.start(id, &spec).map_err(vmerr)?;
-                t.vms.insert(
-                    id,
-                    VmEntry {
-                        spec: spec.clone(),
-                        state: VmState::Running,
-                        vm,
-                        snapshot: None,
-                    },
-                );
+                t.vms.insert(id, VmEntry { spec: spec.clone(), state: VmState::Running, vm, snapshot: None });
                 drop(t);
-                self.log(
-                    id,
-                    1,
-                    format!("started VM {} ({} MiB)", spec.name, spec.mem_mib),
-                );
+                self.log(id, 1, format!("started VM {} ({} MiB)", spec.name, spec.mem_mib));
                 self.drain_consoles();
                 Ok((id as u64, 0, Vec::new()))
             }
@@ -494,27 +433,16 @@ impl SimCard {
                 let (len, crc) = (img.len() as u64, crc32fast::hash(&img));
                 e.snapshot = Some(img);
                 drop(t);
-                self.log(
-                    m.vm,
-                    1,
-                    format!("snapshot of VM {} taken: {len} bytes", m.vm),
-                );
+                self.log(m.vm, 1, format!("snapshot of VM {} taken: {len} bytes", m.vm));
                 Ok((len, crc as u64, Vec::new()))
             }
             Op::SnapshotRead => {
                 let t = lock(&self.vms);
                 let e = t.vms.get(&m.vm).ok_or_else(no_vm)?;
-                let img = e
-                    .snapshot
-                    .as_ref()
-                    .ok_or((Status::BadState, "no snapshot taken".to_string()))?;
+                let img = e.snapshot.as_ref().ok_or((Status::BadState, "no snapshot taken".to_string()))?;
                 let (off, len) = (m.arg0, m.arg1);
-                let end = off
-                    .checked_add(len)
-                    .filter(|&e| e <= img.len() as u64 && len as usize <= max_payload);
-                let end = end.ok_or_else(|| {
-                    bad(format!("chunk {off}+{len} outside image of {}", img.len()))
-                })?;
+                let end = off.checked_add(len).filter(|&e| e <= img.len() as u64 && len as usize <= max_payload);
+                let end = end.ok_or_else(|| bad(format!("chunk {off}+{len} outside image of {}", img.len())))?;
                 Ok((off, 0, img[off as usize..end as usize].to_vec()))
             }
             Op::RestoreBegin => {
@@ -525,26 +453,14 @@ impl SimCard {
                 let mut t = lock(&self.vms);
                 let id = t.next_id;
                 t.next_id += 1;
-                t.restores.insert(
-                    id,
-                    Restore {
-                        spec,
-                        size: m.arg0,
-                        data: Vec::with_capacity(m.arg0 as usize),
-                    },
-                );
+                t.restores.insert(id, Restore { spec, size: m.arg0, data: Vec::with_capacity(m.arg0 as usize) });
                 Ok((id as u64, 0, Vec::new()))
             }
             Op::RestoreWrite => {
                 let mut t = lock(&self.vms);
                 let r = t.restores.get_mut(&m.vm).ok_or_else(no_vm)?;
-                if m.arg0 != r.data.len() as u64
-                    || r.data.len() as u64 + m.payload.len() as u64 > r.size
-                {
-                    return Err(bad(format!(
-                        "chunk at {} out of order or past {} bytes",
-                        m.arg0, r.size
-                    )));
+                if m.arg0 != r.data.len() as u64 || r.data.len() as u64 + m.payload.len() as u64 > r.size {
+                    return Err(bad(format!("chunk at {} out of order or past {} bytes", m.arg0, r.size)));
                 }
                 r.data.extend_from_slice(&m.payload);
                 Ok((r.data.len() as u64, 0, Vec::new()))
@@ -554,22 +470,10 @@ impl SimCard {
                 let r = t.restores.remove(&m.vm).ok_or_else(no_vm)?;
                 let crc = crc32fast::hash(&r.data) as u64;
                 if r.data.len() as u64 != r.size || crc != m.arg0 {
-                    return Err(bad(format!(
-                        "image incomplete or corrupt ({} of {} bytes)",
-                        r.data.len(),
-                        r.size
-                    )));
+                    return Err(bad(format!("image incomplete or corrupt ({} of {} bytes)", r.data.len(), r.size)));
                 }
                 let vm = t.backend.restore(m.vm, &r.spec, &r.data).map_err(vmerr)?;
-                t.vms.insert(
-                    m.vm,
-                    VmEntry {
-                        spec: r.spec,
-                        state: VmState::Running,
-                        vm,
-                        snapshot: None,
-                    },
-                );
+                t.vms.insert(m.vm, VmEntry { spec: r.spec, state: VmState::Running, vm, snapshot: None });
                 drop(t);
                 self.log(m.vm, 1, format!("restored VM {}", m.vm));
                 self.drain_consoles();
@@ -633,15 +537,7 @@ impl SimCard {
 
 /// Commands cheap enough to answer on the vfio-user thread.
 fn quick(op: Op) -> bool {
-    matches!(
-        op,
-        Op::Echo
-            | Op::ListVms
-            | Op::ReadEvents
-            | Op::SnapshotRead
-            | Op::RestoreBegin
-            | Op::RestoreWrite
-    )
+    matches!(op, Op::Echo | Op::ListVms | Op::ReadEvents | Op::SnapshotRead | Op::RestoreBegin | Op::RestoreWrite)
 }
 
 /// The vfio-user device backend handing region accesses to the card.
@@ -652,23 +548,11 @@ fn einval(what: String) -> std::io::Error {
 }
 
 impl ServerBackend for Backend {
-    fn region_read(
-        &mut self,
-        region: u32,
-        offset: u64,
-        data: &mut [u8],
-    ) -> Result<(), std::io::Error> {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), std::io::Error> {
         let c = &self.0;
         let copy = |src: &[u8], data: &mut [u8]| -> Result<(), std::io::Error> {
-            let end = (offset as usize)
-                .checked_add(data.len())
-                .filter(|&e| e <= src.len());
-            let end = end.ok_or_else(|| {
-                einval(format!(
-                    "read {offset:#x}+{} outside region {region}",
-                    data.len()
-                ))
-            })?;
+            let end = (offset as usize).checked_add(data.len()).filter(|&e| e <= src.len());
+            let end = end.ok_or_else(|| einval(format!("read {offset:#x}+{} outside region {region}", data.len())))?;
             data.copy_from_slice(&src[offset as usize..end]);
             Ok(())
         };
@@ -688,29 +572,19 @@ impl ServerBackend for Backend {
         }
     }
 
-    fn region_write(
-        &mut self,
-        region: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<(), std::io::Error> {
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         if region != VFIO_PCI_BAR2_REGION_INDEX {
             return Ok(()); // config space and BAR0 writes are ignored, as on the board
         }
         let c = &self.0;
         let (slots, slot_size) = (c.cfg.slots as u64, c.cfg.slot_size as u64);
         let req_ring = mailbox::RINGS_OFFSET..mailbox::RINGS_OFFSET + slots * slot_size;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| einval("overflow".into()))?;
+        let end = offset.checked_add(data.len() as u64).ok_or_else(|| einval("overflow".into()))?;
         let doorbell = offset == mailbox::REG_REQ_PRODUCED && data.len() == 4;
         let consumed = offset == mailbox::REG_RESP_CONSUMED && data.len() == 4;
         let in_ring = req_ring.contains(&offset) && end <= req_ring.end;
         if !(doorbell || consumed || in_ring) {
-            return Err(einval(format!(
-                "write {offset:#x}+{} is not host-writable",
-                data.len()
-            )));
+            return Err(einval(format!("write {offset:#x}+{} is not host-writable", data.len())));
         }
         lock(&c.bar2)[offset as usize..end as usize].copy_from_slice(data);
         if doorbell {
@@ -730,12 +604,7 @@ impl ServerBackend for Backend {
         Ok(())
     }
 
-    fn dma_unmap(
-        &mut self,
-        _: vfio_user::DmaUnmapFlags,
-        _: u64,
-        _: u64,
-    ) -> Result<(), std::io::Error> {
+    fn dma_unmap(&mut self, _: vfio_user::DmaUnmapFlags, _: u64, _: u64) -> Result<(), std::io::Error> {
         Ok(())
     }
 
@@ -752,11 +621,7 @@ impl ServerBackend for Backend {
         fds: Vec<File>,
     ) -> Result<(), std::io::Error> {
         if index == VFIO_PCI_MSIX_IRQ_INDEX {
-            *lock(&self.0.irq) = if count > 0 {
-                fds.into_iter().next()
-            } else {
-                None
-            };
+            *lock(&self.0.irq) = if count > 0 { fds.into_iter().next() } else { None };
         }
         Ok(())
     }
@@ -776,11 +641,8 @@ fn garbage(data: &mut [u8]) {
 pub fn regions(cfg: &SimConfig) -> Vec<ServerRegion> {
     (0..VFIO_PCI_NUM_REGIONS)
         .map(|index| {
-            let mut info = vfio_region_info {
-                argsz: size_of::<vfio_region_info>() as u32,
-                index,
-                ..Default::default()
-            };
+            let mut info =
+                vfio_region_info { argsz: size_of::<vfio_region_info>() as u32, index, ..Default::default() };
             let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
             match index {
                 VFIO_PCI_BAR0_REGION_INDEX => {
@@ -797,11 +659,7 @@ pub fn regions(cfg: &SimConfig) -> Vec<ServerRegion> {
                 }
                 _ => {}
             }
-            ServerRegion {
-                region_info: info,
-                sparse_areas: Vec::new(),
-                mmap_fd: None,
-            }
+            ServerRegion { region_info: info, sparse_areas: Vec::new(), mmap_fd: None }
         })
         .collect()
 }
@@ -811,11 +669,7 @@ pub fn irqs() -> Vec<IrqInfo> {
         .map(|index| IrqInfo {
             index,
             count: u32::from(index == VFIO_PCI_MSIX_IRQ_INDEX),
-            flags: if index == VFIO_PCI_MSIX_IRQ_INDEX {
-                VFIO_IRQ_INFO_EVENTFD
-            } else {
-                0
-            },
+            flags: if index == VFIO_PCI_MSIX_IRQ_INDEX { VFIO_IRQ_INFO_EVENTFD } else { 0 },
         })
         .collect()
 }

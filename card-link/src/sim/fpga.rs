@@ -32,58 +32,47 @@ impl Fpga {
         let offered_ppm = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (q, busy, done, stop) =
-                (queue.clone(), busy_ns.clone(), done.clone(), stop.clone());
-            let _ = std::thread::Builder::new()
-                .name("fpga-engine".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        let job = {
-                            let (m, cv) = &*q;
-                            let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-                            while g.jobs.is_empty() && !stop.load(Ordering::Relaxed) {
-                                g = cv
-                                    .wait_timeout(g, Duration::from_millis(50))
-                                    .map(|r| r.0)
-                                    .unwrap_or_else(|e| e.into_inner().0);
-                            }
-                            g.jobs.pop_front()
-                        };
-                        if let Some(t) = job {
-                            let start = Instant::now();
-                            std::thread::sleep(t);
-                            busy.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                            done.fetch_add(1, Ordering::Relaxed);
+            let (q, busy, done, stop) = (queue.clone(), busy_ns.clone(), done.clone(), stop.clone());
+            let _ = std::thread::Builder::new().name("fpga-engine".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let job = {
+                        let (m, cv) = &*q;
+                        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+                        while g.jobs.is_empty() && !stop.load(Ordering::Relaxed) {
+                            g = cv
+                                .wait_timeout(g, Duration::from_millis(50))
+                                .map(|r| r.0)
+                                .unwrap_or_else(|e| e.into_inner().0);
                         }
+                        g.jobs.pop_front()
+                    };
+                    if let Some(t) = job {
+                        let start = Instant::now();
+                        std::thread::sleep(t);
+                        busy.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        done.fetch_add(1, Ordering::Relaxed);
                     }
-                });
+                }
+            });
         }
         {
             // The knob's job generator: 1 ms jobs at the offered rate.
             let (q, offered, stop) = (queue.clone(), offered_ppm.clone(), stop.clone());
-            let _ = std::thread::Builder::new()
-                .name("fpga-load".into())
-                .spawn(move || {
-                    let mut credit = 0.0f64;
-                    let tick = Duration::from_millis(10);
-                    while !stop.load(Ordering::Relaxed) {
-                        let rho = offered.load(Ordering::Relaxed) as f64 / 1e6;
-                        credit += rho * 10.0; // 10 ms tick / 1 ms jobs
-                        while credit >= 1.0 {
-                            credit -= 1.0;
-                            push(&q, Duration::from_millis(1));
-                        }
-                        std::thread::sleep(tick);
+            let _ = std::thread::Builder::new().name("fpga-load".into()).spawn(move || {
+                let mut credit = 0.0f64;
+                let tick = Duration::from_millis(10);
+                while !stop.load(Ordering::Relaxed) {
+                    let rho = offered.load(Ordering::Relaxed) as f64 / 1e6;
+                    credit += rho * 10.0; // 10 ms tick / 1 ms jobs
+                    while credit >= 1.0 {
+                        credit -= 1.0;
+                        push(&q, Duration::from_millis(1));
                     }
-                });
+                    std::thread::sleep(tick);
+                }
+            });
         }
-        Fpga {
-            queue,
-            busy_ns,
-            done,
-            offered_ppm,
-            stop,
-        }
+        Fpga { queue, busy_ns, done, offered_ppm, stop }
     }
 
     /// Submit `count` jobs of `service` each (the "real work routed through it").
@@ -98,8 +87,7 @@ impl Fpga {
     }
 
     pub fn set_offered(&self, ratio: f64) {
-        self.offered_ppm
-            .store((ratio.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+        self.offered_ppm.store((ratio.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
     }
 
     pub fn busy_ns(&self) -> u64 {
@@ -111,11 +99,7 @@ impl Fpga {
     }
 
     pub fn depth(&self) -> u64 {
-        self.queue
-            .0
-            .lock()
-            .map(|g| g.jobs.len() as u64)
-            .unwrap_or(0)
+        self.queue.0.lock().map(|g| g.jobs.len() as u64).unwrap_or(0)
     }
 }
 

@@ -22,30 +22,26 @@ impl CpuLoad {
         for i in 0..threads.max(1) {
             let duty = duty_ppm.clone();
             let stop = stop.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("cpu-load-{i}"))
-                .spawn(move || {
-                    let window = Duration::from_millis(10);
-                    while !stop.load(Ordering::Relaxed) {
-                        let d = duty.load(Ordering::Relaxed).min(1_000_000);
-                        if d == 0 {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        }
-                        let start = Instant::now();
-                        let busy = window.mul_f64(d as f64 / 1e6);
-                        let mut x = 0u64;
-                        while start.elapsed() < busy {
-                            x = std::hint::black_box(
-                                x.wrapping_mul(6364136223846793005).wrapping_add(1),
-                            );
-                        }
-                        let rest = window.saturating_sub(start.elapsed());
-                        if !rest.is_zero() {
-                            std::thread::sleep(rest);
-                        }
+            let _ = std::thread::Builder::new().name(format!("cpu-load-{i}")).spawn(move || {
+                let window = Duration::from_millis(10);
+                while !stop.load(Ordering::Relaxed) {
+                    let d = duty.load(Ordering::Relaxed).min(1_000_000);
+                    if d == 0 {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
                     }
-                });
+                    let start = Instant::now();
+                    let busy = window.mul_f64(d as f64 / 1e6);
+                    let mut x = 0u64;
+                    while start.elapsed() < busy {
+                        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                    }
+                    let rest = window.saturating_sub(start.elapsed());
+                    if !rest.is_zero() {
+                        std::thread::sleep(rest);
+                    }
+                }
+            });
         }
         CpuLoad { duty_ppm, stop }
     }
@@ -100,59 +96,45 @@ impl NetClient {
         let rate_bps = Arc::new(AtomicU64::new(0));
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
-        let (b, r, t, s) = (
-            bytes.clone(),
-            rate_bps.clone(),
-            target.clone(),
-            stop.clone(),
-        );
-        let _ = std::thread::Builder::new()
-            .name("net-client".into())
-            .spawn(move || {
-                let mut conn: Option<(SocketAddr, TcpStream)> = None;
-                let buf = vec![0x5au8; 16 * 1024];
-                let tick = Duration::from_millis(10);
-                while !s.load(Ordering::Relaxed) {
-                    let start = Instant::now();
-                    let rate = r.load(Ordering::Relaxed);
-                    let want = *t.lock().unwrap_or_else(|e| e.into_inner());
-                    match (want, rate) {
-                        (Some(addr), rate) if rate > 0 => {
-                            if conn.as_ref().map(|(a, _)| *a != addr).unwrap_or(true) {
-                                conn =
-                                    TcpStream::connect_timeout(&addr, Duration::from_millis(500))
-                                        .ok()
-                                        .map(|c| (addr, c));
-                            }
-                            if let Some((_, c)) = conn.as_mut() {
-                                let mut left = (rate as f64 * tick.as_secs_f64()) as usize;
-                                while left > 0 {
-                                    let n = left.min(buf.len());
-                                    match c.write(&buf[..n]) {
-                                        Ok(w) => {
-                                            b.fetch_add(w as u64, Ordering::Relaxed);
-                                            left -= w;
-                                        }
-                                        Err(_) => {
-                                            conn = None;
-                                            break;
-                                        }
+        let (b, r, t, s) = (bytes.clone(), rate_bps.clone(), target.clone(), stop.clone());
+        let _ = std::thread::Builder::new().name("net-client".into()).spawn(move || {
+            let mut conn: Option<(SocketAddr, TcpStream)> = None;
+            let buf = vec![0x5au8; 16 * 1024];
+            let tick = Duration::from_millis(10);
+            while !s.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let rate = r.load(Ordering::Relaxed);
+                let want = *t.lock().unwrap_or_else(|e| e.into_inner());
+                match (want, rate) {
+                    (Some(addr), rate) if rate > 0 => {
+                        if conn.as_ref().map(|(a, _)| *a != addr).unwrap_or(true) {
+                            conn =
+                                TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok().map(|c| (addr, c));
+                        }
+                        if let Some((_, c)) = conn.as_mut() {
+                            let mut left = (rate as f64 * tick.as_secs_f64()) as usize;
+                            while left > 0 {
+                                let n = left.min(buf.len());
+                                match c.write(&buf[..n]) {
+                                    Ok(w) => {
+                                        b.fetch_add(w as u64, Ordering::Relaxed);
+                                        left -= w;
+                                    }
+                                    Err(_) => {
+                                        conn = None;
+                                        break;
                                     }
                                 }
                             }
                         }
-                        _ => conn = None,
                     }
-                    let rest = tick.saturating_sub(start.elapsed());
-                    std::thread::sleep(rest);
+                    _ => conn = None,
                 }
-            });
-        NetClient {
-            bytes,
-            rate_bps,
-            target,
-            stop,
-        }
+                let rest = tick.saturating_sub(start.elapsed());
+                std::thread::sleep(rest);
+            }
+        });
+        NetClient { bytes, rate_bps, target, stop }
     }
 
     pub fn set(&self, target: Option<SocketAddr>, rate_bps: u64) {

@@ -33,13 +33,7 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions {
-            cpus: 1.0,
-            mem_bytes: 512 << 20,
-            period_ms: 100,
-            cgroup: true,
-            guest: None,
-        }
+        SimOptions { cpus: 1.0, mem_bytes: 512 << 20, period_ms: 100, cgroup: true, guest: None }
     }
 }
 
@@ -75,8 +69,7 @@ impl SimProcess {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tag = format!("card-sim-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&tag);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| CardError::Open(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| CardError::Open(format!("{}: {e}", dir.display())))?;
         let mut me = SimProcess {
             child: None,
             socket: dir.join("card.sock"),
@@ -85,13 +78,9 @@ impl SimProcess {
             dir,
         };
         let mut cmd = Command::new(&bin);
-        cmd.arg("--socket")
-            .arg(&me.socket)
-            .arg("--control")
-            .arg(&me.control);
+        cmd.arg("--socket").arg(&me.socket).arg("--control").arg(&me.control);
         cmd.arg("--period-ms").arg(opts.period_ms.to_string());
-        cmd.arg("--load-threads")
-            .arg((opts.cpus.ceil() as usize).max(1).to_string());
+        cmd.arg("--load-threads").arg((opts.cpus.ceil() as usize).max(1).to_string());
         if let Some(g) = &opts.guest {
             cmd.arg("--guest").arg(g);
         }
@@ -102,19 +91,12 @@ impl SimProcess {
             // card-sim joins it itself before starting any thread.
             cmd.arg("--cgroup").arg(&tag);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        me.child = Some(
-            cmd.spawn()
-                .map_err(|e| CardError::Open(format!("spawn {}: {e}", bin.display())))?,
-        );
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        me.child = Some(cmd.spawn().map_err(|e| CardError::Open(format!("spawn {}: {e}", bin.display())))?);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !(me.socket.exists() && me.control.exists()) {
             if Instant::now() > deadline {
-                return Err(CardError::Open(
-                    "card-sim did not create its sockets within 10 s".into(),
-                ));
+                return Err(CardError::Open("card-sim did not create its sockets within 10 s".into()));
             }
             if let Some(c) = me.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
@@ -132,10 +114,7 @@ impl SimProcess {
 
     /// Has the process exited (e.g. after the crash fault)?
     pub fn exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .map(|c| matches!(c.try_wait(), Ok(Some(_))))
-            .unwrap_or(true)
+        self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(Some(_)))).unwrap_or(true)
     }
 
     /// Send one request to the control socket; `ok: false` becomes an error.
@@ -149,23 +128,16 @@ impl SimProcess {
 }
 
 pub fn control_at(path: &Path, req: Value) -> Result<Value> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| CardError::Open(format!("control {}: {e}", path.display())))?;
+    let mut s = UnixStream::connect(path).map_err(|e| CardError::Open(format!("control {}: {e}", path.display())))?;
     let t = Some(Duration::from_secs(10));
     let _ = s.set_read_timeout(t);
     let _ = s.set_write_timeout(t);
     writeln!(s, "{req}").map_err(|e| CardError::Io(format!("control write: {e}")))?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| CardError::Io(format!("control read: {e}")))?;
-    let v: Value = serde_json::from_str(&line)
-        .map_err(|e| CardError::Io(format!("control reply {line:?}: {e}")))?;
+    BufReader::new(s).read_line(&mut line).map_err(|e| CardError::Io(format!("control read: {e}")))?;
+    let v: Value = serde_json::from_str(&line).map_err(|e| CardError::Io(format!("control reply {line:?}: {e}")))?;
     if v.get("ok").and_then(Value::as_bool) != Some(true) {
-        return Err(CardError::Invalid(format!(
-            "control refused: {}",
-            v.get("error").unwrap_or(&v)
-        )));
+        return Err(CardError::Invalid(format!("control refused: {}", v.get("error").unwrap_or(&v))));
     }
     Ok(v)
 }

@@ -32,17 +32,11 @@ impl VmBackend for VmmBackend {
         let cfg = VmConfig::new(&self.guest, spec.mem_mib as u64);
         let mut vm = Vm::create(&cfg, Sinks::default()).map_err(|e| err("create VM", e))?;
         vm.start(false).map_err(|e| err("start vCPU", e))?;
-        vm.wait_ready(BOOT_TIMEOUT)
-            .map_err(|e| err("agent banner", e))?;
+        vm.wait_ready(BOOT_TIMEOUT).map_err(|e| err("agent banner", e))?;
         Ok(Box::new(VmmVm { vm, seen: 0 }))
     }
 
-    fn restore(
-        &mut self,
-        _id: u32,
-        _spec: &VmSpec,
-        image: &[u8],
-    ) -> Result<Box<dyn ManagedVm>, String> {
+    fn restore(&mut self, _id: u32, _spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, String> {
         let vm = Vm::restore_from(image, Sinks::default()).map_err(|e| err("restore VM", e))?;
         // It comes up paused; a restored management VM goes back to work.
         vm.resume().map_err(|e| err("resume restored VM", e))?;
@@ -63,17 +57,12 @@ impl ManagedVm for VmmVm {
     }
     fn snapshot(&mut self) -> Result<Vec<u8>, String> {
         let mut img = Vec::with_capacity(self.vm.mem_size() as usize + (1 << 20));
-        self.vm
-            .snapshot_to(&mut img)
-            .map_err(|e| err("snapshot", e))?;
+        self.vm.snapshot_to(&mut img).map_err(|e| err("snapshot", e))?;
         Ok(img)
     }
     fn take_console(&mut self) -> Vec<String> {
         let lines = self.vm.console_lines();
-        let new = lines
-            .get(self.seen..)
-            .map(|s| s.to_vec())
-            .unwrap_or_default();
+        let new = lines.get(self.seen..).map(|s| s.to_vec()).unwrap_or_default();
         self.seen = lines.len();
         new
     }

@@ -14,12 +14,7 @@ use crate::mailbox::VmSpec;
 
 pub trait VmBackend: Send {
     fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, String>;
-    fn restore(
-        &mut self,
-        id: u32,
-        spec: &VmSpec,
-        image: &[u8],
-    ) -> Result<Box<dyn ManagedVm>, String>;
+    fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, String>;
 }
 
 pub trait ManagedVm: Send {
@@ -53,31 +48,18 @@ impl ModelVm {
             chunk[0] = (i as u8) ^ (id as u8);
             chunk[1] = 0xa5;
         }
-        ModelVm {
-            name: spec.name.clone(),
-            memory,
-            ticks: 0,
-            console: Vec::new(),
-        }
+        ModelVm { name: spec.name.clone(), memory, ticks: 0, console: Vec::new() }
     }
 }
 
 impl VmBackend for ModelBackend {
     fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, String> {
         let mut vm = ModelVm::new(id, spec);
-        vm.console.push(format!(
-            "mc-agent {}: management agent ready (vm {id})",
-            spec.name
-        ));
+        vm.console.push(format!("mc-agent {}: management agent ready (vm {id})", spec.name));
         Ok(Box::new(vm))
     }
 
-    fn restore(
-        &mut self,
-        id: u32,
-        spec: &VmSpec,
-        image: &[u8],
-    ) -> Result<Box<dyn ManagedVm>, String> {
+    fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, String> {
         if image.len() < 24 || &image[..8] != IMAGE_MAGIC {
             return Err("not a model VM image".into());
         }
@@ -87,19 +69,13 @@ impl VmBackend for ModelBackend {
         w.copy_from_slice(&image[16..24]);
         let mem_len = u64::from_le_bytes(w) as usize;
         if image.len() != 24 + mem_len {
-            return Err(format!(
-                "image holds {} bytes of memory, header says {mem_len}",
-                image.len() - 24
-            ));
+            return Err(format!("image holds {} bytes of memory, header says {mem_len}", image.len() - 24));
         }
         let vm = ModelVm {
             name: spec.name.clone(),
             memory: image[24..].to_vec(),
             ticks,
-            console: vec![format!(
-                "mc-agent {}: restored at tick {ticks} (vm {id})",
-                spec.name
-            )],
+            console: vec![format!("mc-agent {}: restored at tick {ticks} (vm {id})", spec.name)],
         };
         Ok(Box::new(vm))
     }
@@ -114,8 +90,7 @@ impl ManagedVm for ModelVm {
         Ok(())
     }
     fn stop(&mut self) -> Result<(), String> {
-        self.console
-            .push(format!("mc-agent {}: stopped", self.name));
+        self.console.push(format!("mc-agent {}: stopped", self.name));
         self.memory = Vec::new();
         Ok(())
     }

@@ -54,22 +54,13 @@ impl FromStr for PciAddress {
         if device > 0x1f || function > 7 {
             return Err(bad());
         }
-        Ok(PciAddress {
-            domain,
-            bus,
-            device: device as u8,
-            function: function as u8,
-        })
+        Ok(PciAddress { domain, bus, device: device as u8, function: function as u8 })
     }
 }
 
 impl fmt::Display for PciAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.device, self.function
-        )
+        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.device, self.function)
     }
 }
 
@@ -83,10 +74,7 @@ impl PciAddress {
 pub fn unavailable_reason(dev_root: &Path) -> Option<String> {
     let vfio = dev_root.join("vfio/vfio");
     if !vfio.exists() {
-        return Some(format!(
-            "{} is missing: this kernel has no VFIO",
-            vfio.display()
-        ));
+        return Some(format!("{} is missing: this kernel has no VFIO", vfio.display()));
     }
     None
 }
@@ -103,20 +91,12 @@ impl KernelVfioTransport {
         if let Some(why) = unavailable_reason(Path::new("/dev")) {
             return Err(CardError::Open(why));
         }
-        let container = VfioContainer::new(None)
-            .map_err(|e| CardError::Open(format!("VFIO container: {e}")))?;
+        let container = VfioContainer::new(None).map_err(|e| CardError::Open(format!("VFIO container: {e}")))?;
         let path = address.sysfs_path(Path::new("/sys"));
         let device = VfioDevice::new(&path, Arc::new(container), false)
             .map_err(|e| CardError::Open(format!("VFIO device {address}: {e}")))?;
-        let sizes = [0u32, 1, 2, 3, 4, 5]
-            .iter()
-            .map(|&i| (i, device.get_region_size(i)))
-            .collect();
-        Ok(KernelVfioTransport {
-            device,
-            address,
-            sizes,
-        })
+        let sizes = [0u32, 1, 2, 3, 4, 5].iter().map(|&i| (i, device.get_region_size(i))).collect();
+        Ok(KernelVfioTransport { device, address, sizes })
     }
 }
 
@@ -140,16 +120,11 @@ impl Transport for KernelVfioTransport {
     }
 
     fn region_size(&self, index: u32) -> Option<u64> {
-        self.sizes
-            .iter()
-            .find(|(i, s)| *i == index && *s > 0)
-            .map(|(_, s)| *s)
+        self.sizes.iter().find(|(i, s)| *i == index && *s > 0).map(|(_, s)| *s)
     }
 
     fn set_completion_eventfd(&mut self, fd: &EventFd) -> Result<()> {
-        self.device
-            .enable_msix(vec![fd])
-            .map_err(|e| CardError::Io(format!("enable MSI-X on {}: {e}", self.address)))
+        self.device.enable_msix(vec![fd]).map_err(|e| CardError::Io(format!("enable MSI-X on {}: {e}", self.address)))
     }
 
     fn describe(&self) -> String {
@@ -164,25 +139,10 @@ mod tests {
     #[test]
     fn parses_pci_addresses() {
         let a: PciAddress = "0000:65:00.1".parse().unwrap();
-        assert_eq!(
-            a,
-            PciAddress {
-                domain: 0,
-                bus: 0x65,
-                device: 0,
-                function: 1
-            }
-        );
+        assert_eq!(a, PciAddress { domain: 0, bus: 0x65, device: 0, function: 1 });
         assert_eq!(a.to_string(), "0000:65:00.1");
         assert_eq!("65:1f.7".parse::<PciAddress>().unwrap().device, 0x1f);
-        for bad in [
-            "",
-            "0000:65:00",
-            "0000:65:20.0",
-            "0000:65:00.8",
-            "zz:00.0",
-            "0000:065:00.0",
-        ] {
+        for bad in ["", "0000:65:00", "0000:65:20.0", "0000:65:00.8", "zz:00.0", "0000:065:00.0"] {
             assert!(bad.parse::<PciAddress>().is_err(), "{bad}");
         }
     }
@@ -190,10 +150,7 @@ mod tests {
     #[test]
     fn sysfs_path_of_address() {
         let a: PciAddress = "0000:65:00.0".parse().unwrap();
-        assert_eq!(
-            a.sysfs_path(Path::new("/sys")),
-            PathBuf::from("/sys/bus/pci/devices/0000:65:00.0")
-        );
+        assert_eq!(a.sysfs_path(Path::new("/sys")), PathBuf::from("/sys/bus/pci/devices/0000:65:00.0"));
     }
 
     #[test]
@@ -203,9 +160,7 @@ mod tests {
         assert!(unavailable_reason(&dir).unwrap().contains("no VFIO"));
         let _ = std::fs::remove_dir_all(&dir);
         if !Path::new("/dev/vfio/vfio").exists() {
-            let e = KernelVfioTransport::open("0000:65:00.0".parse().unwrap())
-                .err()
-                .unwrap();
+            let e = KernelVfioTransport::open("0000:65:00.0".parse().unwrap()).err().unwrap();
             assert!(matches!(e, CardError::Open(_)), "{e}");
         }
     }
@@ -216,10 +171,7 @@ mod tests {
         fill_absent(&mut buf);
         assert!(matches!(
             crate::abi::RegisterSnapshot::decode(&buf),
-            Err(CardError::BadMagic {
-                found: 0xffff_ffff,
-                ..
-            })
+            Err(CardError::BadMagic { found: 0xffff_ffff, .. })
         ));
     }
 }

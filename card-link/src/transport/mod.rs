@@ -27,8 +27,7 @@ pub trait Transport: Send {
 /// Check an access against a region size before it goes out, so a bad offset
 /// is our error and not a device-side surprise.
 pub fn check_access(size: Option<u64>, index: u32, offset: u64, len: usize) -> Result<()> {
-    let size =
-        size.ok_or_else(|| crate::CardError::Invalid(format!("region {index} does not exist")))?;
+    let size = size.ok_or_else(|| crate::CardError::Invalid(format!("region {index} does not exist")))?;
     let end = offset.checked_add(len as u64);
     match end {
         Some(end) if end <= size => Ok(()),

@@ -14,9 +14,7 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vfio_bindings::bindings::vfio::{
-    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
-};
+use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX};
 use vfio_user::Client;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -38,17 +36,10 @@ pub struct VfioUserTransport {
 /// number alone can be reused between two listings).
 fn sockets_to(path: &Path, canon: &Path) -> HashSet<(i32, u64)> {
     let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-                .collect()
-        })
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).collect())
         .unwrap_or_default();
     fds.into_iter()
-        .filter(|&fd| {
-            peer_path(fd)
-                .map(|p| p == canon || p == path)
-                .unwrap_or(false)
-        })
+        .filter(|&fd| peer_path(fd).map(|p| p == canon || p == path).unwrap_or(false))
         .filter_map(|fd| {
             // SAFETY: fstat fills a plain struct for an fd we just listed.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -69,21 +60,13 @@ fn peer_path(fd: i32) -> Option<PathBuf> {
         if addr.sun_family as i32 != libc::AF_UNIX {
             return None;
         }
-        let bytes: Vec<u8> = addr
-            .sun_path
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
-            .collect();
+        let bytes: Vec<u8> = addr.sun_path.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
         Some(PathBuf::from(String::from_utf8(bytes).ok()?))
     }
 }
 
 fn set_timeouts(fd: i32, t: Duration) -> std::io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_usec: t.subsec_micros() as libc::suseconds_t,
-    };
+    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: tv is a valid timeval for the duration of the call.
         let rc = unsafe {
@@ -107,9 +90,7 @@ impl VfioUserTransport {
     /// including the version negotiation of the connect itself.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
         let _guard = CONNECT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let canon = path
-            .canonicalize()
-            .map_err(|e| CardError::Open(format!("{}: {e}", path.display())))?;
+        let canon = path.canonicalize().map_err(|e| CardError::Open(format!("{}: {e}", path.display())))?;
         let before = sockets_to(path, &canon);
         let (tx, rx) = mpsc::channel();
         let p = path.to_path_buf();
@@ -125,35 +106,19 @@ impl VfioUserTransport {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(CardError::Open(format!("{}: {e}", path.display()))),
             Err(_) => {
-                return Err(CardError::Timeout {
-                    what: "vfio-user connect",
-                    timeout_ms: timeout.as_millis() as u64,
-                })
+                return Err(CardError::Timeout { what: "vfio-user connect", timeout_ms: timeout.as_millis() as u64 })
             }
         };
-        let fresh: Vec<i32> = sockets_to(path, &canon)
-            .difference(&before)
-            .map(|(fd, _)| *fd)
-            .collect();
+        let fresh: Vec<i32> = sockets_to(path, &canon).difference(&before).map(|(fd, _)| *fd).collect();
         let [fd] = fresh[..] else {
             return Err(CardError::Open(format!(
                 "could not identify the vfio-user socket to bound its timeouts ({} candidates)",
                 fresh.len()
             )));
         };
-        set_timeouts(fd, timeout)
-            .map_err(|e| CardError::Open(format!("set socket timeouts: {e}")))?;
-        let sizes = [0u32, 1, 2, 3, 4, 5]
-            .iter()
-            .filter_map(|&i| client.region(i).map(|r| (i, r.size)))
-            .collect();
-        Ok(VfioUserTransport {
-            client,
-            path: path.to_path_buf(),
-            timeout,
-            broken: None,
-            sizes,
-        })
+        set_timeouts(fd, timeout).map_err(|e| CardError::Open(format!("set socket timeouts: {e}")))?;
+        let sizes = [0u32, 1, 2, 3, 4, 5].iter().filter_map(|&i| client.region(i).map(|r| (i, r.size))).collect();
+        Ok(VfioUserTransport { client, path: path.to_path_buf(), timeout, broken: None, sizes })
     }
 
     fn check(&self) -> Result<()> {
@@ -167,10 +132,7 @@ impl VfioUserTransport {
         let timed_out = matches!(&e, vfio_user::Error::StreamRead(io) | vfio_user::Error::StreamWrite(io)
             if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
         let err = if timed_out {
-            CardError::Timeout {
-                what,
-                timeout_ms: self.timeout.as_millis() as u64,
-            }
+            CardError::Timeout { what, timeout_ms: self.timeout.as_millis() as u64 }
         } else {
             CardError::Io(format!("{what}: {e}"))
         };
@@ -183,24 +145,17 @@ impl Transport for VfioUserTransport {
     fn read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check()?;
         check_access(self.region_size(index), index, offset, buf.len())?;
-        self.client
-            .region_read(index, offset, buf)
-            .map_err(|e| self.fail("region read", e))
+        self.client.region_read(index, offset, buf).map_err(|e| self.fail("region read", e))
     }
 
     fn write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         self.check()?;
         check_access(self.region_size(index), index, offset, data.len())?;
-        self.client
-            .region_write(index, offset, data)
-            .map_err(|e| self.fail("region write", e))
+        self.client.region_write(index, offset, data).map_err(|e| self.fail("region write", e))
     }
 
     fn region_size(&self, index: u32) -> Option<u64> {
-        self.sizes
-            .iter()
-            .find(|(i, _)| *i == index)
-            .map(|(_, s)| *s)
+        self.sizes.iter().find(|(i, _)| *i == index).map(|(_, s)| *s)
     }
 
     fn set_completion_eventfd(&mut self, fd: &EventFd) -> Result<()> {
