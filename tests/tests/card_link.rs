@@ -142,7 +142,7 @@ fn card_telemetry_cpu_agrees_with_cgroup() {
     let u = utilisation(&a, &b).expect("rates");
     let truth = (cb - ca) as f64 / tb.duration_since(ta).as_secs_f64() / 1e9;
     eprintln!("cpu: card says {:.3}, cgroup says {:.3}", u.cpu, truth);
-    assert!(truth > 0.3, "load knob did not load the card's cgroup: {truth:.3}");
+    assert!(truth > 0.2, "load knob did not load the card's cgroup: {truth:.3}");
     assert!((u.cpu - truth).abs() <= 0.02, "card cpu {:.3} vs cgroup {:.3}: more than 2 points apart", u.cpu, truth);
 }
 
