@@ -72,8 +72,68 @@ pub struct OomEvent {
     pub comm: [u8; 16],
 }
 
+/// The kernel's `struct bpf_spin_lock`; the verifier finds it in a map
+/// value by this exact BTF name.
+#[allow(non_camel_case_types)]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct bpf_spin_lock {
+    pub val: u32,
+}
+
+/// QoS directions, as the VM sees them. The watched interface is the host
+/// side of the VM's NIC: what the VM sends arrives at tc ingress.
+pub const DIR_FROM_VM: u32 = 0;
+pub const DIR_TO_VM: u32 = 1;
+
+pub const QOS_OFF: u32 = 0;
+pub const QOS_POLICE: u32 = 1;
+pub const QOS_SHAPE: u32 = 2;
+
+/// Most VMs with a QoS slot at once; slot `vm * 2 + direction` of `QOS`.
+pub const MAX_QOS_VMS: usize = 1024;
+
+/// One direction of one VM's limit. In `police` mode a token bucket kept as
+/// time credit (ns at the configured rate, so no precision is lost to
+/// integer bytes); in `shape` mode the class to put packets in (and, for
+/// traffic from the VM, the IFB device to redirect it to for shaping).
+/// Updated by user space with BPF_F_LOCK, so a rate change is atomic.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Policer {
+    pub lock: bpf_spin_lock,
+    pub mode: u32,
+    /// Bytes per second; 0 = no byte limit.
+    pub rate_bytes_per_s: u64,
+    /// Bucket depth: the burst in bytes, as ns at `rate`.
+    pub burst_ns: u64,
+    pub tokens_ns: u64,
+    pub last_ns: u64,
+    /// ns of credit one packet costs (1e9 / packet rate); 0 = no limit.
+    pub pkt_cost_ns: u64,
+    pub pkt_burst_ns: u64,
+    pub pkt_tokens_ns: u64,
+    /// shape: TC_H_MAKE(major << 16, minor) for skb->priority.
+    pub classid: u32,
+    /// shape, traffic from the VM: ifindex of the IFB device.
+    pub redirect_ifindex: u32,
+}
+
+/// Per-CPU QoS counters of one VM direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QosStats {
+    pub passed_bytes: u64,
+    pub passed_packets: u64,
+    pub dropped_bytes: u64,
+    pub dropped_packets: u64,
+}
+
 /// Maps of the kernel programs, by name; pinned under the pin directory.
 pub mod maps {
+    pub const QOS: &str = "QOS";
+    pub const QOS_STATS: &str = "QOS_STATS";
+    pub const VM_OF_IF: &str = "VM_OF_IF";
     pub const CGROUPS: &str = "CGROUPS";
     pub const NET: &str = "NET";
     pub const WAKEUPS: &str = "WAKEUPS";
@@ -111,6 +171,8 @@ mod user {
     unsafe impl aya::Pod for super::NetStats {}
     unsafe impl aya::Pod for super::OomEvent {}
     unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::Policer {}
+    unsafe impl aya::Pod for super::QosStats {}
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK},
-    btf_maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::{
         bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
@@ -27,7 +27,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, MAX_CGROUPS, MAX_IFACES, WAITING_SLOTS,
+    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM,
+    DIR_TO_VM, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE, WAITING_SLOTS,
 };
 
 #[btf_map]
@@ -51,6 +52,15 @@ static OOM_EVENTS: RingBuf<OomEvent, { 64 * 1024 }> = RingBuf::new();
 /// Offset of `pid` in `struct task_struct`, from the kernel's BTF.
 #[no_mangle]
 static TASK_PID: u32 = 0;
+/// ifindex -> the VM's QoS slot (set by user space for watched interfaces).
+#[btf_map]
+static VM_OF_IF: HashMap<u32, u32, MAX_IFACES> = HashMap::new();
+/// Limits, slot `vm * 2 + direction`; mode QOS_OFF passes everything.
+#[btf_map]
+static QOS: Array<Policer, { MAX_QOS_VMS * 2 }> = Array::new();
+#[btf_map]
+static QOS_STATS: PerCpuArray<QosStats, { MAX_QOS_VMS * 2 }> = PerCpuArray::new();
+
 // Tracepoint field offsets (defaults: Linux 6.x); the loader overwrites them
 // with the offsets it reads from tracefs `format` files.
 #[no_mangle]
@@ -226,22 +236,22 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Counts what the interface receives (tc ingress).
+/// What the interface receives (tc ingress) is what the VM sends.
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    count(&ctx, true);
-    TC_ACT_OK
+    let ifindex = count(&ctx, true);
+    qos(&ctx, ifindex, DIR_FROM_VM)
 }
 
-/// Counts what the interface sends (tc egress).
+/// What the interface sends (tc egress) is what the VM receives.
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    count(&ctx, false);
-    TC_ACT_OK
+    let ifindex = count(&ctx, false);
+    qos(&ctx, ifindex, DIR_TO_VM)
 }
 
 #[inline(always)]
-fn count(ctx: &TcContext, ingress: bool) {
+fn count(ctx: &TcContext, ingress: bool) -> u32 {
     // SAFETY: the context pointer is the kernel's __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let len = ctx.len() as u64;
@@ -251,7 +261,7 @@ fn count(ctx: &TcContext, ingress: bool) {
             let _ = NET.insert(ifindex, NetStats::default(), BPF_NOEXIST as u64);
             match NET.get_ptr_mut(ifindex) {
                 Some(p) => p,
-                None => return,
+                None => return ifindex,
             }
         }
     };
@@ -263,6 +273,95 @@ fn count(ctx: &TcContext, ingress: bool) {
     } else {
         n.tx_bytes += len;
         n.tx_packets += 1;
+    }
+    ifindex
+}
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// Apply the VM's limit for this direction: police (pass or drop by token
+/// bucket) or shape (choose the HTB class, redirect to the IFB for traffic
+/// from the VM).
+#[inline(always)]
+fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
+    // SAFETY: the value is a plain u32 copied out at once.
+    let vm = match unsafe { VM_OF_IF.get(ifindex) } {
+        Some(v) => *v,
+        None => return TC_ACT_OK,
+    };
+    let slot = vm * 2 + dir;
+    let p = match QOS.get_ptr_mut(slot) {
+        Some(p) => p,
+        None => return TC_ACT_OK,
+    };
+    // SAFETY: array value; the fields read outside the lock are set once by
+    // user space per update (aligned u32/u64 loads do not tear).
+    let mode = unsafe { (*p).mode };
+    if mode == QOS_SHAPE {
+        let (classid, redirect) = unsafe { ((*p).classid, (*p).redirect_ifindex) };
+        // SAFETY: priority is writable from tc programs.
+        unsafe { (*ctx.skb.skb).priority = classid };
+        account(slot, ctx.len() as u64, true);
+        if redirect != 0 {
+            // SAFETY: plain helper call; returns TC_ACT_REDIRECT on success.
+            return unsafe { aya_ebpf::helpers::bpf_redirect(redirect, 0) } as i32;
+        }
+        return TC_ACT_OK;
+    }
+    if mode != QOS_POLICE {
+        return TC_ACT_OK;
+    }
+    let len = ctx.len() as u64;
+    let rate = unsafe { (*p).rate_bytes_per_s };
+    let pkt_cost = unsafe { (*p).pkt_cost_ns };
+    // Division outside the lock: the verifier allows no calls inside it.
+    let cost = if rate != 0 { len * NS_PER_S / rate } else { 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pass;
+    // SAFETY: `lock` is the map value's bpf_spin_lock; nothing inside the
+    // critical section calls a helper or leaves early.
+    unsafe {
+        let lock = core::ptr::addr_of_mut!((*p).lock) as *mut aya_ebpf::bindings::bpf_spin_lock;
+        aya_ebpf::helpers::bpf_spin_lock(lock);
+        let elapsed = if now > (*p).last_ns { now - (*p).last_ns } else { 0 };
+        (*p).last_ns = now;
+        let mut t = (*p).tokens_ns + elapsed;
+        if t > (*p).burst_ns {
+            t = (*p).burst_ns;
+        }
+        let mut pt = (*p).pkt_tokens_ns + elapsed;
+        if pt > (*p).pkt_burst_ns {
+            pt = (*p).pkt_burst_ns;
+        }
+        pass = t >= cost && pt >= pkt_cost;
+        if pass {
+            t -= cost;
+            pt -= pkt_cost;
+        }
+        (*p).tokens_ns = t;
+        (*p).pkt_tokens_ns = pt;
+        aya_ebpf::helpers::bpf_spin_unlock(lock);
+    }
+    account(slot, len, pass);
+    if pass {
+        TC_ACT_OK
+    } else {
+        TC_ACT_SHOT
+    }
+}
+
+#[inline(always)]
+fn account(slot: u32, len: u64, passed: bool) {
+    if let Some(s) = QOS_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value of this CPU.
+        let s = unsafe { &mut *s };
+        if passed {
+            s.passed_bytes += len;
+            s.passed_packets += 1;
+        } else {
+            s.dropped_bytes += len;
+            s.dropped_packets += 1;
+        }
     }
 }
 

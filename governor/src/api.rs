@@ -1,7 +1,12 @@
 //! The governor's control socket: one JSON object per line each way.
 //!
-//! `{"cmd":"status"}` -> `{"ok":true,"status":{...}}`; errors come back as
-//! `{"ok":false,"error":"..."}`.
+//! - `{"cmd":"status"}` -> `{"ok":true,"status":{...}}`
+//! - `{"cmd":"set_limit","vm":"web","direction":"egress","limit":{"mode":"police","rate":"100mbit","burst":"64kb"}}`
+//! - `{"cmd":"clear_limit","vm":"web","direction":"egress"}`
+//! - `{"cmd":"limits"}` -> `{"ok":true,"limits":[...]}`
+//!
+//! Errors come back as `{"ok":false,"error":"..."}` naming the field and the
+//! reason; a refused request changes nothing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -10,13 +15,17 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::governor::OomRecord;
+use crate::governor::{LimitStatus, OomRecord};
+use crate::qos::{Direction, LimitSpec};
 use crate::sampler::VmStatus;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    SetLimit { vm: String, direction: Direction, limit: LimitSpec },
+    ClearLimit { vm: String, direction: Direction },
+    Limits,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -32,8 +41,19 @@ pub struct Response {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Vec<LimitStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok() -> Response {
+        Response { ok: true, status: None, limits: None, error: None }
+    }
+    pub fn error(e: impl Into<String>) -> Response {
+        Response { ok: false, status: None, limits: None, error: Some(e.into()) }
+    }
 }
 
 /// Decode one request line; the error text is what goes back to the client.

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::cgroup::Layout;
+use crate::qos::{Direction, LimitSpec};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/governor";
 pub const DEFAULT_SOCKET: &str = "/run/governor/governor.sock";
@@ -74,6 +75,29 @@ pub struct VmConfig {
     pub interfaces: Vec<String>,
     #[serde(default)]
     pub role: Role,
+    #[serde(default)]
+    pub qos: QosConfig,
+}
+
+/// `[vm.qos]`: limits per direction, as the VM sees it.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QosConfig {
+    pub egress: Option<LimitSpec>,
+    pub ingress: Option<LimitSpec>,
+}
+
+impl VmConfig {
+    pub fn qos_specs(&self) -> Vec<(Direction, &LimitSpec)> {
+        let mut v = Vec::new();
+        if let Some(s) = &self.qos.egress {
+            v.push((Direction::Egress, s));
+        }
+        if let Some(s) = &self.qos.ingress {
+            v.push((Direction::Ingress, s));
+        }
+        v
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -85,8 +109,15 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// IFB device created for shaping traffic from VMs.
+    #[serde(default = "default_ifb")]
+    pub qos_ifb: String,
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
+}
+
+fn default_ifb() -> String {
+    "gov-ifb0".into()
 }
 
 fn default_tick() -> u64 {
@@ -136,6 +167,9 @@ impl Config {
         }
         if !self.socket.is_absolute() {
             return Err(field("socket", "must be an absolute path"));
+        }
+        if self.qos_ifb.is_empty() || self.qos_ifb.len() >= libc::IF_NAMESIZE || self.qos_ifb.contains(['/', ' ']) {
+            return Err(field("qos_ifb", format!("{:?} is not an interface name", self.qos_ifb)));
         }
         let mut names = HashSet::new();
         let mut ifaces = HashSet::new();

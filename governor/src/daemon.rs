@@ -2,66 +2,91 @@
 //! clean up (detach, unpin, remove the socket) on SIGINT/SIGTERM.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::RwLock;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{parse_request, Request, Response, Status};
 use crate::config::Config;
 use crate::governor::Governor;
 
 /// Run until SIGINT/SIGTERM, or until `stop_after` when given.
+/// A request from a client, answered by the sampling loop, which owns the
+/// governor: mutations and sampling never interleave.
+type Job = (Request, oneshot::Sender<Response>);
+
+/// Run until SIGINT/SIGTERM, or until `stop_after` when given.
 pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
     let mut gov = Governor::new(&cfg).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
-    let shared = Arc::new(RwLock::new(Status {
-        tick_ms: cfg.tick_ms,
-        ..Status::default()
-    }));
     let listener = bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
-    tokio::spawn(serve(listener, shared.clone()));
+    let (tx, mut rx) = mpsc::channel::<Job>(64);
+    tokio::spawn(serve(listener, tx));
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut timer = tokio::time::interval(Duration::from_millis(cfg.tick_ms));
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut tick = 0u64;
     let deadline = tokio::time::sleep(stop_after.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
+    let mut status = Status { tick_ms: cfg.tick_ms, ..Status::default() };
     loop {
         tokio::select! {
             _ = timer.tick() => {}
+            Some((req, reply)) = rx.recv() => {
+                let _ = reply.send(handle(&mut gov, &status, req));
+                continue;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = &mut deadline => break,
         }
-        let vms = match gov.tick() {
-            Ok(v) => v.to_vec(),
-            Err(e) => {
-                // A VM whose cgroup went away must not stop the others'
-                // telemetry; the error names the VM.
-                tracing::warn!("sampling: {e:#}");
-                continue;
+        match gov.tick() {
+            Ok(v) => {
+                status.tick += 1;
+                status.vms = v.to_vec();
+                status.ooms = gov.ooms();
+                if print && status.tick > 1 {
+                    println!("tick {}\n{}", status.tick, crate::sampler::table(&status.vms));
+                }
             }
-        };
-        tick += 1;
-        if print && tick > 1 {
-            println!("tick {tick}\n{}", crate::sampler::table(&vms));
+            // A VM whose cgroup went away must not stop the others'
+            // telemetry; the error names the VM.
+            Err(e) => tracing::warn!("sampling: {e:#}"),
         }
-        let mut s = shared.write().await;
-        s.tick = tick;
-        s.vms = vms;
-        s.ooms = gov.ooms();
     }
-    tracing::info!("shutting down: detaching programs and removing pins");
+    tracing::info!("shutting down: removing shaping, detaching programs, removing pins");
     drop(gov);
     Ok(())
+}
+
+fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
+    match req {
+        Request::Status => Response { status: Some(status.clone()), ..Response::ok() },
+        Request::SetLimit { vm, direction, limit } => {
+            let field = format!("limit.{}", direction.as_str());
+            match limit.check(&field) {
+                Ok(l) => match gov.set_limit(&vm, direction, l) {
+                    Ok(()) => Response::ok(),
+                    Err(e) => Response::error(e.to_string()),
+                },
+                Err(e) => Response::error(e.to_string()),
+            }
+        }
+        Request::ClearLimit { vm, direction } => match gov.clear_limit(&vm, direction) {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::error(e.to_string()),
+        },
+        Request::Limits => match gov.limits() {
+            Ok(l) => Response { limits: Some(l), ..Response::ok() },
+            Err(e) => Response::error(e.to_string()),
+        },
+    }
 }
 
 fn bind(path: &Path) -> Result<UnixListener> {
@@ -86,11 +111,11 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-async fn serve(listener: UnixListener, shared: Arc<RwLock<Status>>) {
+async fn serve(listener: UnixListener, jobs: mpsc::Sender<Job>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(client(stream, shared.clone()));
+                tokio::spawn(client(stream, jobs.clone()));
             }
             Err(e) => {
                 tracing::warn!("accept: {e}");
@@ -103,7 +128,7 @@ async fn serve(listener: UnixListener, shared: Arc<RwLock<Status>>) {
 /// Longest request line accepted; anything longer is refused, not buffered.
 const MAX_LINE: usize = 64 * 1024;
 
-async fn client(stream: UnixStream, shared: Arc<RwLock<Status>>) {
+async fn client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut buf = Vec::new();
@@ -111,41 +136,26 @@ async fn client(stream: UnixStream, shared: Arc<RwLock<Status>>) {
         buf.clear();
         // Read at most MAX_LINE + 1 bytes of one line: a client cannot make
         // us buffer without bound.
-        match (&mut r)
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)
-            .await
-        {
+        match (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
         let too_long = buf.len() > MAX_LINE && buf.last() != Some(&b'\n');
         let resp = if too_long {
-            Response {
-                ok: false,
-                status: None,
-                error: Some("request too long".into()),
-            }
+            Response::error("request too long")
         } else {
-            match std::str::from_utf8(&buf)
-                .map_err(|e| e.to_string())
-                .and_then(|l| parse_request(l.trim()))
-            {
-                Ok(Request::Status) => Response {
-                    ok: true,
-                    status: Some(shared.read().await.clone()),
-                    error: None,
-                },
-                Err(e) => Response {
-                    ok: false,
-                    status: None,
-                    error: Some(e),
-                },
+            match std::str::from_utf8(&buf).map_err(|e| e.to_string()).and_then(|l| parse_request(l.trim())) {
+                Ok(req) => {
+                    let (tx, rx) = oneshot::channel();
+                    if jobs.send((req, tx)).await.is_err() {
+                        break;
+                    }
+                    rx.await.unwrap_or_else(|_| Response::error("the governor is shutting down"))
+                }
+                Err(e) => Response::error(e),
             }
         };
-        let Ok(mut out) = serde_json::to_string(&resp) else {
-            break;
-        };
+        let Ok(mut out) = serde_json::to_string(&resp) else { break };
         out.push('\n');
         if w.write_all(out.as_bytes()).await.is_err() || too_long {
             break;

@@ -91,6 +91,7 @@ impl Demo {
                 cgroup: cg.rel().to_string_lossy().into_owned(),
                 interfaces,
                 role: *role,
+                qos: Default::default(),
             });
             d.cgroups.push(cg);
         }

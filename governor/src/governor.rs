@@ -6,12 +6,14 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use governor_common::NetStats;
+use governor_common::{NetStats, Policer, QOS_SHAPE};
 use serde::Serialize;
 use thiserror::Error;
 
 use crate::cgroup::{Cgroup, CgroupError, Layout};
 use crate::config::{Config, VmConfig};
+use crate::qos::{tokens_bytes, Direction, Limit, Mode};
+use crate::shape::{ShapeError, Shaper};
 use crate::sampler::{rates, Sample, VmStatus};
 use crate::telemetry::{Telemetry, TelemetryError};
 
@@ -25,6 +27,39 @@ pub enum GovernorError {
         #[source]
         source: CgroupError,
     },
+    #[error("no vm named {0:?}")]
+    UnknownVm(String),
+    #[error("vm {vm} {direction}: {reason}")]
+    Qos { vm: String, direction: &'static str, reason: String },
+    #[error("vm {vm} {direction}: shaping: {source}")]
+    Shape {
+        vm: String,
+        direction: &'static str,
+        #[source]
+        source: ShapeError,
+    },
+}
+
+/// HTB handle major of the qdiscs the governor creates (`7a:`), so they are
+/// recognisable in `tc qdisc show`.
+pub const HTB_MAJOR: u16 = 0x7a;
+
+/// One VM direction's limit and what it did, as `governor limit show` and
+/// the exporter show it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LimitStatus {
+    pub vm: String,
+    pub direction: Direction,
+    pub mode: Mode,
+    pub rate_bps: u64,
+    pub burst_bytes: u64,
+    pub packet_rate: Option<u64>,
+    /// police: bytes left in the bucket.
+    pub tokens_bytes: Option<u64>,
+    pub passed_bytes: u64,
+    pub passed_packets: u64,
+    pub dropped_bytes: u64,
+    pub dropped_packets: u64,
 }
 
 /// An OOM kill as the status shows it.
@@ -45,6 +80,10 @@ struct Vm {
     ifindexes: Vec<u32>,
     subtree: Vec<u64>,
     prev: Option<Sample>,
+    /// QoS slot in the kernel maps (the VM's index).
+    slot: u32,
+    /// Limits by direction index (DIR_FROM_VM, DIR_TO_VM).
+    limits: [Option<Limit>; 2],
 }
 
 pub struct Governor {
@@ -52,6 +91,18 @@ pub struct Governor {
     vms: Vec<Vm>,
     status: Vec<VmStatus>,
     ooms: VecDeque<OomRecord>,
+    /// Created on first use of `shape`.
+    shaper: Option<Shaper>,
+    ifb_name: String,
+    /// The IFB device traffic from shaped VMs is redirected to.
+    ifb: Option<u32>,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 const OOM_LOG: usize = 64;
@@ -70,10 +121,24 @@ impl Governor {
             vms: Vec::new(),
             status: Vec::new(),
             ooms: VecDeque::new(),
+            shaper: None,
+            ifb_name: cfg.qos_ifb.clone(),
+            ifb: None,
         };
         for vm in &cfg.vms {
-            // On error `g` is dropped, which detaches and unpins everything.
+            // On error `g` is dropped, which detaches, unpins and removes
+            // any shaping set up so far.
             g.add_vm(&layout, vm)?;
+        }
+        for vm in &cfg.vms {
+            for (dir, spec) in vm.qos_specs() {
+                let limit = spec.check("").map_err(|e| GovernorError::Qos {
+                    vm: vm.name.clone(),
+                    direction: dir.as_str(),
+                    reason: e.to_string(),
+                })?;
+                g.set_limit(&vm.name, dir, limit)?;
+            }
         }
         Ok(g)
     }
@@ -85,9 +150,12 @@ impl Governor {
         };
         let cgroup = layout.open(&cfg.cgroup).map_err(cg_err)?;
         let id = cgroup.id().map_err(cg_err)?;
+        let slot = self.vms.len() as u32;
         let mut ifindexes = Vec::new();
         for ifname in &cfg.interfaces {
-            ifindexes.push(self.telemetry.attach_interface(ifname)?);
+            let ifindex = self.telemetry.attach_interface(ifname)?;
+            self.telemetry.set_vm_of_interface(ifindex, slot)?;
+            ifindexes.push(ifindex);
         }
         self.vms.push(Vm {
             cfg: cfg.clone(),
@@ -96,6 +164,8 @@ impl Governor {
             ifindexes,
             subtree: vec![id],
             prev: None,
+            slot,
+            limits: [None, None],
         });
         Ok(())
     }
@@ -169,8 +239,207 @@ impl Governor {
         &self.status
     }
 
+    fn vm_index(&self, name: &str) -> Result<usize, GovernorError> {
+        self.vms.iter().position(|v| v.cfg.name == name).ok_or_else(|| GovernorError::UnknownVm(name.into()))
+    }
+
+    /// Set or change the limit of one direction of a VM, at run time,
+    /// without reattaching programs or touching other VMs. On error nothing
+    /// of this call stays applied and the previous limit stays in force.
+    pub fn set_limit(&mut self, vm: &str, dir: Direction, limit: Limit) -> Result<(), GovernorError> {
+        let i = self.vm_index(vm)?;
+        let qos_err = |reason: String| GovernorError::Qos { vm: vm.into(), direction: dir.as_str(), reason };
+        if self.vms[i].ifindexes.is_empty() {
+            return Err(qos_err("the vm has no interfaces to limit".into()));
+        }
+        // The interfaces must still be the ones we attached to.
+        for (name, idx) in self.vms[i].cfg.interfaces.iter().zip(&self.vms[i].ifindexes) {
+            match crate::netdev::ifindex(name) {
+                Ok(now) if now == *idx => {}
+                _ => return Err(qos_err(format!("interface {name} is gone"))),
+            }
+        }
+        let d = dir.index() as usize;
+        let slot = self.vms[i].slot;
+        let old = self.vms[i].limits[d];
+        match limit.mode {
+            Mode::Police => {
+                let prev = self.telemetry.policer(slot, dir.index()).ok();
+                let p = limit.policer(prev.as_ref(), monotonic_ns());
+                self.telemetry.set_policer(slot, dir.index(), p)?;
+            }
+            Mode::Shape => {
+                let redirect = self.shape_setup(i, dir, &limit)?;
+                let p = Policer {
+                    mode: QOS_SHAPE,
+                    classid: ((HTB_MAJOR as u32) << 16) | (slot + 1),
+                    redirect_ifindex: redirect,
+                    ..Policer::default()
+                };
+                if let Err(e) = self.telemetry.set_policer(slot, dir.index(), p) {
+                    if old.map(|o| o.mode) != Some(Mode::Shape) {
+                        self.shape_teardown(i, dir);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        if old.map(|o| o.mode) == Some(Mode::Shape) && limit.mode == Mode::Police {
+            self.shape_teardown(i, dir);
+        }
+        self.vms[i].limits[d] = Some(limit);
+        tracing::info!(vm, direction = dir.as_str(), ?limit, "limit set");
+        Ok(())
+    }
+
+    /// Remove a limit: line rate again. Removing no limit is not an error.
+    pub fn clear_limit(&mut self, vm: &str, dir: Direction) -> Result<(), GovernorError> {
+        let i = self.vm_index(vm)?;
+        let d = dir.index() as usize;
+        let Some(old) = self.vms[i].limits[d] else { return Ok(()) };
+        // Stop policing/classifying first, then remove the classes.
+        self.telemetry.set_policer(self.vms[i].slot, dir.index(), Policer::default())?;
+        if old.mode == Mode::Shape {
+            self.shape_teardown(i, dir);
+        }
+        self.vms[i].limits[d] = None;
+        tracing::info!(vm, direction = dir.as_str(), "limit removed");
+        Ok(())
+    }
+
+    /// Every limit in force with its counters.
+    pub fn limits(&self) -> Result<Vec<LimitStatus>, GovernorError> {
+        let mut out = Vec::new();
+        for vm in &self.vms {
+            for dir in [Direction::Egress, Direction::Ingress] {
+                let Some(l) = vm.limits[dir.index() as usize] else { continue };
+                let st = self.telemetry.qos_stats(vm.slot, dir.index())?;
+                let tokens = match l.mode {
+                    Mode::Police => Some(tokens_bytes(&self.telemetry.policer(vm.slot, dir.index())?)),
+                    Mode::Shape => None,
+                };
+                out.push(LimitStatus {
+                    vm: vm.cfg.name.clone(),
+                    direction: dir,
+                    mode: l.mode,
+                    rate_bps: l.rate_bps,
+                    burst_bytes: l.burst_bytes,
+                    packet_rate: l.packet_rate,
+                    tokens_bytes: tokens,
+                    passed_bytes: st.passed_bytes,
+                    passed_packets: st.passed_packets,
+                    dropped_bytes: st.dropped_bytes,
+                    dropped_packets: st.dropped_packets,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Create or change the VM's HTB class for this direction: on the IFB
+    /// for traffic from the VM, on each of its interfaces for traffic to
+    /// it. Returns the ifindex to redirect to (0 for none). What this call
+    /// created is removed again if a later step fails.
+    fn shape_setup(&mut self, i: usize, dir: Direction, limit: &Limit) -> Result<u32, GovernorError> {
+        let vm = self.vms[i].cfg.name.clone();
+        let minor = (self.vms[i].slot + 1) as u16;
+        let burst = u32::try_from(limit.burst_bytes).unwrap_or(u32::MAX);
+        let shape_err =
+            |source: ShapeError| GovernorError::Shape { vm: vm.clone(), direction: dir.as_str(), source };
+        if self.shaper.is_none() {
+            self.shaper = Some(Shaper::new().map_err(&shape_err)?);
+        }
+        let Some(shaper) = self.shaper.as_mut() else { return Ok(0) };
+        match dir {
+            Direction::Egress => {
+                let (ifb, created) = match self.ifb {
+                    Some(ifb) => (ifb, false),
+                    None => {
+                        let ifb = shaper.add_ifb(&self.ifb_name).map_err(&shape_err)?;
+                        if let Err(e) = shaper.add_htb(ifb, HTB_MAJOR) {
+                            let _ = shaper.delete_link(ifb);
+                            return Err(shape_err(e));
+                        }
+                        (ifb, true)
+                    }
+                };
+                if let Err(e) = shaper.set_class(ifb, HTB_MAJOR, minor, limit.rate_bps, burst) {
+                    if created {
+                        let _ = shaper.delete_link(ifb);
+                    }
+                    return Err(shape_err(e));
+                }
+                self.ifb = Some(ifb);
+                Ok(ifb)
+            }
+            Direction::Ingress => {
+                let had_class = self.vms[i].limits[dir.index() as usize].map(|l| l.mode) == Some(Mode::Shape);
+                let mut done = Vec::new();
+                for &ifindex in &self.vms[i].ifindexes {
+                    let r = if had_class { Ok(()) } else { shaper.add_htb(ifindex, HTB_MAJOR) }
+                        .and_then(|_| shaper.set_class(ifindex, HTB_MAJOR, minor, limit.rate_bps, burst));
+                    if let Err(e) = r {
+                        if !had_class {
+                            for d in done.iter().chain(std::iter::once(&ifindex)) {
+                                let _ = shaper.delete_root(*d);
+                            }
+                        }
+                        return Err(shape_err(e));
+                    }
+                    done.push(ifindex);
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// Remove the VM's HTB class for this direction (and the qdisc or IFB
+    /// when nothing else uses it). Best effort: an interface that is gone
+    /// took its qdisc with it.
+    fn shape_teardown(&mut self, i: usize, dir: Direction) {
+        let minor = (self.vms[i].slot + 1) as u16;
+        let Some(shaper) = self.shaper.as_mut() else { return };
+        match dir {
+            Direction::Egress => {
+                if let Some(ifb) = self.ifb {
+                    let _ = shaper.delete_class(ifb, HTB_MAJOR, minor);
+                    let others = self.vms.iter().enumerate().any(|(j, v)| {
+                        j != i && v.limits[Direction::Egress.index() as usize].map(|l| l.mode) == Some(Mode::Shape)
+                    });
+                    if !others {
+                        let _ = shaper.delete_link(ifb);
+                        self.ifb = None;
+                    }
+                }
+            }
+            Direction::Ingress => {
+                for &ifindex in &self.vms[i].ifindexes {
+                    // Each interface belongs to one VM: its root is ours alone.
+                    let _ = shaper.delete_root(ifindex);
+                }
+            }
+        }
+    }
+
     /// The most recent OOM kills, oldest first.
     pub fn ooms(&self) -> Vec<OomRecord> {
         self.ooms.iter().cloned().collect()
+    }
+}
+
+impl Drop for Governor {
+    /// Remove every qdisc, class and IFB device the governor created; the
+    /// programs are detached and unpinned when `telemetry` drops after this.
+    fn drop(&mut self) {
+        for i in 0..self.vms.len() {
+            for dir in [Direction::Egress, Direction::Ingress] {
+                if self.vms[i].limits[dir.index() as usize].map(|l| l.mode) == Some(Mode::Shape) {
+                    self.shape_teardown(i, dir);
+                }
+            }
+        }
+        if let (Some(shaper), Some(ifb)) = (self.shaper.as_mut(), self.ifb.take()) {
+            let _ = shaper.delete_link(ifb);
+        }
     }
 }

@@ -15,6 +15,8 @@ pub mod daemon;
 pub mod demo;
 pub mod governor;
 pub mod netdev;
+pub mod qos;
 pub mod sampler;
+pub mod shape;
 pub mod telemetry;
 pub mod tracefs;

@@ -37,6 +37,13 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Set, change, clear or show per-VM QoS limits on a running governor.
+    Limit {
+        #[command(subcommand)]
+        op: LimitOp,
+        #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Per-VM table from a running governor.
     Status {
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -45,6 +52,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum LimitOp {
+    /// Set or change a limit (e.g. --rate 100mbit --burst 64kb).
+    Set {
+        #[arg(long)]
+        vm: String,
+        /// egress (from the VM) or ingress (to the VM)
+        #[arg(long)]
+        direction: String,
+        #[arg(long)]
+        rate: String,
+        #[arg(long)]
+        burst: String,
+        /// police (drop in tc-BPF) or shape (HTB)
+        #[arg(long, default_value = "police")]
+        mode: String,
+        #[arg(long)]
+        packet_rate: Option<u64>,
+    },
+    /// Remove a limit (line rate again).
+    Clear {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        direction: String,
+    },
+    /// Limits in force with passed/dropped counters and tokens.
+    Show,
+}
+
+fn direction(s: &str) -> Result<governor::qos::Direction> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| anyhow::anyhow!("--direction: {s:?} is neither egress nor ingress"))
 }
 
 fn main() -> Result<()> {
@@ -85,6 +127,46 @@ fn main() -> Result<()> {
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;
             println!("{}: ok, {} vm(s)", config.display(), cfg.vms.len());
+            Ok(())
+        }
+        Cmd::Limit { op, socket } => {
+            let req = match op {
+                LimitOp::Set { vm, direction: d, rate, burst, mode, packet_rate } => {
+                    let mode = serde_json::from_value(serde_json::Value::String(mode.clone()))
+                        .map_err(|_| anyhow::anyhow!("--mode: {mode:?} is neither police nor shape"))?;
+                    Request::SetLimit {
+                        vm,
+                        direction: direction(&d)?,
+                        limit: governor::qos::LimitSpec {
+                            mode,
+                            rate: governor::qos::Quantity::Text(rate),
+                            burst: governor::qos::Quantity::Text(burst),
+                            packet_rate,
+                        },
+                    }
+                }
+                LimitOp::Clear { vm, direction: d } => Request::ClearLimit { vm, direction: direction(&d)? },
+                LimitOp::Show => Request::Limits,
+            };
+            let resp = api::call(&socket, &req)?;
+            if !resp.ok {
+                bail!("governor: {}", resp.error.unwrap_or_default());
+            }
+            for l in resp.limits.unwrap_or_default() {
+                println!(
+                    "{:<12} {:<7} {:<6} rate {:>12} burst {:>8} B  tokens {:>8}  passed {} B/{} pkt  dropped {} B/{} pkt",
+                    l.vm,
+                    l.direction.as_str(),
+                    format!("{:?}", l.mode).to_lowercase(),
+                    governor::sampler::bits(l.rate_bps as f64),
+                    l.burst_bytes,
+                    l.tokens_bytes.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                    l.passed_bytes,
+                    l.passed_packets,
+                    l.dropped_bytes,
+                    l.dropped_packets
+                );
+            }
             Ok(())
         }
         Cmd::Status { socket, json } => {

@@ -12,11 +12,11 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapData, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use governor_common::{maps, CgroupStats, NetStats, OomEvent, DELAY_BUCKETS};
+use governor_common::{maps, CgroupStats, NetStats, OomEvent, Policer, QosStats, DELAY_BUCKETS, MAX_QOS_VMS};
 use thiserror::Error;
 
 use crate::tracefs;
@@ -103,8 +103,15 @@ pub struct Telemetry {
     cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
     net: PerCpuHashMap<MapData, u32, NetStats>,
     oom: RingBuf<MapData>,
+    qos: Array<MapData, Policer>,
+    qos_stats: PerCpuArray<MapData, QosStats>,
+    vm_of_if: BpfHashMap<MapData, u32, u32>,
     interfaces: HashMap<String, Attached>,
 }
+
+/// `BPF_F_LOCK`: update/read a map value under its bpf_spin_lock, so the
+/// kernel never sees half of a changed limit.
+const BPF_F_LOCK: u64 = 4;
 
 impl Telemetry {
     /// Load, pin and attach the scheduler and memory programs. Stale pins
@@ -223,12 +230,21 @@ impl Telemetry {
                 source,
             }
         })?;
+        let qos = Array::try_from(take(&mut ebpf, maps::QOS)?)
+            .map_err(|source| TelemetryError::Map { name: maps::QOS, source })?;
+        let qos_stats = PerCpuArray::try_from(take(&mut ebpf, maps::QOS_STATS)?)
+            .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
+        let vm_of_if = BpfHashMap::try_from(take(&mut ebpf, maps::VM_OF_IF)?)
+            .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })?;
         Ok(Telemetry {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             cgroups,
             net,
             oom,
+            qos,
+            qos_stats,
+            vm_of_if,
             interfaces: HashMap::new(),
         })
     }
@@ -340,6 +356,55 @@ impl Telemetry {
                 source,
             }),
         }
+    }
+
+    /// Tell the tc programs which VM (QoS slot) an interface belongs to.
+    pub fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError> {
+        if slot as usize >= MAX_QOS_VMS {
+            return Err(TelemetryError::Interface {
+                name: format!("ifindex {ifindex}"),
+                reason: format!("more than {MAX_QOS_VMS} VMs with QoS slots"),
+            });
+        }
+        self.vm_of_if
+            .insert(ifindex, slot, 0)
+            .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })
+    }
+
+    pub fn clear_vm_of_interface(&mut self, ifindex: u32) {
+        let _ = self.vm_of_if.remove(&ifindex);
+    }
+
+    fn qos_index(slot: u32, dir: u32) -> u32 {
+        slot * 2 + dir
+    }
+
+    /// The policer of a VM direction, read under its lock.
+    pub fn policer(&self, slot: u32, dir: u32) -> Result<Policer, TelemetryError> {
+        self.qos
+            .get(&Self::qos_index(slot, dir), BPF_F_LOCK)
+            .map_err(|source| TelemetryError::Map { name: maps::QOS, source })
+    }
+
+    /// Replace the policer of a VM direction atomically (under its lock).
+    pub fn set_policer(&mut self, slot: u32, dir: u32, p: Policer) -> Result<(), TelemetryError> {
+        self.qos
+            .set(Self::qos_index(slot, dir), p, BPF_F_LOCK)
+            .map_err(|source| TelemetryError::Map { name: maps::QOS, source })
+    }
+
+    /// QoS counters of a VM direction, summed over CPUs.
+    pub fn qos_stats(&self, slot: u32, dir: u32) -> Result<QosStats, TelemetryError> {
+        let v = self
+            .qos_stats
+            .get(&Self::qos_index(slot, dir), 0)
+            .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
+        Ok(v.iter().fold(QosStats::default(), |a, s| QosStats {
+            passed_bytes: a.passed_bytes + s.passed_bytes,
+            passed_packets: a.passed_packets + s.passed_packets,
+            dropped_bytes: a.dropped_bytes + s.dropped_bytes,
+            dropped_packets: a.dropped_packets + s.dropped_packets,
+        }))
     }
 
     /// OOM victims reported since the last call.

@@ -1,0 +1,262 @@
+//! Per-VM QoS flow limiting (claim 14): the limits, their validation, and
+//! what the kernel programs are told.
+//!
+//! Two modes per VM and direction:
+//! - `police`: a token bucket inside the tc-BPF program on the VM's
+//!   interfaces; packets over the limit are dropped and counted.
+//! - `shape`: an HTB class per VM (see `shape.rs`), chosen by the tc-BPF
+//!   program; traffic from the VM is redirected to an IFB device first,
+//!   because only egress can be shaped.
+//!
+//! Directions are the VM's: `egress` is what the VM sends, `ingress` what
+//! it receives.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use governor_common::{Policer, DIR_FROM_VM, DIR_TO_VM, QOS_POLICE};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// From the VM (tc ingress on the host-side interface).
+    Egress,
+    /// To the VM (tc egress on the host-side interface).
+    Ingress,
+}
+
+impl Direction {
+    pub fn index(self) -> u32 {
+        match self {
+            Direction::Egress => DIR_FROM_VM,
+            Direction::Ingress => DIR_TO_VM,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Police,
+    Shape,
+}
+
+/// A limit as written in the config or sent over the API. Rates accept
+/// `100mbit`, `1gbit`, `64kbit`, `1500000` (bit/s); bursts `64kb`, `1mb`,
+/// `1514` (bytes; k/m are 1024-based, as tc does).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    #[serde(default)]
+    pub mode: Mode,
+    pub rate: Quantity,
+    pub burst: Quantity,
+    #[serde(default)]
+    pub packet_rate: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Quantity {
+    Number(u64),
+    Text(String),
+}
+
+/// A checked limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    pub mode: Mode,
+    pub rate_bps: u64,
+    pub burst_bytes: u64,
+    pub packet_rate: Option<u64>,
+}
+
+#[derive(Debug, Error, PartialEq)]
+#[error("{field}: {reason}")]
+pub struct LimitError {
+    pub field: String,
+    pub reason: String,
+}
+
+pub const MIN_RATE_BPS: u64 = 8_000;
+pub const MAX_RATE_BPS: u64 = 400_000_000_000;
+/// One full Ethernet frame: a smaller bucket could never pass a packet.
+pub const MIN_BURST: u64 = 1514;
+pub const MAX_BURST: u64 = 1 << 30;
+pub const MAX_PACKET_RATE: u64 = 100_000_000;
+
+fn err(field: &str, reason: impl Into<String>) -> LimitError {
+    LimitError { field: field.to_string(), reason: reason.into() }
+}
+
+fn parse_rate(q: &Quantity) -> Result<u64, String> {
+    match q {
+        Quantity::Number(n) => Ok(*n),
+        Quantity::Text(t) => {
+            let t = t.trim().to_ascii_lowercase();
+            let (num, mult) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
+                .iter()
+                .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+                .unwrap_or((t.clone(), 1.0));
+            let v: f64 = num.parse().map_err(|_| format!("{t:?} is not a rate (e.g. 100mbit)"))?;
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{t:?} is not a rate"));
+            }
+            Ok((v * mult).round() as u64)
+        }
+    }
+}
+
+fn parse_bytes(q: &Quantity) -> Result<u64, String> {
+    match q {
+        Quantity::Number(n) => Ok(*n),
+        Quantity::Text(t) => {
+            let t = t.trim().to_ascii_lowercase();
+            let (num, mult) = [("gb", 1u64 << 30), ("mb", 1 << 20), ("kb", 1 << 10), ("b", 1)]
+                .iter()
+                .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+                .unwrap_or((t.clone(), 1));
+            let v: f64 = num.parse().map_err(|_| format!("{t:?} is not a size (e.g. 64kb)"))?;
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{t:?} is not a size"));
+            }
+            Ok((v * mult as f64).round() as u64)
+        }
+    }
+}
+
+impl LimitSpec {
+    /// Check the limit; `at` prefixes the field names in errors.
+    pub fn check(&self, at: &str) -> Result<Limit, LimitError> {
+        let f = |name: &str| if at.is_empty() { name.to_string() } else { format!("{at}.{name}") };
+        let rate = parse_rate(&self.rate).map_err(|r| err(&f("rate"), r))?;
+        if !(MIN_RATE_BPS..=MAX_RATE_BPS).contains(&rate) {
+            return Err(err(&f("rate"), format!("{rate} bit/s is outside {MIN_RATE_BPS}..={MAX_RATE_BPS}")));
+        }
+        let burst = parse_bytes(&self.burst).map_err(|r| err(&f("burst"), r))?;
+        if !(MIN_BURST..=MAX_BURST).contains(&burst) {
+            return Err(err(&f("burst"), format!("{burst} bytes is outside {MIN_BURST}..={MAX_BURST}")));
+        }
+        if let Some(p) = self.packet_rate {
+            if p == 0 || p > MAX_PACKET_RATE {
+                return Err(err(&f("packet_rate"), format!("{p} is outside 1..={MAX_PACKET_RATE}")));
+            }
+            if self.mode == Mode::Shape {
+                return Err(err(&f("packet_rate"), "HTB shapes bytes only; use mode = \"police\" for a packet rate"));
+            }
+        }
+        Ok(Limit { mode: self.mode, rate_bps: rate, burst_bytes: burst, packet_rate: self.packet_rate })
+    }
+}
+
+const NS: u128 = 1_000_000_000;
+
+impl Limit {
+    pub fn rate_bytes_per_s(&self) -> u64 {
+        (self.rate_bps / 8).max(1)
+    }
+
+    /// The kernel-side policer for this limit. `prev` carries the tokens
+    /// of a limit being changed (converted to bytes and back), so a rate
+    /// change neither refills nor empties the bucket; a new bucket starts
+    /// full.
+    pub fn policer(&self, prev: Option<&Policer>, now_ns: u64) -> Policer {
+        let rate = self.rate_bytes_per_s();
+        let burst_ns = (self.burst_bytes as u128 * NS / rate as u128) as u64;
+        let tokens_ns = match prev {
+            Some(p) if p.mode == QOS_POLICE && p.rate_bytes_per_s != 0 => {
+                let bytes = p.tokens_ns as u128 * p.rate_bytes_per_s as u128 / NS;
+                ((bytes * NS / rate as u128) as u64).min(burst_ns)
+            }
+            _ => burst_ns,
+        };
+        let (pkt_cost_ns, pkt_burst_ns) = match self.packet_rate {
+            // The packet bucket holds as many packets as a byte burst of
+            // full frames would, but at least 10.
+            Some(p) => {
+                let cost = (NS / p as u128) as u64;
+                let pkts = (self.burst_bytes / MIN_BURST).max(10);
+                (cost, cost.saturating_mul(pkts))
+            }
+            None => (0, 0),
+        };
+        Policer {
+            mode: QOS_POLICE,
+            rate_bytes_per_s: rate,
+            burst_ns,
+            tokens_ns,
+            last_ns: now_ns,
+            pkt_cost_ns,
+            pkt_burst_ns,
+            pkt_tokens_ns: pkt_burst_ns,
+            ..Policer::default()
+        }
+    }
+}
+
+/// Tokens left in a policer, in bytes.
+pub fn tokens_bytes(p: &Policer) -> u64 {
+    (p.tokens_ns as u128 * p.rate_bytes_per_s as u128 / NS) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rate: &str, burst: &str) -> LimitSpec {
+        LimitSpec {
+            mode: Mode::Police,
+            rate: Quantity::Text(rate.into()),
+            burst: Quantity::Text(burst.into()),
+            packet_rate: None,
+        }
+    }
+
+    #[test]
+    fn units() {
+        let l = spec("100mbit", "64kb").check("").expect("valid");
+        assert_eq!(l.rate_bps, 100_000_000);
+        assert_eq!(l.burst_bytes, 65536);
+        assert_eq!(spec("1.5gbit", "1mb").check("").expect("ok").rate_bps, 1_500_000_000);
+        let n = LimitSpec { rate: Quantity::Number(10_000_000), burst: Quantity::Number(1514), ..spec("1", "1") };
+        assert_eq!(n.check("").expect("ok").rate_bps, 10_000_000);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        assert_eq!(spec("0", "64kb").check("vm[0].qos.egress").unwrap_err().field, "vm[0].qos.egress.rate");
+        assert_eq!(spec("fast", "64kb").check("").unwrap_err().field, "rate");
+        assert_eq!(spec("1000gbit", "64kb").check("").unwrap_err().field, "rate");
+        assert_eq!(spec("10mbit", "100").check("").unwrap_err().field, "burst");
+        assert_eq!(spec("10mbit", "-1kb").check("").unwrap_err().field, "burst");
+        let mut s = spec("10mbit", "64kb");
+        s.packet_rate = Some(0);
+        assert_eq!(s.check("").unwrap_err().field, "packet_rate");
+        s.packet_rate = Some(1000);
+        s.mode = Mode::Shape;
+        assert_eq!(s.check("").unwrap_err().field, "packet_rate");
+    }
+
+    #[test]
+    fn policer_time_credit() {
+        let l = spec("8mbit", "100kb").check("").expect("ok"); // 1 MB/s
+        let p = l.policer(None, 5);
+        assert_eq!(p.rate_bytes_per_s, 1_000_000);
+        assert_eq!(p.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
+        assert_eq!(p.tokens_ns, p.burst_ns, "a new bucket starts full");
+        assert_eq!(tokens_bytes(&p), 102_400);
+        // Halve the rate with 50 KB left: still 50 KB, now worth twice the time.
+        let half = Policer { tokens_ns: 51_200_000, ..p };
+        let l2 = spec("4mbit", "100kb").check("").expect("ok");
+        let p2 = l2.policer(Some(&half), 9);
+        assert_eq!(tokens_bytes(&p2), 51_200);
+        assert_eq!(p2.last_ns, 9);
+    }
+}
