@@ -52,8 +52,7 @@ const TSS_LIMIT: u32 = (TSS_IOMAP + 8192) as u32;
 /// Load a static ELF (the agent) at its physical addresses; returns the entry.
 pub fn load_elf(mem: &GuestMemoryMmap, path: &Path) -> Result<u64> {
     let mut f = File::open(path).map_err(Error::io(path.display().to_string()))?;
-    let res = Elf::load(mem, None, &mut f, None)
-        .map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
+    let res = Elf::load(mem, None, &mut f, None).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
     Ok(res.kernel_load.0)
 }
 
@@ -127,11 +126,7 @@ pub fn user_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
         present: 1,
         ..Default::default()
     };
-    sregs.ldt = kvm_segment {
-        type_: 2,
-        unusable: 1,
-        ..Default::default()
-    };
+    sregs.ldt = kvm_segment { type_: 2, unusable: 1, ..Default::default() };
     sregs.gdt.base = proto::GDT_ADDR;
     sregs.gdt.limit = (7 * 8 - 1) as u16;
     // An empty IDT: any exception escalates to a triple fault, which the
@@ -148,10 +143,5 @@ pub fn user_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
 /// General registers: entry point, stack, IOPL=3 so the agent may use the
 /// serial and idle ports from CPL3.
 pub fn user_regs(entry: u64) -> kvm_regs {
-    kvm_regs {
-        rip: entry,
-        rsp: proto::STACK_TOP,
-        rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
-        ..Default::default()
-    }
+    kvm_regs { rip: entry, rsp: proto::STACK_TOP, rflags: RFLAGS_RESERVED | RFLAGS_IOPL3, ..Default::default() }
 }

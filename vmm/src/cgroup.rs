@@ -37,12 +37,7 @@ impl Limits {
         self.cpu_period_us.unwrap_or(100_000)
     }
     fn validate(&self) -> Result<()> {
-        let bad = |field, reason: &str| {
-            Err(Error::Config {
-                field,
-                reason: reason.into(),
-            })
-        };
+        let bad = |field, reason: &str| Err(Error::Config { field, reason: reason.into() });
         if let Some(q) = self.cpu_quota_us {
             if q < 1000 {
                 return bad("cpu_quota_us", "must be at least 1000");
@@ -52,11 +47,7 @@ impl Limits {
             return bad("cpu_period_us", "must be within 1000..=1000000");
         }
         if let Some(c) = &self.cpuset {
-            if c.is_empty()
-                || !c
-                    .chars()
-                    .all(|ch| ch.is_ascii_digit() || ch == ',' || ch == '-')
-            {
+            if c.is_empty() || !c.chars().all(|ch| ch.is_ascii_digit() || ch == ',' || ch == '-') {
                 return bad("cpuset", "must be a CPU list such as 0-1");
             }
         }
@@ -95,19 +86,14 @@ pub struct Cgroup {
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value).map_err(|e| Error::Cgroup {
-        path: path.display().to_string(),
-        reason: format!("writing {value:?}: {e}"),
-    })
+    fs::write(path, value)
+        .map_err(|e| Error::Cgroup { path: path.display().to_string(), reason: format!("writing {value:?}: {e}") })
 }
 
 fn read(path: &Path) -> Result<String> {
     fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|e| Error::Cgroup {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| Error::Cgroup { path: path.display().to_string(), reason: e.to_string() })
 }
 
 impl Cgroup {
@@ -115,23 +101,11 @@ impl Cgroup {
     /// Nothing is left half applied: on error the directories made are removed.
     pub fn create(name: &str, limits: &Limits) -> Result<Cgroup> {
         limits.validate()?;
-        if name.is_empty()
-            || name
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..")
-        {
-            return Err(Error::Config {
-                field: "cgroup",
-                reason: format!("{name:?} is not a relative cgroup path"),
-            });
+        if name.is_empty() || name.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(Error::Config { field: "cgroup", reason: format!("{name:?} is not a relative cgroup path") });
         }
         let layout = layout();
-        let mut cg = Cgroup {
-            name: name.to_string(),
-            layout,
-            dirs: Vec::new(),
-            created: Vec::new(),
-        };
+        let mut cg = Cgroup { name: name.to_string(), layout, dirs: Vec::new(), created: Vec::new() };
         let r = cg.build(limits);
         if let Err(e) = r {
             cg.remove();
@@ -145,10 +119,8 @@ impl Cgroup {
         for comp in self.name.split('/') {
             p.push(comp);
             if !p.exists() {
-                fs::create_dir(&p).map_err(|e| Error::Cgroup {
-                    path: p.display().to_string(),
-                    reason: e.to_string(),
-                })?;
+                fs::create_dir(&p)
+                    .map_err(|e| Error::Cgroup { path: p.display().to_string(), reason: e.to_string() })?;
                 self.created.push(p.clone());
             }
         }
@@ -162,10 +134,7 @@ impl Cgroup {
                 // Enable the controllers down the path, then set limits.
                 let mut parent = PathBuf::from(ROOT);
                 for comp in self.name.split('/') {
-                    let _ = write(
-                        &parent.join("cgroup.subtree_control"),
-                        "+cpu +cpuset +memory",
-                    );
+                    let _ = write(&parent.join("cgroup.subtree_control"), "+cpu +cpuset +memory");
                     parent.push(comp);
                 }
                 let d = self.mkdir(Path::new(ROOT))?;
@@ -221,10 +190,7 @@ impl Cgroup {
             Layout::V2 => self.dirs.first().map(PathBuf::as_path),
             Layout::Hybrid => {
                 let base = Path::new(ROOT).join(ctrl);
-                self.dirs
-                    .iter()
-                    .find(|d| d.starts_with(&base))
-                    .map(PathBuf::as_path)
+                self.dirs.iter().find(|d| d.starts_with(&base)).map(PathBuf::as_path)
             }
         }
     }
@@ -239,28 +205,19 @@ impl Cgroup {
                     .find_map(|l| l.strip_prefix("usage_usec "))
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|us| us * 1000)
-                    .ok_or_else(|| Error::Cgroup {
-                        path: d.display().to_string(),
-                        reason: "no usage_usec".into(),
-                    })
+                    .ok_or_else(|| Error::Cgroup { path: d.display().to_string(), reason: "no usage_usec".into() })
             }
             Layout::Hybrid => {
                 let d = self.dir("cpuacct").ok_or_else(|| self.missing("cpuacct"))?;
                 read(&d.join("cpuacct.usage"))?
                     .parse::<u64>()
-                    .map_err(|e| Error::Cgroup {
-                        path: d.display().to_string(),
-                        reason: e.to_string(),
-                    })
+                    .map_err(|e| Error::Cgroup { path: d.display().to_string(), reason: e.to_string() })
             }
         }
     }
 
     fn missing(&self, ctrl: &str) -> Error {
-        Error::Cgroup {
-            path: self.name.clone(),
-            reason: format!("no {ctrl} directory"),
-        }
+        Error::Cgroup { path: self.name.clone(), reason: format!("no {ctrl} directory") }
     }
 
     /// Move member processes to the parent and remove the directories this

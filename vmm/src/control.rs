@@ -12,7 +12,7 @@
 //! | `restore` | `path` | `restore_ms` (VM comes up paused) |
 //! | `pause` / `resume` | | |
 //! | `snapshot` | `path` | `bytes`, `snapshot_ms` |
-//! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
+//! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `touch`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid` |
 //! | `shutdown` | | `state` (the process exits after replying) |
@@ -38,6 +38,7 @@ pub fn op_code(name: &str) -> Option<u64> {
         "step" => op::STEP,
         "counters" => op::COUNTERS,
         "auto" => op::AUTO,
+        "touch" => op::TOUCH,
         "bad_mmio" => op::BAD_MMIO,
         "bad_descriptor" => op::BAD_DESCRIPTOR,
         "triple_fault" => op::TRIPLE_FAULT,
@@ -58,17 +59,11 @@ pub struct Server {
 }
 
 fn field<'a>(req: &'a Value, name: &'static str) -> Result<&'a Value> {
-    req.get(name).ok_or(Error::Config {
-        field: name,
-        reason: "missing".into(),
-    })
+    req.get(name).ok_or(Error::Config { field: name, reason: "missing".into() })
 }
 
 fn str_field<'a>(req: &'a Value, name: &'static str) -> Result<&'a str> {
-    field(req, name)?.as_str().ok_or(Error::Config {
-        field: name,
-        reason: "not a string".into(),
-    })
+    field(req, name)?.as_str().ok_or(Error::Config { field: name, reason: "not a string".into() })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -86,9 +81,7 @@ pub fn self_rss() -> u64 {
 
 impl Server {
     fn vm(&self) -> Result<&Vm> {
-        self.vm
-            .as_ref()
-            .ok_or_else(|| Error::State("absent (no VM created)".into()))
+        self.vm.as_ref().ok_or_else(|| Error::State("absent (no VM created)".into()))
     }
 
     /// Handle one request; returns the reply and whether to exit afterwards.
@@ -109,20 +102,16 @@ impl Server {
                 if self.vm.is_some() {
                     return Err(Error::State("already created".into()));
                 }
-                let mem = field(req, "mem_mib")?.as_u64().ok_or(Error::Config {
-                    field: "mem_mib",
-                    reason: "not an integer".into(),
-                })?;
+                let mem = field(req, "mem_mib")?
+                    .as_u64()
+                    .ok_or(Error::Config { field: "mem_mib", reason: "not an integer".into() })?;
                 let cfg = VmConfig::new(PathBuf::from(str_field(req, "guest")?), mem);
                 self.vm = Some(Vm::create(&cfg, (self.sinks)())?);
                 json!({})
             }
             "boot" => {
                 let t = Instant::now();
-                let vm = self
-                    .vm
-                    .as_mut()
-                    .ok_or_else(|| Error::State("absent".into()))?;
+                let vm = self.vm.as_mut().ok_or_else(|| Error::State("absent".into()))?;
                 vm.start(false)?;
                 (self.on_start)(vm);
                 let ready = vm.wait_ready(REQUEST_TIMEOUT)?;
@@ -149,17 +138,13 @@ impl Server {
             }
             "snapshot" => {
                 let t = Instant::now();
-                let bytes = self
-                    .vm()?
-                    .snapshot_to_file(Path::new(str_field(req, "path")?))?;
+                let bytes = self.vm()?.snapshot_to_file(Path::new(str_field(req, "path")?))?;
                 json!({"bytes": bytes, "snapshot_ms": ms(t.elapsed())})
             }
             "request" => {
                 let name = str_field(req, "op")?;
-                let code = op_code(name).ok_or(Error::Config {
-                    field: "op",
-                    reason: format!("unknown op {name:?}"),
-                })?;
+                let code =
+                    op_code(name).ok_or(Error::Config { field: "op", reason: format!("unknown op {name:?}") })?;
                 let arg = req.get("arg").and_then(Value::as_u64).unwrap_or(0);
                 let t = Instant::now();
                 let r = self.vm()?.request(code, arg, REQUEST_TIMEOUT)?;
@@ -185,12 +170,7 @@ impl Server {
                 };
                 return Ok((json!({"state": state}), true));
             }
-            other => {
-                return Err(Error::Config {
-                    field: "cmd",
-                    reason: format!("unknown command {other:?}"),
-                })
-            }
+            other => return Err(Error::Config { field: "cmd", reason: format!("unknown command {other:?}") }),
         };
         Ok((out, false))
     }
@@ -216,10 +196,7 @@ impl Server {
             }
             let (reply, exit) = match serde_json::from_str::<Value>(&line) {
                 Ok(req) => self.handle(&req),
-                Err(e) => (
-                    json!({"ok": false, "error": format!("control protocol: bad JSON: {e}")}),
-                    false,
-                ),
+                Err(e) => (json!({"ok": false, "error": format!("control protocol: bad JSON: {e}")}), false),
             };
             if writeln!(w, "{reply}").is_err() {
                 return Ok(exit);
@@ -241,10 +218,7 @@ pub struct Client {
 impl Client {
     pub fn connect(path: &Path) -> Result<Client> {
         let s = UnixStream::connect(path).map_err(Error::io(path.display().to_string()))?;
-        Ok(Client {
-            w: s.try_clone().map_err(Error::io("control socket"))?,
-            r: BufReader::new(s),
-        })
+        Ok(Client { w: s.try_clone().map_err(Error::io("control socket"))?, r: BufReader::new(s) })
     }
 
     /// Connect, retrying until the socket appears or `timeout` passes.
@@ -263,24 +237,15 @@ impl Client {
     pub fn call(&mut self, req: Value) -> Result<Value> {
         writeln!(self.w, "{req}").map_err(Error::io("control socket write"))?;
         let mut line = String::new();
-        let n = self
-            .r
-            .read_line(&mut line)
-            .map_err(Error::io("control socket read"))?;
+        let n = self.r.read_line(&mut line).map_err(Error::io("control socket read"))?;
         if n == 0 {
             return Err(Error::Protocol("the VMM closed the control socket".into()));
         }
-        let v: Value =
-            serde_json::from_str(&line).map_err(|e| Error::Protocol(format!("bad reply: {e}")))?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| Error::Protocol(format!("bad reply: {e}")))?;
         if v.get("ok") == Some(&json!(true)) {
             Ok(v)
         } else {
-            Err(Error::Protocol(
-                v.get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no error text")
-                    .to_string(),
-            ))
+            Err(Error::Protocol(v.get("error").and_then(Value::as_str).unwrap_or("no error text").to_string()))
         }
     }
 }

@@ -12,9 +12,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile};
 
 use crate::error::{Error, Result};
 
@@ -68,12 +66,8 @@ where
     };
 
     let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Load(format!("cmdline: {e}")))?;
-    cl.insert_str(cmdline).map_err(|e| Error::Config {
-        field: "cmdline",
-        reason: e.to_string(),
-    })?;
-    loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
-        .map_err(|e| Error::Load(format!("cmdline: {e}")))?;
+    cl.insert_str(cmdline).map_err(|e| Error::Config { field: "cmdline", reason: e.to_string() })?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(|e| Error::Load(format!("cmdline: {e}")))?;
 
     let mut params = boot_params::default();
     if let Some(hdr) = res.setup_header {
@@ -86,36 +80,16 @@ where
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline.len() as u32 + 1;
-    let mem_end: u64 = mem
-        .iter()
-        .map(|r| r.start_addr().0 + r.len())
-        .max()
-        .unwrap_or(0);
+    let mem_end: u64 = mem.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0);
     let e820 = [
-        boot_e820_entry {
-            addr: 0,
-            size: EBDA_START,
-            r#type: E820_RAM,
-        },
-        boot_e820_entry {
-            addr: HIMEM_START,
-            size: mem_end.saturating_sub(HIMEM_START),
-            r#type: E820_RAM,
-        },
+        boot_e820_entry { addr: 0, size: EBDA_START, r#type: E820_RAM },
+        boot_e820_entry { addr: HIMEM_START, size: mem_end.saturating_sub(HIMEM_START), r#type: E820_RAM },
     ];
     params.e820_table[..2].copy_from_slice(&e820);
     params.e820_entries = 2;
-    LinuxBootConfigurator::write_bootparams(
-        &BootParams::new(&params, GuestAddress(ZERO_PAGE)),
-        mem,
-    )
-    .map_err(|e| Error::Load(format!("zero page: {e}")))?;
-    Ok(LinuxBoot {
-        format,
-        entry,
-        kernel_end: res.kernel_end,
-        zero_page: ZERO_PAGE,
-    })
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), mem)
+        .map_err(|e| Error::Load(format!("zero page: {e}")))?;
+    Ok(LinuxBoot { format, entry, kernel_end: res.kernel_end, zero_page: ZERO_PAGE })
 }
 
 /// Special registers for the 64-bit boot protocol: long mode, CPL0, the
@@ -132,13 +106,7 @@ pub fn kernel_sregs(sregs: kvm_sregs) -> kvm_sregs {
 }
 
 pub fn linux_regs(boot: &LinuxBoot) -> kvm_regs {
-    kvm_regs {
-        rip: boot.entry,
-        rsi: boot.zero_page,
-        rflags: 2,
-        rsp: 0x8ff0,
-        ..Default::default()
-    }
+    kvm_regs { rip: boot.entry, rsi: boot.zero_page, rflags: 2, rsp: 0x8ff0, ..Default::default() }
 }
 
 #[cfg(test)]
@@ -209,8 +177,7 @@ mod tests {
         assert_eq!(b.format, KernelFormat::Elf);
         assert_eq!(b.entry, 0x100_0000);
         let mut got = [0u8; 300];
-        m.read_slice(&mut got, GuestAddress(0x100_0000))
-            .expect("read kernel");
+        m.read_slice(&mut got, GuestAddress(0x100_0000)).expect("read kernel");
         assert_eq!(got, payload);
         let zp = zero_page(&m);
         assert_eq!({ zp.hdr.boot_flag }, 0xaa55);
@@ -218,8 +185,7 @@ mod tests {
         assert_eq!({ zp.e820_entries }, 2);
         assert_eq!({ zp.e820_table[1].size }, (32 << 20) - HIMEM_START);
         let mut cl = [0u8; 21];
-        m.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR))
-            .expect("cmdline");
+        m.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR)).expect("cmdline");
         assert_eq!(&cl, b"console=ttyS0 panic=1");
         let r = linux_regs(&b);
         assert_eq!((r.rip, r.rsi), (0x100_0000, ZERO_PAGE));
@@ -234,8 +200,7 @@ mod tests {
         assert_eq!(b.format, KernelFormat::BzImage);
         assert_eq!(b.entry, 0x10_0200);
         let mut got = vec![0u8; payload.len()];
-        m.read_slice(&mut got, GuestAddress(0x10_0000))
-            .expect("read kernel");
+        m.read_slice(&mut got, GuestAddress(0x10_0000)).expect("read kernel");
         assert_eq!(got, payload);
         let zp = zero_page(&m);
         assert_eq!(&{ zp.hdr.header }.to_le_bytes(), b"HdrS");
@@ -248,10 +213,7 @@ mod tests {
     fn refuses_garbage_and_bad_cmdline() {
         let m = mem();
         let junk = vec![0x55u8; 4096];
-        assert!(matches!(
-            load_linux(&m, &mut Cursor::new(&junk), ""),
-            Err(Error::Load(_))
-        ));
+        assert!(matches!(load_linux(&m, &mut Cursor::new(&junk), ""), Err(Error::Load(_))));
         let img = synthetic_elf(&[0xf4; 16]);
         let nul = "a\0b";
         assert!(load_linux(&m, &mut Cursor::new(&img), nul).is_err());

@@ -38,11 +38,7 @@ struct Args {
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        mem_mib: 64,
-        cmdline: "console=ttyS0 panic=1".into(),
-        ..Default::default()
-    };
+    let mut a = Args { mem_mib: 64, cmdline: "console=ttyS0 panic=1".into(), ..Default::default() };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut val = || it.next().ok_or(format!("{k} needs a value"));
@@ -103,9 +99,7 @@ fn main() -> ExitCode {
     // Join the cgroup first, so every thread started later is inside it.
     let mut cgroup = None;
     if let Some(name) = &args.cgroup {
-        match Cgroup::create(name, &args.limits)
-            .and_then(|cg| cg.add_process(std::process::id()).map(|_| cg))
-        {
+        match Cgroup::create(name, &args.limits).and_then(|cg| cg.add_process(std::process::id()).map(|_| cg)) {
             Ok(cg) => cgroup = Some(cg),
             Err(e) => {
                 eprintln!("vmm: {e}");
@@ -122,10 +116,7 @@ fn main() -> ExitCode {
 
 fn run(args: &Args, t0: Instant) -> ExitCode {
     let (serial, log) = (args.serial.clone(), args.log.clone());
-    let make_sinks = move || Sinks {
-        serial: sink(&serial, true),
-        log: sink(&log, false),
-    };
+    let make_sinks = move || Sinks { serial: sink(&serial, true), log: sink(&log, false) };
     let mut vm = None;
     let result = (|| -> vmm::Result<()> {
         if let Some(g) = &args.guest {
@@ -133,10 +124,7 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
             v.start(args.paused)?;
             if !args.paused {
                 v.wait_ready(Duration::from_secs(10))?;
-                eprintln!(
-                    "vmm: agent ready {:.3} ms after process start",
-                    t0.elapsed().as_secs_f64() * 1e3
-                );
+                eprintln!("vmm: agent ready {:.3} ms after process start", t0.elapsed().as_secs_f64() * 1e3);
             }
             vm = Some(v);
         } else if let Some(k) = &args.kernel {
@@ -147,10 +135,7 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
             vm = Some(v);
         } else if let Some(s) = &args.restore {
             let v = Vm::restore_from_file(s, make_sinks())?;
-            eprintln!(
-                "vmm: restored in {:.3} ms after process start",
-                t0.elapsed().as_secs_f64() * 1e3
-            );
+            eprintln!("vmm: restored in {:.3} ms after process start", t0.elapsed().as_secs_f64() * 1e3);
             if !args.paused {
                 v.resume()?;
             }
@@ -171,11 +156,7 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let mut server = Server {
-            vm,
-            sinks: Box::new(make_sinks),
-            on_start: Box::new(|_| {}),
-        };
+        let mut server = Server { vm, sinks: Box::new(make_sinks), on_start: Box::new(|_| {}) };
         let r = server.serve(&listener);
         let _ = std::fs::remove_file(path);
         if let Err(e) = r {

@@ -15,6 +15,9 @@ pub const TSS_ADDR: u64 = 0x8000;
 /// Initial stack pointer (top of a stack just below the image).
 pub const STACK_TOP: u64 = 0x1f_f000;
 
+/// Start of the scratch area the TOUCH request dirties (above the image).
+pub const SCRATCH_BASE: u64 = 0x40_0000;
+
 /// 16550/8250 console (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// `out` here means "nothing to do": the VMM parks the vCPU until a request
@@ -53,6 +56,9 @@ pub mod op {
     pub const COUNTERS: u64 = 3;
     /// Autonomous stepping: arg = work units per step, 0 = off.
     pub const AUTO: u64 = 4;
+    /// Write one word into each of `arg` pages from [`super::SCRATCH_BASE`]
+    /// (dirties guest RAM, e.g. to measure snapshots of a busy guest).
+    pub const TOUCH: u64 = 5;
     /// Self tests of the VMM's error handling (a hostile guest on purpose).
     pub const BAD_MMIO: u64 = 0x100;
     pub const BAD_DESCRIPTOR: u64 = 0x101;

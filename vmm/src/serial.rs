@@ -19,11 +19,7 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(out: Option<Box<dyn Write + Send>>) -> Self {
-        Serial {
-            line: Vec::new(),
-            out,
-            lines: Vec::new(),
-        }
+        Serial { line: Vec::new(), out, lines: Vec::new() }
     }
 
     /// Handle a write at `offset` from the base port. Returns a completed

@@ -32,6 +32,7 @@ pub const MAGIC: [u8; 8] = *b"MCVMSNAP";
 pub const VERSION: u32 = 1;
 const HEADER_LEN: usize = 64;
 const PAGE: usize = 4096;
+const CHUNK: usize = 1 << 20;
 /// Upper bound on the JSON state, to refuse absurd headers early.
 const MAX_STATE: u64 = 16 << 20;
 const MAX_MEM: u64 = 3072 << 20;
@@ -74,15 +75,9 @@ impl Header {
         }
         let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
         if version != VERSION {
-            return Err(Error::Snapshot(format!(
-                "version {version}, this VMM reads {VERSION}"
-            )));
+            return Err(Error::Snapshot(format!("version {version}, this VMM reads {VERSION}")));
         }
-        let hd = Header {
-            state_len: u64_at(16),
-            mem_size: u64_at(24),
-            mem_offset: u64_at(32),
-        };
+        let hd = Header { state_len: u64_at(16), mem_size: u64_at(24), mem_offset: u64_at(32) };
         if hd.state_len > MAX_STATE
             || hd.mem_size == 0
             || hd.mem_size > MAX_MEM
@@ -102,21 +97,12 @@ impl Header {
 fn prepare(st: &VmState) -> Result<(Header, Vec<u8>)> {
     let json = serde_json::to_vec(st).map_err(|e| Error::Snapshot(e.to_string()))?;
     let mem_offset = (HEADER_LEN + json.len()).div_ceil(PAGE) * PAGE;
-    Ok((
-        Header {
-            state_len: json.len() as u64,
-            mem_size: st.mem_size,
-            mem_offset: mem_offset as u64,
-        },
-        json,
-    ))
+    Ok((Header { state_len: json.len() as u64, mem_size: st.mem_size, mem_offset: mem_offset as u64 }, json))
 }
 
 /// Host view of guest RAM (one region starting at 0).
 fn ram(mem: &GuestMemoryMmap, size: u64) -> Result<&[u8]> {
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
     if mem.iter().count() != 1 {
         return Err(Error::Memory("snapshots support one RAM region".into()));
     }
@@ -146,13 +132,7 @@ fn resident_pages(buf: &[u8]) -> Vec<bool> {
     let pages = buf.len().div_ceil(PAGE);
     let mut vec = vec![0u8; pages];
     // SAFETY: buf is a page-aligned mapping of `len` bytes; vec has one byte per page.
-    let rc = unsafe {
-        libc::mincore(
-            buf.as_ptr() as *mut libc::c_void,
-            buf.len(),
-            vec.as_mut_ptr(),
-        )
-    };
+    let rc = unsafe { libc::mincore(buf.as_ptr() as *mut libc::c_void, buf.len(), vec.as_mut_ptr()) };
     if rc != 0 {
         return vec![true; pages]; // cannot tell: write everything
     }
@@ -163,17 +143,10 @@ pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u6
     let (hd, json) = prepare(st)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let io = |what: &str| Error::io(format!("{} ({what})", tmp.display()));
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io("create"))?;
+    let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io("create"))?;
     let total = hd.mem_offset + hd.mem_size;
-    f.set_len(total).map_err(io("set_len"))?;
     f.write_all_at(&hd.encode(), 0).map_err(io("header"))?;
-    f.write_all_at(&json, HEADER_LEN as u64)
-        .map_err(io("state"))?;
+    f.write_all_at(&json, HEADER_LEN as u64).map_err(io("state"))?;
     let buf = ram(mem, hd.mem_size)?;
     let resident = resident_pages(buf);
     // Write runs of resident pages; the others stay holes.
@@ -188,27 +161,25 @@ pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u6
             i += 1;
         }
         let (a, b) = (start * PAGE, (i * PAGE).min(buf.len()));
-        f.write_all_at(&buf[a..b], hd.mem_offset + a as u64)
-            .map_err(io("memory"))?;
+        // 1 MiB writes: one huge write is several times slower on ext4 here.
+        for c in (a..b).step_by(CHUNK) {
+            let e = (c + CHUNK).min(b);
+            f.write_all_at(&buf[c..e], hd.mem_offset + c as u64).map_err(io("memory"))?;
+        }
     }
+    f.set_len(total).map_err(io("set_len"))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(Error::io(path.display().to_string()))?;
     Ok(total)
 }
 
 fn parse_state(json: &[u8], hd: &Header) -> Result<VmState> {
-    let st: VmState =
-        serde_json::from_slice(json).map_err(|e| Error::Snapshot(format!("state: {e}")))?;
+    let st: VmState = serde_json::from_slice(json).map_err(|e| Error::Snapshot(format!("state: {e}")))?;
     if st.mem_size != hd.mem_size {
-        return Err(Error::Snapshot(
-            "state and header disagree on the memory size".into(),
-        ));
+        return Err(Error::Snapshot("state and header disagree on the memory size".into()));
     }
     if st.irqchips.len() != 3 {
-        return Err(Error::Snapshot(format!(
-            "{} irqchips, expected 3",
-            st.irqchips.len()
-        )));
+        return Err(Error::Snapshot(format!("{} irqchips, expected 3", st.irqchips.len())));
     }
     Ok(st)
 }
@@ -225,9 +196,7 @@ pub fn read_stream<R: Read>(mut r: R) -> Result<(VmState, GuestMemoryMmap)> {
     std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), hd.mem_size as usize)])
         .map_err(|e| Error::Memory(e.to_string()))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
     // SAFETY: fresh private mapping of mem_size bytes, not yet shared with KVM.
     let buf = unsafe { std::slice::from_raw_parts_mut(host, hd.mem_size as usize) };
     r.read_exact(buf).map_err(io())?;
@@ -242,14 +211,10 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
     let hd = Header::decode(&h)?;
     let len = f.metadata().map_err(io("stat"))?.len();
     if len < hd.mem_offset + hd.mem_size {
-        return Err(Error::Snapshot(format!(
-            "{} is truncated ({len} bytes)",
-            path.display()
-        )));
+        return Err(Error::Snapshot(format!("{} is truncated ({len} bytes)", path.display())));
     }
     let mut json = vec![0u8; hd.state_len as usize];
-    f.seek(SeekFrom::Start(HEADER_LEN as u64))
-        .map_err(io("seek"))?;
+    f.seek(SeekFrom::Start(HEADER_LEN as u64)).map_err(io("seek"))?;
     f.read_exact(&mut json).map_err(io("state"))?;
     let st = parse_state(&json, &hd)?;
     let region = MmapRegionBuilder::new(hd.mem_size as usize)
@@ -258,9 +223,8 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
         .build()
         .map_err(|e| Error::Memory(format!("mapping {}: {e}", path.display())))?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0))
-        .ok_or_else(|| Error::Memory("guest region overflows".into()))?;
-    let mem =
-        GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
+    let region =
+        GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| Error::Memory("guest region overflows".into()))?;
+    let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
     Ok((st, mem))
 }

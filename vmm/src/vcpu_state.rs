@@ -1,8 +1,7 @@
 //! Saving and restoring one vCPU's architectural state.
 
 use kvm_bindings::{
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
 };
 use kvm_ioctls::VcpuFd;
 
@@ -42,11 +41,8 @@ pub struct VcpuState {
 pub fn save(vcpu: &VcpuFd) -> Result<VcpuState> {
     let mut msrs = Vec::new();
     for &index in MSRS {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
+            .map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
         if let Ok(1) = vcpu.get_msrs(&mut one) {
             msrs.push((index, one.as_slice()[0].data));
         }
@@ -59,22 +55,15 @@ pub fn save(vcpu: &VcpuFd) -> Result<VcpuState> {
         xcrs: vcpu.get_xcrs().ok(),
         msrs,
         lapic: vcpu.get_lapic().ok(),
-        mp_state: vcpu
-            .get_mp_state()
-            .map_err(Error::ioctl("KVM_GET_MP_STATE"))?,
-        events: vcpu
-            .get_vcpu_events()
-            .map_err(Error::ioctl("KVM_GET_VCPU_EVENTS"))?,
+        mp_state: vcpu.get_mp_state().map_err(Error::ioctl("KVM_GET_MP_STATE"))?,
+        events: vcpu.get_vcpu_events().map_err(Error::ioctl("KVM_GET_VCPU_EVENTS"))?,
     })
 }
 
 pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
-    vcpu.set_mp_state(s.mp_state)
-        .map_err(Error::ioctl("KVM_SET_MP_STATE"))?;
-    vcpu.set_sregs(&s.sregs)
-        .map_err(Error::ioctl("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&s.regs)
-        .map_err(Error::ioctl("KVM_SET_REGS"))?;
+    vcpu.set_mp_state(s.mp_state).map_err(Error::ioctl("KVM_SET_MP_STATE"))?;
+    vcpu.set_sregs(&s.sregs).map_err(Error::ioctl("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&s.regs).map_err(Error::ioctl("KVM_SET_REGS"))?;
     if let Some(x) = &s.xsave {
         // SAFETY: the buffer is a full kvm_xsave taken by KVM_GET_XSAVE.
         unsafe { vcpu.set_xsave(x) }.map_err(Error::ioctl("KVM_SET_XSAVE"))?;
@@ -86,17 +75,9 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
         vcpu.set_lapic(l).map_err(Error::ioctl("KVM_SET_LAPIC"))?;
     }
     if !s.msrs.is_empty() {
-        let entries: Vec<kvm_msr_entry> = s
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
+        let entries: Vec<kvm_msr_entry> =
+            s.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
         let n = vcpu.set_msrs(&msrs).map_err(Error::ioctl("KVM_SET_MSRS"))?;
         if n != entries.len() {
             return Err(Error::Snapshot(format!(
@@ -106,7 +87,6 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
             )));
         }
     }
-    vcpu.set_vcpu_events(&s.events)
-        .map_err(Error::ioctl("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_vcpu_events(&s.events).map_err(Error::ioctl("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }

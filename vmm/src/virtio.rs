@@ -150,12 +150,7 @@ impl Console {
     }
 
     /// MMIO write. Returns the queue index when the guest notified a queue.
-    pub fn write(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Option<u16>, DeviceError> {
+    pub fn write(&mut self, mem: &GuestMemoryMmap, offset: u64, data: &[u8]) -> Result<Option<u16>, DeviceError> {
         if offset >= 0x100 {
             return Ok(None); // config space is read-only for us
         }
@@ -193,26 +188,17 @@ impl Console {
             0x064 => {} // interrupt ack
             0x070 => {
                 if v == 0 {
-                    *self = Console {
-                        pending: std::mem::take(&mut self.pending),
-                        ..Console::new()
-                    };
+                    *self = Console { pending: std::mem::take(&mut self.pending), ..Console::new() };
                 } else {
                     let mut v = v;
-                    if v & STATUS_FEATURES_OK != 0
-                        && self.driver_features & !Self::device_features() != 0
-                    {
+                    if v & STATUS_FEATURES_OK != 0 && self.driver_features & !Self::device_features() != 0 {
                         v &= !STATUS_FEATURES_OK;
                     }
                     self.status = v;
                 }
             }
             0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 => {
-                let (l, h) = if offset & 4 == 0 {
-                    (Some(v), None)
-                } else {
-                    (None, Some(v))
-                };
+                let (l, h) = if offset & 4 == 0 { (Some(v), None) } else { (None, Some(v)) };
                 if let Some(q) = self.selected() {
                     match offset & !4 {
                         0x080 => q.set_desc_table_address(l, h),
@@ -228,11 +214,7 @@ impl Console {
 
     /// Queue a request frame and move as many pending frames as the guest
     /// has buffers for into the receive queue.
-    pub fn push_request(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        frame: Option<[u8; FRAME_LEN]>,
-    ) -> Result<(), DeviceError> {
+    pub fn push_request(&mut self, mem: &GuestMemoryMmap, frame: Option<[u8; FRAME_LEN]>) -> Result<(), DeviceError> {
         if let Some(f) = frame {
             self.pending.push_back(f);
         }
@@ -253,11 +235,7 @@ impl Console {
                 return Err(self.broken(0, 0, "empty chain"));
             };
             if !d.is_write_only() || (d.len() as usize) < FRAME_LEN {
-                return Err(self.broken(
-                    d.addr().0,
-                    d.len(),
-                    "receive buffer not writable or short",
-                ));
+                return Err(self.broken(d.addr().0, d.len(), "receive buffer not writable or short"));
             }
             if mem.write_slice(&frame, d.addr()).is_err() {
                 return Err(self.broken(d.addr().0, d.len(), "outside guest memory"));
@@ -272,10 +250,7 @@ impl Console {
     }
 
     /// Consume every frame the guest posted on the transmit queue.
-    pub fn pop_frames(
-        &mut self,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Vec<[u8; FRAME_LEN]>, DeviceError> {
+    pub fn pop_frames(&mut self, mem: &GuestMemoryMmap) -> Result<Vec<[u8; FRAME_LEN]>, DeviceError> {
         let mut out = Vec::new();
         loop {
             let q = &mut self.queues[TX_QUEUE as usize];
@@ -290,11 +265,7 @@ impl Console {
             let mut got = 0usize;
             for d in chain {
                 if d.is_write_only() {
-                    return Err(self.broken(
-                        d.addr().0,
-                        d.len(),
-                        "transmit buffer is device-writable",
-                    ));
+                    return Err(self.broken(d.addr().0, d.len(), "transmit buffer is device-writable"));
                 }
                 let n = (d.len() as usize).min(FRAME_LEN - got);
                 if mem.read_slice(&mut frame[got..got + n], d.addr()).is_err() {
@@ -318,11 +289,7 @@ impl Console {
     /// Mark the device broken (virtio DEVICE_NEEDS_RESET) and build the error.
     fn broken(&mut self, addr: u64, len: u32, why: &str) -> DeviceError {
         self.status |= STATUS_NEEDS_RESET;
-        DeviceError::BadDescriptor {
-            addr,
-            len,
-            why: why.to_string(),
-        }
+        DeviceError::BadDescriptor { addr, len, why: why.to_string() }
     }
 
     pub fn snapshot(&self) -> ConsoleSnap {
@@ -355,10 +322,7 @@ impl Console {
     /// Rebuild from a snapshot; the state is untrusted input, so it is validated.
     pub fn restore(s: &ConsoleSnap) -> Result<Self, String> {
         if s.queues.len() != 2 {
-            return Err(format!(
-                "console has 2 queues, snapshot has {}",
-                s.queues.len()
-            ));
+            return Err(format!("console has 2 queues, snapshot has {}", s.queues.len()));
         }
         let mut c = Console::new();
         c.status = s.status;
@@ -382,8 +346,8 @@ impl Console {
             c.queues[i] = Queue::try_from(st).map_err(|e| format!("queue {i}: {e}"))?;
         }
         for f in &s.pending {
-            let frame = <[u8; FRAME_LEN]>::try_from(f.as_slice())
-                .map_err(|_| format!("pending frame of {} bytes", f.len()))?;
+            let frame =
+                <[u8; FRAME_LEN]>::try_from(f.as_slice()).map_err(|_| format!("pending frame of {} bytes", f.len()))?;
             c.pending.push_back(frame);
         }
         Ok(c)

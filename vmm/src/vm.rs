@@ -47,26 +47,15 @@ pub struct VmConfig {
 
 impl VmConfig {
     pub fn new(image: impl Into<PathBuf>, mem_mib: u64) -> Self {
-        VmConfig {
-            mem_mib,
-            image: image.into(),
-            linux_cmdline: None,
-        }
+        VmConfig { mem_mib, image: image.into(), linux_cmdline: None }
     }
     /// A Linux guest (for hosts whose KVM can run one).
     pub fn linux(kernel: impl Into<PathBuf>, mem_mib: u64, cmdline: impl Into<String>) -> Self {
-        VmConfig {
-            mem_mib,
-            image: kernel.into(),
-            linux_cmdline: Some(cmdline.into()),
-        }
+        VmConfig { mem_mib, image: kernel.into(), linux_cmdline: Some(cmdline.into()) }
     }
     fn validate(&self) -> Result<()> {
         if !(4..=3072).contains(&self.mem_mib) {
-            return Err(Error::Config {
-                field: "mem_mib",
-                reason: format!("{} is outside 4..=3072", self.mem_mib),
-            });
+            return Err(Error::Config { field: "mem_mib", reason: format!("{} is outside 4..=3072", self.mem_mib) });
         }
         Ok(())
     }
@@ -184,9 +173,7 @@ fn create_kvm(mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd)> {
     let kvm = Kvm::new().map_err(Error::Kvm)?;
     let vm = kvm.create_vm().map_err(Error::ioctl("KVM_CREATE_VM"))?;
     for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| Error::Memory(e.to_string()))?;
+        let host = mem.get_host_address(region.start_addr()).map_err(|e| Error::Memory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: 0,
@@ -195,21 +182,15 @@ fn create_kvm(mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd)> {
             userspace_addr: host as u64,
         };
         // SAFETY: the mapping lives in `Shared::mem`, which outlives the VmFd.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(Error::ioctl("KVM_SET_USER_MEMORY_REGION"))?;
     }
     // Memory slots go in first: on this host a slot added after KVM's own
     // private slots (TSS, APIC page) costs milliseconds of memslot update.
-    vm.set_tss_address(KVM_TSS_ADDR)
-        .map_err(Error::ioctl("KVM_SET_TSS_ADDR"))?;
-    vm.create_irq_chip()
-        .map_err(Error::ioctl("KVM_CREATE_IRQCHIP"))?;
+    vm.set_tss_address(KVM_TSS_ADDR).map_err(Error::ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(Error::ioctl("KVM_CREATE_IRQCHIP"))?;
     let vcpu = vm.create_vcpu(0).map_err(Error::ioctl("KVM_CREATE_VCPU"))?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid)
-        .map_err(Error::ioctl("KVM_SET_CPUID2"))?;
+    let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(Error::ioctl("KVM_SET_CPUID2"))?;
     Ok((vm, vcpu))
 }
 
@@ -222,37 +203,21 @@ impl Vm {
             .map_err(|e| Error::Memory(e.to_string()))?;
         crate::boot::write_tables(&mem)?;
         let (regs, kernel) = match &cfg.linux_cmdline {
-            None => (
-                crate::boot::user_regs(crate::boot::load_elf(&mem, &cfg.image)?),
-                false,
-            ),
+            None => (crate::boot::user_regs(crate::boot::load_elf(&mem, &cfg.image)?), false),
             Some(cmdline) => {
-                let mut f = std::fs::File::open(&cfg.image)
-                    .map_err(Error::io(cfg.image.display().to_string()))?;
+                let mut f = std::fs::File::open(&cfg.image).map_err(Error::io(cfg.image.display().to_string()))?;
                 let b = crate::linux::load_linux(&mem, &mut f, cmdline)?;
                 (crate::linux::linux_regs(&b), true)
             }
         };
         let (vm, vcpu) = create_kvm(&mem)?;
         let sregs = vcpu.get_sregs().map_err(Error::ioctl("KVM_GET_SREGS"))?;
-        let sregs = if kernel {
-            crate::linux::kernel_sregs(sregs)
-        } else {
-            crate::boot::user_sregs(sregs)
-        };
-        vcpu.set_sregs(&sregs)
-            .map_err(Error::ioctl("KVM_SET_SREGS"))?;
+        let sregs = if kernel { crate::linux::kernel_sregs(sregs) } else { crate::boot::user_sregs(sregs) };
+        vcpu.set_sregs(&sregs).map_err(Error::ioctl("KVM_SET_SREGS"))?;
         vcpu.set_regs(&regs).map_err(Error::ioctl("KVM_SET_REGS"))?;
-        let fpu = kvm_fpu {
-            fcw: 0x37f,
-            mxcsr: 0x1f80,
-            ..Default::default()
-        };
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         vcpu.set_fpu(&fpu).map_err(Error::ioctl("KVM_SET_FPU"))?;
-        let dev = Devices {
-            serial: Serial::new(sinks.serial),
-            console: Console::new(),
-        };
+        let dev = Devices { serial: Serial::new(sinks.serial), console: Console::new() };
         Ok(Vm::assemble(mem, vm, vcpu, dev, sinks.log, None))
     }
 
@@ -285,12 +250,7 @@ impl Vm {
             cv: Condvar::new(),
             log: Mutex::new(log),
         };
-        Vm {
-            sh: Arc::new(sh),
-            thread: None,
-            next_id: AtomicU64::new(1),
-            mem_size,
-        }
+        Vm { sh: Arc::new(sh), thread: None, next_id: AtomicU64::new(1), mem_size }
     }
 
     /// Start the vCPU thread (running, or parked when `paused`).
@@ -349,12 +309,7 @@ impl Vm {
             if now >= deadline {
                 return Err(Error::Timeout(timeout, "the agent banner"));
             }
-            ctl = self
-                .sh
-                .cv
-                .wait_timeout(ctl, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            ctl = self.sh.cv.wait_timeout(ctl, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -383,9 +338,7 @@ impl Vm {
         w[word::OP] = op;
         w[word::ID] = id;
         w[word::ARG] = arg;
-        let pushed = lock(&self.sh.dev)
-            .console
-            .push_request(&self.sh.mem, Some(proto::encode(&w)));
+        let pushed = lock(&self.sh.dev).console.push_request(&self.sh.mem, Some(proto::encode(&w)));
         if let Err(e) = pushed {
             self.sh.fail(StopReason::Device(e.to_string()));
         }
@@ -404,12 +357,7 @@ impl Vm {
             if now >= deadline {
                 return Err(Error::Timeout(timeout, "the agent's reply"));
             }
-            ctl = self
-                .sh
-                .cv
-                .wait_timeout(ctl, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            ctl = self.sh.cv.wait_timeout(ctl, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -434,12 +382,7 @@ impl Vm {
             if Instant::now() > deadline {
                 return Err(Error::Timeout(Duration::from_secs(5), "the vCPU to pause"));
             }
-            ctl = self
-                .sh
-                .cv
-                .wait_timeout(ctl, Duration::from_millis(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            ctl = self.sh.cv.wait_timeout(ctl, Duration::from_millis(1)).unwrap_or_else(|p| p.into_inner()).0;
         }
         match &ctl.state {
             RunState::Stopped(r) => Err(Error::Stopped(r.clone())),
@@ -487,44 +430,24 @@ impl Vm {
             if now >= deadline {
                 return Err(Error::Timeout(timeout, "the VM to stop"));
             }
-            ctl = self
-                .sh
-                .cv
-                .wait_timeout(ctl, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            ctl = self.sh.cv.wait_timeout(ctl, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
     fn paused_state(&self) -> Result<VmState> {
         if self.state() != RunState::Paused {
-            return Err(Error::State(format!(
-                "{} (snapshots need a paused VM)",
-                self.state()
-            )));
+            return Err(Error::State(format!("{} (snapshots need a paused VM)", self.state())));
         }
         let vcpu = vcpu_state::save(&lock(&self.sh.vcpu))?;
         let mut irqchips = Vec::new();
         for chip_id in 0..3 {
-            let mut c = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.sh
-                .vm
-                .get_irqchip(&mut c)
-                .map_err(Error::ioctl("KVM_GET_IRQCHIP"))?;
+            let mut c = kvm_irqchip { chip_id, ..Default::default() };
+            self.sh.vm.get_irqchip(&mut c).map_err(Error::ioctl("KVM_GET_IRQCHIP"))?;
             irqchips.push(c);
         }
         let console = lock(&self.sh.dev).console.snapshot();
         let ready = lock(&self.sh.ctl).ready_at.is_some();
-        Ok(VmState {
-            mem_size: self.mem_size,
-            vcpu,
-            irqchips,
-            console,
-            ready,
-        })
+        Ok(VmState { mem_size: self.mem_size, vcpu, irqchips, console, ready })
     }
 
     /// Write a snapshot of the paused VM to a stream (e.g. a card-link channel).
@@ -561,10 +484,7 @@ impl Vm {
             vm.set_irqchip(c).map_err(Error::ioctl("KVM_SET_IRQCHIP"))?;
         }
         vcpu_state::restore(&vcpu, &st.vcpu)?;
-        let dev = Devices {
-            serial: Serial::new(sinks.serial),
-            console,
-        };
+        let dev = Devices { serial: Serial::new(sinks.serial), console };
         let ready = st.ready.then(Instant::now);
         let mut vm = Vm::assemble(mem, vm, vcpu, dev, sinks.log, ready);
         vm.start(true)?;
@@ -643,11 +563,7 @@ impl Shared {
     fn idle(&self) {
         let mut ctl = lock(&self.ctl);
         if !ctl.wake && !ctl.pause_req && ctl.stop_req.is_none() {
-            ctl = self
-                .cv
-                .wait_timeout(ctl, IDLE_PARK)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            ctl = self.cv.wait_timeout(ctl, IDLE_PARK).unwrap_or_else(|p| p.into_inner()).0;
         }
         ctl.wake = false;
     }
@@ -688,37 +604,21 @@ fn handle_exit(sh: &Shared, exit: VcpuExit<'_>) -> Next {
             Next::Continue
         }
         VcpuExit::MmioRead(addr, data) => {
-            if (proto::VIRTIO_MMIO_BASE..proto::VIRTIO_MMIO_BASE + proto::VIRTIO_MMIO_SIZE)
-                .contains(&addr)
-            {
-                match lock(&sh.dev)
-                    .console
-                    .read(addr - proto::VIRTIO_MMIO_BASE, data)
-                {
+            if (proto::VIRTIO_MMIO_BASE..proto::VIRTIO_MMIO_BASE + proto::VIRTIO_MMIO_SIZE).contains(&addr) {
+                match lock(&sh.dev).console.read(addr - proto::VIRTIO_MMIO_BASE, data) {
                     Ok(()) => Next::Continue,
                     Err(e) => Next::Stop(StopReason::Device(e.to_string())),
                 }
             } else {
-                Next::Stop(StopReason::UnknownMmio {
-                    addr,
-                    kind: format!("read of {} bytes", data.len()),
-                })
+                Next::Stop(StopReason::UnknownMmio { addr, kind: format!("read of {} bytes", data.len()) })
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
-            if !(proto::VIRTIO_MMIO_BASE..proto::VIRTIO_MMIO_BASE + proto::VIRTIO_MMIO_SIZE)
-                .contains(&addr)
-            {
-                return Next::Stop(StopReason::UnknownMmio {
-                    addr,
-                    kind: format!("write of {} bytes", data.len()),
-                });
+            if !(proto::VIRTIO_MMIO_BASE..proto::VIRTIO_MMIO_BASE + proto::VIRTIO_MMIO_SIZE).contains(&addr) {
+                return Next::Stop(StopReason::UnknownMmio { addr, kind: format!("write of {} bytes", data.len()) });
             }
             let mut dev = lock(&sh.dev);
-            let frames = match dev
-                .console
-                .write(&sh.mem, addr - proto::VIRTIO_MMIO_BASE, data)
-            {
+            let frames = match dev.console.write(&sh.mem, addr - proto::VIRTIO_MMIO_BASE, data) {
                 Ok(Some(q)) if q == proto::TX_QUEUE => dev.console.pop_frames(&sh.mem),
                 Ok(Some(_)) => dev.console.push_request(&sh.mem, None).map(|_| Vec::new()),
                 Ok(None) => Ok(Vec::new()),

@@ -289,6 +289,16 @@ fn handle(req: [u64; 8]) {
             unsafe { (*addr_of_mut!(STATE)).auto_units = arg };
             arg
         }
+        op::TOUCH => {
+            // One word per 4 KiB page; the VMM's memory size bounds `arg`
+            // (a page beyond RAM is an MMIO access and stops the VM).
+            for i in 0..arg {
+                let p = (proto::SCRATCH_BASE + i * 4096) as *mut u64;
+                // SAFETY: identity-mapped guest RAM above the image.
+                unsafe { write_volatile(p, i) };
+            }
+            arg
+        }
         op::BAD_MMIO => {
             // SAFETY: deliberately touches an address with no device.
             unsafe { read_volatile(proto::UNMAPPED_MMIO as *const u32) as u64 }
