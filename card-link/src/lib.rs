@@ -4,6 +4,7 @@
 //! - `mailbox`: the BAR2 command mailbox wire format and its decoders
 //! - `transport`: one trait, two transports (vfio-user, kernel VFIO)
 //! - `card`: the host driver on top of any transport (commands, snapshots, health)
+//! - `watchdog`: a thread reporting a stalled, silent or dead card within three heartbeats
 //! - `sim`: the card simulator (`card-sim` binary) and the launcher tests use
 //!
 //! Everything read from the card is validated; errors are `CardError`.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod mailbox;
 pub mod sim;
 pub mod transport;
+pub mod watchdog;
 mod wire;
 
 pub use card::{Card, CardOptions, HealthReport, SnapshotInfo};
@@ -21,6 +23,7 @@ pub use error::{CardError, Result};
 pub use transport::kernel_vfio::{KernelVfioTransport, PciAddress};
 pub use transport::vfio_user::VfioUserTransport;
 pub use transport::Transport;
+pub use watchdog::{Verdict, Watchdog};
 
 /// Connect to a card-sim (or any vfio-user card) at `socket`.
 pub fn connect_vfio_user(

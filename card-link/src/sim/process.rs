@@ -8,6 +8,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -90,6 +91,14 @@ impl SimProcess {
             me.cgroup = Some(cg);
             // card-sim joins it itself before starting any thread.
             cmd.arg("--cgroup").arg(&tag);
+        }
+        // SAFETY: prctl is async-signal-safe; it only sets a flag on the child.
+        // If the launching process dies without running Drop, the card dies too.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
         me.child = Some(cmd.spawn().map_err(|e| CardError::Open(format!("spawn {}: {e}", bin.display())))?);
