@@ -18,11 +18,8 @@ fn log_seqs(path: &std::path::Path) -> Vec<u64> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
         .map(|l| {
-            let v: Value =
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"));
-            v["seq"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("log line without seq: {l}"))
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("log line {l:?}: {e}"));
+            v["seq"].as_u64().unwrap_or_else(|| panic!("log line without seq: {l}"))
         })
         .collect()
 }
@@ -31,13 +28,7 @@ fn assert_contiguous(seqs: &[u64], first: u64, what: &str) {
     assert!(!seqs.is_empty(), "{what}: no log records");
     assert_eq!(seqs[0], first, "{what}: first sequence number");
     for w in seqs.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "{what}: sequence jumps from {} to {}",
-            w[0],
-            w[1]
-        );
+        assert_eq!(w[1], w[0] + 1, "{what}: sequence jumps from {} to {}", w[0], w[1]);
     }
 }
 
@@ -46,10 +37,7 @@ fn snapshot_kill_restore_in_new_process_continues() {
     require_kvm();
     let elf = guest_elf();
     let snap = TempPath::new("vmm-test.snap");
-    let (log_a, log_b) = (
-        TempPath::new("vmm-test-a.log"),
-        TempPath::new("vmm-test-b.log"),
-    );
+    let (log_a, log_b) = (TempPath::new("vmm-test-a.log"), TempPath::new("vmm-test-b.log"));
 
     let mut a = VmmProc::spawn(&[
         "--guest",
@@ -63,20 +51,14 @@ fn snapshot_kill_restore_in_new_process_continues() {
     std::thread::sleep(Duration::from_millis(300));
     a.call(json!({"cmd": "pause"}));
     let before = a.call(json!({"cmd": "state"}));
-    let seq_a = before["last_log"]["log_seq"]
-        .as_u64()
-        .expect("a log record before the snapshot");
+    let seq_a = before["last_log"]["log_seq"].as_u64().expect("a log record before the snapshot");
     let work_a = before["last_log"]["work"].as_u64().expect("work counter");
     let s = a.call(json!({"cmd": "snapshot", "path": snap.0}));
     assert!(s["bytes"].as_u64().expect("bytes") >= 64 << 20);
     a.kill(); // SIGKILL: nothing of process A survives but the file
 
-    let mut b = VmmProc::spawn(&[
-        "--restore",
-        snap.0.to_str().expect("utf-8"),
-        "--log",
-        log_b.0.to_str().expect("utf-8"),
-    ]);
+    let mut b =
+        VmmProc::spawn(&["--restore", snap.0.to_str().expect("utf-8"), "--log", log_b.0.to_str().expect("utf-8")]);
     std::thread::sleep(Duration::from_millis(300));
     let r = b.request("auto", 0);
     let c = b.request("counters", 0);
@@ -84,21 +66,10 @@ fn snapshot_kill_restore_in_new_process_continues() {
 
     let (sa, sb) = (log_seqs(&log_a.0), log_seqs(&log_b.0));
     assert_contiguous(&sa, 1, "process A");
-    assert_eq!(
-        *sa.last().expect("nonempty"),
-        seq_a,
-        "A logged up to the paused state"
-    );
+    assert_eq!(*sa.last().expect("nonempty"), seq_a, "A logged up to the paused state");
     assert_contiguous(&sb, seq_a + 1, "process B continues where A stopped");
-    assert!(
-        r["work"].as_u64().expect("work") > work_a,
-        "work counter continued: {r} vs {work_a}"
-    );
-    assert_eq!(
-        c["log_seq"].as_u64(),
-        sb.last().copied(),
-        "agent's counter matches the last record"
-    );
+    assert!(r["work"].as_u64().expect("work") > work_a, "work counter continued: {r} vs {work_a}");
+    assert_eq!(c["log_seq"].as_u64(), sb.last().copied(), "agent's counter matches the last record");
     // The request counter is guest state too: A served 1 request, B 2 more.
     assert_eq!(c["requests"], json!(3));
 }
@@ -132,10 +103,7 @@ fn bad_snapshots_are_refused_with_typed_errors() {
     let mut vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
-    assert!(
-        matches!(vm.snapshot_to(Vec::new()), Err(Error::State(_))),
-        "running VMs are not snapshotted"
-    );
+    assert!(matches!(vm.snapshot_to(Vec::new()), Err(Error::State(_))), "running VMs are not snapshotted");
     vm.pause().expect("pause");
     let mut good = Vec::new();
     vm.snapshot_to(&mut good).expect("snapshot");
@@ -148,16 +116,58 @@ fn bad_snapshots_are_refused_with_typed_errors() {
     let truncated = &good[..good.len() / 2];
     let mut bad_json = good.clone();
     bad_json[64] = b'#';
-    for (name, bytes) in [
-        ("magic", &bad_magic[..]),
-        ("version", &bad_version[..]),
-        ("truncated", truncated),
-        ("state", &bad_json[..]),
-    ] {
+    for (name, bytes) in
+        [("magic", &bad_magic[..]), ("version", &bad_version[..]), ("truncated", truncated), ("state", &bad_json[..])]
+    {
         match Vm::restore_from(bytes, Sinks::default()) {
             Err(Error::Snapshot(_)) | Err(Error::Io { .. }) => {}
             Err(e) => panic!("{name}: unexpected error kind {e}"),
             Ok(_) => panic!("{name}: a corrupt snapshot was accepted"),
         }
     }
+}
+
+/// Drop a file's pages from the page cache, so a later mapping of it really
+/// has non-resident pages (the case a naive mincore-based writer gets wrong).
+fn evict(path: &std::path::Path) {
+    let f = std::fs::File::open(path).expect("open snapshot");
+    f.sync_all().expect("fsync");
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: advisory call on a descriptor we own.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise");
+}
+
+#[test]
+fn snapshot_of_a_restored_vm_keeps_pages_it_never_touched() {
+    require_kvm();
+    const PAGES: u64 = 512; // 2 MiB of scratch
+    let (a, b) = (TempPath::new("vmm-test-a.snap"), TempPath::new("vmm-test-b.snap"));
+    let mut vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
+    vm.start(false).expect("start");
+    vm.wait_ready(T).expect("banner");
+    vm.request(op::TOUCH, PAGES, T).expect("touch");
+    vm.request(op::STEP, 10, T).expect("step");
+    vm.pause().expect("pause");
+    vm.snapshot_to_file(&a.0).expect("snapshot A");
+    vm.shutdown();
+    evict(&a.0);
+
+    // Restore A, do unrelated work, snapshot again without touching scratch.
+    let mut vm2 = Vm::restore_from_file(&a.0, Sinks::default()).expect("restore A");
+    vm2.resume().expect("resume");
+    vm2.request(op::STEP, 10, T).expect("step");
+    vm2.pause().expect("pause");
+    // Readahead pulled neighbours of the pages vm2 used into the page cache;
+    // drop the unmapped ones again, as memory pressure would.
+    evict(&a.0);
+    vm2.snapshot_to_file(&b.0).expect("snapshot B");
+    vm2.shutdown();
+
+    let vm3 = Vm::restore_from_file(&b.0, Sinks::default()).expect("restore B");
+    vm3.resume().expect("resume");
+    let sum = vm3.request(op::CHECKSUM, PAGES, T).expect("checksum");
+    assert_eq!(sum.value, PAGES * (PAGES - 1) / 2, "scratch pages survived two snapshot generations");
+    let c = vm3.request(op::COUNTERS, 0, T).expect("counters");
+    assert_eq!((c.work, c.log_seq), (20, 2));
 }

@@ -12,7 +12,7 @@
 //! | `restore` | `path` | `restore_ms` (VM comes up paused) |
 //! | `pause` / `resume` | | |
 //! | `snapshot` | `path` | `bytes`, `snapshot_ms` |
-//! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `touch`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
+//! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `touch`, `checksum`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid` |
 //! | `shutdown` | | `state` (the process exits after replying) |
@@ -39,6 +39,7 @@ pub fn op_code(name: &str) -> Option<u64> {
         "counters" => op::COUNTERS,
         "auto" => op::AUTO,
         "touch" => op::TOUCH,
+        "checksum" => op::CHECKSUM,
         "bad_mmio" => op::BAD_MMIO,
         "bad_descriptor" => op::BAD_DESCRIPTOR,
         "triple_fault" => op::TRIPLE_FAULT,

@@ -59,6 +59,8 @@ pub mod op {
     /// Write one word into each of `arg` pages from [`super::SCRATCH_BASE`]
     /// (dirties guest RAM, e.g. to measure snapshots of a busy guest).
     pub const TOUCH: u64 = 5;
+    /// Sum of the words TOUCH wrote into the first `arg` scratch pages.
+    pub const CHECKSUM: u64 = 6;
     /// Self tests of the VMM's error handling (a hostile guest on purpose).
     pub const BAD_MMIO: u64 = 0x100;
     pub const BAD_DESCRIPTOR: u64 = 0x101;

@@ -18,11 +18,12 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use kvm_bindings::kvm_irqchip;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::error::{Error, Result};
 use crate::vcpu_state::VcpuState;
@@ -139,6 +140,47 @@ fn resident_pages(buf: &[u8]) -> Vec<bool> {
     vec.iter().map(|b| b & 1 == 1).collect()
 }
 
+/// Pages that may hold data: resident in our mapping, or, for RAM mapped
+/// from an earlier snapshot file, backed by data in that file (pages not yet
+/// faulted in are not resident but are not zero either).
+fn data_pages(mem: &GuestMemoryMmap, buf: &[u8]) -> Vec<bool> {
+    let mut pages = resident_pages(buf);
+    if let Some(fo) = mem.iter().next().and_then(|r| r.file_offset()) {
+        mark_file_data(fo.file(), fo.start(), &mut pages);
+    }
+    pages
+}
+
+/// Mark pages whose bytes in `f` (from `start`) are data rather than holes.
+fn mark_file_data(f: &File, start: u64, pages: &mut [bool]) {
+    let fd = f.as_raw_fd();
+    let end = start + (pages.len() * PAGE) as u64;
+    let mut off = start;
+    while off < end {
+        // SAFETY: lseek on a descriptor we own; only its offset changes.
+        let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                pages.fill(true); // cannot tell: write everything
+            }
+            return; // ENXIO: no data after `off`
+        }
+        let data = data as u64;
+        if data >= end {
+            return;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let first = ((data - start) / PAGE as u64) as usize;
+        let last = ((hole - start).div_ceil(PAGE as u64) as usize).min(pages.len());
+        for p in &mut pages[first..last] {
+            *p = true;
+        }
+        off = hole;
+    }
+}
+
 pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
     let (hd, json) = prepare(st)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -148,7 +190,7 @@ pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u6
     f.write_all_at(&hd.encode(), 0).map_err(io("header"))?;
     f.write_all_at(&json, HEADER_LEN as u64).map_err(io("state"))?;
     let buf = ram(mem, hd.mem_size)?;
-    let resident = resident_pages(buf);
+    let resident = data_pages(mem, buf);
     // Write runs of resident pages; the others stay holes.
     let mut i = 0;
     while i < resident.len() {

@@ -299,6 +299,14 @@ fn handle(req: [u64; 8]) {
             }
             arg
         }
+        op::CHECKSUM => {
+            let mut sum = 0u64;
+            for i in 0..arg {
+                // SAFETY: as for TOUCH.
+                sum = sum.wrapping_add(unsafe { read_volatile((proto::SCRATCH_BASE + i * 4096) as *const u64) });
+            }
+            sum
+        }
         op::BAD_MMIO => {
             // SAFETY: deliberately touches an address with no device.
             unsafe { read_volatile(proto::UNMAPPED_MMIO as *const u32) as u64 }
