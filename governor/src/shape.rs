@@ -18,8 +18,8 @@ use std::fmt;
 use std::io;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_CREATE,
-    NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
@@ -110,35 +110,15 @@ pub enum ShapeError {
     #[error("reading /proc/net/psched (needed to convert burst to HTB ticks): {0}")]
     Psched(String),
     #[error("{op} on {target}: invalid argument: {reason}")]
-    InvalidArgument {
-        op: Op,
-        target: String,
-        reason: String,
-    },
+    InvalidArgument { op: Op, target: String, reason: String },
     #[error("{op} on {target}: already exists{}", fmt_extack(.extack))]
-    Exists {
-        op: Op,
-        target: String,
-        extack: Option<String>,
-    },
+    Exists { op: Op, target: String, extack: Option<String> },
     #[error("{op} on {target}: not found{}", fmt_extack(.extack))]
-    NotFound {
-        op: Op,
-        target: String,
-        extack: Option<String>,
-    },
+    NotFound { op: Op, target: String, extack: Option<String> },
     #[error("{op} on {target}: no such network device{}", fmt_extack(.extack))]
-    NoDevice {
-        op: Op,
-        target: String,
-        extack: Option<String>,
-    },
+    NoDevice { op: Op, target: String, extack: Option<String> },
     #[error("{op} on {target}: permission denied (CAP_NET_ADMIN needed){}", fmt_extack(.extack))]
-    PermissionDenied {
-        op: Op,
-        target: String,
-        extack: Option<String>,
-    },
+    PermissionDenied { op: Op, target: String, extack: Option<String> },
     #[error("{op} on {target}: kernel error {errno}: {source}{}", fmt_extack(.extack))]
     Kernel {
         op: Op,
@@ -156,11 +136,7 @@ pub enum ShapeError {
         source: io::Error,
     },
     #[error("{op} on {target}: malformed netlink reply: {reason}")]
-    Protocol {
-        op: Op,
-        target: String,
-        reason: String,
-    },
+    Protocol { op: Op, target: String, reason: String },
 }
 
 impl ShapeError {
@@ -182,13 +158,7 @@ impl ShapeError {
             libc::ENOENT => ShapeError::NotFound { op, target, extack },
             libc::ENODEV => ShapeError::NoDevice { op, target, extack },
             libc::EPERM | libc::EACCES => ShapeError::PermissionDenied { op, target, extack },
-            _ => ShapeError::Kernel {
-                op,
-                target,
-                errno,
-                extack,
-                source: io::Error::from_raw_os_error(errno),
-            },
+            _ => ShapeError::Kernel { op, target, errno, extack, source: io::Error::from_raw_os_error(errno) },
         }
     }
 }
@@ -225,16 +195,11 @@ impl PschedClock {
         if clock_res == 1_000_000_000 {
             t2us = us2t;
         }
-        Ok(PschedClock {
-            t2us,
-            us2t,
-            clock_res,
-        })
+        Ok(PschedClock { t2us, us2t, clock_res })
     }
 
     pub fn read() -> Result<PschedClock, ShapeError> {
-        let text = std::fs::read_to_string("/proc/net/psched")
-            .map_err(|e| ShapeError::Psched(e.to_string()))?;
+        let text = std::fs::read_to_string("/proc/net/psched").map_err(|e| ShapeError::Psched(e.to_string()))?;
         PschedClock::parse(&text)
     }
 
@@ -335,8 +300,7 @@ impl HtbClassParams {
 /// kernel's default r2q = 10, but kept inside the range where HTB neither
 /// warns nor starves (at least one full-size frame, at most 200000).
 pub fn quantum_for(rate_bytes: u64) -> u32 {
-    let q = (rate_bytes / u64::from(HTB_RATE2QUANTUM))
-        .clamp(u64::from(QUANTUM_MIN), u64::from(QUANTUM_MAX));
+    let q = (rate_bytes / u64::from(HTB_RATE2QUANTUM)).clamp(u64::from(QUANTUM_MIN), u64::from(QUANTUM_MAX));
     u32::try_from(q).unwrap_or(QUANTUM_MAX)
 }
 
@@ -429,18 +393,11 @@ impl Shaper {
         let clock = PschedClock::read()?;
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(ShapeError::Socket)?;
         socket.bind_auto().map_err(ShapeError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(ShapeError::Socket)?;
+        socket.connect(&SocketAddr::new(0, 0)).map_err(ShapeError::Socket)?;
         // Both are best-effort: old kernels lack them and work without.
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_cap_ack(true);
-        Ok(Shaper {
-            socket,
-            seq: 0,
-            clock,
-            buf: Vec::with_capacity(64 * 1024),
-        })
+        Ok(Shaper { socket, seq: 0, clock, buf: Vec::with_capacity(64 * 1024) })
     }
 
     /// The clock used to convert bursts to ticks.
@@ -459,12 +416,7 @@ impl Shaper {
 
     /// [`Shaper::add_htb`] with a default class `major:defcls` for unclassified
     /// traffic (0 = unshaped direct queue).
-    pub fn add_htb_with_default(
-        &mut self,
-        ifindex: u32,
-        major: u16,
-        defcls: u16,
-    ) -> Result<(), ShapeError> {
+    pub fn add_htb_with_default(&mut self, ifindex: u32, major: u16, defcls: u16) -> Result<(), ShapeError> {
         let op = Op::AddHtb;
         let index = ifindex_i32(op, ifindex)?;
         if major == 0 || major == 0xffff {
@@ -481,27 +433,18 @@ impl Shaper {
         // Step 1: "change" without CREATE and without options. If the root is
         // already HTB major: this is a no-op success; otherwise the kernel
         // answers ENOENT (it would have to create), and we create.
-        let probe = Request {
-            msg: RouteNetlinkMessage::NewQueueDiscipline(msg.clone()),
-            extra: Vec::new(),
-        };
+        let probe = Request { msg: RouteNetlinkMessage::NewQueueDiscipline(msg.clone()), extra: Vec::new() };
         match self.request(op, ifindex, None, probe, NLM_F_REPLACE) {
             Ok(_) => return Ok(()),
             Err(ShapeError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-        let options = nla(
-            TCA_OPTIONS,
-            &nla(TCA_HTB_INIT, &htb_glob_bytes(u32::from(defcls))),
-        );
+        let options = nla(TCA_OPTIONS, &nla(TCA_HTB_INIT, &htb_glob_bytes(u32::from(defcls))));
         self.request(
             op,
             ifindex,
             None,
-            Request {
-                msg: RouteNetlinkMessage::NewQueueDiscipline(msg),
-                extra: options,
-            },
+            Request { msg: RouteNetlinkMessage::NewQueueDiscipline(msg), extra: options },
             NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(drop)
@@ -544,10 +487,7 @@ impl Shaper {
             op,
             ifindex,
             Some((major, minor)),
-            Request {
-                msg: RouteNetlinkMessage::NewTrafficClass(msg),
-                extra: params.options(),
-            },
+            Request { msg: RouteNetlinkMessage::NewTrafficClass(msg), extra: params.options() },
             NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(drop)
@@ -560,14 +500,7 @@ impl Shaper {
         let mut msg = TcMessage::with_index(ifindex_i32(op, ifindex)?);
         msg.header.parent = tc_handle(major, 0);
         msg.header.handle = tc_handle(major, minor);
-        self.request(
-            op,
-            ifindex,
-            Some((major, minor)),
-            plain(RouteNetlinkMessage::DelTrafficClass(msg)),
-            0,
-        )
-        .map(drop)
+        self.request(op, ifindex, Some((major, minor)), plain(RouteNetlinkMessage::DelTrafficClass(msg)), 0).map(drop)
     }
 
     /// Remove the root qdisc (NotFound is Ok: the device then already has its
@@ -576,13 +509,7 @@ impl Shaper {
         let op = Op::DeleteRoot;
         let mut msg = TcMessage::with_index(ifindex_i32(op, ifindex)?);
         msg.header.parent = TcHandle::ROOT;
-        match self.request(
-            op,
-            ifindex,
-            None,
-            plain(RouteNetlinkMessage::DelQueueDiscipline(msg)),
-            0,
-        ) {
+        match self.request(op, ifindex, None, plain(RouteNetlinkMessage::DelQueueDiscipline(msg)), 0) {
             Ok(_) | Err(ShapeError::NotFound { .. }) => Ok(()),
             Err(e) => Err(e),
         }
@@ -597,9 +524,7 @@ impl Shaper {
             || name.len() >= IFNAMSIZ
             || name == "."
             || name == ".."
-            || name
-                .bytes()
-                .any(|c| c == b'/' || c == b':' || c == 0 || c.is_ascii_whitespace())
+            || name.bytes().any(|c| c == b'/' || c == b':' || c == 0 || c.is_ascii_whitespace())
         {
             return Err(ShapeError::InvalidArgument {
                 op,
@@ -612,14 +537,8 @@ impl Shaper {
         msg.header.flags = LinkFlags::Up;
         msg.header.change_mask = LinkFlags::Up;
         msg.attributes.push(LinkAttribute::IfName(name.into()));
-        msg.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Ifb)]));
-        self.request_named(
-            op,
-            &target,
-            plain(RouteNetlinkMessage::NewLink(msg)),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Ifb)]));
+        self.request_named(op, &target, plain(RouteNetlinkMessage::NewLink(msg)), NLM_F_CREATE | NLM_F_EXCL)?;
         self.link_index(name)
     }
 
@@ -629,8 +548,7 @@ impl Shaper {
         let target = format!("device {name:?}");
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.into()));
-        let replies =
-            self.request_named(op, &target, plain(RouteNetlinkMessage::GetLink(msg)), 0)?;
+        let replies = self.request_named(op, &target, plain(RouteNetlinkMessage::GetLink(msg)), 0)?;
         for r in replies {
             // struct ifinfomsg { u8 family; u8 pad; u16 type; i32 index; ... }
             if r.msg_type == RTM_NEWLINK {
@@ -644,11 +562,7 @@ impl Shaper {
                 return Ok(i32::from_ne_bytes(b) as u32);
             }
         }
-        Err(ShapeError::Protocol {
-            op,
-            target,
-            reason: "no RTM_NEWLINK in the reply".into(),
-        })
+        Err(ShapeError::Protocol { op, target, reason: "no RTM_NEWLINK in the reply".into() })
     }
 
     pub fn delete_link(&mut self, ifindex: u32) -> Result<(), ShapeError> {
@@ -656,8 +570,7 @@ impl Shaper {
         let target = iface_label(ifindex);
         let mut msg = LinkMessage::default();
         msg.header.index = ifindex;
-        self.request_named(op, &target, plain(RouteNetlinkMessage::DelLink(msg)), 0)
-            .map(drop)
+        self.request_named(op, &target, plain(RouteNetlinkMessage::DelLink(msg)), 0).map(drop)
     }
 
     fn request(
@@ -679,13 +592,7 @@ impl Shaper {
 
     /// Send one request with NLM_F_ACK and collect the replies up to the ACK;
     /// a non-zero error in the ACK becomes a typed error.
-    fn request_named(
-        &mut self,
-        op: Op,
-        target: &str,
-        msg: Request,
-        flags: u16,
-    ) -> Result<Vec<Reply>, ShapeError> {
+    fn request_named(&mut self, op: Op, target: &str, msg: Request, flags: u16) -> Result<Vec<Reply>, ShapeError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         let mut header = NetlinkHeader::default();
@@ -695,18 +602,10 @@ impl Shaper {
         nl.finalize();
         let mut out = vec![0u8; nl.buffer_len()];
         nl.serialize(&mut out);
-        let io_err = |source: io::Error| ShapeError::Io {
-            op,
-            target: target.to_string(),
-            source,
-        };
+        let io_err = |source: io::Error| ShapeError::Io { op, target: target.to_string(), source };
         self.socket.send(&out, 0).map_err(io_err)?;
 
-        let proto = |reason: String| ShapeError::Protocol {
-            op,
-            target: target.to_string(),
-            reason,
-        };
+        let proto = |reason: String| ShapeError::Protocol { op, target: target.to_string(), reason };
         let mut replies = Vec::new();
         loop {
             self.buf.clear();
@@ -718,10 +617,7 @@ impl Shaper {
                 }
             };
             if n > self.buf.len() {
-                return Err(proto(format!(
-                    "datagram of {n} bytes truncated to {}",
-                    self.buf.len()
-                )));
+                return Err(proto(format!("datagram of {n} bytes truncated to {}", self.buf.len())));
             }
             let mut data: &[u8] = &self.buf;
             while data.len() >= NLMSG_HDR_LEN {
@@ -730,10 +626,7 @@ impl Shaper {
                 let msg_flags = read_u16(data, 6);
                 let msg_seq = read_u32(data, 8);
                 if len < NLMSG_HDR_LEN || len > data.len() {
-                    return Err(proto(format!(
-                        "message length {len} with {} bytes left",
-                        data.len()
-                    )));
+                    return Err(proto(format!("message length {len} with {} bytes left", data.len())));
                 }
                 let payload = &data[NLMSG_HDR_LEN..len];
                 data = &data[align4(len).min(data.len())..];
@@ -750,18 +643,10 @@ impl Shaper {
                             return Ok(replies);
                         }
                         let extack = parse_extack(msg_flags, payload);
-                        return Err(ShapeError::from_errno(
-                            op,
-                            target.to_string(),
-                            -code,
-                            extack,
-                        ));
+                        return Err(ShapeError::from_errno(op, target.to_string(), -code, extack));
                     }
                     NLMSG_DONE => return Ok(replies),
-                    _ => replies.push(Reply {
-                        msg_type,
-                        payload: payload.to_vec(),
-                    }),
+                    _ => replies.push(Reply { msg_type, payload: payload.to_vec() }),
                 }
             }
         }
@@ -769,10 +654,7 @@ impl Shaper {
 }
 
 fn plain(msg: RouteNetlinkMessage) -> Request {
-    Request {
-        msg,
-        extra: Vec::new(),
-    }
+    Request { msg, extra: Vec::new() }
 }
 
 fn read_u16(b: &[u8], at: usize) -> u16 {
@@ -794,11 +676,7 @@ fn parse_extack(flags: u16, payload: &[u8]) -> Option<String> {
     if flags & NLM_F_ACK_TLVS == 0 || payload.len() < 4 + NLMSG_HDR_LEN {
         return None;
     }
-    let echoed = if flags & NLM_F_CAPPED != 0 {
-        NLMSG_HDR_LEN
-    } else {
-        align4(read_u32(payload, 4) as usize)
-    };
+    let echoed = if flags & NLM_F_CAPPED != 0 { NLMSG_HDR_LEN } else { align4(read_u32(payload, 4) as usize) };
     let mut tlvs = payload.get(4 + echoed..)?;
     while tlvs.len() >= 4 {
         let len = usize::from(read_u16(tlvs, 0));
@@ -827,14 +705,7 @@ mod tests {
     #[test]
     fn psched_parses_and_ticks_match_tc() {
         let c = PschedClock::parse(PSCHED).unwrap();
-        assert_eq!(
-            c,
-            PschedClock {
-                t2us: 1000,
-                us2t: 64,
-                clock_res: 1_000_000
-            }
-        );
+        assert_eq!(c, PschedClock { t2us: 1000, us2t: 64, clock_res: 1_000_000 });
         // 30000 bytes at 20 Mbit/s (2.5 MB/s) take 12 ms = 12e6 ns = 187500
         // ticks of 64 ns; `tc class add ... rate 20mbit burst 30000` sends
         // the same buffer.
@@ -862,10 +733,7 @@ mod tests {
     fn htb_glob_layout() {
         let b = htb_glob_bytes(0x10);
         assert_eq!(b.len(), 20);
-        let words: Vec<u32> = b
-            .chunks(4)
-            .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
-            .collect();
+        let words: Vec<u32> = b.chunks(4).map(|c| u32::from_ne_bytes(c.try_into().unwrap())).collect();
         // version, rate2quantum, defcls, debug, direct_pkts
         assert_eq!(words, vec![3, 10, 0x10, 0, 0]);
     }
@@ -901,11 +769,7 @@ mod tests {
         // 40 Gbit/s = 5e9 bytes/s > u32::MAX.
         let p = HtbClassParams::new(&c, 40_000_000_000, 1_000_000);
         let b = p.opt_bytes();
-        assert_eq!(
-            read_u32(&b, 8),
-            u32::MAX,
-            "rate saturates, never wraps to 0"
-        );
+        assert_eq!(read_u32(&b, 8), u32::MAX, "rate saturates, never wraps to 0");
         assert_eq!(read_u32(&b, 20), u32::MAX);
         let o = p.options();
         assert_eq!(o.len(), 4 + 48 + 12 + 12);
@@ -927,10 +791,7 @@ mod tests {
     fn request_appends_raw_attributes_aligned() {
         let mut msg = TcMessage::with_index(3);
         msg.attributes.push(TcAttribute::Kind("htb".into()));
-        let r = Request {
-            msg: RouteNetlinkMessage::NewTrafficClass(msg),
-            extra: nla(TCA_OPTIONS, &[9; 4]),
-        };
+        let r = Request { msg: RouteNetlinkMessage::NewTrafficClass(msg), extra: nla(TCA_OPTIONS, &[9; 4]) };
         // tcmsg (20) + TCA_KIND "htb\0" (8) + TCA_OPTIONS (8)
         assert_eq!(r.buffer_len(), 36);
         let mut b = vec![0xffu8; 36];
@@ -957,10 +818,7 @@ mod tests {
         p.extend_from_slice(&((4 + msg.len()) as u16).to_ne_bytes());
         p.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
         p.extend_from_slice(msg);
-        assert_eq!(
-            parse_extack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p).as_deref(),
-            Some("Change operation not supported")
-        );
+        assert_eq!(parse_extack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p).as_deref(), Some("Change operation not supported"));
         assert_eq!(parse_extack(NLM_F_CAPPED, &p), None);
         assert_eq!(parse_extack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p[..10]), None);
     }
