@@ -14,8 +14,7 @@ const T: Duration = Duration::from_secs(10);
 
 fn boot(mem_mib: u64) -> Vm {
     require_kvm();
-    let mut vm =
-        Vm::create(&VmConfig::new(guest_elf(), mem_mib), Sinks::default()).expect("create VM");
+    let vm = Vm::create(&VmConfig::new(guest_elf(), mem_mib), Sinks::default()).expect("create VM");
     vm.start(false).expect("start vCPU");
     vm
 }
@@ -23,14 +22,10 @@ fn boot(mem_mib: u64) -> Vm {
 #[test]
 fn boots_to_agent_banner() {
     let t = Instant::now();
-    let mut vm = boot(64);
+    let vm = boot(64);
     let ready = vm.wait_ready(T).expect("agent banner");
     let took = ready - t;
-    assert!(
-        vm.console_lines().iter().any(|l| l == BANNER),
-        "console: {:?}",
-        vm.console_lines()
-    );
+    assert!(vm.console_lines().iter().any(|l| l == BANNER), "console: {:?}", vm.console_lines());
     assert_eq!(vm.state(), RunState::Running);
     assert!(took < Duration::from_secs(2), "banner took {took:?}");
     assert_eq!(vm.shutdown(), RunState::Stopped(StopReason::Requested));
@@ -38,7 +33,7 @@ fn boots_to_agent_banner() {
 
 #[test]
 fn request_response_round_trip() {
-    let mut vm = boot(32);
+    let vm = boot(32);
     vm.wait_ready(T).expect("agent banner");
     let r = vm.request(op::PING, 0, T).expect("ping");
     assert_eq!(r.value, PONG);
@@ -62,7 +57,7 @@ fn request_response_round_trip() {
 
 #[test]
 fn pause_resume_keeps_state() {
-    let mut vm = boot(32);
+    let vm = boot(32);
     vm.wait_ready(T).expect("agent banner");
     vm.request(op::AUTO, 5000, T).expect("auto on");
     std::thread::sleep(Duration::from_millis(100));
@@ -72,17 +67,11 @@ fn pause_resume_keeps_state() {
     std::thread::sleep(Duration::from_millis(100));
     let (b, _) = vm.last_log();
     assert_eq!(a, b, "a paused guest makes no progress");
-    assert!(
-        vm.request(op::PING, 0, T).is_err(),
-        "requests are refused while paused"
-    );
+    assert!(vm.request(op::PING, 0, T).is_err(), "requests are refused while paused");
     vm.resume().expect("resume");
     std::thread::sleep(Duration::from_millis(50));
     let r = vm.request(op::AUTO, 0, T).expect("auto off");
-    assert!(
-        r.log_seq > a.map_or(0, |l| l.log_seq),
-        "progress after resume"
-    );
+    assert!(r.log_seq > a.map_or(0, |l| l.log_seq), "progress after resume");
     vm.shutdown();
 }
 
@@ -93,33 +82,46 @@ fn guest_exit_port_stops_cleanly() {
     // The agent answers first, then asks to stop: either the reply arrives
     // or the VM is already stopped; both are fine, the reason is what counts.
     let _ = vm.request(op::SHUTDOWN, 0, T);
-    assert_eq!(
-        vm.wait_stopped(T).expect("stopped"),
-        StopReason::GuestExit(0)
-    );
+    assert_eq!(vm.wait_stopped(T).expect("stopped"), StopReason::GuestExit(0));
 }
 
 #[test]
 fn vmm_binary_boots_and_answers_over_the_socket() {
     require_kvm();
     let elf = guest_elf();
-    let mut p = VmmProc::spawn(&[
-        "--guest",
-        elf.to_str().expect("utf-8 path"),
-        "--mem-mib",
-        "64",
-    ]);
+    let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8 path"), "--mem-mib", "64"]);
     let r = p.request("ping", 0);
     assert_eq!(r["value"], json!(PONG));
     let s = p.call(json!({"cmd": "state"}));
     assert_eq!(s["state"], json!("Running"));
     let bad = p.client.call(json!({"cmd": "request", "op": "nonsense"}));
-    assert!(
-        bad.is_err_and(|e| e.to_string().contains("op")),
-        "unknown op is refused naming the field"
-    );
+    assert!(bad.is_err_and(|e| e.to_string().contains("op")), "unknown op is refused naming the field");
     let down = p.call(json!({"cmd": "shutdown"}));
     assert_eq!(down["state"], json!({"Stopped": "Requested"}));
     let status = p.child.wait().expect("vmm exits");
     assert!(status.success(), "vmm exit status {status}");
+}
+
+#[test]
+fn control_socket_serves_connections_in_parallel() {
+    require_kvm();
+    let elf = guest_elf();
+    let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8 path"), "--mem-mib", "64"]);
+    let sock = p.socket.0.clone();
+    // A slow request on a second connection (a step of 1e8 work units runs
+    // for a few hundred ms) must not hold up a state query on the first.
+    let slow = std::thread::spawn(move || {
+        let mut c = vmm::control::Client::connect(&sock).expect("second connection");
+        let t = Instant::now();
+        c.call(json!({"cmd": "request", "op": "step", "arg": 100_000_000u64})).expect("step");
+        t.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let t = Instant::now();
+    let s = p.call(json!({"cmd": "state"}));
+    let quick = t.elapsed();
+    let slow = slow.join().expect("slow client");
+    assert_eq!(s["state"], json!("Running"));
+    assert!(quick * 4 < slow, "state took {quick:?} while a {slow:?} request ran");
+    p.call(json!({"cmd": "shutdown"}));
 }

@@ -14,7 +14,7 @@ const T: Duration = Duration::from_secs(10);
 
 fn boot() -> Vm {
     require_kvm();
-    let mut vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
     vm
@@ -31,13 +31,8 @@ fn misbehave(opcode: u64) -> StopReason {
     }
     let reason = victim.wait_stopped(T).expect("victim stopped");
     assert!(matches!(victim.state(), RunState::Stopped(_)));
-    assert!(
-        victim.request(op::PING, 0, T).is_err(),
-        "a stopped VM refuses requests"
-    );
-    let r = bystander
-        .request(op::PING, 0, T)
-        .expect("bystander still answers");
+    assert!(victim.request(op::PING, 0, T).is_err(), "a stopped VM refuses requests");
+    let r = bystander.request(op::PING, 0, T).expect("bystander still answers");
     assert_eq!(r.value, PONG);
     reason
 }
@@ -45,14 +40,8 @@ fn misbehave(opcode: u64) -> StopReason {
 #[test]
 fn unknown_mmio_access_stops_that_vm() {
     let r = misbehave(op::BAD_MMIO);
-    assert!(
-        matches!(&r, StopReason::UnknownMmio { addr, .. } if *addr == UNMAPPED_MMIO),
-        "reason: {r:?}"
-    );
-    assert!(
-        r.to_string().contains("0xe0000000"),
-        "message names the address: {r}"
-    );
+    assert!(matches!(&r, StopReason::UnknownMmio { addr, .. } if *addr == UNMAPPED_MMIO), "reason: {r:?}");
+    assert!(r.to_string().contains("0xe0000000"), "message names the address: {r}");
 }
 
 #[test]

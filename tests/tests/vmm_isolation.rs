@@ -13,10 +13,7 @@ use vmm::Error;
 use vmm_support::*;
 
 fn read(p: &Path) -> String {
-    std::fs::read_to_string(p)
-        .unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
-        .trim()
-        .to_string()
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())).trim().to_string()
 }
 
 fn dir(ctrl: &str, name: &str) -> PathBuf {
@@ -38,9 +35,7 @@ fn usage_ns(name: &str) -> u64 {
                 .expect("usage_usec in cpu.stat");
             us * 1000
         }
-        Layout::Hybrid => read(&dir("cpuacct", name).join("cpuacct.usage"))
-            .parse()
-            .expect("cpuacct.usage"),
+        Layout::Hybrid => read(&dir("cpuacct", name).join("cpuacct.usage")).parse().expect("cpuacct.usage"),
     }
 }
 
@@ -78,53 +73,30 @@ fn cgroup_shows_the_configured_limits_and_holds_the_vcpu() {
             assert_eq!(read(&d.join("cpu.max")), "20000 100000");
             assert_eq!(read(&d.join("cpuset.cpus")), "0");
             assert_eq!(read(&d.join("memory.max")), (256u64 << 20).to_string());
-            assert!(read(&d.join("cgroup.threads"))
-                .lines()
-                .any(|l| l == tid.to_string()));
+            assert!(read(&d.join("cgroup.threads")).lines().any(|l| l == tid.to_string()));
         }
         Layout::Hybrid => {
             assert_eq!(read(&dir("cpu", &name).join("cpu.cfs_quota_us")), "20000");
             assert_eq!(read(&dir("cpu", &name).join("cpu.cfs_period_us")), "100000");
             assert_eq!(read(&dir("cpuset", &name).join("cpuset.cpus")), "0");
-            assert_eq!(
-                read(&dir("memory", &name).join("memory.limit_in_bytes")),
-                (256u64 << 20).to_string()
-            );
+            assert_eq!(read(&dir("memory", &name).join("memory.limit_in_bytes")), (256u64 << 20).to_string());
             for ctrl in ["cpu", "cpuacct", "cpuset", "memory"] {
                 let tasks = read(&dir(ctrl, &name).join("tasks"));
-                assert!(
-                    tasks.lines().any(|l| l == tid.to_string()),
-                    "vCPU thread {tid} in {ctrl}: {tasks}"
-                );
-                assert!(
-                    tasks.lines().any(|l| l == p.pid().to_string()),
-                    "VMM process in {ctrl}"
-                );
+                assert!(tasks.lines().any(|l| l == tid.to_string()), "vCPU thread {tid} in {ctrl}: {tasks}");
+                assert!(tasks.lines().any(|l| l == p.pid().to_string()), "VMM process in {ctrl}");
             }
             // The v2 identity the eBPF side keys on.
             let procs = read(&dir("unified", &name).join("cgroup.procs"));
-            assert!(
-                procs.lines().any(|l| l == p.pid().to_string()),
-                "VMM in the unified hierarchy"
-            );
+            assert!(procs.lines().any(|l| l == p.pid().to_string()), "VMM in the unified hierarchy");
         }
     }
     // The vCPU thread is affine to the cpuset.
-    let status = read(&PathBuf::from(format!(
-        "/proc/{}/task/{tid}/status",
-        p.pid()
-    )));
-    let allowed = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .expect("Cpus_allowed_list");
+    let status = read(&PathBuf::from(format!("/proc/{}/task/{tid}/status", p.pid())));
+    let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
     assert_eq!(allowed.trim(), "0");
     p.call(json!({"cmd": "shutdown"}));
     let _ = p.child.wait();
-    assert!(
-        !dir("cpu", &name).exists(),
-        "the VMM removes the cgroup it made on shutdown"
-    );
+    assert!(!dir("cpu", &name).exists(), "the VMM removes the cgroup it made on shutdown");
 }
 
 #[test]
@@ -143,31 +115,18 @@ fn busy_guest_stays_within_cpu_quota() {
     let (u1, t1) = (usage_ns(&name), Instant::now());
     let share = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
     p.call(json!({"cmd": "shutdown"}));
-    assert!(
-        (share - 0.20).abs() <= 0.20 * 0.05,
-        "CPU share {share:.4} is not within 5% of the 0.20 quota"
-    );
+    assert!((share - 0.20).abs() <= 0.20 * 0.05, "CPU share {share:.4} is not within 5% of the 0.20 quota");
 }
 
 #[test]
 fn invalid_limits_are_refused_whole() {
     let name = unique("vmm-test-bad");
     let _cg = CgroupGuard(name.clone());
-    let bad = Limits {
-        cpu_quota_us: Some(20_000),
-        memory_bytes: Some(1024),
-        ..Default::default()
-    };
+    let bad = Limits { cpu_quota_us: Some(20_000), memory_bytes: Some(1024), ..Default::default() };
     match Cgroup::create(&name, &bad) {
         Err(Error::Config { field, .. }) => assert_eq!(field, "memory_bytes"),
         other => panic!("expected a config error, got {other:?}"),
     }
     assert!(!dir("cpu", &name).exists(), "nothing half applied");
-    assert!(matches!(
-        Cgroup::create("../escape", &Limits::default()),
-        Err(Error::Config {
-            field: "cgroup",
-            ..
-        })
-    ));
+    assert!(matches!(Cgroup::create("../escape", &Limits::default()), Err(Error::Config { field: "cgroup", .. })));
 }

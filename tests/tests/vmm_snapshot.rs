@@ -77,7 +77,7 @@ fn snapshot_kill_restore_in_new_process_continues() {
 #[test]
 fn snapshot_stream_round_trip_in_process() {
     require_kvm();
-    let mut vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
     for _ in 0..10 {
@@ -100,7 +100,7 @@ fn snapshot_stream_round_trip_in_process() {
 #[test]
 fn bad_snapshots_are_refused_with_typed_errors() {
     require_kvm();
-    let mut vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
     assert!(matches!(vm.snapshot_to(Vec::new()), Err(Error::State(_))), "running VMs are not snapshotted");
@@ -143,7 +143,7 @@ fn snapshot_of_a_restored_vm_keeps_pages_it_never_touched() {
     require_kvm();
     const PAGES: u64 = 512; // 2 MiB of scratch
     let (a, b) = (TempPath::new("vmm-test-a.snap"), TempPath::new("vmm-test-b.snap"));
-    let mut vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
     vm.request(op::TOUCH, PAGES, T).expect("touch");
@@ -154,7 +154,7 @@ fn snapshot_of_a_restored_vm_keeps_pages_it_never_touched() {
     evict(&a.0);
 
     // Restore A, do unrelated work, snapshot again without touching scratch.
-    let mut vm2 = Vm::restore_from_file(&a.0, Sinks::default()).expect("restore A");
+    let vm2 = Vm::restore_from_file(&a.0, Sinks::default()).expect("restore A");
     vm2.resume().expect("resume");
     vm2.request(op::STEP, 10, T).expect("step");
     vm2.pause().expect("pause");

@@ -2,7 +2,7 @@ use std::time::{Duration, Instant};
 fn main() {
     let t0 = Instant::now();
     let img = std::env::args().nth(1).unwrap();
-    let mut vm = vmm::Vm::create(
+    let vm = vmm::Vm::create(
         &vmm::VmConfig::new(img, 64),
         vmm::Sinks { serial: Some(Box::new(std::io::stdout())), log: None },
     )

@@ -1,7 +1,7 @@
 //! The control socket: a UNIX stream socket speaking JSON lines. One request
-//! object per line, one reply object per line; connections are served one at
-//! a time, in order. The governor and the card simulator use it (or the
-//! [`Client`] below) to drive a VMM process.
+//! object per line, one reply object per line, in order on each connection;
+//! each connection has its own thread. The governor and the card simulator
+//! use it (or the [`Client`] below) to drive a VMM process.
 //!
 //! Requests (`cmd` selects, other fields are arguments):
 //!
@@ -22,6 +22,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -49,14 +51,18 @@ pub fn op_code(name: &str) -> Option<u64> {
 }
 
 /// Makes new sinks for a VM created or restored over the socket.
-pub type SinkFactory = Box<dyn Fn() -> Sinks>;
+pub type SinkFactory = Box<dyn Fn() -> Sinks + Send + Sync>;
+/// Called with every newly started VM (e.g. to place its threads in a cgroup).
+pub type StartHook = Box<dyn Fn(&Vm) + Send + Sync>;
 
-/// A VMM process's state as seen by the control socket.
+/// A VMM process's state as seen by the control socket. Each connection is
+/// served by its own thread; requests to the VM run concurrently (a slow
+/// agent request does not block a `state` query from another client).
 pub struct Server {
-    pub vm: Option<Vm>,
-    pub sinks: SinkFactory,
-    /// Called with every newly started VM (e.g. to place its threads in a cgroup).
-    pub on_start: Box<dyn Fn(&Vm)>,
+    vm: Mutex<Option<Arc<Vm>>>,
+    sinks: SinkFactory,
+    on_start: StartHook,
+    exiting: AtomicBool,
 }
 
 fn field<'a>(req: &'a Value, name: &'static str) -> Result<&'a Value> {
@@ -81,12 +87,20 @@ pub fn self_rss() -> u64 {
 }
 
 impl Server {
-    fn vm(&self) -> Result<&Vm> {
-        self.vm.as_ref().ok_or_else(|| Error::State("absent (no VM created)".into()))
+    pub fn new(vm: Option<Vm>, sinks: SinkFactory, on_start: StartHook) -> Arc<Server> {
+        Arc::new(Server { vm: Mutex::new(vm.map(Arc::new)), sinks, on_start, exiting: AtomicBool::new(false) })
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Vm>>> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vm(&self) -> Result<Arc<Vm>> {
+        self.slot().clone().ok_or_else(|| Error::State("absent (no VM created)".into()))
     }
 
     /// Handle one request; returns the reply and whether to exit afterwards.
-    pub fn handle(&mut self, req: &Value) -> (Value, bool) {
+    pub fn handle(&self, req: &Value) -> (Value, bool) {
         match self.dispatch(req) {
             Ok((mut v, exit)) => {
                 v["ok"] = json!(true);
@@ -96,37 +110,40 @@ impl Server {
         }
     }
 
-    fn dispatch(&mut self, req: &Value) -> Result<(Value, bool)> {
+    fn dispatch(&self, req: &Value) -> Result<(Value, bool)> {
         let cmd = str_field(req, "cmd")?;
         let out = match cmd {
             "create" => {
-                if self.vm.is_some() {
-                    return Err(Error::State("already created".into()));
-                }
                 let mem = field(req, "mem_mib")?
                     .as_u64()
                     .ok_or(Error::Config { field: "mem_mib", reason: "not an integer".into() })?;
                 let cfg = VmConfig::new(PathBuf::from(str_field(req, "guest")?), mem);
-                self.vm = Some(Vm::create(&cfg, (self.sinks)())?);
+                let mut slot = self.slot();
+                if slot.is_some() {
+                    return Err(Error::State("already created".into()));
+                }
+                *slot = Some(Arc::new(Vm::create(&cfg, (self.sinks)())?));
                 json!({})
             }
             "boot" => {
                 let t = Instant::now();
-                let vm = self.vm.as_mut().ok_or_else(|| Error::State("absent".into()))?;
+                let vm = self.vm()?;
                 vm.start(false)?;
-                (self.on_start)(vm);
+                (self.on_start)(&vm);
                 let ready = vm.wait_ready(REQUEST_TIMEOUT)?;
                 json!({"ready_ms": ms(ready.saturating_duration_since(t))})
             }
             "restore" => {
-                if self.vm.is_some() {
+                let path = PathBuf::from(str_field(req, "path")?);
+                let mut slot = self.slot();
+                if slot.is_some() {
                     return Err(Error::State("already has a VM".into()));
                 }
                 let t = Instant::now();
-                let vm = Vm::restore_from_file(Path::new(str_field(req, "path")?), (self.sinks)())?;
+                let vm = Vm::restore_from_file(&path, (self.sinks)())?;
                 let took = t.elapsed();
                 (self.on_start)(&vm);
-                self.vm = Some(vm);
+                *slot = Some(Arc::new(vm));
                 json!({"restore_ms": ms(took)})
             }
             "pause" => {
@@ -138,8 +155,10 @@ impl Server {
                 json!({})
             }
             "snapshot" => {
+                let path = PathBuf::from(str_field(req, "path")?);
+                let vm = self.vm()?;
                 let t = Instant::now();
-                let bytes = self.vm()?.snapshot_to_file(Path::new(str_field(req, "path")?))?;
+                let bytes = vm.snapshot_to_file(&path)?;
                 json!({"bytes": bytes, "snapshot_ms": ms(t.elapsed())})
             }
             "request" => {
@@ -147,8 +166,9 @@ impl Server {
                 let code =
                     op_code(name).ok_or(Error::Config { field: "op", reason: format!("unknown op {name:?}") })?;
                 let arg = req.get("arg").and_then(Value::as_u64).unwrap_or(0);
+                let vm = self.vm()?;
                 let t = Instant::now();
-                let r = self.vm()?.request(code, arg, REQUEST_TIMEOUT)?;
+                let r = vm.request(code, arg, REQUEST_TIMEOUT)?;
                 json!({"reply": r, "rtt_us": t.elapsed().as_secs_f64() * 1e6})
             }
             "state" => {
@@ -165,7 +185,8 @@ impl Server {
                 })
             }
             "shutdown" => {
-                let state = match self.vm.as_mut() {
+                let vm = self.slot().clone();
+                let state = match vm {
                     Some(vm) => json!(vm.shutdown()),
                     None => json!(null),
                 };
@@ -176,22 +197,35 @@ impl Server {
         Ok((out, false))
     }
 
-    /// Serve the socket until a `shutdown` request or the VM stopping on its own.
-    pub fn serve(&mut self, listener: &UnixListener) -> Result<()> {
+    /// Serve the socket at `path` until a `shutdown` request.
+    pub fn serve(self: &Arc<Self>, listener: &UnixListener, path: &Path) -> Result<()> {
         for conn in listener.incoming() {
-            let conn = conn.map_err(Error::io("control socket accept"))?;
-            if self.serve_conn(conn)? {
+            if self.exiting.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            let conn = conn.map_err(Error::io("control socket accept"))?;
+            let me = self.clone();
+            let path = path.to_path_buf();
+            std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || {
+                    if me.serve_conn(conn) {
+                        me.exiting.store(true, Ordering::SeqCst);
+                        // Wake the accept loop so it sees the flag.
+                        let _ = UnixStream::connect(&path);
+                    }
+                })
+                .map_err(Error::io("spawning a control thread"))?;
         }
         Ok(())
     }
 
-    fn serve_conn(&mut self, conn: UnixStream) -> Result<bool> {
-        let mut w = conn.try_clone().map_err(Error::io("control socket"))?;
+    /// Serve one connection; true when it asked the process to exit.
+    fn serve_conn(&self, conn: UnixStream) -> bool {
+        let Ok(mut w) = conn.try_clone() else { return false };
         let r = BufReader::new(conn);
         for line in r.lines() {
-            let Ok(line) = line else { return Ok(false) };
+            let Ok(line) = line else { return false };
             if line.trim().is_empty() {
                 continue;
             }
@@ -199,14 +233,12 @@ impl Server {
                 Ok(req) => self.handle(&req),
                 Err(e) => (json!({"ok": false, "error": format!("control protocol: bad JSON: {e}")}), false),
             };
-            if writeln!(w, "{reply}").is_err() {
-                return Ok(exit);
-            }
+            let _ = writeln!(w, "{reply}");
             if exit {
-                return Ok(true);
+                return true;
             }
         }
-        Ok(false)
+        false
     }
 }
 

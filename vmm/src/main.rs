@@ -120,7 +120,7 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
     let mut vm = None;
     let result = (|| -> vmm::Result<()> {
         if let Some(g) = &args.guest {
-            let mut v = Vm::create(&VmConfig::new(g.clone(), args.mem_mib), make_sinks())?;
+            let v = Vm::create(&VmConfig::new(g.clone(), args.mem_mib), make_sinks())?;
             v.start(args.paused)?;
             if !args.paused {
                 v.wait_ready(Duration::from_secs(10))?;
@@ -130,7 +130,7 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
         } else if let Some(k) = &args.kernel {
             // Linux has no agent banner: the VM just runs until it stops.
             let cfg = VmConfig::linux(k.clone(), args.mem_mib, args.cmdline.clone());
-            let mut v = Vm::create(&cfg, make_sinks())?;
+            let v = Vm::create(&cfg, make_sinks())?;
             v.start(args.paused)?;
             vm = Some(v);
         } else if let Some(s) = &args.restore {
@@ -156,8 +156,8 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let mut server = Server { vm, sinks: Box::new(make_sinks), on_start: Box::new(|_| {}) };
-        let r = server.serve(&listener);
+        let server = Server::new(vm, Box::new(make_sinks), Box::new(|_| {}));
+        let r = server.serve(&listener, path);
         let _ = std::fs::remove_file(path);
         if let Err(e) = r {
             eprintln!("vmm: {e}");

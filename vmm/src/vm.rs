@@ -144,7 +144,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub struct Vm {
     sh: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
     next_id: AtomicU64,
     mem_size: u64,
 }
@@ -250,12 +250,13 @@ impl Vm {
             cv: Condvar::new(),
             log: Mutex::new(log),
         };
-        Vm { sh: Arc::new(sh), thread: None, next_id: AtomicU64::new(1), mem_size }
+        Vm { sh: Arc::new(sh), thread: Mutex::new(None), next_id: AtomicU64::new(1), mem_size }
     }
 
     /// Start the vCPU thread (running, or parked when `paused`).
-    pub fn start(&mut self, paused: bool) -> Result<()> {
-        if self.thread.is_some() {
+    pub fn start(&self, paused: bool) -> Result<()> {
+        let mut thread = lock(&self.thread);
+        if thread.is_some() {
             return Err(Error::State(self.state().to_string()));
         }
         install_kick_handler();
@@ -271,7 +272,8 @@ impl Vm {
             .name("vcpu0".into())
             .spawn(move || vcpu_loop(&sh))
             .map_err(Error::io("spawning the vCPU thread"))?;
-        self.thread = Some(t);
+        *thread = Some(t);
+        drop(thread);
         // A paused start returns once the thread is parked, so the caller can
         // snapshot or resume right away.
         let mut ctl = lock(&self.sh.ctl);
@@ -406,9 +408,10 @@ impl Vm {
     }
 
     /// Stop the VM and join its vCPU thread. Returns why it stopped.
-    pub fn shutdown(&mut self) -> RunState {
+    pub fn shutdown(&self) -> RunState {
         self.sh.fail(StopReason::Requested);
-        if let Some(t) = self.thread.take() {
+        let t = lock(&self.thread).take();
+        if let Some(t) = t {
             let _ = t.join();
         }
         let mut ctl = lock(&self.sh.ctl);
@@ -486,7 +489,7 @@ impl Vm {
         vcpu_state::restore(&vcpu, &st.vcpu)?;
         let dev = Devices { serial: Serial::new(sinks.serial), console };
         let ready = st.ready.then(Instant::now);
-        let mut vm = Vm::assemble(mem, vm, vcpu, dev, sinks.log, ready);
+        let vm = Vm::assemble(mem, vm, vcpu, dev, sinks.log, ready);
         vm.start(true)?;
         Ok(vm)
     }
@@ -494,7 +497,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if self.thread.is_some() {
+        if lock(&self.thread).is_some() {
             self.shutdown();
         }
     }
