@@ -18,8 +18,8 @@ pub const REG_SLOT_SIZE: u64 = 0x14;
 pub const RINGS_OFFSET: u64 = 0x1000;
 
 pub const DEFAULT_SLOTS: u32 = 4;
-/// 256 KiB of payload plus the header, rounded to 4 KiB.
-pub const DEFAULT_SLOT_SIZE: u32 = 0x41000;
+/// 1 MiB less 4 KiB: a whole slot fits one vfio-user transfer (1 MiB max).
+pub const DEFAULT_SLOT_SIZE: u32 = 0xff000;
 pub const MAX_SLOTS: u32 = 64;
 pub const MAX_SLOT_SIZE: u32 = 1 << 20;
 pub const MAX_VMS: u32 = 256;

@@ -30,7 +30,7 @@ fn err(what: &str, e: vmm::Error) -> String {
 impl VmBackend for VmmBackend {
     fn start(&mut self, _id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, String> {
         let cfg = VmConfig::new(&self.guest, spec.mem_mib as u64);
-        let mut vm = Vm::create(&cfg, Sinks::default()).map_err(|e| err("create VM", e))?;
+        let vm = Vm::create(&cfg, Sinks::default()).map_err(|e| err("create VM", e))?;
         vm.start(false).map_err(|e| err("start vCPU", e))?;
         vm.wait_ready(BOOT_TIMEOUT).map_err(|e| err("agent banner", e))?;
         Ok(Box::new(VmmVm { vm, seen: 0 }))
