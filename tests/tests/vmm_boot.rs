@@ -125,3 +125,28 @@ fn control_socket_serves_connections_in_parallel() {
     assert!(quick * 4 < slow, "state took {quick:?} while a {slow:?} request ran");
     p.call(json!({"cmd": "shutdown"}));
 }
+
+#[test]
+fn empty_vmm_process_creates_and_boots_over_the_socket() {
+    require_kvm();
+    use vmm::process::{SpawnOptions, Start, VmmProcess};
+    let socket = TempPath::new("vmm-test-empty.sock");
+    let opts = SpawnOptions {
+        bin: vmm_bin(),
+        start: Start::Empty,
+        socket: socket.0.clone(),
+        serial: None,
+        log: None,
+        cgroup: None,
+    };
+    let mut p = VmmProcess::spawn(&opts).expect("spawn an empty vmm");
+    let err = p.call(json!({"cmd": "state"})).expect_err("no VM yet");
+    assert!(err.to_string().contains("absent"), "{err}");
+    let bad = p.call(json!({"cmd": "create", "guest": "/x"})).expect_err("mem_mib missing");
+    assert!(bad.to_string().contains("mem_mib"), "{bad}");
+    p.call(json!({"cmd": "create", "guest": guest_elf(), "mem_mib": 32})).expect("create");
+    let b = p.call(json!({"cmd": "boot"})).expect("boot");
+    assert!(b["ready_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{b}");
+    assert_eq!(p.request("ping", 0).expect("ping")["value"], json!(PONG));
+    p.shutdown().expect("clean shutdown");
+}

@@ -17,3 +17,4 @@ pub use vm::{Reply, RunState, Sinks, Vm, VmConfig};
 pub mod cgroup;
 pub mod control;
 pub mod linux;
+pub mod process;
