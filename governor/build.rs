@@ -14,21 +14,13 @@ const BPF_RUSTC: &str = "/usr/bin/rustc";
 const BPF_CARGO: &str = "/usr/bin/cargo";
 
 fn main() {
-    let manifest = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
-    );
-    let root = manifest
-        .parent()
-        .expect("governor/ has a parent")
-        .to_path_buf();
+    let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().expect("governor/ has a parent").to_path_buf();
     let ebpf_dir = root.join("governor-ebpf");
     for p in ["src", "Cargo.toml"] {
         println!("cargo:rerun-if-changed={}", ebpf_dir.join(p).display());
     }
-    println!(
-        "cargo:rerun-if-changed={}",
-        root.join("governor-common/src").display()
-    );
+    println!("cargo:rerun-if-changed={}", root.join("governor-common/src").display());
 
     let target_dir = root.join("target/bpf");
     let obj = target_dir.join("bpfel-unknown-none/release/governor-ebpf");
@@ -39,8 +31,7 @@ fn main() {
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
-    let path =
-        format!("{cargo_home}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let path = format!("{cargo_home}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     let mut cmd = Command::new(BPF_CARGO);
     cmd.current_dir(&ebpf_dir)
         .env_clear()
@@ -52,21 +43,10 @@ fn main() {
         // Debian's stable rustc accepts it only with RUSTC_BOOTSTRAP.
         .env("RUSTC_BOOTSTRAP", "1")
         // BTF in the object is what makes `bpftool map dump` print field names.
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
-        )
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "--target-dir",
-        ])
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .args(["build", "--release", "--target", "bpfel-unknown-none", "--target-dir"])
         .arg(&target_dir);
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {BPF_CARGO}: {e}"));
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run {BPF_CARGO}: {e}"));
     if !status.success() {
         panic!("building governor-ebpf failed ({status}); is bpf-linker installed? run `cargo xtask setup`");
     }

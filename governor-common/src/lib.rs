@@ -107,12 +107,13 @@ pub struct Policer {
     pub rate_bytes_per_s: u64,
     /// Bucket depth: the burst in bytes, as ns at `rate`.
     pub burst_ns: u64,
-    pub tokens_ns: u64,
+    /// Credit in ns at `rate`; may go one packet below zero.
+    pub tokens_ns: i64,
     pub last_ns: u64,
     /// ns of credit one packet costs (1e9 / packet rate); 0 = no limit.
     pub pkt_cost_ns: u64,
     pub pkt_burst_ns: u64,
-    pub pkt_tokens_ns: u64,
+    pub pkt_tokens_ns: i64,
     /// shape: TC_H_MAKE(major << 16, minor) for skb->priority.
     pub classid: u32,
     /// shape, traffic from the VM: ifindex of the IFB device.

@@ -325,18 +325,25 @@ fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
         aya_ebpf::helpers::bpf_spin_lock(lock);
         let elapsed = if now > (*p).last_ns { now - (*p).last_ns } else { 0 };
         (*p).last_ns = now;
-        let mut t = (*p).tokens_ns + elapsed;
-        if t > (*p).burst_ns {
-            t = (*p).burst_ns;
+        // Credit may go negative by one packet: a packet is admitted while
+        // any credit is left and then paid for in full. The long-run rate is
+        // the same (refill is capped at the burst), but a 64 KiB GSO packet
+        // is not dropped merely for being larger than the credit left, which
+        // is what makes a policer brutal to TCP.
+        let burst = (*p).burst_ns as i64;
+        let mut t = (*p).tokens_ns + elapsed as i64;
+        if t > burst {
+            t = burst;
         }
-        let mut pt = (*p).pkt_tokens_ns + elapsed;
-        if pt > (*p).pkt_burst_ns {
-            pt = (*p).pkt_burst_ns;
+        let pburst = (*p).pkt_burst_ns as i64;
+        let mut pt = (*p).pkt_tokens_ns + elapsed as i64;
+        if pt > pburst {
+            pt = pburst;
         }
-        pass = t >= cost && pt >= pkt_cost;
+        pass = t > 0 && (pkt_cost == 0 || pt > 0);
         if pass {
-            t -= cost;
-            pt -= pkt_cost;
+            t -= cost as i64;
+            pt -= pkt_cost as i64;
         }
         (*p).tokens_ns = t;
         (*p).pkt_tokens_ns = pt;

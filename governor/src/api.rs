@@ -64,16 +64,13 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
 /// Client side, used by `governor status` and by tests.
 pub fn call(socket: &Path, req: &Request) -> anyhow::Result<Response> {
     use anyhow::Context;
-    let mut s =
-        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    let mut s = UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     s.write_all(line.as_bytes())?;
     let mut resp = String::new();
-    BufReader::new(s)
-        .read_line(&mut resp)
-        .context("read response")?;
+    BufReader::new(s).read_line(&mut resp).context("read response")?;
     serde_json::from_str(&resp).with_context(|| format!("bad response {resp:?}"))
 }
 
@@ -84,9 +81,7 @@ mod tests {
     #[test]
     fn requests() {
         assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
-        assert!(parse_request(r#"{"cmd":"nope"}"#)
-            .unwrap_err()
-            .contains("bad request"));
+        assert!(parse_request(r#"{"cmd":"nope"}"#).unwrap_err().contains("bad request"));
         assert!(parse_request("garbage").is_err());
     }
 }

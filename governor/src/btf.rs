@@ -52,9 +52,7 @@ pub struct Btf {
 }
 
 fn u32_at(d: &[u8], off: usize) -> Result<u32, BtfError> {
-    d.get(off..off + 4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .ok_or(BtfError::Malformed("truncated"))
+    d.get(off..off + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or(BtfError::Malformed("truncated"))
 }
 
 impl Btf {
@@ -63,10 +61,7 @@ impl Btf {
     }
 
     pub fn from_file(path: &Path) -> Result<Btf, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let data = std::fs::read(path).map_err(|source| BtfError::Read { path: path.display().to_string(), source })?;
         Btf::parse(data)
     }
 
@@ -79,29 +74,14 @@ impl Btf {
         let type_len = u32_at(&data, 12)? as usize;
         let str_off = u32_at(&data, 16)? as usize;
         let str_len = u32_at(&data, 20)? as usize;
-        let types_at = hdr_len
-            .checked_add(type_off)
-            .ok_or(BtfError::Malformed("type offset"))?;
-        let types_end = types_at
-            .checked_add(type_len)
-            .ok_or(BtfError::Malformed("type length"))?;
-        let strs_at = hdr_len
-            .checked_add(str_off)
-            .ok_or(BtfError::Malformed("string offset"))?;
-        let strs_end = strs_at
-            .checked_add(str_len)
-            .ok_or(BtfError::Malformed("string length"))?;
+        let types_at = hdr_len.checked_add(type_off).ok_or(BtfError::Malformed("type offset"))?;
+        let types_end = types_at.checked_add(type_len).ok_or(BtfError::Malformed("type length"))?;
+        let strs_at = hdr_len.checked_add(str_off).ok_or(BtfError::Malformed("string offset"))?;
+        let strs_end = strs_at.checked_add(str_len).ok_or(BtfError::Malformed("string length"))?;
         if types_end > data.len() || strs_end > data.len() {
             return Err(BtfError::Malformed("sections past the end"));
         }
-        let mut types = vec![Type {
-            name: 0,
-            kind: 0,
-            vlen: 0,
-            kflag: false,
-            size_or_type: 0,
-            extra: (0, 0),
-        }];
+        let mut types = vec![Type { name: 0, kind: 0, vlen: 0, kflag: false, size_or_type: 0, extra: (0, 0) }];
         let mut off = types_at;
         while off < types_end {
             let name = u32_at(&data, off)?;
@@ -122,22 +102,10 @@ impl Btf {
             if end > types_end {
                 return Err(BtfError::Malformed("type runs past the section"));
             }
-            types.push(Type {
-                name,
-                kind,
-                vlen,
-                kflag: info >> 31 == 1,
-                size_or_type,
-                extra: (start, end),
-            });
+            types.push(Type { name, kind, vlen, kflag: info >> 31 == 1, size_or_type, extra: (start, end) });
             off = end;
         }
-        Ok(Btf {
-            data,
-            types_at,
-            strs: (strs_at, strs_end),
-            types,
-        })
+        Ok(Btf { data, types_at, strs: (strs_at, strs_end), types })
     }
 
     fn name(&self, off: u32) -> &str {
@@ -151,17 +119,13 @@ impl Btf {
     }
 
     fn find(&self, kind: u32, name: &str) -> Option<&Type> {
-        self.types
-            .iter()
-            .find(|t| t.kind == kind && self.name(t.name) == name)
+        self.types.iter().find(|t| t.kind == kind && self.name(t.name) == name)
     }
 
     /// Byte offset of `member` in `struct strukt` (searching anonymous
     /// structs and unions nested in it, as the kernel's task_struct has).
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
-        let t = self
-            .find(KIND_STRUCT, strukt)
-            .ok_or_else(|| BtfError::NotFound(format!("struct {strukt}")))?;
+        let t = self.find(KIND_STRUCT, strukt).ok_or_else(|| BtfError::NotFound(format!("struct {strukt}")))?;
         self.member_bits(t, member, 0)
             .map(|bits| bits / 8)
             .ok_or_else(|| BtfError::NotFound(format!("member {member} of struct {strukt}")))
@@ -197,19 +161,10 @@ impl Btf {
     /// `void *__data`), from its `btf_trace_<tp>` typedef.
     pub fn raw_tracepoint_args(&self, tp: &str) -> Result<u32, BtfError> {
         let missing = || BtfError::NotFound(format!("btf_trace_{tp}"));
-        let td = self
-            .find(KIND_TYPEDEF, &format!("btf_trace_{tp}"))
-            .ok_or_else(missing)?;
-        let ptr = self
-            .types
-            .get(td.size_or_type as usize)
-            .filter(|t| t.kind == KIND_PTR)
-            .ok_or_else(missing)?;
-        let proto = self
-            .types
-            .get(ptr.size_or_type as usize)
-            .filter(|t| t.kind == KIND_FUNC_PROTO)
-            .ok_or_else(missing)?;
+        let td = self.find(KIND_TYPEDEF, &format!("btf_trace_{tp}")).ok_or_else(missing)?;
+        let ptr = self.types.get(td.size_or_type as usize).filter(|t| t.kind == KIND_PTR).ok_or_else(missing)?;
+        let proto =
+            self.types.get(ptr.size_or_type as usize).filter(|t| t.kind == KIND_FUNC_PROTO).ok_or_else(missing)?;
         Ok(proto.vlen.saturating_sub(1))
     }
 
@@ -226,23 +181,11 @@ mod tests {
     #[test]
     fn kernel_btf() {
         let btf = Btf::from_sys_fs().expect("this kernel exposes BTF at /sys/kernel/btf/vmlinux");
-        let pid = btf
-            .member_offset("task_struct", "pid")
-            .expect("task_struct.pid");
-        let tgid = btf
-            .member_offset("task_struct", "tgid")
-            .expect("task_struct.tgid");
+        let pid = btf.member_offset("task_struct", "pid").expect("task_struct.pid");
+        let tgid = btf.member_offset("task_struct", "tgid").expect("task_struct.tgid");
         assert_eq!(tgid, pid + 4, "pid and tgid are adjacent pid_t fields");
-        assert_eq!(
-            btf.raw_tracepoint_args("sched_switch")
-                .expect("sched_switch"),
-            4
-        );
-        assert_eq!(
-            btf.raw_tracepoint_args("sched_wakeup")
-                .expect("sched_wakeup"),
-            1
-        );
+        assert_eq!(btf.raw_tracepoint_args("sched_switch").expect("sched_switch"), 4);
+        assert_eq!(btf.raw_tracepoint_args("sched_wakeup").expect("sched_wakeup"), 1);
         assert!(btf.member_offset("task_struct", "no_such_member").is_err());
     }
 

@@ -40,11 +40,7 @@ pub enum CgroupError {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
-    move |source| CgroupError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CgroupError::Io { op, path: path.to_path_buf(), source }
 }
 
 /// Where the hierarchies are mounted on this host.
@@ -58,8 +54,7 @@ pub struct Layout {
 
 impl Layout {
     pub fn detect() -> Result<Layout, CgroupError> {
-        let mounts = fs::read_to_string("/proc/self/mounts")
-            .map_err(io_err("read", Path::new("/proc/self/mounts")))?;
+        let mounts = fs::read_to_string("/proc/self/mounts").map_err(io_err("read", Path::new("/proc/self/mounts")))?;
         let mut unified = None;
         let mut v1 = false;
         for line in mounts.lines() {
@@ -74,10 +69,7 @@ impl Layout {
             }
         }
         let unified = unified.ok_or(CgroupError::NoUnified)?;
-        Ok(Layout {
-            unified,
-            hybrid: v1,
-        })
+        Ok(Layout { unified, hybrid: v1 })
     }
 
     /// A v1 controller's directory for `rel`, if that controller is mounted.
@@ -96,11 +88,7 @@ impl Layout {
         if !dir.is_dir() {
             return Err(CgroupError::Missing { path: dir });
         }
-        Ok(Cgroup {
-            layout: self.clone(),
-            rel,
-            dir,
-        })
+        Ok(Cgroup { layout: self.clone(), rel, dir })
     }
 
     /// Create a cgroup (and its parents) in the unified hierarchy and, on a
@@ -109,11 +97,7 @@ impl Layout {
         let rel = check_rel(rel)?;
         let dir = self.unified.join(&rel);
         fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
-        let cg = Cgroup {
-            layout: self.clone(),
-            rel,
-            dir,
-        };
+        let cg = Cgroup { layout: self.clone(), rel, dir };
         for c in V1_CONTROLLERS {
             if let Some(d) = self.v1(c, &cg.rel) {
                 fs::create_dir_all(&d).map_err(io_err("create", &d))?;
@@ -154,8 +138,7 @@ fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
         for f in ["cpuset.cpus", "cpuset.mems"] {
             let cur = fs::read_to_string(d.join(f)).unwrap_or_default();
             if cur.trim().is_empty() {
-                let v =
-                    fs::read_to_string(parent.join(f)).map_err(io_err("read", &parent.join(f)))?;
+                let v = fs::read_to_string(parent.join(f)).map_err(io_err("read", &parent.join(f)))?;
                 fs::write(d.join(f), v.trim()).map_err(io_err("write", &d.join(f)))?;
             }
         }
@@ -167,8 +150,7 @@ fn check_rel(rel: &str) -> Result<PathBuf, CgroupError> {
     let p = Path::new(rel.trim_matches('/'));
     let ok = !rel.is_empty()
         && !rel.starts_with('/')
-        && p.components()
-            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
     if ok {
         Ok(p.to_path_buf())
     } else {
@@ -210,9 +192,7 @@ impl Cgroup {
     /// cgroup v2 id: the inode number of the cgroup's directory, which is
     /// what `bpf_get_current_cgroup_id()` returns for its tasks.
     pub fn id(&self) -> Result<u64, CgroupError> {
-        fs::metadata(&self.dir)
-            .map(|m| m.ino())
-            .map_err(io_err("stat", &self.dir))
+        fs::metadata(&self.dir).map(|m| m.ino()).map_err(io_err("stat", &self.dir))
     }
 
     /// Ids of this cgroup and every cgroup below it (a VMM may put its vCPU
@@ -285,10 +265,7 @@ impl Cgroup {
             write(&d.join("cpu.cfs_period_us"), &period_us.to_string())?;
             return write(&d.join("cpu.cfs_quota_us"), &quota_us.to_string());
         }
-        write(
-            &self.dir.join("cpu.max"),
-            &format!("{quota_us} {period_us}"),
-        )
+        write(&self.dir.join("cpu.max"), &format!("{quota_us} {period_us}"))
     }
 
     /// Limit memory (memory.max, or v1 memory.limit_in_bytes).
@@ -334,10 +311,7 @@ impl Cgroup {
     /// Remove the cgroup from every hierarchy (children first). Tasks still
     /// inside are moved to the parent first so removal cannot fail on them.
     pub fn remove(&self) -> Result<(), CgroupError> {
-        let mut dirs: Vec<PathBuf> = V1_CONTROLLERS
-            .iter()
-            .filter_map(|c| self.layout.v1(c, &self.rel))
-            .collect();
+        let mut dirs: Vec<PathBuf> = V1_CONTROLLERS.iter().filter_map(|c| self.layout.v1(c, &self.rel)).collect();
         dirs.push(self.dir.clone());
         for d in dirs {
             remove_tree(&d)?;
@@ -375,9 +349,7 @@ fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Err(io_err("remove", dir)(
-        last.unwrap_or_else(|| io::Error::other("busy")),
-    ))
+    Err(io_err("remove", dir)(last.unwrap_or_else(|| io::Error::other("busy"))))
 }
 
 fn write(path: &Path, v: &str) -> Result<(), CgroupError> {
@@ -386,27 +358,19 @@ fn write(path: &Path, v: &str) -> Result<(), CgroupError> {
 
 fn read_u64(path: &Path) -> Result<u64, CgroupError> {
     let s = fs::read_to_string(path).map_err(io_err("read", path))?;
-    s.trim().parse().map_err(|_| CgroupError::Parse {
-        path: path.to_path_buf(),
-        what: s.trim().to_string(),
-    })
+    s.trim().parse().map_err(|_| CgroupError::Parse { path: path.to_path_buf(), what: s.trim().to_string() })
 }
 
 /// A `key value` line of a stat file.
 fn stat_field(path: &Path, key: &str) -> Result<u64, CgroupError> {
     let s = fs::read_to_string(path).map_err(io_err("read", path))?;
-    parse_stat(&s, key).ok_or_else(|| CgroupError::Parse {
-        path: path.to_path_buf(),
-        what: key.into(),
-    })
+    parse_stat(&s, key).ok_or_else(|| CgroupError::Parse { path: path.to_path_buf(), what: key.into() })
 }
 
 pub(crate) fn parse_stat(s: &str, key: &str) -> Option<u64> {
     s.lines().find_map(|l| {
         let mut f = l.split_whitespace();
-        (f.next() == Some(key))
-            .then(|| f.next()?.parse().ok())
-            .flatten()
+        (f.next() == Some(key)).then(|| f.next()?.parse().ok()).flatten()
     })
 }
 

@@ -42,10 +42,7 @@ pub enum ConfigError {
 }
 
 fn field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Field {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    ConfigError::Field { field: field.into(), reason: reason.into() }
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
@@ -132,10 +129,7 @@ fn default_socket() -> PathBuf {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let cfg = Config::parse(&text)?;
         cfg.check_host()?;
         Ok(cfg)
@@ -150,20 +144,10 @@ impl Config {
 
     fn check(&self) -> Result<(), ConfigError> {
         if !(MIN_TICK_MS..=MAX_TICK_MS).contains(&self.tick_ms) {
-            return Err(field(
-                "tick_ms",
-                format!("{} is outside {MIN_TICK_MS}..={MAX_TICK_MS}", self.tick_ms),
-            ));
+            return Err(field("tick_ms", format!("{} is outside {MIN_TICK_MS}..={MAX_TICK_MS}", self.tick_ms)));
         }
         if !self.pin_dir.is_absolute() || !self.pin_dir.starts_with(crate::tracefs::BPFFS) {
-            return Err(field(
-                "pin_dir",
-                format!(
-                    "{} is not under {}",
-                    self.pin_dir.display(),
-                    crate::tracefs::BPFFS
-                ),
-            ));
+            return Err(field("pin_dir", format!("{} is not under {}", self.pin_dir.display(), crate::tracefs::BPFFS)));
         }
         if !self.socket.is_absolute() {
             return Err(field("socket", "must be an absolute path"));
@@ -178,52 +162,29 @@ impl Config {
             let at = |f: &str| format!("vm[{i}].{f}");
             let ok_char = |c: char| c.is_ascii_alphanumeric() || "_.-".contains(c);
             if vm.name.is_empty() || vm.name.len() > 64 || !vm.name.chars().all(ok_char) {
-                return Err(field(
-                    at("name"),
-                    format!("{:?} must be 1-64 of [A-Za-z0-9_.-]", vm.name),
-                ));
+                return Err(field(at("name"), format!("{:?} must be 1-64 of [A-Za-z0-9_.-]", vm.name)));
             }
             if !names.insert(vm.name.as_str()) {
-                return Err(field(
-                    at("name"),
-                    format!("{:?} is used by another vm", vm.name),
-                ));
+                return Err(field(at("name"), format!("{:?} is used by another vm", vm.name)));
             }
             let rel = Path::new(&vm.cgroup);
-            let rel_ok = !vm.cgroup.is_empty()
-                && rel
-                    .components()
-                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+            let rel_ok =
+                !vm.cgroup.is_empty() && rel.components().all(|c| matches!(c, std::path::Component::Normal(_)));
             if !rel_ok {
                 return Err(field(
                     at("cgroup"),
-                    format!(
-                        "{:?} must be a relative path without '.' or '..'",
-                        vm.cgroup
-                    ),
+                    format!("{:?} must be a relative path without '.' or '..'", vm.cgroup),
                 ));
             }
             if !cgroups.insert(vm.cgroup.as_str()) {
-                return Err(field(
-                    at("cgroup"),
-                    format!("{:?} belongs to another vm", vm.cgroup),
-                ));
+                return Err(field(at("cgroup"), format!("{:?} belongs to another vm", vm.cgroup)));
             }
             for (j, ifname) in vm.interfaces.iter().enumerate() {
-                if ifname.is_empty()
-                    || ifname.len() >= libc::IF_NAMESIZE
-                    || ifname.contains(['/', ' '])
-                {
-                    return Err(field(
-                        at(&format!("interfaces[{j}]")),
-                        format!("{ifname:?} is not an interface name"),
-                    ));
+                if ifname.is_empty() || ifname.len() >= libc::IF_NAMESIZE || ifname.contains(['/', ' ']) {
+                    return Err(field(at(&format!("interfaces[{j}]")), format!("{ifname:?} is not an interface name")));
                 }
                 if !ifaces.insert(ifname.as_str()) {
-                    return Err(field(
-                        at(&format!("interfaces[{j}]")),
-                        format!("{ifname:?} belongs to another vm"),
-                    ));
+                    return Err(field(at(&format!("interfaces[{j}]")), format!("{ifname:?} belongs to another vm")));
                 }
             }
         }
@@ -234,16 +195,10 @@ impl Config {
     pub fn check_host(&self) -> Result<(), ConfigError> {
         let layout = Layout::detect().map_err(|e| field("cgroup", e.to_string()))?;
         for (i, vm) in self.vms.iter().enumerate() {
-            layout
-                .open(&vm.cgroup)
-                .map_err(|e| field(format!("vm[{i}].cgroup"), e.to_string()))?;
+            layout.open(&vm.cgroup).map_err(|e| field(format!("vm[{i}].cgroup"), e.to_string()))?;
             for (j, ifname) in vm.interfaces.iter().enumerate() {
-                crate::netdev::ifindex(ifname).map_err(|e| {
-                    field(
-                        format!("vm[{i}].interfaces[{j}]"),
-                        format!("{ifname:?}: {e}"),
-                    )
-                })?;
+                crate::netdev::ifindex(ifname)
+                    .map_err(|e| field(format!("vm[{i}].interfaces[{j}]"), format!("{ifname:?}: {e}")))?;
             }
         }
         Ok(())
@@ -255,9 +210,7 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Config::parse(text)
-            .expect_err("must be refused")
-            .to_string()
+        Config::parse(text).expect_err("must be refused").to_string()
     }
 
     #[test]
@@ -297,13 +250,8 @@ mod tests {
 
     #[test]
     fn host_check_names_missing_things() {
-        let c =
-            Config::parse("[[vm]]\nname = \"a\"\ncgroup = \"no-such-cgroup-xyz\"").expect("parses");
-        assert!(c
-            .check_host()
-            .expect_err("missing cgroup")
-            .to_string()
-            .contains("vm[0].cgroup"));
+        let c = Config::parse("[[vm]]\nname = \"a\"\ncgroup = \"no-such-cgroup-xyz\"").expect("parses");
+        assert!(c.check_host().expect_err("missing cgroup").to_string().contains("vm[0].cgroup"));
         let c = Config::parse("[[vm]]\nname = \"a\"\ncgroup = \".\"").err();
         assert!(c.is_some());
     }

@@ -26,11 +26,7 @@ pub struct Demo {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let st = Command::new("ip")
-        .args(args)
-        .stderr(Stdio::inherit())
-        .status()
-        .context("run ip")?;
+    let st = Command::new("ip").args(args).stderr(Stdio::inherit()).status().context("run ip")?;
     if !st.success() {
         bail!("ip {} failed", args.join(" "));
     }
@@ -55,11 +51,7 @@ impl Demo {
         d.links.push(bridge.clone());
         ip(&["link", "set", &bridge, "up"])?;
 
-        let vms = [
-            ("web", Role::User, true),
-            ("batch", Role::User, true),
-            ("mc-log", Role::Mc, false),
-        ];
+        let vms = [("web", Role::User, true), ("batch", Role::User, true), ("mc-log", Role::Mc, false)];
         for (i, (name, role, with_net)) in vms.iter().enumerate() {
             let cg = layout.create(&format!("governor-demo-{tag}/{name}"))?;
             let mut interfaces = Vec::new();
@@ -73,15 +65,7 @@ impl Demo {
                 d.links.push(host.clone());
                 ip(&["link", "set", &peer, "netns", &ns])?;
                 ip(&["link", "set", &host, "master", &bridge, "up"])?;
-                ip(&[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("198.18.0.{}/24", i + 1),
-                    "dev",
-                    &peer,
-                ])?;
+                ip(&["-n", &ns, "addr", "add", &format!("198.18.0.{}/24", i + 1), "dev", &peer])?;
                 ip(&["-n", &ns, "link", "set", &peer, "up"])?;
                 ip(&["-n", &ns, "link", "set", "lo", "up"])?;
                 interfaces.push(host);
@@ -102,16 +86,8 @@ impl Demo {
         d.spawn(0, Some(&web_ns), "iperf3 -s -B 198.18.0.1 -p 5201")?;
         std::thread::sleep(std::time::Duration::from_millis(300));
         d.spawn(1, None, "stress-ng --cpu 2 --quiet")?;
-        d.spawn(
-            1,
-            Some(&batch_ns),
-            "iperf3 -c 198.18.0.1 -p 5201 -b 200M -t 86400",
-        )?;
-        d.spawn(
-            2,
-            None,
-            "stress-ng --vm 1 --vm-bytes 64M --vm-keep --vm-hang 1 --cpu 1 --cpu-load 5 --quiet",
-        )?;
+        d.spawn(1, Some(&batch_ns), "iperf3 -c 198.18.0.1 -p 5201 -b 200M -t 86400")?;
+        d.spawn(2, None, "stress-ng --vm 1 --vm-bytes 64M --vm-keep --vm-hang 1 --cpu 1 --cpu-load 5 --quiet")?;
         d.config.check_host()?;
         Ok(d)
     }
@@ -131,11 +107,7 @@ impl Demo {
         script.push_str(cmd);
         let mut c = Command::new("sh");
         c.args(["-c", &script]);
-        let child = c
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("start {cmd}"))?;
+        let child = c.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().with_context(|| format!("start {cmd}"))?;
         self.children.push(child);
         Ok(())
     }
@@ -161,11 +133,7 @@ impl Drop for Demo {
         for cg in &self.cgroups {
             let _ = cg.remove();
         }
-        if let Some(parent) = self
-            .cgroups
-            .first()
-            .and_then(|c| c.rel().parent().map(|p| p.to_path_buf()))
-        {
+        if let Some(parent) = self.cgroups.first().and_then(|c| c.rel().parent().map(|p| p.to_path_buf())) {
             if let Ok(l) = Layout::detect() {
                 if let Ok(p) = l.open(&parent.to_string_lossy()) {
                     let _ = p.remove();
@@ -176,10 +144,7 @@ impl Drop for Demo {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for l in &self.links {
-            let _ = Command::new("ip")
-                .args(["link", "del", l])
-                .stderr(Stdio::null())
-                .status();
+            let _ = Command::new("ip").args(["link", "del", l]).stderr(Stdio::null()).status();
         }
     }
 }

@@ -13,8 +13,8 @@ use thiserror::Error;
 use crate::cgroup::{Cgroup, CgroupError, Layout};
 use crate::config::{Config, VmConfig};
 use crate::qos::{tokens_bytes, Direction, Limit, Mode};
-use crate::shape::{ShapeError, Shaper};
 use crate::sampler::{rates, Sample, VmStatus};
+use crate::shape::{ShapeError, Shaper};
 use crate::telemetry::{Telemetry, TelemetryError};
 
 #[derive(Debug, Error)]
@@ -111,10 +111,7 @@ impl Governor {
     /// Load the programs and register every VM of the config. Either all of
     /// it is in place or, on error, nothing stays attached or pinned.
     pub fn new(cfg: &Config) -> Result<Governor, GovernorError> {
-        let layout = Layout::detect().map_err(|source| GovernorError::Cgroup {
-            vm: "*".into(),
-            source,
-        })?;
+        let layout = Layout::detect().map_err(|source| GovernorError::Cgroup { vm: "*".into(), source })?;
         let telemetry = Telemetry::load(&cfg.pin_dir)?;
         let mut g = Governor {
             telemetry,
@@ -144,10 +141,7 @@ impl Governor {
     }
 
     fn add_vm(&mut self, layout: &Layout, cfg: &VmConfig) -> Result<(), GovernorError> {
-        let cg_err = |source| GovernorError::Cgroup {
-            vm: cfg.name.clone(),
-            source,
-        };
+        let cg_err = |source| GovernorError::Cgroup { vm: cfg.name.clone(), source };
         let cgroup = layout.open(&cfg.cgroup).map_err(cg_err)?;
         let id = cgroup.id().map_err(cg_err)?;
         let slot = self.vms.len() as u32;
@@ -179,10 +173,7 @@ impl Governor {
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
         let mut out = Vec::with_capacity(self.vms.len());
         for vm in &mut self.vms {
-            let cg_err = |source| GovernorError::Cgroup {
-                vm: vm.cfg.name.clone(),
-                source,
-            };
+            let cg_err = |source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source };
             // The subtree can change (a VMM moving vCPU threads into child
             // cgroups); a VM whose cgroup vanished keeps its last ids.
             if let Ok(ids) = vm.cgroup.subtree_ids() {
@@ -198,27 +189,14 @@ impl Governor {
                 net.tx_packets += n.tx_packets;
             }
             let memory = vm.cgroup.memory().map_err(cg_err)?;
-            let cur = Sample {
-                at: Instant::now(),
-                cpu,
-                net,
-                memory,
-            };
+            let cur = Sample { at: Instant::now(), cpu, net, memory };
             let prev = vm.prev.as_ref().unwrap_or(&cur);
             out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
             vm.prev = Some(cur);
         }
         for ev in self.telemetry.drain_oom() {
-            let end = ev
-                .comm
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(ev.comm.len());
-            let vm = self
-                .vms
-                .iter()
-                .find(|v| v.subtree.contains(&ev.cgroup_id))
-                .map(|v| v.cfg.name.clone());
+            let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+            let vm = self.vms.iter().find(|v| v.subtree.contains(&ev.cgroup_id)).map(|v| v.cfg.name.clone());
             tracing::warn!(pid = ev.pid, vm = ?vm, "OOM kill");
             if self.ooms.len() == OOM_LOG {
                 self.ooms.pop_front();
@@ -344,8 +322,7 @@ impl Governor {
         let vm = self.vms[i].cfg.name.clone();
         let minor = (self.vms[i].slot + 1) as u16;
         let burst = u32::try_from(limit.burst_bytes).unwrap_or(u32::MAX);
-        let shape_err =
-            |source: ShapeError| GovernorError::Shape { vm: vm.clone(), direction: dir.as_str(), source };
+        let shape_err = |source: ShapeError| GovernorError::Shape { vm: vm.clone(), direction: dir.as_str(), source };
         if self.shaper.is_none() {
             self.shaper = Some(Shaper::new().map_err(&shape_err)?);
         }

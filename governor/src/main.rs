@@ -91,9 +91,7 @@ fn direction(s: &str) -> Result<governor::qos::Direction> {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
@@ -112,15 +110,9 @@ fn main() -> Result<()> {
                 demo.config.vms.len(),
                 demo.config.socket.display()
             );
-            let r = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(governor::daemon::run(
-                    demo.config.clone(),
-                    true,
-                    seconds.map(std::time::Duration::from_secs),
-                ));
+            let r = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(
+                governor::daemon::run(demo.config.clone(), true, seconds.map(std::time::Duration::from_secs)),
+            );
             drop(demo);
             r
         }
@@ -172,22 +164,14 @@ fn main() -> Result<()> {
         Cmd::Status { socket, json } => {
             let resp = api::call(&socket, &Request::Status)?;
             let Some(status) = resp.status.filter(|_| resp.ok) else {
-                bail!(
-                    "governor: {}",
-                    resp.error.unwrap_or_else(|| "no status".into())
-                );
+                bail!("governor: {}", resp.error.unwrap_or_else(|| "no status".into()));
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", governor::sampler::table(&status.vms));
                 for o in &status.ooms {
-                    println!(
-                        "OOM kill: pid {} ({}) in {}",
-                        o.pid,
-                        o.comm,
-                        o.vm.as_deref().unwrap_or("?")
-                    );
+                    println!("OOM kill: pid {} ({}) in {}", o.pid, o.comm, o.vm.as_deref().unwrap_or("?"));
                 }
             }
             Ok(())

@@ -9,13 +9,9 @@ use std::path::Path;
 /// The ifindex of an interface in this network namespace.
 pub fn ifindex(name: &str) -> io::Result<u32> {
     if name.is_empty() || name.len() >= libc::IF_NAMESIZE || name.contains('/') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a valid interface name",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a valid interface name"));
     }
-    let c = CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    let c = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
     // SAFETY: valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
@@ -37,9 +33,7 @@ pub fn stats(name: &str) -> io::Result<IfStats> {
     let dir = Path::new("/sys/class/net").join(name).join("statistics");
     let read = |f: &str| -> io::Result<u64> {
         let s = fs::read_to_string(dir.join(f))?;
-        s.trim()
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{f}: {s:?}")))
+        s.trim().parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{f}: {s:?}")))
     };
     Ok(IfStats {
         rx_bytes: read("rx_bytes")?,

@@ -172,10 +172,10 @@ impl Limit {
         let burst_ns = (self.burst_bytes as u128 * NS / rate as u128) as u64;
         let tokens_ns = match prev {
             Some(p) if p.mode == QOS_POLICE && p.rate_bytes_per_s != 0 => {
-                let bytes = p.tokens_ns as u128 * p.rate_bytes_per_s as u128 / NS;
-                ((bytes * NS / rate as u128) as u64).min(burst_ns)
+                let bytes = p.tokens_ns as i128 * p.rate_bytes_per_s as i128 / NS as i128;
+                ((bytes * NS as i128 / rate as i128) as i64).min(burst_ns as i64)
             }
-            _ => burst_ns,
+            _ => burst_ns as i64,
         };
         let (pkt_cost_ns, pkt_burst_ns) = match self.packet_rate {
             // The packet bucket holds as many packets as a byte burst of
@@ -195,7 +195,7 @@ impl Limit {
             last_ns: now_ns,
             pkt_cost_ns,
             pkt_burst_ns,
-            pkt_tokens_ns: pkt_burst_ns,
+            pkt_tokens_ns: pkt_burst_ns as i64,
             ..Policer::default()
         }
     }
@@ -203,7 +203,7 @@ impl Limit {
 
 /// Tokens left in a policer, in bytes.
 pub fn tokens_bytes(p: &Policer) -> u64 {
-    (p.tokens_ns as u128 * p.rate_bytes_per_s as u128 / NS) as u64
+    (p.tokens_ns.max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
 }
 
 #[cfg(test)]
@@ -250,7 +250,7 @@ mod tests {
         let p = l.policer(None, 5);
         assert_eq!(p.rate_bytes_per_s, 1_000_000);
         assert_eq!(p.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
-        assert_eq!(p.tokens_ns, p.burst_ns, "a new bucket starts full");
+        assert_eq!(p.tokens_ns, p.burst_ns as i64, "a new bucket starts full");
         assert_eq!(tokens_bytes(&p), 102_400);
         // Halve the rate with 50 KB left: still 50 KB, now worth twice the time.
         let half = Policer { tokens_ns: 51_200_000, ..p };

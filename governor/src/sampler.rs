@@ -106,11 +106,7 @@ pub fn percentile(hist: &[u64; DELAY_BUCKETS], q: f64) -> Option<f64> {
         }
         let next = seen + n as f64;
         if next >= rank {
-            let (lo, hi) = if i == 0 {
-                (0.0, 2.0)
-            } else {
-                ((1u64 << i) as f64, (1u64 << (i + 1)) as f64)
-            };
+            let (lo, hi) = if i == 0 { (0.0, 2.0) } else { ((1u64 << i) as f64, (1u64 << (i + 1)) as f64) };
             let frac = ((rank - seen) / n as f64).clamp(0.0, 1.0);
             return Some(lo + frac * (hi - lo));
         }
@@ -151,22 +147,9 @@ fn human(v: f64, unit: &str) -> String {
 pub fn table(vms: &[VmStatus]) -> String {
     let mut out = format!(
         "{:<14} {:<4} {:>7} {:>10} {:>10} {:>11} {:>9} {:>13} {:>13} {:>9} {:>9}\n",
-        "VM",
-        "ROLE",
-        "CPU%",
-        "RQ p50",
-        "RQ p99",
-        "WORKSET",
-        "FAULT/s",
-        "RX",
-        "TX",
-        "RX pkt/s",
-        "TX pkt/s"
+        "VM", "ROLE", "CPU%", "RQ p50", "RQ p99", "WORKSET", "FAULT/s", "RX", "TX", "RX pkt/s", "TX pkt/s"
     );
-    let us = |v: Option<f64>| {
-        v.map(|v| format!("{v:.0} µs"))
-            .unwrap_or_else(|| "-".into())
-    };
+    let us = |v: Option<f64>| v.map(|v| format!("{v:.0} µs")).unwrap_or_else(|| "-".into());
     for v in vms {
         out.push_str(&format!(
             "{:<14} {:<4} {:>7.1} {:>10} {:>10} {:>11} {:>9.0} {:>13} {:>13} {:>9.0} {:>9.0}\n",
@@ -175,9 +158,7 @@ pub fn table(vms: &[VmStatus]) -> String {
             v.cpu_percent,
             us(v.runq_delay_p50_us),
             us(v.runq_delay_p99_us),
-            v.memory_working_set_bytes
-                .map(bytes)
-                .unwrap_or_else(|| "-".into()),
+            v.memory_working_set_bytes.map(bytes).unwrap_or_else(|| "-".into()),
             v.page_faults_per_s,
             bits(v.rx_bits_per_s),
             bits(v.tx_bits_per_s),
@@ -196,15 +177,8 @@ mod tests {
     fn sample(at: Instant, on_cpu_ns: u64, tx_bytes: u64) -> Sample {
         Sample {
             at,
-            cpu: CgroupStats {
-                on_cpu_ns,
-                ..Default::default()
-            },
-            net: NetStats {
-                tx_bytes,
-                tx_packets: tx_bytes / 1000,
-                ..Default::default()
-            },
+            cpu: CgroupStats { on_cpu_ns, ..Default::default() },
+            net: NetStats { tx_bytes, tx_packets: tx_bytes / 1000, ..Default::default() },
             memory: None,
         }
     }
@@ -246,11 +220,7 @@ mod tests {
 
     #[test]
     fn table_has_a_row_per_vm() {
-        let t = table(&[VmStatus {
-            name: "a".into(),
-            role: "user".into(),
-            ..Default::default()
-        }]);
+        let t = table(&[VmStatus { name: "a".into(), role: "user".into(), ..Default::default() }]);
         assert_eq!(t.lines().count(), 2);
         assert!(t.lines().nth(1).expect("row").starts_with("a "));
     }

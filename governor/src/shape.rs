@@ -34,7 +34,15 @@ const TCA_OPTIONS: u16 = 2;
 const TCA_HTB_PARMS: u16 = 1;
 const TCA_HTB_INIT: u16 = 2;
 const TCA_HTB_RATE64: u16 = 6;
+const TCA_HTB_DIRECT_QLEN: u16 = 5;
 const TCA_HTB_CEIL64: u16 = 7;
+/// Packets HTB's direct (unshaped) queue holds. Without the attribute the
+/// kernel uses the device's tx_queue_len: 1000 on veth but 32 on an IFB,
+/// where unclassified bursts would then be dropped instead of passed.
+pub const DIRECT_QLEN: u32 = 1000;
+/// How long a request may wait for its ACK before it is reported as an I/O
+/// error (rtnl_lock can be held for a while, but never this long in health).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// `TC_HTB_PROTOVER`: htb_init rejects any other `tc_htb_glob.version`.
 const HTB_PROTOVER: u32 = 3;
@@ -397,6 +405,7 @@ impl Shaper {
         // Both are best-effort: old kernels lack them and work without.
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_cap_ack(true);
+        set_rcv_timeout(&socket, REPLY_TIMEOUT).map_err(ShapeError::Socket)?;
         Ok(Shaper { socket, seq: 0, clock, buf: Vec::with_capacity(64 * 1024) })
     }
 
@@ -439,7 +448,9 @@ impl Shaper {
             Err(ShapeError::NotFound { .. }) => {}
             Err(e) => return Err(e),
         }
-        let options = nla(TCA_OPTIONS, &nla(TCA_HTB_INIT, &htb_glob_bytes(u32::from(defcls))));
+        let mut inner = nla(TCA_HTB_INIT, &htb_glob_bytes(u32::from(defcls)));
+        inner.extend(nla(TCA_HTB_DIRECT_QLEN, &DIRECT_QLEN.to_ne_bytes()));
+        let options = nla(TCA_OPTIONS, &inner);
         self.request(
             op,
             ifindex,
@@ -613,6 +624,12 @@ impl Shaper {
                 match self.socket.recv(&mut self.buf, 0) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(io_err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no reply from the kernel within {REPLY_TIMEOUT:?}"),
+                        )))
+                    }
                     Err(e) => return Err(io_err(e)),
                 }
             };
@@ -650,6 +667,29 @@ impl Shaper {
                 }
             }
         }
+    }
+}
+
+fn set_rcv_timeout(socket: &Socket, t: std::time::Duration) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(t.subsec_micros() as i32),
+    };
+    // SAFETY: a valid socket fd and a timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -799,6 +839,13 @@ mod tests {
         assert_eq!(read_u32(&b, 4), 3, "tcm_ifindex");
         assert_eq!(&b[20..28], &[8, 0, 1, 0, b'h', b't', b'b', 0]);
         assert_eq!(&b[28..36], &[8, 0, 2, 0, 9, 9, 9, 9]);
+    }
+
+    #[test]
+    fn shaper_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Shaper>();
+        send::<ShapeError>();
     }
 
     #[test]

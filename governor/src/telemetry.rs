@@ -62,26 +62,16 @@ pub enum TelemetryError {
     #[error("kernel BTF: {0}")]
     Btf(#[from] crate::btf::BtfError),
     #[error("raw tracepoint {tp} passes {got} arguments, the program expects {want} (unsupported kernel)")]
-    RawTracepoint {
-        tp: &'static str,
-        got: u32,
-        want: u32,
-    },
+    RawTracepoint { tp: &'static str, got: u32, want: u32 },
 }
 
 /// Raw tracepoints (hot scheduler events) and the number of arguments the
 /// programs expect each to pass.
-const RAW_TRACEPOINTS: &[(&str, u32)] = &[
-    ("sched_switch", 4),
-    ("sched_wakeup", 1),
-    ("sched_wakeup_new", 1),
-];
+const RAW_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4), ("sched_wakeup", 1), ("sched_wakeup_new", 1)];
 
 /// Classic tracepoints (rare events).
-const TRACEPOINTS: &[(&str, &str, &str)] = &[
-    ("page_fault_user", "exceptions", "page_fault_user"),
-    ("mark_victim", "oom", "mark_victim"),
-];
+const TRACEPOINTS: &[(&str, &str, &str)] =
+    &[("page_fault_user", "exceptions", "page_fault_user"), ("mark_victim", "oom", "mark_victim")];
 
 /// (global in the object, tracepoint, field)
 const OFFSETS: &[(&str, &str, &str)] = &[
@@ -126,11 +116,7 @@ impl Telemetry {
         for (tp, want) in RAW_TRACEPOINTS {
             let got = btf.raw_tracepoint_args(tp)?;
             if got != *want {
-                return Err(TelemetryError::RawTracepoint {
-                    tp,
-                    got,
-                    want: *want,
-                });
+                return Err(TelemetryError::RawTracepoint { tp, got, want: *want });
             }
         }
         let task_pid = btf.member_offset("task_struct", "pid")?;
@@ -153,13 +139,7 @@ impl Telemetry {
             path: pin_dir.to_path_buf(),
             source,
         })?;
-        for name in [
-            maps::CGROUPS,
-            maps::NET,
-            maps::WAKEUPS,
-            maps::CPU_STATE,
-            maps::OOM_EVENTS,
-        ] {
+        for name in [maps::CGROUPS, maps::NET, maps::WAKEUPS, maps::CPU_STATE, maps::OOM_EVENTS] {
             let path = pin_dir.join(name);
             ebpf.map(name)
                 .ok_or(TelemetryError::Missing(name))?
@@ -173,13 +153,10 @@ impl Telemetry {
                 .ok_or(TelemetryError::Missing(tp))?
                 .try_into()
                 .map_err(|source| TelemetryError::Program { name: tp, source })?;
-            p.load()
-                .map_err(|source| TelemetryError::Program { name: tp, source })?;
-            p.attach(tp)
-                .map_err(|source| TelemetryError::Program { name: tp, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name: tp, source })?;
+            p.attach(tp).map_err(|source| TelemetryError::Program { name: tp, source })?;
             let path = pin_dir.join(format!("prog_{tp}"));
-            p.pin(&path)
-                .map_err(|source| TelemetryError::Pin { path, source })?;
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
         }
         for (prog, category, event) in TRACEPOINTS {
             let p: &mut TracePoint = ebpf
@@ -187,13 +164,10 @@ impl Telemetry {
                 .ok_or(TelemetryError::Missing(prog))?
                 .try_into()
                 .map_err(|source| TelemetryError::Program { name: prog, source })?;
-            p.load()
-                .map_err(|source| TelemetryError::Program { name: prog, source })?;
-            p.attach(category, event)
-                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name: prog, source })?;
+            p.attach(category, event).map_err(|source| TelemetryError::Program { name: prog, source })?;
             let path = pin_dir.join(format!("prog_{prog}"));
-            p.pin(&path)
-                .map_err(|source| TelemetryError::Pin { path, source })?;
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
         }
         for prog in ["tc_ingress", "tc_egress"] {
             let p: &mut SchedClassifier = ebpf
@@ -201,35 +175,18 @@ impl Telemetry {
                 .ok_or(TelemetryError::Missing(prog))?
                 .try_into()
                 .map_err(|source| TelemetryError::Program { name: prog, source })?;
-            p.load()
-                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name: prog, source })?;
             let path = pin_dir.join(format!("prog_{prog}"));
-            p.pin(&path)
-                .map_err(|source| TelemetryError::Pin { path, source })?;
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
         }
 
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name).ok_or(TelemetryError::Missing(name))
-        };
-        let cgroups =
-            PerCpuHashMap::try_from(take(&mut ebpf, maps::CGROUPS)?).map_err(|source| {
-                TelemetryError::Map {
-                    name: maps::CGROUPS,
-                    source,
-                }
-            })?;
-        let net = PerCpuHashMap::try_from(take(&mut ebpf, maps::NET)?).map_err(|source| {
-            TelemetryError::Map {
-                name: maps::NET,
-                source,
-            }
-        })?;
-        let oom = RingBuf::try_from(take(&mut ebpf, maps::OOM_EVENTS)?).map_err(|source| {
-            TelemetryError::Map {
-                name: maps::OOM_EVENTS,
-                source,
-            }
-        })?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(TelemetryError::Missing(name));
+        let cgroups = PerCpuHashMap::try_from(take(&mut ebpf, maps::CGROUPS)?)
+            .map_err(|source| TelemetryError::Map { name: maps::CGROUPS, source })?;
+        let net = PerCpuHashMap::try_from(take(&mut ebpf, maps::NET)?)
+            .map_err(|source| TelemetryError::Map { name: maps::NET, source })?;
+        let oom = RingBuf::try_from(take(&mut ebpf, maps::OOM_EVENTS)?)
+            .map_err(|source| TelemetryError::Map { name: maps::OOM_EVENTS, source })?;
         let qos = Array::try_from(take(&mut ebpf, maps::QOS)?)
             .map_err(|source| TelemetryError::Map { name: maps::QOS, source })?;
         let qos_stats = PerCpuArray::try_from(take(&mut ebpf, maps::QOS_STATS)?)
@@ -260,25 +217,17 @@ impl Telemetry {
         if let Some(a) = self.interfaces.get(name) {
             return Ok(a.ifindex);
         }
-        let ifindex = crate::netdev::ifindex(name).map_err(|e| TelemetryError::Interface {
-            name: name.into(),
-            reason: e.to_string(),
-        })?;
+        let ifindex = crate::netdev::ifindex(name)
+            .map_err(|e| TelemetryError::Interface { name: name.into(), reason: e.to_string() })?;
         // EEXIST when the qdisc is already there is fine.
         if let Err(e) = tc::qdisc_add_clsact(name) {
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
             if !exists {
-                return Err(TelemetryError::Interface {
-                    name: name.into(),
-                    reason: format!("add clsact: {e}"),
-                });
+                return Err(TelemetryError::Interface { name: name.into(), reason: format!("add clsact: {e}") });
             }
         }
         let mut ids = Vec::with_capacity(2);
-        for (prog, dir) in [
-            ("tc_ingress", TcAttachType::Ingress),
-            ("tc_egress", TcAttachType::Egress),
-        ] {
+        for (prog, dir) in [("tc_ingress", TcAttachType::Ingress), ("tc_egress", TcAttachType::Egress)] {
             let _ = tc::qdisc_detach_program(name, dir, prog);
             let p: &mut SchedClassifier = self
                 .ebpf
@@ -288,22 +237,12 @@ impl Telemetry {
                 .map_err(|source| TelemetryError::Program { name: prog, source })?;
             let id = p
                 .attach_with_options(name, dir, TcAttachOptions::Netlink(NlOptions::default()))
-                .map_err(|e| TelemetryError::Interface {
-                    name: name.into(),
-                    reason: format!("attach {prog}: {e}"),
-                })?;
+                .map_err(|e| TelemetryError::Interface { name: name.into(), reason: format!("attach {prog}: {e}") })?;
             ids.push(id);
         }
         let egress = ids.pop().ok_or(TelemetryError::Missing("egress link"))?;
         let ingress = ids.pop().ok_or(TelemetryError::Missing("ingress link"))?;
-        self.interfaces.insert(
-            name.to_string(),
-            Attached {
-                ifindex,
-                ingress,
-                egress,
-            },
-        );
+        self.interfaces.insert(name.to_string(), Attached { ifindex, ingress, egress });
         Ok(ifindex)
     }
 
@@ -325,10 +264,7 @@ impl Telemetry {
         match self.cgroups.get(&id, 0) {
             Ok(per_cpu) => Ok(sum_cgroup(per_cpu.iter())),
             Err(aya::maps::MapError::KeyNotFound) => Ok(CgroupStats::default()),
-            Err(source) => Err(TelemetryError::Map {
-                name: maps::CGROUPS,
-                source,
-            }),
+            Err(source) => Err(TelemetryError::Map { name: maps::CGROUPS, source }),
         }
     }
 
@@ -351,10 +287,7 @@ impl Telemetry {
                 tx_packets: a.tx_packets + v.tx_packets,
             })),
             Err(aya::maps::MapError::KeyNotFound) => Ok(NetStats::default()),
-            Err(source) => Err(TelemetryError::Map {
-                name: maps::NET,
-                source,
-            }),
+            Err(source) => Err(TelemetryError::Map { name: maps::NET, source }),
         }
     }
 
@@ -366,9 +299,7 @@ impl Telemetry {
                 reason: format!("more than {MAX_QOS_VMS} VMs with QoS slots"),
             });
         }
-        self.vm_of_if
-            .insert(ifindex, slot, 0)
-            .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })
+        self.vm_of_if.insert(ifindex, slot, 0).map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })
     }
 
     pub fn clear_vm_of_interface(&mut self, ifindex: u32) {

@@ -27,11 +27,7 @@ pub enum TracefsError {
         source: io::Error,
     },
     #[error("tracepoint {event} has no field {field} (format: {path})")]
-    NoField {
-        event: String,
-        field: String,
-        path: PathBuf,
-    },
+    NoField { event: String, field: String, path: PathBuf },
 }
 
 fn mounted(target: &str, fstype: &str) -> bool {
@@ -49,24 +45,12 @@ fn mount(fstype: &'static str, target: &'static str) -> Result<(), TracefsError>
     if mounted(target, fstype) {
         return Ok(());
     }
-    let err = |source| TracefsError::Mount {
-        fstype,
-        target,
-        source,
-    };
+    let err = |source| TracefsError::Mount { fstype, target, source };
     fs::create_dir_all(target).map_err(err)?;
     let src = CString::new(fstype).map_err(|e| err(io::Error::other(e)))?;
     let tgt = CString::new(target).map_err(|e| err(io::Error::other(e)))?;
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(err(io::Error::last_os_error()));
     }
@@ -83,15 +67,8 @@ pub fn ensure_mounts() -> Result<(), TracefsError> {
 /// ("category/name"), from its tracefs `format` file.
 pub fn field_offset(event: &str, field: &str) -> Result<u32, TracefsError> {
     let path = Path::new(TRACEFS).join("events").join(event).join("format");
-    let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    parse_offset(&text, field).ok_or(TracefsError::NoField {
-        event: event.into(),
-        field: field.into(),
-        path,
-    })
+    let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+    parse_offset(&text, field).ok_or(TracefsError::NoField { event: event.into(), field: field.into(), path })
 }
 
 /// A format line looks like
