@@ -13,17 +13,16 @@ use governor::cgroup::{Cgroup, Layout};
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests load BPF programs and create cgroups and namespaces: run them as root (cargo xtask test)");
+    assert_eq!(
+        euid, 0,
+        "these tests load BPF programs and create cgroups and namespaces: run them as root (cargo xtask test)"
+    );
 }
 
 pub fn require_tool(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is not installed: run `cargo xtask setup` (cargo xtask test does)"
-    );
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists())).unwrap_or(false);
+    assert!(found, "{tool} is not installed: run `cargo xtask setup` (cargo xtask test does)");
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -40,9 +39,7 @@ pub fn unique(prefix: &str) -> String {
 
 /// Run a command to completion; panic with its output if it fails.
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -64,9 +61,7 @@ pub struct TestCgroup {
 impl TestCgroup {
     pub fn new(tag: &str) -> TestCgroup {
         let layout = Layout::detect().expect("cgroup2 must be mounted");
-        let cg = layout
-            .create(&format!("governor-test/{}", unique(tag)))
-            .expect("create test cgroup");
+        let cg = layout.create(&format!("governor-test/{}", unique(tag))).expect("create test cgroup");
         TestCgroup { cg }
     }
 
@@ -98,10 +93,7 @@ impl Drop for TestCgroup {
         // Kill what is left, then remove; errors are reported, not hidden.
         for f in self.cg.procs_files() {
             if let Ok(procs) = std::fs::read_to_string(&f) {
-                for pid in procs
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
+                for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
                     // SAFETY: plain kill(2).
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
@@ -178,9 +170,7 @@ impl Default for Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -191,10 +181,7 @@ pub struct Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        let _ = Command::new("ip").args(["link", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
@@ -209,27 +196,18 @@ pub struct VmNet {
 
 impl VmNet {
     pub fn new(vms: usize) -> VmNet {
-        let bridge = Link {
-            name: unique("gbr"),
-        };
+        let bridge = Link { name: unique("gbr") };
         run(Command::new("ip").args(["link", "add", &bridge.name, "type", "bridge"]));
         run(Command::new("ip").args(["link", "set", &bridge.name, "up"]));
         let mut ports = Vec::new();
         for i in 0..vms {
             let ns = Netns::new();
-            let host = Link {
-                name: unique("gvh"),
-            };
+            let host = Link { name: unique("gvh") };
             let peer = unique("gvp");
-            run(Command::new("ip").args([
-                "link", "add", &host.name, "type", "veth", "peer", "name", &peer,
-            ]));
+            run(Command::new("ip").args(["link", "add", &host.name, "type", "veth", "peer", "name", &peer]));
             run(Command::new("ip").args(["link", "set", &peer, "netns", &ns.name]));
             run(Command::new("ip").args(["link", "set", &host.name, "master", &bridge.name, "up"]));
-            let _ = std::fs::write(
-                format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", host.name),
-                "1",
-            );
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", host.name), "1");
             let addr = format!("198.18.0.{}", i + 1);
             ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
             ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", &peer]);
@@ -253,10 +231,7 @@ pub struct PinDir(pub PathBuf);
 
 impl PinDir {
     pub fn new() -> PinDir {
-        PinDir(PathBuf::from(format!(
-            "/sys/fs/bpf/governor-test-{}",
-            unique("p")
-        )))
+        PinDir(PathBuf::from(format!("/sys/fs/bpf/governor-test-{}", unique("p"))))
     }
 }
 

@@ -10,7 +10,11 @@ use integration_tests::*;
 
 fn governor_bin() -> PathBuf {
     let p = bin_dir().join("governor");
-    assert!(p.exists(), "{} is missing: build it first (cargo xtask test does, or cargo build --release -p governor)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo xtask test does, or cargo build --release -p governor)",
+        p.display()
+    );
     p
 }
 
@@ -62,83 +66,45 @@ fn run_status_and_clean_shutdown() {
             .spawn()
             .expect("start governor"),
     ));
-    wait_for("the control socket", Duration::from_secs(10), || {
-        socket.exists()
-    });
+    wait_for("the control socket", Duration::from_secs(10), || socket.exists());
     // Some traffic through the VM's interface.
-    net.ports[0]
-        .0
-        .exec(&["ping", "-c", "5", "-i", "0.05", "-q", &net.ports[1].2]);
+    net.ports[0].0.exec(&["ping", "-c", "5", "-i", "0.05", "-q", &net.ports[1].2]);
     std::thread::sleep(Duration::from_millis(600));
 
-    let status = api::call(&socket, &Request::Status)
-        .expect("status")
-        .status
-        .expect("ok");
+    let status = api::call(&socket, &Request::Status).expect("status").status.expect("ok");
     assert_eq!(status.tick_ms, 200);
     assert!(status.tick >= 2, "ticks: {}", status.tick);
-    let vm = status
-        .vms
-        .iter()
-        .find(|v| v.name == "busy")
-        .expect("vm busy listed");
+    let vm = status.vms.iter().find(|v| v.name == "busy").expect("vm busy listed");
     assert_eq!(vm.role, "mc");
     assert_eq!(vm.cgroup_id, cg.cg.id().expect("id"));
-    assert!(
-        vm.cpu_percent > 50.0 && vm.cpu_percent < 110.0,
-        "a busy loop shows {}% CPU",
-        vm.cpu_percent
-    );
-    assert!(
-        vm.tx_bytes_total > 0 && vm.rx_bytes_total > 0,
-        "ping went both ways: {vm:?}"
-    );
+    assert!(vm.cpu_percent > 50.0 && vm.cpu_percent < 110.0, "a busy loop shows {}% CPU", vm.cpu_percent);
+    assert!(vm.tx_bytes_total > 0 && vm.rx_bytes_total > 0, "ping went both ways: {vm:?}");
     assert!(vm.memory_working_set_bytes.is_some());
 
     // The CLI prints the table.
-    let out = run(Command::new(governor_bin())
-        .args(["status", "--socket"])
-        .arg(&socket));
+    let out = run(Command::new(governor_bin()).args(["status", "--socket"]).arg(&socket));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.lines().any(|l| l.starts_with("busy ")),
-        "table:\n{table}"
-    );
+    assert!(table.lines().any(|l| l.starts_with("busy ")), "table:\n{table}");
 
     // Pinned maps carry BTF: bpftool prints field names.
-    let dump = run(Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(pins.0.join("CGROUPS")));
+    let dump = run(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pins.0.join("CGROUPS")));
     let dump = String::from_utf8_lossy(&dump.stdout);
-    assert!(
-        dump.contains("\"on_cpu_ns\"") && dump.contains("\"runq_hist\""),
-        "bpftool dump lacks field names"
-    );
+    assert!(dump.contains("\"on_cpu_ns\"") && dump.contains("\"runq_hist\""), "bpftool dump lacks field names");
 
     // SIGTERM: exits cleanly, detaches, unpins, removes its socket.
     // SAFETY: plain kill(2) on our child.
     unsafe { libc::kill(gov.child().id() as i32, libc::SIGTERM) };
-    let st = gov
-        .wait_timeout(Duration::from_secs(10))
-        .expect("governor exits on SIGTERM");
+    let st = gov.wait_timeout(Duration::from_secs(10)).expect("governor exits on SIGTERM");
     assert!(st.success(), "exit status {st}");
     assert!(!pins.0.exists(), "pins left behind in {}", pins.0.display());
     assert!(!socket.exists(), "socket left behind");
-    let filters =
-        run(Command::new("tc").args(["filter", "show", "dev", &net.ports[0].1.name, "ingress"]));
-    assert!(
-        !String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"),
-        "tc filter left attached"
-    );
+    let filters = run(Command::new("tc").args(["filter", "show", "dev", &net.ports[0].1.name, "ingress"]));
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "tc filter left attached");
 }
 
 fn refused(cfg_text: &str, field: &str) {
     let cfg = Cfg::write(cfg_text);
-    let out = Command::new(governor_bin())
-        .args(["run", "--config"])
-        .arg(&cfg.path)
-        .output()
-        .expect("run governor");
+    let out = Command::new(governor_bin()).args(["run", "--config"]).arg(&cfg.path).output().expect("run governor");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "config was accepted:\n{cfg_text}");
     assert!(err.contains(field), "error does not name {field}: {err}");
@@ -155,10 +121,7 @@ fn wrong_configs_are_refused_whole() {
     let base = format!("pin_dir = {:?}\n", pins.0);
     refused(&format!("{base}tick_ms = 10\n"), "tick_ms");
     refused(
-        &format!(
-            "{base}[[vm]]\nname = \"a\"\ncgroup = \"governor-test/none-{}\"\n",
-            std::process::id()
-        ),
+        &format!("{base}[[vm]]\nname = \"a\"\ncgroup = \"governor-test/none-{}\"\n", std::process::id()),
         "vm[0].cgroup",
     );
     // The first VM is fine, the second names an interface that does not
@@ -169,8 +132,5 @@ fn wrong_configs_are_refused_whole() {
     );
     assert!(!Path::new(&pins.0).exists(), "a refused config left pins");
     let filters = run(Command::new("tc").args(["filter", "show", "dev", "lo", "ingress"]));
-    assert!(
-        !String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"),
-        "a refused config left a filter on lo"
-    );
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "a refused config left a filter on lo");
 }
