@@ -125,6 +125,15 @@ impl Card {
         Ok(s)
     }
 
+    /// Read the registers and compute each resource's utilisation since
+    /// `prev` (an earlier snapshot of this card). Returns the new snapshot to
+    /// pass next time. This is what a placement engine samples.
+    pub fn utilisation_since(&mut self, prev: &RegisterSnapshot) -> Result<(RegisterSnapshot, abi::Utilisation)> {
+        let now = self.registers()?;
+        let u = abi::utilisation(prev, &now)?;
+        Ok((now, u))
+    }
+
     /// Read the registers and judge liveness: a link timeout means the card
     /// is silent; a heartbeat that has not moved for three periods means it
     /// is stalled; health Failed is reported as such. Call it at least once
