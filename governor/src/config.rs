@@ -106,6 +106,9 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default = "default_socket")]
     pub socket: PathBuf,
+    /// Where to serve Prometheus metrics (e.g. "127.0.0.1:9477"); none when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// IFB device created for shaping traffic from VMs.
     #[serde(default = "default_ifb")]
     pub qos_ifb: String,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{parse_request, Request, Response, Status};
 use crate::config::Config;
@@ -27,6 +27,11 @@ pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Resu
     let _socket = RemoveOnDrop(cfg.socket.clone());
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     tokio::spawn(serve(listener, tx));
+    let (metrics_tx, metrics_rx) = watch::channel(String::new());
+    if let Some(addr) = cfg.metrics_addr {
+        crate::metrics::serve(addr, metrics_rx).await?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -51,6 +56,10 @@ pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Resu
                 status.tick += 1;
                 status.vms = v.to_vec();
                 status.ooms = gov.ooms();
+                if cfg.metrics_addr.is_some() {
+                    let limits = gov.limits().unwrap_or_default();
+                    let _ = metrics_tx.send(crate::metrics::render(&status, &limits));
+                }
                 if print && status.tick > 1 {
                     println!("tick {}\n{}", status.tick, crate::sampler::table(&status.vms));
                 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod governor;
+pub mod metrics;
 pub mod netdev;
 pub mod qos;
 pub mod sampler;

@@ -53,9 +53,14 @@ fn run_status_and_clean_shutdown() {
     let pins = PinDir::new();
     let socket = std::env::temp_dir().join(format!("{}.sock", unique("gsock")));
     let rel = cg.cg.rel().to_string_lossy().into_owned();
+    let metrics_port = 30000 + (std::process::id() % 20000);
     let cfg = Cfg::write(&format!(
-        "tick_ms = 200\npin_dir = {:?}\nsocket = {:?}\n[[vm]]\nname = \"busy\"\ncgroup = {:?}\ninterfaces = [{:?}]\nrole = \"mc\"\n",
-        pins.0, socket, rel, net.ports[0].1.name
+        "tick_ms = 200\npin_dir = {:?}\nsocket = {:?}\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\nqos_ifb = {:?}\n[[vm]]\nname = \"busy\"\ncgroup = {:?}\ninterfaces = [{:?}]\nrole = \"mc\"\n[vm.qos.ingress]\nmode = \"shape\"\nrate = \"50mbit\"\nburst = \"64kb\"\n",
+        pins.0,
+        socket,
+        unique("gifb"),
+        rel,
+        net.ports[0].1.name
     ));
     let _hog = cg.spawn(&["sh", "-c", "while :; do :; done"]);
     let mut gov = Guarded(Some(
@@ -86,6 +91,60 @@ fn run_status_and_clean_shutdown() {
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.lines().any(|l| l.starts_with("busy ")), "table:\n{table}");
 
+    // Limits at run time through the CLI: set, show, clear; refusals name
+    // the field.
+    let gb = governor_bin();
+    let sock = socket.to_str().expect("utf8");
+    run(Command::new(&gb)
+        .args(["limit", "set", "--socket", sock, "--vm", "busy", "--direction", "egress"])
+        .args(["--rate", "20mbit", "--burst", "256kb"]));
+    let shown = run(Command::new(&gb).args(["limit", "show", "--socket", sock]));
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("busy") && shown.contains("egress") && shown.contains("police"), "limit show:\n{shown}");
+    assert!(shown.contains("ingress") && shown.contains("shape"), "the config's shape limit is listed:\n{shown}");
+    let bad = Command::new(&gb)
+        .args([
+            "limit",
+            "set",
+            "--socket",
+            sock,
+            "--vm",
+            "busy",
+            "--direction",
+            "egress",
+            "--rate",
+            "0",
+            "--burst",
+            "1kb",
+        ])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("limit.egress.rate"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    run(Command::new(&gb).args(["limit", "clear", "--socket", sock, "--vm", "busy", "--direction", "egress"]));
+
+    // Prometheus exposition.
+    std::thread::sleep(Duration::from_millis(400));
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", metrics_port as u16)).expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body
+    };
+    assert!(metrics.contains("governor_vm_cpu_usage_seconds_total{vm=\"busy\",role=\"mc\"}"), "metrics:\n{metrics}");
+    assert!(
+        metrics.contains(
+            "governor_vm_qos_rate_bits_per_second{vm=\"busy\",direction=\"ingress\",mode=\"shape\"} 50000000"
+        ),
+        "metrics:\n{metrics}"
+    );
+
     // Pinned maps carry BTF: bpftool prints field names.
     let dump = run(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pins.0.join("CGROUPS")));
     let dump = String::from_utf8_lossy(&dump.stdout);
@@ -100,6 +159,8 @@ fn run_status_and_clean_shutdown() {
     assert!(!socket.exists(), "socket left behind");
     let filters = run(Command::new("tc").args(["filter", "show", "dev", &net.ports[0].1.name, "ingress"]));
     assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "tc filter left attached");
+    let qdisc = run(Command::new("tc").args(["qdisc", "show", "dev", &net.ports[0].1.name]));
+    assert!(!String::from_utf8_lossy(&qdisc.stdout).contains("htb"), "HTB left after shutdown");
 }
 
 fn refused(cfg_text: &str, field: &str) {
