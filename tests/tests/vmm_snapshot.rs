@@ -171,3 +171,57 @@ fn snapshot_of_a_restored_vm_keeps_pages_it_never_touched() {
     let c = vm3.request(op::COUNTERS, 0, T).expect("counters");
     assert_eq!((c.work, c.log_seq), (20, 2));
 }
+
+#[test]
+fn diff_snapshots_from_the_dirty_log_restore_as_a_chain() {
+    require_kvm();
+    let (a, b, c) =
+        (TempPath::new("vmm-test-base.snap"), TempPath::new("vmm-test-d1.snap"), TempPath::new("vmm-test-d2.snap"));
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
+    vm.start(false).expect("start");
+    vm.wait_ready(T).expect("banner");
+    vm.pause().expect("pause");
+    assert!(matches!(vm.snapshot_diff_to(Vec::new()), Err(Error::State(_))), "a diff needs a base");
+    vm.resume().expect("resume");
+
+    vm.request(op::TOUCH, 256, T).expect("touch");
+    vm.request(op::STEP, 10, T).expect("step");
+    vm.pause().expect("pause");
+    vm.snapshot_to_file(&a.0).expect("base");
+
+    vm.resume().expect("resume");
+    vm.request(op::TOUCH, 512, T).expect("touch more");
+    vm.request(op::STEP, 10, T).expect("step");
+    vm.pause().expect("pause");
+    let d1 = vm.snapshot_diff_to_file(&b.0).expect("diff 1");
+
+    vm.resume().expect("resume");
+    let last = vm.request(op::STEP, 10, T).expect("step");
+    vm.pause().expect("pause");
+    let d2 = vm.snapshot_diff_to_file(&c.0).expect("diff 2");
+    vm.shutdown();
+
+    // Diff 1 carries the 1 MiB of newly touched pages and little else;
+    // diff 2 only the pages a step and its log record touch.
+    assert!(d1 > 1 << 20 && d1 < 3 << 20, "diff 1 is {d1} bytes");
+    assert!(d2 < 256 << 10, "diff 2 is {d2} bytes");
+    assert!(
+        matches!(Vm::restore_from_file(&b.0, Sinks::default()), Err(Error::Snapshot(_))),
+        "a diff alone is refused"
+    );
+
+    let chain = [b.0.clone(), c.0.clone()];
+    let vm2 = Vm::restore_chain_files(&a.0, &chain, Sinks::default()).expect("restore the chain");
+    vm2.resume().expect("resume");
+    let now = vm2.request(op::COUNTERS, 0, T).expect("counters");
+    assert_eq!((now.work, now.log_seq, now.steps), (last.work, last.log_seq, last.steps));
+    let sum = vm2.request(op::CHECKSUM, 512, T).expect("checksum");
+    assert_eq!(sum.value, 512 * 511 / 2, "pages touched after the base came from diff 1");
+    vm2.shutdown();
+
+    // The same chain as streams.
+    let open = |p: &std::path::Path| std::fs::File::open(p).expect("open");
+    let vm3 = Vm::restore_chain(open(&a.0), [open(&b.0), open(&c.0)], Sinks::default()).expect("chain from streams");
+    vm3.resume().expect("resume");
+    assert_eq!(vm3.request(op::COUNTERS, 0, T).expect("counters").work, last.work);
+}

@@ -9,9 +9,9 @@
 //! |---|---|---|
 //! | `create` | `guest`, `mem_mib` | |
 //! | `boot` | | `ready_ms` |
-//! | `restore` | `path` | `restore_ms` (VM comes up paused) |
+//! | `restore` | `path`, optional `diffs` (paths, oldest first) | `restore_ms` (VM comes up paused) |
 //! | `pause` / `resume` | | |
-//! | `snapshot` | `path` | `bytes`, `snapshot_ms` |
+//! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot) | `bytes`, `snapshot_ms` |
 //! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `touch`, `checksum`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid` |
@@ -140,7 +140,14 @@ impl Server {
                     return Err(Error::State("already has a VM".into()));
                 }
                 let t = Instant::now();
-                let vm = Vm::restore_from_file(&path, (self.sinks)())?;
+                let diffs = match req.get("diffs") {
+                    None => Vec::new(),
+                    Some(v) => v
+                        .as_array()
+                        .and_then(|a| a.iter().map(|p| p.as_str().map(PathBuf::from)).collect::<Option<Vec<_>>>())
+                        .ok_or(Error::Config { field: "diffs", reason: "not a list of paths".into() })?,
+                };
+                let vm = Vm::restore_chain_files(&path, &diffs, (self.sinks)())?;
                 let took = t.elapsed();
                 (self.on_start)(&vm);
                 *slot = Some(Arc::new(vm));
@@ -158,7 +165,8 @@ impl Server {
                 let path = PathBuf::from(str_field(req, "path")?);
                 let vm = self.vm()?;
                 let t = Instant::now();
-                let bytes = vm.snapshot_to_file(&path)?;
+                let diff = req.get("diff").and_then(Value::as_bool).unwrap_or(false);
+                let bytes = if diff { vm.snapshot_diff_to_file(&path)? } else { vm.snapshot_to_file(&path)? };
                 json!({"bytes": bytes, "snapshot_ms": ms(t.elapsed())})
             }
             "request" => {

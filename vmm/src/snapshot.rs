@@ -46,9 +46,17 @@ pub struct VmState {
     pub console: ConsoleSnap,
     /// The agent had printed its banner.
     pub ready: bool,
+    /// Diff snapshots only: the RAM pages carried, as (first page, count)
+    /// runs in ascending order; their bytes follow back to back.
+    #[serde(default)]
+    pub diff_runs: Option<Vec<(u64, u64)>>,
 }
 
+/// Header flag: a diff snapshot (RAM section holds only `diff_runs`).
+pub const FLAG_DIFF: u32 = 1;
+
 struct Header {
+    flags: u32,
     state_len: u64,
     mem_size: u64,
     mem_offset: u64,
@@ -59,6 +67,7 @@ impl Header {
         let mut h = [0u8; HEADER_LEN];
         h[0..8].copy_from_slice(&MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&self.flags.to_le_bytes());
         h[16..24].copy_from_slice(&self.state_len.to_le_bytes());
         h[24..32].copy_from_slice(&self.mem_size.to_le_bytes());
         h[32..40].copy_from_slice(&self.mem_offset.to_le_bytes());
@@ -78,7 +87,11 @@ impl Header {
         if version != VERSION {
             return Err(Error::Snapshot(format!("version {version}, this VMM reads {VERSION}")));
         }
-        let hd = Header { state_len: u64_at(16), mem_size: u64_at(24), mem_offset: u64_at(32) };
+        let flags = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+        if flags & !FLAG_DIFF != 0 {
+            return Err(Error::Snapshot(format!("unknown flags {flags:#x}")));
+        }
+        let hd = Header { flags, state_len: u64_at(16), mem_size: u64_at(24), mem_offset: u64_at(32) };
         if hd.state_len > MAX_STATE
             || hd.mem_size == 0
             || hd.mem_size > MAX_MEM
@@ -98,7 +111,8 @@ impl Header {
 fn prepare(st: &VmState) -> Result<(Header, Vec<u8>)> {
     let json = serde_json::to_vec(st).map_err(|e| Error::Snapshot(e.to_string()))?;
     let mem_offset = (HEADER_LEN + json.len()).div_ceil(PAGE) * PAGE;
-    Ok((Header { state_len: json.len() as u64, mem_size: st.mem_size, mem_offset: mem_offset as u64 }, json))
+    let flags = if st.diff_runs.is_some() { FLAG_DIFF } else { 0 };
+    Ok((Header { flags, state_len: json.len() as u64, mem_size: st.mem_size, mem_offset: mem_offset as u64 }, json))
 }
 
 /// Host view of guest RAM (one region starting at 0).
@@ -226,11 +240,19 @@ fn parse_state(json: &[u8], hd: &Header) -> Result<VmState> {
     Ok(st)
 }
 
+fn refuse_diff(hd: &Header) -> Result<()> {
+    if hd.flags & FLAG_DIFF != 0 {
+        return Err(Error::Snapshot("a diff snapshot needs its base (restore the chain)".into()));
+    }
+    Ok(())
+}
+
 pub fn read_stream<R: Read>(mut r: R) -> Result<(VmState, GuestMemoryMmap)> {
     let io = || Error::io("snapshot stream");
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).map_err(io())?;
     let hd = Header::decode(&h)?;
+    refuse_diff(&hd)?;
     let mut json = vec![0u8; hd.state_len as usize];
     r.read_exact(&mut json).map_err(io())?;
     let st = parse_state(&json, &hd)?;
@@ -251,6 +273,7 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
     let mut h = [0u8; HEADER_LEN];
     f.read_exact(&mut h).map_err(io("header"))?;
     let hd = Header::decode(&h)?;
+    refuse_diff(&hd)?;
     let len = f.metadata().map_err(io("stat"))?.len();
     if len < hd.mem_offset + hd.mem_size {
         return Err(Error::Snapshot(format!("{} is truncated ({len} bytes)", path.display())));
@@ -269,4 +292,92 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
         GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| Error::Memory("guest region overflows".into()))?;
     let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
     Ok((st, mem))
+}
+
+/// Check diff runs: ascending, disjoint, inside RAM. Returns the data bytes.
+fn check_runs(runs: &[(u64, u64)], mem_size: u64) -> Result<u64> {
+    let pages = mem_size / PAGE as u64;
+    let mut next = 0u64;
+    let mut total = 0u64;
+    for &(first, count) in runs {
+        let end = first.checked_add(count).filter(|e| count > 0 && *e <= pages);
+        match end {
+            Some(end) if first >= next => {
+                next = end;
+                total += count;
+            }
+            _ => return Err(Error::Snapshot(format!("bad diff run ({first}, {count})"))),
+        }
+    }
+    Ok(total * PAGE as u64)
+}
+
+/// Runs of set entries in a page map.
+pub fn runs(pages: &[bool]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < pages.len() {
+        if !pages[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < pages.len() && pages[i] {
+            i += 1;
+        }
+        out.push((start as u64, (i - start) as u64));
+    }
+    out
+}
+
+/// Write a diff snapshot: `st.diff_runs` must list the pages to carry.
+pub fn write_diff_stream<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    let runs = st.diff_runs.as_deref().ok_or_else(|| Error::Snapshot("no diff runs".into()))?;
+    let data = check_runs(runs, st.mem_size)?;
+    let (hd, json) = prepare(st)?;
+    let buf = ram(mem, hd.mem_size)?;
+    let pad = vec![0u8; hd.mem_offset as usize - HEADER_LEN - json.len()];
+    let r = (|| {
+        w.write_all(&hd.encode())?;
+        w.write_all(&json)?;
+        w.write_all(&pad)?;
+        for &(first, count) in runs {
+            let (a, b) = (first as usize * PAGE, (first + count) as usize * PAGE);
+            w.write_all(&buf[a..b])?;
+        }
+        w.flush()
+    })();
+    r.map_err(Error::io("diff snapshot stream"))?;
+    Ok(hd.mem_offset + data)
+}
+
+/// Apply a diff snapshot on top of `mem` (which holds its base); returns the
+/// diff's machine state, which replaces the base's.
+pub fn apply_diff<R: Read>(mut r: R, mem: &GuestMemoryMmap) -> Result<VmState> {
+    let io = || Error::io("diff snapshot stream");
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).map_err(io())?;
+    let hd = Header::decode(&h)?;
+    if hd.flags & FLAG_DIFF == 0 {
+        return Err(Error::Snapshot("expected a diff snapshot, found a full one".into()));
+    }
+    let mut json = vec![0u8; hd.state_len as usize];
+    r.read_exact(&mut json).map_err(io())?;
+    let st = parse_state(&json, &hd)?;
+    let size: u64 = mem.iter().map(|r| r.len()).sum();
+    if size != hd.mem_size {
+        return Err(Error::Snapshot(format!("diff is for {} bytes of RAM, base has {size}", hd.mem_size)));
+    }
+    let runs = st.diff_runs.clone().ok_or_else(|| Error::Snapshot("diff without runs".into()))?;
+    check_runs(&runs, hd.mem_size)?;
+    let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
+    std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
+    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
+    for (first, count) in runs {
+        // SAFETY: check_runs keeps the run inside the RAM mapping, which is
+        // not yet registered with KVM (restore in progress).
+        let dst = unsafe { std::slice::from_raw_parts_mut(host.add(first as usize * PAGE), count as usize * PAGE) };
+        r.read_exact(dst).map_err(io())?;
+    }
+    Ok(st)
 }

@@ -10,7 +10,7 @@
 //! that points outside guest memory, is too short or has the wrong direction
 //! is a device error: the VM is stopped with [`StopReason::Device`].
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -74,6 +74,9 @@ pub struct Console {
     config_generation: u32,
     queues: [Queue; 2],
     pending: VecDeque<[u8; FRAME_LEN]>,
+    /// Guest pages this device wrote since the last `take_dirty` (KVM's
+    /// dirty log only sees guest writes; diff snapshots need both).
+    dirty: BTreeSet<u64>,
 }
 
 fn new_queue() -> Queue {
@@ -98,7 +101,30 @@ impl Console {
             config_generation: 0,
             queues: [new_queue(), new_queue()],
             pending: VecDeque::new(),
+            dirty: BTreeSet::new(),
         }
+    }
+
+    fn mark(&mut self, addr: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for page in addr / 4096..=(addr + len - 1) / 4096 {
+            self.dirty.insert(page);
+        }
+    }
+
+    fn mark_used_ring(&mut self, q: u16) {
+        let (addr, size) = {
+            let q = &self.queues[q as usize];
+            (q.used_ring(), u64::from(q.size()))
+        };
+        self.mark(addr, 6 + 8 * size);
+    }
+
+    /// Guest pages written by the device since the last call.
+    pub fn take_dirty(&mut self) -> BTreeSet<u64> {
+        std::mem::take(&mut self.dirty)
     }
 
     fn device_features() -> u64 {
@@ -188,7 +214,11 @@ impl Console {
             0x064 => {} // interrupt ack
             0x070 => {
                 if v == 0 {
-                    *self = Console { pending: std::mem::take(&mut self.pending), ..Console::new() };
+                    *self = Console {
+                        pending: std::mem::take(&mut self.pending),
+                        dirty: std::mem::take(&mut self.dirty),
+                        ..Console::new()
+                    };
                 } else {
                     let mut v = v;
                     if v & STATUS_FEATURES_OK != 0 && self.driver_features & !Self::device_features() != 0 {
@@ -241,6 +271,8 @@ impl Console {
                 return Err(self.broken(d.addr().0, d.len(), "outside guest memory"));
             }
             let len = FRAME_LEN as u32;
+            self.mark(d.addr().0, FRAME_LEN as u64);
+            self.mark_used_ring(RX_QUEUE);
             self.queues[RX_QUEUE as usize]
                 .add_used(mem, head, len)
                 .map_err(|e| self.broken(0, 0, &format!("used ring: {e}")))?;
@@ -282,6 +314,7 @@ impl Console {
             self.queues[TX_QUEUE as usize]
                 .add_used(mem, head, 0)
                 .map_err(|e| self.broken(0, 0, &format!("used ring: {e}")))?;
+            self.mark_used_ring(TX_QUEUE);
             out.push(frame);
         }
     }

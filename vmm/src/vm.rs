@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_fpu, kvm_irqchip, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_fpu, kvm_irqchip, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -147,6 +147,9 @@ pub struct Vm {
     thread: Mutex<Option<JoinHandle<()>>>,
     next_id: AtomicU64,
     mem_size: u64,
+    /// Guest memory equals the last snapshot taken or restored, plus what
+    /// the dirty log and the devices recorded since: diffs are possible.
+    has_base: Mutex<bool>,
 }
 
 /// How long an idle vCPU parks before looking at the rings again.
@@ -176,7 +179,8 @@ fn create_kvm(mem: &GuestMemoryMmap) -> Result<(VmFd, VcpuFd)> {
         let host = mem.get_host_address(region.start_addr()).map_err(|e| Error::Memory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            // Dirty logging feeds diff snapshots.
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -250,7 +254,13 @@ impl Vm {
             cv: Condvar::new(),
             log: Mutex::new(log),
         };
-        Vm { sh: Arc::new(sh), thread: Mutex::new(None), next_id: AtomicU64::new(1), mem_size }
+        Vm {
+            sh: Arc::new(sh),
+            thread: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+            mem_size,
+            has_base: Mutex::new(false),
+        }
     }
 
     /// Start the vCPU thread (running, or parked when `paused`).
@@ -450,13 +460,79 @@ impl Vm {
         }
         let console = lock(&self.sh.dev).console.snapshot();
         let ready = lock(&self.sh.ctl).ready_at.is_some();
-        Ok(VmState { mem_size: self.mem_size, vcpu, irqchips, console, ready })
+        Ok(VmState { mem_size: self.mem_size, vcpu, irqchips, console, ready, diff_runs: None })
+    }
+
+    /// Pages written since the last snapshot: KVM's dirty log (guest
+    /// writes; reading it also clears it) plus the devices' own writes.
+    fn take_dirty(&self) -> Result<Vec<bool>> {
+        let pages = (self.mem_size / 4096) as usize;
+        let bitmap = self.sh.vm.get_dirty_log(0, self.mem_size as usize).map_err(Error::ioctl("KVM_GET_DIRTY_LOG"))?;
+        let mut dirty: Vec<bool> =
+            (0..pages).map(|p| bitmap.get(p / 64).is_some_and(|w| w >> (p % 64) & 1 == 1)).collect();
+        for p in lock(&self.sh.dev).console.take_dirty() {
+            if let Some(d) = dirty.get_mut(p as usize) {
+                *d = true;
+            }
+        }
+        Ok(dirty)
+    }
+
+    /// A full snapshot becomes the base for later diffs.
+    fn new_base(&self) -> Result<()> {
+        self.take_dirty()?;
+        *lock(&self.has_base) = true;
+        Ok(())
+    }
+
+    /// Write a diff snapshot of the paused VM: only pages changed since the
+    /// previous snapshot (full or diff) taken or restored in this process.
+    /// Restore with [`Vm::restore_chain`] from the base and every diff after it.
+    pub fn snapshot_diff_to<W: Write>(&self, w: W) -> Result<u64> {
+        if !*lock(&self.has_base) {
+            return Err(Error::State("without a base snapshot (take a full one first)".into()));
+        }
+        let mut st = self.paused_state()?;
+        let dirty = self.take_dirty()?;
+        st.diff_runs = Some(snapshot::runs(&dirty));
+        snapshot::write_diff_stream(w, &st, &self.sh.mem)
+    }
+
+    /// [`Vm::snapshot_diff_to`] into a file.
+    pub fn snapshot_diff_to_file(&self, path: &Path) -> Result<u64> {
+        let f = std::fs::File::create(path).map_err(Error::io(path.display().to_string()))?;
+        self.snapshot_diff_to(std::io::BufWriter::with_capacity(1 << 20, f))
+    }
+
+    /// Restore from a full snapshot and the diffs taken after it, in order.
+    pub fn restore_chain<R: std::io::Read, D: std::io::Read>(
+        base: R,
+        diffs: impl IntoIterator<Item = D>,
+        sinks: Sinks,
+    ) -> Result<Vm> {
+        let (mut st, mem) = snapshot::read_stream(base)?;
+        for d in diffs {
+            st = snapshot::apply_diff(d, &mem)?;
+        }
+        Vm::rebuild(st, mem, sinks)
+    }
+
+    /// [`Vm::restore_chain`] from files; the base is mapped, not copied.
+    pub fn restore_chain_files(base: &Path, diffs: &[PathBuf], sinks: Sinks) -> Result<Vm> {
+        let (mut st, mem) = snapshot::read_file(base)?;
+        for d in diffs {
+            let f = std::fs::File::open(d).map_err(Error::io(d.display().to_string()))?;
+            st = snapshot::apply_diff(std::io::BufReader::with_capacity(1 << 20, f), &mem)?;
+        }
+        Vm::rebuild(st, mem, sinks)
     }
 
     /// Write a snapshot of the paused VM to a stream (e.g. a card-link channel).
     pub fn snapshot_to<W: Write>(&self, w: W) -> Result<u64> {
         let st = self.paused_state()?;
-        snapshot::write_stream(w, &st, &self.sh.mem)
+        let n = snapshot::write_stream(w, &st, &self.sh.mem)?;
+        self.new_base()?;
+        Ok(n)
     }
 
     /// Write a snapshot of the paused VM to a file (sparse: pages never
@@ -464,7 +540,9 @@ impl Vm {
     /// that was restored from `path` keeps its private mapping of the old file.
     pub fn snapshot_to_file(&self, path: &Path) -> Result<u64> {
         let st = self.paused_state()?;
-        snapshot::write_file(path, &st, &self.sh.mem)
+        let n = snapshot::write_file(path, &st, &self.sh.mem)?;
+        self.new_base()?;
+        Ok(n)
     }
 
     /// Restore a VM from a snapshot stream; it comes up paused.
@@ -490,6 +568,8 @@ impl Vm {
         let dev = Devices { serial: Serial::new(sinks.serial), console };
         let ready = st.ready.then(Instant::now);
         let vm = Vm::assemble(mem, vm, vcpu, dev, sinks.log, ready);
+        // Memory equals the snapshot and the fresh dirty log is empty.
+        *lock(&vm.has_base) = true;
         vm.start(true)?;
         Ok(vm)
     }
