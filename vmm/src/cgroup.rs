@@ -183,6 +183,23 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Move one thread (e.g. a vCPU thread) into the cgroup. On v2 this needs
+    /// the cgroup to be threaded; on v1 each controller takes it via `tasks`.
+    pub fn add_thread(&self, tid: libc::pid_t) -> Result<()> {
+        let file = match self.layout {
+            Layout::V2 => "cgroup.threads",
+            Layout::Hybrid => "tasks",
+        };
+        for d in &self.dirs {
+            if self.layout == Layout::Hybrid && d.starts_with(Path::new(ROOT).join("unified")) {
+                write(&d.join("cgroup.threads"), &tid.to_string())?;
+            } else {
+                write(&d.join(file), &tid.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Directory holding a controller's files (`cpu`, `cpuacct`, `cpuset`,
     /// `memory`, or `unified` for the v2 identity).
     pub fn dir(&self, ctrl: &str) -> Option<&Path> {
@@ -239,5 +256,44 @@ impl Cgroup {
             let _ = fs::remove_dir(d);
         }
         self.created.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_validated_field_by_field() {
+        let ok = Limits {
+            cpu_quota_us: Some(50_000),
+            cpuset: Some("0-1".into()),
+            memory_bytes: Some(64 << 20),
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.period(), 100_000);
+        let cases = [
+            (Limits { cpu_quota_us: Some(10), ..Default::default() }, "cpu_quota_us"),
+            (Limits { cpu_period_us: Some(10), ..Default::default() }, "cpu_period_us"),
+            (Limits { cpuset: Some("0;rm".into()), ..Default::default() }, "cpuset"),
+            (Limits { memory_bytes: Some(1), ..Default::default() }, "memory_bytes"),
+        ];
+        for (l, want) in cases {
+            match l.validate() {
+                Err(Error::Config { field, .. }) => assert_eq!(field, want),
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn names_must_stay_below_the_root() {
+        for bad in ["", "/abs", "a/../b", "a//b", "."] {
+            assert!(
+                matches!(Cgroup::create(bad, &Limits::default()), Err(Error::Config { field: "cgroup", .. })),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -381,3 +381,35 @@ pub fn apply_diff<R: Read>(mut r: R, mem: &GuestMemoryMmap) -> Result<VmState> {
     }
     Ok(st)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_rejects_nonsense() {
+        let h = Header { flags: FLAG_DIFF, state_len: 100, mem_size: 1 << 20, mem_offset: 4096 };
+        let d = Header::decode(&h.encode()).expect("decode");
+        assert_eq!((d.flags, d.state_len, d.mem_size, d.mem_offset), (FLAG_DIFF, 100, 1 << 20, 4096));
+        let mut bad = h.encode();
+        bad[12] = 0x80; // unknown flag
+        assert!(Header::decode(&bad).is_err());
+        let overlap = Header { flags: 0, state_len: 5000, mem_size: 1 << 20, mem_offset: 4096 };
+        assert!(Header::decode(&overlap.encode()).is_err(), "state overlapping RAM");
+        let unaligned = Header { flags: 0, state_len: 10, mem_size: 1000, mem_offset: 4096 };
+        assert!(Header::decode(&unaligned.encode()).is_err(), "RAM not whole pages");
+    }
+
+    #[test]
+    fn runs_and_their_checks() {
+        let pages = [false, true, true, false, true, false, false, true];
+        let r = runs(&pages);
+        assert_eq!(r, vec![(1, 2), (4, 1), (7, 1)]);
+        assert_eq!(check_runs(&r, 8 * 4096).expect("valid"), 4 * 4096);
+        assert!(check_runs(&[(4, 1), (1, 2)], 8 * 4096).is_err(), "descending");
+        assert!(check_runs(&[(1, 2), (2, 1)], 8 * 4096).is_err(), "overlapping");
+        assert!(check_runs(&[(7, 2)], 8 * 4096).is_err(), "past the end");
+        assert!(check_runs(&[(3, 0)], 8 * 4096).is_err(), "empty run");
+        assert!(check_runs(&[(u64::MAX, 2)], 8 * 4096).is_err(), "overflow");
+    }
+}

@@ -122,6 +122,11 @@ impl Console {
         self.mark(addr, 6 + 8 * size);
     }
 
+    /// Requests accepted but not yet in the receive queue.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Guest pages written by the device since the last call.
     pub fn take_dirty(&mut self) -> BTreeSet<u64> {
         std::mem::take(&mut self.dirty)
@@ -384,5 +389,125 @@ impl Console {
             c.pending.push_back(frame);
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::proto::QUEUE_SIZE;
+
+    fn w(c: &mut Console, m: &GuestMemoryMmap, off: u64, v: u32) -> Option<u16> {
+        c.write(m, off, &v.to_le_bytes()).expect("register write")
+    }
+
+    fn r(c: &mut Console, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        c.read(off, &mut b).expect("register read");
+        u32::from_le_bytes(b)
+    }
+
+    /// Drive the transport like the agent does, with queues at fixed spots.
+    fn ready_console(m: &GuestMemoryMmap) -> Console {
+        let mut c = Console::new();
+        assert_eq!((r(&mut c, 0), r(&mut c, 4), r(&mut c, 8)), (MAGIC, 2, 3));
+        w(&mut c, m, 0x70, 3);
+        w(&mut c, m, 0x24, 1);
+        w(&mut c, m, 0x20, 1);
+        w(&mut c, m, 0x70, 3 | 8);
+        assert_eq!(r(&mut c, 0x70) & 8, 8, "VERSION_1 accepted");
+        for q in 0..2u32 {
+            let base = 0x10000 + u64::from(q) * 0x1000;
+            w(&mut c, m, 0x30, q);
+            w(&mut c, m, 0x38, u32::from(QUEUE_SIZE));
+            w(&mut c, m, 0x80, base as u32);
+            w(&mut c, m, 0x90, (base + 0x100) as u32);
+            w(&mut c, m, 0xa0, (base + 0x200) as u32);
+            w(&mut c, m, 0x44, 1);
+        }
+        w(&mut c, m, 0x70, 3 | 8 | 4);
+        assert!(c.driver_ok());
+        c
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory")
+    }
+
+    #[test]
+    fn unknown_features_are_refused() {
+        let m = mem();
+        let mut c = Console::new();
+        w(&mut c, &m, 0x24, 0);
+        w(&mut c, &m, 0x20, 1 << 5); // not offered
+        w(&mut c, &m, 0x70, 3 | 8);
+        assert_eq!(r(&mut c, 0x70) & 8, 0);
+    }
+
+    #[test]
+    fn a_queue_outside_memory_is_an_error() {
+        let m = mem();
+        let mut c = Console::new();
+        w(&mut c, &m, 0x30, 0);
+        w(&mut c, &m, 0x80, 0x7fff_0000);
+        assert_eq!(c.write(&m, 0x44, &1u32.to_le_bytes()), Err(DeviceError::BadQueue(0)));
+        assert!(c.write(&m, 0x44, &[1u8]).is_err(), "narrow register access");
+    }
+
+    #[test]
+    fn request_frames_land_in_offered_buffers_and_wait_otherwise() {
+        let m = mem();
+        let mut c = ready_console(&m);
+        // Nothing offered yet: the request waits.
+        c.push_request(&m, Some([7u8; FRAME_LEN])).expect("queue");
+        assert_eq!(c.pending_len(), 1);
+        // Offer one writable buffer at 0x30000 in the receive queue.
+        let (desc, avail) = (GuestAddress(0x10000), GuestAddress(0x10100));
+        m.write_obj(0x30000u64, desc).expect("desc addr");
+        m.write_obj(FRAME_LEN as u32, GuestAddress(0x10008)).expect("desc len");
+        m.write_obj(2u16, GuestAddress(0x1000c)).expect("desc flags WRITE");
+        m.write_obj(0u16, GuestAddress(0x10104)).expect("avail ring[0]");
+        m.write_obj(1u16, GuestAddress(avail.0 + 2)).expect("avail idx");
+        c.push_request(&m, None).expect("deliver");
+        assert_eq!(c.pending_len(), 0);
+        let mut got = [0u8; FRAME_LEN];
+        m.read_slice(&mut got, GuestAddress(0x30000)).expect("frame");
+        assert_eq!(got, [7u8; FRAME_LEN]);
+        let used_idx: u16 = m.read_obj(GuestAddress(0x10202)).expect("used idx");
+        assert_eq!(used_idx, 1);
+        let dirty = c.take_dirty();
+        assert!(dirty.contains(&0x30) && dirty.contains(&0x10), "device writes are tracked: {dirty:?}");
+    }
+
+    #[test]
+    fn a_transmit_descriptor_outside_memory_breaks_the_device() {
+        let m = mem();
+        let mut c = ready_console(&m);
+        let (desc, avail) = (0x11000u64, 0x11100u64);
+        m.write_obj(0xffff_0000u64, GuestAddress(desc)).expect("desc addr");
+        m.write_obj(FRAME_LEN as u32, GuestAddress(desc + 8)).expect("desc len");
+        m.write_obj(0u16, GuestAddress(avail + 4)).expect("avail ring[0]");
+        m.write_obj(1u16, GuestAddress(avail + 2)).expect("avail idx");
+        let e = c.pop_frames(&m).expect_err("bad descriptor");
+        assert!(matches!(e, DeviceError::BadDescriptor { addr: 0xffff_0000, .. }), "{e}");
+        assert!(!c.driver_ok(), "DEVICE_NEEDS_RESET is set");
+    }
+
+    #[test]
+    fn state_survives_snapshot_and_restore() {
+        let m = mem();
+        let mut c = ready_console(&m);
+        c.push_request(&m, Some([1u8; FRAME_LEN])).expect("queue");
+        let snap = c.snapshot();
+        let c2 = Console::restore(&snap).expect("restore");
+        assert_eq!(c2.snapshot(), snap);
+        let mut bad = snap.clone();
+        bad.queues.pop();
+        assert!(Console::restore(&bad).is_err());
+        let mut bad = snap;
+        bad.pending.push(vec![0; 3]);
+        assert!(Console::restore(&bad).is_err());
     }
 }

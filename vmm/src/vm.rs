@@ -152,6 +152,8 @@ pub struct Vm {
     has_base: Mutex<bool>,
 }
 
+/// Requests queued for a guest that has no free receive buffer.
+const MAX_PENDING: usize = 256;
 /// How long an idle vCPU parks before looking at the rings again.
 const IDLE_PARK: Duration = Duration::from_millis(20);
 /// TSS area KVM needs on Intel hosts, placed below the 4 GiB boundary.
@@ -350,7 +352,15 @@ impl Vm {
         w[word::OP] = op;
         w[word::ID] = id;
         w[word::ARG] = arg;
-        let pushed = lock(&self.sh.dev).console.push_request(&self.sh.mem, Some(proto::encode(&w)));
+        let pushed = {
+            let mut dev = lock(&self.sh.dev);
+            // A guest that stopped taking requests must not make us queue
+            // without bound.
+            if dev.console.pending_len() >= MAX_PENDING {
+                return Err(Error::State(format!("running but not taking requests ({MAX_PENDING} queued)")));
+            }
+            dev.console.push_request(&self.sh.mem, Some(proto::encode(&w)))
+        };
         if let Err(e) = pushed {
             self.sh.fail(StopReason::Device(e.to_string()));
         }
