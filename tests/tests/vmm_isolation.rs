@@ -130,3 +130,29 @@ fn invalid_limits_are_refused_whole() {
     assert!(!dir("cpu", &name).exists(), "nothing half applied");
     assert!(matches!(Cgroup::create("../escape", &Limits::default()), Err(Error::Config { field: "cgroup", .. })));
 }
+
+#[test]
+fn library_places_only_the_vcpu_thread_under_a_quota() {
+    require_kvm();
+    use vmm::proto::op;
+    let name = unique("vmm-test-vcpu");
+    let _guard = CgroupGuard(name.clone());
+    let limits = Limits { cpu_quota_us: Some(30_000), cpu_period_us: Some(100_000), ..Default::default() };
+    let mut cg = Cgroup::create(&name, &limits).expect("create cgroup");
+    let vm = vmm::Vm::create(&vmm::VmConfig::new(guest_elf(), 32), vmm::Sinks::default()).expect("create VM");
+    vm.start(false).expect("start");
+    vm.wait_ready(Duration::from_secs(10)).expect("banner");
+    let tid = vm.vcpu_tid().expect("vCPU tid");
+    cg.add_thread(tid).expect("move the vCPU thread");
+    let tasks = read(&dir("cpu", &name).join(if layout() == Layout::V2 { "cgroup.threads" } else { "tasks" }));
+    assert_eq!(tasks.lines().collect::<Vec<_>>(), vec![tid.to_string().as_str()], "only the vCPU thread");
+    vm.request(op::AUTO, 100_000_000, Duration::from_secs(10)).expect("busy");
+    std::thread::sleep(Duration::from_millis(300));
+    let (u0, t0) = (usage_ns(&name), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (u1, t1) = (usage_ns(&name), Instant::now());
+    vm.shutdown();
+    cg.remove();
+    let share = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
+    assert!((share - 0.30).abs() <= 0.30 * 0.05, "vCPU share {share:.4} not within 5% of 0.30");
+}

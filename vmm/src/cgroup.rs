@@ -191,11 +191,12 @@ impl Cgroup {
             Layout::Hybrid => "tasks",
         };
         for d in &self.dirs {
+            // The unified tree of a hybrid host only gives identity, which is
+            // per process; a lone thread cannot join a non-threaded v2 group.
             if self.layout == Layout::Hybrid && d.starts_with(Path::new(ROOT).join("unified")) {
-                write(&d.join("cgroup.threads"), &tid.to_string())?;
-            } else {
-                write(&d.join(file), &tid.to_string())?;
+                continue;
             }
+            write(&d.join(file), &tid.to_string())?;
         }
         Ok(())
     }

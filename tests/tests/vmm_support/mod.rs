@@ -17,19 +17,12 @@ use serde_json::{json, Value};
 use vmm::control::Client;
 
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// Fail (never skip) when KVM is not there.
 pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         panic!("/dev/kvm is not usable ({e}): the VMM tests need KVM and root; they do not skip");
     }
 }
@@ -37,19 +30,13 @@ pub fn require_kvm() {
 /// A name no other test run uses: prefix, pid, counter.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 fn stable_cargo() -> Command {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
     let mut c = if home.join("bin/rustup").exists() {
         let mut c = Command::new(home.join("bin/cargo"));
         c.arg("+stable");
@@ -81,13 +68,7 @@ pub fn guest_elf() -> PathBuf {
         let root = workspace();
         let status = stable_cargo()
             .current_dir(root.join("vmm/guest"))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "--target-dir",
-            ])
+            .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
             .arg(root.join("target/vmm-guest"))
             .status()
             .expect("run cargo to build the guest");
@@ -103,10 +84,7 @@ pub fn vmm_bin() -> PathBuf {
     BIN.get_or_init(|| {
         // target/<profile>/deps/<test> -> target/<profile>
         let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary in target/<profile>/deps");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("test binary in target/<profile>/deps");
         let target_dir = profile_dir.parent().expect("target dir");
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -158,14 +136,10 @@ impl VmmProc {
             .spawn()
             .expect("spawn the vmm binary");
         let mut guard = ChildGuard(Some(child));
-        let client = Client::connect_wait(&socket.0, Duration::from_secs(10))
-            .expect("connect to the vmm control socket");
+        let client =
+            Client::connect_wait(&socket.0, Duration::from_secs(10)).expect("connect to the vmm control socket");
         let child = guard.0.take().expect("child present");
-        VmmProc {
-            child,
-            socket,
-            client,
-        }
+        VmmProc { child, socket, client }
     }
 
     pub fn call(&mut self, req: Value) -> Value {
@@ -207,29 +181,41 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Removes a test cgroup on every controller hierarchy when dropped (after
-/// the processes in it were killed).
+/// Removes a test cgroup on every controller hierarchy when dropped. Child
+/// processes left in it are killed; threads of this test process (a vCPU
+/// thread placed there by the library) are moved back to the root first.
 pub struct CgroupGuard(pub String);
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
+        let me = std::process::id().to_string();
         for base in ["", "unified", "cpu", "cpuacct", "cpuset", "memory"] {
-            let d = Path::new("/sys/fs/cgroup").join(base).join(&self.0);
-            if d.exists() {
-                if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                    for pid in procs.split_whitespace() {
-                        if let Ok(p) = pid.parse::<i32>() {
-                            // SAFETY: plain kill(2) of a process left in our test cgroup.
+            let root = Path::new("/sys/fs/cgroup").join(base);
+            let d = root.join(&self.0);
+            if !d.exists() {
+                continue;
+            }
+            for (file, own) in
+                [("tasks", "tasks"), ("cgroup.threads", "cgroup.threads"), ("cgroup.procs", "cgroup.procs")]
+            {
+                let Ok(ids) = std::fs::read_to_string(d.join(file)) else { continue };
+                for id in ids.split_whitespace() {
+                    let ours = id == me || Path::new(&format!("/proc/self/task/{id}")).exists();
+                    if ours {
+                        let _ = std::fs::write(root.join(own), id);
+                    } else if file == "cgroup.procs" {
+                        if let Ok(p) = id.parse::<i32>() {
+                            // SAFETY: plain kill(2) of a child left in our test cgroup.
                             unsafe { libc::kill(p, libc::SIGKILL) };
                         }
                     }
                 }
-                for _ in 0..50 {
-                    if std::fs::remove_dir(&d).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+            }
+            for _ in 0..50 {
+                if std::fs::remove_dir(&d).is_ok() {
+                    break;
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
