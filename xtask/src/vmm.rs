@@ -126,6 +126,8 @@ struct Run {
     snapshot_disk_bytes: f64,
     restore_ms: f64,
     restore_to_ping_ms: f64,
+    diff_ms: f64,
+    diff_bytes: f64,
     rtt_us: Vec<f64>,
 }
 
@@ -197,6 +199,14 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
     let s = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, snap.display()))?;
     let snapshot_ms = num(&s, "snapshot_ms")?;
     let snapshot_disk_bytes = std::fs::metadata(&snap).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
+    // A diff after one more management step: only what changed.
+    c.call(r#"{"cmd":"resume"}"#)?;
+    c.call(r#"{"cmd":"request","op":"step","arg":1000}"#)?;
+    c.call(r#"{"cmd":"pause"}"#)?;
+    let diff = tmp.join(format!("vmm-bench-{tag}.diff"));
+    let _cleanup_diff = Files(vec![diff.clone()]);
+    let d = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}","diff":true}}"#, diff.display()))?;
+    let (diff_ms, diff_bytes) = (num(&d, "snapshot_ms")?, num(&d, "bytes")?);
     c.call(r#"{"cmd":"shutdown"}"#)?;
     drop(child);
 
@@ -222,6 +232,8 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
     }
     c2.call(r#"{"cmd":"shutdown"}"#)?;
     Ok(Run {
+        diff_ms,
+        diff_bytes,
         ready_ms,
         ready_cpu_ms,
         overhead_bytes,
@@ -337,6 +349,10 @@ pub fn bench() -> Result<Vec<Row>> {
             .note("file -> VM ready to run; RAM mapped MAP_PRIVATE; goal < 10 ms"),
         Row::new("spawn empty VMM + restore + resume + first reply", ms(col(|r| r.restore_to_ping_ms)))
             .note("end to end, from a new process"),
+        Row::new("diff snapshot after one management step", ms(col(|r| r.diff_ms))).note(format!(
+            "{:.0} KiB (p50): KVM dirty log + device-written pages, state JSON included",
+            col(|r| r.diff_bytes).0 / 1024.0
+        )),
         Row::new("snapshot create, 64 MiB guest, all RAM dirtied", ms(dcol(|r| r.snapshot_ms))).note(format!(
             "{:.1} MiB on disk (p50); bound by the host disk's page cache",
             dcol(|r| r.snapshot_disk_bytes).0 / 1048576.0
