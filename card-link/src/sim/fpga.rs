@@ -1,7 +1,12 @@
 //! The custom-hardware (FPGA) engine, modelled: a work queue served by one
 //! engine. Jobs take their stated service time on the engine (it does not
-//! use the card's CPU, as real offload hardware would not); busy time is
-//! measured around each job, so the busy ratio is measured, not assumed.
+//! use the card's CPU, as real offload hardware would not). The engine keeps
+//! its own clock of service intervals: a job starts when it has arrived and
+//! the previous one has finished, and ends one service time later; the
+//! engine thread sleeps to that absolute end, so a late wake-up of the host
+//! thread does not stretch the modelled hardware. Busy time is the sum of
+//! completed service intervals: the ratio follows from queueing (arrivals,
+//! backlog, idle gaps), not from the knob's setting.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,7 +15,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Default)]
 struct Queue {
-    jobs: VecDeque<Duration>,
+    /// (arrival, service time)
+    jobs: VecDeque<(Instant, Duration)>,
 }
 
 pub struct Fpga {
@@ -34,6 +40,7 @@ impl Fpga {
         {
             let (q, busy, done, stop) = (queue.clone(), busy_ns.clone(), done.clone(), stop.clone());
             let _ = std::thread::Builder::new().name("fpga-engine".into()).spawn(move || {
+                let mut prev_end = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let job = {
                         let (m, cv) = &*q;
@@ -46,27 +53,34 @@ impl Fpga {
                         }
                         g.jobs.pop_front()
                     };
-                    if let Some(t) = job {
-                        let start = Instant::now();
-                        std::thread::sleep(t);
-                        busy.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    if let Some((arrival, service)) = job {
+                        let start = arrival.max(prev_end);
+                        let end = start + service;
+                        std::thread::sleep(end.saturating_duration_since(Instant::now()));
+                        busy.fetch_add(service.as_nanos() as u64, Ordering::Relaxed);
                         done.fetch_add(1, Ordering::Relaxed);
+                        prev_end = end;
                     }
                 }
             });
         }
         {
-            // The knob's job generator: 1 ms jobs at the offered rate.
+            // The knob's job generator: 5 ms jobs at the offered rate (long
+            // enough that sleep overshoot stays a small part of each job).
             let (q, offered, stop) = (queue.clone(), offered_ppm.clone(), stop.clone());
             let _ = std::thread::Builder::new().name("fpga-load".into()).spawn(move || {
                 let mut credit = 0.0f64;
                 let tick = Duration::from_millis(10);
+                let mut last = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let rho = offered.load(Ordering::Relaxed) as f64 / 1e6;
-                    credit += rho * 10.0; // 10 ms tick / 1 ms jobs
+                    // Credit by elapsed time, so a late tick does not lower the offered load.
+                    let now = Instant::now();
+                    credit += rho * now.duration_since(last).as_secs_f64() / 0.005;
+                    last = now;
                     while credit >= 1.0 {
                         credit -= 1.0;
-                        push(&q, Duration::from_millis(1));
+                        push(&q, Duration::from_millis(5));
                     }
                     std::thread::sleep(tick);
                 }
@@ -109,7 +123,7 @@ fn push(q: &Arc<(Mutex<Queue>, Condvar)>, t: Duration) -> bool {
     if g.jobs.len() >= MAX_QUEUE {
         return false;
     }
-    g.jobs.push_back(t);
+    g.jobs.push_back((Instant::now(), t));
     cv.notify_one();
     true
 }
