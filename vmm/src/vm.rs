@@ -155,7 +155,7 @@ pub struct Vm {
 /// Requests queued for a guest that has no free receive buffer.
 const MAX_PENDING: usize = 256;
 /// How long an idle vCPU parks before looking at the rings again.
-const IDLE_PARK: Duration = Duration::from_millis(20);
+const IDLE_PARK: Duration = Duration::from_millis(100);
 /// TSS area KVM needs on Intel hosts, placed below the 4 GiB boundary.
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 
