@@ -98,6 +98,13 @@ pub struct Governor {
     ifb: Option<u32>,
 }
 
+/// Queue of a shaped VM's class: 10 ms at the rate, but room for two
+/// 64 KiB GSO packets.
+fn leaf_limit(limit: &Limit) -> u32 {
+    let ten_ms = limit.rate_bps / 8 / 100;
+    u32::try_from(ten_ms.max(128 * 1024)).unwrap_or(u32::MAX)
+}
+
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer; CLOCK_MONOTONIC is what bpf_ktime_get_ns reads.
@@ -340,7 +347,10 @@ impl Governor {
                         (ifb, true)
                     }
                 };
-                if let Err(e) = shaper.set_class(ifb, HTB_MAJOR, minor, limit.rate_bps, burst) {
+                if let Err(e) = shaper
+                    .set_class(ifb, HTB_MAJOR, minor, limit.rate_bps, burst)
+                    .and_then(|_| shaper.set_leaf_fifo(ifb, HTB_MAJOR, minor, leaf_limit(limit)))
+                {
                     if created {
                         let _ = shaper.delete_link(ifb);
                     }
@@ -354,7 +364,8 @@ impl Governor {
                 let mut done = Vec::new();
                 for &ifindex in &self.vms[i].ifindexes {
                     let r = if had_class { Ok(()) } else { shaper.add_htb(ifindex, HTB_MAJOR) }
-                        .and_then(|_| shaper.set_class(ifindex, HTB_MAJOR, minor, limit.rate_bps, burst));
+                        .and_then(|_| shaper.set_class(ifindex, HTB_MAJOR, minor, limit.rate_bps, burst))
+                        .and_then(|_| shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(limit)));
                     if let Err(e) = r {
                         if !had_class {
                             for d in done.iter().chain(std::iter::once(&ifindex)) {

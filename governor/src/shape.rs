@@ -85,6 +85,7 @@ pub enum Op {
     AddIfb,
     LookupLink,
     DeleteLink,
+    SetLeaf,
 }
 
 impl fmt::Display for Op {
@@ -97,6 +98,7 @@ impl fmt::Display for Op {
             Op::AddIfb => "add IFB device",
             Op::LookupLink => "look up link",
             Op::DeleteLink => "delete link",
+            Op::SetLeaf => "set class leaf qdisc",
         })
     }
 }
@@ -499,6 +501,29 @@ impl Shaper {
             ifindex,
             Some((major, minor)),
             Request { msg: RouteNetlinkMessage::NewTrafficClass(msg), extra: params.options() },
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+    }
+
+    /// Give class major:minor a byte-limited FIFO (bfifo) as its queue. HTB's
+    /// default leaf is a pfifo of txqueuelen packets, which at low rates
+    /// holds hundreds of milliseconds (and GSO packets count as one); a
+    /// byte limit bounds the queueing delay a shaped VM sees.
+    pub fn set_leaf_fifo(&mut self, ifindex: u32, major: u16, minor: u16, limit_bytes: u32) -> Result<(), ShapeError> {
+        let op = Op::SetLeaf;
+        let mut msg = TcMessage::with_index(ifindex_i32(op, ifindex)?);
+        msg.header.parent = tc_handle(major, minor);
+        // Handle 0: the kernel picks one for the new leaf.
+        msg.header.handle = tc_handle(0, 0);
+        msg.attributes.push(TcAttribute::Kind("bfifo".into()));
+        // struct tc_fifo_qopt { __u32 limit; } is the whole TCA_OPTIONS.
+        let options = nla(TCA_OPTIONS, &limit_bytes.to_ne_bytes());
+        self.request(
+            op,
+            ifindex,
+            Some((major, minor)),
+            Request { msg: RouteNetlinkMessage::NewQueueDiscipline(msg), extra: options },
             NLM_F_CREATE | NLM_F_REPLACE,
         )
         .map(drop)

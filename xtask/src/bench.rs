@@ -17,12 +17,7 @@ pub struct Row {
 
 impl Row {
     pub fn new(metric: impl Into<String>, value: impl Into<String>) -> Self {
-        Row {
-            metric: metric.into(),
-            value: value.into(),
-            peer: String::new(),
-            note: String::new(),
-        }
+        Row { metric: metric.into(), value: value.into(), peer: String::new(), note: String::new() }
     }
     pub fn peer(mut self, peer: impl Into<String>) -> Self {
         self.peer = peer.into();
@@ -68,11 +63,7 @@ fn table(name: &str, rows: &[Row]) -> String {
     let _ = writeln!(t, "| metric | value | peer (same run) | note |");
     let _ = writeln!(t, "|---|---|---|---|");
     for r in rows {
-        let _ = writeln!(
-            t,
-            "| {} | {} | {} | {} |",
-            r.metric, r.value, r.peer, r.note
-        );
+        let _ = writeln!(t, "| {} | {} | {} | {} |", r.metric, r.value, r.peer, r.note);
     }
     t
 }
@@ -89,9 +80,7 @@ fn write_section(name: &str, table: &str) -> Result<()> {
     let section = format!(
         "{begin}\n{table}\nMeasured on kernel {} with {} CPUs.\n{end}",
         host.trim(),
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     let new = match (old.find(&begin), old.find(&end)) {
         (Some(b), Some(e)) if e > b => format!("{}{}{}", &old[..b], section, &old[e + end.len()..]),

@@ -23,11 +23,7 @@ pub fn bench() -> Result<Vec<Row>> {
         .output()
         .with_context(|| format!("run {}", bench.display()))?;
     if !out.status.success() {
-        bail!(
-            "card-bench failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("card-bench failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     let rows = parse(&String::from_utf8_lossy(&out.stdout));
     if rows.is_empty() {
@@ -41,11 +37,7 @@ fn parse(text: &str) -> Vec<Row> {
         .filter_map(|l| {
             let mut f = l.strip_prefix("ROW\t")?.split('\t');
             let (metric, value) = (f.next()?, f.next()?);
-            Some(
-                Row::new(metric, value)
-                    .peer(f.next().unwrap_or(""))
-                    .note(f.next().unwrap_or("")),
-            )
+            Some(Row::new(metric, value).peer(f.next().unwrap_or("")).note(f.next().unwrap_or("")))
         })
         .collect()
 }

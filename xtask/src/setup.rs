@@ -14,32 +14,17 @@ use crate::build::{cargo_bin_dir, sh};
 
 /// Debian packages and why each is needed.
 const PACKAGES: &[(&str, &str)] = &[
-    (
-        "rustc-web",
-        "rustc 1.96 that ships core for bpfel-unknown-none",
-    ),
+    ("rustc-web", "rustc 1.96 that ships core for bpfel-unknown-none"),
     ("cargo-web", "cargo for rustc-web"),
-    (
-        "libstd-rust-web-dev-bpf",
-        "prebuilt core/alloc for bpfel-unknown-none",
-    ),
+    ("libstd-rust-web-dev-bpf", "prebuilt core/alloc for bpfel-unknown-none"),
     ("llvm-22-dev", "LLVM that bpf-linker links against"),
     ("bpftool", "inspecting pinned maps and programs"),
-    (
-        "iproute2",
-        "ip and tc, for namespaces, veths and the tc checks",
-    ),
+    ("iproute2", "ip and tc, for namespaces, veths and the tc checks"),
     ("iperf3", "network load and accuracy peer"),
     ("stress-ng", "CPU and memory load"),
-    (
-        "linux-perf",
-        "perf bench sched pipe for the overhead benchmark",
-    ),
+    ("linux-perf", "perf bench sched pipe for the overhead benchmark"),
     ("procps", "ps/pgrep for the demo"),
-    (
-        "iputils-ping",
-        "ping, for traffic and RTT in tests and benches",
-    ),
+    ("iputils-ping", "ping, for traffic and RTT in tests and benches"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
@@ -69,11 +54,7 @@ fn installed(pkg: &str) -> bool {
 }
 
 fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(p, _)| !installed(p))
-        .map(|(p, _)| *p)
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(p, _)| !installed(p)).map(|(p, _)| *p).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -124,6 +105,5 @@ fn mount_if_missing(src: &str, target: &str, fstype: &str) -> Result<()> {
     if !Path::new(target).exists() {
         std::fs::create_dir_all(target).with_context(|| format!("create {target}"))?;
     }
-    sh(Command::new("mount").args(["-t", fstype, src, target]))
-        .with_context(|| format!("mount {fstype} on {target}"))
+    sh(Command::new("mount").args(["-t", fstype, src, target])).with_context(|| format!("mount {fstype} on {target}"))
 }
