@@ -139,6 +139,12 @@ fn library_places_only_the_vcpu_thread_under_a_quota() {
     let _guard = CgroupGuard(name.clone());
     let limits = Limits { cpu_quota_us: Some(30_000), cpu_period_us: Some(100_000), ..Default::default() };
     let mut cg = Cgroup::create(&name, &limits).expect("create cgroup");
+    let unified = match layout() {
+        Layout::V2 => Path::new("/sys/fs/cgroup").join(&name),
+        Layout::Hybrid => Path::new("/sys/fs/cgroup/unified").join(&name),
+    };
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&unified).expect("v2 directory"));
+    assert_eq!(cg.v2_id().expect("v2 id"), ino, "the id eBPF sees for the cgroup");
     let vm = vmm::Vm::create(&vmm::VmConfig::new(guest_elf(), 32), vmm::Sinks::default()).expect("create VM");
     vm.start(false).expect("start");
     vm.wait_ready(Duration::from_secs(10)).expect("banner");

@@ -213,6 +213,16 @@ impl Cgroup {
         }
     }
 
+    /// The cgroup v2 id (inode number of its unified-tree directory), which
+    /// is what `bpf_get_current_cgroup_id` returns for its threads.
+    pub fn v2_id(&self) -> Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let d = self.dir("unified").ok_or_else(|| self.missing("unified"))?;
+        fs::metadata(d)
+            .map(|m| m.ino())
+            .map_err(|e| Error::Cgroup { path: d.display().to_string(), reason: e.to_string() })
+    }
+
     /// CPU time used by the cgroup, in nanoseconds, from the kernel's own accounting.
     pub fn cpu_usage_ns(&self) -> Result<u64> {
         match self.layout {

@@ -196,10 +196,18 @@ fn mark_file_data(f: &File, start: u64, pages: &mut [bool]) {
 }
 
 pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
-    let (hd, json) = prepare(st)?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let r = write_file_at(path, &tmp, st, mem);
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn write_file_at(path: &Path, tmp: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    let (hd, json) = prepare(st)?;
     let io = |what: &str| Error::io(format!("{} ({what})", tmp.display()));
-    let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io("create"))?;
+    let f = OpenOptions::new().write(true).create(true).truncate(true).open(tmp).map_err(io("create"))?;
     let total = hd.mem_offset + hd.mem_size;
     f.write_all_at(&hd.encode(), 0).map_err(io("header"))?;
     f.write_all_at(&json, HEADER_LEN as u64).map_err(io("state"))?;
@@ -225,7 +233,7 @@ pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u6
     }
     f.set_len(total).map_err(io("set_len"))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(Error::io(path.display().to_string()))?;
+    std::fs::rename(tmp, path).map_err(Error::io(path.display().to_string()))?;
     Ok(total)
 }
 
