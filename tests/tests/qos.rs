@@ -276,3 +276,42 @@ fn shaping_is_visible_in_tc_and_removed() {
         .into_owned();
     assert!(!links.contains(&format!("gifb{}", std::process::id() % 100_000)), "IFB left after shutdown:\n{links}");
 }
+
+/// The optional packet rate: small UDP datagrams far above it are held to
+/// it, and the drops are counted.
+#[test]
+fn police_packet_rate() {
+    let mut r = rig(2);
+    let l = Limit { mode: Mode::Police, rate_bps: 1_000_000_000, burst_bytes: 1 << 20, packet_rate: Some(2000) };
+    r.gov.set_limit("vm0", Direction::Egress, l).expect("set limit");
+    let report = r.iperf(0, 1, 3, &["-u", "-b", "20M", "-l", "200"]);
+    let sum = &report["end"]["sum"];
+    let (lost, total, secs) = (
+        sum["lost_packets"].as_f64().expect("lost"),
+        sum["packets"].as_f64().expect("packets"),
+        sum["seconds"].as_f64().expect("seconds"),
+    );
+    let pps = (total - lost) / secs;
+    let dropped = r.gov.limits().expect("limits")[0].dropped_packets;
+    eprintln!("packet rate 2000/s: delivered {pps:.0} pkt/s, dropped {dropped}");
+    // The bucket starts with a burst of packets (1 MiB / 1514 B = 692).
+    assert!(pps <= 2000.0 * 1.02 + 692.0 / secs, "delivered {pps} pkt/s over a 2000 pkt/s limit");
+    assert!(pps >= 2000.0 * 0.9, "delivered only {pps} pkt/s");
+    assert!(dropped > 0);
+}
+
+/// A limit on a VM whose interface is gone is refused, and the limit it
+/// had stays listed (nothing half applied).
+#[test]
+fn limit_on_a_vanished_interface_is_refused() {
+    let mut r = rig(2);
+    let l = limit(Mode::Police, 50_000_000, 1 << 20);
+    r.gov.set_limit("vm1", Direction::Egress, l).expect("first limit");
+    let host = r.net.ports[1].1.name.clone();
+    run(Command::new("ip").args(["link", "del", &host]));
+    let e = r.gov.set_limit("vm1", Direction::Egress, limit(Mode::Shape, 10_000_000, 1 << 20)).unwrap_err();
+    assert!(e.to_string().contains("gone"), "{e}");
+    let ls = r.gov.limits().expect("limits");
+    assert_eq!(ls.len(), 1);
+    assert_eq!((ls[0].mode, ls[0].rate_bps), (Mode::Police, 50_000_000), "the old limit stays in force");
+}
