@@ -162,3 +162,25 @@ fn library_places_only_the_vcpu_thread_under_a_quota() {
     let share = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
     assert!((share - 0.30).abs() <= 0.30 * 0.05, "vCPU share {share:.4} not within 5% of 0.30");
 }
+
+#[test]
+fn sigterm_shuts_the_vm_down_and_removes_the_cgroup() {
+    require_kvm();
+    let name = unique("vmm-test-term");
+    let _cg = CgroupGuard(name.clone());
+    let mut p = spawn_in_cgroup(&name, 50_000);
+    assert!(dir("cpu", &name).exists());
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vmm did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "exit status {status}");
+    assert!(!dir("cpu", &name).exists(), "cgroup removed on SIGTERM");
+    assert!(!p.socket.0.exists(), "control socket removed");
+}

@@ -20,13 +20,14 @@
 //! Every reply has `ok`; failures carry `error` with the typed error's text.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
 use crate::proto::op;
@@ -63,6 +64,8 @@ pub struct Server {
     sinks: SinkFactory,
     on_start: StartHook,
     exiting: AtomicBool,
+    /// Signalled after a `shutdown` request, to wake the main loop.
+    wake: EventFd,
 }
 
 fn field<'a>(req: &'a Value, name: &'static str) -> Result<&'a Value> {
@@ -87,12 +90,24 @@ pub fn self_rss() -> u64 {
 }
 
 impl Server {
-    pub fn new(vm: Option<Vm>, sinks: SinkFactory, on_start: StartHook) -> Arc<Server> {
-        Arc::new(Server { vm: Mutex::new(vm.map(Arc::new)), sinks, on_start, exiting: AtomicBool::new(false) })
+    pub fn new(vm: Option<Vm>, sinks: SinkFactory, on_start: StartHook) -> Result<Arc<Server>> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?;
+        Ok(Arc::new(Server {
+            vm: Mutex::new(vm.map(Arc::new)),
+            sinks,
+            on_start,
+            exiting: AtomicBool::new(false),
+            wake,
+        }))
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<Vm>>> {
         self.vm.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The VM, if one was created or restored.
+    pub fn current_vm(&self) -> Option<Arc<Vm>> {
+        self.slot().clone()
     }
 
     fn vm(&self) -> Result<Arc<Vm>> {
@@ -205,27 +220,29 @@ impl Server {
         Ok((out, false))
     }
 
-    /// Serve the socket at `path` until a `shutdown` request.
-    pub fn serve(self: &Arc<Self>, listener: &UnixListener, path: &Path) -> Result<()> {
-        for conn in listener.incoming() {
-            if self.exiting.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            let conn = conn.map_err(Error::io("control socket accept"))?;
-            let me = self.clone();
-            let path = path.to_path_buf();
-            std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || {
-                    if me.serve_conn(conn) {
-                        me.exiting.store(true, Ordering::SeqCst);
-                        // Wake the accept loop so it sees the flag.
-                        let _ = UnixStream::connect(&path);
-                    }
-                })
-                .map_err(Error::io("spawning a control thread"))?;
-        }
-        Ok(())
+    /// True once a `shutdown` request was served.
+    pub fn exiting(&self) -> bool {
+        self.exiting.load(Ordering::SeqCst)
+    }
+
+    /// Readable when the process should exit (see `crate::event_loop`).
+    pub fn wake_fd(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// Serve one accepted connection on its own thread.
+    pub fn spawn_conn(self: &Arc<Self>, conn: UnixStream) -> Result<()> {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                if me.serve_conn(conn) {
+                    me.exiting.store(true, Ordering::SeqCst);
+                    let _ = me.wake.write(1);
+                }
+            })
+            .map(|_| ())
+            .map_err(Error::io("spawning a control thread"))
     }
 
     /// Serve one connection; true when it asked the process to exit.

@@ -16,5 +16,6 @@ pub use error::{Error, Result, StopReason};
 pub use vm::{Reply, RunState, Sinks, Vm, VmConfig};
 pub mod cgroup;
 pub mod control;
+pub mod event_loop;
 pub mod linux;
 pub mod process;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use vmm::cgroup::{Cgroup, Limits};
 use vmm::control::Server;
+use vmm::event_loop::Outcome;
 use vmm::{Sinks, StopReason, Vm, VmConfig};
 
 #[derive(Default)]
@@ -96,6 +97,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Exit signals go to the main loop's signalfd: block them before any
+    // thread exists, so every thread inherits the mask.
+    if let Err(e) = vmm::event_loop::block_exit_signals() {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(2);
+    }
     // Join the cgroup first, so every thread started later is inside it.
     let mut cgroup = None;
     if let Some(name) = &args.cgroup {
@@ -147,34 +154,40 @@ fn run(args: &Args, t0: Instant) -> ExitCode {
         eprintln!("vmm: {e}");
         return ExitCode::from(1);
     }
+    let listener = match &args.socket {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            match UnixListener::bind(path) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!("vmm: binding {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        None => None,
+    };
+    let outcome = Server::new(vm, Box::new(make_sinks), Box::new(|_| {}))
+        .and_then(|server| vmm::event_loop::run(server, listener));
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
-        let listener = match UnixListener::bind(path) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("vmm: binding {}: {e}", path.display());
-                return ExitCode::from(2);
-            }
-        };
-        let server = Server::new(vm, Box::new(make_sinks), Box::new(|_| {}));
-        let r = server.serve(&listener, path);
-        let _ = std::fs::remove_file(path);
-        if let Err(e) = r {
-            eprintln!("vmm: {e}");
-            return ExitCode::from(1);
-        }
-        return ExitCode::SUCCESS;
     }
-    let Some(vm) = vm else {
-        return ExitCode::SUCCESS;
-    };
-    loop {
-        if let Ok(reason) = vm.wait_stopped(Duration::from_secs(3600)) {
+    match outcome {
+        Ok(Outcome::Shutdown) => ExitCode::SUCCESS,
+        Ok(Outcome::Signal(n)) => {
+            eprintln!("vmm: signal {n}: VM shut down");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::VmStopped(reason)) => {
             eprintln!("vmm: VM stopped: {reason}");
-            return match reason {
+            match reason {
                 StopReason::Requested | StopReason::GuestExit(0) => ExitCode::SUCCESS,
                 _ => ExitCode::from(1),
-            };
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -1,0 +1,154 @@
+//! The `vmm` process's main loop, on event-manager: it accepts control
+//! connections, takes SIGTERM/SIGINT through a signalfd (so a governor can
+//! stop a VMM and still have it shut the VM down and remove its cgroup), and,
+//! without a control socket, ends when the VM stops on its own.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::Server;
+use crate::error::{Error, Result, StopReason};
+
+/// Why the main loop ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A `shutdown` request on the control socket.
+    Shutdown,
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// The VM stopped by itself (no control socket).
+    VmStopped(StopReason),
+}
+
+fn exit_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Block SIGTERM/SIGINT for this thread and every thread started after, so
+/// they arrive only through the loop's signalfd. Call first in `main`.
+pub fn block_exit_signals() -> Result<()> {
+    let set = exit_signals();
+    // SAFETY: valid set; no old mask wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Error::Io { what: "pthread_sigmask".into(), source: std::io::Error::from_raw_os_error(rc) });
+    }
+    Ok(())
+}
+
+struct Loop {
+    server: Arc<Server>,
+    listener: Option<UnixListener>,
+    sigfd: File,
+    stopped: Arc<EventFd>,
+    stop_reason: Arc<Mutex<Option<StopReason>>>,
+    outcome: Option<Outcome>,
+}
+
+impl MutEventSubscriber for Loop {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut add = |e: Events| {
+            if let Err(err) = ops.add(e) {
+                eprintln!("vmm: event loop registration failed: {err:?}");
+            }
+        };
+        if let Some(l) = &self.listener {
+            add(Events::new(l, EventSet::IN));
+        }
+        add(Events::new(&self.sigfd, EventSet::IN));
+        add(Events::new(self.stopped.as_ref(), EventSet::IN));
+        add(Events::new(self.server.wake_fd(), EventSet::IN));
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if self.listener.as_ref().is_some_and(|l| l.as_raw_fd() == fd) {
+            if let Some(Ok((conn, _))) = self.listener.as_ref().map(UnixListener::accept) {
+                if let Err(e) = self.server.spawn_conn(conn) {
+                    eprintln!("vmm: {e}");
+                }
+            }
+        } else if fd == self.sigfd.as_raw_fd() {
+            // struct signalfd_siginfo is 128 bytes; ssi_signo comes first.
+            let mut buf = [0u8; 128];
+            if self.sigfd.read_exact(&mut buf).is_ok() {
+                let signo = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as i32;
+                self.outcome = Some(Outcome::Signal(signo));
+            }
+        } else if fd == self.stopped.as_raw_fd() {
+            let _ = self.stopped.read();
+            let reason = self.stop_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            self.outcome = Some(Outcome::VmStopped(reason.unwrap_or(StopReason::Requested)));
+        } else if fd == self.server.wake_fd().as_raw_fd() {
+            let _ = self.server.wake_fd().read();
+            if self.server.exiting() {
+                self.outcome = Some(Outcome::Shutdown);
+            }
+        }
+    }
+}
+
+/// Run until shutdown, a signal, or (without a listener) the VM stopping.
+/// The VM is shut down before this returns.
+pub fn run(server: Arc<Server>, listener: Option<UnixListener>) -> Result<Outcome> {
+    let set = exit_signals();
+    // SAFETY: valid set; the new descriptor is owned by the File below.
+    let raw = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if raw < 0 {
+        return Err(Error::io("signalfd")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: raw is a fresh descriptor we own.
+    let sigfd = unsafe { File::from_raw_fd(raw) };
+    let stopped = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?);
+    let stop_reason = Arc::new(Mutex::new(None));
+    if listener.is_none() {
+        // Without a control socket the process lives as long as its VM.
+        let (srv, evt, slot) = (server.clone(), stopped.clone(), stop_reason.clone());
+        std::thread::Builder::new()
+            .name("vm-watch".into())
+            .spawn(move || loop {
+                let Some(vm) = srv.current_vm() else { return };
+                if let Ok(r) = vm.wait_stopped(Duration::from_secs(3600)) {
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                    let _ = evt.write(1);
+                    return;
+                }
+            })
+            .map_err(Error::io("spawning the VM watcher"))?;
+    }
+    let lp =
+        Arc::new(Mutex::new(Loop { server: server.clone(), listener, sigfd, stopped, stop_reason, outcome: None }));
+    let mut em: EventManager<Arc<Mutex<Loop>>> =
+        EventManager::new().map_err(|e| Error::Protocol(format!("event manager: {e:?}")))?;
+    em.add_subscriber(lp.clone());
+    let outcome = loop {
+        if let Err(e) = em.run() {
+            // EINTR from the vCPU kick signal is harmless; anything else is not.
+            if !matches!(e, event_manager::Error::Epoll(ref err) if err.errno() == libc::EINTR) {
+                return Err(Error::Protocol(format!("event loop: {e:?}")));
+            }
+        }
+        if let Some(o) = lp.lock().unwrap_or_else(|p| p.into_inner()).outcome.take() {
+            break o;
+        }
+    };
+    if outcome != Outcome::Shutdown {
+        let _ = server.handle(&json!({"cmd": "shutdown"}));
+    }
+    Ok(outcome)
+}
