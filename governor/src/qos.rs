@@ -96,40 +96,29 @@ fn err(field: &str, reason: impl Into<String>) -> LimitError {
     LimitError { field: field.to_string(), reason: reason.into() }
 }
 
-fn parse_rate(q: &Quantity) -> Result<u64, String> {
-    match q {
-        Quantity::Number(n) => Ok(*n),
-        Quantity::Text(t) => {
-            let t = t.trim().to_ascii_lowercase();
-            let (num, mult) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)]
-                .iter()
-                .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
-                .unwrap_or((t.clone(), 1.0));
-            let v: f64 = num.parse().map_err(|_| format!("{t:?} is not a rate (e.g. 100mbit)"))?;
-            if !v.is_finite() || v < 0.0 {
-                return Err(format!("{t:?} is not a rate"));
-            }
-            Ok((v * mult).round() as u64)
-        }
+/// A number with an optional unit suffix (the first matching suffix of
+/// `units` wins, so longer ones come first); `what` names the kind for
+/// errors.
+fn parse_quantity(q: &Quantity, units: &[(&str, f64)], what: &str) -> Result<u64, String> {
+    let t = match q {
+        Quantity::Number(n) => return Ok(*n),
+        Quantity::Text(t) => t.trim().to_ascii_lowercase(),
+    };
+    let (num, mult) =
+        units.iter().find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim(), *m))).unwrap_or((t.as_str(), 1.0));
+    match num.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * mult).round() as u64),
+        _ => Err(format!("{t:?} is not {what}")),
     }
 }
 
+fn parse_rate(q: &Quantity) -> Result<u64, String> {
+    parse_quantity(q, &[("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)], "a rate (e.g. 100mbit)")
+}
+
 fn parse_bytes(q: &Quantity) -> Result<u64, String> {
-    match q {
-        Quantity::Number(n) => Ok(*n),
-        Quantity::Text(t) => {
-            let t = t.trim().to_ascii_lowercase();
-            let (num, mult) = [("gb", 1u64 << 30), ("mb", 1 << 20), ("kb", 1 << 10), ("b", 1)]
-                .iter()
-                .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
-                .unwrap_or((t.clone(), 1));
-            let v: f64 = num.parse().map_err(|_| format!("{t:?} is not a size (e.g. 64kb)"))?;
-            if !v.is_finite() || v < 0.0 {
-                return Err(format!("{t:?} is not a size"));
-            }
-            Ok((v * mult as f64).round() as u64)
-        }
-    }
+    let k = 1024.0;
+    parse_quantity(q, &[("gb", k * k * k), ("mb", k * k), ("kb", k), ("b", 1.0)], "a size (e.g. 64kb)")
 }
 
 impl LimitSpec {

@@ -148,36 +148,16 @@ impl Telemetry {
         }
 
         for (tp, _) in RAW_TRACEPOINTS {
-            let p: &mut aya::programs::RawTracePoint = ebpf
-                .program_mut(tp)
-                .ok_or(TelemetryError::Missing(tp))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name: tp, source })?;
-            p.load().map_err(|source| TelemetryError::Program { name: tp, source })?;
+            let p: &mut aya::programs::RawTracePoint = load_and_pin(&mut ebpf, tp, pin_dir)?;
             p.attach(tp).map_err(|source| TelemetryError::Program { name: tp, source })?;
-            let path = pin_dir.join(format!("prog_{tp}"));
-            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
         }
         for (prog, category, event) in TRACEPOINTS {
-            let p: &mut TracePoint = ebpf
-                .program_mut(prog)
-                .ok_or(TelemetryError::Missing(prog))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name: prog, source })?;
-            p.load().map_err(|source| TelemetryError::Program { name: prog, source })?;
+            let p: &mut TracePoint = load_and_pin(&mut ebpf, prog, pin_dir)?;
             p.attach(category, event).map_err(|source| TelemetryError::Program { name: prog, source })?;
-            let path = pin_dir.join(format!("prog_{prog}"));
-            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
         }
+        // The classifiers are attached per interface (attach_interface).
         for prog in ["tc_ingress", "tc_egress"] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(prog)
-                .ok_or(TelemetryError::Missing(prog))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name: prog, source })?;
-            p.load().map_err(|source| TelemetryError::Program { name: prog, source })?;
-            let path = pin_dir.join(format!("prog_{prog}"));
-            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
+            let _: &mut SchedClassifier = load_and_pin(&mut ebpf, prog, pin_dir)?;
         }
 
         let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(TelemetryError::Missing(name));
@@ -362,6 +342,44 @@ impl Drop for Telemetry {
         let _ = fs::remove_dir_all(&self.pin_dir);
     }
 }
+
+/// Load program `name` of the object into the kernel and pin it as
+/// `prog_<name>` (so `bpftool prog show pinned` finds it).
+fn load_and_pin<'a, P>(ebpf: &'a mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<&'a mut P, TelemetryError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    P: ProgramLoad,
+{
+    let p: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(TelemetryError::Missing(name))?
+        .try_into()
+        .map_err(|source| TelemetryError::Program { name, source })?;
+    p.load_program().map_err(|source| TelemetryError::Program { name, source })?;
+    let path = pin_dir.join(format!("prog_{name}"));
+    p.pin_program(&path).map_err(|source| TelemetryError::Pin { path, source })?;
+    Ok(p)
+}
+
+/// The load/pin calls aya's program types each have (not a trait there).
+trait ProgramLoad {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+    fn pin_program(&mut self, path: &Path) -> Result<(), aya::pin::PinError>;
+}
+
+macro_rules! program_load {
+    ($($t:ty),*) => {$(
+        impl ProgramLoad for $t {
+            fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+            fn pin_program(&mut self, path: &Path) -> Result<(), aya::pin::PinError> {
+                self.pin(path)
+            }
+        }
+    )*};
+}
+program_load!(aya::programs::RawTracePoint, TracePoint, SchedClassifier);
 
 fn add_cgroup(a: &mut CgroupStats, v: &CgroupStats) {
     a.on_cpu_ns += v.on_cpu_ns;
