@@ -396,6 +396,35 @@ mod tests {
         assert_eq!(parse_stat("usage_usec x", "usage_usec"), None);
     }
 
+    /// A pure cgroup v2 host, as files: memory and CPU come from the
+    /// unified hierarchy's own files, limits go to cpu.max / memory.max.
+    #[test]
+    fn pure_v2_files() {
+        let root = std::env::temp_dir().join(format!("governor-cg-v2-{}", std::process::id()));
+        let dir = root.join("machine/web");
+        fs::create_dir_all(dir.join("child")).expect("tmp tree");
+        fs::write(dir.join("memory.current"), "10485760\n").expect("w");
+        fs::write(dir.join("memory.stat"), "anon 4194304\nfile 6291456\ninactive_file 2097152\npgfault 1234\n")
+            .expect("w");
+        fs::write(dir.join("cpu.stat"), "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n").expect("w");
+        let layout = Layout { unified: root.clone(), hybrid: false };
+        let cg = layout.open("machine/web").expect("open");
+        let m = cg.memory().expect("read").expect("v2 memory files present");
+        assert_eq!(m.usage_bytes, 10 << 20);
+        assert_eq!(m.working_set_bytes, 8 << 20);
+        assert_eq!(m.resident_bytes, 4 << 20);
+        assert_eq!(m.pgfault, 1234);
+        assert_eq!(cg.cpu_usage_ns().expect("cpu"), 2_500_000_000);
+        cg.set_cpu_quota(50_000, 100_000).expect("quota");
+        assert_eq!(fs::read_to_string(dir.join("cpu.max")).expect("r"), "50000 100000");
+        cg.set_memory_limit(1 << 30).expect("limit");
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).expect("r"), "1073741824");
+        assert_eq!(cg.subtree_ids().expect("ids").len(), 2, "the cgroup and its child");
+        assert_eq!(cg.procs_files(), vec![dir.join("cgroup.procs")]);
+        assert!(matches!(layout.open("machine/none"), Err(CgroupError::Missing { .. })));
+        let _ = fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn layout_of_this_host() {
         // Every supported host has a cgroup2 mount; this also checks the

@@ -4,8 +4,9 @@
 //! into their own network namespace, joined by a bridge in the root
 //! namespace (traffic never leaves namespaces the demo created):
 //!
-//! - `web` (user VM): an iperf3 server, receiving ~200 Mbit/s;
-//! - `batch` (user VM, 80% CPU quota): two CPU hogs and the iperf3 client;
+//! - `web` (user VM): an iperf3 server;
+//! - `batch` (user VM, 80% CPU quota): two CPU hogs and the iperf3 client
+//!   offering 200 Mbit/s, its egress policed to 100 Mbit/s;
 //! - `mc-log` (management VM): holds 64 MiB and does a little work.
 //!
 //! Everything is removed when the demo ends, also on Ctrl-C.
@@ -80,6 +81,15 @@ impl Demo {
             d.cgroups.push(cg);
         }
         d.cgroups[1].set_cpu_quota(80_000, 100_000)?;
+        // batch sends 200 Mbit/s; its egress is policed to 100 Mbit/s.
+        d.config.vms[1].qos.egress = Some(crate::qos::LimitSpec {
+            mode: crate::qos::Mode::Police,
+            rate: crate::qos::Quantity::Text("100mbit".into()),
+            burst: crate::qos::Quantity::Text("3mb".into()),
+            packet_rate: None,
+        });
+        d.config.metrics_addr = "127.0.0.1:9477".parse().ok();
+        d.config.qos_ifb = format!("gdifb{tag}");
 
         let web_ns = d.netns[0].clone();
         let batch_ns = d.netns[1].clone();
