@@ -36,11 +36,19 @@ pub fn is_pure_v2() -> bool {
     Path::new(ROOT).join("cgroup.controllers").exists()
 }
 
+fn pure_v2_at(root: &Path) -> bool {
+    root.join("cgroup.controllers").exists()
+}
+
 impl CardCgroup {
     /// The layout a cgroup named `name` has (or would have) on this machine.
     pub fn locate(name: &str) -> CardCgroup {
-        let root = Path::new(ROOT);
-        let layout = if is_pure_v2() {
+        Self::locate_in(Path::new(ROOT), name)
+    }
+
+    /// `locate` under another cgroup root (tests use a scratch directory).
+    pub fn locate_in(root: &Path, name: &str) -> CardCgroup {
+        let layout = if pure_v2_at(root) {
             Layout::V2 { dir: root.join(name) }
         } else {
             let unified = root.join("unified");
@@ -67,13 +75,17 @@ impl CardCgroup {
 
     /// Create the cgroup (idempotent) with `cpus` CPUs of quota and `mem_bytes` of memory.
     pub fn create(name: &str, cpus: f64, mem_bytes: u64) -> io::Result<CardCgroup> {
-        let cg = CardCgroup::locate(name);
+        Self::create_in(Path::new(ROOT), name, cpus, mem_bytes)
+    }
+
+    pub fn create_in(root: &Path, name: &str, cpus: f64, mem_bytes: u64) -> io::Result<CardCgroup> {
+        let cg = CardCgroup::locate_in(root, name);
         let period = 100_000u64;
         let quota = ((cpus * period as f64) as u64).max(1000);
         match &cg.layout {
             Layout::V2 { dir } => {
                 // Enable the controllers for children of the root; harmless if already on.
-                let _ = write(&Path::new(ROOT).join("cgroup.subtree_control"), "+cpu +memory");
+                let _ = write(&root.join("cgroup.subtree_control"), "+cpu +memory");
                 fs::create_dir_all(dir)?;
                 write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                 write(&dir.join("memory.max"), &mem_bytes.to_string())?;
@@ -194,5 +206,60 @@ impl CardCgroup {
             }
         }
         last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both layouts against scratch directories shaped like cgroupfs (this
+    //! machine is hybrid; the pure v2 path is exercised here only).
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("card-cg-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn pure_v2_sizing_and_accounting() {
+        let root = scratch("v2");
+        fs::write(root.join("cgroup.controllers"), "cpu memory\n").unwrap();
+        let cg = CardCgroup::create_in(&root, "card0", 1.5, 512 << 20).unwrap();
+        let Layout::V2 { dir } = &cg.layout else { panic!("expected v2: {:?}", cg.layout) };
+        assert_eq!(fs::read_to_string(dir.join("cpu.max")).unwrap(), "150000 100000");
+        assert_eq!(fs::read_to_string(dir.join("memory.max")).unwrap(), (512u64 << 20).to_string());
+        fs::write(dir.join("cpu.stat"), "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n").unwrap();
+        fs::write(dir.join("memory.current"), "4096\n").unwrap();
+        assert_eq!(cg.cpu_usage_ns().unwrap(), 2_500_000);
+        assert_eq!(cg.memory_bytes().unwrap(), 4096);
+        assert_eq!(cg.memory_peak().unwrap(), 4096, "no memory.peak: falls back to current");
+        assert_eq!(cg.memory_limit().unwrap(), 512 << 20);
+        assert_eq!(cg.cpu_capacity_ns().unwrap(), 1_500_000_000);
+        fs::write(dir.join("cpu.stat"), "user_usec 1\n").unwrap();
+        assert!(cg.cpu_usage_ns().is_err(), "cpu.stat without usage_usec is an error");
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn hybrid_sizing_and_accounting() {
+        let root = scratch("hybrid");
+        fs::create_dir_all(root.join("unified")).unwrap();
+        fs::write(root.join("unified/cgroup.procs"), "").unwrap();
+        let cg = CardCgroup::create_in(&root, "card0", 1.0, 256 << 20).unwrap();
+        let Layout::Hybrid { cpu, cpuacct, memory, unified } = &cg.layout else { panic!("expected hybrid") };
+        assert!(unified.as_ref().is_some_and(|u| u.is_dir()));
+        assert_eq!(fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap(), "100000");
+        fs::write(cpuacct.join("cpuacct.usage"), "123456789\n").unwrap();
+        fs::write(memory.join("memory.usage_in_bytes"), "8192\n").unwrap();
+        fs::write(memory.join("memory.max_usage_in_bytes"), "16384\n").unwrap();
+        assert_eq!(cg.cpu_usage_ns().unwrap(), 123_456_789);
+        assert_eq!(cg.memory_bytes().unwrap(), 8192);
+        assert_eq!(cg.memory_peak().unwrap(), 16384);
+        assert_eq!(cg.cpu_capacity_ns().unwrap(), 1_000_000_000);
+        fs::write(cpuacct.join("cpuacct.usage"), "garbage").unwrap();
+        assert!(cg.cpu_usage_ns().is_err());
+        let _ = fs::remove_dir_all(&root);
     }
 }
