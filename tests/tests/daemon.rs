@@ -195,3 +195,73 @@ fn wrong_configs_are_refused_whole() {
     let filters = run(Command::new("tc").args(["filter", "show", "dev", "lo", "ingress"]));
     assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "a refused config left a filter on lo");
 }
+
+/// Debian's Prometheus scrapes the governor's exposition and can query it.
+#[test]
+fn prometheus_scrapes_the_governor() {
+    require_root();
+    require_tool("prometheus");
+    require_tool("curl");
+    let cg = TestCgroup::new("prom");
+    let pins = PinDir::new();
+    let socket = std::env::temp_dir().join(format!("{}.sock", unique("gsock")));
+    let metrics_port = 30000 + (std::process::id() % 20000) + 1;
+    let prom_port = metrics_port + 1;
+    let cfg = Cfg::write(&format!(
+        "tick_ms = 200\npin_dir = {:?}\nsocket = {:?}\nmetrics_addr = \"127.0.0.1:{metrics_port}\"\n[[vm]]\nname = \"promvm\"\ncgroup = {:?}\n",
+        pins.0,
+        socket,
+        cg.cg.rel().to_string_lossy()
+    ));
+    let _hog = cg.spawn(&["sh", "-c", "while :; do :; done"]);
+    let _gov = Guarded(Some(
+        Command::new(governor_bin())
+            .args(["run", "--config"])
+            .arg(&cfg.path)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("governor"),
+    ));
+    let dir = std::env::temp_dir().join(unique("gprom"));
+    std::fs::create_dir_all(&dir).expect("prometheus dir");
+    struct RmDir(PathBuf);
+    impl Drop for RmDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _rm = RmDir(dir.clone());
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: governor\n    static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n"),
+    )
+    .expect("prometheus.yml");
+    let _prom = Guarded(Some(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus"),
+    ));
+    let url = format!("http://127.0.0.1:{prom_port}/api/v1/query?query=rate(governor_vm_cpu_usage_seconds_total%7Bvm%3D%22promvm%22%7D%5B5s%5D)");
+    let start = Instant::now();
+    let value = loop {
+        assert!(start.elapsed() < Duration::from_secs(40), "Prometheus never returned the governor's series");
+        std::thread::sleep(Duration::from_secs(1));
+        let Ok(out) = Command::new("curl").args(["-s", &url]).output() else { continue };
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        // {"status":"success","data":{"result":[{"metric":{...},"value":[t,"0.98"]}]}}
+        if let Some(v) = body.split("\"value\":[").nth(1).and_then(|r| r.split('"').nth(1)) {
+            if let Ok(v) = v.parse::<f64>() {
+                break v;
+            }
+        }
+    };
+    eprintln!("Prometheus: rate(governor_vm_cpu_usage_seconds_total{{vm=\"promvm\"}}[5s]) = {value:.3}");
+    // A busy loop uses at most one CPU (less on a loaded host); what matters
+    // is that the series is scraped, parsed and rising.
+    assert!(value > 0.05 && value < 1.1, "a busy loop's CPU rate, as Prometheus computes it: {value}");
+}

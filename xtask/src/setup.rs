@@ -25,6 +25,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("linux-perf", "perf bench sched pipe for the overhead benchmark"),
     ("procps", "ps/pgrep for the demo"),
     ("iputils-ping", "ping, for traffic and RTT in tests and benches"),
+    ("prometheus", "the real scraper the exporter is tested against"),
+    ("curl", "HTTP queries to Prometheus in tests"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
