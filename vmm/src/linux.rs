@@ -218,4 +218,37 @@ mod tests {
         let nul = "a\0b";
         assert!(load_linux(&m, &mut Cursor::new(&img), nul).is_err());
     }
+
+    /// The boot protocol set-up on real KVM: a tiny 64-bit "kernel" at CPL0
+    /// prints a line, checks that rsi points at a zero page with the boot
+    /// flag, and leaves through the exit port (code 1 if a check failed).
+    #[test]
+    fn a_synthetic_kernel_boots_at_cpl0_with_the_zero_page_in_rsi() {
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            panic!("/dev/kvm is not usable ({e}): this test needs KVM and root");
+        }
+        #[rustfmt::skip]
+        let code: [u8; 46] = [
+            0x66, 0xba, 0xf8, 0x03,                   // mov dx, 0x3f8
+            0xb0, b'L', 0xee,                         // mov al, 'L'; out dx, al
+            0xb0, b'\n', 0xee,                        // mov al, '\n'; out dx, al
+            0x48, 0x81, 0xfe, 0x00, 0x70, 0x00, 0x00, // cmp rsi, ZERO_PAGE
+            0x75, 0x13,                               // jne fail
+            0x66, 0x81, 0xbe, 0xfe, 0x01, 0x00, 0x00, 0x55, 0xaa, // cmp word [rsi+0x1fe], 0xaa55
+            0x75, 0x08,                               // jne fail
+            0x66, 0xba, 0x11, 0x05, 0xb0, 0x00, 0xee, // exit port <- 0
+            0xf4,                                     // hlt
+            0x66, 0xba, 0x11, 0x05, 0xb0, 0x01, 0xee, // fail: exit port <- 1
+            0xf4,
+        ];
+        let path = std::env::temp_dir().join(format!("vmm-synthetic-vmlinux-{}", std::process::id()));
+        std::fs::write(&path, synthetic_elf(&code)).expect("write image");
+        let vm = crate::Vm::create(&crate::VmConfig::linux(&path, 32, "console=ttyS0"), crate::Sinks::default());
+        let _ = std::fs::remove_file(&path);
+        let vm = vm.expect("create");
+        vm.start(false).expect("start");
+        let reason = vm.wait_stopped(std::time::Duration::from_secs(10)).expect("stops");
+        assert_eq!(reason, crate::StopReason::GuestExit(0), "console: {:?}", vm.console_lines());
+        assert_eq!(vm.console_lines(), vec!["L".to_string()]);
+    }
 }
