@@ -82,7 +82,7 @@ fn install_bpf_linker() -> Result<()> {
     sh(Command::new("cargo")
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
         .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
-        .args(["install", "--locked", "bpf-linker"])
+        .args(["install", "bpf-linker"])
         .args(["--version", &format!("~{BPF_LINKER_VERSION}")])
         .args(["--no-default-features", "--features", "llvm-22"]))
     .context("cargo install bpf-linker")
