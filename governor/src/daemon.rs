@@ -21,10 +21,12 @@ type Job = (Request, oneshot::Sender<Response>);
 
 /// Run until SIGINT/SIGTERM, or until `stop_after` when given.
 pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
-    let mut gov = Governor::new(&cfg).context("starting the governor")?;
-    tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
+    // The socket first: if another governor is serving it, stop before
+    // touching its pins.
     let listener = bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
+    let mut gov = Governor::new(&cfg).context("starting the governor")?;
+    tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     tokio::spawn(serve(listener, tx));
     let (metrics_tx, metrics_rx) = watch::channel(String::new());
