@@ -58,3 +58,28 @@ fn triple_fault_stops_that_vm() {
     let r = misbehave(op::TRIPLE_FAULT);
     assert!(matches!(r, StopReason::TripleFault { .. }), "reason: {r:?}");
 }
+
+#[test]
+fn wrong_register_width_stops_that_vm() {
+    let r = misbehave(op::BAD_WIDTH);
+    match &r {
+        StopReason::Device(msg) => assert!(msg.contains("width 8"), "message: {msg}"),
+        other => panic!("reason: {other:?}"),
+    }
+}
+
+#[test]
+fn a_vmm_process_with_a_crashed_guest_keeps_serving() {
+    require_kvm();
+    use serde_json::json;
+    let elf = guest_elf();
+    let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8"), "--mem-mib", "16"]);
+    let err = p.client.call(json!({"cmd": "request", "op": "triple_fault"})).expect_err("the VM stops");
+    assert!(err.to_string().contains("triple fault"), "{err}");
+    let s = p.call(json!({"cmd": "state"}));
+    assert!(s["state"]["Stopped"]["TripleFault"].is_object(), "state names the reason: {s}");
+    let again = p.client.call(json!({"cmd": "request", "op": "ping"})).expect_err("a stopped VM refuses");
+    assert!(again.to_string().contains("stopped"), "{again}");
+    assert!(p.child.try_wait().expect("wait").is_none(), "the process is still up");
+    p.call(json!({"cmd": "shutdown"}));
+}

@@ -46,6 +46,7 @@ pub fn op_code(name: &str) -> Option<u64> {
         "bad_mmio" => op::BAD_MMIO,
         "bad_descriptor" => op::BAD_DESCRIPTOR,
         "triple_fault" => op::TRIPLE_FAULT,
+        "bad_width" => op::BAD_WIDTH,
         "shutdown" => op::SHUTDOWN,
         _ => return None,
     })

@@ -65,6 +65,8 @@ pub mod op {
     pub const BAD_MMIO: u64 = 0x100;
     pub const BAD_DESCRIPTOR: u64 = 0x101;
     pub const TRIPLE_FAULT: u64 = 0x102;
+    /// An 8-byte access to a 32-bit virtio-mmio register.
+    pub const BAD_WIDTH: u64 = 0x104;
     /// Ask the VMM to stop the VM (exit port).
     pub const SHUTDOWN: u64 = 0x103;
 }

@@ -315,6 +315,10 @@ fn handle(req: [u64; 8]) {
             send(&counters(proto::KIND_RESPONSE, opcode, id, 0), Some(0xffff_ffff_f000));
             return;
         }
+        op::BAD_WIDTH => {
+            // SAFETY: deliberately the wrong width for the device window.
+            unsafe { read_volatile(proto::VIRTIO_MMIO_BASE as *const u64) }
+        }
         op::TRIPLE_FAULT => {
             // No IDT: the #UD escalates to a triple fault (a shutdown exit).
             // SAFETY: deliberate.
