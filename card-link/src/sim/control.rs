@@ -117,7 +117,12 @@ pub fn apply(card: &SimCard, v: &Value) -> Result<Value, String> {
                     card.faults.slow_ms.store(if on { ms } else { 0 }, Ordering::Relaxed);
                 }
                 "crash" => {
-                    // Die the way crashed firmware does: no cleanup, no goodbye.
+                    // Die the way crashed firmware does: no cleanup, no goodbye
+                    // (SIGKILL rather than abort, so no core file is left behind).
+                    // SAFETY: signalling ourselves.
+                    unsafe {
+                        libc::kill(libc::getpid(), libc::SIGKILL);
+                    }
                     std::process::abort();
                 }
                 other => return Err(format!("field fault: unknown fault {other:?} (stall, garbage, slow, crash)")),
