@@ -150,6 +150,19 @@ fn run_status_and_clean_shutdown() {
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert!(dump.contains("\"on_cpu_ns\"") && dump.contains("\"runq_hist\""), "bpftool dump lacks field names");
 
+    // A second governor on the same socket refuses to start and leaves the
+    // first one's pins alone.
+    let second =
+        Command::new(governor_bin()).args(["run", "--config"]).arg(&cfg.path).output().expect("second governor");
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another governor"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(pins.0.join("CGROUPS").exists(), "the first governor's pins are intact");
+    assert!(api::call(&socket, &Request::Status).expect("status").ok);
+
     // SIGTERM: exits cleanly, detaches, unpins, removes its socket.
     // SAFETY: plain kill(2) on our child.
     unsafe { libc::kill(gov.child().id() as i32, libc::SIGTERM) };
