@@ -150,6 +150,10 @@ pub struct Vm {
     /// Guest memory equals the last snapshot taken or restored, plus what
     /// the dirty log and the devices recorded since: diffs are possible.
     has_base: Mutex<bool>,
+    /// Serializes life-cycle changes (pause, resume, snapshot, shutdown),
+    /// so a resume from another control connection cannot run the guest
+    /// while a snapshot is reading its memory.
+    life: Mutex<()>,
 }
 
 /// Requests queued for a guest that has no free receive buffer.
@@ -262,6 +266,7 @@ impl Vm {
             next_id: AtomicU64::new(1),
             mem_size,
             has_base: Mutex::new(false),
+            life: Mutex::new(()),
         }
     }
 
@@ -385,6 +390,7 @@ impl Vm {
 
     /// Park the vCPU outside KVM_RUN with all in-flight I/O completed.
     pub fn pause(&self) -> Result<()> {
+        let _life = lock(&self.life);
         let mut ctl = lock(&self.sh.ctl);
         match &ctl.state {
             RunState::Paused => return Ok(()),
@@ -413,6 +419,7 @@ impl Vm {
     }
 
     pub fn resume(&self) -> Result<()> {
+        let _life = lock(&self.life);
         let mut ctl = lock(&self.sh.ctl);
         match &ctl.state {
             RunState::Running => return Ok(()),
@@ -429,6 +436,7 @@ impl Vm {
 
     /// Stop the VM and join its vCPU thread. Returns why it stopped.
     pub fn shutdown(&self) -> RunState {
+        let _life = lock(&self.life);
         self.sh.fail(StopReason::Requested);
         let t = lock(&self.thread).take();
         if let Some(t) = t {
@@ -499,6 +507,7 @@ impl Vm {
     /// previous snapshot (full or diff) taken or restored in this process.
     /// Restore with [`Vm::restore_chain`] from the base and every diff after it.
     pub fn snapshot_diff_to<W: Write>(&self, w: W) -> Result<u64> {
+        let _life = lock(&self.life);
         if !*lock(&self.has_base) {
             return Err(Error::State("without a base snapshot (take a full one first)".into()));
         }
@@ -539,6 +548,7 @@ impl Vm {
 
     /// Write a snapshot of the paused VM to a stream (e.g. a card-link channel).
     pub fn snapshot_to<W: Write>(&self, w: W) -> Result<u64> {
+        let _life = lock(&self.life);
         let st = self.paused_state()?;
         let n = snapshot::write_stream(w, &st, &self.sh.mem)?;
         self.new_base()?;
@@ -549,6 +559,7 @@ impl Vm {
     /// touched are holes). Written to a temporary name and renamed, so a VM
     /// that was restored from `path` keeps its private mapping of the old file.
     pub fn snapshot_to_file(&self, path: &Path) -> Result<u64> {
+        let _life = lock(&self.life);
         let st = self.paused_state()?;
         let n = snapshot::write_file(path, &st, &self.sh.mem)?;
         self.new_base()?;
