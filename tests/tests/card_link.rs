@@ -394,6 +394,52 @@ fn card_watchdog_reports_stall_and_recovery() {
     assert!(healthy, "expected recovery, got {v}");
 }
 
+#[test]
+fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
+    let s = sim();
+    let mut card = connect(&s, Duration::from_millis(300));
+    let faults = [
+        json!({"op": "fault", "fault": "garbage"}),
+        json!({"op": "fault", "fault": "slow", "slow_ms": 400}),
+        json!({"op": "fault", "fault": "stall"}),
+    ];
+    let clear = [
+        json!({"op": "fault", "fault": "garbage", "on": false}),
+        json!({"op": "fault", "fault": "slow", "on": false}),
+        json!({"op": "fault", "fault": "stall", "on": false}),
+    ];
+    let (mut ok, mut failed) = (0u32, 0u32);
+    let t0 = Instant::now();
+    for round in 0..12usize {
+        s.control(faults[round % 3].clone()).expect("inject");
+        for i in 0..20u64 {
+            let t = Instant::now();
+            let r = if i % 2 == 0 { card.echo(i, b"chaos").map(|_| ()) } else { card.registers().map(|_| ()) };
+            // Every call ends within its timeout, with a result or a typed error.
+            assert!(t.elapsed() < Duration::from_millis(900), "call took {:?}", t.elapsed());
+            match r {
+                Ok(()) => ok += 1,
+                Err(CardError::LinkBroken(_)) => panic!("link broke: the card never went silent"),
+                Err(_) => failed += 1,
+            }
+        }
+        s.control(clear[round % 3].clone()).expect("clear");
+    }
+    eprintln!("chaos: {ok} ok, {failed} typed errors in {:?}", t0.elapsed());
+    assert!(failed > 0, "faults had no effect");
+    // Calm again: the same link works, in order.
+    std::thread::sleep(Duration::from_millis(3 * PERIOD_MS));
+    card.check_health().expect("healthy after chaos");
+    let mut answered = 0;
+    for i in 0..50u64 {
+        if let Ok(m) = card.echo(1000 + i, b"after") {
+            assert_eq!(m.arg0, 1000 + i);
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 50, "commands lost after the chaos");
+}
+
 /// The management agent ELF that `cargo xtask build` produces (or $VMM_GUEST_ELF).
 fn guest_elf() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("VMM_GUEST_ELF") {
