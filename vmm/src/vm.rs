@@ -116,6 +116,8 @@ struct Ctl {
     /// Kernel thread id of the vCPU thread (for cgroup placement).
     os_tid: Option<libc::pid_t>,
     replies: HashMap<u64, Reply>,
+    /// Request ids someone waits for; other replies are dropped.
+    waiting: std::collections::HashSet<u64>,
     ready_at: Option<Instant>,
     last_log: Option<Reply>,
     logs: u64,
@@ -253,6 +255,7 @@ impl Vm {
                 tid: None,
                 os_tid: None,
                 replies: HashMap::new(),
+                waiting: std::collections::HashSet::new(),
                 ready_at,
                 last_log: None,
                 logs: 0,
@@ -357,6 +360,16 @@ impl Vm {
         w[word::OP] = op;
         w[word::ID] = id;
         w[word::ARG] = arg;
+        // Register before queueing: the reply may come back at once.
+        lock(&self.sh.ctl).waiting.insert(id);
+        let r = self.send_and_wait(id, &w, timeout);
+        let mut ctl = lock(&self.sh.ctl);
+        ctl.waiting.remove(&id);
+        ctl.replies.remove(&id);
+        r
+    }
+
+    fn send_and_wait(&self, id: u64, w: &[u64; 8], timeout: Duration) -> Result<Reply> {
         let pushed = {
             let mut dev = lock(&self.sh.dev);
             // A guest that stopped taking requests must not make us queue
@@ -364,7 +377,7 @@ impl Vm {
             if dev.console.pending_len() >= MAX_PENDING {
                 return Err(Error::State(format!("running but not taking requests ({MAX_PENDING} queued)")));
             }
-            dev.console.push_request(&self.sh.mem, Some(proto::encode(&w)))
+            dev.console.push_request(&self.sh.mem, Some(proto::encode(w)))
         };
         if let Err(e) = pushed {
             self.sh.fail(StopReason::Device(e.to_string()));
@@ -636,10 +649,8 @@ impl Shared {
             let w = proto::decode(f);
             let r = Reply::from_words(&w);
             match w[word::KIND] {
-                proto::KIND_RESPONSE => {
-                    if ctl.replies.len() > 1024 {
-                        ctl.replies.clear(); // nobody waits for these any more
-                    }
+                // Replies nobody waits for (timed out) are dropped.
+                proto::KIND_RESPONSE if ctl.waiting.contains(&r.id) => {
                     ctl.replies.insert(r.id, r);
                 }
                 proto::KIND_LOG => {
