@@ -69,7 +69,13 @@ fn pause_resume_keeps_state() {
     assert_eq!(a, b, "a paused guest makes no progress");
     assert!(vm.request(op::PING, 0, T).is_err(), "requests are refused while paused");
     vm.resume().expect("resume");
-    std::thread::sleep(Duration::from_millis(50));
+    // Wait for progress (bounded), rather than a fixed sleep a loaded
+    // machine may not honour.
+    let before = a.map_or(0, |l| l.log_seq);
+    let deadline = Instant::now() + T;
+    while vm.last_log().0.map_or(0, |l| l.log_seq) <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let r = vm.request(op::AUTO, 0, T).expect("auto off");
     assert!(r.log_seq > a.map_or(0, |l| l.log_seq), "progress after resume");
     vm.shutdown();

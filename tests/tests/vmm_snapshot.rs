@@ -48,7 +48,10 @@ fn snapshot_kill_restore_in_new_process_continues() {
         log_a.0.to_str().expect("utf-8"),
     ]);
     a.request("auto", 20_000);
-    std::thread::sleep(Duration::from_millis(300));
+    let deadline = std::time::Instant::now() + T;
+    while a.call(json!({"cmd": "state"}))["logs"].as_u64().unwrap_or(0) < 10 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     a.call(json!({"cmd": "pause"}));
     let before = a.call(json!({"cmd": "state"}));
     let seq_a = before["last_log"]["log_seq"].as_u64().expect("a log record before the snapshot");
@@ -59,7 +62,11 @@ fn snapshot_kill_restore_in_new_process_continues() {
 
     let mut b =
         VmmProc::spawn(&["--restore", snap.0.to_str().expect("utf-8"), "--log", log_b.0.to_str().expect("utf-8")]);
-    std::thread::sleep(Duration::from_millis(300));
+    // Let B make progress (bounded wait; a loaded machine may be slow).
+    let deadline = std::time::Instant::now() + T;
+    while b.call(json!({"cmd": "state"}))["logs"].as_u64().unwrap_or(0) < 10 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let r = b.request("auto", 0);
     let c = b.request("counters", 0);
     b.call(json!({"cmd": "shutdown"}));
