@@ -1,4 +1,4 @@
-//! The card's register layout, ABI 1.0 (see `card-link/ABI.md`, which this
+//! The card's register layout, ABI 1.1 (see `card-link/ABI.md`, which this
 //! file must match). BAR0 is a read-only register file: identity, ABI version,
 //! health and heartbeat, and one telemetry entry per card resource. The host
 //! reads it in one access of `BAR0_SNAPSHOT_LEN` bytes and decodes it here.
@@ -9,7 +9,12 @@ use crate::wire::{Reader, Writer};
 /// "MCCD" little endian: the first word of BAR0.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MCCD");
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 0;
+pub const ABI_MINOR: u16 = 1;
+
+/// Feature bits at BAR0 0x64 (ABI 1.1). Unknown bits are ignored by hosts.
+/// FUSED_DOORBELL: a request slot write whose header carries the RING flag
+/// also rings the doorbell (one vfio-user round trip less per command).
+pub const FEATURE_FUSED_DOORBELL: u32 = 1;
 
 /// VFIO region indices of the two BARs.
 pub const BAR0_INDEX: u32 = 0;
@@ -100,6 +105,8 @@ pub struct RegisterSnapshot {
     pub mailbox_slots: u32,
     pub mailbox_slot_size: u32,
     pub vm_count: u32,
+    /// Feature bits (ABI >= 1.1; 0 from a 1.0 card).
+    pub features: u32,
     pub resources: Vec<Resource>,
 }
 
@@ -122,7 +129,7 @@ impl RegisterSnapshot {
         w.u64(self.heartbeat).u32(self.heartbeat_period_ms).u32(self.health as u32);
         w.u64(self.card_time_ns);
         w.u32(self.resources.len().min(MAX_RESOURCES) as u32).u32(RESOURCE_STRIDE as u32);
-        w.u32(self.mailbox_slots).u32(self.mailbox_slot_size).u32(self.vm_count);
+        w.u32(self.mailbox_slots).u32(self.mailbox_slot_size).u32(self.vm_count).u32(self.features);
         w.pad_to(BAR0_HEADER_LEN);
         for r in self.resources.iter().take(MAX_RESOURCES) {
             w.u32(r.kind as u32).u32(0).u64(r.capacity).u64(r.used).u64(r.total).u64(0).u64(0);
@@ -207,6 +214,8 @@ impl RegisterSnapshot {
         if vm_count > crate::mailbox::MAX_VMS {
             return Err(CardError::Range { what: "vm count", value: vm_count as u64, range: "0..=256" });
         }
+        // Reserved (zero) in ABI 1.0, so a 1.0 card advertises no features.
+        let features = r.u32()?;
         let mut resources: Vec<Resource> = Vec::with_capacity(count);
         for i in 0..count {
             let mut e = Reader::at(body, BAR0_HEADER_LEN + i * stride, "resource entry");
@@ -240,6 +249,7 @@ impl RegisterSnapshot {
             mailbox_slots,
             mailbox_slot_size,
             vm_count,
+            features,
             resources,
         })
     }
@@ -330,6 +340,7 @@ mod tests {
             mailbox_slots: 4,
             mailbox_slot_size: crate::mailbox::DEFAULT_SLOT_SIZE,
             vm_count: 0,
+            features: 0,
             resources: vec![
                 Resource { kind: ResourceKind::Cpu, capacity: 1_000_000_000, used: 0, total: 5 },
                 Resource { kind: ResourceKind::Memory, capacity: 512 << 20, used: 1 << 20, total: 2 << 20 },

@@ -23,11 +23,14 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 pub struct CardOptions {
     /// Upper bound for one mailbox command (doorbell to response).
     pub command_timeout: Duration,
+    /// Ring the doorbell with its own write even if the card offers the
+    /// fused doorbell (for comparison and for 1.0 behaviour).
+    pub classic_doorbell: bool,
 }
 
 impl Default for CardOptions {
     fn default() -> Self {
-        CardOptions { command_timeout: Duration::from_secs(5) }
+        CardOptions { command_timeout: Duration::from_secs(5), classic_doorbell: false }
     }
 }
 
@@ -213,12 +216,18 @@ impl Card {
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
-        let req = Message::request(op, seq, vm, arg0, arg1, payload.to_vec());
+        let mut req = Message::request(op, seq, vm, arg0, arg1, payload.to_vec());
         let index = self.req_produced;
+        let fused = self.first.features & abi::FEATURE_FUSED_DOORBELL != 0 && !self.opts.classic_doorbell;
+        if fused {
+            req.ring = Some(index.wrapping_add(1));
+        }
         let off = mailbox::req_slot_offset(self.slots, self.slot_size, index);
         self.t.write(BAR2_INDEX, off, &req.encode())?;
         self.req_produced = self.req_produced.wrapping_add(1);
-        self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &self.req_produced.to_le_bytes())?;
+        if !fused {
+            self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &self.req_produced.to_le_bytes())?;
+        }
         let resp = match self.wait_response(index, seq, op, expect) {
             Err(e @ CardError::Timeout { .. }) => {
                 self.abandoned += 1;
@@ -462,6 +471,7 @@ mod tests {
             mailbox_slots: DEFAULT_SLOTS,
             mailbox_slot_size: DEFAULT_SLOT_SIZE,
             vm_count: 0,
+            features: 0,
             resources: vec![Resource { kind: ResourceKind::Cpu, capacity: 1_000_000_000, used: 0, total: 0 }],
         }
     }
@@ -521,7 +531,7 @@ mod tests {
             irq: None,
             firmware,
         };
-        Card::open(Box::new(fake), CardOptions { command_timeout: Duration::from_millis(150) })
+        Card::open(Box::new(fake), CardOptions { command_timeout: Duration::from_millis(150), classic_doorbell: false })
     }
 
     fn answer(f: impl Fn(&Message) -> Message + Send + 'static) -> Firmware {

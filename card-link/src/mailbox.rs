@@ -1,4 +1,4 @@
-//! The command mailbox in BAR2 (ABI 1.0, see ABI.md): a request ring and a
+//! The command mailbox in BAR2 (ABI 1.1, see ABI.md): a request ring and a
 //! response ring of fixed-size slots, producer/consumer counters, a doorbell,
 //! and a completion interrupt (an eventfd). This module holds the wire format
 //! of messages and payloads and their validating decoders; `card.rs` drives it.
@@ -29,6 +29,21 @@ pub const MAX_EVENT_MSG: usize = 1024;
 pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"MBOX");
 pub const MSG_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 48;
+pub const FLAG_RING: u16 = 1;
+/// Offsets of the flags and ring fields in the header (the card reads them
+/// straight from a slot write to see whether it rings the doorbell).
+pub const OFF_FLAGS: usize = 18;
+pub const OFF_RING: usize = 44;
+
+/// If `data`, written at the start of a request slot, is a header with the
+/// RING flag, the doorbell value it carries.
+pub fn fused_ring(data: &[u8]) -> Option<u32> {
+    let flags = u16::from_le_bytes([*data.get(OFF_FLAGS)?, *data.get(OFF_FLAGS + 1)?]);
+    if data.len() < HEADER_LEN || flags & FLAG_RING == 0 {
+        return None;
+    }
+    crate::wire::get_u32(data, OFF_RING)
+}
 
 /// Size of BAR2 for a geometry.
 pub fn bar2_size(slots: u32, slot_size: u32) -> u64 {
@@ -45,8 +60,9 @@ pub fn resp_slot_offset(slots: u32, slot_size: u32, index: u32) -> u64 {
 
 /// Mailbox geometry the host accepts from a card.
 pub fn check_geometry(slots: u32, slot_size: u32) -> Result<()> {
-    if !(1..=MAX_SLOTS).contains(&slots) {
-        return Err(CardError::Range { what: "mailbox slots", value: slots as u64, range: "1..=64" });
+    // A power of two, so `counter % slots` stays continuous when u32 counters wrap.
+    if !(1..=MAX_SLOTS).contains(&slots) || !slots.is_power_of_two() {
+        return Err(CardError::Range { what: "mailbox slots", value: slots as u64, range: "power of two, 1..=64" });
     }
     if !(4096..=MAX_SLOT_SIZE).contains(&slot_size) || !slot_size.is_multiple_of(8) {
         return Err(CardError::Range {
@@ -165,10 +181,14 @@ pub enum Kind {
 
 /// One mailbox message (request or response). Header layout (48 bytes):
 /// magic u32, version u8, kind u8, op u16, seq u32, vm u32, status u16,
-/// flags u16, payload_len u32, arg0 u64, arg1 u64, payload_crc u32, reserved u32.
+/// flags u16, payload_len u32, arg0 u64, arg1 u64, payload_crc u32, ring u32.
+/// Flag bit 0 (RING, requests only, ABI 1.1): this slot write also rings the
+/// doorbell, setting REQ_PRODUCED to `ring`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     pub kind: Kind,
+    /// Fused doorbell value (see above); None = ring separately.
+    pub ring: Option<u32>,
     pub op: Op,
     pub seq: u32,
     pub vm: u32,
@@ -180,11 +200,11 @@ pub struct Message {
 
 impl Message {
     pub fn request(op: Op, seq: u32, vm: u32, arg0: u64, arg1: u64, payload: Vec<u8>) -> Self {
-        Message { kind: Kind::Request, op, seq, vm, status: Status::Ok, arg0, arg1, payload }
+        Message { kind: Kind::Request, ring: None, op, seq, vm, status: Status::Ok, arg0, arg1, payload }
     }
 
     pub fn response_to(req: &Message, status: Status, arg0: u64, arg1: u64, payload: Vec<u8>) -> Self {
-        Message { kind: Kind::Response, op: req.op, seq: req.seq, vm: req.vm, status, arg0, arg1, payload }
+        Message { kind: Kind::Response, ring: None, op: req.op, seq: req.seq, vm: req.vm, status, arg0, arg1, payload }
     }
 
     pub fn encoded_len(&self) -> usize {
@@ -194,9 +214,9 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(self.encoded_len());
         w.u32(MSG_MAGIC).u8(MSG_VERSION).u8(self.kind as u8).u16(self.op as u16);
-        w.u32(self.seq).u32(self.vm).u16(self.status as u16).u16(0);
+        w.u32(self.seq).u32(self.vm).u16(self.status as u16).u16(u16::from(self.ring.is_some()) * FLAG_RING);
         w.u32(self.payload.len() as u32).u64(self.arg0).u64(self.arg1);
-        w.u32(crc32fast::hash(&self.payload)).u32(0);
+        w.u32(crc32fast::hash(&self.payload)).u32(self.ring.unwrap_or(0));
         w.bytes(&self.payload);
         w.buf
     }
@@ -230,7 +250,10 @@ impl Message {
         let status_raw = r.u16()?;
         let status = Status::from_u16(status_raw)
             .ok_or(CardError::Unknown { what: "mailbox status", value: status_raw as u64 })?;
-        let _flags = r.u16()?;
+        let flags = r.u16()?;
+        if flags & !FLAG_RING != 0 || (flags & FLAG_RING != 0 && kind != Kind::Request) {
+            return Err(CardError::Unknown { what: "mailbox flags", value: flags as u64 });
+        }
         let len = r.u32()? as usize;
         if len > max_payload {
             return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });
@@ -238,13 +261,14 @@ impl Message {
         let arg0 = r.u64()?;
         let arg1 = r.u64()?;
         let stated = r.u32()?;
-        let _reserved = r.u32()?;
+        let ring_raw = r.u32()?;
+        let ring = (flags & FLAG_RING != 0).then_some(ring_raw);
         let payload = r.bytes(len)?.to_vec();
         let computed = crc32fast::hash(&payload);
         if stated != computed {
             return Err(CardError::Checksum { what: "mailbox payload", stated, computed });
         }
-        Ok(Message { kind, op, seq, vm, status, arg0, arg1, payload })
+        Ok(Message { kind, ring, op, seq, vm, status, arg0, arg1, payload })
     }
 }
 
@@ -452,9 +476,24 @@ mod tests {
     }
 
     #[test]
+    fn fused_ring_round_trip() {
+        let mut m = Message::request(Op::Echo, 1, 0, 0, 0, vec![9]);
+        assert_eq!(fused_ring(&m.encode()), None);
+        m.ring = Some(77);
+        let b = m.encode();
+        assert_eq!(fused_ring(&b), Some(77));
+        assert_eq!(Message::decode(&b, 16).unwrap(), m);
+        assert_eq!(fused_ring(&b[..20]), None);
+        let mut resp = Message::response_to(&m, Status::Ok, 0, 0, vec![]).encode();
+        resp[OFF_FLAGS] = 1;
+        assert!(Message::decode(&resp, 16).is_err(), "RING on a response is refused");
+    }
+
+    #[test]
     fn geometry_is_checked() {
         assert!(check_geometry(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE).is_ok());
         assert!(check_geometry(0, DEFAULT_SLOT_SIZE).is_err());
+        assert!(check_geometry(3, DEFAULT_SLOT_SIZE).is_err());
         assert!(check_geometry(4, 100).is_err());
     }
 }

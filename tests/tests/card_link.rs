@@ -27,8 +27,12 @@ fn sim() -> SimProcess {
 }
 
 fn connect(sim: &SimProcess, cmd_timeout: Duration) -> Card {
-    card_link::connect_vfio_user(sim.socket_path(), LINK_TIMEOUT, CardOptions { command_timeout: cmd_timeout })
-        .expect("connect to card-sim")
+    card_link::connect_vfio_user(
+        sim.socket_path(),
+        LINK_TIMEOUT,
+        CardOptions { command_timeout: cmd_timeout, ..Default::default() },
+    )
+    .expect("connect to card-sim")
 }
 
 #[test]
@@ -67,6 +71,18 @@ fn card_mailbox_1000_commands_in_order() {
         card.read_events(0, 256).expect("events").into_iter().filter(|e| e.message.contains("refused")).collect();
     assert!(refusals.is_empty(), "card refused commands: {refusals:?}");
     assert!(t.elapsed() < Duration::from_secs(1));
+    // The same through the doorbell register (ABI 1.0 style), on a new link.
+    assert!(
+        card.identity().features & card_link::abi::FEATURE_FUSED_DOORBELL != 0,
+        "card-sim offers the fused doorbell"
+    );
+    drop(card);
+    let opts = CardOptions { command_timeout: Duration::from_secs(2), classic_doorbell: true };
+    let mut card = card_link::connect_vfio_user(s.socket_path(), LINK_TIMEOUT, opts).expect("reconnect");
+    for i in 0..200u64 {
+        let m = card.echo(5000 + i, &i.to_be_bytes()).unwrap_or_else(|e| panic!("classic command {i}: {e}"));
+        assert_eq!(m.arg0, 5000 + i, "classic command {i} answered out of order");
+    }
 }
 
 #[test]

@@ -38,6 +38,8 @@ pub struct SimConfig {
     pub load_threads: usize,
     pub slots: u32,
     pub slot_size: u32,
+    /// Offer the fused doorbell (ABI 1.1 feature bit 0).
+    pub fused_doorbell: bool,
 }
 
 impl SimConfig {
@@ -52,6 +54,7 @@ impl SimConfig {
             load_threads: 1,
             slots: mailbox::DEFAULT_SLOTS,
             slot_size: mailbox::DEFAULT_SLOT_SIZE,
+            fused_doorbell: true,
         }
     }
 }
@@ -251,6 +254,7 @@ impl SimCard {
             mailbox_slots: self.cfg.slots,
             mailbox_slot_size: self.cfg.slot_size,
             vm_count,
+            features: if self.cfg.fused_doorbell { abi::FEATURE_FUSED_DOORBELL } else { 0 },
             resources: vec![
                 Resource {
                     kind: ResourceKind::Fpga,
@@ -535,6 +539,22 @@ impl SimCard {
     }
 }
 
+/// A request written with the RING flag rings the doorbell, if its value is
+/// the next count for exactly this slot and within the ring; otherwise the
+/// write is only data (a host that lies about it just times out).
+fn fused_doorbell(bar2: &mut [u8], data: &[u8], slot: u64, slots: u32) -> bool {
+    let Some(ring) = mailbox::fused_ring(data) else { return false };
+    let reg = |off: u64| crate::wire::get_u32(bar2, off as usize).unwrap_or(0);
+    let (produced, consumed) = (reg(mailbox::REG_REQ_PRODUCED), reg(mailbox::REG_REQ_CONSUMED));
+    let ahead = ring.wrapping_sub(consumed);
+    let fits = (1..=slots).contains(&ahead) && (ring.wrapping_sub(1) % slots) as u64 == slot;
+    if !fits || ring.wrapping_sub(produced) as i32 <= 0 {
+        return false;
+    }
+    crate::wire::put_u32(bar2, mailbox::REG_REQ_PRODUCED as usize, ring);
+    true
+}
+
 /// Commands cheap enough to answer on the vfio-user thread.
 fn quick(op: Op) -> bool {
     matches!(op, Op::Echo | Op::ListVms | Op::ReadEvents | Op::SnapshotRead | Op::RestoreBegin | Op::RestoreWrite)
@@ -586,8 +606,15 @@ impl ServerBackend for Backend {
         if !(doorbell || consumed || in_ring) {
             return Err(einval(format!("write {offset:#x}+{} is not host-writable", data.len())));
         }
-        lock(&c.bar2)[offset as usize..end as usize].copy_from_slice(data);
-        if doorbell {
+        let mut ring = doorbell;
+        {
+            let mut b = lock(&c.bar2);
+            b[offset as usize..end as usize].copy_from_slice(data);
+            if in_ring && c.cfg.fused_doorbell && (offset - mailbox::RINGS_OFFSET).is_multiple_of(slot_size) {
+                ring = fused_doorbell(&mut b, data, (offset - mailbox::RINGS_OFFSET) / slot_size, slots as u32);
+            }
+        }
+        if ring {
             c.ring_doorbell();
         }
         Ok(())
