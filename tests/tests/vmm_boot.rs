@@ -51,6 +51,13 @@ fn request_response_round_trip() {
     assert_eq!((c.work, c.log_seq, c.requests), (50_000, 50, 52));
     let (last, logs) = vm.last_log();
     assert_eq!(logs, 50);
+    let st = vm.stats();
+    assert_eq!(st.logs, 50);
+    // Every reply and log record is one transmit notify (an MMIO exit), and
+    // the banner alone is 15 serial writes.
+    assert!(st.mmio_exits >= 102, "{st:?}");
+    assert!(st.pio_exits >= BANNER.len() as u64 + 1, "{st:?}");
+    assert!(st.guest_resident_bytes > 0 && st.guest_resident_bytes <= 32 << 20, "{st:?}");
     assert_eq!(last.map(|l| l.log_seq), Some(50));
     vm.shutdown();
 }

@@ -14,7 +14,7 @@
 //! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot) | `bytes`, `snapshot_ms` |
 //! | `request` | `op` (`ping`, `step`, `counters`, `auto`, `touch`, `checksum`, `bad_mmio`, `bad_descriptor`, `triple_fault`, `shutdown`), `arg` | `reply` |
 //! | `state` | | `state`, `last_log`, `logs` |
-//! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid` |
+//! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid`, `vm` (exit and log counters) |
 //! | `shutdown` | | `state` (the process exits after replying) |
 //!
 //! Every reply has `ok`; failures carry `error` with the typed error's text.
@@ -206,6 +206,7 @@ impl Server {
                     "rss_bytes": self_rss(),
                     "guest_resident_bytes": vm.guest_resident_bytes(),
                     "vcpu_tid": vm.vcpu_tid(),
+                    "vm": vm.stats(),
                 })
             }
             "shutdown" => {

@@ -13,7 +13,7 @@ pub mod virtio;
 pub mod vm;
 
 pub use error::{Error, Result, StopReason};
-pub use vm::{Reply, RunState, Sinks, Vm, VmConfig};
+pub use vm::{Reply, RunState, Sinks, Vm, VmConfig, VmStats};
 pub mod cgroup;
 pub mod control;
 pub mod event_loop;

@@ -136,6 +136,33 @@ struct Shared {
     ctl: Mutex<Ctl>,
     cv: Condvar,
     log: Mutex<Option<Box<dyn Write + Send>>>,
+    exits: ExitCounters,
+}
+
+/// vCPU exits by kind, for status monitoring.
+#[derive(Default)]
+struct ExitCounters {
+    pio: AtomicU64,
+    mmio: AtomicU64,
+    idle: AtomicU64,
+    interrupted: AtomicU64,
+}
+
+/// Counters of one VM, as reported to status monitoring.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmStats {
+    /// Port I/O exits (serial, idle and exit ports).
+    pub pio_exits: u64,
+    /// MMIO exits (the virtio window).
+    pub mmio_exits: u64,
+    /// Times the agent parked on the idle port.
+    pub idle_exits: u64,
+    /// KVM_RUN returns caused by kicks (pause, stop).
+    pub interrupted: u64,
+    /// Log records received from the agent by this process.
+    pub logs: u64,
+    /// Guest RAM pages backed on the host, in bytes.
+    pub guest_resident_bytes: u64,
 }
 
 /// Take a lock even if a thread panicked while holding it: the state
@@ -262,6 +289,7 @@ impl Vm {
             }),
             cv: Condvar::new(),
             log: Mutex::new(log),
+            exits: ExitCounters::default(),
         };
         Vm {
             sh: Arc::new(sh),
@@ -691,6 +719,15 @@ enum Next {
 }
 
 fn handle_exit(sh: &Shared, exit: VcpuExit<'_>) -> Next {
+    let counter = match &exit {
+        VcpuExit::IoOut(..) | VcpuExit::IoIn(..) => Some(&sh.exits.pio),
+        VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => Some(&sh.exits.mmio),
+        VcpuExit::Intr => Some(&sh.exits.interrupted),
+        _ => None,
+    };
+    if let Some(c) = counter {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
     match exit {
         VcpuExit::IoOut(port, data) => {
             let byte = data.first().copied().unwrap_or(0);
@@ -806,12 +843,16 @@ fn run(sh: &Shared) -> StopReason {
         }
         let next = match vcpu.run() {
             Ok(exit) => handle_exit(sh, exit),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                sh.exits.interrupted.fetch_add(1, Ordering::Relaxed);
+                Next::Continue
+            }
             Err(e) => Next::Stop(StopReason::Run(e.to_string())),
         };
         match next {
             Next::Continue => {}
             Next::Idle => {
+                sh.exits.idle.fetch_add(1, Ordering::Relaxed);
                 if let Err(e) = lock(&sh.dev).console.push_request(&sh.mem, None) {
                     return StopReason::Device(e.to_string());
                 }
@@ -827,6 +868,19 @@ fn run(sh: &Shared) -> StopReason {
 }
 
 impl Vm {
+    /// Exit and log counters, for status monitoring.
+    pub fn stats(&self) -> VmStats {
+        let e = &self.sh.exits;
+        VmStats {
+            pio_exits: e.pio.load(Ordering::Relaxed),
+            mmio_exits: e.mmio.load(Ordering::Relaxed),
+            idle_exits: e.idle.load(Ordering::Relaxed),
+            interrupted: e.interrupted.load(Ordering::Relaxed),
+            logs: lock(&self.sh.ctl).logs,
+            guest_resident_bytes: self.guest_resident_bytes(),
+        }
+    }
+
     /// Guest RAM pages currently backed on the host (mincore), in bytes.
     pub fn guest_resident_bytes(&self) -> u64 {
         self.sh
