@@ -1,14 +1,17 @@
 //! card-sim: a process that plays the management-and-control board card.
-//! `device` serves the PCI function over vfio-user, `control` takes ECS
+//! `device` holds the card's state and threads, `pci` serves it over
+//! vfio-user, `commands` executes mailbox ops, `control` takes ECS
 //! service requests, load and faults, `cgroup` sizes and measures the card,
 //! `load`/`fpga` make real and modelled work, `vms` is the card-side VMM
 //! seam, and `process` launches card-sim for tests and benchmarks.
 
 pub mod cgroup;
+mod commands;
 pub mod control;
 pub mod device;
 pub mod fpga;
 pub mod load;
+mod pci;
 pub mod process;
 pub mod vmm_backend;
 pub mod vms;

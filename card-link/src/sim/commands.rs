@@ -1,0 +1,238 @@
+//! The card's command handlers: what each mailbox op does to the card's VM
+//! table and event log, and the ECS control service's create/destroy, which
+//! go through the same handlers.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::device::{lock, SimCard};
+use super::vms::{ManagedVm, VmBackend};
+use crate::mailbox::{self, Event, Message, Op, Status, VmInfo, VmSpec, VmState, HEADER_LEN};
+
+pub(super) struct VmEntry {
+    spec: VmSpec,
+    state: VmState,
+    vm: Box<dyn ManagedVm>,
+    snapshot: Option<Vec<u8>>,
+}
+
+pub(super) struct Restore {
+    spec: VmSpec,
+    size: u64,
+    data: Vec<u8>,
+}
+
+pub(super) struct VmTable {
+    backend: Box<dyn VmBackend>,
+    next_id: u32,
+    vms: BTreeMap<u32, VmEntry>,
+    restores: BTreeMap<u32, Restore>,
+}
+
+pub(super) const EVENT_CAP: usize = 4096;
+
+#[derive(Default)]
+pub(super) struct EventLog {
+    next_seq: u64,
+    entries: VecDeque<Event>,
+}
+
+impl VmTable {
+    pub(super) fn new(backend: Box<dyn VmBackend>) -> VmTable {
+        VmTable { backend, next_id: 1, vms: BTreeMap::new(), restores: BTreeMap::new() }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.vms.len()
+    }
+
+    /// Console lines of every VM since the last call, with the VM id.
+    pub(super) fn take_consoles(&mut self) -> Vec<(u32, String)> {
+        self.vms.iter_mut().flat_map(|(id, e)| e.vm.take_console().into_iter().map(move |l| (*id, l))).collect()
+    }
+}
+
+impl EventLog {
+    pub(super) fn new() -> EventLog {
+        EventLog { next_seq: 1, entries: VecDeque::new() }
+    }
+
+    pub(super) fn push(&mut self, time_ns: u64, vm: u32, level: u16, message: String) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.entries.push_back(Event { seq, time_ns, vm, level, message });
+        while self.entries.len() > EVENT_CAP {
+            self.entries.pop_front();
+        }
+    }
+}
+
+impl SimCard {
+    pub(super) fn handle(&self, m: &Message, max_payload: usize) -> Message {
+        match self.execute(m, max_payload) {
+            Ok((a0, a1, p)) => Message::response_to(m, Status::Ok, a0, a1, p),
+            Err((st, why)) => {
+                self.log(m.vm, 3, format!("{} refused: {why}", m.op.name()));
+                Message::response_to(m, st, 0, 0, why.into_bytes())
+            }
+        }
+    }
+
+    fn execute(&self, m: &Message, max_payload: usize) -> Result<(u64, u64, Vec<u8>), (Status, String)> {
+        let bad = |s: String| (Status::BadRequest, s);
+        let no_vm = || (Status::NoSuchVm, format!("no VM {}", m.vm));
+        let vmerr = |s: String| (Status::Internal, s);
+        match m.op {
+            Op::Echo => Ok((m.arg0, m.arg1, m.payload.clone())),
+            Op::Start => {
+                let spec = VmSpec::decode(&m.payload).map_err(|e| bad(e.to_string()))?;
+                let mut t = lock(&self.vms);
+                if t.vms.len() >= mailbox::MAX_VMS as usize {
+                    return Err((Status::Busy, "VM table full".into()));
+                }
+                if t.vms.values().any(|e| e.spec.name == spec.name) {
+                    return Err((Status::Exists, format!("VM {} exists", spec.name)));
+                }
+                let id = t.next_id;
+                t.next_id += 1;
+                let vm = t.backend.start(id, &spec).map_err(vmerr)?;
+                t.vms.insert(id, VmEntry { spec: spec.clone(), state: VmState::Running, vm, snapshot: None });
+                drop(t);
+                self.log(id, 1, format!("started VM {} ({} MiB)", spec.name, spec.mem_mib));
+                self.drain_consoles();
+                Ok((id as u64, 0, Vec::new()))
+            }
+            Op::Stop => {
+                let mut e = lock(&self.vms).vms.remove(&m.vm).ok_or_else(no_vm)?;
+                let r = e.vm.stop();
+                for l in e.vm.take_console() {
+                    self.log(m.vm, 2, l);
+                }
+                r.map_err(vmerr)?;
+                self.log(m.vm, 1, format!("stopped VM {}", e.spec.name));
+                Ok((0, 0, Vec::new()))
+            }
+            Op::Pause | Op::Resume => {
+                let mut t = lock(&self.vms);
+                let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
+                if m.op == Op::Pause {
+                    e.vm.pause().map_err(vmerr)?;
+                    e.state = VmState::Paused;
+                } else {
+                    e.vm.resume().map_err(vmerr)?;
+                    e.state = VmState::Running;
+                    e.snapshot = None;
+                }
+                Ok((0, 0, Vec::new()))
+            }
+            Op::Snapshot => {
+                let mut t = lock(&self.vms);
+                let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
+                if e.state == VmState::Running {
+                    e.vm.pause().map_err(vmerr)?;
+                    e.state = VmState::Paused;
+                }
+                let img = e.vm.snapshot().map_err(vmerr)?;
+                let (len, crc) = (img.len() as u64, crc32fast::hash(&img));
+                e.snapshot = Some(img);
+                drop(t);
+                self.log(m.vm, 1, format!("snapshot of VM {} taken: {len} bytes", m.vm));
+                Ok((len, crc as u64, Vec::new()))
+            }
+            Op::SnapshotRead => {
+                let t = lock(&self.vms);
+                let e = t.vms.get(&m.vm).ok_or_else(no_vm)?;
+                let img = e.snapshot.as_ref().ok_or((Status::BadState, "no snapshot taken".to_string()))?;
+                let (off, len) = (m.arg0, m.arg1);
+                let end = off.checked_add(len).filter(|&e| e <= img.len() as u64 && len as usize <= max_payload);
+                let end = end.ok_or_else(|| bad(format!("chunk {off}+{len} outside image of {}", img.len())))?;
+                Ok((off, 0, img[off as usize..end as usize].to_vec()))
+            }
+            Op::RestoreBegin => {
+                let spec = VmSpec::decode(&m.payload).map_err(|e| bad(e.to_string()))?;
+                if m.arg0 > crate::card::MAX_SNAPSHOT || m.arg0 > (spec.mem_mib as u64 + 16) << 20 {
+                    return Err(bad(format!("image of {} bytes too large", m.arg0)));
+                }
+                let mut t = lock(&self.vms);
+                let id = t.next_id;
+                t.next_id += 1;
+                t.restores.insert(id, Restore { spec, size: m.arg0, data: Vec::with_capacity(m.arg0 as usize) });
+                Ok((id as u64, 0, Vec::new()))
+            }
+            Op::RestoreWrite => {
+                let mut t = lock(&self.vms);
+                let r = t.restores.get_mut(&m.vm).ok_or_else(no_vm)?;
+                if m.arg0 != r.data.len() as u64 || r.data.len() as u64 + m.payload.len() as u64 > r.size {
+                    return Err(bad(format!("chunk at {} out of order or past {} bytes", m.arg0, r.size)));
+                }
+                r.data.extend_from_slice(&m.payload);
+                Ok((r.data.len() as u64, 0, Vec::new()))
+            }
+            Op::RestoreCommit => {
+                let mut t = lock(&self.vms);
+                let r = t.restores.remove(&m.vm).ok_or_else(no_vm)?;
+                let crc = crc32fast::hash(&r.data) as u64;
+                if r.data.len() as u64 != r.size || crc != m.arg0 {
+                    return Err(bad(format!("image incomplete or corrupt ({} of {} bytes)", r.data.len(), r.size)));
+                }
+                let vm = t.backend.restore(m.vm, &r.spec, &r.data).map_err(vmerr)?;
+                t.vms.insert(m.vm, VmEntry { spec: r.spec, state: VmState::Running, vm, snapshot: None });
+                drop(t);
+                self.log(m.vm, 1, format!("restored VM {}", m.vm));
+                self.drain_consoles();
+                Ok((m.vm as u64, 0, Vec::new()))
+            }
+            Op::ListVms => {
+                let t = lock(&self.vms);
+                let list: Vec<VmInfo> = t
+                    .vms
+                    .iter()
+                    .map(|(id, e)| VmInfo {
+                        id: *id,
+                        state: e.state,
+                        name: e.spec.name.clone(),
+                        mem_bytes: e.vm.mem_bytes(),
+                    })
+                    .collect();
+                Ok((list.len() as u64, 0, mailbox::encode_vm_list(&list)))
+            }
+            Op::ReadEvents => {
+                let l = lock(&self.events);
+                let max = m.arg1.min(256) as usize;
+                let mut out = Vec::new();
+                let mut size = 4;
+                for e in l.entries.iter().filter(|e| e.seq >= m.arg0).take(max) {
+                    size += 24 + e.message.len().min(mailbox::MAX_EVENT_MSG);
+                    if size > max_payload {
+                        break;
+                    }
+                    out.push(e.clone());
+                }
+                Ok((out.len() as u64, l.next_seq, mailbox::encode_events(&out)))
+            }
+        }
+    }
+
+    /// Create and test-drive ECS service requests (create/destroy management VM).
+    pub fn ecs_create(&self, spec: &VmSpec) -> Result<u32, String> {
+        let payload = spec.encode().map_err(|e| e.to_string())?;
+        let m = Message::request(Op::Start, 0, 0, 0, 0, payload);
+        let max = self.cfg.slot_size as usize - HEADER_LEN;
+        let r = self.handle(&m, max);
+        if r.status == Status::Ok {
+            Ok(r.arg0 as u32)
+        } else {
+            Err(String::from_utf8_lossy(&r.payload).into_owned())
+        }
+    }
+
+    pub fn ecs_destroy(&self, id: u32) -> Result<(), String> {
+        let m = Message::request(Op::Stop, 0, id, 0, 0, Vec::new());
+        let max = self.cfg.slot_size as usize - HEADER_LEN;
+        let r = self.handle(&m, max);
+        if r.status == Status::Ok {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&r.payload).into_owned())
+        }
+    }
+}
