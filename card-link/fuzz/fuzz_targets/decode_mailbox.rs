@@ -4,7 +4,9 @@
 //! message must survive an encode/decode round trip.
 #![no_main]
 
-use card_link::mailbox::{decode_events, decode_vm_list, Message, VmSpec, DEFAULT_SLOT_SIZE, HEADER_LEN};
+use card_link::mailbox::{
+    decode_events, decode_vm_list, fused_ring, Message, VmSpec, DEFAULT_SLOT_SIZE, HEADER_LEN,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn with_crc(data: &[u8]) -> Vec<u8> {
@@ -29,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = VmSpec::decode(&m.payload);
         }
         let _ = Message::peek_payload_len(&buf);
+        let _ = fused_ring(&buf);
     }
     let _ = decode_vm_list(data);
     let _ = decode_events(data);
