@@ -90,11 +90,14 @@ fn snapshot_stream_round_trip_in_process() {
     for _ in 0..10 {
         vm.request(op::STEP, 100, T).expect("step");
     }
+    vm.request(op::TOUCH, 256, T).expect("touch 1 MiB");
     vm.pause().expect("pause");
     let mut buf = Vec::new();
     let n = vm.snapshot_to(&mut buf).expect("snapshot to a stream");
     assert_eq!(n as usize, buf.len());
     assert_eq!(&buf[..8], b"MCVMSNAP");
+    // Sparse: the touched MiB and the agent's pages, not 64 MiB.
+    assert!(buf.len() > 1 << 20 && buf.len() < 2 << 20, "stream is {} bytes", buf.len());
     vm.shutdown();
 
     let vm2 = Vm::restore_from(buf.as_slice(), Sinks::default()).expect("restore from the stream");
@@ -102,6 +105,8 @@ fn snapshot_stream_round_trip_in_process() {
     vm2.resume().expect("resume");
     let r = vm2.request(op::STEP, 100, T).expect("step after restore");
     assert_eq!((r.work, r.log_seq), (1100, 11));
+    let sum = vm2.request(op::CHECKSUM, 256, T).expect("checksum");
+    assert_eq!(sum.value, 256 * 255 / 2, "touched pages came through the stream");
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub struct VmState {
 
 /// Header flag: a diff snapshot (RAM section holds only `diff_runs`).
 pub const FLAG_DIFF: u32 = 1;
+/// Header flag: a sparse full snapshot (streams): the RAM section holds only
+/// the `diff_runs` pages, every other page is zero.
+pub const FLAG_SPARSE: u32 = 2;
 
 struct Header {
     flags: u32,
@@ -88,7 +91,7 @@ impl Header {
             return Err(Error::Snapshot(format!("version {version}, this VMM reads {VERSION}")));
         }
         let flags = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        if flags & !FLAG_DIFF != 0 {
+        if flags & !(FLAG_DIFF | FLAG_SPARSE) != 0 || flags == FLAG_DIFF | FLAG_SPARSE {
             return Err(Error::Snapshot(format!("unknown flags {flags:#x}")));
         }
         let hd = Header { flags, state_len: u64_at(16), mem_size: u64_at(24), mem_offset: u64_at(32) };
@@ -108,10 +111,9 @@ impl Header {
     }
 }
 
-fn prepare(st: &VmState) -> Result<(Header, Vec<u8>)> {
+fn prepare(st: &VmState, flags: u32) -> Result<(Header, Vec<u8>)> {
     let json = serde_json::to_vec(st).map_err(|e| Error::Snapshot(e.to_string()))?;
     let mem_offset = (HEADER_LEN + json.len()).div_ceil(PAGE) * PAGE;
-    let flags = if st.diff_runs.is_some() { FLAG_DIFF } else { 0 };
     Ok((Header { flags, state_len: json.len() as u64, mem_size: st.mem_size, mem_offset: mem_offset as u64 }, json))
 }
 
@@ -126,20 +128,12 @@ fn ram(mem: &GuestMemoryMmap, size: u64) -> Result<&[u8]> {
     Ok(unsafe { std::slice::from_raw_parts(host, size as usize) })
 }
 
-pub fn write_stream<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
-    let (hd, json) = prepare(st)?;
-    let io = Error::io("snapshot stream");
-    let pad = vec![0u8; hd.mem_offset as usize - HEADER_LEN - json.len()];
-    let r = (|| {
-        w.write_all(&hd.encode())?;
-        w.write_all(&json)?;
-        w.write_all(&pad)?;
-        Ok::<_, std::io::Error>(())
-    })();
-    r.map_err(Error::io("snapshot stream"))?;
-    w.write_all(ram(mem, hd.mem_size)?).map_err(io)?;
-    w.flush().map_err(Error::io("snapshot stream"))?;
-    Ok(hd.mem_offset + hd.mem_size)
+/// Write a full snapshot to a stream, sparse: only pages that may hold data
+/// (see [`data_pages`]) are sent, as runs; the reader zero-fills the rest.
+pub fn write_stream<W: Write>(w: W, mut st: VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    let buf = ram(mem, st.mem_size)?;
+    st.diff_runs = Some(runs(&data_pages(mem, buf)));
+    write_runs(w, &st, mem, FLAG_SPARSE)
 }
 
 /// Pages backed on the host (mincore); the rest read as zero and become holes.
@@ -205,7 +199,7 @@ pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u6
 }
 
 fn write_file_at(path: &Path, tmp: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
-    let (hd, json) = prepare(st)?;
+    let (hd, json) = prepare(st, 0)?;
     let io = |what: &str| Error::io(format!("{} ({what})", tmp.display()));
     let f = OpenOptions::new().write(true).create(true).truncate(true).open(tmp).map_err(io("create"))?;
     let total = hd.mem_offset + hd.mem_size;
@@ -268,6 +262,15 @@ pub fn read_stream<R: Read>(mut r: R) -> Result<(VmState, GuestMemoryMmap)> {
     std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), hd.mem_size as usize)])
         .map_err(|e| Error::Memory(e.to_string()))?;
+    if hd.flags & FLAG_SPARSE != 0 {
+        // Fresh anonymous memory is zero: fill in only the carried pages.
+        let runs = st.diff_runs.clone().ok_or_else(|| Error::Snapshot("sparse snapshot without runs".into()))?;
+        check_runs(&runs, hd.mem_size)?;
+        read_runs(&mut r, &runs, &mem)?;
+        let mut st = st;
+        st.diff_runs = None;
+        return Ok((st, mem));
+    }
     let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
     // SAFETY: fresh private mapping of mem_size bytes, not yet shared with KVM.
     let buf = unsafe { std::slice::from_raw_parts_mut(host, hd.mem_size as usize) };
@@ -282,6 +285,11 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
     f.read_exact(&mut h).map_err(io("header"))?;
     let hd = Header::decode(&h)?;
     refuse_diff(&hd)?;
+    if hd.flags & FLAG_SPARSE != 0 {
+        // A stream saved to a file: read it as a stream.
+        f.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+        return read_stream(std::io::BufReader::with_capacity(1 << 20, f));
+    }
     let len = f.metadata().map_err(io("stat"))?.len();
     if len < hd.mem_offset + hd.mem_size {
         return Err(Error::Snapshot(format!("{} is truncated ({len} bytes)", path.display())));
@@ -339,10 +347,15 @@ pub fn runs(pages: &[bool]) -> Vec<(u64, u64)> {
 }
 
 /// Write a diff snapshot: `st.diff_runs` must list the pages to carry.
-pub fn write_diff_stream<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
-    let runs = st.diff_runs.as_deref().ok_or_else(|| Error::Snapshot("no diff runs".into()))?;
+pub fn write_diff_stream<W: Write>(w: W, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    write_runs(w, st, mem, FLAG_DIFF)
+}
+
+/// Header, state, then the bytes of the `st.diff_runs` pages back to back.
+fn write_runs<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap, flags: u32) -> Result<u64> {
+    let runs = st.diff_runs.as_deref().ok_or_else(|| Error::Snapshot("no page runs".into()))?;
     let data = check_runs(runs, st.mem_size)?;
-    let (hd, json) = prepare(st)?;
+    let (hd, json) = prepare(st, flags)?;
     let buf = ram(mem, hd.mem_size)?;
     let pad = vec![0u8; hd.mem_offset as usize - HEADER_LEN - json.len()];
     let r = (|| {
@@ -355,7 +368,7 @@ pub fn write_diff_stream<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap
         }
         w.flush()
     })();
-    r.map_err(Error::io("diff snapshot stream"))?;
+    r.map_err(Error::io("snapshot stream"))?;
     Ok(hd.mem_offset + data)
 }
 
@@ -380,14 +393,20 @@ pub fn apply_diff<R: Read>(mut r: R, mem: &GuestMemoryMmap) -> Result<VmState> {
     check_runs(&runs, hd.mem_size)?;
     let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
     std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
+    read_runs(&mut r, &runs, mem)?;
+    Ok(st)
+}
+
+/// Read the bytes of `runs` (already checked) into guest RAM.
+fn read_runs<R: Read>(r: &mut R, runs: &[(u64, u64)], mem: &GuestMemoryMmap) -> Result<()> {
     let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
-    for (first, count) in runs {
-        // SAFETY: check_runs keeps the run inside the RAM mapping, which is
+    for &(first, count) in runs {
+        // SAFETY: check_runs kept the run inside the RAM mapping, which is
         // not yet registered with KVM (restore in progress).
         let dst = unsafe { std::slice::from_raw_parts_mut(host.add(first as usize * PAGE), count as usize * PAGE) };
-        r.read_exact(dst).map_err(io())?;
+        r.read_exact(dst).map_err(Error::io("snapshot stream"))?;
     }
-    Ok(st)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -401,6 +420,8 @@ mod tests {
         assert_eq!((d.flags, d.state_len, d.mem_size, d.mem_offset), (FLAG_DIFF, 100, 1 << 20, 4096));
         let mut bad = h.encode();
         bad[12] = 0x80; // unknown flag
+        assert!(Header::decode(&bad).is_err());
+        bad[12] = (FLAG_DIFF | FLAG_SPARSE) as u8; // contradictory
         assert!(Header::decode(&bad).is_err());
         let overlap = Header { flags: 0, state_len: 5000, mem_size: 1 << 20, mem_offset: 4096 };
         assert!(Header::decode(&overlap.encode()).is_err(), "state overlapping RAM");

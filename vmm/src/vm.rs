@@ -591,7 +591,7 @@ impl Vm {
     pub fn snapshot_to<W: Write>(&self, w: W) -> Result<u64> {
         let _life = lock(&self.life);
         let st = self.paused_state()?;
-        let n = snapshot::write_stream(w, &st, &self.sh.mem)?;
+        let n = snapshot::write_stream(w, st, &self.sh.mem)?;
         self.new_base()?;
         Ok(n)
     }
