@@ -205,7 +205,11 @@ fn rate_change_takes_effect_within_a_second() {
     let (b, a) = (before.0 * 8.0 / before.1, after.0 * 8.0 / after.1);
     eprintln!("receiver: {:.1} Mbit/s before the change, {:.1} Mbit/s from 1 s after it", b / 1e6, a / 1e6);
     assert!(b > 80e6, "the flow ran near 100 Mbit/s before: {b}");
-    assert!(a <= 20e6 * 1.05 && a >= 20e6 * 0.80, "from a second after the change: {a} bit/s");
+    // A token bucket's promise over any window of T seconds: at most
+    // rate * T + burst. The burst at the new rate is what may carry over.
+    let allowance = tcp_burst(20_000_000) as f64 * 8.0 / after.1;
+    assert!(a <= 20e6 * 1.02 + allowance, "from a second after the change: {a} bit/s (burst allowance {allowance})");
+    assert!(a >= 20e6 * 0.80, "the flow continued at the new rate: {a} bit/s");
 }
 
 /// Two VMs with different limits sending at once each get their own rate.
