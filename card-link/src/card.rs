@@ -58,6 +58,7 @@ pub struct Card {
     last_beat_at: Instant,
     /// Commands given up on (timed out) that the card may still hold.
     abandoned: u32,
+    scratch: Vec<u8>,
 }
 
 pub struct SnapshotInfo {
@@ -102,6 +103,7 @@ impl Card {
             last_beat: first.heartbeat,
             last_beat_at: Instant::now(),
             abandoned: 0,
+            scratch: Vec::new(),
             first,
         })
     }
@@ -298,8 +300,16 @@ impl Card {
     }
 
     fn read_slot(&mut self, off: u64, inline: usize) -> Result<Message> {
-        let mut buf = vec![0u8; inline];
-        self.t.read(BAR2_INDEX, off, &mut buf)?;
+        // Reuse one buffer across commands: snapshot chunks are ~1 MiB each.
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.resize(inline, 0);
+        let r = self.read_slot_into(off, &mut buf);
+        self.scratch = buf;
+        r
+    }
+
+    fn read_slot_into(&mut self, off: u64, buf: &mut Vec<u8>) -> Result<Message> {
+        self.t.read(BAR2_INDEX, off, buf)?;
         let len = Message::peek_payload_len(&buf)?;
         if len > self.max_payload() {
             return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });

@@ -211,14 +211,28 @@ impl Message {
         HEADER_LEN + self.payload.len()
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::with_capacity(self.encoded_len());
+    fn header(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(HEADER_LEN);
         w.u32(MSG_MAGIC).u8(MSG_VERSION).u8(self.kind as u8).u16(self.op as u16);
         w.u32(self.seq).u32(self.vm).u16(self.status as u16).u16(u16::from(self.ring.is_some()) * FLAG_RING);
         w.u32(self.payload.len() as u32).u64(self.arg0).u64(self.arg1);
         w.u32(crc32fast::hash(&self.payload)).u32(self.ring.unwrap_or(0));
-        w.bytes(&self.payload);
         w.buf
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = self.header();
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    /// Encode straight into a slot; None if it does not fit.
+    pub fn encode_into(&self, out: &mut [u8]) -> Option<usize> {
+        let n = self.encoded_len();
+        let out = out.get_mut(..n)?;
+        out[..HEADER_LEN].copy_from_slice(&self.header());
+        out[HEADER_LEN..].copy_from_slice(&self.payload);
+        Some(n)
     }
 
     /// Read just the payload length from a header (to size a second read).
@@ -450,6 +464,10 @@ mod tests {
         let m = Message::request(Op::Echo, 9, 3, 1, 2, b"hello".to_vec());
         let b = m.encode();
         assert_eq!(Message::decode(&b, 1024).unwrap(), m);
+        let mut slot = vec![0u8; 100];
+        assert_eq!(m.encode_into(&mut slot), Some(b.len()));
+        assert_eq!(&slot[..b.len()], &b[..]);
+        assert_eq!(m.encode_into(&mut slot[..b.len() - 1]), None);
         for n in 0..b.len() {
             assert!(Message::decode(&b[..n], 1024).is_err());
         }

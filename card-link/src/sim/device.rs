@@ -318,8 +318,12 @@ impl SimCard {
             {
                 let mut b = lock(&self.bar2);
                 let off = mailbox::resp_slot_offset(slots, slot_size, index) as usize;
-                let enc = resp.encode();
-                b[off..off + enc.len()].copy_from_slice(&enc);
+                let slot = &mut b[off..off + slot_size as usize];
+                if resp.encode_into(slot).is_none() {
+                    // Cannot happen (payloads are bounded by the slot), but never write past it.
+                    let why = b"response larger than a slot".to_vec();
+                    let _ = Message::response_to(&resp, Status::Internal, 0, 0, why).encode_into(slot);
+                }
                 let next = index.wrapping_add(1);
                 b[mailbox::REG_REQ_CONSUMED as usize..][..4].copy_from_slice(&next.to_le_bytes());
                 b[mailbox::REG_RESP_PRODUCED as usize..][..4].copy_from_slice(&next.to_le_bytes());
