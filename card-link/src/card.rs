@@ -310,7 +310,7 @@ impl Card {
 
     fn read_slot_into(&mut self, off: u64, buf: &mut Vec<u8>) -> Result<Message> {
         self.t.read(BAR2_INDEX, off, buf)?;
-        let len = Message::peek_payload_len(&buf)?;
+        let len = Message::peek_payload_len(buf)?;
         if len > self.max_payload() {
             return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });
         }
