@@ -140,6 +140,8 @@ pub mod maps {
     pub const WAKEUPS: &str = "WAKEUPS";
     pub const CPU_STATE: &str = "CPU_STATE";
     pub const OOM_EVENTS: &str = "OOM_EVENTS";
+    /// Every map, as pinned.
+    pub const ALL: &[&str] = &[CGROUPS, NET, WAKEUPS, CPU_STATE, OOM_EVENTS, QOS, QOS_STATS, VM_OF_IF];
 }
 
 /// Maximum number of cgroups and interfaces tracked at once.

@@ -16,23 +16,24 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_str_bytes,
-    },
+    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
     macros::{btf_map, classifier, raw_tracepoint, tracepoint},
     programs::{RawTracePointContext, TcContext, TracePointContext},
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM,
-    DIR_TO_VM, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE, WAITING_SLOTS,
+    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
+    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE, WAITING_SLOTS,
 };
 
 #[btf_map]
-static CGROUPS: PerCpuHashMap<u64, CgroupStats, MAX_CGROUPS> = PerCpuHashMap::new();
+/// Per-CPU counters by cgroup id. Not preallocated: per-CPU values cost
+/// MAX_CGROUPS x 304 B x CPUs up front otherwise (1.2 GB on 256 CPUs); an
+/// entry is allocated the first time a cgroup runs. User space prunes the
+/// ids that belong to no VM when the map fills up.
+static CGROUPS: PerCpuHashMap<u64, CgroupStats, MAX_CGROUPS, { BPF_F_NO_PREALLOC as usize }> = PerCpuHashMap::new();
 #[btf_map]
 static NET: PerCpuHashMap<u32, NetStats, MAX_IFACES> = PerCpuHashMap::new();
 /// pid -> when it became runnable (woken, or preempted while runnable), 0
@@ -217,10 +218,7 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*s).oom_kills += 1 };
     }
-    let mut ev = OomEvent {
-        cgroup_id: cg,
-        ..OomEvent::default()
-    };
+    let mut ev = OomEvent { cgroup_id: cg, ..OomEvent::default() };
     // SAFETY: offsets from the tracepoint format.
     unsafe {
         ev.pid = ctx.read_at::<i32>(offset(&VICTIM_PID)).unwrap_or(0) as u32;
@@ -238,14 +236,14 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
 
 /// What the interface receives (tc ingress) is what the VM sends.
 #[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
+pub fn gov_tc_ingress(ctx: TcContext) -> i32 {
     let ifindex = count(&ctx, true);
     qos(&ctx, ifindex, DIR_FROM_VM)
 }
 
 /// What the interface sends (tc egress) is what the VM receives.
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
+pub fn gov_tc_egress(ctx: TcContext) -> i32 {
     let ifindex = count(&ctx, false);
     qos(&ctx, ifindex, DIR_TO_VM)
 }
@@ -313,7 +311,9 @@ fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
     }
     let len = ctx.len() as u64;
     let rate = unsafe { (*p).rate_bytes_per_s };
-    let pkt_cost = unsafe { (*p).pkt_cost_ns };
+    // A GSO packet is many packets on the wire: charge each segment.
+    let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u64;
+    let pkt_cost = unsafe { (*p).pkt_cost_ns } * segs;
     // Division outside the lock: the verifier allows no calls inside it.
     let cost = if rate != 0 { len * NS_PER_S / rate } else { 0 };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -323,8 +323,14 @@ fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
     unsafe {
         let lock = core::ptr::addr_of_mut!((*p).lock) as *mut aya_ebpf::bindings::bpf_spin_lock;
         aya_ebpf::helpers::bpf_spin_lock(lock);
-        let elapsed = if now > (*p).last_ns { now - (*p).last_ns } else { 0 };
-        (*p).last_ns = now;
+        // `now` was read before the lock: a CPU that waited for it may hold
+        // an older time than the last holder wrote. Time never runs back
+        // here, or the same stretch would be credited twice.
+        let mut elapsed = 0;
+        if now > (*p).last_ns {
+            elapsed = now - (*p).last_ns;
+            (*p).last_ns = now;
+        }
         // Credit may go negative by one packet: a packet is admitted while
         // any credit is left and then paid for in full. The long-run rate is
         // the same (refill is capped at the burst), but a 64 KiB GSO packet

@@ -149,8 +149,17 @@ impl Config {
         if !(MIN_TICK_MS..=MAX_TICK_MS).contains(&self.tick_ms) {
             return Err(field("tick_ms", format!("{} is outside {MIN_TICK_MS}..={MAX_TICK_MS}", self.tick_ms)));
         }
-        if !self.pin_dir.is_absolute() || !self.pin_dir.starts_with(crate::tracefs::BPFFS) {
-            return Err(field("pin_dir", format!("{} is not under {}", self.pin_dir.display(), crate::tracefs::BPFFS)));
+        // A directory of our own below bpffs: the governor removes what it
+        // pinned there on exit, so it must never be bpffs itself.
+        let pin_ok = self.pin_dir.is_absolute()
+            && self.pin_dir.starts_with(crate::tracefs::BPFFS)
+            && self.pin_dir.components().count() > Path::new(crate::tracefs::BPFFS).components().count()
+            && self.pin_dir.components().all(|c| !matches!(c, std::path::Component::ParentDir));
+        if !pin_ok {
+            return Err(field(
+                "pin_dir",
+                format!("{} is not a directory below {}", self.pin_dir.display(), crate::tracefs::BPFFS),
+            ));
         }
         if !self.socket.is_absolute() {
             return Err(field("socket", "must be an absolute path"));
@@ -188,6 +197,13 @@ impl Config {
                 }
                 if !ifaces.insert(ifname.as_str()) {
                     return Err(field(at(&format!("interfaces[{j}]")), format!("{ifname:?} belongs to another vm")));
+                }
+            }
+            for (dir, spec) in vm.qos_specs() {
+                let at_dir = at(&format!("qos.{}", dir.as_str()));
+                spec.check(&at_dir).map_err(|e| field(e.field, e.reason))?;
+                if vm.interfaces.is_empty() {
+                    return Err(field(at_dir, "a limit needs the vm to have interfaces"));
                 }
             }
         }
@@ -239,6 +255,13 @@ mod tests {
         assert!(err("tick_ms = 50").contains("tick_ms"));
         assert!(err("tick_ms = 100000").contains("tick_ms"));
         assert!(err("pin_dir = \"/tmp/x\"").contains("pin_dir"));
+        assert!(err("pin_dir = \"/sys/fs/bpf\"").contains("pin_dir"));
+        assert!(err("pin_dir = \"/sys/fs/bpf/\"").contains("pin_dir"));
+        assert!(err("pin_dir = \"/sys/fs/bpf/../x\"").contains("pin_dir"));
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.egress]\nmode = \"shape\"\nrate = \"fast\"\nburst = 1\n";
+        assert!(err(q).contains("vm[0].qos.egress.rate"), "{}", err(q));
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"64kb\"\n";
+        assert!(err(q).contains("vm[0].qos.ingress"), "{}", err(q));
         assert!(err("[[vm]]\nname = \"\"\ncgroup = \"a\"").contains("vm[0].name"));
         assert!(err("[[vm]]\nname = \"a b\"\ncgroup = \"a\"").contains("vm[0].name"));
         assert!(err("[[vm]]\nname = \"a\"\ncgroup = \"../a\"").contains("vm[0].cgroup"));

@@ -21,8 +21,9 @@ type Job = (Request, oneshot::Sender<Response>);
 
 /// Run until SIGINT/SIGTERM, or until `stop_after` when given.
 pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
-    // The socket first: if another governor is serving it, stop before
-    // touching its pins.
+    // Locks and the socket first: if another governor uses the same pins,
+    // IFB device or socket, stop before touching any of them.
+    let _locks = [lock("pins", &cfg.pin_dir.to_string_lossy())?, lock("ifb", &cfg.qos_ifb)?];
     let listener = bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
     let mut gov = Governor::new(&cfg).context("starting the governor")?;
@@ -98,6 +99,27 @@ fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
             Err(e) => Response::error(e.to_string()),
         },
     }
+}
+
+/// An exclusive flock on /run/governor/<what>-<name>.lock, held for the
+/// life of the process (the kernel drops it if the process dies).
+fn lock(what: &str, name: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let dir = Path::new("/run/governor");
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let path = dir.join(format!("{what}-{safe}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!("another governor is using the same {what} ({name}); lock {}", path.display());
+    }
+    Ok(f)
 }
 
 fn bind(path: &Path) -> Result<UnixListener> {

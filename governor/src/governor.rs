@@ -84,6 +84,16 @@ struct Vm {
     slot: u32,
     /// Limits by direction index (DIR_FROM_VM, DIR_TO_VM).
     limits: [Option<Limit>; 2],
+    /// Traffic of interfaces the VM had before they were re-created (a new
+    /// ifindex starts counting from zero; the VM's totals must not).
+    net_retired: NetStats,
+}
+
+fn add_net(a: &mut NetStats, n: &NetStats) {
+    a.rx_bytes += n.rx_bytes;
+    a.rx_packets += n.rx_packets;
+    a.tx_bytes += n.tx_bytes;
+    a.tx_packets += n.tx_packets;
 }
 
 pub struct Governor {
@@ -96,6 +106,7 @@ pub struct Governor {
     ifb_name: String,
     /// The IFB device traffic from shaped VMs is redirected to.
     ifb: Option<u32>,
+    ticks: u64,
 }
 
 /// Queue of a shaped VM's class: 10 ms at the rate, but room for two
@@ -113,6 +124,8 @@ fn monotonic_ns() -> u64 {
 }
 
 const OOM_LOG: usize = 64;
+/// Ticks between looks at how full the kernel's cgroup map is.
+const PRUNE_EVERY: u64 = 60;
 
 impl Governor {
     /// Load the programs and register every VM of the config. Either all of
@@ -128,6 +141,7 @@ impl Governor {
             shaper: None,
             ifb_name: cfg.qos_ifb.clone(),
             ifb: None,
+            ticks: 0,
         };
         for vm in &cfg.vms {
             // On error `g` is dropped, which detaches, unpins and removes
@@ -167,6 +181,7 @@ impl Governor {
             prev: None,
             slot,
             limits: [None, None],
+            net_retired: NetStats::default(),
         });
         Ok(())
     }
@@ -178,28 +193,40 @@ impl Governor {
     /// Read every counter once and return the per-VM rates since the last
     /// tick (the first tick has no rates yet, only totals).
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
+        self.refresh_interfaces();
         let mut out = Vec::with_capacity(self.vms.len());
         for vm in &mut self.vms {
             let cg_err = |source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source };
             // The subtree can change (a VMM moving vCPU threads into child
-            // cgroups); a VM whose cgroup vanished keeps its last ids.
+            // cgroups). Ids are only ever added: a child cgroup that is gone
+            // keeps its entry in the kernel map, so its CPU time stays in the
+            // VM's total, which must never go back.
             if let Ok(ids) = vm.cgroup.subtree_ids() {
-                vm.subtree = ids;
+                for id in ids {
+                    if !vm.subtree.contains(&id) {
+                        vm.subtree.push(id);
+                    }
+                }
             }
             let cpu = self.telemetry.cgroups(&vm.subtree)?;
-            let mut net = NetStats::default();
+            let mut net = vm.net_retired;
             for ifindex in &vm.ifindexes {
-                let n = self.telemetry.net(*ifindex)?;
-                net.rx_bytes += n.rx_bytes;
-                net.rx_packets += n.rx_packets;
-                net.tx_bytes += n.tx_bytes;
-                net.tx_packets += n.tx_packets;
+                add_net(&mut net, &self.telemetry.net(*ifindex)?);
             }
             let memory = vm.cgroup.memory().map_err(cg_err)?;
             let cur = Sample { at: Instant::now(), cpu, net, memory };
             let prev = vm.prev.as_ref().unwrap_or(&cur);
             out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
             vm.prev = Some(cur);
+        }
+        self.ticks += 1;
+        if self.ticks % PRUNE_EVERY == 0 {
+            let keep: std::collections::HashSet<u64> =
+                self.vms.iter().flat_map(|v| v.subtree.iter().copied()).collect();
+            let n = self.telemetry.prune_cgroups(&keep);
+            if n > 0 {
+                tracing::info!(removed = n, "pruned cgroups outside every VM from the kernel map");
+            }
         }
         for ev in self.telemetry.drain_oom() {
             let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
@@ -222,6 +249,59 @@ impl Governor {
 
     pub fn status(&self) -> &[VmStatus] {
         &self.status
+    }
+
+    /// A VMM may delete and re-create a VM's tap: the name comes back with a
+    /// new ifindex and without our filters and qdiscs. Re-attach the
+    /// counters, the VM's QoS slot and its limits; an interface that is
+    /// missing right now is looked at again next tick.
+    fn refresh_interfaces(&mut self) {
+        for i in 0..self.vms.len() {
+            for k in 0..self.vms[i].ifindexes.len() {
+                let name = self.vms[i].cfg.interfaces[k].clone();
+                let old = self.vms[i].ifindexes[k];
+                let Ok(now) = crate::netdev::ifindex(&name) else { continue };
+                if now == old {
+                    continue;
+                }
+                if let Ok(n) = self.telemetry.net(old) {
+                    add_net(&mut self.vms[i].net_retired, &n);
+                }
+                self.telemetry.detach_interface(&name);
+                self.telemetry.clear_vm_of_interface(old);
+                let slot = self.vms[i].slot;
+                let attached = self
+                    .telemetry
+                    .attach_interface(&name)
+                    .and_then(|idx| self.telemetry.set_vm_of_interface(idx, slot).map(|_| idx));
+                match attached {
+                    Ok(idx) => {
+                        self.vms[i].ifindexes[k] = idx;
+                        tracing::warn!(vm = %self.vms[i].cfg.name, interface = %name, "interface re-created: re-attached");
+                        if let Some(l) = self.vms[i].limits[Direction::Ingress.index() as usize] {
+                            if l.mode == Mode::Shape {
+                                self.shape_interface(i, idx, &l);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(vm = %self.vms[i].cfg.name, interface = %name, "re-attach: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Shape traffic to the VM on one (re-created) interface.
+    fn shape_interface(&mut self, i: usize, ifindex: u32, l: &Limit) {
+        let minor = (self.vms[i].slot + 1) as u16;
+        let burst = u32::try_from(l.burst_bytes).unwrap_or(u32::MAX);
+        let Some(shaper) = self.shaper.as_mut() else { return };
+        let r = shaper
+            .add_htb(ifindex, HTB_MAJOR)
+            .and_then(|_| shaper.set_class(ifindex, HTB_MAJOR, minor, l.rate_bps, burst))
+            .and_then(|_| shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(l)));
+        if let Err(e) = r {
+            tracing::warn!(vm = %self.vms[i].cfg.name, "re-applying shaping: {e}");
+        }
     }
 
     fn vm_index(&self, name: &str) -> Result<usize, GovernorError> {
@@ -300,7 +380,7 @@ impl Governor {
                 let Some(l) = vm.limits[dir.index() as usize] else { continue };
                 let st = self.telemetry.qos_stats(vm.slot, dir.index())?;
                 let tokens = match l.mode {
-                    Mode::Police => Some(tokens_bytes(&self.telemetry.policer(vm.slot, dir.index())?)),
+                    Mode::Police => Some(tokens_bytes(&self.telemetry.policer(vm.slot, dir.index())?, monotonic_ns())),
                     Mode::Shape => None,
                 };
                 out.push(LimitStatus {
@@ -339,7 +419,17 @@ impl Governor {
                 let (ifb, created) = match self.ifb {
                     Some(ifb) => (ifb, false),
                     None => {
-                        let ifb = shaper.add_ifb(&self.ifb_name).map_err(&shape_err)?;
+                        let ifb = match shaper.add_ifb(&self.ifb_name) {
+                            // Left by a governor that died: the name is ours
+                            // (the daemon holds a lock on it), start afresh.
+                            Err(ShapeError::Exists { .. }) => {
+                                let stale = shaper.link_index(&self.ifb_name).map_err(&shape_err)?;
+                                shaper.delete_link(stale).map_err(&shape_err)?;
+                                tracing::warn!(ifb = %self.ifb_name, "replaced a stale IFB device");
+                                shaper.add_ifb(&self.ifb_name).map_err(&shape_err)?
+                            }
+                            r => r.map_err(&shape_err)?,
+                        };
                         if let Err(e) = shaper.add_htb(ifb, HTB_MAJOR) {
                             let _ = shaper.delete_link(ifb);
                             return Err(shape_err(e));
@@ -419,6 +509,15 @@ impl Drop for Governor {
     /// Remove every qdisc, class and IFB device the governor created; the
     /// programs are detached and unpinned when `telemetry` drops after this.
     fn drop(&mut self) {
+        // Stop classifying and redirecting first, so no packet is sent to an
+        // IFB device that is about to go.
+        for vm in &self.vms {
+            for d in 0..2u32 {
+                if vm.limits[d as usize].is_some() {
+                    let _ = self.telemetry.set_policer(vm.slot, d, Policer::default());
+                }
+            }
+        }
         for i in 0..self.vms.len() {
             for dir in [Direction::Egress, Direction::Ingress] {
                 if self.vms[i].limits[dir.index() as usize].map(|l| l.mode) == Some(Mode::Shape) {

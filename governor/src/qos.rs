@@ -161,7 +161,7 @@ impl Limit {
         let burst_ns = (self.burst_bytes as u128 * NS / rate as u128) as u64;
         let tokens_ns = match prev {
             Some(p) if p.mode == QOS_POLICE && p.rate_bytes_per_s != 0 => {
-                let bytes = p.tokens_ns as i128 * p.rate_bytes_per_s as i128 / NS as i128;
+                let bytes = credit_ns(p, now_ns) as i128 * p.rate_bytes_per_s as i128 / NS as i128;
                 ((bytes * NS as i128 / rate as i128) as i64).min(burst_ns as i64)
             }
             _ => burst_ns as i64,
@@ -191,8 +191,15 @@ impl Limit {
 }
 
 /// Tokens left in a policer, in bytes.
-pub fn tokens_bytes(p: &Policer) -> u64 {
-    (p.tokens_ns.max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
+pub fn tokens_bytes(p: &Policer, now_ns: u64) -> u64 {
+    (credit_ns(p, now_ns).max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
+}
+
+/// The credit the kernel would see at `now_ns`: what was stored plus the
+/// refill since the last packet, up to the burst.
+fn credit_ns(p: &Policer, now_ns: u64) -> i64 {
+    let idle = now_ns.saturating_sub(p.last_ns).min(i64::MAX as u64) as i64;
+    p.tokens_ns.saturating_add(idle).min(p.burst_ns as i64)
 }
 
 #[cfg(test)]
@@ -240,12 +247,17 @@ mod tests {
         assert_eq!(p.rate_bytes_per_s, 1_000_000);
         assert_eq!(p.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
         assert_eq!(p.tokens_ns, p.burst_ns as i64, "a new bucket starts full");
-        assert_eq!(tokens_bytes(&p), 102_400);
+        assert_eq!(tokens_bytes(&p, 5), 102_400);
         // Halve the rate with 50 KB left: still 50 KB, now worth twice the time.
         let half = Policer { tokens_ns: 51_200_000, ..p };
         let l2 = spec("4mbit", "100kb").check("").expect("ok");
-        let p2 = l2.policer(Some(&half), 9);
-        assert_eq!(tokens_bytes(&p2), 51_200);
-        assert_eq!(p2.last_ns, 9);
+        let p2 = l2.policer(Some(&half), 5);
+        assert_eq!(tokens_bytes(&p2, 5), 51_200);
+        assert_eq!(p2.last_ns, 5);
+        // Idle for 10 ms at the old 1 MB/s since the last packet: 10,000 B more.
+        let p3 = l2.policer(Some(&half), 5 + 10_000_000);
+        assert_eq!(tokens_bytes(&p3, 5 + 10_000_000), 61_200);
+        // A full bucket stays capped at the burst however long it idles.
+        assert_eq!(tokens_bytes(&p, u64::MAX), 102_400);
     }
 }

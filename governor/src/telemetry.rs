@@ -127,19 +127,17 @@ impl Telemetry {
         }
         let mut ebpf = loader.load(OBJECT)?;
 
-        if pin_dir.exists() {
-            fs::remove_dir_all(pin_dir).map_err(|source| TelemetryError::Io {
-                op: "remove stale pins",
-                path: pin_dir.to_path_buf(),
-                source,
-            })?;
-        }
+        // Pins a governor that died left behind are replaced; anything else
+        // in the directory is not ours and stays.
+        clear_pins(pin_dir);
         fs::create_dir_all(pin_dir).map_err(|source| TelemetryError::Io {
             op: "create",
             path: pin_dir.to_path_buf(),
             source,
         })?;
-        for name in [maps::CGROUPS, maps::NET, maps::WAKEUPS, maps::CPU_STATE, maps::OOM_EVENTS] {
+        // From here on, an error drops `pins`, which removes what was pinned.
+        let pins = PinGuard(Some(pin_dir.to_path_buf()));
+        for name in maps::ALL {
             let path = pin_dir.join(name);
             ebpf.map(name)
                 .ok_or(TelemetryError::Missing(name))?
@@ -156,7 +154,7 @@ impl Telemetry {
             p.attach(category, event).map_err(|source| TelemetryError::Program { name: prog, source })?;
         }
         // The classifiers are attached per interface (attach_interface).
-        for prog in ["tc_ingress", "tc_egress"] {
+        for prog in ["gov_tc_ingress", "gov_tc_egress"] {
             let _: &mut SchedClassifier = load_and_pin(&mut ebpf, prog, pin_dir)?;
         }
 
@@ -173,6 +171,7 @@ impl Telemetry {
             .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
         let vm_of_if = BpfHashMap::try_from(take(&mut ebpf, maps::VM_OF_IF)?)
             .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })?;
+        pins.disarm();
         Ok(Telemetry {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
@@ -207,7 +206,7 @@ impl Telemetry {
             }
         }
         let mut ids = Vec::with_capacity(2);
-        for (prog, dir) in [("tc_ingress", TcAttachType::Ingress), ("tc_egress", TcAttachType::Egress)] {
+        for (prog, dir) in [("gov_tc_ingress", TcAttachType::Ingress), ("gov_tc_egress", TcAttachType::Egress)] {
             let _ = tc::qdisc_detach_program(name, dir, prog);
             let p: &mut SchedClassifier = self
                 .ebpf
@@ -229,7 +228,7 @@ impl Telemetry {
     /// Detach from an interface (a no-op when the interface is already gone).
     pub fn detach_interface(&mut self, name: &str) {
         if let Some(a) = self.interfaces.remove(name) {
-            for (prog, id) in [("tc_ingress", a.ingress), ("tc_egress", a.egress)] {
+            for (prog, id) in [("gov_tc_ingress", a.ingress), ("gov_tc_egress", a.egress)] {
                 if let Some(p) = self.ebpf.program_mut(prog) {
                     if let Ok(p) = <&mut SchedClassifier>::try_from(p) {
                         let _ = p.detach(id);
@@ -255,6 +254,23 @@ impl Telemetry {
             add_cgroup(&mut total, &self.cgroup(*id)?);
         }
         Ok(total)
+    }
+
+    /// When more than half of the cgroup map is used, remove the entries of
+    /// cgroups outside `keep` (every VM's known subtree; their totals must
+    /// never go back). Returns how many entries were removed.
+    pub fn prune_cgroups(&mut self, keep: &std::collections::HashSet<u64>) -> usize {
+        let keys: Vec<u64> = self.cgroups.keys().filter_map(Result::ok).collect();
+        if keys.len() <= governor_common::MAX_CGROUPS / 2 {
+            return 0;
+        }
+        let mut n = 0;
+        for k in keys.into_iter().filter(|k| !keep.contains(k)) {
+            if self.cgroups.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Counters of one interface, summed over CPUs.
@@ -339,7 +355,39 @@ impl Drop for Telemetry {
             self.detach_interface(&n);
         }
         // Unpinning lets the kernel free the maps once our fds close.
-        let _ = fs::remove_dir_all(&self.pin_dir);
+        clear_pins(&self.pin_dir);
+    }
+}
+
+/// Remove our pins (maps by name, programs `prog_*`) and then the directory
+/// if that left it empty. Never a recursive delete: a misconfigured pin
+/// directory must not take other tools' pins with it.
+fn clear_pins(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if maps::ALL.contains(&name.as_ref()) || name.starts_with("prog_") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Removes the pins when loading fails half way.
+struct PinGuard(Option<PathBuf>);
+
+impl PinGuard {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            clear_pins(dir);
+        }
     }
 }
 

@@ -171,7 +171,7 @@ fn run_status_and_clean_shutdown() {
     assert!(!pins.0.exists(), "pins left behind in {}", pins.0.display());
     assert!(!socket.exists(), "socket left behind");
     let filters = run(Command::new("tc").args(["filter", "show", "dev", &net.ports[0].1.name, "ingress"]));
-    assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "tc filter left attached");
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("gov_tc_ingress"), "tc filter left attached");
     let qdisc = run(Command::new("tc").args(["qdisc", "show", "dev", &net.ports[0].1.name]));
     assert!(!String::from_utf8_lossy(&qdisc.stdout).contains("htb"), "HTB left after shutdown");
 }
@@ -206,7 +206,7 @@ fn wrong_configs_are_refused_whole() {
     );
     assert!(!Path::new(&pins.0).exists(), "a refused config left pins");
     let filters = run(Command::new("tc").args(["filter", "show", "dev", "lo", "ingress"]));
-    assert!(!String::from_utf8_lossy(&filters.stdout).contains("tc_ingress"), "a refused config left a filter on lo");
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("gov_tc_ingress"), "a refused config left a filter on lo");
 }
 
 /// Debian's Prometheus scrapes the governor's exposition and can query it.

@@ -319,3 +319,19 @@ fn limit_on_a_vanished_interface_is_refused() {
     assert_eq!(ls.len(), 1);
     assert_eq!((ls[0].mode, ls[0].rate_bps), (Mode::Police, 50_000_000), "the old limit stays in force");
 }
+
+/// TCP sends 64 KiB GSO packets through the VM's interface; a packet rate
+/// counts the segments on the wire, not the GSO packets.
+#[test]
+fn packet_rate_counts_gso_segments() {
+    let mut r = rig(2);
+    let l = Limit { mode: Mode::Police, rate_bps: 1_000_000_000, burst_bytes: 1 << 20, packet_rate: Some(1000) };
+    r.gov.set_limit("vm0", Direction::Egress, l).expect("set limit");
+    let report = r.iperf(0, 1, 4, &["-O", "1"]);
+    let bps = received_bps(&report);
+    let pps = bps / 8.0 / 1448.0;
+    eprintln!("TCP under 1000 pkt/s: {:.2} Mbit/s = {pps:.0} full segments/s", bps / 1e6);
+    // The packet bucket starts with 692 packets (1 MiB of full frames).
+    assert!(pps <= 1000.0 * 1.02 + 692.0 / 4.0, "{pps} segments/s through a 1000 pkt/s limit");
+    assert!(pps >= 300.0, "TCP still flows: {pps} segments/s");
+}

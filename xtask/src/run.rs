@@ -257,7 +257,7 @@ pub fn bench_qos() -> Result<Vec<Row>> {
     }
     let limit =
         |args: &[&str]| sh(Command::new(release_bin("governor")).args(["limit"]).args(args).args(["--socket", &sock]));
-    let prog = PathBuf::from(&pins).join("prog_tc_egress");
+    let prog = PathBuf::from(&pins).join("prog_gov_tc_egress");
 
     let mut rows = Vec::new();
     let mut results = Vec::new();
