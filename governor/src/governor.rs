@@ -220,7 +220,7 @@ impl Governor {
             vm.prev = Some(cur);
         }
         self.ticks += 1;
-        if self.ticks % PRUNE_EVERY == 0 {
+        if self.ticks.is_multiple_of(PRUNE_EVERY) {
             let keep: std::collections::HashSet<u64> =
                 self.vms.iter().flat_map(|v| v.subtree.iter().copied()).collect();
             let n = self.telemetry.prune_cgroups(&keep);
