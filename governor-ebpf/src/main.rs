@@ -18,9 +18,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    helpers::{bpf_get_current_cgroup_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes},
-    macros::{btf_map, classifier, raw_tracepoint, tracepoint},
-    programs::{RawTracePointContext, TcContext, TracePointContext},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
+    },
+    macros::{btf_map, classifier, perf_event, raw_tracepoint, tracepoint},
+    programs::{PerfEventContext, RawTracePointContext, TcContext, TracePointContext},
     EbpfContext,
 };
 use governor_common::{
@@ -165,6 +168,35 @@ fn on_switch(prev_pid: i32, prev_runnable: bool, next_pid: i32) -> Result<(), i3
     }
     state.slice_start_ns = now;
     Ok(())
+}
+
+/// A per-CPU timer (perf cpu-clock, 100 Hz) that charges the slice running
+/// now up to now. Without it a task that never leaves its CPU (a vCPU
+/// thread on a quiet or dedicated CPU) would show no CPU time until it
+/// does, then all of it at once. It runs in interrupt context, which
+/// sched_switch (interrupts off, run-queue lock held) never overlaps on the
+/// same CPU, so the per-CPU slice state needs no lock.
+#[perf_event]
+pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
+    // Low 32 bits: the thread id; 0 is the idle task, which is not charged.
+    let pid = bpf_get_current_pid_tgid() as u32;
+    if pid == 0 {
+        return 0;
+    }
+    let Some(state) = CPU_STATE.get_ptr_mut(0) else { return 0 };
+    // SAFETY: per-CPU slot of this CPU.
+    let state = unsafe { &mut *state };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if state.slice_start_ns == 0 || now <= state.slice_start_ns {
+        return 0;
+    }
+    let cg = unsafe { bpf_get_current_cgroup_id() };
+    if let Some(s) = cgroup_stats(cg) {
+        // SAFETY: per-CPU value of this CPU.
+        unsafe { (*s).on_cpu_ns += now - state.slice_start_ns };
+        state.slice_start_ns = now;
+    }
+    0
 }
 
 /// sched_wakeup(task_struct *p)

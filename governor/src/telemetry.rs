@@ -69,6 +69,10 @@ pub enum TelemetryError {
 /// programs expect each to pass.
 const RAW_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4), ("sched_wakeup", 1), ("sched_wakeup_new", 1)];
 
+/// How often each CPU charges the slice in progress (see `cpu_tick`): a
+/// task that never switches is seen within 10 ms.
+const CPU_TICK_HZ: u64 = 100;
+
 /// Classic tracepoints (rare events).
 const TRACEPOINTS: &[(&str, &str, &str)] =
     &[("page_fault_user", "exceptions", "page_fault_user"), ("mark_victim", "oom", "mark_victim")];
@@ -152,6 +156,25 @@ impl Telemetry {
         for (prog, category, event) in TRACEPOINTS {
             let p: &mut TracePoint = load_and_pin(&mut ebpf, prog, pin_dir)?;
             p.attach(category, event).map_err(|source| TelemetryError::Program { name: prog, source })?;
+        }
+        // The slice flush timer, on every online CPU.
+        {
+            use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+            let p: &mut aya::programs::PerfEvent = load_and_pin(&mut ebpf, "cpu_tick", pin_dir)?;
+            let cpus = aya::util::online_cpus().map_err(|(what, source)| TelemetryError::Io {
+                op: "list online CPUs",
+                path: PathBuf::from(what),
+                source,
+            })?;
+            for cpu in cpus {
+                p.attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(CPU_TICK_HZ),
+                    false,
+                )
+                .map_err(|source| TelemetryError::Program { name: "cpu_tick", source })?;
+            }
         }
         // The classifiers are attached per interface (attach_interface).
         for prog in ["gov_tc_ingress", "gov_tc_egress"] {
@@ -427,7 +450,7 @@ macro_rules! program_load {
         }
     )*};
 }
-program_load!(aya::programs::RawTracePoint, TracePoint, SchedClassifier);
+program_load!(aya::programs::RawTracePoint, TracePoint, SchedClassifier, aya::programs::PerfEvent);
 
 fn add_cgroup(a: &mut CgroupStats, v: &CgroupStats) {
     a.on_cpu_ns += v.on_cpu_ns;

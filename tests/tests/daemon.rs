@@ -206,7 +206,10 @@ fn wrong_configs_are_refused_whole() {
     );
     assert!(!Path::new(&pins.0).exists(), "a refused config left pins");
     let filters = run(Command::new("tc").args(["filter", "show", "dev", "lo", "ingress"]));
-    assert!(!String::from_utf8_lossy(&filters.stdout).contains("gov_tc_ingress"), "a refused config left a filter on lo");
+    assert!(
+        !String::from_utf8_lossy(&filters.stdout).contains("gov_tc_ingress"),
+        "a refused config left a filter on lo"
+    );
 }
 
 /// Debian's Prometheus scrapes the governor's exposition and can query it.

@@ -143,3 +143,27 @@ fn a_stale_ifb_is_replaced() {
     let st = Command::new("ip").args(["link", "show", &ifb]).stderr(Stdio::null()).status().expect("ip");
     assert!(!st.success(), "the IFB device is removed on exit");
 }
+
+/// A busy task that never leaves its CPU (nothing else wants it) is still
+/// seen tick by tick: the per-CPU timer charges the slice in progress. The
+/// per-tick CPU time agrees with the kernel's accounting over the same tick.
+#[test]
+fn a_task_that_never_switches_is_counted_every_tick() {
+    require_root();
+    let pins = PinDir::new();
+    let cg = TestCgroup::new("rob");
+    let mut gov = Governor::new(&config(&pins, &unique("gifb"), &[("vm", &cg, None)])).expect("governor");
+    let _hog = cg.spawn(&["taskset", "-c", "1", "sh", "-c", "while :; do :; done"]);
+    std::thread::sleep(Duration::from_millis(300));
+    gov.tick().expect("tick");
+    let k0 = cg.cg.cpu_usage_ns().expect("kernel usage");
+    let b0 = gov.status()[0].cpu_seconds_total;
+    std::thread::sleep(Duration::from_secs(1));
+    let st = gov.tick().expect("tick")[0].clone();
+    let k1 = cg.cg.cpu_usage_ns().expect("kernel usage");
+    let (bpf, kernel) = (st.cpu_seconds_total - b0, (k1 - k0) as f64 / 1e9);
+    eprintln!("one tick: eBPF {bpf:.3} s, kernel {kernel:.3} s ({:.1}% CPU)", st.cpu_percent);
+    assert!(kernel > 0.2, "the hog ran: {kernel} s");
+    // 100 Hz flush: at most 10 ms per CPU unseen at each end of the tick.
+    assert!((bpf - kernel).abs() <= 0.03 + 0.02 * kernel, "eBPF {bpf} s vs kernel {kernel} s in one tick");
+}

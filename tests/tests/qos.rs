@@ -233,7 +233,7 @@ fn two_vms_do_not_affect_each_other() {
         .map(|i| {
             r.net.ports[i]
                 .0
-                .cmd(&["iperf3", "-J", "-c", addr2, "-p", &ports[i], "-t", "4", "-O", "1"])
+                .cmd(&["iperf3", "-J", "-c", addr2, "-p", &ports[i], "-t", "6", "-O", "2"])
                 .stdout(Stdio::piped())
                 .spawn()
                 .expect("client")
@@ -251,7 +251,10 @@ fn two_vms_do_not_affect_each_other() {
         rates[0] / 1e6,
         rates[1] / 1e6
     );
-    assert!(rates[0] >= 30e6 * 0.90 && rates[0] <= 30e6 * 1.02, "vm0 got {}", rates[0]);
+    // The police bound (-10%/+2%), plus what a token bucket may pass on top
+    // of its rate in a 6 s window: one burst.
+    let allowance = tcp_burst(30_000_000) as f64 * 8.0 / 6.0;
+    assert!(rates[0] >= 30e6 * 0.90 && rates[0] <= 30e6 * 1.02 + allowance, "vm0 got {}", rates[0]);
     assert!(rates[1] >= 120e6 * 0.95 && rates[1] <= 120e6 * 1.05, "vm1 got {}", rates[1]);
 }
 
