@@ -33,16 +33,17 @@ pub struct CgroupStats {
 }
 
 /// Per-CPU scheduler state of the accounting program (a one-slot per-CPU
-/// array): when the current slice began, and the run-queue delay of the task
-/// now on the CPU, charged to its cgroup when it leaves the CPU (only then is
-/// its cgroup `current`, with no need to read task_struct).
+/// array): when the current slice began, and the kernel's run-delay total
+/// of the task now on the CPU as it was when the task got the CPU; the
+/// difference at its switch-out is the wait that ended at its switch-in,
+/// charged to its cgroup then (only then is its cgroup `current`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuState {
     pub slice_start_ns: u64,
-    pub pending_delay_ns: u64,
-    pub pending_pid: u32,
-    pub _pad: u32,
+    pub run_delay_at_switch_in: u64,
+    /// Address of the task_struct that got the CPU at the last switch.
+    pub task_at_switch_in: u64,
 }
 
 /// Per-interface traffic counters, kept per CPU and keyed by ifindex.
@@ -137,20 +138,15 @@ pub mod maps {
     pub const VM_OF_IF: &str = "VM_OF_IF";
     pub const CGROUPS: &str = "CGROUPS";
     pub const NET: &str = "NET";
-    pub const WAKEUPS: &str = "WAKEUPS";
     pub const CPU_STATE: &str = "CPU_STATE";
     pub const OOM_EVENTS: &str = "OOM_EVENTS";
     /// Every map, as pinned.
-    pub const ALL: &[&str] = &[CGROUPS, NET, WAKEUPS, CPU_STATE, OOM_EVENTS, QOS, QOS_STATS, VM_OF_IF];
+    pub const ALL: &[&str] = &[CGROUPS, NET, CPU_STATE, OOM_EVENTS, QOS, QOS_STATS, VM_OF_IF];
 }
 
 /// Maximum number of cgroups and interfaces tracked at once.
 pub const MAX_CGROUPS: usize = 16384;
 pub const MAX_IFACES: usize = 4096;
-/// Slots of the "runnable since" array (a power of two; indexed by pid
-/// modulo this).
-pub const WAITING_SLOTS: usize = 1 << 18;
-
 /// Bucket index of a delay in nanoseconds.
 #[inline(always)]
 pub fn delay_bucket(delay_ns: u64) -> usize {

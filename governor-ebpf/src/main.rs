@@ -28,7 +28,7 @@ use aya_ebpf::{
 };
 use governor_common::{
     delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
-    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE, WAITING_SLOTS,
+    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
 #[btf_map]
@@ -39,23 +39,15 @@ use governor_common::{
 static CGROUPS: PerCpuHashMap<u64, CgroupStats, MAX_CGROUPS, { BPF_F_NO_PREALLOC as usize }> = PerCpuHashMap::new();
 #[btf_map]
 static NET: PerCpuHashMap<u32, NetStats, MAX_IFACES> = PerCpuHashMap::new();
-/// pid -> when it became runnable (woken, or preempted while runnable), 0
-/// when not waiting. An array indexed by `pid % WAITING_SLOTS`, not a hash:
-/// array access is a plain load/store the verifier inlines, while a hash
-/// update takes a bucket lock with interrupts off, which measured ~190 ns
-/// per event on this (nested) machine. Two tasks waiting at once whose pids
-/// are equal modulo 2^18 would share a slot; the later wakeup wins, which
-/// shortens one delay sample. Slots are cleared when the task gets a CPU.
-#[btf_map]
-static WAKEUPS: Array<u64, WAITING_SLOTS> = Array::new();
 #[btf_map]
 static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
 #[btf_map]
 static OOM_EVENTS: RingBuf<OomEvent, { 64 * 1024 }> = RingBuf::new();
 
-/// Offset of `pid` in `struct task_struct`, from the kernel's BTF.
+/// Offset of `sched_info.run_delay` in `struct task_struct` (the kernel's
+/// own running total of the time the task waited runnable), from BTF.
 #[no_mangle]
-static TASK_PID: u32 = 0;
+static TASK_RUN_DELAY: u32 = 0;
 /// ifindex -> the VM's QoS slot (set by user space for watched interfaces).
 #[btf_map]
 static VM_OF_IF: HashMap<u32, u32, MAX_IFACES> = HashMap::new();
@@ -96,38 +88,42 @@ fn cgroup_stats(id: u64) -> Option<*mut CgroupStats> {
 }
 
 #[inline(always)]
-fn task_pid(task: *const u8) -> i32 {
+fn task_run_delay(task: *const u8) -> u64 {
     // SAFETY: `task` is a task_struct pointer the kernel passed to the
     // tracepoint; the read is checked by bpf_probe_read_kernel.
-    unsafe { bpf_probe_read_kernel(task.add(offset(&TASK_PID)) as *const i32).unwrap_or(0) }
+    unsafe { bpf_probe_read_kernel(task.add(offset(&TASK_RUN_DELAY)) as *const u64).unwrap_or(0) }
 }
 
 /// sched_switch(bool preempt, task_struct *prev, task_struct *next,
 /// unsigned int prev_state)
+///
+/// Run-queue delay comes from the kernel's own accounting
+/// (`task->sched_info.run_delay`, CONFIG_SCHED_INFO): at this tracepoint
+/// `next` has not yet been charged the wait that ends now, so we note its
+/// total here and take the difference when it leaves the CPU again, when it
+/// is `current` and its cgroup is known. That needs no wakeup hooks at all,
+/// which halves the events per context switch.
 #[raw_tracepoint(tracepoint = "sched_switch")]
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
-    let preempt: u64 = ctx.arg(0);
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let prev_state: u64 = ctx.arg(3);
-    // A preempted task stays on the run queue whatever its state; a task
-    // that called schedule() stays only if it is still TASK_RUNNING.
-    let runnable = preempt & 0xff != 0 || prev_state as u32 == 0;
-    let _ = on_switch(task_pid(prev), runnable, task_pid(next));
+    let _ = on_switch(prev, next);
     0
 }
 
 #[inline(always)]
-fn on_switch(prev_pid: i32, prev_runnable: bool, next_pid: i32) -> Result<(), i32> {
+fn on_switch(prev: *const u8, next: *const u8) -> Result<(), i32> {
     let now = unsafe { bpf_ktime_get_ns() };
     let state = CPU_STATE.get_ptr_mut(0).ok_or(-1)?;
     // SAFETY: per-CPU slot, only this CPU touches it, with preemption off.
     let state = unsafe { &mut *state };
 
     // The task leaving the CPU is still `current` here: charge its slice and
-    // its pending run-queue delay to its cgroup. The idle task (pid 0) is
-    // not charged.
-    if prev_pid != 0 {
+    // the wait that brought it onto this CPU to its cgroup. The idle task
+    // (pid 0) is not charged. (Its pid from the helper, not from memory:
+    // every read of task_struct is a checked copy, and this runs at every
+    // context switch.)
+    if bpf_get_current_pid_tgid() as u32 != 0 {
         let cg = unsafe { bpf_get_current_cgroup_id() };
         if let Some(s) = cgroup_stats(cg) {
             // SAFETY: per-CPU value of this CPU.
@@ -136,36 +132,25 @@ fn on_switch(prev_pid: i32, prev_runnable: bool, next_pid: i32) -> Result<(), i3
                 s.on_cpu_ns += now - state.slice_start_ns;
             }
             s.switches += 1;
-            if state.pending_pid == prev_pid as u32 && state.pending_delay_ns != 0 {
-                let d = state.pending_delay_ns;
-                s.runq_delay_ns += d;
-                s.runq_count += 1;
-                let b = delay_bucket(d);
-                if let Some(slot) = s.runq_hist.get_mut(b) {
-                    *slot += 1;
+            // Tasks are told apart by their task_struct address: the task we
+            // noted at its switch-in is the one leaving now.
+            if state.task_at_switch_in == prev as u64 {
+                let total = task_run_delay(prev);
+                if total > state.run_delay_at_switch_in {
+                    let d = total - state.run_delay_at_switch_in;
+                    s.runq_delay_ns += d;
+                    s.runq_count += 1;
+                    let b = delay_bucket(d);
+                    if let Some(slot) = s.runq_hist.get_mut(b) {
+                        *slot += 1;
+                    }
                 }
             }
         }
-        // Preempted (or yielding) while runnable: it waits in the run queue
-        // from now on.
-        if prev_runnable {
-            set_waiting(prev_pid, now);
-        }
     }
 
-    state.pending_pid = next_pid as u32;
-    state.pending_delay_ns = 0;
-    if next_pid != 0 {
-        if let Some(slot) = WAKEUPS.get_ptr_mut(slot_of(next_pid)) {
-            // SAFETY: a u64 slot of the array; racing writers at worst
-            // store another timestamp.
-            let t = unsafe { *slot };
-            if t != 0 && now > t {
-                state.pending_delay_ns = now - t;
-            }
-            unsafe { *slot = 0 };
-        }
-    }
+    state.task_at_switch_in = next as u64;
+    state.run_delay_at_switch_in = task_run_delay(next);
     state.slice_start_ns = now;
     Ok(())
 }
@@ -197,40 +182,6 @@ pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
         state.slice_start_ns = now;
     }
     0
-}
-
-/// sched_wakeup(task_struct *p)
-#[raw_tracepoint(tracepoint = "sched_wakeup")]
-pub fn sched_wakeup(ctx: RawTracePointContext) -> i32 {
-    record_wakeup(task_pid(ctx.arg(0)));
-    0
-}
-
-/// sched_wakeup_new(task_struct *p)
-#[raw_tracepoint(tracepoint = "sched_wakeup_new")]
-pub fn sched_wakeup_new(ctx: RawTracePointContext) -> i32 {
-    record_wakeup(task_pid(ctx.arg(0)));
-    0
-}
-
-#[inline(always)]
-fn record_wakeup(pid: i32) {
-    if pid != 0 {
-        set_waiting(pid, unsafe { bpf_ktime_get_ns() });
-    }
-}
-
-#[inline(always)]
-fn slot_of(pid: i32) -> u32 {
-    pid as u32 & (WAITING_SLOTS as u32 - 1)
-}
-
-#[inline(always)]
-fn set_waiting(pid: i32, now: u64) {
-    if let Some(slot) = WAKEUPS.get_ptr_mut(slot_of(pid)) {
-        // SAFETY: a u64 slot of the array.
-        unsafe { *slot = now };
-    }
 }
 
 #[tracepoint(category = "exceptions", name = "page_fault_user")]

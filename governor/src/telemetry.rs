@@ -67,7 +67,7 @@ pub enum TelemetryError {
 
 /// Raw tracepoints (hot scheduler events) and the number of arguments the
 /// programs expect each to pass.
-const RAW_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4), ("sched_wakeup", 1), ("sched_wakeup_new", 1)];
+const RAW_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4)];
 
 /// How often each CPU charges the slice in progress (see `cpu_tick`): a
 /// task that never switches is seen within 10 ms.
@@ -123,9 +123,10 @@ impl Telemetry {
                 return Err(TelemetryError::RawTracepoint { tp, got, want: *want });
             }
         }
-        let task_pid = btf.member_offset("task_struct", "pid")?;
+        let run_delay =
+            btf.member_offset("task_struct", "sched_info")? + btf.member_offset("sched_info", "run_delay")?;
         let mut loader = EbpfLoader::new();
-        loader.override_global("TASK_PID", &task_pid, true);
+        loader.override_global("TASK_RUN_DELAY", &run_delay, true);
         for (global, off) in &offsets {
             loader.override_global(global, off, true);
         }
