@@ -155,6 +155,14 @@ fn on_switch(prev: *const u8, next: *const u8) -> Result<(), i32> {
     Ok(())
 }
 
+/// An empty program on the same hook, used only by `cargo xtask bench
+/// overhead` to measure what attaching anything to sched_switch costs on
+/// this host (the floor under `sched_switch`'s own cost).
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn sched_switch_floor(_ctx: RawTracePointContext) -> i32 {
+    0
+}
+
 /// A per-CPU timer (perf cpu-clock, 100 Hz) that charges the slice running
 /// now up to now. Without it a task that never leaves its CPU (a vCPU
 /// thread on a quiet or dedicated CPU) would show no CPU time until it

@@ -32,6 +32,10 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Attach only an empty sched_switch program until SIGINT/SIGTERM (the
+    /// floor of `cargo xtask bench overhead`).
+    #[command(hide = true)]
+    FloorProbe,
     /// Check a config file without applying anything.
     Check {
         #[arg(long)]
@@ -115,6 +119,23 @@ fn main() -> Result<()> {
             );
             drop(demo);
             r
+        }
+        Cmd::FloorProbe => {
+            let _probe = governor::telemetry::attach_floor_probe()?;
+            let mut set = [libc::SIGINT, libc::SIGTERM];
+            // SAFETY: blocking the two signals, then waiting for one of them.
+            unsafe {
+                let mut mask: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut mask);
+                for s in &mut set {
+                    libc::sigaddset(&mut mask, *s);
+                }
+                libc::pthread_sigmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut());
+                println!("attached");
+                let mut sig = 0;
+                libc::sigwait(&mask, &mut sig);
+            }
+            Ok(())
         }
         Cmd::Check { config } => {
             let cfg = Config::load(&config)?;

@@ -107,6 +107,21 @@ pub struct Telemetry {
 /// kernel never sees half of a changed limit.
 const BPF_F_LOCK: u64 = 4;
 
+/// Attach only the empty `sched_switch_floor` program (for the overhead
+/// bench's floor); detached when the returned object drops.
+pub fn attach_floor_probe() -> Result<Ebpf, TelemetryError> {
+    tracefs::ensure_mounts()?;
+    let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+    let p: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut("sched_switch_floor")
+        .ok_or(TelemetryError::Missing("sched_switch_floor"))?
+        .try_into()
+        .map_err(|source| TelemetryError::Program { name: "sched_switch_floor", source })?;
+    p.load().map_err(|source| TelemetryError::Program { name: "sched_switch_floor", source })?;
+    p.attach("sched_switch").map_err(|source| TelemetryError::Program { name: "sched_switch_floor", source })?;
+    Ok(ebpf)
+}
+
 impl Telemetry {
     /// Load, pin and attach the scheduler and memory programs. Stale pins
     /// left by a process that died are replaced.

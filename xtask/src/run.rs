@@ -60,6 +60,37 @@ impl Drop for Attached {
     }
 }
 
+/// Only an empty program on sched_switch: what attaching anything there
+/// costs on this host.
+struct Floor(Child);
+
+impl Floor {
+    fn start() -> Result<Floor> {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(release_bin("governor"))
+            .arg("floor-probe")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start governor floor-probe")?;
+        let out = child.stdout.take().context("floor-probe stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        if line.trim() != "attached" {
+            bail!("floor probe did not attach: {line:?}");
+        }
+        Ok(Floor(child))
+    }
+}
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) on our child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 /// `perf bench sched pipe` pinned to one CPU: each op is two context
 /// switches (and two wakeups). Returns ns per op.
 fn sched_pipe(loops: u32) -> Result<f64> {
@@ -86,16 +117,20 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn bench_overhead() -> Result<Vec<Row>> {
     const ROUNDS: usize = 7;
     const LOOPS: u32 = 200_000;
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let (mut without, mut with, mut floor) = (Vec::new(), Vec::new(), Vec::new());
     sched_pipe(20_000)?; // warm up
     for _ in 0..ROUNDS {
         without.push(sched_pipe(LOOPS)?);
         let g = Attached::start()?;
         with.push(sched_pipe(LOOPS)?);
         drop(g);
+        let f = Floor::start()?;
+        floor.push(sched_pipe(LOOPS)?);
+        drop(f);
     }
-    let (a, b) = (median(&mut without), median(&mut with));
+    let (a, b, f) = (median(&mut without), median(&mut with), median(&mut floor));
     let per_switch = (b - a) / 2.0;
+    let floor_per_switch = (f - a) / 2.0;
     let slowdown = b / a;
     let verdict = |ok: bool| if ok { "meets goal" } else { "MISSES goal" };
     Ok(vec![
@@ -104,6 +139,13 @@ pub fn bench_overhead() -> Result<Vec<Row>> {
         Row::new("sched pipe, programs attached (ns/op)", format!("{b:.0}")).peer("same run, alternating"),
         Row::new("added per context switch (ns)", format!("{per_switch:.0}"))
             .note(format!("goal <= 150 ns: {}", verdict(per_switch <= 150.0))),
+        Row::new("floor: an empty program on sched_switch (ns per switch)", format!("{floor_per_switch:.0}"))
+            .peer("same run, alternating")
+            .note("what attaching anything to the hook costs on this host; the governor's own work is the difference"),
+        Row::new(
+            "governor's programs above the floor (ns per switch)",
+            format!("{:.0}", per_switch - floor_per_switch),
+        ),
         Row::new("slowdown ratio (attached / detached)", format!("{slowdown:.3}"))
             .note(format!("goal <= 1.03: {}", verdict(slowdown <= 1.03))),
     ])
