@@ -45,7 +45,6 @@ struct Type {
 
 pub struct Btf {
     data: Vec<u8>,
-    types_at: usize,
     strs: (usize, usize),
     /// Index 0 is the void type; ids are indices.
     types: Vec<Type>,
@@ -105,7 +104,7 @@ impl Btf {
             types.push(Type { name, kind, vlen, kflag: info >> 31 == 1, size_or_type, extra: (start, end) });
             off = end;
         }
-        Ok(Btf { data, types_at, strs: (strs_at, strs_end), types })
+        Ok(Btf { data, strs: (strs_at, strs_end), types })
     }
 
     fn name(&self, off: u32) -> &str {
@@ -166,11 +165,6 @@ impl Btf {
         let proto =
             self.types.get(ptr.size_or_type as usize).filter(|t| t.kind == KIND_FUNC_PROTO).ok_or_else(missing)?;
         Ok(proto.vlen.saturating_sub(1))
-    }
-
-    /// Start of the type section (kept for debugging output).
-    pub fn types_offset(&self) -> usize {
-        self.types_at
     }
 }
 

@@ -254,11 +254,6 @@ impl Cgroup {
         stat_field(&f, "usage_usec").map(|us| us * 1000)
     }
 
-    /// CPU usage as the unified hierarchy's cpu.stat reports it (µs -> ns).
-    pub fn cpu_stat_usage_ns(&self) -> Result<u64, CgroupError> {
-        stat_field(&self.dir.join("cpu.stat"), "usage_usec").map(|us| us * 1000)
-    }
-
     /// Limit CPU to `quota_us` per `period_us` (cpu.max, or v1 cfs quota).
     pub fn set_cpu_quota(&self, quota_us: u64, period_us: u64) -> Result<(), CgroupError> {
         if let Some(d) = self.layout.v1("cpu", &self.rel) {

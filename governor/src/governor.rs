@@ -186,10 +186,6 @@ impl Governor {
         Ok(())
     }
 
-    pub fn telemetry(&self) -> &Telemetry {
-        &self.telemetry
-    }
-
     /// Read every counter once and return the per-VM rates since the last
     /// tick (the first tick has no rates yet, only totals).
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {

@@ -224,10 +224,6 @@ impl Telemetry {
         })
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// Attach the tc counters to both directions of an interface (clsact,
     /// direct action). Filters of ours left on it by an earlier process are
     /// replaced, never doubled. Returns the ifindex.
