@@ -44,6 +44,12 @@ pub struct CpuState {
     pub run_delay_at_switch_in: u64,
     /// Address of the task_struct that got the CPU at the last switch.
     pub task_at_switch_in: u64,
+    /// The cgroup whose scheduler counters are gathered in `acc` on this
+    /// CPU; added into `CGROUPS` when another cgroup runs and at every
+    /// `cpu_tick` (so readers lag at most 10 ms), which spares the hash
+    /// lookup on the many switches between tasks of one cgroup or idle.
+    pub acc_cgroup: u64,
+    pub acc: CgroupStats,
 }
 
 /// Per-interface traffic counters, kept per CPU and keyed by ifindex.

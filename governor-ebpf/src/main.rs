@@ -27,8 +27,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
-    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
+    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DELAY_BUCKETS, DIR_FROM_VM, DIR_TO_VM,
+    MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
 #[btf_map]
@@ -73,6 +73,33 @@ fn offset(global: &'static u32) -> usize {
     // SAFETY: reading our own read-only global; volatile so the compiler
     // does not fold the default value in before the loader patches it.
     unsafe { core::ptr::read_volatile(global) as usize }
+}
+
+/// Add this CPU's gathered scheduler counters into its cgroup's entry and
+/// start afresh. Only the fields gathered here are touched: the page-fault
+/// program updates the same entry from task context.
+#[inline(always)]
+fn flush(state: &mut CpuState) {
+    if state.acc_cgroup == 0 || (state.acc.switches == 0 && state.acc.on_cpu_ns == 0) {
+        return;
+    }
+    if let Some(s) = cgroup_stats(state.acc_cgroup) {
+        // SAFETY: per-CPU value of this CPU.
+        let s = unsafe { &mut *s };
+        let a = &mut state.acc;
+        s.on_cpu_ns += a.on_cpu_ns;
+        s.switches += a.switches;
+        s.runq_delay_ns += a.runq_delay_ns;
+        s.runq_count += a.runq_count;
+        for i in 0..DELAY_BUCKETS {
+            s.runq_hist[i] += a.runq_hist[i];
+            a.runq_hist[i] = 0;
+        }
+        a.on_cpu_ns = 0;
+        a.switches = 0;
+        a.runq_delay_ns = 0;
+        a.runq_count = 0;
+    }
 }
 
 /// The stats of a cgroup on this CPU, created on first use.
@@ -125,25 +152,26 @@ fn on_switch(prev: *const u8, next: *const u8) -> Result<(), i32> {
     // context switch.)
     if bpf_get_current_pid_tgid() as u32 != 0 {
         let cg = unsafe { bpf_get_current_cgroup_id() };
-        if let Some(s) = cgroup_stats(cg) {
-            // SAFETY: per-CPU value of this CPU.
-            let s = unsafe { &mut *s };
-            if state.slice_start_ns != 0 && now > state.slice_start_ns {
-                s.on_cpu_ns += now - state.slice_start_ns;
-            }
-            s.switches += 1;
-            // Tasks are told apart by their task_struct address: the task we
-            // noted at its switch-in is the one leaving now.
-            if state.task_at_switch_in == prev as u64 {
-                let total = task_run_delay(prev);
-                if total > state.run_delay_at_switch_in {
-                    let d = total - state.run_delay_at_switch_in;
-                    s.runq_delay_ns += d;
-                    s.runq_count += 1;
-                    let b = delay_bucket(d);
-                    if let Some(slot) = s.runq_hist.get_mut(b) {
-                        *slot += 1;
-                    }
+        if cg != state.acc_cgroup {
+            flush(state);
+            state.acc_cgroup = cg;
+        }
+        let s = &mut state.acc;
+        if state.slice_start_ns != 0 && now > state.slice_start_ns {
+            s.on_cpu_ns += now - state.slice_start_ns;
+        }
+        s.switches += 1;
+        // Tasks are told apart by their task_struct address: the task we
+        // noted at its switch-in is the one leaving now.
+        if state.task_at_switch_in == prev as u64 {
+            let total = task_run_delay(prev);
+            if total > state.run_delay_at_switch_in {
+                let d = total - state.run_delay_at_switch_in;
+                s.runq_delay_ns += d;
+                s.runq_count += 1;
+                let b = delay_bucket(d);
+                if let Some(slot) = s.runq_hist.get_mut(b) {
+                    *slot += 1;
                 }
             }
         }
@@ -171,24 +199,23 @@ pub fn sched_switch_floor(_ctx: RawTracePointContext) -> i32 {
 /// same CPU, so the per-CPU slice state needs no lock.
 #[perf_event]
 pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
-    // Low 32 bits: the thread id; 0 is the idle task, which is not charged.
-    let pid = bpf_get_current_pid_tgid() as u32;
-    if pid == 0 {
-        return 0;
-    }
     let Some(state) = CPU_STATE.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU slot of this CPU.
     let state = unsafe { &mut *state };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if state.slice_start_ns == 0 || now <= state.slice_start_ns {
-        return 0;
+    // Low 32 bits: the thread id; 0 is the idle task, which is not charged.
+    if bpf_get_current_pid_tgid() as u32 != 0 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if state.slice_start_ns != 0 && now > state.slice_start_ns {
+            let cg = unsafe { bpf_get_current_cgroup_id() };
+            if cg != state.acc_cgroup {
+                flush(state);
+                state.acc_cgroup = cg;
+            }
+            state.acc.on_cpu_ns += now - state.slice_start_ns;
+            state.slice_start_ns = now;
+        }
     }
-    let cg = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(s) = cgroup_stats(cg) {
-        // SAFETY: per-CPU value of this CPU.
-        unsafe { (*s).on_cpu_ns += now - state.slice_start_ns };
-        state.slice_start_ns = now;
-    }
+    flush(state);
     0
 }
 
