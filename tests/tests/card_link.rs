@@ -448,9 +448,13 @@ fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
     card.check_health().expect("healthy after chaos");
     let mut answered = 0;
     for i in 0..50u64 {
-        if let Ok(m) = card.echo(1000 + i, b"after") {
-            assert_eq!(m.arg0, 1000 + i);
-            answered += 1;
+        match card.echo(1000 + i, b"after") {
+            Ok(m) => {
+                assert_eq!(m.arg0, 1000 + i);
+                answered += 1;
+            }
+            Err(e) if i < 3 => eprintln!("after chaos, echo {i}: {e}"),
+            Err(_) => {}
         }
     }
     assert_eq!(answered, 50, "commands lost after the chaos");
