@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::cgroup::Layout;
 use crate::qos::{Direction, LimitSpec};
+use cgroupfs::Layout;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/governor";
 pub const DEFAULT_SOCKET: &str = "/run/governor/governor.sock";

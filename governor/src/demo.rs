@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cgroup::{Cgroup, Layout};
 use crate::config::{Config, Role, VmConfig};
+use cgroupfs::{Cgroup, Layout, Limits};
 
 pub struct Demo {
     pub config: Config,
@@ -54,7 +54,7 @@ impl Demo {
 
         let vms = [("web", Role::User, true), ("batch", Role::User, true), ("mc-log", Role::Mc, false)];
         for (i, (name, role, with_net)) in vms.iter().enumerate() {
-            let cg = layout.create(&format!("governor-demo-{tag}/{name}"))?;
+            let cg = layout.create(&format!("governor-demo-{tag}/{name}"), &Limits::default())?;
             let mut interfaces = Vec::new();
             if *with_net {
                 let ns = format!("gd-{name}-{tag}");
@@ -104,19 +104,16 @@ impl Demo {
 
     /// Start a shell command inside VM `i`'s cgroup (and network namespace).
     fn spawn(&mut self, i: usize, ns: Option<&str>, cmd: &str) -> Result<()> {
-        let mut script = String::new();
-        for f in self.cgroups[i].procs_files() {
-            script.push_str(&format!("echo $$ > {} || exit 99; ", f.display()));
-        }
         // Join the cgroup first: `ip netns exec` remounts /sys, hiding the
         // cgroup hierarchies from what runs inside it.
-        script.push_str("exec ");
+        let mut script = String::from("exec ");
         if let Some(ns) = ns {
             script.push_str(&format!("ip netns exec {ns} "));
         }
         script.push_str(cmd);
         let mut c = Command::new("sh");
         c.args(["-c", &script]);
+        self.cgroups[i].join_on_exec(&mut c)?;
         let child = c.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().with_context(|| format!("start {cmd}"))?;
         self.children.push(child);
         Ok(())
@@ -129,25 +126,12 @@ impl Drop for Demo {
             let _ = c.kill();
             let _ = c.wait();
         }
-        for cg in &self.cgroups {
-            for f in cg.procs_files() {
-                if let Ok(p) = std::fs::read_to_string(&f) {
-                    for pid in p.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                        // SAFETY: plain kill(2).
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        for cg in &self.cgroups {
-            let _ = cg.remove();
-        }
-        if let Some(parent) = self.cgroups.first().and_then(|c| c.rel().parent().map(|p| p.to_path_buf())) {
-            if let Ok(l) = Layout::detect() {
-                if let Ok(p) = l.open(&parent.to_string_lossy()) {
-                    let _ = p.remove();
-                }
+        // Last made first: the first cgroup made the shared parent and
+        // removes it once the others are gone.
+        for cg in self.cgroups.iter_mut().rev() {
+            cg.kill_all(std::time::Duration::from_secs(5));
+            if let Err(e) = cg.remove() {
+                tracing::warn!("demo: removing cgroup {}: {e}", cg.rel().display());
             }
         }
         for ns in &self.netns {

@@ -10,12 +10,12 @@ use governor_common::{NetStats, Policer, QOS_SHAPE};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::cgroup::{Cgroup, CgroupError, Layout};
 use crate::config::{Config, VmConfig};
 use crate::qos::{tokens_bytes, Direction, Limit, Mode};
 use crate::sampler::{rates, Sample, VmStatus};
 use crate::shape::{ShapeError, Shaper};
 use crate::telemetry::{Telemetry, TelemetryError};
+use cgroupfs::{Cgroup, CgroupError, Layout};
 
 #[derive(Debug, Error)]
 pub enum GovernorError {

@@ -2,14 +2,14 @@
 //! telemetry into rates, and serves status.
 //!
 //! - `telemetry`: the kernel programs (load, pin, attach, read maps)
-//! - `cgroup`, `netdev`, `tracefs`: the host as the kernel shows it
+//! - `netdev`, `tracefs`: the host as the kernel shows it (cgroups: the
+//!   `cgroupfs` crate)
 //! - `sampler`: counters -> rates (pure)
 //! - `governor`: the watched VMs and one sampling step
 //! - `daemon`, `api`: `governor run` and its control socket
 
 pub mod api;
 pub mod btf;
-pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod demo;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use governor_common::{CgroupStats, NetStats, DELAY_BUCKETS};
 use serde::Serialize;
 
-use crate::cgroup::Memory;
+use cgroupfs::Memory;
 
 /// Cumulative counters of one VM at one instant.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use governor::cgroup::{Cgroup, Layout};
+use cgroupfs::{Cgroup, Layout, Limits};
 
 /// Fail (never skip) when a requirement of the real-kernel tests is missing.
 pub fn require_root() {
@@ -61,24 +61,20 @@ pub struct TestCgroup {
 impl TestCgroup {
     pub fn new(tag: &str) -> TestCgroup {
         let layout = Layout::detect().expect("cgroup2 must be mounted");
-        let cg = layout.create(&format!("governor-test/{}", unique(tag))).expect("create test cgroup");
+        // Flat, unique names: no parent shared between test runs is left behind.
+        let cg =
+            layout.create(&format!("governor-test-{}", unique(tag)), &Limits::default()).expect("create test cgroup");
         TestCgroup { cg }
     }
 
-    /// Start `argv` inside this cgroup: a shell joins every hierarchy, then
-    /// execs the command, so the command's first instruction already runs
-    /// in the cgroup.
+    /// Start `argv` inside this cgroup: the child joins every hierarchy
+    /// before it execs, so the command's first instruction already runs in
+    /// the cgroup.
     pub fn spawn(&self, argv: &[&str]) -> Guarded {
-        let mut script = String::new();
-        for f in self.cg.procs_files() {
-            script.push_str(&format!("echo $$ > {} || exit 99; ", f.display()));
-        }
-        script.push_str("exec \"$@\"");
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("sh")
-            .args(argv)
+        let mut cmd = Command::new(argv[0]);
+        cmd.args(&argv[1..]);
+        self.cg.join_on_exec(&mut cmd).expect("prepare the cgroup join");
+        let child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -91,15 +87,7 @@ impl TestCgroup {
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Kill what is left, then remove; errors are reported, not hidden.
-        for f in self.cg.procs_files() {
-            if let Ok(procs) = std::fs::read_to_string(&f) {
-                for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                    // SAFETY: plain kill(2).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        self.cg.kill_all(Duration::from_secs(5));
         if let Err(e) = self.cg.remove() {
             eprintln!("warning: removing test cgroup: {e}");
         }

@@ -174,7 +174,7 @@ fn card_telemetry_memory_agrees_with_cgroup() {
     s.control(json!({"op": "load", "mem_mib": 128})).expect("memory load");
     std::thread::sleep(Duration::from_millis(3 * PERIOD_MS));
     let snap = card.registers().expect("registers");
-    let truth = s.cgroup.as_ref().expect("cgroup").memory_bytes().expect("cgroup memory") as f64;
+    let truth = s.cgroup.as_ref().expect("cgroup").memory().expect("cgroup memory").map_or(0, |m| m.usage_bytes) as f64;
     let mem = snap.resource(ResourceKind::Memory).expect("memory");
     let cap = mem.capacity as f64;
     eprintln!("memory: card says {} B, cgroup says {truth} B", mem.used);

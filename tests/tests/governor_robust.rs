@@ -27,15 +27,16 @@ fn a_vanished_child_cgroup_keeps_its_cpu_time() {
     require_root();
     let pins = PinDir::new();
     let cg = TestCgroup::new("rob");
-    let layout = governor::cgroup::Layout::detect().expect("layout");
-    let child = layout.create(&format!("{}/vcpu0", cg.cg.rel().to_string_lossy())).expect("child cgroup");
+    let layout = cgroupfs::Layout::detect().expect("layout");
+    let mut child =
+        layout.create(&format!("{}/vcpu0", cg.cg.rel().to_string_lossy()), &Default::default()).expect("child cgroup");
     let mut gov = Governor::new(&config(&pins, &unique("gifb"), &[("vm", &cg, None)])).expect("governor");
     gov.tick().expect("tick");
     let mut hog = {
-        let script = child.procs_files().iter().map(|f| format!("echo $$ > {}; ", f.display())).collect::<String>();
-        Guarded(Some(
-            Command::new("sh").arg("-c").arg(format!("{script}exec sh -c 'while :; do :; done'")).spawn().expect("hog"),
-        ))
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "while :; do :; done"]);
+        child.join_on_exec(&mut cmd).expect("join");
+        Guarded(Some(cmd.spawn().expect("hog")))
     };
     std::thread::sleep(Duration::from_millis(1500));
     let before = gov.tick().expect("tick")[0].cpu_seconds_total;

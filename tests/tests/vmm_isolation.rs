@@ -7,36 +7,26 @@ mod vmm_support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cgroupfs::{CgroupError, Controller, Layout, Limits};
 use serde_json::json;
-use vmm::cgroup::{layout, Cgroup, Layout, Limits};
-use vmm::Error;
 use vmm_support::*;
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display())).trim().to_string()
 }
 
-fn dir(ctrl: &str, name: &str) -> PathBuf {
-    match layout() {
-        Layout::V2 => Path::new("/sys/fs/cgroup").join(name),
-        Layout::Hybrid => Path::new("/sys/fs/cgroup").join(ctrl).join(name),
-    }
+fn layout() -> Layout {
+    Layout::detect().expect("cgroup layout")
 }
 
-/// CPU time of the cgroup in ns, from cpuacct.usage (v1) or cpu.stat (v2).
+/// The directory of cgroup `name` holding controller `ctrl`'s files.
+fn dir(ctrl: Controller, name: &str) -> PathBuf {
+    layout().root_of(ctrl).join(name)
+}
+
+/// CPU time of the cgroup in ns, from the kernel's accounting.
 fn usage_ns(name: &str) -> u64 {
-    match layout() {
-        Layout::V2 => {
-            let stat = read(&dir("cpu", name).join("cpu.stat"));
-            let us = stat
-                .lines()
-                .find_map(|l| l.strip_prefix("usage_usec "))
-                .and_then(|v| v.parse::<u64>().ok())
-                .expect("usage_usec in cpu.stat");
-            us * 1000
-        }
-        Layout::Hybrid => read(&dir("cpuacct", name).join("cpuacct.usage")).parse().expect("cpuacct.usage"),
-    }
+    layout().open(name).expect("open cgroup").cpu_usage_ns().expect("usage")
 }
 
 fn spawn_in_cgroup(name: &str, quota_us: u64, cpuset: Option<&str>) -> VmmProc {
@@ -70,36 +60,28 @@ fn cgroup_shows_the_configured_limits_and_holds_the_vcpu() {
     let mut p = spawn_in_cgroup(&name, 20_000, Some("0"));
     let stats = p.call(json!({"cmd": "stats"}));
     let tid = stats["vcpu_tid"].as_u64().expect("vcpu tid");
-    match layout() {
-        Layout::V2 => {
-            let d = dir("", &name);
-            assert_eq!(read(&d.join("cpu.max")), "20000 100000");
-            assert_eq!(read(&d.join("cpuset.cpus")), "0");
-            assert_eq!(read(&d.join("memory.max")), (256u64 << 20).to_string());
-            assert!(read(&d.join("cgroup.threads")).lines().any(|l| l == tid.to_string()));
+    let cg = layout().open(&name).expect("the VMM made its cgroup");
+    assert_eq!(cg.cpu_quota().expect("quota"), Some((20_000, 100_000)));
+    assert_eq!(read(&dir(Controller::Cpuset, &name).join("cpuset.cpus")), "0");
+    assert_eq!(cg.memory_limit().expect("limit"), Some(256 << 20));
+    if layout().is_hybrid() {
+        for ctrl in Controller::ALL {
+            let tasks = read(&dir(ctrl, &name).join("tasks"));
+            assert!(tasks.lines().any(|l| l == tid.to_string()), "vCPU thread {tid} in {ctrl:?}: {tasks}");
+            assert!(tasks.lines().any(|l| l == p.pid().to_string()), "VMM process in {ctrl:?}");
         }
-        Layout::Hybrid => {
-            assert_eq!(read(&dir("cpu", &name).join("cpu.cfs_quota_us")), "20000");
-            assert_eq!(read(&dir("cpu", &name).join("cpu.cfs_period_us")), "100000");
-            assert_eq!(read(&dir("cpuset", &name).join("cpuset.cpus")), "0");
-            assert_eq!(read(&dir("memory", &name).join("memory.limit_in_bytes")), (256u64 << 20).to_string());
-            for ctrl in ["cpu", "cpuacct", "cpuset", "memory"] {
-                let tasks = read(&dir(ctrl, &name).join("tasks"));
-                assert!(tasks.lines().any(|l| l == tid.to_string()), "vCPU thread {tid} in {ctrl}: {tasks}");
-                assert!(tasks.lines().any(|l| l == p.pid().to_string()), "VMM process in {ctrl}");
-            }
-            // The v2 identity the eBPF side keys on.
-            let procs = read(&dir("unified", &name).join("cgroup.procs"));
-            assert!(procs.lines().any(|l| l == p.pid().to_string()), "VMM in the unified hierarchy");
-        }
+    } else {
+        assert!(read(&cg.dir().join("cgroup.threads")).lines().any(|l| l == tid.to_string()));
     }
+    // The v2 identity the eBPF side keys on.
+    assert!(cg.pids().contains(&p.pid()), "VMM in the unified hierarchy");
     // The vCPU thread is affine to the cpuset.
     let status = read(&PathBuf::from(format!("/proc/{}/task/{tid}/status", p.pid())));
     let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
     assert_eq!(allowed.trim(), "0");
     p.call(json!({"cmd": "shutdown"}));
     let _ = p.child.wait();
-    assert!(!dir("cpu", &name).exists(), "the VMM removes the cgroup it made on shutdown");
+    assert!(!dir(Controller::Cpu, &name).exists(), "the VMM removes the cgroup it made on shutdown");
 }
 
 #[test]
@@ -129,12 +111,12 @@ fn invalid_limits_are_refused_whole() {
     let name = unique("vmm-test-bad");
     let _cg = CgroupGuard(name.clone());
     let bad = Limits { cpu_quota_us: Some(20_000), memory_bytes: Some(1024), ..Default::default() };
-    match Cgroup::create(&name, &bad) {
-        Err(Error::Config { field, .. }) => assert_eq!(field, "memory_bytes"),
-        other => panic!("expected a config error, got {other:?}"),
+    match layout().create(&name, &bad) {
+        Err(CgroupError::Limit { field, .. }) => assert_eq!(field, "memory_bytes"),
+        other => panic!("expected a limit error, got {other:?}"),
     }
-    assert!(!dir("cpu", &name).exists(), "nothing half applied");
-    assert!(matches!(Cgroup::create("../escape", &Limits::default()), Err(Error::Config { field: "cgroup", .. })));
+    assert!(!dir(Controller::Cpu, &name).exists(), "nothing half applied");
+    assert!(matches!(layout().create("../escape", &Limits::default()), Err(CgroupError::BadPath(_))));
 }
 
 #[test]
@@ -144,19 +126,16 @@ fn library_places_only_the_vcpu_thread_under_a_quota() {
     let name = unique("vmm-test-vcpu");
     let _guard = CgroupGuard(name.clone());
     let limits = Limits { cpu_quota_us: Some(20_000), cpu_period_us: Some(100_000), ..Default::default() };
-    let mut cg = Cgroup::create(&name, &limits).expect("create cgroup");
-    let unified = match layout() {
-        Layout::V2 => Path::new("/sys/fs/cgroup").join(&name),
-        Layout::Hybrid => Path::new("/sys/fs/cgroup/unified").join(&name),
-    };
+    let mut cg = layout().create(&name, &limits).expect("create cgroup");
+    let unified = layout().unified().join(&name);
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&unified).expect("v2 directory"));
-    assert_eq!(cg.v2_id().expect("v2 id"), ino, "the id eBPF sees for the cgroup");
+    assert_eq!(cg.id().expect("v2 id"), ino, "the id eBPF sees for the cgroup");
     let vm = vmm::Vm::create(&vmm::VmConfig::new(guest_elf(), 32), vmm::Sinks::default()).expect("create VM");
     vm.start(false).expect("start");
     vm.wait_ready(Duration::from_secs(10)).expect("banner");
     let tid = vm.vcpu_tid().expect("vCPU tid");
-    cg.add_thread(tid).expect("move the vCPU thread");
-    let tasks = read(&dir("cpu", &name).join(if layout() == Layout::V2 { "cgroup.threads" } else { "tasks" }));
+    cg.attach_thread(tid as u32).expect("move the vCPU thread");
+    let tasks = read(&dir(Controller::Cpu, &name).join(if layout().is_hybrid() { "tasks" } else { "cgroup.threads" }));
     assert_eq!(tasks.lines().collect::<Vec<_>>(), vec![tid.to_string().as_str()], "only the vCPU thread");
     vm.request(op::AUTO, 100_000_000, Duration::from_secs(10)).expect("busy");
     std::thread::sleep(Duration::from_millis(300));
@@ -164,7 +143,7 @@ fn library_places_only_the_vcpu_thread_under_a_quota() {
     std::thread::sleep(Duration::from_secs(2));
     let (u1, t1) = (usage_ns(&name), Instant::now());
     vm.shutdown();
-    cg.remove();
+    cg.remove().expect("remove the cgroup");
     let share = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
     assert!((share - 0.20).abs() <= 0.20 * 0.05, "vCPU share {share:.4} not within 5% of 0.20");
 }
@@ -175,7 +154,7 @@ fn sigterm_shuts_the_vm_down_and_removes_the_cgroup() {
     let name = unique("vmm-test-term");
     let _cg = CgroupGuard(name.clone());
     let mut p = spawn_in_cgroup(&name, 50_000, None);
-    assert!(dir("cpu", &name).exists());
+    assert!(dir(Controller::Cpu, &name).exists());
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -187,6 +166,6 @@ fn sigterm_shuts_the_vm_down_and_removes_the_cgroup() {
         std::thread::sleep(Duration::from_millis(10));
     };
     assert!(status.success(), "exit status {status}");
-    assert!(!dir("cpu", &name).exists(), "cgroup removed on SIGTERM");
+    assert!(!dir(Controller::Cpu, &name).exists(), "cgroup removed on SIGTERM");
     assert!(!p.socket.0.exists(), "control socket removed");
 }

@@ -56,8 +56,8 @@ pub enum Error {
     Stopped(StopReason),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(std::time::Duration, &'static str),
-    #[error("cgroup {path}: {reason}")]
-    Cgroup { path: String, reason: String },
+    #[error("cgroup: {0}")]
+    Cgroup(#[from] cgroupfs::CgroupError),
     #[error("invalid configuration: field {field}: {reason}")]
     Config { field: &'static str, reason: String },
     #[error("control protocol: {0}")]

@@ -12,9 +12,9 @@ pub mod vcpu_state;
 pub mod virtio;
 pub mod vm;
 
+pub use cgroupfs;
 pub use error::{Error, Result, StopReason};
 pub use vm::{Reply, RunState, Sinks, Vm, VmConfig, VmStats};
-pub mod cgroup;
 pub mod control;
 pub mod event_loop;
 pub mod linux;

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use vmm::cgroup::{Cgroup, Limits};
+use vmm::cgroupfs::{Layout, Limits};
 use vmm::control::Server;
 use vmm::event_loop::Outcome;
 use vmm::{Sinks, StopReason, Vm, VmConfig};
@@ -106,7 +106,18 @@ fn main() -> ExitCode {
     // Join the cgroup first, so every thread started later is inside it.
     let mut cgroup = None;
     if let Some(name) = &args.cgroup {
-        match Cgroup::create(name, &args.limits).and_then(|cg| cg.add_process(std::process::id()).map(|_| cg)) {
+        let made = Layout::detect().and_then(|l| l.create(name, &args.limits)).and_then(|mut cg| {
+            match cg.attach(std::process::id()) {
+                Ok(()) => Ok(cg),
+                Err(e) => {
+                    if let Err(r) = cg.remove() {
+                        eprintln!("vmm: removing the half-made cgroup {name}: {r}");
+                    }
+                    Err(e)
+                }
+            }
+        });
+        match made {
             Ok(cg) => cgroup = Some(cg),
             Err(e) => {
                 eprintln!("vmm: {e}");
@@ -116,7 +127,9 @@ fn main() -> ExitCode {
     }
     let code = run(&args, t0);
     if let Some(cg) = cgroup.as_mut() {
-        cg.remove();
+        if let Err(e) = cg.remove() {
+            eprintln!("vmm: removing cgroup {}: {e}", cg.rel().display());
+        }
     }
     code
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::cgroup::Limits;
 use crate::control::Client;
 use crate::error::{Error, Result};
+use cgroupfs::Limits;
 
 /// What the child process starts with.
 #[derive(Debug, Clone)]

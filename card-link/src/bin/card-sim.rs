@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use card_link::sim::vmm_backend::VmmBackend;
-use card_link::sim::{cgroup::CardCgroup, control, device, SimCard, SimConfig};
+use card_link::sim::{control, device, SimCard, SimConfig};
+use cgroupfs::Layout;
 
 fn main() -> ExitCode {
     match run() {
@@ -55,7 +56,10 @@ fn run() -> Result<(), String> {
     }
     cfg.socket = socket.ok_or("--socket is required")?;
     if let Some(name) = &cfg.cgroup {
-        CardCgroup::locate(name).join(std::process::id()).map_err(|e| format!("join cgroup {name}: {e}"))?;
+        Layout::detect()
+            .and_then(|l| l.open(name))
+            .and_then(|cg| cg.attach(std::process::id()))
+            .map_err(|e| format!("join cgroup {name}: {e}"))?;
     }
     let card = match guest {
         Some(g) => {

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::cgroup::CardCgroup;
 use super::commands::{EventLog, VmTable};
 use super::fpga::Fpga;
 use super::load::{CpuLoad, MemLoad, NetClient};
@@ -17,6 +16,7 @@ pub use super::pci::{irqs, regions, serve, Backend};
 use super::vms::{ModelBackend, VmBackend};
 use crate::abi::{self, Health, RegisterSnapshot, Resource, ResourceKind, BAR0_SIZE};
 use crate::mailbox::{self, Message, Op, Status, HEADER_LEN};
+use cgroupfs::{Cgroup, Layout};
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -73,7 +73,7 @@ pub struct SimCard {
     pub(super) irq: Mutex<Option<File>>,
     heartbeat: AtomicU64,
     pub faults: Faults,
-    pub cgroup: Option<CardCgroup>,
+    pub cgroup: Option<Cgroup>,
     pub cpu: CpuLoad,
     pub mem: MemLoad,
     pub net: NetClient,
@@ -93,7 +93,13 @@ impl SimCard {
     }
 
     pub fn with_backend(cfg: SimConfig, backend: Box<dyn VmBackend>) -> Arc<SimCard> {
-        let cgroup = cfg.cgroup.as_deref().map(CardCgroup::locate);
+        let cgroup = cfg.cgroup.as_deref().and_then(|name| match Layout::detect().and_then(|l| l.open(name)) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                eprintln!("card-sim: cgroup {name}: {e}; accounting the process instead");
+                None
+            }
+        });
         let mut bar2 = vec![0u8; mailbox::bar2_size(cfg.slots, cfg.slot_size) as usize];
         bar2[mailbox::REG_SLOTS as usize..][..4].copy_from_slice(&cfg.slots.to_le_bytes());
         bar2[mailbox::REG_SLOT_SIZE as usize..][..4].copy_from_slice(&cfg.slot_size.to_le_bytes());
@@ -174,10 +180,21 @@ impl SimCard {
     fn measure(&self) -> (u64, u64, u64, u64, u64) {
         if let Some(cg) = &self.cgroup {
             let cpu = cg.cpu_usage_ns().unwrap_or(0);
-            let mem = cg.memory_bytes().unwrap_or(0);
+            let mem = cg.memory().ok().flatten().map_or(0, |m| m.usage_bytes);
             let peak = cg.memory_peak().unwrap_or(mem).max(mem);
-            let limit = cg.memory_limit().unwrap_or(512 << 20).clamp(1, 1 << 50);
-            let cap = cg.cpu_capacity_ns().unwrap_or(1_000_000_000).max(1);
+            let limit = match cg.memory_limit() {
+                Ok(Some(v)) => v,
+                Ok(None) => 1 << 50,
+                Err(_) => 512 << 20,
+            }
+            .clamp(1, 1 << 50);
+            let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+            let cap = match cg.cpu_quota() {
+                Ok(Some((quota, period))) if period > 0 => quota * 1_000_000_000 / period,
+                Ok(None) => cpus * 1_000_000_000,
+                _ => 1_000_000_000,
+            }
+            .max(1);
             return (cpu, mem, peak, limit, cap);
         }
         // SAFETY: rusage is plain data filled by the kernel.

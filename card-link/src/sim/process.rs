@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::cgroup::CardCgroup;
 use crate::error::{CardError, Result};
+use cgroupfs::{Cgroup, Layout, Limits};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -42,7 +42,7 @@ pub struct SimProcess {
     child: Option<Child>,
     pub socket: PathBuf,
     pub control: PathBuf,
-    pub cgroup: Option<CardCgroup>,
+    pub cgroup: Option<Cgroup>,
     dir: PathBuf,
 }
 
@@ -86,7 +86,9 @@ impl SimProcess {
             cmd.arg("--guest").arg(g);
         }
         if opts.cgroup {
-            let cg = CardCgroup::create(&tag, opts.cpus, opts.mem_bytes)
+            let limits = Limits { memory_bytes: Some(opts.mem_bytes), ..Limits::cpus(opts.cpus) };
+            let cg = Layout::detect()
+                .and_then(|l| l.create(&tag, &limits))
                 .map_err(|e| CardError::Open(format!("card cgroup {tag}: {e}")))?;
             me.cgroup = Some(cg);
             // card-sim joins it itself before starting any thread.
@@ -162,8 +164,11 @@ impl Drop for SimProcess {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(cg) = &self.cgroup {
-            let _ = cg.remove();
+        if let Some(cg) = self.cgroup.as_mut() {
+            cg.kill_all(Duration::from_secs(5));
+            if let Err(e) = cg.remove() {
+                eprintln!("card-sim launcher: removing the card cgroup: {e}");
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

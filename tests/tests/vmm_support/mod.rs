@@ -181,42 +181,18 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Removes a test cgroup on every controller hierarchy when dropped. Child
-/// processes left in it are killed; threads of this test process (a vCPU
-/// thread placed there by the library) are moved back to the root first.
+/// Removes a test cgroup (made by a `vmm` child or by the test) from every
+/// hierarchy when dropped; processes left in it are killed, threads of this
+/// test process (a vCPU thread placed there by the library) are moved out.
 pub struct CgroupGuard(pub String);
 
 impl Drop for CgroupGuard {
     fn drop(&mut self) {
-        let me = std::process::id().to_string();
-        for base in ["", "unified", "cpu", "cpuacct", "cpuset", "memory"] {
-            let root = Path::new("/sys/fs/cgroup").join(base);
-            let d = root.join(&self.0);
-            if !d.exists() {
-                continue;
-            }
-            for (file, own) in
-                [("tasks", "tasks"), ("cgroup.threads", "cgroup.threads"), ("cgroup.procs", "cgroup.procs")]
-            {
-                let Ok(ids) = std::fs::read_to_string(d.join(file)) else { continue };
-                for id in ids.split_whitespace() {
-                    let ours = id == me || Path::new(&format!("/proc/self/task/{id}")).exists();
-                    if ours {
-                        let _ = std::fs::write(root.join(own), id);
-                    } else if file == "cgroup.procs" {
-                        if let Ok(p) = id.parse::<i32>() {
-                            // SAFETY: plain kill(2) of a child left in our test cgroup.
-                            unsafe { libc::kill(p, libc::SIGKILL) };
-                        }
-                    }
-                }
-            }
-            for _ in 0..50 {
-                if std::fs::remove_dir(&d).is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        let Ok(layout) = cgroupfs::Layout::detect() else { return };
+        let Ok(mut cg) = layout.open(&self.0) else { return };
+        cg.kill_all(Duration::from_secs(5));
+        if let Err(e) = cg.remove() {
+            eprintln!("warning: removing test cgroup {}: {e}", self.0);
         }
     }
 }

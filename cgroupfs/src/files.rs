@@ -1,0 +1,69 @@
+//! Reading and writing cgroupfs files, with errors that name the file.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::CgroupError;
+use crate::Result;
+
+pub fn write(path: &Path, value: &str) -> Result<()> {
+    fs::write(path, value).map_err(CgroupError::io("write", path))
+}
+
+pub fn read(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(CgroupError::io("read", path))
+}
+
+pub fn read_u64(path: &Path) -> Result<u64> {
+    let s = read(path)?;
+    s.trim().parse().map_err(|_| CgroupError::Parse { path: path.to_path_buf(), what: s.trim().to_string() })
+}
+
+/// The value of a `key value` line of a stat file.
+pub fn stat_field(path: &Path, key: &str) -> Result<u64> {
+    let s = read(path)?;
+    parse_stat(&s, key).ok_or_else(|| CgroupError::Parse { path: path.to_path_buf(), what: key.into() })
+}
+
+pub fn parse_stat(s: &str, key: &str) -> Option<u64> {
+    s.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        (f.next() == Some(key)).then(|| f.next()?.parse().ok()).flatten()
+    })
+}
+
+/// The numbers in a `cgroup.procs`-like file (missing file: none).
+pub fn ids(path: &Path) -> Vec<u32> {
+    fs::read_to_string(path).map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect()).unwrap_or_default()
+}
+
+/// rmdir, retried for a second: exiting tasks keep a cgroup busy for a
+/// moment after they are gone from `cgroup.procs`.
+pub fn remove_dir(dir: &Path) -> Result<()> {
+    let mut last = None;
+    for _ in 0..50 {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(CgroupError::io("remove", dir)(last.unwrap_or_else(|| io::Error::other("busy"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines() {
+        let s = "usage_usec 123\nuser_usec 100\nsystem_usec 23\n";
+        assert_eq!(parse_stat(s, "usage_usec"), Some(123));
+        assert_eq!(parse_stat(s, "system_usec"), Some(23));
+        assert_eq!(parse_stat(s, "nope"), None);
+        assert_eq!(parse_stat("usage_usec x", "usage_usec"), None);
+    }
+}

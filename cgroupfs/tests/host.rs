@@ -1,0 +1,65 @@
+//! The crate against this host's real hierarchies (root required; fails,
+//! never skips, without it).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cgroupfs::{Layout, Limits};
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "cgroupfs host tests create cgroups: run them as root (cargo xtask test)"
+    );
+}
+
+#[test]
+fn create_join_measure_limit_remove() {
+    require_root();
+    let layout = Layout::detect().expect("layout");
+    let name = format!("cgroupfs-test-{}/leaf", std::process::id());
+    let limits = Limits { memory_bytes: Some(64 << 20), ..Limits::cpus(0.2) };
+    let mut cg = layout.create(&name, &limits).expect("create");
+    let dirs = cg.dirs();
+    assert!(dirs.iter().all(|d| d.is_dir()), "{dirs:?}");
+
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "while :; do :; done"]);
+    cg.join_on_exec(&mut cmd).expect("prepare join");
+    let mut child = cmd.spawn().expect("spawn into the cgroup");
+    assert_eq!(cg.pids(), vec![child.id()], "the child is in the cgroup from its first instruction");
+    let t0 = Instant::now();
+    let u0 = cg.cpu_usage_ns().expect("usage");
+    std::thread::sleep(Duration::from_secs(1));
+    let used = (cg.cpu_usage_ns().expect("usage") - u0) as f64 / t0.elapsed().as_nanos() as f64;
+    assert!((0.1..=0.3).contains(&used), "a busy loop under a 20% quota used {used:.3} CPUs");
+    assert_eq!(cg.cpu_quota().expect("quota"), Some((20_000, 100_000)));
+    assert_eq!(cg.memory_limit().expect("limit"), Some(64 << 20));
+    let m = cg.memory().expect("memory").expect("memory controller present");
+    assert!(m.usage_bytes > 0);
+    assert_eq!(cg.subtree_ids().expect("ids"), vec![cg.id().expect("id")]);
+
+    cg.kill_all(Duration::from_secs(5));
+    let _ = child.wait();
+    assert!(cg.pids().is_empty());
+    cg.remove().expect("remove");
+    assert!(dirs.iter().all(|d| !d.exists()), "leaf removed everywhere");
+    let parent = layout.unified().join(format!("cgroupfs-test-{}", std::process::id()));
+    assert!(!parent.exists(), "the parent this value created is removed too");
+}
+
+#[test]
+fn remove_moves_stragglers_out() {
+    require_root();
+    let layout = Layout::detect().expect("layout");
+    let mut cg = layout.create(&format!("cgroupfs-test-s{}", std::process::id()), &Limits::default()).expect("c");
+    let mut child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+    cg.attach(child.id()).expect("attach");
+    assert_eq!(cg.pids(), vec![child.id()]);
+    cg.remove().expect("a populated cgroup is emptied, then removed");
+    assert!(!cg.dir().exists());
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}
