@@ -5,7 +5,6 @@
 
 pub mod boot;
 pub mod error;
-pub mod proto;
 pub mod serial;
 pub mod snapshot;
 pub mod vcpu_state;
@@ -14,6 +13,8 @@ pub mod vm;
 
 pub use cgroupfs;
 pub use error::{Error, Result, StopReason};
+/// The guest/VMM contract (the `mc-proto` crate, shared with the guest).
+pub use mc_proto as proto;
 pub use vm::{Reply, RunState, Sinks, Vm, VmConfig, VmStats};
 pub mod control;
 pub mod event_loop;

@@ -7,14 +7,11 @@
 #![no_std]
 #![no_main]
 
-#[path = "../../src/proto.rs"]
-#[allow(dead_code)]
-mod proto;
-
 use core::arch::{asm, global_asm};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
 
+use mc_proto as proto;
 use proto::{op, word};
 
 const N: usize = proto::QUEUE_SIZE as usize;
