@@ -32,6 +32,32 @@ pub struct CgroupStats {
     pub runq_hist: [u64; DELAY_BUCKETS],
 }
 
+impl CgroupStats {
+    /// Add the scheduler counters of `o` (CPU time, switches, run-queue
+    /// delay and its histogram): what a CPU gathers between flushes.
+    /// Page faults and OOM kills are counted directly in the map.
+    #[inline(always)]
+    pub fn add_sched(&mut self, o: &CgroupStats) {
+        self.on_cpu_ns += o.on_cpu_ns;
+        self.switches += o.switches;
+        self.runq_delay_ns += o.runq_delay_ns;
+        self.runq_count += o.runq_count;
+        let mut i = 0;
+        while i < DELAY_BUCKETS {
+            self.runq_hist[i] += o.runq_hist[i];
+            i += 1;
+        }
+    }
+
+    /// Add every counter of `o` (summing CPUs, or a VM's cgroups).
+    #[inline(always)]
+    pub fn add(&mut self, o: &CgroupStats) {
+        self.add_sched(o);
+        self.page_faults += o.page_faults;
+        self.oom_kills += o.oom_kills;
+    }
+}
+
 /// Per-CPU scheduler state of the accounting program (a one-slot per-CPU
 /// array): when the current slice began, and the kernel's run-delay total
 /// of the task now on the CPU as it was when the task got the CPU; the
@@ -62,6 +88,16 @@ pub struct NetStats {
     pub rx_packets: u64,
     pub tx_bytes: u64,
     pub tx_packets: u64,
+}
+
+impl NetStats {
+    #[inline(always)]
+    pub fn add(&mut self, o: &NetStats) {
+        self.rx_bytes += o.rx_bytes;
+        self.rx_packets += o.rx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.tx_packets += o.tx_packets;
+    }
 }
 
 /// An OOM victim, sent through the ring buffer.
@@ -127,6 +163,59 @@ pub struct Policer {
     pub redirect_ifindex: u32,
 }
 
+/// A token bucket's credit after `elapsed_ns` of refill, capped at its
+/// depth. Credit is time at the bucket's rate, so nothing is lost to
+/// rounding; it may be negative (one packet paid in advance).
+#[inline(always)]
+pub fn refill(tokens_ns: i64, elapsed_ns: u64, depth_ns: u64) -> i64 {
+    let elapsed = if elapsed_ns > i64::MAX as u64 { i64::MAX } else { elapsed_ns as i64 };
+    let depth = if depth_ns > i64::MAX as u64 { i64::MAX } else { depth_ns as i64 };
+    let t = tokens_ns.saturating_add(elapsed);
+    if t > depth {
+        depth
+    } else {
+        t
+    }
+}
+
+impl Policer {
+    /// Police one packet costing `cost_ns` of byte credit and
+    /// `pkt_cost_ns` of packet credit at time `now_ns`; true = pass. The
+    /// kernel calls this under the value's spin lock (it is inlined: no
+    /// calls are allowed there). A packet is admitted while any credit is
+    /// left and then paid in full, so credit may go one packet negative:
+    /// the long-run rate is the same (refill is capped at the burst), but
+    /// a 64 KiB GSO packet is not dropped merely for being larger than the
+    /// credit left, which is what makes a policer brutal to TCP.
+    #[inline(always)]
+    pub fn admit(&mut self, now_ns: u64, cost_ns: u64, pkt_cost_ns: u64) -> bool {
+        // `now` may have been read before another CPU took the lock and
+        // wrote a later time: time never runs back here, or the same
+        // stretch would be credited twice.
+        let mut elapsed = 0;
+        if now_ns > self.last_ns {
+            elapsed = now_ns - self.last_ns;
+            self.last_ns = now_ns;
+        }
+        let mut t = refill(self.tokens_ns, elapsed, self.burst_ns);
+        let mut pt = refill(self.pkt_tokens_ns, elapsed, self.pkt_burst_ns);
+        let pass = t > 0 && (pkt_cost_ns == 0 || pt > 0);
+        if pass {
+            t = t.saturating_sub(cost_ns as i64);
+            pt = pt.saturating_sub(pkt_cost_ns as i64);
+        }
+        self.tokens_ns = t;
+        self.pkt_tokens_ns = pt;
+        pass
+    }
+
+    /// The byte credit the kernel would see at `now_ns` (what was stored
+    /// plus the refill since the last packet, up to the burst).
+    pub fn credit_ns(&self, now_ns: u64) -> i64 {
+        refill(self.tokens_ns, now_ns.saturating_sub(self.last_ns), self.burst_ns)
+    }
+}
+
 /// Per-CPU QoS counters of one VM direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,6 +224,16 @@ pub struct QosStats {
     pub passed_packets: u64,
     pub dropped_bytes: u64,
     pub dropped_packets: u64,
+}
+
+impl QosStats {
+    #[inline(always)]
+    pub fn add(&mut self, o: &QosStats) {
+        self.passed_bytes += o.passed_bytes;
+        self.passed_packets += o.passed_packets;
+        self.dropped_bytes += o.dropped_bytes;
+        self.dropped_packets += o.dropped_packets;
+    }
 }
 
 /// Maps of the kernel programs, by name; pinned under the pin directory.
@@ -193,5 +292,76 @@ mod tests {
         assert_eq!(delay_bucket(4_000), 2);
         assert_eq!(delay_bucket(1_000_000), 9); // 1 ms = 1000 µs, 2^9 = 512
         assert_eq!(delay_bucket(u64::MAX), DELAY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn cgroup_sums() {
+        let mut h = [0u64; DELAY_BUCKETS];
+        h[3] = 2;
+        let a = CgroupStats {
+            on_cpu_ns: 5,
+            switches: 1,
+            runq_delay_ns: 7,
+            runq_count: 1,
+            page_faults: 3,
+            oom_kills: 1,
+            runq_hist: h,
+        };
+        let mut s = CgroupStats::default();
+        s.add_sched(&a);
+        assert_eq!((s.on_cpu_ns, s.switches, s.runq_delay_ns, s.runq_count, s.runq_hist[3]), (5, 1, 7, 1, 2));
+        assert_eq!((s.page_faults, s.oom_kills), (0, 0), "not scheduler counters");
+        s.add(&a);
+        assert_eq!((s.on_cpu_ns, s.page_faults, s.oom_kills, s.runq_hist[3]), (10, 3, 1, 4));
+    }
+
+    #[test]
+    fn refill_caps_and_saturates() {
+        assert_eq!(refill(10, 5, 100), 15);
+        assert_eq!(refill(90, 50, 100), 100, "capped at the depth");
+        assert_eq!(refill(-40, 10, 100), -30, "debt is paid back first");
+        assert_eq!(refill(i64::MAX - 1, u64::MAX, u64::MAX), i64::MAX, "no overflow");
+    }
+
+    fn bucket(rate: u64, burst_ns: u64) -> Policer {
+        Policer {
+            mode: QOS_POLICE,
+            rate_bytes_per_s: rate,
+            burst_ns,
+            tokens_ns: burst_ns as i64,
+            last_ns: 1000,
+            ..Policer::default()
+        }
+    }
+
+    #[test]
+    fn admit_pays_in_full_and_goes_one_packet_negative() {
+        let mut p = bucket(1_000_000, 1_000_000); // 1 MB/s, 1 ms = 1000 bytes of burst
+        assert!(p.admit(1000, 64_000_000, 0), "a 64 KB packet passes on any credit");
+        assert_eq!(p.tokens_ns, 1_000_000 - 64_000_000);
+        assert!(!p.admit(2000, 1_000_000, 0), "no credit: dropped, nothing paid");
+        assert_eq!(p.tokens_ns, 1_000_000 - 64_000_000 + 1000);
+        // 63 ms later the debt is paid and credit is back.
+        assert!(p.admit(2000 + 63_000_000, 1000, 0));
+    }
+
+    #[test]
+    fn admit_never_runs_time_back() {
+        let mut p = bucket(1_000_000, 10_000_000);
+        p.tokens_ns = 0;
+        assert!(!p.admit(500, 1, 0), "an older clock reading gives no credit");
+        assert_eq!(p.last_ns, 1000, "and does not move the clock back");
+        assert!(p.admit(1001, 1, 0));
+    }
+
+    #[test]
+    fn packet_rate_is_a_second_bucket() {
+        let mut p = bucket(1_000_000_000, 1_000_000_000);
+        p.pkt_burst_ns = 2_000;
+        p.pkt_tokens_ns = 2_000;
+        assert!(p.admit(1000, 1, 1_000));
+        assert!(p.admit(1000, 1, 1_000));
+        assert!(!p.admit(1000, 1, 1_000), "two packets of burst");
+        assert_eq!(p.credit_ns(1000), 1_000_000_000 - 2, "byte credit as the kernel sees it");
     }
 }

@@ -27,8 +27,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DELAY_BUCKETS, DIR_FROM_VM, DIR_TO_VM,
-    MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
+    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
+    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
 #[btf_map]
@@ -85,20 +85,8 @@ fn flush(state: &mut CpuState) {
     }
     if let Some(s) = cgroup_stats(state.acc_cgroup) {
         // SAFETY: per-CPU value of this CPU.
-        let s = unsafe { &mut *s };
-        let a = &mut state.acc;
-        s.on_cpu_ns += a.on_cpu_ns;
-        s.switches += a.switches;
-        s.runq_delay_ns += a.runq_delay_ns;
-        s.runq_count += a.runq_count;
-        for i in 0..DELAY_BUCKETS {
-            s.runq_hist[i] += a.runq_hist[i];
-            a.runq_hist[i] = 0;
-        }
-        a.on_cpu_ns = 0;
-        a.switches = 0;
-        a.runq_delay_ns = 0;
-        a.runq_count = 0;
+        unsafe { (*s).add_sched(&state.acc) };
+        state.acc = CgroupStats::default();
     }
 }
 
@@ -336,42 +324,13 @@ fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
     let cost = if rate != 0 { len * NS_PER_S / rate } else { 0 };
     let now = unsafe { bpf_ktime_get_ns() };
     let pass;
-    // SAFETY: `lock` is the map value's bpf_spin_lock; nothing inside the
-    // critical section calls a helper or leaves early.
+    // SAFETY: `lock` is the map value's bpf_spin_lock; the token bucket
+    // (governor_common::Policer::admit, shared with user space) is inlined
+    // and calls no helper, as the verifier requires inside the lock.
     unsafe {
-        let lock = core::ptr::addr_of_mut!((*p).lock) as *mut aya_ebpf::bindings::bpf_spin_lock;
-        aya_ebpf::helpers::bpf_spin_lock(lock);
-        // `now` was read before the lock: a CPU that waited for it may hold
-        // an older time than the last holder wrote. Time never runs back
-        // here, or the same stretch would be credited twice.
-        let mut elapsed = 0;
-        if now > (*p).last_ns {
-            elapsed = now - (*p).last_ns;
-            (*p).last_ns = now;
-        }
-        // Credit may go negative by one packet: a packet is admitted while
-        // any credit is left and then paid for in full. The long-run rate is
-        // the same (refill is capped at the burst), but a 64 KiB GSO packet
-        // is not dropped merely for being larger than the credit left, which
-        // is what makes a policer brutal to TCP.
-        let burst = (*p).burst_ns as i64;
-        let mut t = (*p).tokens_ns + elapsed as i64;
-        if t > burst {
-            t = burst;
-        }
-        let pburst = (*p).pkt_burst_ns as i64;
-        let mut pt = (*p).pkt_tokens_ns + elapsed as i64;
-        if pt > pburst {
-            pt = pburst;
-        }
-        pass = t > 0 && (pkt_cost == 0 || pt > 0);
-        if pass {
-            t -= cost as i64;
-            pt -= pkt_cost as i64;
-        }
-        (*p).tokens_ns = t;
-        (*p).pkt_tokens_ns = pt;
-        aya_ebpf::helpers::bpf_spin_unlock(lock);
+        aya_ebpf::helpers::bpf_spin_lock(core::ptr::addr_of_mut!((*p).lock) as *mut _);
+        pass = (*p).admit(now, cost, pkt_cost);
+        aya_ebpf::helpers::bpf_spin_unlock(core::ptr::addr_of_mut!((*p).lock) as *mut _);
     }
     account(slot, len, pass);
     if pass {

@@ -161,7 +161,7 @@ impl Limit {
         let burst_ns = (self.burst_bytes as u128 * NS / rate as u128) as u64;
         let tokens_ns = match prev {
             Some(p) if p.mode == QOS_POLICE && p.rate_bytes_per_s != 0 => {
-                let bytes = credit_ns(p, now_ns) as i128 * p.rate_bytes_per_s as i128 / NS as i128;
+                let bytes = p.credit_ns(now_ns) as i128 * p.rate_bytes_per_s as i128 / NS as i128;
                 ((bytes * NS as i128 / rate as i128) as i64).min(burst_ns as i64)
             }
             _ => burst_ns as i64,
@@ -192,14 +192,7 @@ impl Limit {
 
 /// Tokens left in a policer, in bytes.
 pub fn tokens_bytes(p: &Policer, now_ns: u64) -> u64 {
-    (credit_ns(p, now_ns).max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
-}
-
-/// The credit the kernel would see at `now_ns`: what was stored plus the
-/// refill since the last packet, up to the burst.
-fn credit_ns(p: &Policer, now_ns: u64) -> i64 {
-    let idle = now_ns.saturating_sub(p.last_ns).min(i64::MAX as u64) as i64;
-    p.tokens_ns.saturating_add(idle).min(p.burst_ns as i64)
+    (p.credit_ns(now_ns).max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use governor::shape::{ShapeError, Shaper};
+use governor::shape::{NetlinkShaper, ShapeError, Shaper};
 use integration_tests::*;
 
 static PAIRS: AtomicU32 = AtomicU32::new(0);
@@ -140,7 +140,7 @@ fn htb_roots(dev: &str) -> Vec<String> {
 fn htb_root_and_classes_as_tc_sees_them() {
     let pair = Pair::new();
     let dev = pair.host.name.as_str();
-    let mut s = Shaper::new().expect("open rtnetlink");
+    let mut s = NetlinkShaper::new().expect("open rtnetlink");
 
     s.add_htb(pair.ifindex, 1).expect("add htb");
     let roots = htb_roots(dev);
@@ -199,7 +199,7 @@ fn htb_root_and_classes_as_tc_sees_them() {
 #[test]
 fn errors_name_the_operation_and_interface() {
     require_root();
-    let mut s = Shaper::new().expect("open rtnetlink");
+    let mut s = NetlinkShaper::new().expect("open rtnetlink");
     let bogus = 0x7fff_fff0;
     let err = s.add_htb(bogus, 1).expect_err("no such device");
     assert!(matches!(err, ShapeError::NoDevice { .. }), "{err:?}");
@@ -221,7 +221,7 @@ fn errors_name_the_operation_and_interface() {
 #[test]
 fn ifb_created_up_refused_twice_and_deleted() {
     require_root();
-    let mut s = Shaper::new().expect("open rtnetlink");
+    let mut s = NetlinkShaper::new().expect("open rtnetlink");
     let name = unique("shi");
     // Deletes the IFB if the test fails before delete_link does.
     let guard = Link { name: name.clone() };
@@ -303,7 +303,7 @@ fn htb_class_holds_iperf3_to_its_rate() {
             .spawn()
             .expect("start iperf3 server in the namespace"),
     ));
-    let mut s = Shaper::new().expect("open rtnetlink");
+    let mut s = NetlinkShaper::new().expect("open rtnetlink");
     let rate = 20_000_000u64;
     s.add_htb(pair.ifindex, 1).expect("add htb");
     s.set_class(pair.ifindex, 1, 0x10, rate, 30_000).expect("class 1:10");
@@ -412,7 +412,7 @@ fn skb_priority_selects_the_class() {
     let pair = Pair::new();
     let port = (40_000 + std::process::id() % 20_000) as u16;
     let counters = sink(&pair.ns.name, &pair.peer_addr, port, 2);
-    let mut s = Shaper::new().expect("open rtnetlink");
+    let mut s = NetlinkShaper::new().expect("open rtnetlink");
     s.add_htb(pair.ifindex, 1).expect("add htb");
     let rates = [(0x10u16, 10_000_000u64), (0x20u16, 30_000_000u64)];
     for (minor, rate) in rates {
@@ -423,18 +423,7 @@ fn skb_priority_selects_the_class() {
     let mut handles = Vec::new();
     for (minor, _) in rates {
         let mut stream = TcpStream::connect((pair.peer_addr.as_str(), port)).expect("connect to sink");
-        let prio: libc::c_int = (1 << 16) | libc::c_int::from(minor);
-        // SAFETY: setsockopt with a valid fd and an int option value.
-        let rc = unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PRIORITY,
-                &prio as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_PRIORITY: {}", std::io::Error::last_os_error());
+        socket2::SockRef::from(&stream).set_priority((1 << 16) | u32::from(minor)).expect("SO_PRIORITY");
         handles.push(stream.try_clone().expect("clone stream"));
         let stop = stop.clone();
         senders.push(std::thread::spawn(move || {
@@ -485,18 +474,7 @@ fn skb_priority_selects_the_class() {
 /// Connect to the sink with skb->priority = `class` (SO_PRIORITY).
 fn connect_with_priority(addr: &str, port: u16, class: u32) -> TcpStream {
     let stream = TcpStream::connect((addr, port)).expect("connect to sink");
-    let prio = class as libc::c_int;
-    // SAFETY: setsockopt with a valid fd and an int option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PRIORITY,
-            &prio as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_PRIORITY: {}", std::io::Error::last_os_error());
+    socket2::SockRef::from(&stream).set_priority(class).expect("SO_PRIORITY");
     stream
 }
 
@@ -509,7 +487,7 @@ fn burst_passes_at_line_speed_then_rate() {
     let pair = Pair::new();
     let port = (45_000 + std::process::id() % 15_000) as u16;
     let counters = sink(&pair.ns.name, &pair.peer_addr, port, 1);
-    let mut s = Shaper::new().expect("open rtnetlink");
+    let mut s = NetlinkShaper::new().expect("open rtnetlink");
     s.add_htb(pair.ifindex, 1).expect("add htb");
     let rate = 8_000_000u64; // 1 MB/s
     let burst = 1_000_000u32; // one second's worth

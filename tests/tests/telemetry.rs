@@ -4,13 +4,13 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use governor::netdev;
-use governor::telemetry::Telemetry;
+use governor::telemetry::{BpfTelemetry, Telemetry};
 use integration_tests::*;
 
-fn load() -> (Telemetry, PinDir) {
+fn load() -> (BpfTelemetry, PinDir) {
     require_root();
     let pins = PinDir::new();
-    let t = Telemetry::load(&pins.0).expect("load and attach the kernel programs");
+    let t = BpfTelemetry::load(&pins.0).expect("load and attach the kernel programs");
     (t, pins)
 }
 
@@ -96,7 +96,7 @@ fn network_bytes_match_interface_stats() {
     tel.detach_interface(&host_a.name);
 }
 
-fn runq_delay_of(tel: &Telemetry, cg: &TestCgroup, hogs: &str) -> (f64, u64) {
+fn runq_delay_of(tel: &BpfTelemetry, cg: &TestCgroup, hogs: &str) -> (f64, u64) {
     let id = cg.cg.id().expect("id");
     let before = tel.cgroup(id).expect("stats");
     let mut h = cg.spawn(&["taskset", "-c", "1", "stress-ng", "--cpu", hogs, "--timeout", "3s", "--quiet"]);

@@ -7,63 +7,22 @@
 //! are pinned beside them (`prog_*`). Everything is detached and unpinned
 //! when the `Telemetry` is dropped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use governor_common::{maps, CgroupStats, NetStats, OomEvent, Policer, QosStats, DELAY_BUCKETS, MAX_QOS_VMS};
-use thiserror::Error;
+use governor_common::{maps, CgroupStats, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 
+use super::{qos_index, Telemetry, TelemetryError};
+use crate::qos::Direction;
 use crate::tracefs;
 
 /// The kernel programs, compiled by build.rs and embedded.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GOVERNOR_EBPF_OBJ"));
-
-#[derive(Debug, Error)]
-pub enum TelemetryError {
-    #[error("loading the kernel programs: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
-    #[error("pinning {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        #[source]
-        source: aya::pin::PinError,
-    },
-    #[error("the object has no {0}")]
-    Missing(&'static str),
-    #[error("interface {name:?}: {reason}")]
-    Interface { name: String, reason: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error(transparent)]
-    Tracefs(#[from] tracefs::TracefsError),
-    #[error("kernel BTF: {0}")]
-    Btf(#[from] crate::btf::BtfError),
-    #[error("raw tracepoint {tp} passes {got} arguments, the program expects {want} (unsupported kernel)")]
-    RawTracepoint { tp: &'static str, got: u32, want: u32 },
-}
 
 /// Raw tracepoints (hot scheduler events) and the number of arguments the
 /// programs expect each to pass.
@@ -91,7 +50,7 @@ struct Attached {
     egress: SchedClassifierLinkId,
 }
 
-pub struct Telemetry {
+pub struct BpfTelemetry {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
@@ -122,10 +81,10 @@ pub fn attach_floor_probe() -> Result<Ebpf, TelemetryError> {
     Ok(ebpf)
 }
 
-impl Telemetry {
+impl BpfTelemetry {
     /// Load, pin and attach the scheduler and memory programs. Stale pins
     /// left by a process that died are replaced.
-    pub fn load(pin_dir: &Path) -> Result<Telemetry, TelemetryError> {
+    pub fn load(pin_dir: &Path) -> Result<BpfTelemetry, TelemetryError> {
         tracefs::ensure_mounts()?;
         let mut offsets = Vec::new();
         for (global, event, field) in OFFSETS {
@@ -211,7 +170,7 @@ impl Telemetry {
         let vm_of_if = BpfHashMap::try_from(take(&mut ebpf, maps::VM_OF_IF)?)
             .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })?;
         pins.disarm();
-        Ok(Telemetry {
+        Ok(BpfTelemetry {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             cgroups,
@@ -223,16 +182,20 @@ impl Telemetry {
             interfaces: HashMap::new(),
         })
     }
+}
 
-    /// Attach the tc counters to both directions of an interface (clsact,
-    /// direct action). Filters of ours left on it by an earlier process are
-    /// replaced, never doubled. Returns the ifindex.
-    pub fn attach_interface(&mut self, name: &str) -> Result<u32, TelemetryError> {
+impl Telemetry for BpfTelemetry {
+    fn ifindex(&self, name: &str) -> Result<u32, TelemetryError> {
+        crate::netdev::ifindex(name).map_err(|source| TelemetryError::NoInterface { name: name.into(), source })
+    }
+
+    /// Filters of ours left on the interface by an earlier process are
+    /// replaced, never doubled (clsact, direct action).
+    fn attach_interface(&mut self, name: &str) -> Result<u32, TelemetryError> {
         if let Some(a) = self.interfaces.get(name) {
             return Ok(a.ifindex);
         }
-        let ifindex = crate::netdev::ifindex(name)
-            .map_err(|e| TelemetryError::Interface { name: name.into(), reason: e.to_string() })?;
+        let ifindex = self.ifindex(name)?;
         // EEXIST when the qdisc is already there is fine.
         if let Err(e) = tc::qdisc_add_clsact(name) {
             let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
@@ -242,6 +205,8 @@ impl Telemetry {
         }
         let mut ids = Vec::with_capacity(2);
         for (prog, dir) in [("gov_tc_ingress", TcAttachType::Ingress), ("gov_tc_egress", TcAttachType::Egress)] {
+            // A filter of ours from an earlier process may be there or not:
+            // either way the attach below is the only one left.
             let _ = tc::qdisc_detach_program(name, dir, prog);
             let p: &mut SchedClassifier = self
                 .ebpf
@@ -260,70 +225,62 @@ impl Telemetry {
         Ok(ifindex)
     }
 
-    /// Detach from an interface (a no-op when the interface is already gone).
-    pub fn detach_interface(&mut self, name: &str) {
-        if let Some(a) = self.interfaces.remove(name) {
-            for (prog, id) in [("gov_tc_ingress", a.ingress), ("gov_tc_egress", a.egress)] {
-                if let Some(p) = self.ebpf.program_mut(prog) {
-                    if let Ok(p) = <&mut SchedClassifier>::try_from(p) {
-                        let _ = p.detach(id);
-                    }
+    fn detach_interface(&mut self, name: &str) {
+        let Some(a) = self.interfaces.remove(name) else { return };
+        for (prog, id) in [("gov_tc_ingress", a.ingress), ("gov_tc_egress", a.egress)] {
+            let Some(p) = self.ebpf.program_mut(prog) else { continue };
+            let detached = <&mut SchedClassifier>::try_from(p)
+                .map_err(|e| e.to_string())
+                .and_then(|p| p.detach(id).map_err(|e| e.to_string()));
+            // A vanished interface took its filters with it: nothing to say.
+            if let Err(e) = detached {
+                if crate::netdev::ifindex(name).is_ok() {
+                    tracing::warn!(interface = name, program = prog, "detaching: {e}");
                 }
             }
         }
     }
 
-    /// Counters of one cgroup, summed over CPUs (zero if it never ran).
-    pub fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError> {
+    fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError> {
         match self.cgroups.get(&id, 0) {
-            Ok(per_cpu) => Ok(sum_cgroup(per_cpu.iter())),
+            Ok(per_cpu) => Ok(per_cpu.iter().fold(CgroupStats::default(), |mut a, v| {
+                a.add(v);
+                a
+            })),
             Err(aya::maps::MapError::KeyNotFound) => Ok(CgroupStats::default()),
             Err(source) => Err(TelemetryError::Map { name: maps::CGROUPS, source }),
         }
     }
 
-    /// Counters of several cgroups added together (a VM's subtree).
-    pub fn cgroups(&self, ids: &[u64]) -> Result<CgroupStats, TelemetryError> {
-        let mut total = CgroupStats::default();
-        for id in ids {
-            add_cgroup(&mut total, &self.cgroup(*id)?);
-        }
-        Ok(total)
-    }
-
-    /// When more than half of the cgroup map is used, remove the entries of
-    /// cgroups outside `keep` (every VM's known subtree; their totals must
-    /// never go back). Returns how many entries were removed.
-    pub fn prune_cgroups(&mut self, keep: &std::collections::HashSet<u64>) -> usize {
+    /// Only when more than half of the map is used: every VM's known subtree
+    /// is kept, their totals must never go back.
+    fn prune_cgroups(&mut self, keep: &HashSet<u64>) -> usize {
         let keys: Vec<u64> = self.cgroups.keys().filter_map(Result::ok).collect();
         if keys.len() <= governor_common::MAX_CGROUPS / 2 {
             return 0;
         }
         let mut n = 0;
         for k in keys.into_iter().filter(|k| !keep.contains(k)) {
-            if self.cgroups.remove(&k).is_ok() {
-                n += 1;
+            match self.cgroups.remove(&k) {
+                Ok(()) => n += 1,
+                Err(e) => tracing::debug!(cgroup = k, "pruning: {e}"),
             }
         }
         n
     }
 
-    /// Counters of one interface, summed over CPUs.
-    pub fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError> {
+    fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError> {
         match self.net.get(&ifindex, 0) {
-            Ok(per_cpu) => Ok(per_cpu.iter().fold(NetStats::default(), |a, v| NetStats {
-                rx_bytes: a.rx_bytes + v.rx_bytes,
-                rx_packets: a.rx_packets + v.rx_packets,
-                tx_bytes: a.tx_bytes + v.tx_bytes,
-                tx_packets: a.tx_packets + v.tx_packets,
+            Ok(per_cpu) => Ok(per_cpu.iter().fold(NetStats::default(), |mut a, v| {
+                a.add(v);
+                a
             })),
             Err(aya::maps::MapError::KeyNotFound) => Ok(NetStats::default()),
             Err(source) => Err(TelemetryError::Map { name: maps::NET, source }),
         }
     }
 
-    /// Tell the tc programs which VM (QoS slot) an interface belongs to.
-    pub fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError> {
+    fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError> {
         if slot as usize >= MAX_QOS_VMS {
             return Err(TelemetryError::Interface {
                 name: format!("ifindex {ifindex}"),
@@ -333,44 +290,39 @@ impl Telemetry {
         self.vm_of_if.insert(ifindex, slot, 0).map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })
     }
 
-    pub fn clear_vm_of_interface(&mut self, ifindex: u32) {
-        let _ = self.vm_of_if.remove(&ifindex);
+    fn clear_vm_of_interface(&mut self, ifindex: u32) {
+        match self.vm_of_if.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => tracing::warn!(ifindex, "removing the interface's VM slot: {e}"),
+        }
     }
 
-    fn qos_index(slot: u32, dir: u32) -> u32 {
-        slot * 2 + dir
-    }
-
-    /// The policer of a VM direction, read under its lock.
-    pub fn policer(&self, slot: u32, dir: u32) -> Result<Policer, TelemetryError> {
+    fn policer(&self, slot: u32, dir: Direction) -> Result<Policer, TelemetryError> {
         self.qos
-            .get(&Self::qos_index(slot, dir), BPF_F_LOCK)
+            .get(&qos_index(slot, dir), BPF_F_LOCK)
             .map_err(|source| TelemetryError::Map { name: maps::QOS, source })
     }
 
-    /// Replace the policer of a VM direction atomically (under its lock).
-    pub fn set_policer(&mut self, slot: u32, dir: u32, p: Policer) -> Result<(), TelemetryError> {
+    /// Under the value's lock (BPF_F_LOCK): the kernel never sees half of
+    /// a changed limit.
+    fn set_policer(&mut self, slot: u32, dir: Direction, p: Policer) -> Result<(), TelemetryError> {
         self.qos
-            .set(Self::qos_index(slot, dir), p, BPF_F_LOCK)
+            .set(qos_index(slot, dir), p, BPF_F_LOCK)
             .map_err(|source| TelemetryError::Map { name: maps::QOS, source })
     }
 
-    /// QoS counters of a VM direction, summed over CPUs.
-    pub fn qos_stats(&self, slot: u32, dir: u32) -> Result<QosStats, TelemetryError> {
+    fn qos_stats(&self, slot: u32, dir: Direction) -> Result<QosStats, TelemetryError> {
         let v = self
             .qos_stats
-            .get(&Self::qos_index(slot, dir), 0)
+            .get(&qos_index(slot, dir), 0)
             .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
-        Ok(v.iter().fold(QosStats::default(), |a, s| QosStats {
-            passed_bytes: a.passed_bytes + s.passed_bytes,
-            passed_packets: a.passed_packets + s.passed_packets,
-            dropped_bytes: a.dropped_bytes + s.dropped_bytes,
-            dropped_packets: a.dropped_packets + s.dropped_packets,
+        Ok(v.iter().fold(QosStats::default(), |mut a, s| {
+            a.add(s);
+            a
         }))
     }
 
-    /// OOM victims reported since the last call.
-    pub fn drain_oom(&mut self) -> Vec<OomEvent> {
+    fn drain_oom(&mut self) -> Vec<OomEvent> {
         let mut out = Vec::new();
         while let Some(item) = self.oom.next() {
             if item.len() >= std::mem::size_of::<OomEvent>() {
@@ -383,7 +335,7 @@ impl Telemetry {
     }
 }
 
-impl Drop for Telemetry {
+impl Drop for BpfTelemetry {
     fn drop(&mut self) {
         let names: Vec<String> = self.interfaces.keys().cloned().collect();
         for n in names {
@@ -403,10 +355,20 @@ fn clear_pins(dir: &Path) {
         let name = e.file_name();
         let name = name.to_string_lossy();
         if maps::ALL.contains(&name.as_ref()) || name.starts_with("prog_") {
-            let _ = fs::remove_file(e.path());
+            if let Err(err) = fs::remove_file(e.path()) {
+                tracing::warn!(pin = %e.path().display(), "cannot unpin: {err}");
+            }
         }
     }
-    let _ = fs::remove_dir(dir);
+    match fs::remove_dir(dir) {
+        Ok(()) => {}
+        // Someone else's pins are there too: the directory is theirs as well.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            tracing::info!(dir = %dir.display(), "pin directory holds other pins: left in place")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove the pin directory: {e}"),
+    }
 }
 
 /// Removes the pins when loading fails half way.
@@ -463,23 +425,3 @@ macro_rules! program_load {
     )*};
 }
 program_load!(aya::programs::RawTracePoint, TracePoint, SchedClassifier, aya::programs::PerfEvent);
-
-fn add_cgroup(a: &mut CgroupStats, v: &CgroupStats) {
-    a.on_cpu_ns += v.on_cpu_ns;
-    a.switches += v.switches;
-    a.runq_delay_ns += v.runq_delay_ns;
-    a.runq_count += v.runq_count;
-    a.page_faults += v.page_faults;
-    a.oom_kills += v.oom_kills;
-    for i in 0..DELAY_BUCKETS {
-        a.runq_hist[i] += v.runq_hist[i];
-    }
-}
-
-fn sum_cgroup<'a>(it: impl Iterator<Item = &'a CgroupStats>) -> CgroupStats {
-    let mut a = CgroupStats::default();
-    for v in it {
-        add_cgroup(&mut a, v);
-    }
-    a
-}

@@ -1,0 +1,315 @@
+//! The governor proper: the VMs it watches, one sampling step, and their
+//! QoS limits.
+//!
+//! Synchronous and free of tokio, so tests drive it tick by tick; the daemon
+//! (daemon.rs) calls `tick` on a timer and serves what it returns. The
+//! kernel side ([`Telemetry`]) and shaping ([`Shaper`]) are traits: the
+//! daemon uses the real ones, the unit tests (`tests.rs`) in-memory fakes.
+//!
+//! - `vm`: one watched VM (cgroup, interfaces, QoS slot, limits)
+//! - `limits`: setting, changing and clearing limits at run time
+//! - `shaping`: the HTB classes and IFB device behind `shape` limits
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use cgroupfs::{CgroupError, Layout};
+use governor_common::{NetStats, Policer};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::config::{Config, VmConfig};
+use crate::qos::{Direction, Mode};
+use crate::sampler::{rates, Sample, VmStatus};
+use crate::shape::{NetlinkShaper, ShapeError, Shaper};
+use crate::telemetry::{BpfTelemetry, Telemetry, TelemetryError};
+
+mod limits;
+mod shaping;
+#[cfg(test)]
+mod tests;
+mod vm;
+
+pub use shaping::HTB_MAJOR;
+pub use vm::{Interface, PerDirection, WatchedVm};
+
+#[derive(Debug, Error)]
+pub enum GovernorError {
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
+    #[error("vm {vm}: {source}")]
+    Cgroup {
+        vm: String,
+        #[source]
+        source: CgroupError,
+    },
+    #[error("no vm named {0:?}")]
+    UnknownVm(String),
+    #[error("vm {vm} {direction}: {reason}")]
+    Qos { vm: String, direction: &'static str, reason: String },
+    #[error("vm {vm} {direction}: shaping: {source}")]
+    Shape {
+        vm: String,
+        direction: &'static str,
+        #[source]
+        source: ShapeError,
+    },
+    #[error("opening rtnetlink for shaping: {0}")]
+    Shaper(#[source] ShapeError),
+}
+
+/// One VM direction's limit and what it did, as `governor limit show` and
+/// the exporter show it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LimitStatus {
+    pub vm: String,
+    pub direction: Direction,
+    pub mode: Mode,
+    pub rate_bps: u64,
+    pub burst_bytes: u64,
+    pub packet_rate: Option<u64>,
+    /// police: bytes left in the bucket.
+    pub tokens_bytes: Option<u64>,
+    pub passed_bytes: u64,
+    pub passed_packets: u64,
+    pub dropped_bytes: u64,
+    pub dropped_packets: u64,
+}
+
+/// An OOM kill as the status shows it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct OomRecord {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// The VM whose cgroup subtree holds `cgroup_id`, if any.
+    pub vm: Option<String>,
+    pub anon_rss_kb: u64,
+}
+
+pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
+    telemetry: T,
+    shaper: S,
+    layout: Layout,
+    vms: Vec<WatchedVm>,
+    status: Vec<VmStatus>,
+    ooms: VecDeque<OomRecord>,
+    ifb_name: String,
+    /// The IFB device traffic from shaped VMs is redirected to, once made.
+    ifb: Option<u32>,
+    ticks: u64,
+}
+
+const OOM_LOG: usize = 64;
+/// Ticks between looks at how full the kernel's cgroup map is.
+const PRUNE_EVERY: u64 = 60;
+
+impl Governor {
+    /// Load the programs and register every VM of the config. Either all of
+    /// it is in place or, on error, nothing stays attached or pinned.
+    pub fn new(cfg: &Config) -> Result<Governor, GovernorError> {
+        let layout = Layout::detect().map_err(|source| GovernorError::Cgroup { vm: "*".into(), source })?;
+        let shaper = NetlinkShaper::new().map_err(GovernorError::Shaper)?;
+        let telemetry = BpfTelemetry::load(&cfg.pin_dir)?;
+        Governor::with(cfg, telemetry, shaper, layout)
+    }
+}
+
+impl<T: Telemetry, S: Shaper> Governor<T, S> {
+    /// A governor over the given kernel side, shaper and cgroup layout.
+    pub fn with(cfg: &Config, telemetry: T, shaper: S, layout: Layout) -> Result<Governor<T, S>, GovernorError> {
+        let mut g = Governor {
+            telemetry,
+            shaper,
+            layout,
+            vms: Vec::new(),
+            status: Vec::new(),
+            ooms: VecDeque::new(),
+            ifb_name: cfg.qos_ifb.clone(),
+            ifb: None,
+            ticks: 0,
+        };
+        // On error `g` is dropped, which removes any shaping set up so far
+        // (and the real telemetry detaches and unpins).
+        for vm in &cfg.vms {
+            g.add_vm(vm)?;
+        }
+        for vm in &cfg.vms {
+            for (dir, spec) in vm.qos_specs() {
+                let limit = spec.check("").map_err(|e| GovernorError::Qos {
+                    vm: vm.name.clone(),
+                    direction: dir.as_str(),
+                    reason: e.to_string(),
+                })?;
+                g.set_limit(&vm.name, dir, limit)?;
+            }
+        }
+        Ok(g)
+    }
+
+    fn add_vm(&mut self, cfg: &VmConfig) -> Result<(), GovernorError> {
+        let cg_err = |source| GovernorError::Cgroup { vm: cfg.name.clone(), source };
+        let cgroup = self.layout.open(&cfg.cgroup).map_err(cg_err)?;
+        let id = cgroup.id().map_err(cg_err)?;
+        let slot = self.vms.len() as u32;
+        let mut interfaces = Vec::new();
+        for name in &cfg.interfaces {
+            let ifindex = self.telemetry.attach_interface(name)?;
+            self.telemetry.set_vm_of_interface(ifindex, slot)?;
+            interfaces.push(Interface { name: name.clone(), ifindex });
+        }
+        self.vms.push(WatchedVm {
+            cfg: cfg.clone(),
+            cgroup,
+            id,
+            subtree: vec![id],
+            interfaces,
+            slot,
+            limits: PerDirection::default(),
+            prev: None,
+            net_retired: NetStats::default(),
+        });
+        Ok(())
+    }
+
+    /// Read every counter once and return the per-VM rates since the last
+    /// tick (the first tick has no rates yet, only totals).
+    pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
+        self.refresh_interfaces();
+        let mut out = Vec::with_capacity(self.vms.len());
+        for vm in &mut self.vms {
+            let cg_err = |source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source };
+            // The subtree can change (a VMM moving vCPU threads into child
+            // cgroups). Ids are only ever added: a child cgroup that is gone
+            // keeps its entry in the kernel map, so its CPU time stays in the
+            // VM's total, which must never go back.
+            match vm.cgroup.subtree_ids() {
+                Ok(ids) => {
+                    for id in ids {
+                        if !vm.subtree.contains(&id) {
+                            vm.subtree.push(id);
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(vm = %vm.cfg.name, "walking the cgroup subtree: {e}"),
+            }
+            let cpu = self.telemetry.cgroups(&vm.subtree)?;
+            let mut net = vm.net_retired;
+            for i in &vm.interfaces {
+                net.add(&self.telemetry.net(i.ifindex)?);
+            }
+            let memory = vm.cgroup.memory().map_err(cg_err)?;
+            let cur = Sample { at: Instant::now(), cpu, net, memory };
+            let prev = vm.prev.as_ref().unwrap_or(&cur);
+            out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
+            vm.prev = Some(cur);
+        }
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(PRUNE_EVERY) {
+            let keep: HashSet<u64> = self.vms.iter().flat_map(|v| v.subtree.iter().copied()).collect();
+            let n = self.telemetry.prune_cgroups(&keep);
+            if n > 0 {
+                tracing::info!(removed = n, "pruned cgroups outside every VM from the kernel map");
+            }
+        }
+        self.take_ooms();
+        self.status = out;
+        Ok(&self.status)
+    }
+
+    fn take_ooms(&mut self) {
+        for ev in self.telemetry.drain_oom() {
+            let end = ev.comm.iter().position(|&b| b == 0).unwrap_or(ev.comm.len());
+            let vm = self.vms.iter().find(|v| v.subtree.contains(&ev.cgroup_id)).map(|v| v.cfg.name.clone());
+            tracing::warn!(pid = ev.pid, vm = ?vm, "OOM kill");
+            if self.ooms.len() == OOM_LOG {
+                self.ooms.pop_front();
+            }
+            self.ooms.push_back(OomRecord {
+                pid: ev.pid,
+                comm: String::from_utf8_lossy(&ev.comm[..end]).into_owned(),
+                cgroup_id: ev.cgroup_id,
+                vm,
+                anon_rss_kb: ev.anon_rss_kb,
+            });
+        }
+    }
+
+    pub fn status(&self) -> &[VmStatus] {
+        &self.status
+    }
+
+    /// The most recent OOM kills, oldest first.
+    pub fn ooms(&self) -> Vec<OomRecord> {
+        self.ooms.iter().cloned().collect()
+    }
+
+    /// A VMM may delete and re-create a VM's tap: the name comes back with a
+    /// new ifindex and without our filters and qdiscs. Re-attach the
+    /// counters, the VM's QoS slot and its limits; an interface that is
+    /// missing right now is looked at again next tick.
+    fn refresh_interfaces(&mut self) {
+        for i in 0..self.vms.len() {
+            for k in 0..self.vms[i].interfaces.len() {
+                let Interface { name, ifindex: old } = self.vms[i].interfaces[k].clone();
+                let Ok(now) = self.telemetry.ifindex(&name) else { continue };
+                if now == old {
+                    continue;
+                }
+                match self.telemetry.net(old) {
+                    Ok(n) => self.vms[i].net_retired.add(&n),
+                    Err(e) => {
+                        tracing::warn!(vm = %self.vms[i].name(), interface = %name, "counters of the old interface lost: {e}")
+                    }
+                }
+                self.telemetry.detach_interface(&name);
+                self.telemetry.clear_vm_of_interface(old);
+                let slot = self.vms[i].slot;
+                let attached = self
+                    .telemetry
+                    .attach_interface(&name)
+                    .and_then(|idx| self.telemetry.set_vm_of_interface(idx, slot).map(|_| idx));
+                match attached {
+                    Ok(idx) => {
+                        self.vms[i].interfaces[k].ifindex = idx;
+                        tracing::warn!(vm = %self.vms[i].name(), interface = %name, "interface re-created: re-attached");
+                        if let Some(l) = self.vms[i].limits.ingress.filter(|l| l.mode == Mode::Shape) {
+                            self.shape_interface(i, idx, &l);
+                        }
+                    }
+                    Err(e) => tracing::warn!(vm = %self.vms[i].name(), interface = %name, "re-attach: {e}"),
+                }
+            }
+        }
+    }
+
+    fn vm_index(&self, name: &str) -> Result<usize, GovernorError> {
+        self.vms.iter().position(|v| v.cfg.name == name).ok_or_else(|| GovernorError::UnknownVm(name.into()))
+    }
+}
+
+impl<T: Telemetry, S: Shaper> Drop for Governor<T, S> {
+    /// Remove every qdisc, class and IFB device the governor created; the
+    /// programs are detached and unpinned when `telemetry` drops after this.
+    fn drop(&mut self) {
+        // Stop classifying and redirecting first, so no packet is sent to an
+        // IFB device that is about to go.
+        for vm in &self.vms {
+            for dir in [Direction::Egress, Direction::Ingress] {
+                if vm.limits.get(dir).is_some() {
+                    if let Err(e) = self.telemetry.set_policer(vm.slot, dir, Policer::default()) {
+                        tracing::warn!(vm = %vm.name(), direction = dir.as_str(), "clearing the limit: {e}");
+                    }
+                }
+            }
+        }
+        for i in 0..self.vms.len() {
+            for dir in [Direction::Egress, Direction::Ingress] {
+                if self.vms[i].shaped(dir) {
+                    self.shape_teardown(i, dir);
+                }
+            }
+        }
+        self.remove_ifb();
+    }
+}

@@ -1,0 +1,145 @@
+//! The HTB classes behind `shape` limits: traffic to a VM is shaped on each
+//! of its host-side interfaces (one HTB root per interface, the VM's class
+//! under it); traffic from a VM is redirected by the tc program to one IFB
+//! device with a class per VM, because only egress can be shaped.
+
+use super::{Governor, GovernorError};
+use crate::qos::{Direction, Limit};
+use crate::shape::{ShapeError, Shaper};
+use crate::telemetry::Telemetry;
+
+/// HTB handle major of the qdiscs the governor creates (`7a:`), so they are
+/// recognisable in `tc qdisc show`.
+pub const HTB_MAJOR: u16 = 0x7a;
+
+/// Queue of a shaped VM's class: 10 ms at the rate, but room for two
+/// 64 KiB GSO packets.
+fn leaf_limit(limit: &Limit) -> u32 {
+    let ten_ms = limit.rate_bps / 8 / 100;
+    u32::try_from(ten_ms.max(128 * 1024)).unwrap_or(u32::MAX)
+}
+
+fn burst(limit: &Limit) -> u32 {
+    u32::try_from(limit.burst_bytes).unwrap_or(u32::MAX)
+}
+
+/// Log a best-effort teardown step that failed.
+fn logged(what: &str, vm: &str, r: Result<(), ShapeError>) {
+    if let Err(e) = r {
+        tracing::warn!(vm, "{what}: {e}");
+    }
+}
+
+impl<T: Telemetry, S: Shaper> Governor<T, S> {
+    /// Create or change the VM's HTB class for this direction. Returns the
+    /// ifindex the tc program redirects to (0 for none). What this call
+    /// created is removed again if a later step fails.
+    pub(super) fn shape_setup(&mut self, i: usize, dir: Direction, limit: &Limit) -> Result<u32, GovernorError> {
+        let vm = self.vms[i].name().to_string();
+        let minor = self.vms[i].class_minor();
+        let shape_err = |source: ShapeError| GovernorError::Shape { vm: vm.clone(), direction: dir.as_str(), source };
+        match dir {
+            Direction::Egress => {
+                let (ifb, created) = match self.ifb {
+                    Some(ifb) => (ifb, false),
+                    None => (self.make_ifb().map_err(&shape_err)?, true),
+                };
+                let r = self
+                    .shaper
+                    .set_class(ifb, HTB_MAJOR, minor, limit.rate_bps, burst(limit))
+                    .and_then(|_| self.shaper.set_leaf_fifo(ifb, HTB_MAJOR, minor, leaf_limit(limit)));
+                if let Err(e) = r {
+                    if created {
+                        logged("removing the IFB device after a failed setup", &vm, self.shaper.delete_link(ifb));
+                    }
+                    return Err(shape_err(e));
+                }
+                self.ifb = Some(ifb);
+                Ok(ifb)
+            }
+            Direction::Ingress => {
+                let had_class = self.vms[i].shaped(dir);
+                let mut done = Vec::new();
+                for ifindex in self.vms[i].interfaces.iter().map(|i| i.ifindex).collect::<Vec<_>>() {
+                    let r = if had_class { Ok(()) } else { self.shaper.add_htb(ifindex, HTB_MAJOR) }
+                        .and_then(|_| self.shaper.set_class(ifindex, HTB_MAJOR, minor, limit.rate_bps, burst(limit)))
+                        .and_then(|_| self.shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(limit)));
+                    if let Err(e) = r {
+                        if !had_class {
+                            for d in done.iter().chain(std::iter::once(&ifindex)) {
+                                logged("removing a root qdisc after a failed setup", &vm, self.shaper.delete_root(*d));
+                            }
+                        }
+                        return Err(shape_err(e));
+                    }
+                    done.push(ifindex);
+                }
+                Ok(0)
+            }
+        }
+    }
+
+    /// The IFB device with its HTB root. One left by a governor that died
+    /// is replaced (the daemon holds a lock on the name: it is ours).
+    fn make_ifb(&mut self) -> Result<u32, ShapeError> {
+        let ifb = match self.shaper.add_ifb(&self.ifb_name) {
+            Err(ShapeError::Exists { .. }) => {
+                let stale = self.shaper.link_index(&self.ifb_name)?;
+                self.shaper.delete_link(stale)?;
+                tracing::warn!(ifb = %self.ifb_name, "replaced a stale IFB device");
+                self.shaper.add_ifb(&self.ifb_name)?
+            }
+            r => r?,
+        };
+        if let Err(e) = self.shaper.add_htb(ifb, HTB_MAJOR) {
+            logged("removing the IFB device after a failed setup", &self.ifb_name, self.shaper.delete_link(ifb));
+            return Err(e);
+        }
+        Ok(ifb)
+    }
+
+    /// Shape traffic to the VM on one (re-created) interface.
+    pub(super) fn shape_interface(&mut self, i: usize, ifindex: u32, l: &Limit) {
+        let minor = self.vms[i].class_minor();
+        let r = self
+            .shaper
+            .add_htb(ifindex, HTB_MAJOR)
+            .and_then(|_| self.shaper.set_class(ifindex, HTB_MAJOR, minor, l.rate_bps, burst(l)))
+            .and_then(|_| self.shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(l)));
+        logged("re-applying shaping", self.vms[i].name(), r);
+    }
+
+    /// Remove the VM's HTB class for this direction (and the qdisc or IFB
+    /// when nothing else uses it). Best effort: an interface that is gone
+    /// took its qdisc with it.
+    pub(super) fn shape_teardown(&mut self, i: usize, dir: Direction) {
+        let minor = self.vms[i].class_minor();
+        let vm = self.vms[i].name().to_string();
+        match dir {
+            Direction::Egress => {
+                let Some(ifb) = self.ifb else { return };
+                logged("removing the VM's class on the IFB", &vm, self.shaper.delete_class(ifb, HTB_MAJOR, minor));
+                let others = self.vms.iter().enumerate().any(|(j, v)| j != i && v.shaped(Direction::Egress));
+                if !others {
+                    self.remove_ifb();
+                }
+            }
+            Direction::Ingress => {
+                for ifindex in self.vms[i].interfaces.iter().map(|i| i.ifindex).collect::<Vec<_>>() {
+                    // Each interface belongs to one VM: its root is ours alone.
+                    match self.shaper.delete_root(ifindex) {
+                        Ok(()) | Err(ShapeError::NoDevice { .. }) => {}
+                        Err(e) => tracing::warn!(vm, ifindex, "removing the root qdisc: {e}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remove the IFB device (with its classes), if there is one.
+    pub(super) fn remove_ifb(&mut self) {
+        if let Some(ifb) = self.ifb.take() {
+            logged("removing the IFB device", &self.ifb_name.clone(), self.shaper.delete_link(ifb));
+        }
+    }
+}

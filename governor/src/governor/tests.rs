@@ -1,0 +1,240 @@
+//! The governor's logic without a kernel: fake telemetry and shaping, and a
+//! scratch cgroup tree shaped like a pure v2 host.
+
+use std::path::PathBuf;
+
+use cgroupfs::Layout;
+use governor_common::{CgroupStats, NetStats, OomEvent, QOS_POLICE, QOS_SHAPE};
+
+use super::*;
+use crate::qos::{Limit, Mode};
+use crate::shape::{FakeShaper, Op};
+use crate::telemetry::{qos_index, FakeTelemetry};
+
+struct Host {
+    root: PathBuf,
+    layout: Layout,
+    tel: FakeTelemetry,
+    net: FakeShaper,
+}
+
+impl Host {
+    /// Cgroups `vm-a` and `vm-b`; interfaces tap-a (ifindex 10), tap-b1 (11), tap-b2 (12).
+    fn new(tag: &str) -> Host {
+        let root = std::env::temp_dir().join(format!("governor-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for vm in ["vm-a", "vm-b"] {
+            std::fs::create_dir_all(root.join("sys/fs/cgroup").join(vm)).expect("scratch cgroup");
+        }
+        let layout = Layout::from_mounts_at("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n", &root).expect("layout");
+        let tel = FakeTelemetry::new();
+        for (n, i) in [("tap-a", 10), ("tap-b1", 11), ("tap-b2", 12)] {
+            tel.add_link(n, i);
+        }
+        Host { root, layout, tel, net: FakeShaper::new() }
+    }
+
+    fn config(&self, extra_a: &str) -> Config {
+        let text = format!(
+            "qos_ifb = \"ifb-unit\"\n\
+             [[vm]]\nname = \"a\"\ncgroup = \"vm-a\"\ninterfaces = [\"tap-a\"]\n{extra_a}\n\
+             [[vm]]\nname = \"b\"\ncgroup = \"vm-b\"\ninterfaces = [\"tap-b1\", \"tap-b2\"]\nrole = \"mc\"\n"
+        );
+        Config::parse(&text).expect("config")
+    }
+
+    fn governor(&self, extra_a: &str) -> Governor<FakeTelemetry, FakeShaper> {
+        Governor::with(&self.config(extra_a), self.tel.clone(), self.net.clone(), self.layout.clone())
+            .expect("governor")
+    }
+
+    fn id(&self, vm: &str) -> u64 {
+        self.layout.open(vm).expect("open").id().expect("id")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.root) {
+            eprintln!("warning: removing {}: {e}", self.root.display());
+        }
+    }
+}
+
+fn limit(mode: Mode, mbit: u64) -> Limit {
+    Limit { mode, rate_bps: mbit * 1_000_000, burst_bytes: 256 * 1024, packet_rate: None }
+}
+
+#[test]
+fn tick_turns_counters_into_per_vm_totals_and_rates() {
+    let h = Host::new("tick");
+    let mut g = h.governor("");
+    let (a, b) = (h.id("vm-a"), h.id("vm-b"));
+    {
+        let mut st = h.tel.state();
+        st.cgroups.insert(a, CgroupStats { on_cpu_ns: 1_000_000_000, ..Default::default() });
+        st.net.insert(11, NetStats { rx_bytes: 1000, tx_bytes: 2000, rx_packets: 1, tx_packets: 2 });
+        st.net.insert(12, NetStats { rx_bytes: 10, tx_bytes: 20, rx_packets: 1, tx_packets: 1 });
+    }
+    let first = g.tick().expect("tick").to_vec();
+    assert_eq!(first.len(), 2);
+    assert_eq!((first[0].name.as_str(), first[0].role.as_str(), first[0].cgroup_id), ("a", "user", a));
+    assert_eq!(first[0].cpu_seconds_total, 1.0);
+    assert_eq!(first[0].cpu_percent, 0.0, "no rate on the first tick");
+    // Host-side tx is what the VM receives; both interfaces of b add up.
+    assert_eq!((first[1].rx_bytes_total, first[1].tx_bytes_total), (2020, 1010));
+    assert_eq!(first[1].role, "mc");
+    {
+        let mut st = h.tel.state();
+        st.cgroups.insert(a, CgroupStats { on_cpu_ns: 3_000_000_000, ..Default::default() });
+        st.net.insert(11, NetStats { rx_bytes: 1000, tx_bytes: 1_002_000, rx_packets: 1, tx_packets: 3 });
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let second = g.tick().expect("tick").to_vec();
+    assert_eq!(second[0].cpu_seconds_total, 3.0);
+    assert!(second[0].cpu_percent > 100.0, "2 s of CPU in ~50 ms: {}", second[0].cpu_percent);
+    assert!(second[1].rx_bits_per_s > 0.0);
+    assert_eq!(second[1].rx_bytes_total, 1_002_020);
+    assert!(b != a);
+}
+
+#[test]
+fn a_child_cgroup_counts_for_its_vm_and_never_goes_back() {
+    let h = Host::new("subtree");
+    let mut g = h.governor("");
+    let child = h.root.join("sys/fs/cgroup/vm-a/vcpu0");
+    std::fs::create_dir(&child).expect("child");
+    let cid = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&child).expect("stat"));
+    h.tel.state().cgroups.insert(cid, CgroupStats { on_cpu_ns: 500_000_000, ..Default::default() });
+    assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5);
+    std::fs::remove_dir(&child).expect("rmdir");
+    assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5, "a vanished child keeps its time");
+}
+
+#[test]
+fn police_limit_writes_the_bucket_and_clear_removes_it() {
+    let h = Host::new("police");
+    let mut g = h.governor("");
+    g.set_limit("a", Direction::Egress, limit(Mode::Police, 8)).expect("set");
+    let p = h.tel.state().qos[&qos_index(0, Direction::Egress)];
+    assert_eq!((p.mode, p.rate_bytes_per_s), (QOS_POLICE, 1_000_000));
+    assert_eq!(p.tokens_ns, p.burst_ns as i64, "a new bucket starts full");
+    assert_eq!(h.tel.state().vm_of_if.get(&10), Some(&0), "tap-a belongs to slot 0");
+    let shown = g.limits().expect("limits");
+    assert_eq!((shown.len(), shown[0].vm.as_str(), shown[0].tokens_bytes), (1, "a", Some(256 * 1024)));
+    g.clear_limit("a", Direction::Egress).expect("clear");
+    assert!(h.tel.state().qos.is_empty());
+    assert!(g.limits().expect("limits").is_empty());
+    g.clear_limit("a", Direction::Egress).expect("clearing no limit is fine");
+    assert!(h.net.is_clean(), "policing makes no qdiscs");
+}
+
+#[test]
+fn shaped_egress_shares_one_ifb_removed_with_the_last_class() {
+    let h = Host::new("ifb");
+    let mut g = h.governor("");
+    g.set_limit("a", Direction::Egress, limit(Mode::Shape, 10)).expect("a");
+    g.set_limit("b", Direction::Egress, limit(Mode::Shape, 20)).expect("b");
+    let ifb = h.net.state().links["ifb-unit"];
+    {
+        let st = h.net.state();
+        assert_eq!(st.roots.get(&ifb), Some(&HTB_MAJOR));
+        assert_eq!(st.classes[&(ifb, HTB_MAJOR, 1)].rate_bps, 10_000_000);
+        assert_eq!(st.classes[&(ifb, HTB_MAJOR, 2)].rate_bps, 20_000_000);
+        assert_eq!(st.classes[&(ifb, HTB_MAJOR, 1)].leaf_limit, Some(128 * 1024), "10 ms, at least 128 KiB");
+    }
+    let p = h.tel.state().qos[&qos_index(1, Direction::Egress)];
+    assert_eq!((p.mode, p.classid, p.redirect_ifindex), (QOS_SHAPE, 0x7a_0002, ifb));
+    g.clear_limit("a", Direction::Egress).expect("clear a");
+    assert!(h.net.state().links.contains_key("ifb-unit"), "b still uses the IFB");
+    g.set_limit("b", Direction::Egress, limit(Mode::Police, 20)).expect("b to police");
+    assert!(h.net.is_clean(), "the last shaped VM took the IFB with it");
+}
+
+#[test]
+fn shaped_ingress_has_a_root_per_interface() {
+    let h = Host::new("ingress");
+    let mut g = h.governor("");
+    g.set_limit("b", Direction::Ingress, limit(Mode::Shape, 50)).expect("shape b");
+    assert_eq!(h.net.state().roots.keys().copied().collect::<Vec<_>>(), vec![11, 12]);
+    g.set_limit("b", Direction::Ingress, limit(Mode::Shape, 40)).expect("change rate");
+    assert_eq!(h.net.state().classes[&(12, HTB_MAJOR, 2)].rate_bps, 40_000_000);
+    g.clear_limit("b", Direction::Ingress).expect("clear");
+    assert!(h.net.is_clean());
+}
+
+#[test]
+fn a_failed_step_leaves_nothing_and_the_old_limit_holds() {
+    let h = Host::new("fail");
+    let mut g = h.governor("");
+    g.set_limit("b", Direction::Ingress, limit(Mode::Police, 5)).expect("police");
+    h.net.state().fail = Some(Op::SetLeaf);
+    let e = g.set_limit("b", Direction::Ingress, limit(Mode::Shape, 50)).expect_err("leaf fails");
+    assert!(e.to_string().contains("vm b ingress: shaping"), "{e}");
+    assert!(h.net.is_clean(), "both roots made for the attempt are gone");
+    let shown = g.limits().expect("limits");
+    assert_eq!((shown[0].mode, shown[0].rate_bps), (Mode::Police, 5_000_000), "the old limit holds");
+    // The map refusing the shape policer undoes the classes too.
+    h.tel.state().fail_set_policer = true;
+    assert!(g.set_limit("a", Direction::Egress, limit(Mode::Shape, 5)).is_err());
+    assert!(h.net.is_clean(), "IFB removed again");
+}
+
+#[test]
+fn a_recreated_interface_is_reattached_with_its_totals_and_shaping() {
+    let h = Host::new("recreate");
+    let mut g = h.governor("");
+    g.set_limit("a", Direction::Ingress, limit(Mode::Shape, 30)).expect("shape");
+    h.tel.state().net.insert(10, NetStats { tx_bytes: 5000, ..Default::default() });
+    assert_eq!(g.tick().expect("tick")[0].rx_bytes_total, 5000);
+    // The VMM deletes and re-creates the tap: new index, no qdisc, no counters.
+    h.tel.add_link("tap-a", 20);
+    h.net.state().roots.remove(&10);
+    h.tel.state().net.insert(20, NetStats { tx_bytes: 100, ..Default::default() });
+    assert_eq!(g.tick().expect("tick")[0].rx_bytes_total, 5100, "totals carry on");
+    assert_eq!(h.tel.state().attached.get("tap-a"), Some(&20));
+    assert_eq!(h.tel.state().vm_of_if.get(&20), Some(&0));
+    assert!(!h.tel.state().vm_of_if.contains_key(&10));
+    assert_eq!(h.net.state().classes[&(20, HTB_MAJOR, 1)].rate_bps, 30_000_000, "shaping re-applied");
+}
+
+#[test]
+fn dropping_the_governor_removes_all_shaping_and_limits() {
+    let h = Host::new("drop");
+    let mut g = h.governor("[vm.qos.egress]\nmode = \"shape\"\nrate = \"10mbit\"\nburst = \"64kb\"\n");
+    g.set_limit("b", Direction::Ingress, limit(Mode::Shape, 50)).expect("shape b");
+    g.set_limit("b", Direction::Egress, limit(Mode::Police, 50)).expect("police b");
+    assert!(!h.net.is_clean());
+    assert_eq!(h.tel.state().qos.len(), 3);
+    drop(g);
+    assert!(h.net.is_clean(), "{:?}", h.net.state());
+    assert!(h.tel.state().qos.is_empty());
+}
+
+#[test]
+fn ooms_name_the_vm_whose_subtree_was_allocating() {
+    let h = Host::new("oom");
+    let mut g = h.governor("");
+    let mut comm = [0u8; 16];
+    comm[..5].copy_from_slice(b"touch");
+    h.tel.state().ooms.push(OomEvent { pid: 42, cgroup_id: h.id("vm-b"), anon_rss_kb: 7, comm, ..Default::default() });
+    h.tel.state().ooms.push(OomEvent { pid: 43, cgroup_id: 1, ..Default::default() });
+    g.tick().expect("tick");
+    let o = g.ooms();
+    assert_eq!((o[0].pid, o[0].comm.as_str(), o[0].vm.as_deref()), (42, "touch", Some("b")));
+    assert_eq!(o[1].vm, None, "outside every VM");
+}
+
+#[test]
+fn refusals_name_the_vm_and_change_nothing() {
+    let h = Host::new("refuse");
+    let mut g = h.governor("");
+    assert!(matches!(g.set_limit("nope", Direction::Egress, limit(Mode::Police, 1)), Err(GovernorError::UnknownVm(_))));
+    h.tel.state().links.remove("tap-a");
+    let e = g.set_limit("a", Direction::Egress, limit(Mode::Police, 1)).expect_err("tap gone");
+    assert!(e.to_string().contains("interface tap-a is gone"), "{e}");
+    assert!(h.tel.state().qos.is_empty());
+    let bad = Config::parse("[[vm]]\nname = \"x\"\ncgroup = \"no-such\"\n").expect("parses");
+    let e = Governor::with(&bad, h.tel.clone(), h.net.clone(), h.layout.clone()).err().expect("missing cgroup");
+    assert!(matches!(e, GovernorError::Cgroup { ref vm, .. } if vm == "x"), "{e}");
+}

@@ -1,0 +1,75 @@
+//! One watched VM: its cgroup, its interfaces, its QoS slot and limits, and
+//! what the last tick saw.
+
+use cgroupfs::Cgroup;
+use governor_common::NetStats;
+
+use crate::config::VmConfig;
+use crate::qos::{Direction, Limit, Mode};
+use crate::sampler::Sample;
+
+/// A value per QoS direction of a VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerDirection<T> {
+    /// From the VM.
+    pub egress: T,
+    /// To the VM.
+    pub ingress: T,
+}
+
+impl<T> PerDirection<T> {
+    pub fn get(&self, d: Direction) -> &T {
+        match d {
+            Direction::Egress => &self.egress,
+            Direction::Ingress => &self.ingress,
+        }
+    }
+
+    pub fn get_mut(&mut self, d: Direction) -> &mut T {
+        match d {
+            Direction::Egress => &mut self.egress,
+            Direction::Ingress => &mut self.ingress,
+        }
+    }
+}
+
+/// A host-side interface of a VM as the programs are attached to it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+}
+
+pub struct WatchedVm {
+    pub cfg: VmConfig,
+    pub cgroup: Cgroup,
+    /// cgroup v2 id of the VM's own cgroup.
+    pub id: u64,
+    /// Ids of the cgroup and every child seen so far (only ever added: a
+    /// child that is gone keeps its counters in the VM's total).
+    pub subtree: Vec<u64>,
+    pub interfaces: Vec<Interface>,
+    /// QoS slot in the kernel maps.
+    pub slot: u32,
+    pub limits: PerDirection<Option<Limit>>,
+    pub prev: Option<Sample>,
+    /// Traffic of interfaces the VM had before they were re-created (a new
+    /// ifindex starts counting from zero; the VM's totals must not).
+    pub net_retired: NetStats,
+}
+
+impl WatchedVm {
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// True when this direction is shaped (has an HTB class).
+    pub fn shaped(&self, d: Direction) -> bool {
+        self.limits.get(d).is_some_and(|l| l.mode == Mode::Shape)
+    }
+
+    /// HTB class minor of this VM (slot + 1; minor 0 is the qdisc itself).
+    pub fn class_minor(&self) -> u16 {
+        (self.slot + 1) as u16
+    }
+}

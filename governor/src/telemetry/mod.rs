@@ -1,0 +1,114 @@
+//! Per-VM counters from the kernel programs, behind one trait so the
+//! governor's tick is testable without a kernel.
+//!
+//! - `bpf`: the real thing: loads the programs, pins their maps under the
+//!   pin directory, attaches them and reads the maps back.
+//! - `fake`: an in-memory stand-in that tests drive by hand.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
+
+use governor_common::{CgroupStats, NetStats, OomEvent, Policer, QosStats};
+use thiserror::Error;
+
+use crate::qos::Direction;
+
+mod bpf;
+pub mod fake;
+
+pub use bpf::{attach_floor_probe, BpfTelemetry};
+pub use fake::FakeTelemetry;
+
+#[derive(Debug, Error)]
+pub enum TelemetryError {
+    #[error("loading the kernel programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("the object has no {0}")]
+    Missing(&'static str),
+    #[error("interface {name:?}: {reason}")]
+    Interface { name: String, reason: String },
+    #[error("interface {name:?}: {source}")]
+    NoInterface {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tracefs(#[from] crate::tracefs::TracefsError),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] crate::btf::BtfError),
+    #[error("raw tracepoint {tp} passes {got} arguments, the program expects {want} (unsupported kernel)")]
+    RawTracepoint { tp: &'static str, got: u32, want: u32 },
+}
+
+/// What the governor needs from the kernel side: per-cgroup and
+/// per-interface counters, the QoS maps, OOM events, and the interfaces
+/// the tc programs are attached to. A VM's QoS slot is its index in the
+/// QoS maps (two entries, one per direction).
+pub trait Telemetry {
+    /// The ifindex an interface name has now (a VMM may re-create it).
+    fn ifindex(&self, name: &str) -> Result<u32, TelemetryError>;
+    /// Attach the tc counters to both directions of an interface; returns
+    /// its ifindex. Attaching twice is a no-op.
+    fn attach_interface(&mut self, name: &str) -> Result<u32, TelemetryError>;
+    /// Detach from an interface (a no-op when it is already gone).
+    fn detach_interface(&mut self, name: &str);
+    /// Counters of one cgroup, summed over CPUs (zero if it never ran).
+    fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError>;
+    /// Counters of one interface, summed over CPUs.
+    fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError>;
+    /// Tell the tc programs which VM (QoS slot) an interface belongs to.
+    fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError>;
+    fn clear_vm_of_interface(&mut self, ifindex: u32);
+    /// The policer of a VM direction, read under its lock.
+    fn policer(&self, slot: u32, dir: Direction) -> Result<Policer, TelemetryError>;
+    /// Replace the policer of a VM direction atomically.
+    fn set_policer(&mut self, slot: u32, dir: Direction, p: Policer) -> Result<(), TelemetryError>;
+    /// QoS counters of a VM direction, summed over CPUs.
+    fn qos_stats(&self, slot: u32, dir: Direction) -> Result<QosStats, TelemetryError>;
+    /// OOM victims reported since the last call.
+    fn drain_oom(&mut self) -> Vec<OomEvent>;
+    /// When the cgroup map fills up, remove entries of cgroups outside
+    /// `keep`; returns how many were removed.
+    fn prune_cgroups(&mut self, keep: &HashSet<u64>) -> usize;
+
+    /// Counters of several cgroups added together (a VM's subtree).
+    fn cgroups(&self, ids: &[u64]) -> Result<CgroupStats, TelemetryError> {
+        let mut total = CgroupStats::default();
+        for id in ids {
+            total.add(&self.cgroup(*id)?);
+        }
+        Ok(total)
+    }
+}
+
+/// Index of a VM direction in the QoS maps.
+pub fn qos_index(slot: u32, dir: Direction) -> u32 {
+    slot * 2 + dir.index()
+}
