@@ -1,22 +1,80 @@
 //! Typed errors of the card link. Everything the card says is untrusted: any
 //! malformed, hostile or silent answer ends up as one of these, never a panic.
+//! Errors that come from below (the OS, the `vfio_user` client, `vfio-ioctls`)
+//! keep that error as their source and say what was being done.
+
+use std::io;
+use std::path::PathBuf;
 
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum CardError {
-    /// The transport could not be opened (socket missing, /dev/vfio absent, ...).
-    #[error("cannot open the card link: {0}")]
-    Open(String),
-    /// A read or write on the link failed at the transport level.
-    #[error("card link I/O failed: {0}")]
-    Io(String),
+    /// The card's socket path does not resolve: nothing is there to connect to.
+    #[error("card socket {path}: {source}")]
+    SocketPath {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The vfio-user handshake with the card failed (refused, hung up, not a
+    /// vfio-user server).
+    #[error("vfio-user connect to {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: vfio_user::Error,
+    },
+    /// After connecting, our end of the vfio-user socket could not be told
+    /// apart from other sockets to the same path, so its timeouts cannot be
+    /// bounded (a silent card could then hang us): refused instead.
+    #[error("cannot identify the vfio-user socket to bound its timeouts ({candidates} candidates)")]
+    SocketNotFound { candidates: usize },
+    /// Kernel VFIO is missing on this host (checked before any ioctl).
+    #[error("kernel VFIO is unavailable: {0}")]
+    VfioUnavailable(String),
+    /// A kernel VFIO operation (container, device, interrupts) failed.
+    #[error("kernel VFIO: {what}: {source}")]
+    Vfio {
+        what: String,
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+    /// A host-side resource of the link failed (eventfd, poll, socket
+    /// options, a helper thread): a problem of this host, not of the card.
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The host-side sink or source of a snapshot stream failed (the file or
+    /// buffer the caller handed in), not the card.
+    #[error("snapshot stream: {what}: {source}")]
+    Stream {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// A transfer on the link failed at the transport level: the card hung
+    /// up (process gone, link closed) or the stream broke.
+    #[error("card link {what} failed: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: vfio_user::Error,
+    },
     /// The card did not answer a link access within the timeout: it is silent.
     #[error("card did not answer within {timeout_ms} ms ({what})")]
     Timeout { what: &'static str, timeout_ms: u64 },
     /// The link was lost earlier (timeout or peer gone); reconnect first.
     #[error("card link is broken ({0}); reconnect")]
     LinkBroken(String),
+    /// No request slot is free: the card holds `in_flight` requests it has
+    /// not consumed (commands the host gave up on, or a previous host's).
+    /// Nothing was sent; retry once the card consumes again.
+    #[error("card mailbox busy: {in_flight} of {slots} request slots not yet consumed by the card")]
+    MailboxBusy { in_flight: u32, slots: u32 },
     /// The card's heartbeat did not advance for three periods.
     #[error("card stalled: heartbeat stuck at {heartbeat} for {stuck_ms} ms (period {period_ms} ms)")]
     Stalled { heartbeat: u64, stuck_ms: u64, period_ms: u32 },
@@ -44,12 +102,24 @@ pub enum CardError {
     /// The response does not belong to the request (sequence or opcode mismatch).
     #[error("mailbox response out of order: expected seq {expected} op {op}, got seq {got_seq} op {got_op}")]
     OutOfOrder { expected: u32, op: u16, got_seq: u32, got_op: u16 },
+    /// An echo came back (in order) with other contents than were sent: the
+    /// card corrupts data it should return untouched.
+    #[error("echo mismatch: sent {sent}, got {got}{}", payload_note(.payload_differs))]
+    EchoMismatch { sent: u64, got: u64, payload_differs: bool },
     /// The card executed the command and refused it.
     #[error("card refused {op}: {status} ({message})")]
     Refused { op: &'static str, status: crate::mailbox::Status, message: String },
     /// A host-side argument was refused before anything was sent.
     #[error("invalid request: {0}")]
     Invalid(String),
+}
+
+fn payload_note(differs: &bool) -> &'static str {
+    if *differs {
+        " (payload differs)"
+    } else {
+        ""
+    }
 }
 
 pub type Result<T, E = CardError> = std::result::Result<T, E>;

@@ -5,15 +5,15 @@
 //! - `transport`: one trait, two transports (vfio-user, kernel VFIO)
 //! - `card`: the host driver on top of any transport (commands, snapshots, health)
 //! - `watchdog`: a thread reporting a stalled, silent or dead card within three heartbeats
-//! - `sim`: the card simulator (`card-sim` binary) and the launcher tests use
 //!
-//! Everything read from the card is validated; errors are `CardError`.
+//! Everything read from the card is validated; errors are `CardError`. The
+//! card simulator is its own crate (`card-sim`, in `sim/`): it depends on
+//! this one for the ABI, never the other way round.
 
 pub mod abi;
 pub mod card;
 pub mod error;
 pub mod mailbox;
-pub mod sim;
 pub mod transport;
 pub mod watchdog;
 mod wire;
@@ -34,6 +34,3 @@ pub fn connect_vfio_user(
     let t = VfioUserTransport::connect(socket, link_timeout)?;
     Card::open(Box::new(t), opts)
 }
-
-/// Re-exported for users of the control socket (`SimProcess::control`).
-pub use serde_json;

@@ -58,6 +58,19 @@ pub fn resp_slot_offset(slots: u32, slot_size: u32, index: u32) -> u64 {
     RINGS_OFFSET + (slots as u64 + (index % slots) as u64) * slot_size as u64
 }
 
+/// Read a BAR2 register (REG_*) from an image of BAR2; None if `bar2` is too
+/// short. The card side keeps BAR2 as plain memory and uses these.
+pub fn get_reg(bar2: &[u8], reg: u64) -> Option<u32> {
+    crate::wire::get_u32(bar2, usize::try_from(reg).ok()?)
+}
+
+/// Store a BAR2 register (REG_*) into an image of BAR2; ignored past its end.
+pub fn set_reg(bar2: &mut [u8], reg: u64, value: u32) {
+    if let Ok(off) = usize::try_from(reg) {
+        crate::wire::put_u32(bar2, off, value);
+    }
+}
+
 /// Mailbox geometry the host accepts from a card.
 pub fn check_geometry(slots: u32, slot_size: u32) -> Result<()> {
     // A power of two, so `counter % slots` stays continuous when u32 counters wrap.

@@ -66,7 +66,9 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.join().is_err() {
+                tracing::warn!("the card watchdog thread panicked before it was stopped");
+            }
         }
     }
 }

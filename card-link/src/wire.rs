@@ -100,7 +100,7 @@ impl Writer {
 
 /// Store `v` at `off` of `buf` (little endian); used to patch fields.
 pub fn put_u32(buf: &mut [u8], off: usize, v: u32) {
-    if let Some(s) = buf.get_mut(off..off + 4) {
+    if let Some(s) = off.checked_add(4).and_then(|end| buf.get_mut(off..end)) {
         s.copy_from_slice(&v.to_le_bytes());
     }
 }

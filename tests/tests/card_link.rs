@@ -15,15 +15,23 @@ use std::time::{Duration, Instant};
 
 use card_link::abi::{utilisation, ResourceKind};
 use card_link::mailbox::{VmSpec, VmState};
-use card_link::serde_json::json;
-use card_link::sim::process::{SimOptions, SimProcess};
 use card_link::{Card, CardError, CardOptions};
+use card_sim::{EcsRequest, Fault, Load, Request, SimOptions, SimProcess};
 
 const PERIOD_MS: u64 = 100;
 const LINK_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn sim() -> SimProcess {
     SimProcess::spawn(&SimOptions { period_ms: PERIOD_MS as u32, ..Default::default() }).expect("start card-sim")
+}
+
+fn load(l: Load) -> Request {
+    Request::Load(l)
+}
+
+/// The slow fault: every command waits `ms` first.
+fn slow(ms: u64) -> Request {
+    Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(ms) }
 }
 
 fn connect(sim: &SimProcess, cmd_timeout: Duration) -> Card {
@@ -133,14 +141,14 @@ fn card_model_vm_lifecycle_event_log_and_snapshot_stream() {
 fn card_ecs_control_service_creates_and_destroys_vms() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(5));
-    let r =
-        s.control(json!({"op": "ecs", "request": "create_vm", "name": "mc-log", "mem_mib": 8})).expect("ecs create");
-    let id = r["vm"].as_u64().expect("vm id") as u32;
+    let create = Request::Ecs(EcsRequest::CreateVm { name: "mc-log".into(), mem_mib: 8 });
+    let id = s.control(&create).expect("ecs create").vm.expect("vm id");
     let list = card.list_vms().expect("list");
     assert!(list.iter().any(|v| v.id == id && v.name == "mc-log"), "{list:?}");
-    s.control(json!({"op": "ecs", "request": "destroy_vm", "vm": id})).expect("ecs destroy");
+    s.control(&Request::Ecs(EcsRequest::DestroyVm { vm: id })).expect("ecs destroy");
     assert!(card.list_vms().expect("list").is_empty());
-    let bad = s.control(json!({"op": "ecs", "request": "create_vm"}));
+    // A raw line (no typed request can lack the name): refused, naming the field.
+    let bad = s.control(&serde_json::json!({"op": "ecs", "request": "create_vm"}));
     assert!(format!("{bad:?}").contains("field name"), "refusal names the field: {bad:?}");
 }
 
@@ -155,7 +163,7 @@ fn cpu_pair(card: &mut Card, s: &SimProcess) -> (card_link::abi::RegisterSnapsho
 fn card_telemetry_cpu_agrees_with_cgroup() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "load", "cpu": 0.5})).expect("cpu load");
+    s.control(&load(Load { cpu: Some(0.5), ..Load::default() })).expect("cpu load");
     std::thread::sleep(Duration::from_millis(1000));
     let (a, ca, ta) = cpu_pair(&mut card, &s);
     std::thread::sleep(Duration::from_millis(3000));
@@ -171,7 +179,7 @@ fn card_telemetry_cpu_agrees_with_cgroup() {
 fn card_telemetry_memory_agrees_with_cgroup() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "load", "mem_mib": 128})).expect("memory load");
+    s.control(&load(Load { mem_mib: Some(128), ..Load::default() })).expect("memory load");
     std::thread::sleep(Duration::from_millis(3 * PERIOD_MS));
     let snap = card.registers().expect("registers");
     let truth = s.cgroup.as_ref().expect("cgroup").memory().expect("cgroup memory").map_or(0, |m| m.usage_bytes) as f64;
@@ -211,7 +219,7 @@ fn card_telemetry_network_agrees_with_peer() {
             }
         }
     });
-    s.control(json!({"op": "load", "net_bps": 20_000_000u64, "net_target": addr.to_string()})).expect("net load");
+    s.control(&load(Load { net_bps: Some(20_000_000), net_target: Some(addr), ..Load::default() })).expect("net load");
     std::thread::sleep(Duration::from_millis(1000));
     let a = card.registers().expect("registers");
     let ra = received.load(Ordering::Relaxed);
@@ -220,7 +228,7 @@ fn card_telemetry_network_agrees_with_peer() {
     let b = card.registers().expect("registers");
     let rb = received.load(Ordering::Relaxed);
     let tb = Instant::now();
-    s.control(json!({"op": "load", "net_bps": 0})).expect("net off");
+    s.control(&load(Load { net_bps: Some(0), ..Load::default() })).expect("net off");
     done.store(true, Ordering::Relaxed);
     let _ = t.join();
     let u = utilisation(&a, &b).expect("rates");
@@ -235,7 +243,7 @@ fn card_telemetry_network_agrees_with_peer() {
 fn card_telemetry_fpga_busy_ratio_follows_offered_load() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "load", "fpga": 0.4})).expect("fpga load");
+    s.control(&load(Load { fpga: Some(0.4), ..Load::default() })).expect("fpga load");
     std::thread::sleep(Duration::from_millis(500));
     let a = card.registers().expect("registers");
     std::thread::sleep(Duration::from_millis(2000));
@@ -247,11 +255,11 @@ fn card_telemetry_fpga_busy_ratio_follows_offered_load() {
     assert!((0.35..=0.45).contains(&u.fpga), "fpga busy ratio {:.3} for 0.4 offered", u.fpga);
     // Work routed through the engine: a burst of 50 x 10 ms jobs queues up
     // (depth shows in `used`) and is worked off at one engine's pace.
-    s.control(json!({"op": "load", "fpga": 0.0})).expect("knob off");
+    s.control(&load(Load { fpga: Some(0.0), ..Load::default() })).expect("knob off");
     std::thread::sleep(Duration::from_millis(100));
     let before = card.registers().expect("registers");
-    let r = s.control(json!({"op": "fpga_jobs", "count": 50, "service_us": 10_000})).expect("submit jobs");
-    assert_eq!(r["queued"].as_u64(), Some(50));
+    let r = s.control(&Request::FpgaJobs { count: 50, service_us: 10_000 }).expect("submit jobs");
+    assert_eq!(r.queued, Some(50));
     std::thread::sleep(Duration::from_millis(2 * PERIOD_MS));
     let busy = card.registers().expect("registers");
     let depth = busy.resource(ResourceKind::Fpga).expect("fpga").used;
@@ -283,7 +291,7 @@ fn card_fault_stall_is_detected_within_three_heartbeats() {
     let s = sim();
     let mut card = connect(&s, Duration::from_millis(500));
     card.check_health().expect("healthy before");
-    s.control(json!({"op": "fault", "fault": "stall"})).expect("inject stall");
+    s.control(&Request::fault(Fault::Stall, true)).expect("inject stall");
     let t0 = Instant::now();
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("stall detected after {after:?}: {e}");
@@ -295,7 +303,7 @@ fn card_fault_stall_is_detected_within_three_heartbeats() {
     let r = card.echo(1, b"x");
     assert!(matches!(r, Err(CardError::Timeout { .. })), "command on a stalled card: {r:?}");
     assert!(t1.elapsed() < Duration::from_millis(900), "timeout took {:?}", t1.elapsed());
-    s.control(json!({"op": "fault", "fault": "stall", "on": false})).expect("clear stall");
+    s.control(&Request::fault(Fault::Stall, false)).expect("clear stall");
     std::thread::sleep(Duration::from_millis(2 * PERIOD_MS));
     card.check_health().expect("healthy after the stall clears");
     // The command sent during the stall is answered late and skipped; new ones work.
@@ -329,7 +337,7 @@ fn card_fault_silent_card_is_detected_within_three_heartbeats() {
 fn card_fault_garbage_registers_are_refused() {
     let s = sim();
     let mut card = connect(&s, Duration::from_secs(2));
-    s.control(json!({"op": "fault", "fault": "garbage"})).expect("inject garbage");
+    s.control(&Request::fault(Fault::Garbage, true)).expect("inject garbage");
     for _ in 0..50 {
         match card.registers() {
             Err(
@@ -343,7 +351,7 @@ fn card_fault_garbage_registers_are_refused() {
         let h = card.check_health();
         assert!(h.is_err(), "health on garbage registers: {h:?}");
     }
-    s.control(json!({"op": "fault", "fault": "garbage", "on": false})).expect("clear garbage");
+    s.control(&Request::fault(Fault::Garbage, false)).expect("clear garbage");
     card.check_health().expect("healthy after garbage clears");
 }
 
@@ -351,11 +359,11 @@ fn card_fault_garbage_registers_are_refused() {
 fn card_fault_slow_mailbox_times_out_on_time() {
     let s = sim();
     let mut card = connect(&s, Duration::from_millis(500));
-    s.control(json!({"op": "fault", "fault": "slow", "slow_ms": 200})).expect("slow 200 ms");
+    s.control(&slow(200)).expect("slow 200 ms");
     let t = Instant::now();
     card.echo(1, b"slow").expect("slow but within the timeout");
     assert!(t.elapsed() >= Duration::from_millis(200), "slow fault had no effect: {:?}", t.elapsed());
-    s.control(json!({"op": "fault", "fault": "slow", "slow_ms": 2000})).expect("slow 2 s");
+    s.control(&slow(2000)).expect("slow 2 s");
     let t = Instant::now();
     let r = card.echo(2, b"too slow");
     let took = t.elapsed();
@@ -371,7 +379,7 @@ fn card_fault_crash_is_reported_and_host_keeps_running() {
     let mut card = connect(&s, Duration::from_secs(2));
     card.check_health().expect("healthy before");
     // The control reply never comes: the card dies while handling it.
-    let _ = s.control(json!({"op": "fault", "fault": "crash"}));
+    let _ = s.control(&Request::fault(Fault::Crash, true));
     let t0 = Instant::now();
     while !s.exited() {
         assert!(t0.elapsed() < Duration::from_secs(5), "card-sim did not crash");
@@ -379,7 +387,7 @@ fn card_fault_crash_is_reported_and_host_keeps_running() {
     }
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("crash detected after {after:?}: {e}");
-    assert!(matches!(e, CardError::Io(_) | CardError::Timeout { .. }), "expected Io or Timeout, got {e}");
+    assert!(matches!(e, CardError::Io { .. } | CardError::Timeout { .. }), "expected Io or Timeout, got {e}");
     assert!(after <= Duration::from_millis(3 * PERIOD_MS), "crash detected too late: {after:?}");
     assert!(card.echo(1, b"x").is_err());
     // The host goes on: a new card works.
@@ -399,13 +407,13 @@ fn card_watchdog_reports_stall_and_recovery() {
     .expect("watchdog");
     let (_, first, healthy) = rx.recv_timeout(Duration::from_secs(2)).expect("first verdict");
     assert!(healthy, "first verdict: {first}");
-    s.control(json!({"op": "fault", "fault": "stall"})).expect("inject stall");
+    s.control(&Request::fault(Fault::Stall, true)).expect("inject stall");
     let t0 = Instant::now();
     let (at, v, healthy) = rx.recv_timeout(Duration::from_secs(2)).expect("stall reported");
     eprintln!("watchdog: {v} after {:?}", at - t0);
     assert!(!healthy && v.contains("Stalled"), "expected a stall report, got {v}");
     assert!(at - t0 <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2), "reported after {:?}", at - t0);
-    s.control(json!({"op": "fault", "fault": "stall", "on": false})).expect("clear stall");
+    s.control(&Request::fault(Fault::Stall, false)).expect("clear stall");
     let (_, v, healthy) = rx.recv_timeout(Duration::from_secs(2)).expect("recovery reported");
     assert!(healthy, "expected recovery, got {v}");
 }
@@ -414,20 +422,16 @@ fn card_watchdog_reports_stall_and_recovery() {
 fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
     let s = sim();
     let mut card = connect(&s, Duration::from_millis(300));
-    let faults = [
-        json!({"op": "fault", "fault": "garbage"}),
-        json!({"op": "fault", "fault": "slow", "slow_ms": 400}),
-        json!({"op": "fault", "fault": "stall"}),
-    ];
+    let faults = [Request::fault(Fault::Garbage, true), slow(400), Request::fault(Fault::Stall, true)];
     let clear = [
-        json!({"op": "fault", "fault": "garbage", "on": false}),
-        json!({"op": "fault", "fault": "slow", "on": false}),
-        json!({"op": "fault", "fault": "stall", "on": false}),
+        Request::fault(Fault::Garbage, false),
+        Request::fault(Fault::Slow, false),
+        Request::fault(Fault::Stall, false),
     ];
     let (mut ok, mut failed) = (0u32, 0u32);
     let t0 = Instant::now();
     for round in 0..12usize {
-        s.control(faults[round % 3].clone()).expect("inject");
+        s.control(&faults[round % 3]).expect("inject");
         for i in 0..20u64 {
             let t = Instant::now();
             let r = if i % 2 == 0 { card.echo(i, b"chaos").map(|_| ()) } else { card.registers().map(|_| ()) };
@@ -439,7 +443,7 @@ fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
                 Err(_) => failed += 1,
             }
         }
-        s.control(clear[round % 3].clone()).expect("clear");
+        s.control(&clear[round % 3]).expect("clear");
     }
     eprintln!("chaos: {ok} ok, {failed} typed errors in {:?}", t0.elapsed());
     assert!(failed > 0, "faults had no effect");

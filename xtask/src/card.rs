@@ -1,10 +1,11 @@
 //! xtask pieces for card-link and card-sim: the `bench card` measurements.
 //! (Owned by the card-link work.)
 //!
-//! The measuring is done by card-link's `card-bench` binary (so xtask does
-//! not compile the vfio crates); it prints `ROW\tmetric\tvalue\tpeer\tnote`
-//! lines, turned into rows here. `bench` has already run `build::all()`, so
-//! target/release holds card-bench and card-sim.
+//! The measuring is done by card-sim's `card-bench` binary (package
+//! `card-sim` in card-link/sim, so xtask does not compile the vfio crates);
+//! it prints `ROW\tmetric\tvalue\tpeer\tnote` lines, turned into rows here.
+//! `bench` has already run `build::all()`, so target/release holds
+//! card-bench and card-sim.
 
 use std::process::Command;
 

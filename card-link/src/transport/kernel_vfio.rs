@@ -89,12 +89,13 @@ impl KernelVfioTransport {
     /// Open the card at `address`, which must already be bound to vfio-pci.
     pub fn open(address: PciAddress) -> Result<Self> {
         if let Some(why) = unavailable_reason(Path::new("/dev")) {
-            return Err(CardError::Open(why));
+            return Err(CardError::VfioUnavailable(why));
         }
-        let container = VfioContainer::new(None).map_err(|e| CardError::Open(format!("VFIO container: {e}")))?;
+        let container = VfioContainer::new(None)
+            .map_err(|source| CardError::Vfio { what: "open the VFIO container".into(), source })?;
         let path = address.sysfs_path(Path::new("/sys"));
         let device = VfioDevice::new(&path, Arc::new(container), false)
-            .map_err(|e| CardError::Open(format!("VFIO device {address}: {e}")))?;
+            .map_err(|source| CardError::Vfio { what: format!("open VFIO device {address}"), source })?;
         let sizes = [0u32, 1, 2, 3, 4, 5].iter().map(|&i| (i, device.get_region_size(i))).collect();
         Ok(KernelVfioTransport { device, address, sizes })
     }
@@ -124,7 +125,9 @@ impl Transport for KernelVfioTransport {
     }
 
     fn set_completion_eventfd(&mut self, fd: &EventFd) -> Result<()> {
-        self.device.enable_msix(vec![fd]).map_err(|e| CardError::Io(format!("enable MSI-X on {}: {e}", self.address)))
+        self.device
+            .enable_msix(vec![fd])
+            .map_err(|source| CardError::Vfio { what: format!("enable MSI-X on {}", self.address), source })
     }
 
     fn describe(&self) -> String {
@@ -156,12 +159,12 @@ mod tests {
     #[test]
     fn missing_vfio_is_reported_not_opened() {
         let dir = std::env::temp_dir().join(format!("card-link-novfio-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
         assert!(unavailable_reason(&dir).unwrap().contains("no VFIO"));
-        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
         if !Path::new("/dev/vfio/vfio").exists() {
             let e = KernelVfioTransport::open("0000:65:00.0".parse().unwrap()).err().unwrap();
-            assert!(matches!(e, CardError::Open(_)), "{e}");
+            assert!(matches!(e, CardError::VfioUnavailable(_)), "{e}");
         }
     }
 

@@ -90,7 +90,7 @@ impl VfioUserTransport {
     /// including the version negotiation of the connect itself.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
         let _guard = CONNECT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let canon = path.canonicalize().map_err(|e| CardError::Open(format!("{}: {e}", path.display())))?;
+        let canon = path.canonicalize().map_err(|source| CardError::SocketPath { path: path.to_path_buf(), source })?;
         let before = sockets_to(path, &canon);
         let (tx, rx) = mpsc::channel();
         let p = path.to_path_buf();
@@ -99,24 +99,24 @@ impl VfioUserTransport {
         std::thread::Builder::new()
             .name("card-connect".into())
             .spawn(move || {
+                // After a timeout nobody receives: the client is dropped here,
+                // which closes its socket. Nothing else to do about it.
                 let _ = tx.send(Client::new(&p));
             })
-            .map_err(|e| CardError::Open(format!("spawn connect thread: {e}")))?;
+            .map_err(|source| CardError::Os { what: "spawn the vfio-user connect thread", source })?;
         let client = match rx.recv_timeout(timeout) {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(CardError::Open(format!("{}: {e}", path.display()))),
+            Ok(Err(source)) => return Err(CardError::Connect { path: path.to_path_buf(), source }),
             Err(_) => {
                 return Err(CardError::Timeout { what: "vfio-user connect", timeout_ms: timeout.as_millis() as u64 })
             }
         };
         let fresh: Vec<i32> = sockets_to(path, &canon).difference(&before).map(|(fd, _)| *fd).collect();
         let [fd] = fresh[..] else {
-            return Err(CardError::Open(format!(
-                "could not identify the vfio-user socket to bound its timeouts ({} candidates)",
-                fresh.len()
-            )));
+            return Err(CardError::SocketNotFound { candidates: fresh.len() });
         };
-        set_timeouts(fd, timeout).map_err(|e| CardError::Open(format!("set socket timeouts: {e}")))?;
+        set_timeouts(fd, timeout)
+            .map_err(|source| CardError::Os { what: "set timeouts on the vfio-user socket", source })?;
         let sizes = [0u32, 1, 2, 3, 4, 5].iter().filter_map(|&i| client.region(i).map(|r| (i, r.size))).collect();
         Ok(VfioUserTransport { client, path: path.to_path_buf(), timeout, broken: None, sizes })
     }
@@ -134,7 +134,7 @@ impl VfioUserTransport {
         let err = if timed_out {
             CardError::Timeout { what, timeout_ms: self.timeout.as_millis() as u64 }
         } else {
-            CardError::Io(format!("{what}: {e}"))
+            CardError::Io { what, source: e }
         };
         self.broken = Some(err.to_string());
         err
@@ -178,6 +178,13 @@ impl Transport for VfioUserTransport {
 
 impl Drop for VfioUserTransport {
     fn drop(&mut self) {
-        let _ = self.client.shutdown();
+        if let Err(e) = self.client.shutdown() {
+            // A link already known broken (card gone or silent) cannot be shut
+            // down cleanly; only an unexpected failure is worth a warning.
+            match &self.broken {
+                Some(why) => tracing::debug!(link = %self.describe(), %why, "shutdown of a broken card link: {e}"),
+                None => tracing::warn!(link = %self.describe(), "could not shut down the card link socket: {e}"),
+            }
+        }
     }
 }

@@ -10,19 +10,21 @@
 //! the mailbox streams. It keeps card-sim usable where /dev/kvm or the guest
 //! ELF is missing, and gives byte-exact restore checks.
 
-use crate::mailbox::VmSpec;
+use card_link::mailbox::VmSpec;
+
+use crate::error::VmError;
 
 pub trait VmBackend: Send {
-    fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, String>;
-    fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, String>;
+    fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, VmError>;
+    fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, VmError>;
 }
 
 pub trait ManagedVm: Send {
-    fn pause(&mut self) -> Result<(), String>;
-    fn resume(&mut self) -> Result<(), String>;
-    fn stop(&mut self) -> Result<(), String>;
+    fn pause(&mut self) -> Result<(), VmError>;
+    fn resume(&mut self) -> Result<(), VmError>;
+    fn stop(&mut self) -> Result<(), VmError>;
     /// A complete image of the VM (it should be paused).
-    fn snapshot(&mut self) -> Result<Vec<u8>, String>;
+    fn snapshot(&mut self) -> Result<Vec<u8>, VmError>;
     /// Console lines printed since the last call (go to the card's event log).
     fn take_console(&mut self) -> Vec<String>;
     fn mem_bytes(&self) -> u64;
@@ -53,23 +55,23 @@ impl ModelVm {
 }
 
 impl VmBackend for ModelBackend {
-    fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, String> {
+    fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, VmError> {
         let mut vm = ModelVm::new(id, spec);
         vm.console.push(format!("mc-agent {}: management agent ready (vm {id})", spec.name));
         Ok(Box::new(vm))
     }
 
-    fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, String> {
+    fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, VmError> {
         if image.len() < 24 || &image[..8] != IMAGE_MAGIC {
-            return Err("not a model VM image".into());
+            return Err(VmError::NotModelImage);
         }
         let mut w = [0u8; 8];
         w.copy_from_slice(&image[8..16]);
         let ticks = u64::from_le_bytes(w);
         w.copy_from_slice(&image[16..24]);
-        let mem_len = u64::from_le_bytes(w) as usize;
-        if image.len() != 24 + mem_len {
-            return Err(format!("image holds {} bytes of memory, header says {mem_len}", image.len() - 24));
+        let stated = u64::from_le_bytes(w);
+        if (image.len() - 24) as u64 != stated {
+            return Err(VmError::ModelImageSize { memory: image.len() - 24, stated });
         }
         let vm = ModelVm {
             name: spec.name.clone(),
@@ -82,19 +84,19 @@ impl VmBackend for ModelBackend {
 }
 
 impl ManagedVm for ModelVm {
-    fn pause(&mut self) -> Result<(), String> {
+    fn pause(&mut self) -> Result<(), VmError> {
         self.ticks += 1;
         Ok(())
     }
-    fn resume(&mut self) -> Result<(), String> {
+    fn resume(&mut self) -> Result<(), VmError> {
         Ok(())
     }
-    fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), VmError> {
         self.console.push(format!("mc-agent {}: stopped", self.name));
         self.memory = Vec::new();
         Ok(())
     }
-    fn snapshot(&mut self) -> Result<Vec<u8>, String> {
+    fn snapshot(&mut self) -> Result<Vec<u8>, VmError> {
         let mut img = Vec::with_capacity(24 + self.memory.len());
         img.extend_from_slice(IMAGE_MAGIC);
         img.extend_from_slice(&self.ticks.to_le_bytes());

@@ -1,6 +1,8 @@
 //! Measurements behind `cargo xtask bench card`. Prints one line per row:
 //! `ROW<TAB>metric<TAB>value<TAB>peer<TAB>note`, which xtask turns into the
 //! BENCHMARKS.md table. Needs card-sim (found as in `SimProcess`).
+//! Diagnostics (e.g. a card that could not be cleaned up) go to stderr
+//! through `tracing` (RUST_LOG, default warn).
 //!
 //! - floor: a plain vfio_user region read (4 bytes) against a trivial
 //!   in-process vfio_user server, measured in the same run
@@ -13,10 +15,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use card_link::mailbox::VmSpec;
-use card_link::sim::device::{irqs, regions};
-use card_link::sim::process::{SimOptions, SimProcess};
-use card_link::sim::SimConfig;
 use card_link::{CardOptions, Transport, VfioUserTransport};
+use card_sim::device::{irqs, regions, remove_stale_socket};
+use card_sim::{SimConfig, SimOptions, SimProcess};
+use tracing_subscriber::EnvFilter;
 use vfio_user::{Client, Server, ServerBackend};
 
 const OPS: usize = 10_000;
@@ -74,20 +76,26 @@ fn row(metric: &str, value: String, peer: String, note: &str) {
 
 fn floor() -> Result<(f64, f64), String> {
     let path = std::env::temp_dir().join(format!("card-bench-floor-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
+    remove_stale_socket(&path);
     let cfg = SimConfig::new(path.clone());
     let server = Server::new(&path, false, irqs(), regions(&cfg)).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
+        // It serves one connection, ours; that connection ending (when the
+        // process exits) is how it stops, so its error says nothing.
         let _ = server.run(&mut Nothing);
     });
     let mut c = Client::new(&path).map_err(|e| e.to_string())?;
     let mut buf = [0u8; 4];
     let r = time_ops(|_| c.region_read(0, 0, &mut buf).map_err(|e| e.to_string()));
-    let _ = std::fs::remove_file(&path);
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::warn!("could not remove the floor server's socket {}: {e}", path.display());
+    }
     r
 }
 
 fn main() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = run() {
         eprintln!("card-bench: {e}");
         std::process::exit(1);

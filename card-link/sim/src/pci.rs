@@ -16,23 +16,25 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_user::{IrqInfo, Server, ServerBackend, ServerRegion};
 
-use super::device::{lock, SimCard, SimConfig};
-use crate::abi::BAR0_SIZE;
-use crate::mailbox;
+use card_link::abi::BAR0_SIZE;
+use card_link::mailbox;
+
+use crate::device::{lock, SimCard, SimConfig};
+use crate::error::SimError;
 
 /// A request written with the RING flag rings the doorbell, if its value is
 /// the next count for exactly this slot and within the ring; otherwise the
 /// write is only data (a host that lies about it just times out).
 fn fused_doorbell(bar2: &mut [u8], data: &[u8], slot: u64, slots: u32) -> bool {
     let Some(ring) = mailbox::fused_ring(data) else { return false };
-    let reg = |off: u64| crate::wire::get_u32(bar2, off as usize).unwrap_or(0);
+    let reg = |off: u64| mailbox::get_reg(bar2, off).unwrap_or(0);
     let (produced, consumed) = (reg(mailbox::REG_REQ_PRODUCED), reg(mailbox::REG_REQ_CONSUMED));
     let ahead = ring.wrapping_sub(consumed);
     let fits = (1..=slots).contains(&ahead) && (ring.wrapping_sub(1) % slots) as u64 == slot;
     if !fits || ring.wrapping_sub(produced) as i32 <= 0 {
         return false;
     }
-    crate::wire::put_u32(bar2, mailbox::REG_REQ_PRODUCED as usize, ring);
+    mailbox::set_reg(bar2, mailbox::REG_REQ_PRODUCED, ring);
     true
 }
 
@@ -179,9 +181,9 @@ pub fn irqs() -> Vec<IrqInfo> {
 
 /// Serve the card on its socket, one host connection at a time (a PCI
 /// function has one driver), until `card.shutdown()`.
-pub fn serve(card: Arc<SimCard>) -> Result<(), vfio_user::Error> {
-    let _ = std::fs::remove_file(&card.cfg.socket);
-    let server = Server::new(&card.cfg.socket, false, irqs(), regions(&card.cfg))?;
+pub fn serve(card: Arc<SimCard>) -> Result<(), SimError> {
+    remove_stale_socket(&card.cfg.socket);
+    let server = Server::new(&card.cfg.socket, false, irqs(), regions(&card.cfg)).map_err(SimError::Server)?;
     let mut backend = Backend(card.clone());
     while !card.stop.load(Ordering::Relaxed) {
         if let Err(e) = server.run(&mut backend) {
@@ -190,4 +192,15 @@ pub fn serve(card: Arc<SimCard>) -> Result<(), vfio_user::Error> {
         *lock(&card.irq) = None;
     }
     Ok(())
+}
+
+/// Remove a socket left by an earlier card at `path` so binding works; none
+/// there is the normal case, anything else is worth a warning (the bind
+/// that follows will then say why it failed).
+pub fn remove_stale_socket(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("could not remove the stale socket {}: {e}", path.display()),
+    }
 }

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::device::spawn_thread;
+use crate::error::SimError;
+
 /// CPU burners: `target` is a fraction of the card's CPU capacity, spread
 /// over `threads` spinners with a 10 ms duty cycle.
 pub struct CpuLoad {
@@ -16,13 +19,14 @@ pub struct CpuLoad {
 }
 
 impl CpuLoad {
-    pub fn start(threads: usize) -> CpuLoad {
-        let duty_ppm = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
+    /// Start the burners (idle until `set`). If one cannot be started, those
+    /// already running are stopped (by `Drop`).
+    pub fn start(threads: usize) -> Result<CpuLoad, SimError> {
+        let load = CpuLoad { duty_ppm: Arc::new(AtomicU64::new(0)), stop: Arc::new(AtomicBool::new(false)) };
         for i in 0..threads.max(1) {
-            let duty = duty_ppm.clone();
-            let stop = stop.clone();
-            let _ = std::thread::Builder::new().name(format!("cpu-load-{i}")).spawn(move || {
+            let duty = load.duty_ppm.clone();
+            let stop = load.stop.clone();
+            spawn_thread(format!("cpu-load-{i}"), move || {
                 let window = Duration::from_millis(10);
                 while !stop.load(Ordering::Relaxed) {
                     let d = duty.load(Ordering::Relaxed).min(1_000_000);
@@ -41,9 +45,9 @@ impl CpuLoad {
                         std::thread::sleep(rest);
                     }
                 }
-            });
+            })?;
         }
-        CpuLoad { duty_ppm, stop }
+        Ok(load)
     }
 
     /// `cores` = CPU cores worth of burn in total (e.g. 0.5).
@@ -91,13 +95,13 @@ pub struct NetClient {
 }
 
 impl NetClient {
-    pub fn start() -> NetClient {
+    pub fn start() -> Result<NetClient, SimError> {
         let bytes = Arc::new(AtomicU64::new(0));
         let rate_bps = Arc::new(AtomicU64::new(0));
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let (b, r, t, s) = (bytes.clone(), rate_bps.clone(), target.clone(), stop.clone());
-        let _ = std::thread::Builder::new().name("net-client".into()).spawn(move || {
+        spawn_thread("net-client".into(), move || {
             let mut conn: Option<(SocketAddr, TcpStream)> = None;
             let buf = vec![0x5au8; 16 * 1024];
             let tick = Duration::from_millis(10);
@@ -133,8 +137,8 @@ impl NetClient {
                 let rest = tick.saturating_sub(start.elapsed());
                 std::thread::sleep(rest);
             }
-        });
-        NetClient { bytes, rate_bps, target, stop }
+        })?;
+        Ok(NetClient { bytes, rate_bps, target, stop })
     }
 
     pub fn set(&self, target: Option<SocketAddr>, rate_bps: u64) {

@@ -14,10 +14,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::error::{CardError, Result};
 use cgroupfs::{Cgroup, Layout, Limits};
+use serde::Serialize;
+
+use crate::error::SimError;
+use crate::request::Reply;
+
+/// How long card-sim may take to create its sockets.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of one control exchange (an ECS create boots a VM).
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -47,30 +53,27 @@ pub struct SimProcess {
 }
 
 /// Locate the card-sim binary (see the module comment).
-pub fn find_binary() -> Result<PathBuf> {
+pub fn find_binary() -> Result<PathBuf, SimError> {
     if let Some(p) = std::env::var_os("CARD_SIM_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let exe = std::env::current_exe().map_err(|e| CardError::Open(format!("current_exe: {e}")))?;
+    let exe = std::env::current_exe().map_err(SimError::CurrentExe)?;
     for dir in exe.ancestors().skip(1).take(4) {
         let cand = dir.join("card-sim");
         if cand.is_file() {
             return Ok(cand);
         }
     }
-    Err(CardError::Open(format!(
-        "card-sim binary not found near {} (build it: cargo build --release -p card-link --bin card-sim, or set CARD_SIM_BIN)",
-        exe.display()
-    )))
+    Err(SimError::BinaryNotFound { near: exe })
 }
 
 impl SimProcess {
-    pub fn spawn(opts: &SimOptions) -> Result<SimProcess> {
+    pub fn spawn(opts: &SimOptions) -> Result<SimProcess, SimError> {
         let bin = find_binary()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let tag = format!("card-sim-{}-{n}", std::process::id());
         let dir = std::env::temp_dir().join(&tag);
-        std::fs::create_dir_all(&dir).map_err(|e| CardError::Open(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|source| SimError::Dir { path: dir.clone(), source })?;
         let mut me = SimProcess {
             child: None,
             socket: dir.join("card.sock"),
@@ -89,7 +92,7 @@ impl SimProcess {
             let limits = Limits { memory_bytes: Some(opts.mem_bytes), ..Limits::cpus(opts.cpus) };
             let cg = Layout::detect()
                 .and_then(|l| l.create(&tag, &limits))
-                .map_err(|e| CardError::Open(format!("card cgroup {tag}: {e}")))?;
+                .map_err(|source| SimError::Cgroup { name: tag.clone(), source })?;
             me.cgroup = Some(cg);
             // card-sim joins it itself before starting any thread.
             cmd.arg("--cgroup").arg(&tag);
@@ -103,15 +106,15 @@ impl SimProcess {
             });
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-        me.child = Some(cmd.spawn().map_err(|e| CardError::Open(format!("spawn {}: {e}", bin.display())))?);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        me.child = Some(cmd.spawn().map_err(|source| SimError::Spawn { bin: bin.clone(), source })?);
+        let deadline = Instant::now() + START_TIMEOUT;
         while !(me.socket.exists() && me.control.exists()) {
             if Instant::now() > deadline {
-                return Err(CardError::Open("card-sim did not create its sockets within 10 s".into()));
+                return Err(SimError::NotReady(START_TIMEOUT));
             }
             if let Some(c) = me.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    return Err(CardError::Open(format!("card-sim exited early: {st}")));
+                    return Err(SimError::ExitedEarly(st));
                 }
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -128,8 +131,9 @@ impl SimProcess {
         self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(Some(_)))).unwrap_or(true)
     }
 
-    /// Send one request to the control socket; `ok: false` becomes an error.
-    pub fn control(&self, req: Value) -> Result<Value> {
+    /// Send one request to the control socket: a typed `Request`, or any
+    /// JSON value (tests of refusals). `ok: false` becomes `SimError::Refused`.
+    pub fn control<R: Serialize + ?Sized>(&self, req: &R) -> Result<Reply, SimError> {
         control_at(&self.control, req)
     }
 
@@ -138,38 +142,58 @@ impl SimProcess {
     }
 }
 
-pub fn control_at(path: &Path, req: Value) -> Result<Value> {
-    let mut s = UnixStream::connect(path).map_err(|e| CardError::Open(format!("control {}: {e}", path.display())))?;
-    let t = Some(Duration::from_secs(10));
-    let _ = s.set_read_timeout(t);
-    let _ = s.set_write_timeout(t);
-    writeln!(s, "{req}").map_err(|e| CardError::Io(format!("control write: {e}")))?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(|e| CardError::Io(format!("control read: {e}")))?;
-    let v: Value = serde_json::from_str(&line).map_err(|e| CardError::Io(format!("control reply {line:?}: {e}")))?;
-    if v.get("ok").and_then(Value::as_bool) != Some(true) {
-        return Err(CardError::Invalid(format!("control refused: {}", v.get("error").unwrap_or(&v))));
+/// One exchange on the control socket at `path` (see `SimProcess::control`).
+pub fn control_at<R: Serialize + ?Sized>(path: &Path, req: &R) -> Result<Reply, SimError> {
+    let io = |what: &'static str| move |source| SimError::Control { path: path.to_path_buf(), what, source };
+    let mut line = serde_json::to_string(req).map_err(SimError::ControlEncode)?;
+    line.push('\n');
+    let mut s = UnixStream::connect(path).map_err(io("connect"))?;
+    s.set_read_timeout(Some(CONTROL_TIMEOUT)).map_err(io("set the read timeout"))?;
+    s.set_write_timeout(Some(CONTROL_TIMEOUT)).map_err(io("set the write timeout"))?;
+    s.write_all(line.as_bytes()).map_err(io("write the request"))?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).map_err(io("read the reply"))?;
+    let reply: Reply =
+        serde_json::from_str(&answer).map_err(|source| SimError::ControlReply { line: answer.clone(), source })?;
+    if !reply.ok {
+        return Err(SimError::Refused(reply.error.unwrap_or_else(|| "(no reason given)".into())));
     }
-    Ok(v)
+    Ok(reply)
 }
 
 impl Drop for SimProcess {
+    /// Best effort, each step logged if it fails: the card must not outlive
+    /// the test or benchmark that started it.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let pid = c.id();
             // A stopped (SIGSTOP) card must be continued to die cleanly.
             // SAFETY: signalling our own child by pid.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGCONT);
+            if unsafe { libc::kill(pid as i32, libc::SIGCONT) } != 0 {
+                let e = std::io::Error::last_os_error();
+                // ESRCH: already reaped elsewhere; nothing to continue.
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    tracing::warn!("card-sim {pid}: cannot continue it before the kill: {e}");
+                }
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            // kill() of a child that already exited (the crash fault) is Ok;
+            // an error here means it cannot be signalled at all.
+            if let Err(e) = c.kill() {
+                tracing::warn!("card-sim {pid}: cannot kill it: {e}");
+            }
+            if let Err(e) = c.wait() {
+                tracing::warn!("card-sim {pid}: cannot reap it (left a zombie): {e}");
+            }
         }
         if let Some(cg) = self.cgroup.as_mut() {
+            // kill_all logs what it could not kill itself.
             cg.kill_all(Duration::from_secs(5));
             if let Err(e) = cg.remove() {
-                eprintln!("card-sim launcher: removing the card cgroup: {e}");
+                tracing::warn!("card-sim: cannot remove the card cgroup: {e}");
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("card-sim: cannot remove its directory {} (sockets): {e}", self.dir.display());
+        }
     }
 }

@@ -4,59 +4,70 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::device::{lock, SimCard};
-use super::vms::{ManagedVm, VmBackend};
-use crate::mailbox::{self, Event, Message, Op, Status, VmInfo, VmSpec, VmState, HEADER_LEN};
+use card_link::mailbox::{self, Event, Message, Op, Status, VmInfo, VmSpec, VmState, HEADER_LEN};
 
-pub(super) struct VmEntry {
+use crate::device::{lock, SimCard};
+use crate::error::VmError;
+use crate::vms::{ManagedVm, VmBackend};
+
+/// The card refused an ECS service request, as it refuses a mailbox command:
+/// the mailbox status and the reason it logged.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {reason}")]
+pub struct Refusal {
+    pub status: Status,
+    pub reason: String,
+}
+
+pub(crate) struct VmEntry {
     spec: VmSpec,
     state: VmState,
     vm: Box<dyn ManagedVm>,
     snapshot: Option<Vec<u8>>,
 }
 
-pub(super) struct Restore {
+pub(crate) struct Restore {
     spec: VmSpec,
     size: u64,
     data: Vec<u8>,
 }
 
-pub(super) struct VmTable {
+pub(crate) struct VmTable {
     backend: Box<dyn VmBackend>,
     next_id: u32,
     vms: BTreeMap<u32, VmEntry>,
     restores: BTreeMap<u32, Restore>,
 }
 
-pub(super) const EVENT_CAP: usize = 4096;
+pub(crate) const EVENT_CAP: usize = 4096;
 
 #[derive(Default)]
-pub(super) struct EventLog {
+pub(crate) struct EventLog {
     next_seq: u64,
     entries: VecDeque<Event>,
 }
 
 impl VmTable {
-    pub(super) fn new(backend: Box<dyn VmBackend>) -> VmTable {
+    pub(crate) fn new(backend: Box<dyn VmBackend>) -> VmTable {
         VmTable { backend, next_id: 1, vms: BTreeMap::new(), restores: BTreeMap::new() }
     }
 
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.vms.len()
     }
 
     /// Console lines of every VM since the last call, with the VM id.
-    pub(super) fn take_consoles(&mut self) -> Vec<(u32, String)> {
+    pub(crate) fn take_consoles(&mut self) -> Vec<(u32, String)> {
         self.vms.iter_mut().flat_map(|(id, e)| e.vm.take_console().into_iter().map(move |l| (*id, l))).collect()
     }
 }
 
 impl EventLog {
-    pub(super) fn new() -> EventLog {
+    pub(crate) fn new() -> EventLog {
         EventLog { next_seq: 1, entries: VecDeque::new() }
     }
 
-    pub(super) fn push(&mut self, time_ns: u64, vm: u32, level: u16, message: String) {
+    pub(crate) fn push(&mut self, time_ns: u64, vm: u32, level: u16, message: String) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.entries.push_back(Event { seq, time_ns, vm, level, message });
@@ -67,7 +78,7 @@ impl EventLog {
 }
 
 impl SimCard {
-    pub(super) fn handle(&self, m: &Message, max_payload: usize) -> Message {
+    pub(crate) fn handle(&self, m: &Message, max_payload: usize) -> Message {
         match self.execute(m, max_payload) {
             Ok((a0, a1, p)) => Message::response_to(m, Status::Ok, a0, a1, p),
             Err((st, why)) => {
@@ -80,7 +91,7 @@ impl SimCard {
     fn execute(&self, m: &Message, max_payload: usize) -> Result<(u64, u64, Vec<u8>), (Status, String)> {
         let bad = |s: String| (Status::BadRequest, s);
         let no_vm = || (Status::NoSuchVm, format!("no VM {}", m.vm));
-        let vmerr = |s: String| (Status::Internal, s);
+        let vmerr = |e: VmError| (Status::Internal, e.to_string());
         match m.op {
             Op::Echo => Ok((m.arg0, m.arg1, m.payload.clone())),
             Op::Start => {
@@ -149,7 +160,7 @@ impl SimCard {
             }
             Op::RestoreBegin => {
                 let spec = VmSpec::decode(&m.payload).map_err(|e| bad(e.to_string()))?;
-                if m.arg0 > crate::card::MAX_SNAPSHOT || m.arg0 > (spec.mem_mib as u64 + 16) << 20 {
+                if m.arg0 > card_link::card::MAX_SNAPSHOT || m.arg0 > (spec.mem_mib as u64 + 16) << 20 {
                     return Err(bad(format!("image of {} bytes too large", m.arg0)));
                 }
                 let mut t = lock(&self.vms);
@@ -212,27 +223,27 @@ impl SimCard {
         }
     }
 
-    /// Create and test-drive ECS service requests (create/destroy management VM).
-    pub fn ecs_create(&self, spec: &VmSpec) -> Result<u32, String> {
-        let payload = spec.encode().map_err(|e| e.to_string())?;
-        let m = Message::request(Op::Start, 0, 0, 0, 0, payload);
-        let max = self.cfg.slot_size as usize - HEADER_LEN;
-        let r = self.handle(&m, max);
-        if r.status == Status::Ok {
-            Ok(r.arg0 as u32)
-        } else {
-            Err(String::from_utf8_lossy(&r.payload).into_owned())
-        }
+    /// The ECS control service's "create a management VM": the same path as
+    /// the mailbox's start command, so both are logged and refused alike.
+    pub fn ecs_create(&self, spec: &VmSpec) -> Result<u32, Refusal> {
+        let payload = spec.encode().map_err(|e| Refusal { status: Status::BadRequest, reason: e.to_string() })?;
+        let r = self.handle_ecs(Message::request(Op::Start, 0, 0, 0, 0, payload))?;
+        u32::try_from(r.arg0)
+            .map_err(|_| Refusal { status: Status::Internal, reason: format!("VM id {} out of range", r.arg0) })
     }
 
-    pub fn ecs_destroy(&self, id: u32) -> Result<(), String> {
-        let m = Message::request(Op::Stop, 0, id, 0, 0, Vec::new());
+    /// The ECS control service's "destroy a management VM" (the mailbox's stop).
+    pub fn ecs_destroy(&self, id: u32) -> Result<(), Refusal> {
+        self.handle_ecs(Message::request(Op::Stop, 0, id, 0, 0, Vec::new())).map(|_| ())
+    }
+
+    fn handle_ecs(&self, m: Message) -> Result<Message, Refusal> {
         let max = self.cfg.slot_size as usize - HEADER_LEN;
         let r = self.handle(&m, max);
         if r.status == Status::Ok {
-            Ok(())
+            Ok(r)
         } else {
-            Err(String::from_utf8_lossy(&r.payload).into_owned())
+            Err(Refusal { status: r.status, reason: String::from_utf8_lossy(&r.payload).into_owned() })
         }
     }
 }

@@ -9,14 +9,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::commands::{EventLog, VmTable};
-use super::fpga::Fpga;
-use super::load::{CpuLoad, MemLoad, NetClient};
-pub use super::pci::{irqs, regions, serve, Backend};
-use super::vms::{ModelBackend, VmBackend};
-use crate::abi::{self, Health, RegisterSnapshot, Resource, ResourceKind, BAR0_SIZE};
-use crate::mailbox::{self, Message, Op, Status, HEADER_LEN};
+use card_link::abi::{self, Health, RegisterSnapshot, Resource, ResourceKind, BAR0_SIZE};
+use card_link::mailbox::{self, Message, Op, Status, HEADER_LEN};
 use cgroupfs::{Cgroup, Layout};
+
+use crate::commands::{EventLog, VmTable};
+use crate::error::SimError;
+use crate::fpga::Fpga;
+use crate::load::{CpuLoad, MemLoad, NetClient};
+pub use crate::pci::{irqs, regions, remove_stale_socket, serve, Backend};
+use crate::vms::{ModelBackend, VmBackend};
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -65,12 +67,12 @@ pub struct Faults {
 pub struct SimCard {
     pub cfg: SimConfig,
     start: Instant,
-    pub(super) bar0: Mutex<Vec<u8>>,
-    pub(super) bar2: Mutex<Vec<u8>>,
+    pub(crate) bar0: Mutex<Vec<u8>>,
+    pub(crate) bar2: Mutex<Vec<u8>>,
     doorbell: (Mutex<bool>, Condvar),
     /// Held by whoever answers requests, so they are answered one at a time, in order.
     serving: Mutex<()>,
-    pub(super) irq: Mutex<Option<File>>,
+    pub(crate) irq: Mutex<Option<File>>,
     heartbeat: AtomicU64,
     pub faults: Faults,
     pub cgroup: Option<Cgroup>,
@@ -78,25 +80,37 @@ pub struct SimCard {
     pub mem: MemLoad,
     pub net: NetClient,
     pub fpga: Fpga,
-    pub(super) vms: Mutex<VmTable>,
-    pub(super) events: Mutex<EventLog>,
-    pub(super) stop: AtomicBool,
+    pub(crate) vms: Mutex<VmTable>,
+    pub(crate) events: Mutex<EventLog>,
+    pub(crate) stop: AtomicBool,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Start one of the card's threads; a card missing one would be a card that
+/// silently does not work, so failing to start it is an error.
+pub fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> Result<(), SimError> {
+    match std::thread::Builder::new().name(name.clone()).spawn(f) {
+        Ok(_) => Ok(()),
+        Err(source) => Err(SimError::Thread { name, source }),
+    }
+}
+
 impl SimCard {
-    pub fn new(cfg: SimConfig) -> Arc<SimCard> {
+    /// A card whose management VMs are modelled (`vms::ModelBackend`).
+    pub fn new(cfg: SimConfig) -> Result<Arc<SimCard>, SimError> {
         Self::with_backend(cfg, Box::new(ModelBackend))
     }
 
-    pub fn with_backend(cfg: SimConfig, backend: Box<dyn VmBackend>) -> Arc<SimCard> {
+    /// A card with its load, network client and FPGA engine threads running
+    /// (heartbeat and mailbox start with `spawn_threads`).
+    pub fn with_backend(cfg: SimConfig, backend: Box<dyn VmBackend>) -> Result<Arc<SimCard>, SimError> {
         let cgroup = cfg.cgroup.as_deref().and_then(|name| match Layout::detect().and_then(|l| l.open(name)) {
             Ok(cg) => Some(cg),
             Err(e) => {
-                eprintln!("card-sim: cgroup {name}: {e}; accounting the process instead");
+                tracing::warn!("card cgroup {name}: {e}; accounting the process instead");
                 None
             }
         });
@@ -113,10 +127,10 @@ impl SimCard {
             heartbeat: AtomicU64::new(0),
             faults: Faults::default(),
             cgroup,
-            cpu: CpuLoad::start(cfg.load_threads),
+            cpu: CpuLoad::start(cfg.load_threads)?,
             mem: MemLoad::default(),
-            net: NetClient::start(),
-            fpga: Fpga::start(),
+            net: NetClient::start()?,
+            fpga: Fpga::start()?,
             vms: Mutex::new(VmTable::new(backend)),
             events: Mutex::new(EventLog::new()),
             stop: AtomicBool::new(false),
@@ -128,13 +142,13 @@ impl SimCard {
             format!("card-sim up: serial {:#x}, ABI {}.{}", card.cfg.serial, abi::ABI_MAJOR, abi::ABI_MINOR),
         );
         card.refresh();
-        card
+        Ok(card)
     }
 
     /// Start the heartbeat and mailbox threads.
-    pub fn spawn_threads(self: &Arc<Self>) {
+    pub fn spawn_threads(self: &Arc<Self>) -> Result<(), SimError> {
         let c = self.clone();
-        let _ = std::thread::Builder::new().name("heartbeat".into()).spawn(move || {
+        spawn_thread("heartbeat".into(), move || {
             let period = Duration::from_millis(c.cfg.period_ms as u64);
             let mut next = Instant::now() + period;
             while !c.stop.load(Ordering::Relaxed) {
@@ -146,9 +160,9 @@ impl SimCard {
                 c.drain_consoles();
                 c.refresh();
             }
-        });
+        })?;
         let c = self.clone();
-        let _ = std::thread::Builder::new().name("mailbox".into()).spawn(move || c.mailbox_loop());
+        spawn_thread("mailbox".into(), move || c.mailbox_loop())
     }
 
     pub fn shutdown(&self) {
@@ -165,7 +179,7 @@ impl SimCard {
         lock(&self.events).push(time_ns, vm, level, message);
     }
 
-    pub(super) fn drain_consoles(&self) {
+    pub(crate) fn drain_consoles(&self) {
         let lines: Vec<(u32, String)> = {
             let mut t = lock(&self.vms);
             t.take_consoles()
@@ -255,12 +269,16 @@ impl SimCard {
 
     fn signal(&self) {
         if let Some(f) = lock(&self.irq).as_mut() {
-            let _ = f.write_all(&1u64.to_le_bytes());
+            // A lost interrupt costs the host one poll slice (it re-checks
+            // RESP_PRODUCED every 50 ms), so it is not an error of the card.
+            if let Err(e) = f.write_all(&1u64.to_le_bytes()) {
+                tracing::debug!("completion interrupt not delivered: {e}");
+            }
         }
     }
 
     fn reg(b: &[u8], off: u64) -> u32 {
-        crate::wire::get_u32(b, off as usize).unwrap_or(0)
+        mailbox::get_reg(b, off).unwrap_or(0)
     }
 
     fn mailbox_loop(&self) {
@@ -285,7 +303,7 @@ impl SimCard {
     /// commands are answered at once (saving a thread hand-off per command);
     /// anything else, or a busy mailbox thread, is left to the mailbox thread
     /// so a long command never blocks register reads.
-    pub(super) fn ring_doorbell(&self) {
+    pub(crate) fn ring_doorbell(&self) {
         let drained = match self.serving.try_lock() {
             Ok(_serving) => self.serve_ring(true),
             Err(_) => false,
@@ -337,7 +355,9 @@ impl SimCard {
                 let off = mailbox::resp_slot_offset(slots, slot_size, index) as usize;
                 let slot = &mut b[off..off + slot_size as usize];
                 if resp.encode_into(slot).is_none() {
-                    // Cannot happen (payloads are bounded by the slot), but never write past it.
+                    // Cannot happen (payloads are bounded by the slot), but never
+                    // write past it. This short answer always fits a slot, so the
+                    // size `encode_into` returns says nothing new.
                     let why = b"response larger than a slot".to_vec();
                     let _ = Message::response_to(&resp, Status::Internal, 0, 0, why).encode_into(slot);
                 }

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::device::spawn_thread;
+use crate::error::SimError;
+
 #[derive(Default)]
 struct Queue {
     /// (arrival, service time)
@@ -31,15 +34,20 @@ pub struct Fpga {
 pub const MAX_QUEUE: usize = 10_000;
 
 impl Fpga {
-    pub fn start() -> Fpga {
-        let queue = Arc::new((Mutex::new(Queue::default()), Condvar::new()));
-        let busy_ns = Arc::new(AtomicU64::new(0));
-        let done = Arc::new(AtomicU64::new(0));
-        let offered_ppm = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
+    /// Start the engine and the knob's job generator. If a thread cannot be
+    /// started, the one already running is stopped (by `Drop`).
+    pub fn start() -> Result<Fpga, SimError> {
+        let fpga = Fpga {
+            queue: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
+            busy_ns: Arc::new(AtomicU64::new(0)),
+            done: Arc::new(AtomicU64::new(0)),
+            offered_ppm: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
         {
-            let (q, busy, done, stop) = (queue.clone(), busy_ns.clone(), done.clone(), stop.clone());
-            let _ = std::thread::Builder::new().name("fpga-engine".into()).spawn(move || {
+            let (q, busy, done, stop) =
+                (fpga.queue.clone(), fpga.busy_ns.clone(), fpga.done.clone(), fpga.stop.clone());
+            spawn_thread("fpga-engine".into(), move || {
                 let mut prev_end = Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let job = {
@@ -62,13 +70,13 @@ impl Fpga {
                         prev_end = end;
                     }
                 }
-            });
+            })?;
         }
         {
             // The knob's job generator: 5 ms jobs at the offered rate (long
             // enough that sleep overshoot stays a small part of each job).
-            let (q, offered, stop) = (queue.clone(), offered_ppm.clone(), stop.clone());
-            let _ = std::thread::Builder::new().name("fpga-load".into()).spawn(move || {
+            let (q, offered, stop) = (fpga.queue.clone(), fpga.offered_ppm.clone(), fpga.stop.clone());
+            spawn_thread("fpga-load".into(), move || {
                 let mut credit = 0.0f64;
                 let tick = Duration::from_millis(10);
                 let mut last = Instant::now();
@@ -84,9 +92,9 @@ impl Fpga {
                     }
                     std::thread::sleep(tick);
                 }
-            });
+            })?;
         }
-        Fpga { queue, busy_ns, done, offered_ppm, stop }
+        Ok(fpga)
     }
 
     /// Submit `count` jobs of `service` each (the "real work routed through it").

@@ -1,0 +1,132 @@
+//! card-sim's control socket: the ECS control service (service requests to
+//! create and destroy management VMs), the load knob, and fault injection.
+//! One JSON object per line in, one per line out; the protocol is in
+//! `request`, the ops in ABI.md.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use card_link::mailbox::VmSpec;
+
+use crate::device::SimCard;
+use crate::request::{self, CardStatus, EcsRequest, Fault, Reply, Request, DEFAULT_SLOW_MS};
+
+/// Accept control connections until the listener fails; each is served on
+/// its own thread.
+pub fn serve(card: Arc<SimCard>, listener: UnixListener) {
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                continue;
+            }
+        };
+        let c = card.clone();
+        if let Err(e) = std::thread::Builder::new().name("control".into()).spawn(move || handle_conn(c, conn)) {
+            tracing::warn!("control socket: cannot start a thread for a connection (dropped): {e}");
+        }
+    }
+}
+
+fn handle_conn(card: Arc<SimCard>, conn: UnixStream) {
+    let mut out = match conn.try_clone() {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!("control socket: cannot clone the connection (dropped): {e}");
+            return;
+        }
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return }; // the client went away
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match request::parse(&line) {
+            Ok(req) => apply(&card, &req).unwrap_or_else(Reply::refused),
+            Err(why) => Reply::refused(why),
+        };
+        let text = match serde_json::to_string(&reply) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("control socket: cannot encode a reply: {e}");
+                return;
+            }
+        };
+        if writeln!(out, "{text}").is_err() {
+            return; // the client went away
+        }
+    }
+}
+
+/// Apply one request, already checked whole by `request::parse`.
+pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, String> {
+    match req {
+        Request::Status => Ok(Reply {
+            status: Some(CardStatus {
+                pid: std::process::id(),
+                heartbeat: card.heartbeat(),
+                fpga_completed: card.fpga.completed(),
+                net_bytes: card.net.bytes.load(Ordering::Relaxed),
+                cgroup: card.cfg.cgroup.clone(),
+            }),
+            ..Reply::ok()
+        }),
+        Request::Load(load) => {
+            if let Some(c) = load.cpu {
+                card.cpu.set(c, card.cfg.load_threads);
+            }
+            if let Some(m) = load.mem_mib {
+                card.mem.set_mib(m);
+            }
+            if let Some(n) = load.net_bps {
+                card.net.set(load.net_target, n);
+            }
+            if let Some(f) = load.fpga {
+                card.fpga.set_offered(f);
+            }
+            Ok(Reply::ok())
+        }
+        Request::FpgaJobs { count, service_us } => {
+            let queued = card.fpga.submit(*count, Duration::from_micros(*service_us));
+            Ok(Reply { queued: Some(queued as u64), ..Reply::ok() })
+        }
+        Request::Fault { fault, on, slow_ms } => {
+            let on = *on;
+            match fault {
+                Fault::Stall => card.faults.stall.store(on, Ordering::Relaxed),
+                Fault::Garbage => card.faults.garbage.store(on, Ordering::Relaxed),
+                Fault::Slow => {
+                    let ms = slow_ms.unwrap_or(DEFAULT_SLOW_MS);
+                    card.faults.slow_ms.store(if on { ms } else { 0 }, Ordering::Relaxed);
+                }
+                Fault::Crash => crash(),
+            }
+            let state = if on { "injected" } else { "cleared" };
+            card.log(0, 3, format!("fault {} {state}", fault.name()));
+            Ok(Reply::ok())
+        }
+        Request::Ecs(EcsRequest::CreateVm { name, mem_mib }) => {
+            let spec = VmSpec { name: name.clone(), mem_mib: *mem_mib, vcpus: 1 };
+            let id = card.ecs_create(&spec).map_err(|e| format!("create_vm refused: {e}"))?;
+            Ok(Reply { vm: Some(id), ..Reply::ok() })
+        }
+        Request::Ecs(EcsRequest::DestroyVm { vm }) => {
+            card.ecs_destroy(*vm).map_err(|e| format!("destroy_vm refused: {e}"))?;
+            Ok(Reply::ok())
+        }
+    }
+}
+
+/// Die the way crashed firmware does: no cleanup, no goodbye (SIGKILL rather
+/// than abort, so no core file is left behind).
+fn crash() -> ! {
+    // SAFETY: signalling ourselves.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    std::process::abort();
+}

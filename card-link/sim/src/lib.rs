@@ -1,0 +1,33 @@
+//! card-sim: a process that plays the management-and-control board card.
+//!
+//! - `device`: the card's state (BAR0/BAR2 memory) and its heartbeat and
+//!   mailbox threads; `pci` serves it over vfio-user
+//! - `commands`: what each mailbox op does to the VM table and event log
+//! - `request`, `control`: the control socket (ECS service requests, the
+//!   load knob, fault injection): typed requests and their server
+//! - `load`, `fpga`: real CPU/memory/network load and the modelled FPGA engine
+//! - `vms`, `vmm_backend`: the card-side VMM seam; modelled VMs, or real KVM
+//!   guests through the `vmm` crate
+//! - `process`: `SimProcess`, which launches card-sim in its own cgroup for
+//!   tests and benchmarks
+//!
+//! The card's cgroup is sized and measured through `cgroupfs`. The card ABI
+//! itself (register layout, mailbox wire format) is `card-link`'s.
+
+mod commands;
+pub mod control;
+pub mod device;
+pub mod error;
+pub mod fpga;
+pub mod load;
+mod pci;
+pub mod process;
+pub mod request;
+pub mod vmm_backend;
+pub mod vms;
+
+pub use commands::Refusal;
+pub use device::{SimCard, SimConfig};
+pub use error::{SimError, VmError};
+pub use process::{SimOptions, SimProcess};
+pub use request::{EcsRequest, Fault, Load, Reply, Request};

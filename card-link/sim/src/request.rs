@@ -1,0 +1,373 @@
+//! The control socket's protocol: one JSON object per line each way (see
+//! ABI.md, "card-sim control socket").
+//!
+//! - `{"op":"status"}` -> `{"ok":true,"pid":..,"heartbeat":..,"fpga_completed":..,"net_bytes":..,"cgroup":..}`
+//! - `{"op":"load","cpu":0.5,"mem_mib":128,"net_bps":20000000,"net_target":"127.0.0.1:9000","fpga":0.4}`
+//! - `{"op":"fpga_jobs","count":50,"service_us":10000}` -> `{"ok":true,"queued":50}`
+//! - `{"op":"fault","fault":"stall"|"garbage"|"slow"|"crash","on":true,"slow_ms":200}`
+//! - `{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}` -> `{"ok":true,"vm":1}`
+//! - `{"op":"ecs","request":"destroy_vm","vm":1}`
+//!
+//! A request is parsed and checked whole (`parse`) before anything is
+//! applied; a refusal is `{"ok":false,"error":"field X: reason"}`.
+
+use std::net::SocketAddr;
+
+use card_link::mailbox::MAX_NAME;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// pid, heartbeat and counters of the card.
+    Status,
+    /// The load knob.
+    Load(Load),
+    /// Queue work on the custom-hardware (FPGA) engine.
+    FpgaJobs {
+        #[serde(default = "one", deserialize_with = "field::count")]
+        count: u32,
+        #[serde(default = "default_service_us", deserialize_with = "field::service_us")]
+        service_us: u64,
+    },
+    /// Fault injection.
+    Fault {
+        #[serde(deserialize_with = "field::fault")]
+        fault: Fault,
+        #[serde(default = "yes", deserialize_with = "field::on")]
+        on: bool,
+        /// Only for `slow`: how long each command waits (default 1000 ms).
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::slow_ms")]
+        slow_ms: Option<u64>,
+    },
+    /// A service request to the card's ECS control service.
+    Ecs(EcsRequest),
+}
+
+/// The load knob: each field given replaces that load; absent ones stay.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Load {
+    /// CPU cores worth of burn inside the card's cgroup.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::cpu")]
+    pub cpu: Option<f64>,
+    /// Memory ballast (touched, so charged to the card's cgroup).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::mem_mib")]
+    pub mem_mib: Option<u64>,
+    /// Bytes per second the network client sends to `net_target`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::net_bps")]
+    pub net_bps: Option<u64>,
+    /// The network client's peer: a loopback `ip:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::net_target")]
+    pub net_target: Option<SocketAddr>,
+    /// Offered load on the FPGA engine, as a fraction of its time.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::fpga")]
+    pub fpga: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Heartbeat frozen, mailbox not served; registers still readable.
+    Stall,
+    /// BAR0 reads return noise.
+    Garbage,
+    /// Each mailbox command waits `slow_ms` first.
+    Slow,
+    /// The process kills itself (SIGKILL).
+    Crash,
+}
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Stall => "stall",
+            Fault::Garbage => "garbage",
+            Fault::Slow => "slow",
+            Fault::Crash => "crash",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EcsRequest {
+    /// Create a management VM (1 vCPU).
+    CreateVm {
+        #[serde(deserialize_with = "field::name")]
+        name: String,
+        #[serde(default = "default_vm_mib", deserialize_with = "field::mem_mib")]
+        mem_mib: u32,
+    },
+    /// Destroy a management VM by its id on the card.
+    DestroyVm {
+        #[serde(deserialize_with = "field::vm")]
+        vm: u32,
+    },
+}
+
+/// The answer to a request. Fields not given by an op are left out of the line.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// `ecs create_vm`: the new VM's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<u32>,
+    /// `fpga_jobs`: how many jobs the engine's queue took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
+    /// `status`: its fields sit at the top level of the line.
+    #[serde(flatten)]
+    pub status: Option<CardStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CardStatus {
+    pub pid: u32,
+    pub heartbeat: u64,
+    pub fpga_completed: u64,
+    pub net_bytes: u64,
+    /// The card's cgroup (null when card-sim accounts its own process).
+    pub cgroup: Option<String>,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply { ok: true, ..Reply::default() }
+    }
+
+    pub fn refused(error: String) -> Reply {
+        Reply { ok: false, error: Some(error), ..Reply::default() }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_service_us() -> u64 {
+    1000
+}
+
+fn default_vm_mib() -> u32 {
+    16
+}
+
+/// Default wait of the `slow` fault when `slow_ms` is not given.
+pub const DEFAULT_SLOW_MS: u64 = 1000;
+/// Limits a request is checked against (what the card can sensibly do).
+pub const MAX_CPU_CORES: f64 = 64.0;
+pub const MAX_LOAD_MIB: u64 = 65536;
+pub const MAX_JOBS: u32 = crate::fpga::MAX_QUEUE as u32;
+pub const MAX_SERVICE_US: u64 = 1_000_000;
+pub const MAX_SLOW_MS: u64 = 600_000;
+pub const MAX_VM_MIB: u32 = 4096;
+
+/// Parse one request line and check it whole; the error is what goes back
+/// to the client, naming the field and the reason.
+pub fn parse(line: &str) -> Result<Request, String> {
+    let req: Request = serde_json::from_str(line).map_err(|e| explain(&e))?;
+    req.validate()?;
+    Ok(req)
+}
+
+/// serde says "missing field `x`"; say it the way every other refusal does.
+fn explain(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if let Some((field, _)) = msg.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')) {
+        return format!("field {field}: missing");
+    }
+    if e.is_syntax() || e.is_eof() {
+        return format!("not JSON: {msg}");
+    }
+    msg
+}
+
+impl Request {
+    /// Ranges and relations serde's types do not express.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Request::Status => Ok(()),
+            Request::Load(l) => l.validate(),
+            Request::FpgaJobs { count, service_us } => {
+                if *count > MAX_JOBS {
+                    return Err(format!("field count: at most {MAX_JOBS} jobs (the engine's queue)"));
+                }
+                if *service_us > MAX_SERVICE_US {
+                    return Err(format!("field service_us: at most {MAX_SERVICE_US} µs per job"));
+                }
+                Ok(())
+            }
+            Request::Fault { fault, slow_ms, .. } => match (fault, slow_ms) {
+                (Fault::Slow, Some(ms)) if *ms > MAX_SLOW_MS => Err(format!("field slow_ms: at most {MAX_SLOW_MS} ms")),
+                (Fault::Slow, _) | (_, None) => Ok(()),
+                (_, Some(_)) => Err("field slow_ms: only for fault slow".into()),
+            },
+            Request::Ecs(EcsRequest::CreateVm { name, mem_mib }) => {
+                if name.is_empty() || name.len() > MAX_NAME {
+                    return Err(format!("field name: must be 1..={MAX_NAME} bytes"));
+                }
+                if !(1..=MAX_VM_MIB).contains(mem_mib) {
+                    return Err(format!("field mem_mib: must be 1..={MAX_VM_MIB} MiB"));
+                }
+                Ok(())
+            }
+            Request::Ecs(EcsRequest::DestroyVm { .. }) => Ok(()),
+        }
+    }
+
+    /// `{"op":"fault","fault":..,"on":..}` (the slow fault's wait left at its default).
+    pub fn fault(fault: Fault, on: bool) -> Request {
+        Request::Fault { fault, on, slow_ms: None }
+    }
+}
+
+impl Load {
+    fn validate(&self) -> Result<(), String> {
+        if let Some(c) = self.cpu {
+            if !(c.is_finite() && (0.0..=MAX_CPU_CORES).contains(&c)) {
+                return Err(format!("field cpu: must be 0..={MAX_CPU_CORES} cores"));
+            }
+        }
+        if self.mem_mib.is_some_and(|m| m > MAX_LOAD_MIB) {
+            return Err(format!("field mem_mib: at most {MAX_LOAD_MIB} MiB"));
+        }
+        if let Some(f) = self.fpga {
+            if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
+                return Err("field fpga: must be 0..=1 (a fraction of the engine's time)".into());
+            }
+        }
+        if self.net_target.is_some_and(|t| !t.ip().is_loopback()) {
+            return Err("field net_target: only loopback peers are allowed".into());
+        }
+        Ok(())
+    }
+}
+
+/// Inside an internally tagged enum serde reports a wrongly typed value
+/// without naming its field; each field is read through its own function
+/// here, so the refusal says which field it was.
+mod field {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+
+    macro_rules! named {
+        ($($name:ident),* $(,)?) => {$(
+            pub fn $name<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+                T::deserialize(d).map_err(|e| D::Error::custom(format_args!("field {}: {e}", stringify!($name))))
+            }
+        )*};
+    }
+
+    named!(cpu, mem_mib, net_bps, net_target, fpga, count, service_us, fault, on, slow_ms, name, vm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_lines_parse_to_requests() {
+        assert_eq!(parse(r#"{"op":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse(r#"{"op":"load","cpu":0.5}"#), Ok(Request::Load(Load { cpu: Some(0.5), ..Load::default() })));
+        assert_eq!(
+            parse(r#"{"op":"load","net_bps":20000000,"net_target":"127.0.0.1:9000"}"#),
+            Ok(Request::Load(Load {
+                net_bps: Some(20_000_000),
+                net_target: Some("127.0.0.1:9000".parse().unwrap()),
+                ..Load::default()
+            }))
+        );
+        assert_eq!(parse(r#"{"op":"fault","fault":"stall"}"#), Ok(Request::fault(Fault::Stall, true)));
+        assert_eq!(
+            parse(r#"{"op":"fault","fault":"slow","slow_ms":200}"#),
+            Ok(Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(200) })
+        );
+        assert_eq!(parse(r#"{"op":"fault","fault":"stall","on":false}"#), Ok(Request::fault(Fault::Stall, false)));
+        assert_eq!(parse(r#"{"op":"fpga_jobs"}"#), Ok(Request::FpgaJobs { count: 1, service_us: 1000 }));
+        assert_eq!(
+            parse(r#"{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}"#),
+            Ok(Request::Ecs(EcsRequest::CreateVm { name: "mc-log".into(), mem_mib: 8 }))
+        );
+        assert_eq!(
+            parse(r#"{"op":"ecs","request":"destroy_vm","vm":3}"#),
+            Ok(Request::Ecs(EcsRequest::DestroyVm { vm: 3 }))
+        );
+    }
+
+    #[test]
+    fn typed_requests_serialize_to_the_documented_lines() {
+        let line = |r: &Request| serde_json::to_string(r).unwrap();
+        assert_eq!(line(&Request::Load(Load { cpu: Some(0.5), ..Load::default() })), r#"{"op":"load","cpu":0.5}"#);
+        assert_eq!(line(&Request::fault(Fault::Garbage, false)), r#"{"op":"fault","fault":"garbage","on":false}"#);
+        assert_eq!(
+            line(&Request::Ecs(EcsRequest::CreateVm { name: "x".into(), mem_mib: 8 })),
+            r#"{"op":"ecs","request":"create_vm","name":"x","mem_mib":8}"#
+        );
+        // And every typed request reads back as itself.
+        for r in [
+            Request::Status,
+            Request::FpgaJobs { count: 50, service_us: 10_000 },
+            Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(400) },
+            Request::Ecs(EcsRequest::DestroyVm { vm: 7 }),
+        ] {
+            assert_eq!(parse(&line(&r)), Ok(r));
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_the_reason() {
+        let refused = |l: &str| parse(l).expect_err(l);
+        assert_eq!(refused(r#"{"op":"ecs","request":"create_vm"}"#), "field name: missing");
+        assert_eq!(refused(r#"{"op":"ecs","request":"destroy_vm"}"#), "field vm: missing");
+        assert_eq!(refused(r#"{"op":"fault"}"#), "field fault: missing");
+        assert_eq!(refused(r#"{"cpu":1}"#), "field op: missing");
+        assert!(refused(r#"{"op":"load","cpu":"lots"}"#).starts_with("field cpu: invalid type"));
+        assert!(refused(r#"{"op":"load","mem_mib":-1}"#).starts_with("field mem_mib: invalid value"));
+        assert!(refused(r#"{"op":"load","net_target":"nowhere"}"#).starts_with("field net_target:"));
+        assert!(refused(r#"{"op":"fault","fault":"melt"}"#).starts_with("field fault: unknown variant `melt`"));
+        assert!(refused(r#"{"op":"fault","fault":"slow","slow_sm":1}"#).contains("unknown field `slow_sm`"));
+        assert!(refused(r#"{"op":"dance"}"#).contains("unknown variant `dance`"));
+        assert!(refused("nope").starts_with("not JSON"));
+        assert_eq!(refused(r#"{"op":"load","cpu":65}"#), "field cpu: must be 0..=64 cores");
+        assert_eq!(
+            refused(r#"{"op":"load","fpga":1.5}"#),
+            "field fpga: must be 0..=1 (a fraction of the engine's time)"
+        );
+        assert_eq!(
+            refused(r#"{"op":"load","net_target":"10.0.0.1:80"}"#),
+            "field net_target: only loopback peers are allowed"
+        );
+        assert_eq!(
+            refused(r#"{"op":"fpga_jobs","count":10001}"#),
+            "field count: at most 10000 jobs (the engine's queue)"
+        );
+        assert_eq!(refused(r#"{"op":"fault","fault":"stall","slow_ms":5}"#), "field slow_ms: only for fault slow");
+        assert_eq!(
+            refused(r#"{"op":"ecs","request":"create_vm","name":"x","mem_mib":0}"#),
+            "field mem_mib: must be 1..=4096 MiB"
+        );
+        assert_eq!(refused(r#"{"op":"ecs","request":"create_vm","name":""}"#), "field name: must be 1..=64 bytes");
+    }
+
+    #[test]
+    fn replies_keep_the_wire_shape() {
+        let status = Reply {
+            status: Some(CardStatus { pid: 7, heartbeat: 3, fpga_completed: 0, net_bytes: 9, cgroup: None }),
+            ..Reply::ok()
+        };
+        let line = serde_json::to_string(&status).unwrap();
+        assert_eq!(line, r#"{"ok":true,"pid":7,"heartbeat":3,"fpga_completed":0,"net_bytes":9,"cgroup":null}"#);
+        assert_eq!(serde_json::from_str::<Reply>(&line).unwrap(), status);
+        let created: Reply = serde_json::from_str(r#"{"ok":true,"vm":4}"#).unwrap();
+        assert_eq!((created.vm, created.status), (Some(4), None));
+        let no = Reply::refused("field name: missing".into());
+        assert_eq!(serde_json::to_string(&no).unwrap(), r#"{"ok":false,"error":"field name: missing"}"#);
+    }
+}

@@ -1,0 +1,239 @@
+//! The mailbox command path: write the request slot, ring the doorbell
+//! (its own register, or fused into the slot write on ABI 1.1 cards), wait
+//! for the completion eventfd, read and check the response. One command in
+//! flight at a time; commands given up on are remembered so the host never
+//! overwrites a request slot the card has not consumed.
+
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use super::Card;
+use crate::abi::{self, BAR2_INDEX};
+use crate::error::{CardError, Result};
+use crate::mailbox::{self, Event, Message, Op, Status, VmInfo, VmSpec, HEADER_LEN};
+
+/// Bytes of a response slot read in the first access; larger payloads take a second.
+const INLINE_READ: usize = 4096;
+/// While waiting for a completion, look at RESP_PRODUCED this often in case
+/// an interrupt was lost.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+
+impl Card {
+    /// One mailbox command: write the request slot, ring the doorbell, wait
+    /// for the completion eventfd, read and validate the response.
+    pub fn call(&mut self, op: Op, vm: u32, arg0: u64, arg1: u64, payload: &[u8]) -> Result<Message> {
+        self.call_expecting(op, vm, arg0, arg1, payload, 0)
+    }
+
+    /// `call`, reading `expect` bytes of response payload in the same access
+    /// as the header (one round trip less for snapshot chunks).
+    pub(super) fn call_expecting(
+        &mut self,
+        op: Op,
+        vm: u32,
+        arg0: u64,
+        arg1: u64,
+        payload: &[u8],
+        expect: usize,
+    ) -> Result<Message> {
+        if payload.len() > self.max_payload() {
+            return Err(CardError::Invalid(format!(
+                "payload of {} bytes exceeds {}",
+                payload.len(),
+                self.max_payload()
+            )));
+        }
+        if self.abandoned > 0 {
+            self.check_free_slot()?;
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let mut req = Message::request(op, seq, vm, arg0, arg1, payload.to_vec());
+        let index = self.req_produced;
+        let fused = self.first.features & abi::FEATURE_FUSED_DOORBELL != 0 && !self.opts.classic_doorbell;
+        if fused {
+            req.ring = Some(index.wrapping_add(1));
+        }
+        let off = mailbox::req_slot_offset(self.slots, self.slot_size, index);
+        self.t.write(BAR2_INDEX, off, &req.encode())?;
+        self.req_produced = self.req_produced.wrapping_add(1);
+        if !fused {
+            self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &self.req_produced.to_le_bytes())?;
+        }
+        let resp = match self.wait_response(index, seq, op, expect) {
+            Err(e @ CardError::Timeout { .. }) => {
+                self.abandoned += 1;
+                self.resp_consumed = self.resp_consumed.wrapping_add(1);
+                return Err(e);
+            }
+            r => r?,
+        };
+        self.resp_consumed = self.resp_consumed.wrapping_add(1);
+        // The host never has more than one command in flight, so the card
+        // cannot overrun the response ring; RESP_CONSUMED is informational
+        // and written once per lap to save a round trip per command.
+        if self.resp_consumed.is_multiple_of(self.slots) {
+            self.t.write(BAR2_INDEX, mailbox::REG_RESP_CONSUMED, &self.resp_consumed.to_le_bytes())?;
+        }
+        if resp.status != Status::Ok {
+            let message = String::from_utf8_lossy(&resp.payload[..resp.payload.len().min(256)]).into_owned();
+            return Err(CardError::Refused { op: op.name(), status: resp.status, message });
+        }
+        Ok(resp)
+    }
+
+    /// Timed-out commands may still sit in the request ring: never overwrite
+    /// a slot the card has not consumed. A ring full of them is a busy
+    /// mailbox (nothing is sent, nothing waited for); a consumed count that
+    /// is not within the ring is a card register out of range.
+    fn check_free_slot(&mut self) -> Result<()> {
+        let mut reg = [0u8; 4];
+        self.t.read(BAR2_INDEX, mailbox::REG_REQ_CONSUMED, &mut reg)?;
+        let in_flight = self.req_produced.wrapping_sub(u32::from_le_bytes(reg));
+        if in_flight > self.slots {
+            return Err(CardError::Range {
+                what: "mailbox requests in flight",
+                value: in_flight as u64,
+                range: "<= ring slots",
+            });
+        }
+        if in_flight == self.slots {
+            return Err(CardError::MailboxBusy { in_flight, slots: self.slots });
+        }
+        if in_flight == 0 {
+            self.abandoned = 0;
+        }
+        Ok(())
+    }
+
+    fn wait_response(&mut self, index: u32, seq: u32, op: Op, expect: usize) -> Result<Message> {
+        let deadline = Instant::now() + self.opts.command_timeout;
+        let off = mailbox::resp_slot_offset(self.slots, self.slot_size, index);
+        let inline = INLINE_READ.max(HEADER_LEN.saturating_add(expect)).min(self.slot_size as usize);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CardError::Timeout {
+                    what: "mailbox command",
+                    timeout_ms: self.opts.command_timeout.as_millis() as u64,
+                });
+            }
+            let fired = wait_fd(self.irq.as_raw_fd(), (deadline - now).min(POLL_SLICE))?;
+            if fired {
+                // Only resets the counter so the next poll waits again; the
+                // response slot, read below, is what counts.
+                let _ = self.irq.read();
+            }
+            // Fast path: read the slot straight away and recognise our answer
+            // by its sequence number. Only when it is not ours do we spend a
+            // round trip on RESP_PRODUCED to tell "not yet" from "wrong answer".
+            let got = self.read_slot(off, inline);
+            if let Ok(msg) = &got {
+                if msg.kind == mailbox::Kind::Response && msg.seq == seq && msg.op == op {
+                    return got;
+                }
+            }
+            let mut reg = [0u8; 4];
+            self.t.read(BAR2_INDEX, mailbox::REG_RESP_PRODUCED, &mut reg)?;
+            let produced = u32::from_le_bytes(reg);
+            if produced.wrapping_sub(index) as i32 <= 0 {
+                continue; // not produced yet: the slot holds an older answer
+            }
+            // The card says it answered. The slot read above may predate the
+            // answer (it can land between the two reads), so read it again:
+            // only now is a mismatch a wrong answer.
+            let msg = self.read_slot(off, inline)?;
+            if msg.kind == mailbox::Kind::Response && msg.seq == seq && msg.op == op {
+                return Ok(msg);
+            }
+            return Err(CardError::OutOfOrder {
+                expected: seq,
+                op: op as u16,
+                got_seq: msg.seq,
+                got_op: msg.op as u16,
+            });
+        }
+    }
+
+    fn read_slot(&mut self, off: u64, inline: usize) -> Result<Message> {
+        // Reuse one buffer across commands: snapshot chunks are ~1 MiB each.
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.resize(inline, 0);
+        let r = self.read_slot_into(off, &mut buf);
+        self.scratch = buf;
+        r
+    }
+
+    fn read_slot_into(&mut self, off: u64, buf: &mut Vec<u8>) -> Result<Message> {
+        self.t.read(BAR2_INDEX, off, buf)?;
+        let len = Message::peek_payload_len(buf)?;
+        if len > self.max_payload() {
+            return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });
+        }
+        if HEADER_LEN + len > buf.len() {
+            let have = buf.len();
+            buf.resize(HEADER_LEN + len, 0);
+            self.t.read(BAR2_INDEX, off + have as u64, &mut buf[have..])?;
+        }
+        Message::decode(&buf[..HEADER_LEN + len], self.max_payload())
+    }
+
+    /// Echo `arg` and `payload` through the card; an answer in order but with
+    /// other contents is `EchoMismatch`.
+    pub fn echo(&mut self, arg: u64, payload: &[u8]) -> Result<Message> {
+        let m = self.call(Op::Echo, 0, arg, 0, payload)?;
+        if m.arg0 != arg || m.payload != payload {
+            return Err(CardError::EchoMismatch { sent: arg, got: m.arg0, payload_differs: m.payload != payload });
+        }
+        Ok(m)
+    }
+
+    /// Start a management VM; returns its id on the card.
+    pub fn start_vm(&mut self, spec: &VmSpec) -> Result<u32> {
+        let m = self.call(Op::Start, 0, 0, 0, &spec.encode()?)?;
+        u32::try_from(m.arg0).map_err(|_| CardError::Range { what: "VM id", value: m.arg0, range: "u32" })
+    }
+
+    pub fn stop_vm(&mut self, vm: u32) -> Result<()> {
+        self.call(Op::Stop, vm, 0, 0, &[]).map(|_| ())
+    }
+
+    pub fn pause_vm(&mut self, vm: u32) -> Result<()> {
+        self.call(Op::Pause, vm, 0, 0, &[]).map(|_| ())
+    }
+
+    pub fn resume_vm(&mut self, vm: u32) -> Result<()> {
+        self.call(Op::Resume, vm, 0, 0, &[]).map(|_| ())
+    }
+
+    pub fn list_vms(&mut self) -> Result<Vec<VmInfo>> {
+        let m = self.call(Op::ListVms, 0, 0, 0, &[])?;
+        mailbox::decode_vm_list(&m.payload)
+    }
+
+    /// Events with sequence >= `from`, at most `max`.
+    pub fn read_events(&mut self, from: u64, max: u32) -> Result<Vec<Event>> {
+        let m = self.call(Op::ReadEvents, 0, from, max as u64, &[])?;
+        let ev = mailbox::decode_events(&m.payload)?;
+        if ev.len() > max as usize || ev.first().is_some_and(|e| e.seq < from) {
+            return Err(CardError::Range { what: "event log answer", value: ev.len() as u64, range: "as requested" });
+        }
+        Ok(ev)
+    }
+}
+
+/// Wait until `fd` is readable or `timeout` passes.
+fn wait_fd(fd: i32, timeout: Duration) -> Result<bool> {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(CardError::Os { what: "poll the completion eventfd", source: e });
+    }
+    Ok(rc > 0 && p.revents & libc::POLLIN != 0)
+}

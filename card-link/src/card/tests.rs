@@ -1,0 +1,233 @@
+//! A hostile card in memory: a transport whose "firmware" is a closure
+//! answering each doorbell with whatever bytes a test wants.
+
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::abi::{Resource, ResourceKind};
+use crate::mailbox::{Event, Message, Op, Status, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
+
+type Firmware = Box<dyn FnMut(&Message) -> Option<Vec<u8>> + Send>;
+
+struct FakeCard {
+    bar0: Vec<u8>,
+    bar2: Vec<u8>,
+    irq: Option<EventFd>,
+    firmware: Firmware,
+}
+
+fn regs() -> RegisterSnapshot {
+    RegisterSnapshot {
+        abi_minor: 0,
+        serial: 1,
+        model: "fake".into(),
+        heartbeat: 1,
+        heartbeat_period_ms: 100,
+        health: Health::Ok,
+        card_time_ns: 1,
+        mailbox_slots: DEFAULT_SLOTS,
+        mailbox_slot_size: DEFAULT_SLOT_SIZE,
+        vm_count: 0,
+        features: 0,
+        resources: vec![Resource { kind: ResourceKind::Cpu, capacity: 1_000_000_000, used: 0, total: 0 }],
+    }
+}
+
+impl Transport for FakeCard {
+    fn read(&mut self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let src = if index == BAR0_INDEX { &self.bar0 } else { &self.bar2 };
+        crate::transport::check_access(Some(src.len() as u64), index, offset, buf.len())?;
+        buf.copy_from_slice(&src[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        assert_eq!(index, BAR2_INDEX);
+        let o = offset as usize;
+        self.bar2[o..o + data.len()].copy_from_slice(data);
+        if offset == mailbox::REG_REQ_PRODUCED {
+            let produced = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+            let i = produced.wrapping_sub(1);
+            let req_off = mailbox::req_slot_offset(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE, i) as usize;
+            let req = Message::decode(&self.bar2[req_off..], DEFAULT_SLOT_SIZE as usize - HEADER_LEN)
+                .expect("host sends valid requests");
+            if let Some(resp) = (self.firmware)(&req) {
+                let off = mailbox::resp_slot_offset(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE, i) as usize;
+                let n = resp.len().min(DEFAULT_SLOT_SIZE as usize);
+                self.bar2[off..off + n].copy_from_slice(&resp[..n]);
+                self.bar2[8..12].copy_from_slice(&produced.to_le_bytes());
+                self.bar2[4..8].copy_from_slice(&produced.to_le_bytes());
+                if let Some(irq) = &self.irq {
+                    irq.write(1).expect("signal the completion eventfd");
+                }
+            }
+        }
+        Ok(())
+    }
+    fn region_size(&self, index: u32) -> Option<u64> {
+        match index {
+            BAR0_INDEX => Some(self.bar0.len() as u64),
+            BAR2_INDEX => Some(self.bar2.len() as u64),
+            _ => None,
+        }
+    }
+    fn set_completion_eventfd(&mut self, fd: &EventFd) -> Result<()> {
+        self.irq = Some(fd.try_clone().map_err(|source| CardError::Os { what: "clone the eventfd", source })?);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+}
+
+fn card_with(bar0: Vec<u8>, firmware: Firmware) -> Result<Card> {
+    card_with_counters(bar0, [0; 3], firmware)
+}
+
+/// A fake card whose mailbox counters (REQ_PRODUCED, REQ_CONSUMED,
+/// RESP_PRODUCED) start where a previous host left them.
+fn card_with_counters(bar0: Vec<u8>, counters: [u32; 3], firmware: Firmware) -> Result<Card> {
+    let mut bar0 = bar0;
+    bar0.resize(abi::BAR0_SIZE as usize, 0);
+    let mut bar2 = vec![0; mailbox::bar2_size(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE) as usize];
+    mailbox::set_reg(&mut bar2, mailbox::REG_REQ_PRODUCED, counters[0]);
+    mailbox::set_reg(&mut bar2, mailbox::REG_REQ_CONSUMED, counters[1]);
+    mailbox::set_reg(&mut bar2, mailbox::REG_RESP_PRODUCED, counters[2]);
+    let fake = FakeCard { bar0, bar2, irq: None, firmware };
+    Card::open(Box::new(fake), CardOptions { command_timeout: Duration::from_millis(150), classic_doorbell: false })
+}
+
+fn answer(f: impl Fn(&Message) -> Message + Send + 'static) -> Firmware {
+    Box::new(move |m| Some(f(m).encode()))
+}
+
+#[test]
+fn honest_fake_answers() {
+    let mut c =
+        card_with(regs().encode(), answer(|m| Message::response_to(m, Status::Ok, m.arg0, 0, m.payload.clone())))
+            .unwrap();
+    for i in 0..20 {
+        assert_eq!(c.echo(i, b"abc").unwrap().arg0, i);
+    }
+}
+
+#[test]
+fn wrong_sequence_is_out_of_order() {
+    let mut c = card_with(
+        regs().encode(),
+        answer(|m| {
+            let mut r = Message::response_to(m, Status::Ok, m.arg0, 0, vec![]);
+            r.seq = r.seq.wrapping_add(7);
+            r
+        }),
+    )
+    .unwrap();
+    assert!(matches!(c.echo(1, b""), Err(CardError::OutOfOrder { .. })));
+}
+
+#[test]
+fn echo_with_other_contents_is_a_mismatch() {
+    let mut c =
+        card_with(regs().encode(), answer(|m| Message::response_to(m, Status::Ok, m.arg0 + 1, 0, m.payload.clone())))
+            .unwrap();
+    let e = c.echo(5, b"abc").unwrap_err();
+    assert!(matches!(e, CardError::EchoMismatch { sent: 5, got: 6, payload_differs: false }), "{e}");
+    let mut c = card_with(regs().encode(), answer(|m| Message::response_to(m, Status::Ok, m.arg0, 0, b"xyz".to_vec())))
+        .unwrap();
+    let e = c.echo(5, b"abc").unwrap_err();
+    assert!(matches!(e, CardError::EchoMismatch { sent: 5, got: 5, payload_differs: true }), "{e}");
+}
+
+#[test]
+fn command_left_in_flight_by_a_previous_host_is_busy_at_open() {
+    // One request produced and consumed, its response not yet produced.
+    let e = card_with_counters(regs().encode(), [8, 8, 7], Box::new(|_| None)).err().unwrap();
+    assert!(matches!(e, CardError::MailboxBusy { in_flight: 1, slots: DEFAULT_SLOTS }), "{e}");
+    // Counters further apart than the ring are garbage, not a busy card.
+    let e = card_with_counters(regs().encode(), [100, 100, 7], Box::new(|_| None)).err().unwrap();
+    assert!(matches!(e, CardError::Range { .. }), "{e}");
+    let e = card_with_counters(regs().encode(), [8, 9, 8], Box::new(|_| None)).err().unwrap();
+    assert!(matches!(e, CardError::Range { .. }), "{e}");
+}
+
+#[test]
+fn hostile_payload_length_and_crc_are_refused() {
+    let mut c = card_with(
+        regs().encode(),
+        Box::new(|m| {
+            let mut b = Message::response_to(m, Status::Ok, 0, 0, vec![1, 2, 3]).encode();
+            b[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+            Some(b)
+        }),
+    )
+    .unwrap();
+    assert!(matches!(c.echo(1, b""), Err(CardError::Range { .. })));
+    let mut c = card_with(
+        regs().encode(),
+        Box::new(|m| {
+            let mut b = Message::response_to(m, Status::Ok, m.arg0, 0, vec![1, 2, 3]).encode();
+            let last = b.len() - 1;
+            b[last] ^= 0xff;
+            Some(b)
+        }),
+    )
+    .unwrap();
+    assert!(matches!(c.echo(1, b""), Err(CardError::Checksum { .. })));
+}
+
+#[test]
+fn silent_firmware_times_out_on_time() {
+    let mut c = card_with(regs().encode(), Box::new(|_| None)).unwrap();
+    let t = Instant::now();
+    assert!(matches!(c.echo(1, b""), Err(CardError::Timeout { .. })));
+    assert!(t.elapsed() < Duration::from_millis(400));
+    // Abandoned commands are counted; once the ring would overflow the
+    // host refuses instead of overwriting unconsumed requests.
+    for _ in 1..DEFAULT_SLOTS {
+        assert!(matches!(c.echo(1, b""), Err(CardError::Timeout { .. })));
+    }
+    let t = Instant::now();
+    let e = c.echo(1, b"").unwrap_err();
+    assert!(matches!(e, CardError::MailboxBusy { in_flight: DEFAULT_SLOTS, slots: DEFAULT_SLOTS }), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(100), "a busy mailbox is refused at once, not waited for");
+}
+
+#[test]
+fn hostile_lists_events_and_snapshots_are_refused() {
+    let mut c = card_with(
+        regs().encode(),
+        answer(|m| match m.op {
+            Op::ReadEvents => {
+                let ev = Event { seq: 5, time_ns: 0, vm: 0, level: 1, message: "x".into() };
+                let p = mailbox::encode_events(&[ev.clone(), ev]);
+                Message::response_to(m, Status::Ok, 2, 0, p)
+            }
+            Op::Snapshot => Message::response_to(m, Status::Ok, u64::MAX, 0, vec![]),
+            Op::SnapshotRead => Message::response_to(m, Status::Ok, m.arg0, 0, vec![0; 3]),
+            Op::ListVms => Message::response_to(m, Status::Ok, 0, 0, vec![0xff; 4]),
+            _ => Message::response_to(m, Status::Internal, 0, 0, b"no".to_vec()),
+        }),
+    )
+    .unwrap();
+    assert!(matches!(c.read_events(0, 10), Err(CardError::Range { .. })));
+    assert!(matches!(c.snapshot_vm(1), Err(CardError::Range { .. })));
+    let info = SnapshotInfo { size: 100, crc: 0 };
+    assert!(matches!(c.read_snapshot(1, &info, &mut Vec::new()), Err(CardError::Range { .. })));
+    assert!(matches!(c.list_vms(), Err(CardError::Range { .. })));
+    assert!(matches!(c.stop_vm(1), Err(CardError::Refused { status: Status::Internal, .. })));
+}
+
+#[test]
+fn hostile_registers_are_refused_at_open() {
+    let mut r = regs();
+    r.vm_count = 10_000;
+    assert!(matches!(card_with(r.encode(), Box::new(|_| None)), Err(CardError::Range { .. })));
+    let mut r = regs();
+    r.mailbox_slots = 1000;
+    assert!(matches!(card_with(r.encode(), Box::new(|_| None)), Err(CardError::Range { .. })));
+    let mut r = regs();
+    r.heartbeat_period_ms = 0;
+    assert!(matches!(card_with(r.encode(), Box::new(|_| None)), Err(CardError::Range { .. })));
+    assert!(matches!(card_with(vec![0xff; 512], Box::new(|_| None)), Err(CardError::BadMagic { .. })));
+}
