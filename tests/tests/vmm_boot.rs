@@ -6,6 +6,8 @@ mod vmm_support;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use vmm::host::api::{AgentOp, ErrorKind};
+use vmm::host::client::Client;
 use vmm::proto::{op, BANNER, PONG};
 use vmm::{RunState, Sinks, StopReason, Vm, VmConfig};
 use vmm_support::*;
@@ -103,12 +105,15 @@ fn vmm_binary_boots_and_answers_over_the_socket() {
     require_kvm();
     let elf = guest_elf();
     let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8 path"), "--mem-mib", "64"]);
-    let r = p.request("ping", 0);
-    assert_eq!(r["value"], json!(PONG));
+    let r = p.request(AgentOp::Ping, 0);
+    assert_eq!(r.value, PONG);
     let s = p.call(json!({"cmd": "state"}));
     assert_eq!(s["state"], json!("Running"));
-    let bad = p.client.call(json!({"cmd": "request", "op": "nonsense"}));
-    assert!(bad.is_err_and(|e| e.to_string().contains("op")), "unknown op is refused naming the field");
+    let bad = p.client.call_json(&json!({"cmd": "request", "op": "nonsense"}));
+    assert!(
+        bad.as_ref().is_err_and(|e| e.kind() == ErrorKind::BadRequest && e.to_string().contains("field `op`")),
+        "unknown op is refused naming the field: {bad:?}"
+    );
     let down = p.call(json!({"cmd": "shutdown"}));
     assert_eq!(down["state"], json!({"Stopped": "Requested"}));
     let status = p.child.wait().expect("vmm exits");
@@ -124,17 +129,17 @@ fn control_socket_serves_connections_in_parallel() {
     // A slow request on a second connection (a step of 1e8 work units runs
     // for a few hundred ms) must not hold up a state query on the first.
     let slow = std::thread::spawn(move || {
-        let mut c = vmm::control::Client::connect(&sock).expect("second connection");
+        let mut c = Client::connect(&sock).expect("second connection");
         let t = Instant::now();
-        c.call(json!({"cmd": "request", "op": "step", "arg": 100_000_000u64})).expect("step");
+        c.request(AgentOp::Step, 100_000_000).expect("step");
         t.elapsed()
     });
     std::thread::sleep(Duration::from_millis(20));
     let t = Instant::now();
-    let s = p.call(json!({"cmd": "state"}));
+    let s = p.client.state().expect("state");
     let quick = t.elapsed();
     let slow = slow.join().expect("slow client");
-    assert_eq!(s["state"], json!("Running"));
+    assert_eq!(s.state, RunState::Running);
     assert!(quick * 4 < slow, "state took {quick:?} while a {slow:?} request ran");
     p.call(json!({"cmd": "shutdown"}));
 }
@@ -142,7 +147,7 @@ fn control_socket_serves_connections_in_parallel() {
 #[test]
 fn empty_vmm_process_creates_and_boots_over_the_socket() {
     require_kvm();
-    use vmm::process::{SpawnOptions, Start, VmmProcess};
+    use vmm::host::process::{SpawnOptions, Start, VmmProcess};
     let socket = TempPath::new("vmm-test-empty.sock");
     let opts = SpawnOptions {
         bin: vmm_bin(),
@@ -153,13 +158,13 @@ fn empty_vmm_process_creates_and_boots_over_the_socket() {
         cgroup: None,
     };
     let mut p = VmmProcess::spawn(&opts).expect("spawn an empty vmm");
-    let err = p.call(json!({"cmd": "state"})).expect_err("no VM yet");
-    assert!(err.to_string().contains("absent"), "{err}");
-    let bad = p.call(json!({"cmd": "create", "guest": "/x"})).expect_err("mem_mib missing");
-    assert!(bad.to_string().contains("mem_mib"), "{bad}");
-    p.call(json!({"cmd": "create", "guest": guest_elf(), "mem_mib": 32})).expect("create");
-    let b = p.call(json!({"cmd": "boot"})).expect("boot");
-    assert!(b["ready_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{b}");
-    assert_eq!(p.request("ping", 0).expect("ping")["value"], json!(PONG));
+    let err = p.client().state().expect_err("no VM yet");
+    assert!(err.kind() == ErrorKind::State && err.to_string().contains("absent"), "{err}");
+    let bad = p.call_json(&json!({"cmd": "create", "guest": "/x"})).expect_err("mem_mib missing");
+    assert!(bad.kind() == ErrorKind::BadRequest && bad.to_string().contains("mem_mib"), "{bad}");
+    p.client().create(&guest_elf(), 32).expect("create");
+    let b = p.client().boot().expect("boot");
+    assert!(b.ready_ms > 0.0, "{b:?}");
+    assert_eq!(p.request(AgentOp::Ping, 0).expect("ping").value, PONG);
     p.shutdown().expect("clean shutdown");
 }

@@ -6,6 +6,7 @@ mod vmm_support;
 
 use std::time::Duration;
 
+use vmm::host::api::{AgentOp, ErrorKind};
 use vmm::proto::{op, PONG, UNMAPPED_MMIO};
 use vmm::{Error, RunState, Sinks, StopReason, Vm, VmConfig};
 use vmm_support::*;
@@ -74,11 +75,11 @@ fn a_vmm_process_with_a_crashed_guest_keeps_serving() {
     use serde_json::json;
     let elf = guest_elf();
     let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8"), "--mem-mib", "16"]);
-    let err = p.client.call(json!({"cmd": "request", "op": "triple_fault"})).expect_err("the VM stops");
-    assert!(err.to_string().contains("triple fault"), "{err}");
+    let err = p.client.request(AgentOp::TripleFault, 0).expect_err("the VM stops");
+    assert!(err.kind() == ErrorKind::Stopped && err.to_string().contains("triple fault"), "{err}");
     let s = p.call(json!({"cmd": "state"}));
     assert!(s["state"]["Stopped"]["TripleFault"].is_object(), "state names the reason: {s}");
-    let again = p.client.call(json!({"cmd": "request", "op": "ping"})).expect_err("a stopped VM refuses");
+    let again = p.client.call_json(&json!({"cmd": "request", "op": "ping"})).expect_err("a stopped VM refuses");
     assert!(again.to_string().contains("stopped"), "{again}");
     assert!(p.child.try_wait().expect("wait").is_none(), "the process is still up");
     p.call(json!({"cmd": "shutdown"}));

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use cgroupfs::{CgroupError, Controller, Layout, Limits};
 use serde_json::json;
+use vmm::host::api::AgentOp;
 use vmm_support::*;
 
 fn read(p: &Path) -> String {
@@ -96,7 +97,7 @@ fn busy_guest_stays_within_cpu_quota() {
     // No cpuset here: pinning would let unrelated load on that CPU starve
     // the vCPU below its quota.
     let mut p = spawn_in_cgroup(&name, 20_000, None);
-    p.request("auto", 100_000_000); // steps of 1e8 units: a busy loop with rare exits
+    p.request(AgentOp::Auto, 100_000_000); // steps of 1e8 units: a busy loop with rare exits
     std::thread::sleep(Duration::from_millis(500));
     let (u0, t0) = (usage_ns(&name), Instant::now());
     std::thread::sleep(Duration::from_secs(3));

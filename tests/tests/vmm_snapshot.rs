@@ -7,8 +7,9 @@ mod vmm_support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use vmm::host::api::AgentOp;
 use vmm::proto::op;
-use vmm::{Error, RunState, Sinks, Vm, VmConfig};
+use vmm::{Error, RunState, Sinks, SnapshotError, Vm, VmConfig};
 use vmm_support::*;
 
 const T: Duration = Duration::from_secs(10);
@@ -47,7 +48,7 @@ fn snapshot_kill_restore_in_new_process_continues() {
         "--log",
         log_a.0.to_str().expect("utf-8"),
     ]);
-    a.request("auto", 20_000);
+    a.request(AgentOp::Auto, 20_000);
     let deadline = std::time::Instant::now() + T;
     while a.call(json!({"cmd": "state"}))["logs"].as_u64().unwrap_or(0) < 10 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -67,18 +68,18 @@ fn snapshot_kill_restore_in_new_process_continues() {
     while b.call(json!({"cmd": "state"}))["logs"].as_u64().unwrap_or(0) < 10 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let r = b.request("auto", 0);
-    let c = b.request("counters", 0);
+    let r = b.request(AgentOp::Auto, 0);
+    let c = b.request(AgentOp::Counters, 0);
     b.call(json!({"cmd": "shutdown"}));
 
     let (sa, sb) = (log_seqs(&log_a.0), log_seqs(&log_b.0));
     assert_contiguous(&sa, 1, "process A");
     assert_eq!(*sa.last().expect("nonempty"), seq_a, "A logged up to the paused state");
     assert_contiguous(&sb, seq_a + 1, "process B continues where A stopped");
-    assert!(r["work"].as_u64().expect("work") > work_a, "work counter continued: {r} vs {work_a}");
-    assert_eq!(c["log_seq"].as_u64(), sb.last().copied(), "agent's counter matches the last record");
+    assert!(r.work > work_a, "work counter continued: {r:?} vs {work_a}");
+    assert_eq!(Some(c.log_seq), sb.last().copied(), "agent's counter matches the last record");
     // The request counter is guest state too: A served 1 request, B 2 more.
-    assert_eq!(c["requests"], json!(3));
+    assert_eq!(c.requests, 3);
 }
 
 #[test]
@@ -115,7 +116,10 @@ fn bad_snapshots_are_refused_with_typed_errors() {
     let vm = Vm::create(&VmConfig::new(guest_elf(), 16), Sinks::default()).expect("create");
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
-    assert!(matches!(vm.snapshot_to(Vec::new()), Err(Error::State(_))), "running VMs are not snapshotted");
+    assert!(
+        matches!(vm.snapshot_to(Vec::new()), Err(Error::State { state: RunState::Running, .. })),
+        "running VMs are not snapshotted"
+    );
     vm.pause().expect("pause");
     let mut good = Vec::new();
     vm.snapshot_to(&mut good).expect("snapshot");
@@ -128,15 +132,21 @@ fn bad_snapshots_are_refused_with_typed_errors() {
     let truncated = &good[..good.len() / 2];
     let mut bad_json = good.clone();
     bad_json[64] = b'#';
-    for (name, bytes) in
-        [("magic", &bad_magic[..]), ("version", &bad_version[..]), ("truncated", truncated), ("state", &bad_json[..])]
-    {
-        match Vm::restore_from(bytes, Sinks::default()) {
-            Err(Error::Snapshot(_)) | Err(Error::Io { .. }) => {}
-            Err(e) => panic!("{name}: unexpected error kind {e}"),
-            Ok(_) => panic!("{name}: a corrupt snapshot was accepted"),
-        }
-    }
+    let refused = |bytes: &[u8]| match Vm::restore_from(bytes, Sinks::default()) {
+        Err(e) => e,
+        Ok(_) => panic!("a corrupt snapshot was accepted"),
+    };
+    let e = refused(&bad_magic);
+    assert!(matches!(e, Error::Snapshot(SnapshotError::BadMagic)), "magic: {e}");
+    let e = refused(&bad_version);
+    assert!(matches!(e, Error::Snapshot(SnapshotError::Version { found: 99, .. })), "version: {e}");
+    let e = refused(truncated);
+    assert!(
+        matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof),
+        "truncated: {e}"
+    );
+    let e = refused(&bad_json);
+    assert!(matches!(e, Error::Snapshot(SnapshotError::State(_))), "state: {e}");
 }
 
 /// Drop a file's pages from the page cache, so a later mapping of it really
@@ -193,7 +203,7 @@ fn diff_snapshots_from_the_dirty_log_restore_as_a_chain() {
     vm.start(false).expect("start");
     vm.wait_ready(T).expect("banner");
     vm.pause().expect("pause");
-    assert!(matches!(vm.snapshot_diff_to(Vec::new()), Err(Error::State(_))), "a diff needs a base");
+    assert!(matches!(vm.snapshot_diff_to(Vec::new()), Err(Error::NoBase)), "a diff needs a base");
     vm.resume().expect("resume");
 
     vm.request(op::TOUCH, 256, T).expect("touch");
@@ -218,7 +228,7 @@ fn diff_snapshots_from_the_dirty_log_restore_as_a_chain() {
     assert!(d1 > 1 << 20 && d1 < 3 << 20, "diff 1 is {d1} bytes");
     assert!(d2 < 256 << 10, "diff 2 is {d2} bytes");
     assert!(
-        matches!(Vm::restore_from_file(&b.0, Sinks::default()), Err(Error::Snapshot(_))),
+        matches!(Vm::restore_from_file(&b.0, Sinks::default()), Err(Error::Snapshot(SnapshotError::DiffWithoutBase))),
         "a diff alone is refused"
     );
 

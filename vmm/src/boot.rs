@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, LoadError, MemoryError, Result};
 use crate::proto;
 
 const PDPT_ADDR: u64 = proto::PML4_ADDR + 0x1000;
@@ -52,15 +52,19 @@ const TSS_LIMIT: u32 = (TSS_IOMAP + 8192) as u32;
 /// Load a static ELF (the agent) at its physical addresses; returns the entry.
 pub fn load_elf(mem: &GuestMemoryMmap, path: &Path) -> Result<u64> {
     let mut f = File::open(path).map_err(Error::io(path.display().to_string()))?;
-    let res = Elf::load(mem, None, &mut f, None).map_err(|e| Error::Load(format!("{}: {e}", path.display())))?;
+    let res =
+        Elf::load(mem, None, &mut f, None).map_err(|source| LoadError::Elf { path: path.to_path_buf(), source })?;
     Ok(res.kernel_load.0)
 }
 
 /// Write page tables, GDT and TSS into guest memory.
 pub fn write_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let w = |addr: u64, val: u64| {
-        mem.write_obj(val, GuestAddress(addr))
-            .map_err(|e| Error::Memory(format!("writing boot tables at {addr:#x}: {e}")))
+        mem.write_obj(val, GuestAddress(addr)).map_err(|source| MemoryError::Access {
+            what: "writing boot tables",
+            addr,
+            source,
+        })
     };
     w(proto::PML4_ADDR, PDPT_ADDR | PTE_PWU)?;
     // Four PDs identity-map 0..4 GiB, which covers RAM and the MMIO window.
@@ -84,10 +88,9 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<()> {
     // I/O permission bitmap right after the TSS: all ports allowed (zero
     // bits; guest RAM starts zeroed), then the required 0xff terminator.
     // IOPL=3 alone is not honoured for user mode by every KVM backend.
-    mem.write_obj(TSS_IOMAP as u16, GuestAddress(tss + 0x66))
-        .map_err(|e| Error::Memory(format!("writing TSS: {e}")))?;
-    mem.write_obj(0xffu8, GuestAddress(tss + TSS_IOMAP + 8192))
-        .map_err(|e| Error::Memory(format!("writing TSS: {e}")))?;
+    let tss_io = |addr, source| MemoryError::Access { what: "writing the TSS", addr, source };
+    mem.write_obj(TSS_IOMAP as u16, GuestAddress(tss + 0x66)).map_err(|e| tss_io(tss + 0x66, e))?;
+    mem.write_obj(0xffu8, GuestAddress(tss + TSS_IOMAP + 8192)).map_err(|e| tss_io(tss + TSS_IOMAP + 8192, e))?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, ReadVolatile};
 
-use crate::error::{Error, Result};
+use crate::error::{LoadError, Result};
 
 /// Zero page (struct boot_params); below the TSS, after the page tables.
 pub const ZERO_PAGE: u64 = 0x7000;
@@ -53,11 +53,10 @@ where
     let (format, res) = match Elf::load(mem, None, kernel, himem) {
         Ok(r) => (KernelFormat::Elf, r),
         Err(loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber)) => {
-            let r = BzImage::load(mem, None, kernel, himem)
-                .map_err(|e| Error::Load(format!("not an ELF, and as a bzImage: {e}")))?;
+            let r = BzImage::load(mem, None, kernel, himem).map_err(LoadError::KernelBzImage)?;
             (KernelFormat::BzImage, r)
         }
-        Err(e) => return Err(Error::Load(format!("ELF kernel: {e}"))),
+        Err(e) => return Err(LoadError::KernelElf(e).into()),
     };
     // The 64-bit entry of a bzImage sits 0x200 into the protected-mode code.
     let entry = match format {
@@ -65,9 +64,9 @@ where
         KernelFormat::BzImage => res.kernel_load.0 + 0x200,
     };
 
-    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Load(format!("cmdline: {e}")))?;
-    cl.insert_str(cmdline).map_err(|e| Error::Config { field: "cmdline", reason: e.to_string() })?;
-    loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(|e| Error::Load(format!("cmdline: {e}")))?;
+    let mut cl = Cmdline::new(CMDLINE_MAX).map_err(LoadError::Cmdline)?;
+    cl.insert_str(cmdline).map_err(LoadError::Cmdline)?;
+    loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl).map_err(LoadError::CmdlineCopy)?;
 
     let mut params = boot_params::default();
     if let Some(hdr) = res.setup_header {
@@ -88,7 +87,7 @@ where
     params.e820_table[..2].copy_from_slice(&e820);
     params.e820_entries = 2;
     LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), mem)
-        .map_err(|e| Error::Load(format!("zero page: {e}")))?;
+        .map_err(LoadError::ZeroPage)?;
     Ok(LinuxBoot { format, entry, kernel_end: res.kernel_end, zero_page: ZERO_PAGE })
 }
 
@@ -116,6 +115,7 @@ mod tests {
     use vm_memory::Bytes;
 
     use super::*;
+    use crate::error::Error;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).expect("guest memory")
@@ -213,10 +213,12 @@ mod tests {
     fn refuses_garbage_and_bad_cmdline() {
         let m = mem();
         let junk = vec![0x55u8; 4096];
-        assert!(matches!(load_linux(&m, &mut Cursor::new(&junk), ""), Err(Error::Load(_))));
+        let e = load_linux(&m, &mut Cursor::new(&junk), "").err();
+        assert!(matches!(e, Some(Error::Load(LoadError::KernelBzImage(_)))), "{e:?}");
         let img = synthetic_elf(&[0xf4; 16]);
         let nul = "a\0b";
-        assert!(load_linux(&m, &mut Cursor::new(&img), nul).is_err());
+        let e = load_linux(&m, &mut Cursor::new(&img), nul).err();
+        assert!(matches!(e, Some(Error::Load(LoadError::Cmdline(_)))), "{e:?}");
     }
 
     /// The boot protocol set-up on real KVM: a tiny 64-bit "kernel" at CPL0

@@ -25,9 +25,9 @@ use kvm_bindings::kvm_irqchip;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
-use crate::error::{Error, Result};
+use crate::devices::virtio::ConsoleSnap;
+use crate::error::{Error, MemoryError, Result, SnapshotError};
 use crate::vcpu_state::VcpuState;
-use crate::virtio::ConsoleSnap;
 
 pub const MAGIC: [u8; 8] = *b"MCVMSNAP";
 pub const VERSION: u32 = 1;
@@ -77,51 +77,62 @@ impl Header {
         h
     }
 
-    fn decode(h: &[u8; HEADER_LEN]) -> Result<Header> {
+    fn decode(h: &[u8; HEADER_LEN]) -> std::result::Result<Header, SnapshotError> {
         let u64_at = |o: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&h[o..o + 8]);
             u64::from_le_bytes(b)
         };
         if h[0..8] != MAGIC {
-            return Err(Error::Snapshot("not a snapshot (bad magic)".into()));
+            return Err(SnapshotError::BadMagic);
         }
         let version = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
         if version != VERSION {
-            return Err(Error::Snapshot(format!("version {version}, this VMM reads {VERSION}")));
+            return Err(SnapshotError::Version { found: version, supported: VERSION });
         }
         let flags = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
         if flags & !(FLAG_DIFF | FLAG_SPARSE) != 0 || flags == FLAG_DIFF | FLAG_SPARSE {
-            return Err(Error::Snapshot(format!("unknown flags {flags:#x}")));
+            return Err(SnapshotError::Flags(flags));
         }
         let hd = Header { flags, state_len: u64_at(16), mem_size: u64_at(24), mem_offset: u64_at(32) };
-        if hd.state_len > MAX_STATE
-            || hd.mem_size == 0
-            || hd.mem_size > MAX_MEM
-            || !hd.mem_size.is_multiple_of(PAGE as u64)
-            || !hd.mem_offset.is_multiple_of(PAGE as u64)
-            || hd.mem_offset < HEADER_LEN as u64 + hd.state_len
-        {
-            return Err(Error::Snapshot(format!(
-                "inconsistent header: state_len {} mem_size {} mem_offset {}",
-                hd.state_len, hd.mem_size, hd.mem_offset
-            )));
+        let bad = |field, value, reason| Err(SnapshotError::Header { field, value, reason });
+        if hd.state_len > MAX_STATE {
+            return bad("state_len", hd.state_len, "above the 16 MiB limit");
+        }
+        if hd.mem_size == 0 || hd.mem_size > MAX_MEM {
+            return bad("mem_size", hd.mem_size, "outside 1 byte..=3 GiB");
+        }
+        if !hd.mem_size.is_multiple_of(PAGE as u64) {
+            return bad("mem_size", hd.mem_size, "not whole 4 KiB pages");
+        }
+        if !hd.mem_offset.is_multiple_of(PAGE as u64) {
+            return bad("mem_offset", hd.mem_offset, "not 4 KiB aligned");
+        }
+        if hd.mem_offset < HEADER_LEN as u64 + hd.state_len {
+            return bad("mem_offset", hd.mem_offset, "overlaps the header or the state");
         }
         Ok(hd)
     }
 }
 
 fn prepare(st: &VmState, flags: u32) -> Result<(Header, Vec<u8>)> {
-    let json = serde_json::to_vec(st).map_err(|e| Error::Snapshot(e.to_string()))?;
+    let json = serde_json::to_vec(st).map_err(SnapshotError::Encode)?;
     let mem_offset = (HEADER_LEN + json.len()).div_ceil(PAGE) * PAGE;
     Ok((Header { flags, state_len: json.len() as u64, mem_size: st.mem_size, mem_offset: mem_offset as u64 }, json))
 }
 
+/// Host address of guest RAM (at guest address 0).
+fn host_ram(mem: &GuestMemoryMmap) -> Result<*mut u8> {
+    mem.get_host_address(GuestAddress(0))
+        .map_err(|source| MemoryError::Access { what: "host address of RAM", addr: 0, source }.into())
+}
+
 /// Host view of guest RAM (one region starting at 0).
 fn ram(mem: &GuestMemoryMmap, size: u64) -> Result<&[u8]> {
-    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
-    if mem.iter().count() != 1 {
-        return Err(Error::Memory("snapshots support one RAM region".into()));
+    let host = host_ram(mem)?;
+    let regions = mem.iter().count();
+    if regions != 1 {
+        return Err(MemoryError::Regions(regions).into());
     }
     // SAFETY: the region maps `size` bytes; the vCPU is paused, so nothing
     // writes to it while we read.
@@ -193,7 +204,11 @@ pub fn write_file(path: &Path, st: &VmState, mem: &GuestMemoryMmap) -> Result<u6
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let r = write_file_at(path, &tmp, st, mem);
     if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        if let Err(e) = std::fs::remove_file(&tmp) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a half-written snapshot file");
+            }
+        }
     }
     r
 }
@@ -232,19 +247,19 @@ fn write_file_at(path: &Path, tmp: &Path, st: &VmState, mem: &GuestMemoryMmap) -
 }
 
 fn parse_state(json: &[u8], hd: &Header) -> Result<VmState> {
-    let st: VmState = serde_json::from_slice(json).map_err(|e| Error::Snapshot(format!("state: {e}")))?;
+    let st: VmState = serde_json::from_slice(json).map_err(SnapshotError::State)?;
     if st.mem_size != hd.mem_size {
-        return Err(Error::Snapshot("state and header disagree on the memory size".into()));
+        return Err(SnapshotError::Mismatch { field: "mem_size", state: st.mem_size, header: hd.mem_size }.into());
     }
     if st.irqchips.len() != 3 {
-        return Err(Error::Snapshot(format!("{} irqchips, expected 3", st.irqchips.len())));
+        return Err(SnapshotError::Irqchips(st.irqchips.len()).into());
     }
     Ok(st)
 }
 
 fn refuse_diff(hd: &Header) -> Result<()> {
     if hd.flags & FLAG_DIFF != 0 {
-        return Err(Error::Snapshot("a diff snapshot needs its base (restore the chain)".into()));
+        return Err(SnapshotError::DiffWithoutBase.into());
     }
     Ok(())
 }
@@ -260,18 +275,17 @@ pub fn read_stream<R: Read>(mut r: R) -> Result<(VmState, GuestMemoryMmap)> {
     let st = parse_state(&json, &hd)?;
     let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
     std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), hd.mem_size as usize)])
-        .map_err(|e| Error::Memory(e.to_string()))?;
+    let mem = crate::vm::anonymous_ram(hd.mem_size)?;
     if hd.flags & FLAG_SPARSE != 0 {
         // Fresh anonymous memory is zero: fill in only the carried pages.
-        let runs = st.diff_runs.clone().ok_or_else(|| Error::Snapshot("sparse snapshot without runs".into()))?;
+        let runs = st.diff_runs.clone().ok_or(SnapshotError::MissingRuns("sparse"))?;
         check_runs(&runs, hd.mem_size)?;
         read_runs(&mut r, &runs, &mem)?;
         let mut st = st;
         st.diff_runs = None;
         return Ok((st, mem));
     }
-    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
+    let host = host_ram(&mem)?;
     // SAFETY: fresh private mapping of mem_size bytes, not yet shared with KVM.
     let buf = unsafe { std::slice::from_raw_parts_mut(host, hd.mem_size as usize) };
     r.read_exact(buf).map_err(io())?;
@@ -291,8 +305,9 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
         return read_stream(std::io::BufReader::with_capacity(1 << 20, f));
     }
     let len = f.metadata().map_err(io("stat"))?.len();
-    if len < hd.mem_offset + hd.mem_size {
-        return Err(Error::Snapshot(format!("{} is truncated ({len} bytes)", path.display())));
+    let needed = hd.mem_offset + hd.mem_size;
+    if len < needed {
+        return Err(SnapshotError::Truncated { path: path.to_path_buf(), len, needed }.into());
     }
     let mut json = vec![0u8; hd.state_len as usize];
     f.seek(SeekFrom::Start(HEADER_LEN as u64)).map_err(io("seek"))?;
@@ -303,15 +318,14 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
         .build()
-        .map_err(|e| Error::Memory(format!("mapping {}: {e}", path.display())))?;
-    let region =
-        GuestRegionMmap::new(region, GuestAddress(0)).ok_or_else(|| Error::Memory("guest region overflows".into()))?;
-    let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| Error::Memory(e.to_string()))?;
+        .map_err(|source| MemoryError::MapFile { path: path.to_path_buf(), bytes: hd.mem_size, source })?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Overflow { bytes: hd.mem_size })?;
+    let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Collection)?;
     Ok((st, mem))
 }
 
 /// Check diff runs: ascending, disjoint, inside RAM. Returns the data bytes.
-fn check_runs(runs: &[(u64, u64)], mem_size: u64) -> Result<u64> {
+fn check_runs(runs: &[(u64, u64)], mem_size: u64) -> std::result::Result<u64, SnapshotError> {
     let pages = mem_size / PAGE as u64;
     let mut next = 0u64;
     let mut total = 0u64;
@@ -322,7 +336,7 @@ fn check_runs(runs: &[(u64, u64)], mem_size: u64) -> Result<u64> {
                 next = end;
                 total += count;
             }
-            _ => return Err(Error::Snapshot(format!("bad diff run ({first}, {count})"))),
+            _ => return Err(SnapshotError::BadRun { first, count }),
         }
     }
     Ok(total * PAGE as u64)
@@ -353,7 +367,11 @@ pub fn write_diff_stream<W: Write>(w: W, st: &VmState, mem: &GuestMemoryMmap) ->
 
 /// Header, state, then the bytes of the `st.diff_runs` pages back to back.
 fn write_runs<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap, flags: u32) -> Result<u64> {
-    let runs = st.diff_runs.as_deref().ok_or_else(|| Error::Snapshot("no page runs".into()))?;
+    let runs = st.diff_runs.as_deref().ok_or(SnapshotError::MissingRuns(if flags & FLAG_DIFF != 0 {
+        "diff"
+    } else {
+        "sparse"
+    }))?;
     let data = check_runs(runs, st.mem_size)?;
     let (hd, json) = prepare(st, flags)?;
     let buf = ram(mem, hd.mem_size)?;
@@ -380,16 +398,16 @@ pub fn apply_diff<R: Read>(mut r: R, mem: &GuestMemoryMmap) -> Result<VmState> {
     r.read_exact(&mut h).map_err(io())?;
     let hd = Header::decode(&h)?;
     if hd.flags & FLAG_DIFF == 0 {
-        return Err(Error::Snapshot("expected a diff snapshot, found a full one".into()));
+        return Err(SnapshotError::NotADiff.into());
     }
     let mut json = vec![0u8; hd.state_len as usize];
     r.read_exact(&mut json).map_err(io())?;
     let st = parse_state(&json, &hd)?;
     let size: u64 = mem.iter().map(|r| r.len()).sum();
     if size != hd.mem_size {
-        return Err(Error::Snapshot(format!("diff is for {} bytes of RAM, base has {size}", hd.mem_size)));
+        return Err(SnapshotError::DiffSize { diff: hd.mem_size, base: size }.into());
     }
-    let runs = st.diff_runs.clone().ok_or_else(|| Error::Snapshot("diff without runs".into()))?;
+    let runs = st.diff_runs.clone().ok_or(SnapshotError::MissingRuns("diff"))?;
     check_runs(&runs, hd.mem_size)?;
     let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
     std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
@@ -399,7 +417,7 @@ pub fn apply_diff<R: Read>(mut r: R, mem: &GuestMemoryMmap) -> Result<VmState> {
 
 /// Read the bytes of `runs` (already checked) into guest RAM.
 fn read_runs<R: Read>(r: &mut R, runs: &[(u64, u64)], mem: &GuestMemoryMmap) -> Result<()> {
-    let host = mem.get_host_address(GuestAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
+    let host = host_ram(mem)?;
     for &(first, count) in runs {
         // SAFETY: check_runs kept the run inside the RAM mapping, which is
         // not yet registered with KVM (restore in progress).
@@ -420,13 +438,19 @@ mod tests {
         assert_eq!((d.flags, d.state_len, d.mem_size, d.mem_offset), (FLAG_DIFF, 100, 1 << 20, 4096));
         let mut bad = h.encode();
         bad[12] = 0x80; // unknown flag
-        assert!(Header::decode(&bad).is_err());
+        assert!(matches!(Header::decode(&bad), Err(SnapshotError::Flags(0x80))));
         bad[12] = (FLAG_DIFF | FLAG_SPARSE) as u8; // contradictory
-        assert!(Header::decode(&bad).is_err());
+        assert!(matches!(Header::decode(&bad), Err(SnapshotError::Flags(3))));
+        bad[8] = 2;
+        assert!(matches!(Header::decode(&bad), Err(SnapshotError::Version { found: 2, supported: 1 })));
+        bad[0] = b'X';
+        assert!(matches!(Header::decode(&bad), Err(SnapshotError::BadMagic)));
         let overlap = Header { flags: 0, state_len: 5000, mem_size: 1 << 20, mem_offset: 4096 };
-        assert!(Header::decode(&overlap.encode()).is_err(), "state overlapping RAM");
+        let e = Header::decode(&overlap.encode()).err();
+        assert!(matches!(e, Some(SnapshotError::Header { field: "mem_offset", .. })), "state overlapping RAM: {e:?}");
         let unaligned = Header { flags: 0, state_len: 10, mem_size: 1000, mem_offset: 4096 };
-        assert!(Header::decode(&unaligned.encode()).is_err(), "RAM not whole pages");
+        let e = Header::decode(&unaligned.encode()).err();
+        assert!(matches!(e, Some(SnapshotError::Header { field: "mem_size", .. })), "RAM not whole pages: {e:?}");
     }
 
     #[test]

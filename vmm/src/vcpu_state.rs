@@ -5,7 +5,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SnapshotError};
 
 /// MSRs a 64-bit guest may have changed. Ones the host KVM cannot read are
 /// dropped at save time (KVM_GET_MSRS stops at the first failure).
@@ -42,7 +42,7 @@ pub fn save(vcpu: &VcpuFd) -> Result<VcpuState> {
     let mut msrs = Vec::new();
     for &index in MSRS {
         let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-            .map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
+            .map_err(|source| SnapshotError::MsrList { count: 1, source })?;
         if let Ok(1) = vcpu.get_msrs(&mut one) {
             msrs.push((index, one.as_slice()[0].data));
         }
@@ -77,14 +77,11 @@ pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     if !s.msrs.is_empty() {
         let entries: Vec<kvm_msr_entry> =
             s.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-        let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Snapshot(format!("msr list: {e:?}")))?;
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|source| SnapshotError::MsrList { count: entries.len(), source })?;
         let n = vcpu.set_msrs(&msrs).map_err(Error::ioctl("KVM_SET_MSRS"))?;
-        if n != entries.len() {
-            return Err(Error::Snapshot(format!(
-                "KVM_SET_MSRS accepted {n} of {} MSRs (first refused: {:#x})",
-                entries.len(),
-                entries[n].index
-            )));
+        if let Some(refused) = entries.get(n) {
+            return Err(SnapshotError::MsrsRefused { accepted: n, total: entries.len(), first: refused.index }.into());
         }
     }
     vcpu.set_vcpu_events(&s.events).map_err(Error::ioctl("KVM_SET_VCPU_EVENTS"))?;

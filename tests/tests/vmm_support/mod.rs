@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use vmm::control::Client;
+use serde_json::Value;
+use vmm::host::api::AgentOp;
+use vmm::host::client::Client;
+use vmm::Reply;
 
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
@@ -142,15 +144,20 @@ impl VmmProc {
         VmmProc { child, socket, client }
     }
 
+    /// A request as raw JSON (to see the reply exactly as sent); panics on failure.
     pub fn call(&mut self, req: Value) -> Value {
-        match self.client.call(req.clone()) {
+        match self.client.call_json(&req) {
             Ok(v) => v,
             Err(e) => panic!("control request {req} failed: {e}"),
         }
     }
 
-    pub fn request(&mut self, op: &str, arg: u64) -> Value {
-        self.call(json!({"cmd": "request", "op": op, "arg": arg}))["reply"].clone()
+    /// An agent request; panics on failure.
+    pub fn request(&mut self, op: AgentOp, arg: u64) -> Reply {
+        match self.client.request(op, arg) {
+            Ok(a) => a.reply,
+            Err(e) => panic!("agent request {op:?} {arg} failed: {e}"),
+        }
     }
 
     pub fn pid(&self) -> u32 {

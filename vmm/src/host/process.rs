@@ -2,15 +2,21 @@
 //! card simulator) that want process isolation and a kill-safe boundary.
 //! The child is killed and reaped when the handle is dropped.
 
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
-use crate::control::Client;
-use crate::error::{Error, Result};
 use cgroupfs::Limits;
+use serde_json::Value;
+
+use super::api::AgentOp;
+use super::client::Client;
+use crate::error::{Error, Result};
+use crate::vm::Reply;
+
+/// How long a new process may take to open its control socket.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the child process starts with.
 #[derive(Debug, Clone)]
@@ -42,6 +48,34 @@ pub struct VmmProcess {
     child: Child,
     socket: PathBuf,
     client: Client,
+}
+
+/// Remove a socket file; one that is already gone is fine.
+fn remove_socket(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(socket = %path.display(), error = %e, "cannot remove the control socket");
+        }
+    }
+}
+
+/// Kill and reap a child that may have exited already.
+fn kill_and_reap(child: &mut Child) -> Option<std::process::ExitStatus> {
+    match child.try_wait() {
+        Ok(Some(status)) => return Some(status),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(pid = child.id(), error = %e, "cannot poll the vmm process"),
+    }
+    if let Err(e) = child.kill() {
+        tracing::warn!(pid = child.id(), error = %e, "cannot kill the vmm process");
+    }
+    match child.wait() {
+        Ok(status) => Some(status),
+        Err(e) => {
+            tracing::warn!(pid = child.id(), error = %e, "cannot reap the vmm process");
+            None
+        }
+    }
 }
 
 impl VmmProcess {
@@ -76,14 +110,15 @@ impl VmmProcess {
                 c.arg("--memory-mib").arg((m >> 20).to_string());
             }
         }
-        let _ = std::fs::remove_file(&o.socket);
+        // A stale socket from an earlier process would be connected to
+        // before the new one binds.
+        remove_socket(&o.socket);
         let mut child = c.stdin(Stdio::null()).spawn().map_err(Error::io(o.bin.display().to_string()))?;
-        match Client::connect_wait(&o.socket, Duration::from_secs(10)) {
+        match Client::connect_wait(&o.socket, SOCKET_TIMEOUT) {
             Ok(client) => Ok(VmmProcess { child, socket: o.socket.clone(), client }),
             Err(e) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                Err(Error::Protocol(format!("vmm did not open its socket ({e}); exit status {status:?}")))
+                let status = kill_and_reap(&mut child);
+                Err(Error::NoSocket { socket: o.socket.clone(), status, source: Box::new(e) })
             }
         }
     }
@@ -92,19 +127,27 @@ impl VmmProcess {
         self.child.id()
     }
 
-    /// One control request (see `vmm::control` for the commands).
-    pub fn call(&mut self, req: Value) -> Result<Value> {
-        self.client.call(req)
+    /// The control connection, for typed requests.
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
     }
 
-    /// Shorthand for an agent request by op name.
-    pub fn request(&mut self, op: &str, arg: u64) -> Result<Value> {
-        Ok(self.call(json!({"cmd": "request", "op": op, "arg": arg}))?["reply"].clone())
+    /// One control request as JSON (see [`super::api`] for the commands).
+    pub fn call_json(&mut self, req: &Value) -> Result<Value> {
+        self.client.call_json(req)
+    }
+
+    /// Shorthand for an agent request.
+    pub fn request(&mut self, op: AgentOp, arg: u64) -> Result<Reply> {
+        Ok(self.client.request(op, arg)?.reply)
     }
 
     /// Ask the VMM to stop and wait for the process to exit.
     pub fn shutdown(mut self) -> Result<()> {
-        let _ = self.client.call(json!({"cmd": "shutdown"}));
+        if let Err(e) = self.client.shutdown() {
+            // It may have died already; the wait below tells.
+            tracing::warn!(pid = self.child.id(), error = %e, "the shutdown request failed; waiting for the vmm process anyway");
+        }
         self.child.wait().map_err(Error::io("waiting for vmm"))?;
         Ok(())
     }
@@ -112,8 +155,7 @@ impl VmmProcess {
 
 impl Drop for VmmProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
+        kill_and_reap(&mut self.child);
+        remove_socket(&self.socket);
     }
 }

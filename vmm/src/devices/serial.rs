@@ -4,6 +4,8 @@
 
 use std::io::Write;
 
+use crate::sink::Sink;
+
 const THR: u16 = 0;
 const LSR: u16 = 5;
 /// LSR: transmit holding register empty | transmitter empty.
@@ -12,14 +14,14 @@ const LSR_IDLE: u8 = 0x60;
 #[derive(Default)]
 pub struct Serial {
     line: Vec<u8>,
-    out: Option<Box<dyn Write + Send>>,
+    out: Option<Sink>,
     /// Complete lines seen so far (bounded, newest last).
     pub lines: Vec<String>,
 }
 
 impl Serial {
     pub fn new(out: Option<Box<dyn Write + Send>>) -> Self {
-        Serial { line: Vec::new(), out, lines: Vec::new() }
+        Serial { line: Vec::new(), out: out.map(|o| Sink::new(o, "serial console")), lines: Vec::new() }
     }
 
     /// Handle a write at `offset` from the base port. Returns a completed
@@ -30,10 +32,13 @@ impl Serial {
         }
         if let Some(out) = self.out.as_mut() {
             // Console output is best effort; a full disk must not stop the VM.
-            let _ = out.write_all(&[byte]);
-            if byte == b'\n' {
-                let _ = out.flush();
-            }
+            out.attempt(|w| {
+                if byte == b'\n' {
+                    w.write_all(&[byte]).and_then(|()| w.flush())
+                } else {
+                    w.write_all(&[byte])
+                }
+            });
         }
         if byte == b'\n' {
             let line = String::from_utf8_lossy(&self.line).into_owned();

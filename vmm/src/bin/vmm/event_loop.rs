@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use serde_json::json;
+use vmm::StopReason;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::control::Server;
-use crate::error::{Error, Result, StopReason};
+use crate::server::Server;
 
 /// Why the main loop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +25,22 @@ pub enum Outcome {
     Signal(i32),
     /// The VM stopped by itself (no control socket).
     VmStopped(StopReason),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("event loop: {0}")]
+    Events(#[source] event_manager::Error),
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> LoopError {
+    move |source| LoopError::Io { what, source }
 }
 
 fn exit_signals() -> libc::sigset_t {
@@ -41,12 +56,12 @@ fn exit_signals() -> libc::sigset_t {
 
 /// Block SIGTERM/SIGINT for this thread and every thread started after, so
 /// they arrive only through the loop's signalfd. Call first in `main`.
-pub fn block_exit_signals() -> Result<()> {
+pub fn block_exit_signals() -> Result<(), LoopError> {
     let set = exit_signals();
     // SAFETY: valid set; no old mask wanted.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
-        return Err(Error::Io { what: "pthread_sigmask".into(), source: std::io::Error::from_raw_os_error(rc) });
+        return Err(io_err("pthread_sigmask")(std::io::Error::from_raw_os_error(rc)));
     }
     Ok(())
 }
@@ -64,7 +79,7 @@ impl MutEventSubscriber for Loop {
     fn init(&mut self, ops: &mut EventOps) {
         let mut add = |e: Events| {
             if let Err(err) = ops.add(e) {
-                eprintln!("vmm: event loop registration failed: {err:?}");
+                tracing::error!(error = ?err, "event loop registration failed");
             }
         };
         if let Some(l) = &self.listener {
@@ -77,24 +92,33 @@ impl MutEventSubscriber for Loop {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let fd = events.fd();
-        if self.listener.as_ref().is_some_and(|l| l.as_raw_fd() == fd) {
-            if let Some(Ok((conn, _))) = self.listener.as_ref().map(UnixListener::accept) {
-                if let Err(e) = self.server.spawn_conn(conn) {
-                    eprintln!("vmm: {e}");
+        if let Some(l) = self.listener.as_ref().filter(|l| l.as_raw_fd() == fd) {
+            match l.accept() {
+                Ok((conn, _)) => {
+                    if let Err(e) = self.server.spawn_conn(conn) {
+                        tracing::error!(error = %e, "cannot start a thread for a control connection");
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "accepting a control connection failed"),
             }
         } else if fd == self.sigfd.as_raw_fd() {
             // struct signalfd_siginfo is 128 bytes; ssi_signo comes first.
             let mut buf = [0u8; 128];
-            if self.sigfd.read_exact(&mut buf).is_ok() {
-                let signo = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as i32;
-                self.outcome = Some(Outcome::Signal(signo));
+            match self.sigfd.read_exact(&mut buf) {
+                Ok(()) => {
+                    let signo = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as i32;
+                    self.outcome = Some(Outcome::Signal(signo));
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the signalfd failed"),
             }
         } else if fd == self.stopped.as_raw_fd() {
+            // Reading only resets the eventfd; the reason is in the slot.
+            // EAGAIN (already reset) is the only way it fails here.
             let _ = self.stopped.read();
             let reason = self.stop_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
             self.outcome = Some(Outcome::VmStopped(reason.unwrap_or(StopReason::Requested)));
         } else if fd == self.server.wake_fd().as_raw_fd() {
+            // As above: a reset, and the flag below is what counts.
             let _ = self.server.wake_fd().read();
             if self.server.exiting() {
                 self.outcome = Some(Outcome::Shutdown);
@@ -103,44 +127,50 @@ impl MutEventSubscriber for Loop {
     }
 }
 
+/// Without a control socket the process lives as long as its VM: a thread
+/// waits for the VM to stop and signals `stopped`.
+fn watch_vm(server: Arc<Server>, stopped: Arc<EventFd>, slot: Arc<Mutex<Option<StopReason>>>) -> Result<(), LoopError> {
+    std::thread::Builder::new()
+        .name("vm-watch".into())
+        .spawn(move || loop {
+            let Some(vm) = server.current_vm() else { return };
+            if let Ok(r) = vm.wait_stopped(Duration::from_secs(3600)) {
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                if let Err(e) = stopped.write(1) {
+                    tracing::error!(error = %e, "cannot tell the main loop that the VM stopped");
+                }
+                return;
+            }
+        })
+        .map_err(io_err("spawning the VM watcher"))?;
+    Ok(())
+}
+
 /// Run until shutdown, a signal, or (without a listener) the VM stopping.
 /// The VM is shut down before this returns.
-pub fn run(server: Arc<Server>, listener: Option<UnixListener>) -> Result<Outcome> {
+pub fn run(server: Arc<Server>, listener: Option<UnixListener>) -> Result<Outcome, LoopError> {
     let set = exit_signals();
     // SAFETY: valid set; the new descriptor is owned by the File below.
     let raw = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
     if raw < 0 {
-        return Err(Error::io("signalfd")(std::io::Error::last_os_error()));
+        return Err(io_err("signalfd")(std::io::Error::last_os_error()));
     }
     // SAFETY: raw is a fresh descriptor we own.
     let sigfd = unsafe { File::from_raw_fd(raw) };
-    let stopped = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("eventfd"))?);
+    let stopped = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("eventfd"))?);
     let stop_reason = Arc::new(Mutex::new(None));
     if listener.is_none() {
-        // Without a control socket the process lives as long as its VM.
-        let (srv, evt, slot) = (server.clone(), stopped.clone(), stop_reason.clone());
-        std::thread::Builder::new()
-            .name("vm-watch".into())
-            .spawn(move || loop {
-                let Some(vm) = srv.current_vm() else { return };
-                if let Ok(r) = vm.wait_stopped(Duration::from_secs(3600)) {
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                    let _ = evt.write(1);
-                    return;
-                }
-            })
-            .map_err(Error::io("spawning the VM watcher"))?;
+        watch_vm(server.clone(), stopped.clone(), stop_reason.clone())?;
     }
     let lp =
         Arc::new(Mutex::new(Loop { server: server.clone(), listener, sigfd, stopped, stop_reason, outcome: None }));
-    let mut em: EventManager<Arc<Mutex<Loop>>> =
-        EventManager::new().map_err(|e| Error::Protocol(format!("event manager: {e:?}")))?;
+    let mut em: EventManager<Arc<Mutex<Loop>>> = EventManager::new().map_err(LoopError::Events)?;
     em.add_subscriber(lp.clone());
     let outcome = loop {
         if let Err(e) = em.run() {
             // EINTR from the vCPU kick signal is harmless; anything else is not.
             if !matches!(e, event_manager::Error::Epoll(ref err) if err.errno() == libc::EINTR) {
-                return Err(Error::Protocol(format!("event loop: {e:?}")));
+                return Err(LoopError::Events(e));
             }
         }
         if let Some(o) = lp.lock().unwrap_or_else(|p| p.into_inner()).outcome.take() {
@@ -148,7 +178,7 @@ pub fn run(server: Arc<Server>, listener: Option<UnixListener>) -> Result<Outcom
         }
     };
     if outcome != Outcome::Shutdown {
-        let _ = server.handle(&json!({"cmd": "shutdown"}));
+        server.shutdown_vm();
     }
     Ok(outcome)
 }

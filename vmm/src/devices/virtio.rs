@@ -8,7 +8,7 @@
 //!
 //! Frames are the fixed 64-byte records of [`crate::proto`]. Any descriptor
 //! that points outside guest memory, is too short or has the wrong direction
-//! is a device error: the VM is stopped with [`StopReason::Device`].
+//! is a device error: the VM is stopped with [`crate::StopReason::Device`].
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -35,6 +35,21 @@ pub enum DeviceError {
     BadQueue(u16),
     #[error("register access at offset {0:#x} with width {1}")]
     BadAccess(u64, usize),
+}
+
+/// A console state from a snapshot that this device cannot take.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleStateError {
+    #[error("{0} queues, the console has 2")]
+    QueueCount(usize),
+    #[error("queue {index}: {source}")]
+    Queue {
+        index: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("a pending request frame of {0} bytes (frames are 64)")]
+    PendingFrame(usize),
 }
 
 /// Serializable state of one split queue (mirrors `virtio_queue::QueueState`).
@@ -358,9 +373,9 @@ impl Console {
     }
 
     /// Rebuild from a snapshot; the state is untrusted input, so it is validated.
-    pub fn restore(s: &ConsoleSnap) -> Result<Self, String> {
+    pub fn restore(s: &ConsoleSnap) -> Result<Self, ConsoleStateError> {
         if s.queues.len() != 2 {
-            return Err(format!("console has 2 queues, snapshot has {}", s.queues.len()));
+            return Err(ConsoleStateError::QueueCount(s.queues.len()));
         }
         let mut c = Console::new();
         c.status = s.status;
@@ -381,11 +396,11 @@ impl Console {
                 avail_ring: qs.avail_ring,
                 used_ring: qs.used_ring,
             };
-            c.queues[i] = Queue::try_from(st).map_err(|e| format!("queue {i}: {e}"))?;
+            c.queues[i] = Queue::try_from(st).map_err(|source| ConsoleStateError::Queue { index: i, source })?;
         }
         for f in &s.pending {
             let frame =
-                <[u8; FRAME_LEN]>::try_from(f.as_slice()).map_err(|_| format!("pending frame of {} bytes", f.len()))?;
+                <[u8; FRAME_LEN]>::try_from(f.as_slice()).map_err(|_| ConsoleStateError::PendingFrame(f.len()))?;
             c.pending.push_back(frame);
         }
         Ok(c)
@@ -505,9 +520,9 @@ mod tests {
         assert_eq!(c2.snapshot(), snap);
         let mut bad = snap.clone();
         bad.queues.pop();
-        assert!(Console::restore(&bad).is_err());
+        assert!(matches!(Console::restore(&bad), Err(ConsoleStateError::QueueCount(1))));
         let mut bad = snap;
         bad.pending.push(vec![0; 3]);
-        assert!(Console::restore(&bad).is_err());
+        assert!(matches!(Console::restore(&bad), Err(ConsoleStateError::PendingFrame(3))));
     }
 }
