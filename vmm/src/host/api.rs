@@ -103,7 +103,10 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
-/// One request line.
+/// One request line. Commands without arguments are empty struct
+/// variants, not unit variants: serde ignores unknown fields of a unit
+/// variant even under `deny_unknown_fields`, and a request with a field the
+/// server does not know is refused whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
@@ -115,7 +118,7 @@ pub enum Request {
         mem_mib: u64,
     },
     /// Start the created VM and wait for the agent banner.
-    Boot,
+    Boot {},
     /// Restore a snapshot file (and diffs on top, oldest first); paused.
     Restore {
         #[serde(deserialize_with = "named::path")]
@@ -123,8 +126,8 @@ pub enum Request {
         #[serde(default, deserialize_with = "named::diffs", skip_serializing_if = "Vec::is_empty")]
         diffs: Vec<PathBuf>,
     },
-    Pause,
-    Resume,
+    Pause {},
+    Resume {},
     /// Snapshot the paused VM to a file (a diff when `diff`).
     Snapshot {
         #[serde(deserialize_with = "named::path")]
@@ -139,10 +142,10 @@ pub enum Request {
         #[serde(default, deserialize_with = "named::arg")]
         arg: u64,
     },
-    State,
-    Stats,
+    State {},
+    Stats {},
     /// Stop the VM; the process exits after replying.
-    Shutdown,
+    Shutdown {},
 }
 
 /// Why a request line was refused before it was run.
@@ -312,19 +315,19 @@ mod tests {
             Request::parse(r#"{"cmd":"restore","path":"/s","diffs":["/d1","/d2"]}"#).expect("restore"),
             Request::Restore { path: "/s".into(), diffs: vec!["/d1".into(), "/d2".into()] }
         );
-        assert_eq!(Request::parse(r#"{"cmd":"state"}"#).expect("state"), Request::State);
+        assert_eq!(Request::parse(r#"{"cmd":"state"}"#).expect("state"), Request::State {});
         // What the client sends is what the server reads.
         let all = [
             Request::Create { guest: "/g".into(), mem_mib: 32 },
-            Request::Boot,
+            Request::Boot {},
             Request::Restore { path: "/s".into(), diffs: vec![] },
-            Request::Pause,
-            Request::Resume,
+            Request::Pause {},
+            Request::Resume {},
             Request::Snapshot { path: "/s".into(), diff: false },
             Request::Request { op: AgentOp::Touch, arg: 7 },
-            Request::State,
-            Request::Stats,
-            Request::Shutdown,
+            Request::State {},
+            Request::Stats {},
+            Request::Shutdown {},
         ];
         for r in all {
             let line = serde_json::to_string(&r).expect("encode");
@@ -365,6 +368,8 @@ mod tests {
         assert!(e.contains("missing field `mem_mib`"), "{e}");
         let e = refused(r#"{"cmd":"snapshot","path":"/s","dif":true}"#);
         assert!(e.contains("unknown field `dif`"), "{e}");
+        let e = refused(r#"{"cmd":"state","verbose":true}"#);
+        assert!(e.contains("unknown field `verbose`"), "{e}");
         let e = refused(r#"{"cmd":"reboot"}"#);
         assert!(e.contains("field `cmd`") && e.contains("\"reboot\""), "{e}");
         let e = refused(r#"{"op":"ping"}"#);

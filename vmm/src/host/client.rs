@@ -72,7 +72,7 @@ impl Client {
     }
 
     pub fn boot(&mut self) -> Result<Booted> {
-        self.call(&Request::Boot)
+        self.call(&Request::Boot {})
     }
 
     pub fn restore(&mut self, path: &Path, diffs: &[PathBuf]) -> Result<Restored> {
@@ -80,11 +80,11 @@ impl Client {
     }
 
     pub fn pause(&mut self) -> Result<()> {
-        self.call::<Done>(&Request::Pause).map(|_| ())
+        self.call::<Done>(&Request::Pause {}).map(|_| ())
     }
 
     pub fn resume(&mut self) -> Result<()> {
-        self.call::<Done>(&Request::Resume).map(|_| ())
+        self.call::<Done>(&Request::Resume {}).map(|_| ())
     }
 
     pub fn snapshot(&mut self, path: &Path, diff: bool) -> Result<SnapshotTaken> {
@@ -96,15 +96,15 @@ impl Client {
     }
 
     pub fn state(&mut self) -> Result<StateReply> {
-        self.call(&Request::State)
+        self.call(&Request::State {})
     }
 
     pub fn stats(&mut self) -> Result<StatsReply> {
-        self.call(&Request::Stats)
+        self.call(&Request::Stats {})
     }
 
     /// Ask the VMM to stop its VM and exit.
     pub fn shutdown(&mut self) -> Result<ShutdownReply> {
-        self.call(&Request::Shutdown)
+        self.call(&Request::Shutdown {})
     }
 }

@@ -103,7 +103,7 @@ impl Server {
                 *slot = Some(Arc::new(Vm::create(&VmConfig::new(guest, mem_mib), (self.sinks)())?));
                 Response::Done(Done {})
             }
-            Request::Boot => {
+            Request::Boot {} => {
                 let t = Instant::now();
                 let vm = self.vm()?;
                 vm.start(false)?;
@@ -121,11 +121,11 @@ impl Server {
                 *slot = Some(Arc::new(vm));
                 Response::Restored(Restored { restore_ms: ms(took) })
             }
-            Request::Pause => {
+            Request::Pause {} => {
                 self.vm()?.pause()?;
                 Response::Done(Done {})
             }
-            Request::Resume => {
+            Request::Resume {} => {
                 self.vm()?.resume()?;
                 Response::Done(Done {})
             }
@@ -141,12 +141,12 @@ impl Server {
                 let reply = vm.request(op.code(), arg, REQUEST_TIMEOUT)?;
                 Response::Answered(Answered { reply, rtt_us: t.elapsed().as_secs_f64() * 1e6 })
             }
-            Request::State => {
+            Request::State {} => {
                 let vm = self.vm()?;
                 let (last_log, logs) = vm.last_log();
                 Response::State(StateReply { state: vm.state(), last_log, logs })
             }
-            Request::Stats => {
+            Request::Stats {} => {
                 let vm = self.vm()?;
                 Response::Stats(StatsReply {
                     rss_bytes: self_rss(),
@@ -155,7 +155,7 @@ impl Server {
                     vm: vm.stats(),
                 })
             }
-            Request::Shutdown => return Ok((Response::Shutdown(ShutdownReply { state: self.shutdown_vm() }), true)),
+            Request::Shutdown {} => return Ok((Response::Shutdown(ShutdownReply { state: self.shutdown_vm() }), true)),
         };
         Ok((out, false))
     }
