@@ -14,14 +14,34 @@ use crate::api::{parse_request, Request, Response, Status};
 use crate::config::Config;
 use crate::governor::Governor;
 
-/// Run until SIGINT/SIGTERM, or until `stop_after` when given.
 /// A request from a client, answered by the sampling loop, which owns the
 /// governor: mutations and sampling never interleave.
 type Job = (Request, oneshot::Sender<Response>);
 
+/// SIGTERM and SIGINT, caught from the moment this is made: install it
+/// before anything that must be undone (programs, pins, qdiscs, the demo's
+/// namespaces), so a signal that arrives while they are set up is served
+/// by the loop as a clean stop instead of killing the process.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals> {
+        Ok(Signals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+}
+
 /// Run until SIGINT/SIGTERM, or until `stop_after` when given.
 pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
-    // Locks and the socket first: if another governor uses the same pins,
+    run_with(cfg, print, stop_after, Signals::install()?).await
+}
+
+/// [`run`] with signal handlers installed earlier by the caller.
+pub async fn run_with(cfg: Config, print: bool, stop_after: Option<Duration>, signals: Signals) -> Result<()> {
+    let Signals { mut term, mut int } = signals;
+    // Locks and the socket next: if another governor uses the same pins,
     // IFB device or socket, stop before touching any of them.
     let _locks = [lock("pins", &cfg.pin_dir.to_string_lossy())?, lock("ifb", &cfg.qos_ifb)?];
     let listener = bind(&cfg.socket)?;
@@ -36,8 +56,6 @@ pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Resu
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut timer = tokio::time::interval(Duration::from_millis(cfg.tick_ms));
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = tokio::time::sleep(stop_after.unwrap_or(Duration::from_secs(u64::MAX / 4)));
@@ -47,6 +65,7 @@ pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Resu
         tokio::select! {
             _ = timer.tick() => {}
             Some((req, reply)) = rx.recv() => {
+                // A client that hung up does not want its answer.
                 let _ = reply.send(handle(&mut gov, &status, req));
                 continue;
             }
@@ -61,6 +80,7 @@ pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Resu
                 status.ooms = gov.ooms();
                 if cfg.metrics_addr.is_some() {
                     let limits = gov.limits().unwrap_or_default();
+                    // Fails only when the metrics server is gone (then nobody reads).
                     let _ = metrics_tx.send(crate::metrics::render(&status, &limits));
                 }
                 if print && status.tick > 1 {
@@ -102,24 +122,52 @@ fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
 }
 
 /// An exclusive flock on /run/governor/<what>-<name>.lock, held for the
-/// life of the process (the kernel drops it if the process dies).
-fn lock(what: &str, name: &str) -> Result<std::fs::File> {
+/// life of the process (the kernel drops it if the process dies); the file
+/// is removed when the lock is released, so a clean stop leaves none.
+struct LockFile {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+fn lock(what: &str, name: &str) -> Result<LockFile> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     let dir = Path::new("/run/governor");
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let safe: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
     let path = dir.join(format!("{what}-{safe}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
-    // SAFETY: flock on a file descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!("another governor is using the same {what} ({name}); lock {}", path.display());
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!("another governor is using the same {what} ({name}); lock {}", path.display());
+        }
+        // The previous holder removes the file when it stops: if it did so
+        // between our open and our flock, we hold a lock on a file nobody
+        // else will see; take the one at the path instead.
+        let same = match (f.metadata(), std::fs::metadata(&path)) {
+            (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+            _ => false,
+        };
+        if same {
+            return Ok(LockFile { path, _file: f });
+        }
     }
-    Ok(f)
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Removed while still locked (the file closes after this), so no
+        // other governor can be holding it.
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(lock = %self.path.display(), "removing the lock file: {e}");
+        }
+    }
 }
 
 fn bind(path: &Path) -> Result<UnixListener> {
@@ -140,7 +188,9 @@ fn bind(path: &Path) -> Result<UnixListener> {
 struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            tracing::warn!(socket = %self.0.display(), "removing the socket: {e}");
+        }
     }
 }
 

@@ -108,17 +108,22 @@ fn main() -> Result<()> {
                 .block_on(governor::daemon::run(cfg, print, None))
         }
         Cmd::Demo { seconds } => {
-            let demo = governor::demo::Demo::start()?;
-            eprintln!(
-                "demo: {} VMs; status also via `governor status --socket {}`",
-                demo.config.vms.len(),
-                demo.config.socket.display()
-            );
-            let r = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?.block_on(
-                governor::daemon::run(demo.config.clone(), true, seconds.map(std::time::Duration::from_secs)),
-            );
-            drop(demo);
-            r
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(async {
+                // Caught from here on: Ctrl-C while the demo is being set up
+                // still ends in a clean stop that removes all of it.
+                let signals = governor::daemon::Signals::install()?;
+                let demo = governor::demo::Demo::start()?;
+                eprintln!(
+                    "demo: {} VMs; status also via `governor status --socket {}`",
+                    demo.config.vms.len(),
+                    demo.config.socket.display()
+                );
+                let stop = seconds.map(std::time::Duration::from_secs);
+                let r = governor::daemon::run_with(demo.config.clone(), true, stop, signals).await;
+                drop(demo);
+                r
+            })
         }
         Cmd::FloorProbe => {
             let _probe = governor::telemetry::attach_floor_probe()?;

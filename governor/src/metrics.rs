@@ -103,6 +103,8 @@ pub async fn serve(addr: SocketAddr, latest: watch::Receiver<String>) -> Result<
             let body = latest.borrow().clone();
             tokio::spawn(async move {
                 let mut req = [0u8; 1024];
+                // Any GET is answered; a scraper that sends nothing or hangs up
+                // early only loses its own answer.
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut req)).await;
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -27,6 +27,11 @@ pub fn cargo_bin_dir() -> PathBuf {
     home.join("bin")
 }
 
+/// A release binary of the workspace.
+pub fn release_bin(name: &str) -> PathBuf {
+    root().join("target/release").join(name)
+}
+
 /// `cargo` of the toolchain that runs xtask.
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));

@@ -6,8 +6,10 @@
 mod bench;
 mod build;
 mod card;
+mod leftovers;
 mod run;
 mod setup;
+mod stats;
 mod test;
 mod vmm;
 

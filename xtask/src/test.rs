@@ -1,6 +1,9 @@
 //! `cargo xtask test`: every unit and integration test, as root, against the
 //! real kernel. Integration tests run one at a time because they measure CPU
-//! time and traffic on a small machine; the last line is the runner's total.
+//! time and traffic on a small machine. After them, the host's inventory
+//! (cgroups, links, namespaces, pins, lock files, temporary files,
+//! processes) is compared with the one taken before, as one more test. The
+//! last line is the runner's total.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
@@ -8,9 +11,11 @@ use std::process::Stdio;
 use anyhow::{bail, Context, Result};
 
 use crate::build::{self, cargo};
+use crate::leftovers::Leftovers;
 
 pub fn test(args: &[String]) -> Result<()> {
     build::all()?;
+    let watch = Leftovers::watch();
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--release", "--no-fail-fast", "--"])
         .arg("--test-threads=1")
@@ -30,6 +35,16 @@ pub fn test(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait().context("wait for cargo test")?;
+    match watch.check("the tests") {
+        Ok(()) => {
+            println!("test host_holds_nothing_of_the_run ... ok");
+            passed += 1;
+        }
+        Err(e) => {
+            println!("test host_holds_nothing_of_the_run ... FAILED\n{e:#}");
+            failed += 1;
+        }
+    }
     let mut summary = format!("{passed} passed, {failed} failed");
     if ignored > 0 {
         summary.push_str(&format!(", {ignored} skipped"));

@@ -6,6 +6,11 @@ use std::fmt::Write as _;
 use anyhow::{bail, Context, Result};
 
 use crate::build::root;
+use crate::leftovers::Leftovers;
+
+mod daemon;
+mod overhead;
+mod qos;
 
 /// One measured figure, optionally compared with a peer measured in the same run.
 pub struct Row {
@@ -37,10 +42,11 @@ pub fn bench(which: &str) -> Result<()> {
         w => bail!("unknown bench {w:?}: expected one of overhead, qos, vmm, card, all"),
     };
     crate::build::all()?;
+    let watch = Leftovers::watch();
     for name in selected {
         let rows = match name {
-            "overhead" => crate::run::bench_overhead(),
-            "qos" => crate::run::bench_qos(),
+            "overhead" => overhead::bench(),
+            "qos" => qos::bench(),
             "vmm" => crate::vmm::bench(),
             "card" => crate::card::bench(),
             _ => unreachable!("checked above"),
@@ -54,7 +60,7 @@ pub fn bench(which: &str) -> Result<()> {
             Err(e) => eprintln!("bench {name}: {e:#}"),
         }
     }
-    Ok(())
+    watch.check("the benchmarks")
 }
 
 fn table(name: &str, rows: &[Row]) -> String {
