@@ -1,4 +1,4 @@
-//! The statistics the benchmarks report: medians, percentiles, maxima.
+//! The statistics the benchmarks report: medians and percentiles.
 
 /// Value at quantile `q` (0..=1) of `v`, nearest rank; 0 for no values.
 pub fn percentile(v: &[f64], q: f64) -> f64 {
@@ -14,15 +14,6 @@ pub fn median(v: &[f64]) -> f64 {
     percentile(v, 0.5)
 }
 
-pub fn max(v: &[f64]) -> f64 {
-    v.iter().copied().fold(0.0, f64::max)
-}
-
-/// (p50, max) of a series.
-pub fn p50_max(v: &[f64]) -> (f64, f64) {
-    (median(v), max(v))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -33,7 +24,6 @@ mod tests {
         assert_eq!(median(&v), 3.0);
         assert_eq!(percentile(&v, 0.0), 1.0);
         assert_eq!(percentile(&v, 1.0), 5.0);
-        assert_eq!(p50_max(&v), (3.0, 5.0));
         assert_eq!(median(&[]), 0.0);
     }
 }
