@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 pub use fixtures::inventory::Inventory;
-pub use fixtures::{unique, Guarded, Link, Netns, PinDir, VmNet};
+pub use fixtures::{unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempPath, VmNet};
 
 /// A cgroup made for a test, removed (with anything left in it) on drop.
 pub type TestCgroup = fixtures::ScopedCgroup;
@@ -20,6 +20,13 @@ pub fn require_root() {
         euid, 0,
         "these tests load BPF programs and create cgroups and namespaces: run them as root (cargo xtask test)"
     );
+}
+
+/// Fail (never skip) when KVM is not there.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("/dev/kvm is not usable ({e}): the VMM tests need KVM and root; they do not skip");
+    }
 }
 
 pub fn require_tool(tool: &str) {

@@ -116,7 +116,7 @@ fn vmm_binary_boots_and_answers_over_the_socket() {
     );
     let down = p.call(json!({"cmd": "shutdown"}));
     assert_eq!(down["state"], json!({"Stopped": "Requested"}));
-    let status = p.child.wait().expect("vmm exits");
+    let status = p.child.child().wait().expect("vmm exits");
     assert!(status.success(), "vmm exit status {status}");
 }
 

@@ -81,6 +81,6 @@ fn a_vmm_process_with_a_crashed_guest_keeps_serving() {
     assert!(s["state"]["Stopped"]["TripleFault"].is_object(), "state names the reason: {s}");
     let again = p.client.call_json(&json!({"cmd": "request", "op": "ping"})).expect_err("a stopped VM refuses");
     assert!(again.to_string().contains("stopped"), "{again}");
-    assert!(p.child.try_wait().expect("wait").is_none(), "the process is still up");
+    assert!(p.child.child().try_wait().expect("wait").is_none(), "the process is still up");
     p.call(json!({"cmd": "shutdown"}));
 }

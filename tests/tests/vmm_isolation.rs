@@ -81,7 +81,7 @@ fn cgroup_shows_the_configured_limits_and_holds_the_vcpu() {
     let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).expect("Cpus_allowed_list");
     assert_eq!(allowed.trim(), "0");
     p.call(json!({"cmd": "shutdown"}));
-    let _ = p.child.wait();
+    p.child.child().wait().expect("reap the vmm");
     assert!(!dir(Controller::Cpu, &name).exists(), "the VMM removes the cgroup it made on shutdown");
 }
 
@@ -160,7 +160,7 @@ fn sigterm_shuts_the_vm_down_and_removes_the_cgroup() {
     assert_eq!(unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) }, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(s) = p.child.try_wait().expect("wait") {
+        if let Some(s) = p.child.child().try_wait().expect("wait") {
             break s;
         }
         assert!(Instant::now() < deadline, "vmm did not exit on SIGTERM");

@@ -5,13 +5,11 @@
 
 mod bench;
 mod build;
-mod card;
 mod leftovers;
 mod run;
 mod setup;
 mod stats;
 mod test;
-mod vmm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -57,7 +55,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Setup => setup::setup(),
         Cmd::BuildEbpf => build::ebpf().map(|_| ()),
-        Cmd::BuildGuest => vmm::build_guest().map(|_| ()),
+        Cmd::BuildGuest => build::build_guest().map(|_| ()),
         Cmd::Run { seconds } => {
             setup::setup()?;
             run::run(seconds)

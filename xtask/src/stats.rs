@@ -1,4 +1,4 @@
-//! The statistics the benchmarks report: medians and percentiles.
+//! The statistics the benchmarks report: medians, percentiles, maxima.
 
 /// Value at quantile `q` (0..=1) of `v`, nearest rank; 0 for no values.
 pub fn percentile(v: &[f64], q: f64) -> f64 {
@@ -14,6 +14,10 @@ pub fn median(v: &[f64]) -> f64 {
     percentile(v, 0.5)
 }
 
+pub fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(0.0, f64::max)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -25,5 +29,6 @@ mod tests {
         assert_eq!(percentile(&v, 0.0), 1.0);
         assert_eq!(percentile(&v, 1.0), 5.0);
         assert_eq!(median(&[]), 0.0);
+        assert_eq!(max(&v), 5.0);
     }
 }

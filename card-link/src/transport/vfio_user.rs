@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::AsRawFd;
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -48,41 +49,26 @@ fn sockets_to(path: &Path, canon: &Path) -> HashSet<(i32, u64)> {
         .collect()
 }
 
-/// Path a UNIX socket fd is connected to, if it is one.
-fn peer_path(fd: i32) -> Option<PathBuf> {
-    // SAFETY: sockaddr_un is plain data; getpeername writes at most `len` bytes.
-    unsafe {
-        let mut addr: libc::sockaddr_un = std::mem::zeroed();
-        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        if libc::getpeername(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len) != 0 {
-            return None;
-        }
-        if addr.sun_family as i32 != libc::AF_UNIX {
-            return None;
-        }
-        let bytes: Vec<u8> = addr.sun_path.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-        Some(PathBuf::from(String::from_utf8(bytes).ok()?))
-    }
+/// An fd of this process listed from /proc/self/fd while the connect lock
+/// is held, borrowed for a getsockopt/setsockopt call (which fails cleanly,
+/// EBADF or ENOTSOCK, if it is not a socket).
+fn borrow(fd: i32) -> BorrowedFd<'static> {
+    // SAFETY: the fd belongs to this process and stays open while the
+    // connect lock is held; only socket option calls are made on it.
+    unsafe { BorrowedFd::borrow_raw(fd) }
 }
 
+/// Path a UNIX socket fd is connected to, if it is one.
+fn peer_path(fd: i32) -> Option<PathBuf> {
+    socket2::SockRef::from(&borrow(fd)).peer_addr().ok()?.as_pathname().map(Path::to_path_buf)
+}
+
+/// The vfio_user crate sets no socket timeouts: bound every exchange.
 fn set_timeouts(fd: i32, t: Duration) -> std::io::Result<()> {
-    let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: tv is a valid timeval for the duration of the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &tv as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    let fd = borrow(fd);
+    let s = socket2::SockRef::from(&fd);
+    s.set_read_timeout(Some(t))?;
+    s.set_write_timeout(Some(t))
 }
 
 impl VfioUserTransport {

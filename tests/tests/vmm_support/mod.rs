@@ -1,6 +1,8 @@
-//! Shared fixtures for the VMM tests: the guest ELF and the `vmm` binary
-//! (built on demand), unique names, and guards that kill child VMM processes
-//! and remove sockets, snapshot files and cgroups even when a test fails.
+//! Shared pieces of the VMM tests: the guest ELF and the `vmm` binary
+//! (built on demand) and a `vmm` child process with its control client.
+//! Unique names and the guards that remove sockets, snapshot files,
+//! cgroups and processes even when a test fails are the `fixtures` crate's
+//! (through `integration_tests`).
 //!
 //! The guest ELF is `$VMM_GUEST_ELF` when set (`cargo xtask test` sets it),
 //! else `target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest`, built
@@ -8,10 +10,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
+
+// Not every test file uses every piece.
+#[allow(unused_imports)]
+pub use integration_tests::{require_kvm, unique_long as unique, CgroupGuard, Guarded, TempPath};
 
 use serde_json::Value;
 use vmm::host::api::AgentOp;
@@ -20,19 +25,6 @@ use vmm::Reply;
 
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
-
-/// Fail (never skip) when KVM is not there.
-pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        panic!("/dev/kvm is not usable ({e}): the VMM tests need KVM and root; they do not skip");
-    }
-}
-
-/// A name no other test run uses: prefix, pid, counter.
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
 fn stable_cargo() -> Command {
@@ -103,24 +95,10 @@ pub fn vmm_bin() -> PathBuf {
     .clone()
 }
 
-/// Removes a file (socket, snapshot, log) when dropped.
-pub struct TempPath(pub PathBuf);
-
-impl TempPath {
-    pub fn new(name: &str) -> TempPath {
-        TempPath(std::env::temp_dir().join(unique(name)))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A `vmm` child process with a control socket; killed and reaped on drop.
+/// A `vmm` child process with a control socket; stopped (SIGTERM, then
+/// SIGKILL) and reaped on drop.
 pub struct VmmProc {
-    pub child: Child,
+    pub child: Guarded,
     pub socket: TempPath,
     pub client: Client,
 }
@@ -137,10 +115,9 @@ impl VmmProc {
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn the vmm binary");
-        let mut guard = ChildGuard(Some(child));
+        let child = Guarded::new(child);
         let client =
             Client::connect_wait(&socket.0, Duration::from_secs(10)).expect("connect to the vmm control socket");
-        let child = guard.0.take().expect("child present");
         VmmProc { child, socket, client }
     }
 
@@ -166,40 +143,8 @@ impl VmmProc {
 
     /// SIGKILL and reap: the process gets no chance to clean up.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for VmmProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Removes a test cgroup (made by a `vmm` child or by the test) from every
-/// hierarchy when dropped; processes left in it are killed, threads of this
-/// test process (a vCPU thread placed there by the library) are moved out.
-pub struct CgroupGuard(pub String);
-
-impl Drop for CgroupGuard {
-    fn drop(&mut self) {
-        let Ok(layout) = cgroupfs::Layout::detect() else { return };
-        let Ok(mut cg) = layout.open(&self.0) else { return };
-        cg.kill_all(Duration::from_secs(5));
-        if let Err(e) = cg.remove() {
-            eprintln!("warning: removing test cgroup {}: {e}", self.0);
-        }
+        let c = self.child.child();
+        c.kill().expect("SIGKILL the vmm");
+        c.wait().expect("reap the vmm");
     }
 }

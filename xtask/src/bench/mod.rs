@@ -8,9 +8,11 @@ use anyhow::{bail, Context, Result};
 use crate::build::root;
 use crate::leftovers::Leftovers;
 
+mod card;
 mod daemon;
 mod overhead;
 mod qos;
+mod vmm;
 
 /// One measured figure, optionally compared with a peer measured in the same run.
 pub struct Row {
@@ -47,8 +49,8 @@ pub fn bench(which: &str) -> Result<()> {
         let rows = match name {
             "overhead" => overhead::bench(),
             "qos" => qos::bench(),
-            "vmm" => crate::vmm::bench(),
-            "card" => crate::card::bench(),
+            "vmm" => vmm::bench(),
+            "card" => card::bench(),
             _ => unreachable!("checked above"),
         };
         match rows {

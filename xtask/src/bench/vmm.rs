@@ -1,65 +1,22 @@
-//! xtask pieces for the embedded VMM: building the management guest and the
-//! `bench vmm` measurements. (Owned by the VMM work.)
+//! `bench vmm`: the embedded VMM's life cycle times (spawn to agent
+//! banner, snapshot, restore, diff snapshots), its memory overhead and the
+//! control round trip, over 20 runs, against Firecracker's published
+//! figures.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use fixtures::{Guarded, TempPath};
+use serde_json::Value;
 
-use crate::bench::Row;
-use crate::build::{cargo_bin_dir, root, sh};
-
-/// Where the guest ELF lands; tests read the same path (or `VMM_GUEST_ELF`).
-pub fn guest_elf() -> PathBuf {
-    root().join("target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest")
-}
-
-/// The rustup stable cargo (the guest is built for the host target with the
-/// stable toolchain, not Debian's rustc-web that builds the BPF programs).
-fn stable_cargo(dir: &Path) -> Command {
-    let proxy = cargo_bin_dir().join("cargo");
-    let mut c = if proxy.exists() && cargo_bin_dir().join("rustup").exists() {
-        let mut c = Command::new(proxy);
-        c.arg("+stable");
-        c
-    } else {
-        Command::new("cargo")
-    };
-    // Flags meant for the workspace build must not leak into the guest.
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        c.env_remove(var);
-    }
-    c.current_dir(dir);
-    c
-}
-
-/// Build the freestanding management guest; returns the ELF path.
-pub fn build_guest() -> Result<Option<PathBuf>> {
-    let dir = root().join("vmm/guest");
-    sh(stable_cargo(&dir)
-        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-        .arg(root().join("target/vmm-guest")))?;
-    let elf = guest_elf();
-    if !elf.exists() {
-        bail!("the guest ELF {} was not produced", elf.display());
-    }
-    // `cargo xtask test` runs the tests as children: tell them where it is.
-    std::env::set_var("VMM_GUEST_ELF", &elf);
-    eprintln!("build-guest: {}", elf.display());
-    Ok(Some(elf))
-}
+use super::Row;
+use crate::build::{guest_elf, root, sh};
+use crate::stats::{max, median};
 
 /// Release-build `vmm` binary of the workspace.
 fn vmm_bin() -> PathBuf {
@@ -67,8 +24,8 @@ fn vmm_bin() -> PathBuf {
     target.join("release/vmm")
 }
 
-/// A JSON-lines client for the VMM control socket. xtask has no JSON
-/// library, and the replies are flat enough to pick numbers out by key.
+/// A JSON-lines client for the VMM control socket (xtask does not build the
+/// vmm crate: it would pull KVM and the rust-vmm crates into every xtask run).
 struct Ctl {
     r: BufReader<UnixStream>,
     w: UnixStream,
@@ -88,34 +45,25 @@ impl Ctl {
         }
     }
 
-    fn call(&mut self, req: &str) -> Result<String> {
+    fn call(&mut self, req: &str) -> Result<Value> {
         writeln!(self.w, "{req}")?;
         let mut line = String::new();
         self.r.read_line(&mut line)?;
-        if !line.contains("\"ok\":true") {
+        let v: Value = serde_json::from_str(&line).with_context(|| format!("vmm reply to {req}: {line:?}"))?;
+        if v["ok"] != Value::Bool(true) {
             bail!("vmm refused {req}: {}", line.trim());
         }
-        Ok(line)
+        Ok(v)
     }
 }
 
-/// The number after `"key":` in a flat JSON reply.
-fn num(reply: &str, key: &str) -> Result<f64> {
-    let pat = format!("\"{key}\":");
-    let at = reply.find(&pat).with_context(|| format!("no {key} in {reply}"))? + pat.len();
-    let rest = &reply[at..];
-    let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e')).unwrap_or(rest.len());
-    rest[..end].parse::<f64>().with_context(|| format!("{key} in {reply}"))
+/// The number named `key` in a reply (at its top level or in `reply`).
+fn num(reply: &Value, key: &str) -> Result<f64> {
+    reply[key].as_f64().or_else(|| reply["reply"][key].as_f64()).with_context(|| format!("no {key} in {reply}"))
 }
 
-/// Kills and reaps a child on drop, so a failed run leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn spawn_vmm(cmd: &mut Command) -> Result<Guarded> {
+    Ok(Guarded::new(cmd.spawn().context("spawn vmm")?))
 }
 
 struct Run {
@@ -153,30 +101,23 @@ struct DirtyRun {
     retouch_ms: f64,
 }
 
-fn one_run(elf: &Path, i: usize) -> Result<Run> {
-    let tmp = std::env::temp_dir();
-    let tag = format!("{}-{i}", std::process::id());
-    let (sock, sock2, snap) = (
-        tmp.join(format!("vmm-bench-{tag}.sock")),
-        tmp.join(format!("vmm-bench-{tag}-r.sock")),
-        tmp.join(format!("vmm-bench-{tag}.snap")),
-    );
-    let _cleanup = Files(vec![sock.clone(), sock2.clone(), snap.clone()]);
+fn one_run(elf: &Path) -> Result<Run> {
+    let (sock, sock2, snap) =
+        (TempPath::new("vmm-bench.sock"), TempPath::new("vmm-bench-r.sock"), TempPath::new("vmm-bench.snap"));
+    let (sock, sock2, snap_path) = (sock.path(), sock2.path(), snap.path());
 
     // Process spawn -> the banner on the serial console (piped stdout).
     let t0 = Instant::now();
-    let mut child = Proc(
+    let mut child = spawn_vmm(
         Command::new(vmm_bin())
             .args(["--mem-mib", "64", "--serial", "-", "--guest"])
             .arg(elf)
             .arg("--socket")
-            .arg(&sock)
+            .arg(sock)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn vmm")?,
-    );
-    let out = child.0.stdout.take().context("vmm stdout")?;
+            .stderr(Stdio::null()),
+    )?;
+    let out = child.child().stdout.take().context("vmm stdout")?;
     let mut lines = BufReader::new(out).lines();
     loop {
         let line = lines.next().context("vmm exited before the banner")??;
@@ -185,9 +126,9 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
         }
     }
     let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let ready_cpu_ms = cpu_ms(child.0.id());
+    let ready_cpu_ms = cpu_ms(child.id());
 
-    let mut c = Ctl::connect(&sock)?;
+    let mut c = Ctl::connect(sock)?;
     let mut rtt_us = Vec::new();
     for _ in 0..50 {
         rtt_us.push(num(&c.call(r#"{"cmd":"request","op":"ping"}"#)?, "rtt_us")?);
@@ -196,33 +137,30 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
     let stats = c.call(r#"{"cmd":"stats"}"#)?;
     let overhead_bytes = num(&stats, "rss_bytes")? - num(&stats, "guest_resident_bytes")?;
     c.call(r#"{"cmd":"pause"}"#)?;
-    let s = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, snap.display()))?;
+    let s = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, snap_path.display()))?;
     let snapshot_ms = num(&s, "snapshot_ms")?;
-    let snapshot_disk_bytes = std::fs::metadata(&snap).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
+    let snapshot_disk_bytes = std::fs::metadata(snap_path).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
     // A diff after one more management step: only what changed.
     c.call(r#"{"cmd":"resume"}"#)?;
     c.call(r#"{"cmd":"request","op":"step","arg":1000}"#)?;
     c.call(r#"{"cmd":"pause"}"#)?;
-    let diff = tmp.join(format!("vmm-bench-{tag}.diff"));
-    let _cleanup_diff = Files(vec![diff.clone()]);
-    let d = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}","diff":true}}"#, diff.display()))?;
+    let diff = TempPath::new("vmm-bench.diff");
+    let d = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}","diff":true}}"#, diff.path().display()))?;
     let (diff_ms, diff_bytes) = (num(&d, "snapshot_ms")?, num(&d, "bytes")?);
     c.call(r#"{"cmd":"shutdown"}"#)?;
     drop(child);
 
     // Restore into a fresh, empty VMM process.
     let t1 = Instant::now();
-    let _child2 = Proc(
+    let _child2 = spawn_vmm(
         Command::new(vmm_bin())
             .args(["--serial", "/dev/null", "--socket"])
-            .arg(&sock2)
+            .arg(sock2)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn vmm")?,
-    );
-    let mut c2 = Ctl::connect(&sock2)?;
-    let r = c2.call(&format!(r#"{{"cmd":"restore","path":"{}"}}"#, snap.display()))?;
+            .stderr(Stdio::null()),
+    )?;
+    let mut c2 = Ctl::connect(sock2)?;
+    let r = c2.call(&format!(r#"{{"cmd":"restore","path":"{}"}}"#, snap_path.display()))?;
     let restore_ms = num(&r, "restore_ms")?;
     c2.call(r#"{"cmd":"resume"}"#)?;
     let p = c2.call(r#"{"cmd":"request","op":"counters"}"#)?;
@@ -246,40 +184,26 @@ fn one_run(elf: &Path, i: usize) -> Result<Run> {
 }
 
 /// Snapshot and restore of a guest that dirtied all of its 64 MiB.
-fn dirty_run(elf: &Path, i: usize) -> Result<DirtyRun> {
-    let tmp = std::env::temp_dir();
-    let tag = format!("{}-d{i}", std::process::id());
-    let (sock, sock2, snap) = (
-        tmp.join(format!("vmm-bench-{tag}.sock")),
-        tmp.join(format!("vmm-bench-{tag}-r.sock")),
-        tmp.join(format!("vmm-bench-{tag}.snap")),
-    );
-    let _cleanup = Files(vec![sock.clone(), sock2.clone(), snap.clone()]);
-    let spawn = |args: &[&str], s: &Path| -> Result<Proc> {
-        Ok(Proc(
-            Command::new(vmm_bin())
-                .args(args)
-                .arg("--socket")
-                .arg(s)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("spawn vmm")?,
-        ))
+fn dirty_run(elf: &Path) -> Result<DirtyRun> {
+    let (sock, sock2, snap) =
+        (TempPath::new("vmm-bench.sock"), TempPath::new("vmm-bench-r.sock"), TempPath::new("vmm-bench.snap"));
+    let (sock, sock2, snap) = (sock.path(), sock2.path(), snap.path());
+    let spawn = |args: &[&str], s: &Path| -> Result<Guarded> {
+        spawn_vmm(Command::new(vmm_bin()).args(args).arg("--socket").arg(s).stdout(Stdio::null()).stderr(Stdio::null()))
     };
     let elf_s = elf.to_str().context("guest path is not UTF-8")?;
-    let child = spawn(&["--mem-mib", "64", "--serial", "/dev/null", "--guest", elf_s], &sock)?;
-    let mut c = Ctl::connect(&sock)?;
+    let child = spawn(&["--mem-mib", "64", "--serial", "/dev/null", "--guest", elf_s], sock)?;
+    let mut c = Ctl::connect(sock)?;
     c.call(&format!(r#"{{"cmd":"request","op":"touch","arg":{DIRTY_PAGES}}}"#))?;
     c.call(r#"{"cmd":"pause"}"#)?;
     let s = c.call(&format!(r#"{{"cmd":"snapshot","path":"{}"}}"#, snap.display()))?;
     let snapshot_ms = num(&s, "snapshot_ms")?;
-    let snapshot_disk_bytes = std::fs::metadata(&snap).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
+    let snapshot_disk_bytes = std::fs::metadata(snap).map(|m| m.blocks() as f64 * 512.0).unwrap_or(0.0);
     c.call(r#"{"cmd":"shutdown"}"#)?;
     drop(child);
 
-    let _child2 = spawn(&["--serial", "/dev/null"], &sock2)?;
-    let mut c2 = Ctl::connect(&sock2)?;
+    let _child2 = spawn(&["--serial", "/dev/null"], sock2)?;
+    let mut c2 = Ctl::connect(sock2)?;
     let r = c2.call(&format!(r#"{{"cmd":"restore","path":"{}"}}"#, snap.display()))?;
     let restore_ms = num(&r, "restore_ms")?;
     c2.call(r#"{"cmd":"resume"}"#)?;
@@ -290,21 +214,9 @@ fn dirty_run(elf: &Path, i: usize) -> Result<DirtyRun> {
     Ok(DirtyRun { snapshot_ms, snapshot_disk_bytes, restore_ms, retouch_ms })
 }
 
-struct Files(Vec<PathBuf>);
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
-
 /// p50 and max of a series.
-fn p50_max(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let p50 = v.get(v.len() / 2).copied().unwrap_or(0.0);
-    (p50, v.last().copied().unwrap_or(0.0))
+fn p50_max(v: Vec<f64>) -> (f64, f64) {
+    (median(&v), max(&v))
 }
 
 /// `cargo xtask bench vmm`.
@@ -319,11 +231,11 @@ pub fn bench() -> Result<Vec<Row>> {
     const RUNS: usize = 20;
     let mut runs = Vec::new();
     for i in 0..RUNS {
-        runs.push(one_run(&elf, i).with_context(|| format!("run {i}"))?);
+        runs.push(one_run(&elf).with_context(|| format!("run {i}"))?);
     }
     let mut dirty = Vec::new();
     for i in 0..RUNS {
-        dirty.push(dirty_run(&elf, i).with_context(|| format!("dirty run {i}"))?);
+        dirty.push(dirty_run(&elf).with_context(|| format!("dirty run {i}"))?);
     }
     let col = |f: fn(&Run) -> f64| p50_max(runs.iter().map(f).collect());
     let dcol = |f: fn(&DirtyRun) -> f64| p50_max(dirty.iter().map(f).collect());

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::Row;
+use super::Row;
 use crate::build::root;
 
 /// `cargo xtask bench card`.
@@ -20,7 +20,7 @@ pub fn bench() -> Result<Vec<Row>> {
     let bench = bin_dir.join("card-bench");
     let out = Command::new(&bench)
         .env("CARD_SIM_BIN", bin_dir.join("card-sim"))
-        .env("VMM_GUEST_ELF", crate::vmm::guest_elf())
+        .env("VMM_GUEST_ELF", crate::build::guest_elf())
         .output()
         .with_context(|| format!("run {}", bench.display()))?;
     if !out.status.success() {
