@@ -42,7 +42,7 @@ fn create_join_measure_limit_remove() {
     assert_eq!(cg.subtree_ids().expect("ids"), vec![cg.id().expect("id")]);
 
     cg.kill_all(Duration::from_secs(5));
-    let _ = child.wait();
+    child.wait().expect("reap the busy loop");
     assert!(cg.pids().is_empty());
     cg.remove().expect("remove");
     assert!(dirs.iter().all(|d| !d.exists()), "leaf removed everywhere");

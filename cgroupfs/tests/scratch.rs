@@ -13,6 +13,7 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new(tag: &str) -> Scratch {
         let d = std::env::temp_dir().join(format!("cgroupfs-{tag}-{}", std::process::id()));
+        // A scratch tree of an earlier, killed run of this pid may be there.
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).expect("scratch dir");
         Scratch(d)

@@ -122,6 +122,7 @@ fn task_run_delay(task: *const u8) -> u64 {
 pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
+    // Nothing to report to from here: a missing per-CPU slot means no counting.
     let _ = on_switch(prev, next);
     0
 }
@@ -233,9 +234,11 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
         // `comm` is a __data_loc string: low 16 bits offset, high 16 length.
         if let Ok(loc) = ctx.read_at::<u32>(offset(&VICTIM_COMM)) {
             let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
+            // An unreadable name stays empty; the event is still worth sending.
             let _ = bpf_probe_read_kernel_str_bytes(src, &mut ev.comm);
         }
     }
+    // A full ring buffer loses the event; the per-cgroup count above stays.
     let _ = OOM_EVENTS.output(ev, 0);
     0
 }
@@ -262,6 +265,7 @@ fn count(ctx: &TcContext, ingress: bool) -> u32 {
     let p = match NET.get_ptr_mut(ifindex) {
         Some(p) => p,
         None => {
+            // A concurrent insert on another CPU is fine: NOEXIST fails, we look up.
             let _ = NET.insert(ifindex, NetStats::default(), BPF_NOEXIST as u64);
             match NET.get_ptr_mut(ifindex) {
                 Some(p) => p,

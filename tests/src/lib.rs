@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 pub use fixtures::inventory::Inventory;
-pub use fixtures::{unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempPath, VmNet};
+pub use fixtures::{unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempPath, VethPair, VmNet};
 
 /// A cgroup made for a test, removed (with anything left in it) on drop.
 pub type TestCgroup = fixtures::ScopedCgroup;

@@ -206,7 +206,7 @@ fn card_telemetry_network_agrees_with_peer() {
     let (r, d) = (received.clone(), done.clone());
     let t = std::thread::spawn(move || {
         if let Ok((mut c, _)) = sink.accept() {
-            let _ = c.set_read_timeout(Some(Duration::from_millis(200)));
+            c.set_read_timeout(Some(Duration::from_millis(200))).expect("sink read timeout");
             let mut buf = vec![0u8; 65536];
             while !d.load(Ordering::Relaxed) {
                 match c.read(&mut buf) {
@@ -230,7 +230,7 @@ fn card_telemetry_network_agrees_with_peer() {
     let tb = Instant::now();
     s.control(&load(Load { net_bps: Some(0), ..Load::default() })).expect("net off");
     done.store(true, Ordering::Relaxed);
-    let _ = t.join();
+    t.join().expect("sink thread");
     let u = utilisation(&a, &b).expect("rates");
     let cap = b.resource(ResourceKind::Network).expect("network").capacity as f64;
     let truth = (rb - ra) as f64 / tb.duration_since(ta).as_secs_f64() / cap;
@@ -402,6 +402,7 @@ fn card_watchdog_reports_stall_and_recovery() {
     let card = Arc::new(std::sync::Mutex::new(connect(&s, Duration::from_millis(500))));
     let (tx, rx) = std::sync::mpsc::channel();
     let _w = card_link::Watchdog::spawn(card.clone(), move |v| {
+        // The receiver is gone once the test has seen what it needs.
         let _ = tx.send((Instant::now(), format!("{v:?}"), matches!(v, card_link::Verdict::Healthy(_))));
     })
     .expect("watchdog");

@@ -18,21 +18,17 @@ fn governor_bin() -> PathBuf {
     p
 }
 
+/// A config file, removed on drop.
 struct Cfg {
     path: PathBuf,
+    _file: TempPath,
 }
 
 impl Cfg {
     fn write(text: &str) -> Cfg {
-        let path = std::env::temp_dir().join(format!("{}.toml", unique("gcfg")));
-        std::fs::write(&path, text).expect("write config");
-        Cfg { path }
-    }
-}
-
-impl Drop for Cfg {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let file = TempPath::new("governor-test.toml");
+        std::fs::write(file.path(), text).expect("write config");
+        Cfg { path: file.path().to_path_buf(), _file: file }
     }
 }
 
@@ -243,7 +239,9 @@ fn prometheus_scrapes_the_governor() {
     struct RmDir(PathBuf);
     impl Drop for RmDir {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            if let Err(e) = std::fs::remove_dir_all(&self.0) {
+                eprintln!("warning: removing {}: {e}", self.0.display());
+            }
         }
     }
     let _rm = RmDir(dir.clone());

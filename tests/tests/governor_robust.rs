@@ -40,8 +40,8 @@ fn a_vanished_child_cgroup_keeps_its_cpu_time() {
     };
     std::thread::sleep(Duration::from_millis(1500));
     let before = gov.tick().expect("tick")[0].cpu_seconds_total;
-    let _ = hog.child().kill();
-    let _ = hog.child().wait();
+    hog.child().kill().expect("kill the hog");
+    hog.child().wait().expect("reap the hog");
     child.remove().expect("remove the child cgroup");
     std::thread::sleep(Duration::from_millis(300));
     let st = gov.tick().expect("tick")[0].clone();

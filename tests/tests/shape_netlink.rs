@@ -8,55 +8,20 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::shape::{NetlinkShaper, ShapeError, Shaper};
 use integration_tests::*;
 
-static PAIRS: AtomicU32 = AtomicU32::new(0);
-
-/// A veth pair: `host` in the root namespace (where shaping is installed),
-/// the peer inside `ns`, on a /30 of 198.18.0.0/15 used by nothing else.
-/// Dropping `ns` deletes the peer and so the pair; `host` deletes it too in
-/// case the namespace step failed half way.
-struct Pair {
-    ns: Netns,
-    host: Link,
-    ifindex: u32,
-    host_addr: String,
-    peer_addr: String,
-}
-
-impl Pair {
-    fn new() -> Pair {
-        require_root();
-        require_tool("ip");
-        require_tool("tc");
-        let ns = Netns::new();
-        let host = Link { name: unique("shh") };
-        let peer = unique("shp");
-        run(Command::new("ip")
-            .args(["link", "add", &host.name, "type", "veth", "peer", "name", &peer, "netns", &ns.name]));
-        // 198.18.{100..227}.{4n+1, 4n+2}/30: unique per process and pair.
-        let n = PAIRS.fetch_add(1, Ordering::Relaxed) % 64;
-        let third = 100 + std::process::id() % 128;
-        let host_addr = format!("198.18.{third}.{}", 4 * n + 1);
-        let peer_addr = format!("198.18.{third}.{}", 4 * n + 2);
-        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", host.name), "1");
-        run(Command::new("ip").args(["addr", "add", &format!("{host_addr}/30"), "dev", &host.name]));
-        run(Command::new("ip").args(["link", "set", &host.name, "up"]));
-        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
-        ns.exec(&["ip", "addr", "add", &format!("{peer_addr}/30"), "dev", &peer]);
-        ns.exec(&["ip", "link", "set", &peer, "up"]);
-        let ifindex = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", host.name))
-            .expect("host veth ifindex")
-            .trim()
-            .parse()
-            .expect("ifindex is a number");
-        Pair { ns, host, ifindex, host_addr, peer_addr }
-    }
+/// A routed veth pair on this host (the fixtures' `VethPair`), after the
+/// requirements of these tests are checked.
+fn pair() -> VethPair {
+    require_root();
+    require_tool("ip");
+    require_tool("tc");
+    VethPair::new()
 }
 
 fn tc(args: &[&str]) -> String {
@@ -138,7 +103,7 @@ fn htb_roots(dev: &str) -> Vec<String> {
 
 #[test]
 fn htb_root_and_classes_as_tc_sees_them() {
-    let pair = Pair::new();
+    let pair = pair();
     let dev = pair.host.name.as_str();
     let mut s = NetlinkShaper::new().expect("open rtnetlink");
 
@@ -209,7 +174,7 @@ fn errors_name_the_operation_and_interface() {
     assert!(matches!(err, ShapeError::NoDevice { .. }), "{err:?}");
     assert!(err.to_string().contains("delete link"), "{err}");
 
-    let pair = Pair::new();
+    let pair = pair();
     let err = s.set_class(pair.ifindex, 1, 0x10, 7, 1000).expect_err("rate below 1 byte/s");
     assert!(matches!(err, ShapeError::InvalidArgument { .. }), "{err:?}");
     let err = s.set_class(pair.ifindex, 1, 0x10, 1_000_000, 0).expect_err("zero burst");
@@ -266,7 +231,7 @@ fn goodput_at(rate_bps: f64) -> f64 {
 
 /// One iperf3 run from the root namespace to the server in the namespace;
 /// receiver goodput in bit/s.
-fn iperf(pair: &Pair, port: &str, secs: u32) -> f64 {
+fn iperf(pair: &VethPair, port: &str, secs: u32) -> f64 {
     let mut last = String::new();
     for _ in 0..50 {
         let out = Command::new("iperf3")
@@ -292,7 +257,7 @@ fn iperf(pair: &Pair, port: &str, secs: u32) -> f64 {
 #[test]
 fn htb_class_holds_iperf3_to_its_rate() {
     require_tool("iperf3");
-    let pair = Pair::new();
+    let pair = pair();
     let dev = pair.host.name.clone();
     let port = (20_000 + std::process::id() % 20_000).to_string();
     let _server = Guarded(Some(
@@ -375,6 +340,7 @@ fn sink(ns: &str, addr: &str, port: u16, conns: usize) -> Vec<Arc<AtomicU64>> {
             TcpListener::bind(&addr).map_err(|e| format!("bind {addr}: {e}"))
         })();
         let listener = match setup {
+            // The test waits on rx until it has this answer.
             Ok(l) => {
                 let _ = tx.send(Ok(()));
                 l
@@ -409,7 +375,7 @@ fn sink(ns: &str, addr: &str, port: u16, conns: usize) -> Vec<Arc<AtomicU64>> {
 /// class's rate with no filter at all.
 #[test]
 fn skb_priority_selects_the_class() {
-    let pair = Pair::new();
+    let pair = pair();
     let port = (40_000 + std::process::id() % 20_000) as u16;
     let counters = sink(&pair.ns.name, &pair.peer_addr, port, 2);
     let mut s = NetlinkShaper::new().expect("open rtnetlink");
@@ -445,10 +411,11 @@ fn skb_priority_selects_the_class() {
     stop.store(true, Ordering::Relaxed);
     // Shutdown wakes a sender blocked in write on a full socket buffer.
     for h in &handles {
+        // A sender that already stopped closed its socket: nothing to wake.
         let _ = h.shutdown(std::net::Shutdown::Both);
     }
     for t in senders {
-        let _ = t.join();
+        t.join().expect("sender thread");
     }
     let mut got: Vec<f64> = b0.iter().zip(&b1).map(|(a, b)| (b - a) as f64 * 8.0 / dt).collect();
     // Accept order is connection order: 1:10 first, then 1:20.
@@ -484,7 +451,7 @@ fn connect_with_priority(addr: &str, port: u16, class: u32) -> TcpStream {
 /// with a wrong tick conversion).
 #[test]
 fn burst_passes_at_line_speed_then_rate() {
-    let pair = Pair::new();
+    let pair = pair();
     let port = (45_000 + std::process::id() % 15_000) as u16;
     let counters = sink(&pair.ns.name, &pair.peer_addr, port, 1);
     let mut s = NetlinkShaper::new().expect("open rtnetlink");
@@ -514,8 +481,9 @@ fn burst_passes_at_line_speed_then_rate() {
     let late = counters[0].load(Ordering::Relaxed) as f64;
     let t_late = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
+    // A sender that already stopped closed its socket: nothing to wake.
     let _ = handle.shutdown(std::net::Shutdown::Both);
-    let _ = sender.join();
+    sender.join().expect("sender thread");
 
     let payload = 1448.0 / 1514.0;
     let rate_bytes = rate as f64 / 8.0;

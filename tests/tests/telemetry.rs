@@ -62,7 +62,7 @@ fn network_bytes_match_interface_stats() {
 
     let port = 20000 + (std::process::id() % 20000);
     let port = port.to_string();
-    let mut server = Guarded(Some(
+    let server = Guarded(Some(
         ns_b.cmd(&["iperf3", "-s", "-B", addr_b, "-p", &port])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -76,7 +76,7 @@ fn network_bytes_match_interface_stats() {
         }
         ns_a.exec(&args);
     }
-    let _ = server.child().kill();
+    drop(server);
     std::thread::sleep(Duration::from_millis(300));
 
     let bpf = tel.net(ifindex).expect("net");
@@ -162,7 +162,8 @@ fn oom_kill_is_reported() {
     let (mut tel, _pins) = load();
     let cg = TestCgroup::new("oom");
     cg.cg.set_memory_limit(64 << 20).expect("limit");
-    let _ = tel.drain_oom();
+    // Only kills from here on count (earlier events are not this test's).
+    tel.drain_oom();
     let touch = bin_dir().join("touch");
     let mut h = cg.spawn(&[touch.to_str().expect("utf8 path"), "512"]);
     let pid = h.child().id();

@@ -246,7 +246,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("vmm-synthetic-vmlinux-{}", std::process::id()));
         std::fs::write(&path, synthetic_elf(&code)).expect("write image");
         let vm = crate::Vm::create(&crate::VmConfig::linux(&path, 32, "console=ttyS0"), crate::Sinks::default());
-        let _ = std::fs::remove_file(&path);
+        std::fs::remove_file(&path).expect("remove image");
         let vm = vm.expect("create");
         vm.start(false).expect("start");
         let reason = vm.wait_stopped(std::time::Duration::from_secs(10)).expect("stops");

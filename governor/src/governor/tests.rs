@@ -22,6 +22,7 @@ impl Host {
     /// Cgroups `vm-a` and `vm-b`; interfaces tap-a (ifindex 10), tap-b1 (11), tap-b2 (12).
     fn new(tag: &str) -> Host {
         let root = std::env::temp_dir().join(format!("governor-unit-{tag}-{}", std::process::id()));
+        // A scratch tree of an earlier, killed run of this pid may be there.
         let _ = std::fs::remove_dir_all(&root);
         for vm in ["vm-a", "vm-b"] {
             std::fs::create_dir_all(root.join("sys/fs/cgroup").join(vm)).expect("scratch cgroup");
