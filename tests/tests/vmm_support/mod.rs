@@ -5,8 +5,8 @@
 //! (through `integration_tests`).
 //!
 //! The guest ELF is `$VMM_GUEST_ELF` when set (`cargo xtask test` sets it),
-//! else `target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest`, built
-//! here with the rustup stable cargo when missing or stale.
+//! else `target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest`, which
+//! `cargo xtask build-guest` makes (there is one recipe for it, in xtask).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -27,49 +27,19 @@ pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-fn stable_cargo() -> Command {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo"));
-    let mut c = if home.join("bin/rustup").exists() {
-        let mut c = Command::new(home.join("bin/cargo"));
-        c.arg("+stable");
-        c
-    } else {
-        Command::new("cargo")
-    };
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC",
-        "RUSTC_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "RUSTUP_TOOLCHAIN",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-/// The agent ELF, built once per test binary.
+/// The agent ELF: `$VMM_GUEST_ELF` (`cargo xtask test` builds the guest and
+/// sets it), else the place `cargo xtask build-guest` puts it. Missing is a
+/// failure that says how to build it, never a skip.
 pub fn guest_elf() -> PathBuf {
-    static ELF: OnceLock<PathBuf> = OnceLock::new();
-    ELF.get_or_init(|| {
-        if let Some(p) = std::env::var_os("VMM_GUEST_ELF") {
-            return PathBuf::from(p);
-        }
-        let root = workspace();
-        let status = stable_cargo()
-            .current_dir(root.join("vmm/guest"))
-            .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-            .arg(root.join("target/vmm-guest"))
-            .status()
-            .expect("run cargo to build the guest");
-        assert!(status.success(), "building the guest failed: {status}");
-        root.join("target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest")
-    })
-    .clone()
+    let elf = std::env::var_os("VMM_GUEST_ELF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest"));
+    assert!(
+        elf.is_file(),
+        "the guest ELF {} is missing: run `cargo xtask build-guest` (cargo xtask test does)",
+        elf.display()
+    );
+    elf
 }
 
 /// The `vmm` binary of this build (same target dir as the test), built once.
