@@ -330,8 +330,13 @@ impl Cgroup {
         let me = std::process::id();
         let deadline = Instant::now() + timeout;
         loop {
-            let pids: Vec<u32> =
-                self.all_dirs_below().iter().flat_map(|d| files::ids(&d.join(PROCS))).filter(|p| *p != me).collect();
+            // 0 stands for a task outside our pid namespace: never a pid to signal.
+            let pids: Vec<u32> = self
+                .all_dirs_below()
+                .iter()
+                .flat_map(|d| files::ids(&d.join(PROCS)))
+                .filter(|p| *p != me && *p != 0)
+                .collect();
             if pids.is_empty() || Instant::now() > deadline {
                 if !pids.is_empty() {
                     tracing::warn!(cgroup = %self.rel.display(), ?pids, "processes still alive after SIGKILL");
@@ -359,11 +364,30 @@ impl Cgroup {
         out
     }
 
-    /// Remove the cgroup and its children from every hierarchy; processes
-    /// still inside are moved to the hierarchy's root first (rmdir fails on
-    /// a populated cgroup). Then the parents this value created are removed
-    /// when nothing else uses them. Every directory is tried; the first
-    /// error is returned.
+    /// True when this value made the cgroup itself (in the unified
+    /// hierarchy), rather than opening or joining one that was there.
+    pub fn created(&self) -> bool {
+        self.created.contains(&self.dir())
+    }
+
+    /// Undo what `create` did: remove the cgroup only if this value made
+    /// it (see [`Cgroup::remove`]); a cgroup that was there before (one the
+    /// governor or an operator made and a VMM only joined) stays, with
+    /// whatever else is in it.
+    pub fn release(&mut self) -> Result<()> {
+        if self.created() {
+            self.remove()
+        } else {
+            self.created.clear();
+            Ok(())
+        }
+    }
+
+    /// Remove the cgroup and its children from every hierarchy, whoever
+    /// made it; processes still inside are moved to the hierarchy's root
+    /// first (rmdir fails on a populated cgroup). Then the parents this value
+    /// created are removed when nothing else uses them. Every directory is
+    /// tried; the first error is returned.
     pub fn remove(&mut self) -> Result<()> {
         let mut first = None;
         for root in self.layout.roots() {

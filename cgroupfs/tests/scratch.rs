@@ -167,3 +167,32 @@ fn bad_paths_and_limits_are_refused_before_anything_is_made() {
     assert!(matches!(e, CgroupError::Limit { field: "memory_bytes", .. }), "{e}");
     assert!(!s.0.join("sys/fs/cgroup/x").exists());
 }
+
+#[test]
+fn release_removes_only_what_this_value_made() {
+    let s = Scratch::new("release");
+    fs::create_dir_all(s.0.join("sys/fs/cgroup/machine/web")).expect("an existing cgroup");
+    let layout = Layout::from_mounts_at(V2, &s.0).expect("layout");
+    let mut joined = layout.create("machine/web", &Limits::default()).expect("create over an existing one");
+    assert!(!joined.created());
+    joined.release().expect("release");
+    assert!(s.0.join("sys/fs/cgroup/machine/web").is_dir(), "a cgroup that was there stays");
+    let mut made = layout.create("machine/new", &Limits::default()).expect("create");
+    assert!(made.created());
+    made.release().expect("release");
+    assert!(!s.0.join("sys/fs/cgroup/machine/new").exists(), "a cgroup this value made goes");
+    assert!(s.0.join("sys/fs/cgroup/machine").is_dir(), "the parent it did not make stays");
+}
+
+#[test]
+fn a_pure_v1_tree_is_refused_naming_the_reason() {
+    let s = Scratch::new("v1");
+    for ctrl in ["cpu", "cpuacct", "cpuset", "memory"] {
+        fs::create_dir_all(s.0.join("sys/fs/cgroup").join(ctrl)).expect("v1 mount point");
+    }
+    let v1 = "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup /sys/fs/cgroup/cpuacct cgroup rw,cpuacct 0 0\n\
+              cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\ncgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n";
+    let e = Layout::from_mounts_at(v1, &s.0).expect_err("no cgroup2 mount");
+    assert!(matches!(e, CgroupError::NoUnified { .. }));
+    assert!(e.to_string().contains("cgroup v2 id"), "{e}");
+}

@@ -71,12 +71,12 @@ fn remove_socket(path: &Path) {
     }
 }
 
-/// Create the cgroup and move this process into it; a half-made cgroup is
-/// removed again.
+/// Create the cgroup (or join it, when it is there already) and move this
+/// process into it; a cgroup this call made is removed again on failure.
 fn join_cgroup(name: &str, args: &Args) -> Result<Cgroup, vmm::cgroupfs::CgroupError> {
     let mut cg = Layout::detect()?.create(name, &args.limits)?;
     if let Err(e) = cg.attach(std::process::id()) {
-        if let Err(r) = cg.remove() {
+        if let Err(r) = cg.release() {
             tracing::warn!(cgroup = name, error = %r, "cannot remove the half-made cgroup");
         }
         return Err(e);
@@ -112,8 +112,10 @@ fn main() -> ExitCode {
         }
     }
     let code = run(&args, t0);
+    // A cgroup that was there before (made by the governor or an operator)
+    // stays; only one this process made is removed.
     if let Some(cg) = cgroup.as_mut() {
-        if let Err(e) = cg.remove() {
+        if let Err(e) = cg.release() {
             tracing::warn!(cgroup = %cg.rel().display(), error = %e, "cannot remove the cgroup this process made");
         }
     }
