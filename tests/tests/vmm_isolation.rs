@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use cgroupfs::{CgroupError, Controller, Layout, Limits};
 use serde_json::json;
 use vmm::host::api::AgentOp;
+use vmm::host::process::{SpawnOptions, Start, VmmProcess};
 use vmm_support::*;
 
 fn read(p: &Path) -> String {
@@ -169,4 +170,66 @@ fn sigterm_shuts_the_vm_down_and_removes_the_cgroup() {
     assert!(status.success(), "exit status {status}");
     assert!(!dir(Controller::Cpu, &name).exists(), "cgroup removed on SIGTERM");
     assert!(!p.socket.0.exists(), "control socket removed");
+}
+
+/// A `VmmProcess` with a cgroup of its own, as the governor spawns a
+/// host-side management VM.
+fn spawn_process(name: &str, socket: &TempPath) -> VmmProcess {
+    let limits = Limits { cpu_quota_us: Some(50_000), cpu_period_us: Some(100_000), ..Default::default() };
+    let opts = SpawnOptions {
+        bin: vmm_bin(),
+        start: Start::Guest { elf: guest_elf(), mem_mib: 64 },
+        socket: socket.0.clone(),
+        serial: None,
+        log: None,
+        cgroup: Some((name.to_string(), limits)),
+    };
+    VmmProcess::spawn(&opts).expect("spawn a vmm process in a cgroup")
+}
+
+/// Drop a handle and say how long its child took to go.
+fn drop_timed(p: VmmProcess) -> Duration {
+    let t0 = Instant::now();
+    drop(p);
+    t0.elapsed()
+}
+
+#[test]
+fn a_dropped_vmm_process_leaves_neither_its_cgroup_nor_its_socket() {
+    require_kvm();
+    let name = unique("vmm-test-drop");
+    let _cg = CgroupGuard(name.clone());
+    let socket = TempPath::new("vmm-test-drop.sock");
+    let mut p = spawn_process(&name, &socket);
+    p.request(AgentOp::Ping, 0).expect("the agent answers");
+    let pid = p.pid();
+    assert!(layout().open(&name).expect("the VMM made its cgroup").pids().contains(&pid));
+    assert!(socket.0.exists(), "control socket");
+    let took = drop_timed(p);
+    // SIGKILL alone (the old drop) leaves the cgroup behind: only a vmm
+    // that handled SIGTERM released it.
+    for ctrl in Controller::ALL {
+        assert!(!dir(ctrl, &name).exists(), "{ctrl:?} cgroup left behind by a dropped VmmProcess");
+    }
+    assert!(!layout().unified().join(&name).exists(), "v2 cgroup left behind by a dropped VmmProcess");
+    assert!(!socket.0.exists(), "control socket left behind by a dropped VmmProcess");
+    assert!(took < Duration::from_secs(2), "drop took {took:?}: the vmm did not exit on SIGTERM");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the dropped child {pid} was not reaped");
+}
+
+#[test]
+fn a_dropped_vmm_process_leaves_a_cgroup_it_only_joined() {
+    require_kvm();
+    let name = unique("vmm-test-join");
+    let _cg = CgroupGuard(name.clone());
+    // Made beforehand, as the governor does for a VM it places.
+    let made = layout().create(&name, &Limits::default()).expect("create the cgroup");
+    let socket = TempPath::new("vmm-test-join.sock");
+    let p = spawn_process(&name, &socket);
+    let pid = p.pid();
+    assert!(made.pids().contains(&pid), "the VMM joined the existing cgroup");
+    drop_timed(p);
+    assert!(dir(Controller::Cpu, &name).exists(), "a cgroup the VMM did not make stays");
+    assert!(made.pids().is_empty(), "the dropped VMM is out of the cgroup: {:?}", made.pids());
+    assert!(!socket.0.exists(), "control socket left behind by a dropped VmmProcess");
 }

@@ -75,8 +75,6 @@ pub enum Error {
     Stopped(StopReason),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
-    #[error("cgroup: {0}")]
-    Cgroup(#[from] cgroupfs::CgroupError),
     #[error("invalid configuration: field {field}: {reason}")]
     Config { field: &'static str, reason: String },
     /// The VMM process answered a control request with an error; `message`
@@ -123,7 +121,6 @@ impl Error {
             Error::State { .. } | Error::NoBase | Error::Busy { .. } => ErrorKind::State,
             Error::Stopped(_) => ErrorKind::Stopped,
             Error::Timeout(..) => ErrorKind::Timeout,
-            Error::Cgroup(_) => ErrorKind::Cgroup,
             Error::Config { .. } => ErrorKind::Config,
             Error::Encode(_) => ErrorKind::BadRequest,
             Error::Remote { kind, .. } => *kind,

@@ -37,6 +37,11 @@ const CHUNK: usize = 1 << 20;
 /// Upper bound on the JSON state, to refuse absurd headers early.
 const MAX_STATE: u64 = 16 << 20;
 const MAX_MEM: u64 = 3072 << 20;
+/// Upper bound on `mem_offset`: the page after the largest state. Writers
+/// put RAM at the page after the state; a bound keeps a hostile header from
+/// making a stream reader skip (and wait for) exabytes, and keeps every
+/// offset sum far from overflowing.
+const MAX_MEM_OFFSET: u64 = (HEADER_LEN as u64 + MAX_STATE).next_multiple_of(PAGE as u64);
 
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct VmState {
@@ -108,10 +113,39 @@ impl Header {
         if !hd.mem_offset.is_multiple_of(PAGE as u64) {
             return bad("mem_offset", hd.mem_offset, "not 4 KiB aligned");
         }
-        if hd.mem_offset < HEADER_LEN as u64 + hd.state_len {
-            return bad("mem_offset", hd.mem_offset, "overlaps the header or the state");
+        if hd.mem_offset > MAX_MEM_OFFSET {
+            return bad("mem_offset", hd.mem_offset, "past the page after a 16 MiB state");
         }
+        hd.padding()?;
+        hd.end()?;
         Ok(hd)
+    }
+
+    /// Where the state ends: the header plus `state_len`.
+    fn state_end(&self) -> std::result::Result<u64, SnapshotError> {
+        (HEADER_LEN as u64).checked_add(self.state_len).ok_or(SnapshotError::Header {
+            field: "state_len",
+            value: self.state_len,
+            reason: "overflows the file offsets",
+        })
+    }
+
+    /// Zero bytes between the state and the RAM image.
+    fn padding(&self) -> std::result::Result<u64, SnapshotError> {
+        self.mem_offset.checked_sub(self.state_end()?).ok_or(SnapshotError::Header {
+            field: "mem_offset",
+            value: self.mem_offset,
+            reason: "overlaps the header or the state",
+        })
+    }
+
+    /// Where a full file's RAM image ends: `mem_offset + mem_size`.
+    fn end(&self) -> std::result::Result<u64, SnapshotError> {
+        self.mem_offset.checked_add(self.mem_size).ok_or(SnapshotError::Header {
+            field: "mem_offset",
+            value: self.mem_offset,
+            reason: "plus mem_size overflows the file offsets",
+        })
     }
 }
 
@@ -173,7 +207,14 @@ fn data_pages(mem: &GuestMemoryMmap, buf: &[u8]) -> Vec<bool> {
 /// Mark pages whose bytes in `f` (from `start`) are data rather than holes.
 fn mark_file_data(f: &File, start: u64, pages: &mut [bool]) {
     let fd = f.as_raw_fd();
-    let end = start + (pages.len() * PAGE) as u64;
+    // `start` came from a snapshot header; an end past u64 cannot be
+    // searched, so every page counts as data.
+    let Some(end) =
+        u64::try_from(pages.len()).ok().and_then(|n| n.checked_mul(PAGE as u64)).and_then(|n| start.checked_add(n))
+    else {
+        pages.fill(true);
+        return;
+    };
     let mut off = start;
     while off < end {
         // SAFETY: lseek on a descriptor we own; only its offset changes.
@@ -217,7 +258,7 @@ fn write_file_at(path: &Path, tmp: &Path, st: &VmState, mem: &GuestMemoryMmap) -
     let (hd, json) = prepare(st, 0)?;
     let io = |what: &str| Error::io(format!("{} ({what})", tmp.display()));
     let f = OpenOptions::new().write(true).create(true).truncate(true).open(tmp).map_err(io("create"))?;
-    let total = hd.mem_offset + hd.mem_size;
+    let total = hd.end()?;
     f.write_all_at(&hd.encode(), 0).map_err(io("header"))?;
     f.write_all_at(&json, HEADER_LEN as u64).map_err(io("state"))?;
     let buf = ram(mem, hd.mem_size)?;
@@ -273,8 +314,7 @@ pub fn read_stream<R: Read>(mut r: R) -> Result<(VmState, GuestMemoryMmap)> {
     let mut json = vec![0u8; hd.state_len as usize];
     r.read_exact(&mut json).map_err(io())?;
     let st = parse_state(&json, &hd)?;
-    let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
-    std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
+    skip_padding(&mut r, &hd, "snapshot stream")?;
     let mem = crate::vm::anonymous_ram(hd.mem_size)?;
     if hd.flags & FLAG_SPARSE != 0 {
         // Fresh anonymous memory is zero: fill in only the carried pages.
@@ -305,7 +345,7 @@ pub fn read_file(path: &Path) -> Result<(VmState, GuestMemoryMmap)> {
         return read_stream(std::io::BufReader::with_capacity(1 << 20, f));
     }
     let len = f.metadata().map_err(io("stat"))?.len();
-    let needed = hd.mem_offset + hd.mem_size;
+    let needed = hd.end()?;
     if len < needed {
         return Err(SnapshotError::Truncated { path: path.to_path_buf(), len, needed }.into());
     }
@@ -375,7 +415,7 @@ fn write_runs<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap, flags: u3
     let data = check_runs(runs, st.mem_size)?;
     let (hd, json) = prepare(st, flags)?;
     let buf = ram(mem, hd.mem_size)?;
-    let pad = vec![0u8; hd.mem_offset as usize - HEADER_LEN - json.len()];
+    let pad = vec![0u8; hd.padding()? as usize];
     let r = (|| {
         w.write_all(&hd.encode())?;
         w.write_all(&json)?;
@@ -409,10 +449,20 @@ pub fn apply_diff<R: Read>(mut r: R, mem: &GuestMemoryMmap) -> Result<VmState> {
     }
     let runs = st.diff_runs.clone().ok_or(SnapshotError::MissingRuns("diff"))?;
     check_runs(&runs, hd.mem_size)?;
-    let skip = hd.mem_offset - HEADER_LEN as u64 - hd.state_len;
-    std::io::copy(&mut (&mut r).take(skip), &mut std::io::sink()).map_err(io())?;
+    skip_padding(&mut r, &hd, "diff snapshot stream")?;
     read_runs(&mut r, &runs, mem)?;
     Ok(st)
+}
+
+/// Skip the padding between the state (just read) and the RAM image. A
+/// stream that ends inside it is refused here, not later in a RAM read.
+fn skip_padding<R: Read>(r: &mut R, hd: &Header, what: &'static str) -> Result<()> {
+    let pad = hd.padding()?;
+    let skipped = std::io::copy(&mut r.take(pad), &mut std::io::sink()).map_err(Error::io(what))?;
+    if skipped < pad {
+        return Err(Error::io(what)(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
 }
 
 /// Read the bytes of `runs` (already checked) into guest RAM.
@@ -451,6 +501,52 @@ mod tests {
         let unaligned = Header { flags: 0, state_len: 10, mem_size: 1000, mem_offset: 4096 };
         let e = Header::decode(&unaligned.encode()).err();
         assert!(matches!(e, Some(SnapshotError::Header { field: "mem_size", .. })), "RAM not whole pages: {e:?}");
+    }
+
+    /// Offsets a hostile file could carry: RAM near the end of the u64
+    /// range, where `mem_offset + mem_size` wraps. Every reader refuses them
+    /// with the field named, never by overflowing or panicking.
+    #[test]
+    fn hostile_header_offsets_are_refused_naming_the_field() {
+        let top = u64::MAX - (PAGE as u64 - 1); // 4 KiB aligned, so only the sum is wrong
+        let hostile = Header { flags: 0, state_len: 100, mem_size: 1 << 20, mem_offset: top };
+        let is_mem_offset = |e: &Error| matches!(e, Error::Snapshot(SnapshotError::Header { field: "mem_offset", .. }));
+
+        let e = Header::decode(&hostile.encode()).err();
+        assert!(matches!(e, Some(SnapshotError::Header { field: "mem_offset", value, .. }) if value == top), "{e:?}");
+        // The checked sums, on headers that did not come through decode.
+        let e = hostile.end().err();
+        assert!(matches!(e, Some(SnapshotError::Header { field: "mem_offset", .. })), "{e:?}");
+        let huge_state = Header { flags: 0, state_len: u64::MAX, mem_size: 1 << 20, mem_offset: 4096 };
+        let e = huge_state.padding().err();
+        assert!(matches!(e, Some(SnapshotError::Header { field: "state_len", .. })), "{e:?}");
+        // Just past the bound: aligned, no overflow, but a stream reader
+        // would skip ~1 TiB of it.
+        let far = Header { mem_offset: 1 << 40, ..hostile };
+        let e = Header::decode(&far.encode()).err();
+        assert!(matches!(e, Some(SnapshotError::Header { field: "mem_offset", .. })), "{e:?}");
+
+        let mut bytes = hostile.encode().to_vec();
+        bytes.extend_from_slice(&[b' '; 100]);
+        match read_stream(&bytes[..]) {
+            Err(e) => assert!(is_mem_offset(&e), "{e}"),
+            Ok(_) => panic!("a stream with a wrapping header was read"),
+        }
+        match apply_diff(
+            &Header { flags: FLAG_DIFF, ..hostile }.encode()[..],
+            &crate::vm::anonymous_ram(4096).expect("ram"),
+        ) {
+            Err(e) => assert!(is_mem_offset(&e), "{e}"),
+            Ok(_) => panic!("a diff with a wrapping header was applied"),
+        }
+        let path = std::env::temp_dir().join(format!("vmm-hostile-snapshot-{}", std::process::id()));
+        std::fs::write(&path, &bytes).expect("write the hostile file");
+        let r = read_file(&path);
+        std::fs::remove_file(&path).expect("remove the hostile file");
+        match r {
+            Err(e) => assert!(is_mem_offset(&e), "{e}"),
+            Ok(_) => panic!("a file with a wrapping header was mapped"),
+        }
     }
 
     #[test]

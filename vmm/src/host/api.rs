@@ -180,7 +180,9 @@ impl Request {
 }
 
 /// The class of a failed request, so a client can react without parsing
-/// the message.
+/// the message. There is no cgroup class: a `vmm` joins its cgroup at start,
+/// before it serves the socket, and exits if it cannot, so no request fails
+/// on a cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
@@ -197,7 +199,6 @@ pub enum ErrorKind {
     Load,
     Snapshot,
     Io,
-    Cgroup,
     /// Talking to the VMM process failed (client side only).
     Connection,
 }

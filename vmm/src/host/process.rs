@@ -1,11 +1,14 @@
 //! Running a VM in its own `vmm` process, for callers (the governor, the
 //! card simulator) that want process isolation and a kill-safe boundary.
-//! The child is killed and reaped when the handle is dropped.
+//! A dropped handle stops its child the way an operator would: SIGTERM, so
+//! the `vmm` shuts its VM down, releases its cgroup and removes its control
+//! socket; SIGKILL only if it has not exited after a grace period. SIGKILL
+//! alone would leave a cgroup made with `--cgroup` (and the socket) behind.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use cgroupfs::Limits;
 use serde_json::Value;
@@ -17,6 +20,15 @@ use crate::vm::Reply;
 
 /// How long a new process may take to open its control socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a child gets after SIGTERM before it is killed. Shutting the VM
+/// down, releasing the cgroup and removing the socket take a few ms; the
+/// rest is headroom for a loaded host (the cgroup rmdir alone retries for
+/// up to a second while exiting threads leave it).
+const STOP_GRACE: Duration = Duration::from_millis(2500);
+
+/// How often the child is polled during the grace period.
+const STOP_POLL: Duration = Duration::from_millis(5);
 
 /// What the child process starts with.
 #[derive(Debug, Clone)]
@@ -44,6 +56,9 @@ pub struct SpawnOptions {
     pub cgroup: Option<(String, Limits)>,
 }
 
+/// A `vmm` child process and its control connection. Dropping it stops the
+/// child gracefully (see the module docs); [`VmmProcess::shutdown`] asks
+/// over the socket instead and reports a failure.
 pub struct VmmProcess {
     child: Child,
     socket: PathBuf,
@@ -59,13 +74,24 @@ fn remove_socket(path: &Path) {
     }
 }
 
-/// Kill and reap a child that may have exited already.
-fn kill_and_reap(child: &mut Child) -> Option<std::process::ExitStatus> {
+/// Stop a child that may have exited already: SIGTERM, up to `grace` for it
+/// to exit, then SIGKILL; it is reaped in every case (a failure to reap is
+/// logged and gives None).
+fn stop_and_reap(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     match child.try_wait() {
         Ok(Some(status)) => return Some(status),
-        Ok(None) => {}
+        Ok(None) => terminate(child, grace),
+        // Cannot tell whether it still runs: skip the grace period; the
+        // SIGKILL and the blocking wait below settle it.
         Err(e) => tracing::warn!(pid = child.id(), error = %e, "cannot poll the vmm process"),
     }
+    // Exited during the grace period. A failed poll here is settled by the
+    // kill and the blocking wait below.
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    // `Child::kill` signals only a child std has not reaped (std keeps the
+    // status once `try_wait`/`wait` saw it), so a reused pid is never hit.
     if let Err(e) = child.kill() {
         tracing::warn!(pid = child.id(), error = %e, "cannot kill the vmm process");
     }
@@ -76,6 +102,38 @@ fn kill_and_reap(child: &mut Child) -> Option<std::process::ExitStatus> {
             None
         }
     }
+}
+
+/// SIGTERM to a child that `try_wait` just found unreaped, then poll it for
+/// up to `grace`. Until this handle waits for it the pid stays ours (an
+/// exited child is a zombie holding it), so the signal cannot reach another
+/// process; pid 0 (this process group) or a pid beyond `pid_t` is refused.
+fn terminate(child: &mut Child, grace: Duration) {
+    let pid = match libc::pid_t::try_from(child.id()) {
+        Ok(pid) if pid > 0 => pid,
+        _ => {
+            tracing::warn!(pid = child.id(), "not a child pid; not sending SIGTERM");
+            return;
+        }
+    };
+    // SAFETY: kill(2) has no memory effects; `pid` is our unreaped child.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let e = io::Error::last_os_error();
+        tracing::warn!(pid, error = %e, "cannot send SIGTERM to the vmm process");
+        return;
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(None) => std::thread::sleep(STOP_POLL),
+            Ok(Some(_)) => return,
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "cannot poll the vmm process after SIGTERM");
+                return;
+            }
+        }
+    }
+    tracing::warn!(pid, ?grace, "the vmm process did not exit on SIGTERM; killing it");
 }
 
 impl VmmProcess {
@@ -117,7 +175,9 @@ impl VmmProcess {
         match Client::connect_wait(&o.socket, SOCKET_TIMEOUT) {
             Ok(client) => Ok(VmmProcess { child, socket: o.socket.clone(), client }),
             Err(e) => {
-                let status = kill_and_reap(&mut child);
+                // It may have joined (and made) a cgroup before it hung:
+                // the same graceful stop as a dropped handle.
+                let status = stop_and_reap(&mut child, STOP_GRACE);
                 Err(Error::NoSocket { socket: o.socket.clone(), status, source: Box::new(e) })
             }
         }
@@ -154,8 +214,13 @@ impl VmmProcess {
 }
 
 impl Drop for VmmProcess {
+    /// SIGTERM, so the child shuts its VM down and releases its cgroup and
+    /// socket itself; SIGKILL after [`STOP_GRACE`]. A child already waited
+    /// for ([`VmmProcess::shutdown`]) is not signalled.
     fn drop(&mut self) {
-        kill_and_reap(&mut self.child);
+        stop_and_reap(&mut self.child, STOP_GRACE);
+        // The child removes its socket on a clean exit; this covers a child
+        // that had to be killed.
         remove_socket(&self.socket);
     }
 }

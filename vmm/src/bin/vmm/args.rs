@@ -47,7 +47,12 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
             "--cpu-quota-us" => a.limits.cpu_quota_us = Some(num(val()?)?),
             "--cpu-period-us" => a.limits.cpu_period_us = Some(num(val()?)?),
             "--cpuset" => a.limits.cpuset = Some(val()?),
-            "--memory-mib" => a.limits.memory_bytes = Some(num(val()?)? << 20),
+            // A shift would drop the high bits and set a small, wrong limit.
+            "--memory-mib" => {
+                let mib = num(val()?)?;
+                a.limits.memory_bytes =
+                    Some(mib.checked_mul(1 << 20).ok_or(format!("{k}: {mib} MiB overflows u64 bytes"))?);
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -80,6 +85,7 @@ mod tests {
         assert!(args("").is_err_and(|e| e.contains("--socket")));
         assert!(args("--mem-mib x --guest g").is_err_and(|e| e.starts_with("--mem-mib")));
         assert!(args("--guest").is_err_and(|e| e.contains("needs a value")));
+        assert!(args("--guest g --memory-mib 17592186044416").is_err_and(|e| e.starts_with("--memory-mib")));
         assert!(args("--bogus").is_err_and(|e| e.contains("\"--bogus\"")));
     }
 }

@@ -65,7 +65,7 @@ fn self_rss() -> u64 {
     s.lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+        .map_or(0, |kb| kb.saturating_mul(1024))
 }
 
 impl Server {
