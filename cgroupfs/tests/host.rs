@@ -6,6 +6,19 @@ use std::time::{Duration, Instant};
 
 use cgroupfs::{Layout, Limits};
 
+/// Kills what is left in a test's cgroup and removes it when the test
+/// ends, also when an assertion fails half way.
+struct Guard(cgroupfs::Cgroup);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.0.kill_all(Duration::from_secs(5));
+        if let Err(e) = self.0.remove() {
+            eprintln!("warning: removing {}: {e}", self.0.rel().display());
+        }
+    }
+}
+
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
@@ -21,7 +34,8 @@ fn create_join_measure_limit_remove() {
     let layout = Layout::detect().expect("layout");
     let name = format!("cgroupfs-test-{}/leaf", std::process::id());
     let limits = Limits { memory_bytes: Some(64 << 20), ..Limits::cpus(0.2) };
-    let mut cg = layout.create(&name, &limits).expect("create");
+    let mut guard = Guard(layout.create(&name, &limits).expect("create"));
+    let cg = &mut guard.0;
     let dirs = cg.dirs();
     assert!(dirs.iter().all(|d| d.is_dir()), "{dirs:?}");
 
@@ -54,7 +68,9 @@ fn create_join_measure_limit_remove() {
 fn remove_moves_stragglers_out() {
     require_root();
     let layout = Layout::detect().expect("layout");
-    let mut cg = layout.create(&format!("cgroupfs-test-s{}", std::process::id()), &Limits::default()).expect("c");
+    let mut guard =
+        Guard(layout.create(&format!("cgroupfs-test-s{}", std::process::id()), &Limits::default()).expect("c"));
+    let cg = &mut guard.0;
     let mut child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
     cg.attach(child.id()).expect("attach");
     assert_eq!(cg.pids(), vec![child.id()]);

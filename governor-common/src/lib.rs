@@ -148,19 +148,29 @@ pub struct Policer {
     pub mode: u32,
     /// Bytes per second; 0 = no byte limit.
     pub rate_bytes_per_s: u64,
-    /// Bucket depth: the burst in bytes, as ns at `rate`.
+    /// The token buckets, apart from `lock`: the tc program updates them
+    /// through a `&mut Bucket` while other CPUs spin on the lock word, so
+    /// the two must not overlap.
+    pub bucket: Bucket,
+    /// shape: TC_H_MAKE(major << 16, minor) for skb->priority.
+    pub classid: u32,
+    /// shape, traffic from the VM: ifindex of the IFB device.
+    pub redirect_ifindex: u32,
+}
+
+/// The byte and packet token buckets of a [`Policer`], as time credit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Bucket {
+    /// Bucket depth: the burst in bytes, as ns at the rate.
     pub burst_ns: u64,
-    /// Credit in ns at `rate`; may go one packet below zero.
+    /// Credit in ns at the rate; may go one packet below zero.
     pub tokens_ns: i64,
     pub last_ns: u64,
     /// ns of credit one packet costs (1e9 / packet rate); 0 = no limit.
     pub pkt_cost_ns: u64,
     pub pkt_burst_ns: u64,
     pub pkt_tokens_ns: i64,
-    /// shape: TC_H_MAKE(major << 16, minor) for skb->priority.
-    pub classid: u32,
-    /// shape, traffic from the VM: ifindex of the IFB device.
-    pub redirect_ifindex: u32,
 }
 
 /// A token bucket's credit after `elapsed_ns` of refill, capped at its
@@ -178,7 +188,7 @@ pub fn refill(tokens_ns: i64, elapsed_ns: u64, depth_ns: u64) -> i64 {
     }
 }
 
-impl Policer {
+impl Bucket {
     /// Police one packet costing `cost_ns` of byte credit and
     /// `pkt_cost_ns` of packet credit at time `now_ns`; true = pass. The
     /// kernel calls this under the value's spin lock (it is inlined: no
@@ -323,20 +333,13 @@ mod tests {
         assert_eq!(refill(i64::MAX - 1, u64::MAX, u64::MAX), i64::MAX, "no overflow");
     }
 
-    fn bucket(rate: u64, burst_ns: u64) -> Policer {
-        Policer {
-            mode: QOS_POLICE,
-            rate_bytes_per_s: rate,
-            burst_ns,
-            tokens_ns: burst_ns as i64,
-            last_ns: 1000,
-            ..Policer::default()
-        }
+    fn bucket(burst_ns: u64) -> Bucket {
+        Bucket { burst_ns, tokens_ns: burst_ns as i64, last_ns: 1000, ..Bucket::default() }
     }
 
     #[test]
     fn admit_pays_in_full_and_goes_one_packet_negative() {
-        let mut p = bucket(1_000_000, 1_000_000); // 1 MB/s, 1 ms = 1000 bytes of burst
+        let mut p = bucket(1_000_000); // 1 ms of burst (1000 bytes at 1 MB/s)
         assert!(p.admit(1000, 64_000_000, 0), "a 64 KB packet passes on any credit");
         assert_eq!(p.tokens_ns, 1_000_000 - 64_000_000);
         assert!(!p.admit(2000, 1_000_000, 0), "no credit: dropped, nothing paid");
@@ -347,7 +350,7 @@ mod tests {
 
     #[test]
     fn admit_never_runs_time_back() {
-        let mut p = bucket(1_000_000, 10_000_000);
+        let mut p = bucket(10_000_000);
         p.tokens_ns = 0;
         assert!(!p.admit(500, 1, 0), "an older clock reading gives no credit");
         assert_eq!(p.last_ns, 1000, "and does not move the clock back");
@@ -356,7 +359,7 @@ mod tests {
 
     #[test]
     fn packet_rate_is_a_second_bucket() {
-        let mut p = bucket(1_000_000_000, 1_000_000_000);
+        let mut p = bucket(1_000_000_000);
         p.pkt_burst_ns = 2_000;
         p.pkt_tokens_ns = 2_000;
         assert!(p.admit(1000, 1, 1_000));

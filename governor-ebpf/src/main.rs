@@ -323,7 +323,7 @@ fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
     let rate = unsafe { (*p).rate_bytes_per_s };
     // A GSO packet is many packets on the wire: charge each segment.
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u64;
-    let pkt_cost = unsafe { (*p).pkt_cost_ns } * segs;
+    let pkt_cost = unsafe { (*p).bucket.pkt_cost_ns } * segs;
     // Division outside the lock: the verifier allows no calls inside it.
     let cost = if rate != 0 { len * NS_PER_S / rate } else { 0 };
     let now = unsafe { bpf_ktime_get_ns() };
@@ -333,7 +333,8 @@ fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
     // and calls no helper, as the verifier requires inside the lock.
     unsafe {
         aya_ebpf::helpers::bpf_spin_lock(core::ptr::addr_of_mut!((*p).lock) as *mut _);
-        pass = (*p).admit(now, cost, pkt_cost);
+        // The &mut covers the buckets only, not the lock word other CPUs spin on.
+        pass = (*core::ptr::addr_of_mut!((*p).bucket)).admit(now, cost, pkt_cost);
         aya_ebpf::helpers::bpf_spin_unlock(core::ptr::addr_of_mut!((*p).lock) as *mut _);
     }
     account(slot, len, pass);

@@ -39,6 +39,12 @@ pub enum ConfigError {
     Syntax(String),
     #[error("config: {field}: {reason}")]
     Field { field: String, reason: String },
+    #[error("config: {field}: {source}")]
+    Cgroup {
+        field: String,
+        #[source]
+        source: cgroupfs::CgroupError,
+    },
 }
 
 fn field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -131,10 +137,12 @@ fn default_socket() -> PathBuf {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Read, parse and check a config against this host's cgroups and
+    /// interfaces.
+    pub fn load(path: &Path, layout: &Layout) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let cfg = Config::parse(&text)?;
-        cfg.check_host()?;
+        cfg.check_host(layout)?;
         Ok(cfg)
     }
 
@@ -211,10 +219,11 @@ impl Config {
     }
 
     /// Check that every cgroup and interface named exists on this host.
-    pub fn check_host(&self) -> Result<(), ConfigError> {
-        let layout = Layout::detect().map_err(|e| field("cgroup", e.to_string()))?;
+    pub fn check_host(&self, layout: &Layout) -> Result<(), ConfigError> {
         for (i, vm) in self.vms.iter().enumerate() {
-            layout.open(&vm.cgroup).map_err(|e| field(format!("vm[{i}].cgroup"), e.to_string()))?;
+            layout
+                .open(&vm.cgroup)
+                .map_err(|source| ConfigError::Cgroup { field: format!("vm[{i}].cgroup"), source })?;
             for (j, ifname) in vm.interfaces.iter().enumerate() {
                 crate::netdev::ifindex(ifname)
                     .map_err(|e| field(format!("vm[{i}].interfaces[{j}]"), format!("{ifname:?}: {e}")))?;
@@ -277,7 +286,11 @@ mod tests {
     #[test]
     fn host_check_names_missing_things() {
         let c = Config::parse("[[vm]]\nname = \"a\"\ncgroup = \"no-such-cgroup-xyz\"").expect("parses");
-        assert!(c.check_host().expect_err("missing cgroup").to_string().contains("vm[0].cgroup"));
+        assert!(c
+            .check_host(&Layout::detect().expect("layout"))
+            .expect_err("missing cgroup")
+            .to_string()
+            .contains("vm[0].cgroup"));
         let c = Config::parse("[[vm]]\nname = \"a\"\ncgroup = \".\"").err();
         assert!(c.is_some());
     }

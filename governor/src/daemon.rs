@@ -11,6 +11,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::{parse_request, Request, Response, Status};
+use cgroupfs::Layout;
+
 use crate::config::Config;
 use crate::governor::Governor;
 
@@ -34,19 +36,25 @@ impl Signals {
 }
 
 /// Run until SIGINT/SIGTERM, or until `stop_after` when given.
-pub async fn run(cfg: Config, print: bool, stop_after: Option<Duration>) -> Result<()> {
-    run_with(cfg, print, stop_after, Signals::install()?).await
+pub async fn run(cfg: Config, layout: Layout, print: bool, stop_after: Option<Duration>) -> Result<()> {
+    run_with(cfg, layout, print, stop_after, Signals::install()?).await
 }
 
 /// [`run`] with signal handlers installed earlier by the caller.
-pub async fn run_with(cfg: Config, print: bool, stop_after: Option<Duration>, signals: Signals) -> Result<()> {
+pub async fn run_with(
+    cfg: Config,
+    layout: Layout,
+    print: bool,
+    stop_after: Option<Duration>,
+    signals: Signals,
+) -> Result<()> {
     let Signals { mut term, mut int } = signals;
     // Locks and the socket next: if another governor uses the same pins,
     // IFB device or socket, stop before touching any of them.
     let _locks = [lock("pins", &cfg.pin_dir.to_string_lossy())?, lock("ifb", &cfg.qos_ifb)?];
     let listener = bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
-    let mut gov = Governor::new(&cfg).context("starting the governor")?;
+    let mut gov = Governor::new_on(&cfg, layout).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     tokio::spawn(serve(listener, tx));

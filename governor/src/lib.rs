@@ -12,7 +12,6 @@ pub mod api;
 pub mod btf;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod governor;
 pub mod metrics;
 pub mod netdev;

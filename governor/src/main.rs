@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
+use cgroupfs::Layout;
 use clap::{Parser, Subcommand};
 use governor::api::{self, Request};
 use governor::config::{Config, DEFAULT_SOCKET};
@@ -23,14 +24,6 @@ enum Cmd {
         /// Also print the status table every tick.
         #[arg(long)]
         print: bool,
-    },
-    /// A live demo: three VMs (cgroups with real CPU, memory and network
-    /// load in their own namespaces) watched by the governor; all removed
-    /// at the end.
-    Demo {
-        /// Stop after this many seconds (default: until Ctrl-C).
-        #[arg(long)]
-        seconds: Option<u64>,
     },
     /// Attach only an empty sched_switch program until SIGINT/SIGTERM (the
     /// floor of `cargo xtask bench overhead`).
@@ -100,30 +93,13 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Run { config, print } => {
-            let cfg = Config::load(&config)?;
+            let layout = Layout::detect()?;
+            let cfg = Config::load(&config, &layout)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(governor::daemon::run(cfg, print, None))
-        }
-        Cmd::Demo { seconds } => {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(async {
-                // Caught from here on: Ctrl-C while the demo is being set up
-                // still ends in a clean stop that removes all of it.
-                let signals = governor::daemon::Signals::install()?;
-                let demo = governor::demo::Demo::start()?;
-                eprintln!(
-                    "demo: {} VMs; status also via `governor status --socket {}`",
-                    demo.config.vms.len(),
-                    demo.config.socket.display()
-                );
-                let stop = seconds.map(std::time::Duration::from_secs);
-                let r = governor::daemon::run_with(demo.config.clone(), true, stop, signals).await;
-                drop(demo);
-                r
-            })
+                .block_on(governor::daemon::run(cfg, layout, print, None))
         }
         Cmd::FloorProbe => {
             let _probe = governor::telemetry::attach_floor_probe()?;
@@ -143,7 +119,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Check { config } => {
-            let cfg = Config::load(&config)?;
+            let cfg = Config::load(&config, &Layout::detect()?)?;
             println!("{}: ok, {} vm(s)", config.display(), cfg.vms.len());
             Ok(())
         }

@@ -110,6 +110,7 @@ pub async fn serve(addr: SocketAddr, latest: watch::Receiver<String>) -> Result<
                     "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()
                 );
+                // A scraper that hung up early only loses its own answer.
                 let _ = s.write_all(head.as_bytes()).await;
                 let _ = s.write_all(body.as_bytes()).await;
             });

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use governor_common::{Policer, DIR_FROM_VM, DIR_TO_VM, QOS_POLICE};
+use governor_common::{Bucket, Policer, DIR_FROM_VM, DIR_TO_VM, QOS_POLICE};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -161,7 +161,7 @@ impl Limit {
         let burst_ns = (self.burst_bytes as u128 * NS / rate as u128) as u64;
         let tokens_ns = match prev {
             Some(p) if p.mode == QOS_POLICE && p.rate_bytes_per_s != 0 => {
-                let bytes = p.credit_ns(now_ns) as i128 * p.rate_bytes_per_s as i128 / NS as i128;
+                let bytes = p.bucket.credit_ns(now_ns) as i128 * p.rate_bytes_per_s as i128 / NS as i128;
                 ((bytes * NS as i128 / rate as i128) as i64).min(burst_ns as i64)
             }
             _ => burst_ns as i64,
@@ -179,12 +179,14 @@ impl Limit {
         Policer {
             mode: QOS_POLICE,
             rate_bytes_per_s: rate,
-            burst_ns,
-            tokens_ns,
-            last_ns: now_ns,
-            pkt_cost_ns,
-            pkt_burst_ns,
-            pkt_tokens_ns: pkt_burst_ns as i64,
+            bucket: Bucket {
+                burst_ns,
+                tokens_ns,
+                last_ns: now_ns,
+                pkt_cost_ns,
+                pkt_burst_ns,
+                pkt_tokens_ns: pkt_burst_ns as i64,
+            },
             ..Policer::default()
         }
     }
@@ -192,7 +194,7 @@ impl Limit {
 
 /// Tokens left in a policer, in bytes.
 pub fn tokens_bytes(p: &Policer, now_ns: u64) -> u64 {
-    (p.credit_ns(now_ns).max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
+    (p.bucket.credit_ns(now_ns).max(0) as u128 * p.rate_bytes_per_s as u128 / NS) as u64
 }
 
 #[cfg(test)]
@@ -238,15 +240,15 @@ mod tests {
         let l = spec("8mbit", "100kb").check("").expect("ok"); // 1 MB/s
         let p = l.policer(None, 5);
         assert_eq!(p.rate_bytes_per_s, 1_000_000);
-        assert_eq!(p.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
-        assert_eq!(p.tokens_ns, p.burst_ns as i64, "a new bucket starts full");
+        assert_eq!(p.bucket.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
+        assert_eq!(p.bucket.tokens_ns, p.bucket.burst_ns as i64, "a new bucket starts full");
         assert_eq!(tokens_bytes(&p, 5), 102_400);
         // Halve the rate with 50 KB left: still 50 KB, now worth twice the time.
-        let half = Policer { tokens_ns: 51_200_000, ..p };
+        let half = Policer { bucket: Bucket { tokens_ns: 51_200_000, ..p.bucket }, ..p };
         let l2 = spec("4mbit", "100kb").check("").expect("ok");
         let p2 = l2.policer(Some(&half), 5);
         assert_eq!(tokens_bytes(&p2, 5), 51_200);
-        assert_eq!(p2.last_ns, 5);
+        assert_eq!(p2.bucket.last_ns, 5);
         // Idle for 10 ms at the old 1 MB/s since the last packet: 10,000 B more.
         let p3 = l2.policer(Some(&half), 5 + 10_000_000);
         assert_eq!(tokens_bytes(&p3, 5 + 10_000_000), 61_200);

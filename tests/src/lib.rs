@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 
 pub use fixtures::inventory::Inventory;
-pub use fixtures::{unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempPath, VethPair, VmNet};
+pub use fixtures::{
+    unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempDir, TempPath, VethPair, VmNet,
+};
 
 /// A cgroup made for a test, removed (with anything left in it) on drop.
 pub type TestCgroup = fixtures::ScopedCgroup;

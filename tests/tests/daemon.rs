@@ -234,17 +234,8 @@ fn prometheus_scrapes_the_governor() {
             .spawn()
             .expect("governor"),
     ));
-    let dir = std::env::temp_dir().join(unique("gprom"));
-    std::fs::create_dir_all(&dir).expect("prometheus dir");
-    struct RmDir(PathBuf);
-    impl Drop for RmDir {
-        fn drop(&mut self) {
-            if let Err(e) = std::fs::remove_dir_all(&self.0) {
-                eprintln!("warning: removing {}: {e}", self.0.display());
-            }
-        }
-    }
-    let _rm = RmDir(dir.clone());
+    let tmp = TempDir::new("governor-test-prom").expect("prometheus dir");
+    let dir = tmp.path().to_path_buf();
     std::fs::write(
         dir.join("prometheus.yml"),
         format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: governor\n    static_configs:\n      - targets: [\"127.0.0.1:{metrics_port}\"]\n"),

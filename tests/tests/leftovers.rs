@@ -21,11 +21,9 @@ fn the_demo_leaves_nothing_behind() {
     require_tool("iperf3");
     require_tool("stress-ng");
     let before = Inventory::take();
-    let out = Command::new(governor_bin())
-        .args(["demo", "--seconds", "4"])
-        .stdout(Stdio::null())
-        .output()
-        .expect("run governor demo");
+    let demo = bin_dir().join("governor-demo");
+    assert!(demo.exists(), "{} is missing: build it first (cargo xtask test does)", demo.display());
+    let out = Command::new(demo).args(["--seconds", "4"]).stdout(Stdio::null()).output().expect("run governor-demo");
     assert!(out.status.success(), "demo failed: {}", String::from_utf8_lossy(&out.stderr));
     let left = Inventory::take().left_since(&before);
     assert!(left.is_empty(), "the demo left: {left}");
@@ -40,9 +38,10 @@ fn a_stopped_governor_leaves_nothing_behind() {
         let cg = TestCgroup::new("left");
         let pins = PinDir::new();
         let dir = std::env::temp_dir();
-        let (cfg, sock) = (dir.join(format!("{}.toml", unique("gcfg"))), dir.join(format!("{}.sock", unique("gsk"))));
+        let (cfg_file, sock) = (TempPath::new("governor-test.toml"), dir.join(format!("{}.sock", unique("gsk"))));
+        let cfg = cfg_file.path();
         std::fs::write(
-            &cfg,
+            cfg,
             format!(
                 "pin_dir = {:?}\nsocket = {sock:?}\nqos_ifb = {:?}\n[[vm]]\nname = \"vm\"\ncgroup = {:?}\ninterfaces = [{:?}]\n\
                  [vm.qos.egress]\nmode = \"shape\"\nrate = \"10mbit\"\nburst = \"64kb\"\n\
@@ -55,7 +54,7 @@ fn a_stopped_governor_leaves_nothing_behind() {
         )
         .expect("config");
         let mut gov = Guarded::new(
-            Command::new(governor_bin()).args(["run", "--config"]).arg(&cfg).spawn().expect("start governor"),
+            Command::new(governor_bin()).args(["run", "--config"]).arg(cfg).spawn().expect("start governor"),
         );
         let start = Instant::now();
         while !sock.exists() {
@@ -65,7 +64,6 @@ fn a_stopped_governor_leaves_nothing_behind() {
         }
         let st = gov.terminate(Duration::from_secs(10)).expect("governor stops on SIGTERM");
         assert!(st.success(), "{st}");
-        std::fs::remove_file(&cfg).expect("remove config");
     }
     let left = Inventory::take().left_since(&before);
     assert!(left.is_empty(), "the governor and its test left: {left}");

@@ -27,9 +27,15 @@ pub fn cargo_bin_dir() -> PathBuf {
     home.join("bin")
 }
 
+/// The workspace's cargo target directory (honours CARGO_TARGET_DIR, as
+/// cargo does).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
 /// A release binary of the workspace.
 pub fn release_bin(name: &str) -> PathBuf {
-    root().join("target/release").join(name)
+    target_dir().join("release").join(name)
 }
 
 /// `cargo` of the toolchain that runs xtask.

@@ -11,8 +11,7 @@ use crate::leftovers::Leftovers;
 pub fn run(seconds: Option<u64>) -> Result<()> {
     build::all()?;
     let watch = Leftovers::watch();
-    let mut cmd = Command::new(release_bin("governor"));
-    cmd.arg("demo");
+    let mut cmd = Command::new(release_bin("governor-demo"));
     if let Some(s) = seconds {
         cmd.args(["--seconds", &s.to_string()]);
     }

@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::config::{Config, VmConfig};
 use crate::qos::{Direction, Mode};
 use crate::sampler::{rates, Sample, VmStatus};
-use crate::shape::{NetlinkShaper, ShapeError, Shaper};
+use crate::shape::{LazyShaper, NetlinkShaper, ShapeError, Shaper};
 use crate::telemetry::{BpfTelemetry, Telemetry, TelemetryError};
 
 mod limits;
@@ -54,8 +54,6 @@ pub enum GovernorError {
         #[source]
         source: ShapeError,
     },
-    #[error("opening rtnetlink for shaping: {0}")]
-    Shaper(#[source] ShapeError),
 }
 
 /// One VM direction's limit and what it did, as `governor limit show` and
@@ -89,7 +87,7 @@ pub struct OomRecord {
 
 pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     telemetry: T,
-    shaper: S,
+    shaper: LazyShaper<S>,
     layout: Layout,
     vms: Vec<WatchedVm>,
     status: Vec<VmStatus>,
@@ -109,15 +107,29 @@ impl Governor {
     /// it is in place or, on error, nothing stays attached or pinned.
     pub fn new(cfg: &Config) -> Result<Governor, GovernorError> {
         let layout = Layout::detect().map_err(|source| GovernorError::Cgroup { vm: "*".into(), source })?;
-        let shaper = NetlinkShaper::new().map_err(GovernorError::Shaper)?;
+        Governor::new_on(cfg, layout)
+    }
+
+    /// [`Governor::new`] on a cgroup layout detected by the caller. Shaping
+    /// (rtnetlink) is opened at the first `shape` limit, not before.
+    pub fn new_on(cfg: &Config, layout: Layout) -> Result<Governor, GovernorError> {
         let telemetry = BpfTelemetry::load(&cfg.pin_dir)?;
-        Governor::with(cfg, telemetry, shaper, layout)
+        Governor::build(cfg, telemetry, LazyShaper::opening(NetlinkShaper::new), layout)
     }
 }
 
 impl<T: Telemetry, S: Shaper> Governor<T, S> {
     /// A governor over the given kernel side, shaper and cgroup layout.
     pub fn with(cfg: &Config, telemetry: T, shaper: S, layout: Layout) -> Result<Governor<T, S>, GovernorError> {
+        Governor::build(cfg, telemetry, LazyShaper::ready(shaper), layout)
+    }
+
+    fn build(
+        cfg: &Config,
+        telemetry: T,
+        shaper: LazyShaper<S>,
+        layout: Layout,
+    ) -> Result<Governor<T, S>, GovernorError> {
         let mut g = Governor {
             telemetry,
             shaper,

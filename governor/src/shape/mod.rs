@@ -24,16 +24,20 @@
 use std::fmt;
 use std::io;
 
+#[cfg(any(test, feature = "fakes"))]
 mod fake;
 mod htb;
+mod lazy;
 mod netlink;
 mod psched;
 mod rtnl;
 
+#[cfg(any(test, feature = "fakes"))]
 pub use fake::{FakeNet, FakeShaper};
 pub use htb::{
     htb_glob_bytes, nla, quantum_for, HtbClassParams, DIRECT_QLEN, TC_HTB_GLOB_LEN, TC_HTB_OPT_LEN, TC_RATESPEC_LEN,
 };
+pub use lazy::LazyShaper;
 pub use netlink::NetlinkShaper;
 pub use psched::PschedClock;
 

@@ -1,7 +1,7 @@
 //! [`NetlinkShaper`]: the qdisc, class and IFB operations of the governor's
 //! shaping, over rtnetlink (nothing shells out to `tc` or `ip`).
 
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
 use netlink_packet_route::RouteNetlinkMessage;
@@ -11,8 +11,6 @@ use super::psched::PschedClock;
 use super::rtnl::{Reply, Request, Rtnl};
 use super::{Op, ShapeError, Shaper};
 
-/// `RTM_NEWLINK` (uapi rtnetlink.h); netlink-packet-route keeps its own private.
-const RTM_NEWLINK: u16 = 16;
 const IFNAMSIZ: usize = 16;
 
 fn tc_handle(major: u16, minor: u16) -> TcHandle {
@@ -249,16 +247,10 @@ impl Shaper for NetlinkShaper {
         msg.attributes.push(LinkAttribute::IfName(name.into()));
         let replies = self.rtnl.request(op, &target, Request::plain(RouteNetlinkMessage::GetLink(msg)), 0)?;
         for r in replies {
-            // struct ifinfomsg { u8 family; u8 pad; u16 type; i32 index; ... }
-            if r.msg_type == RTM_NEWLINK {
-                let idx = r.payload.get(4..8).ok_or_else(|| ShapeError::Protocol {
-                    op,
-                    target: target.clone(),
-                    reason: format!("RTM_NEWLINK payload of {} bytes", r.payload.len()),
-                })?;
-                let mut b = [0u8; 4];
-                b.copy_from_slice(idx);
-                return Ok(i32::from_ne_bytes(b) as u32);
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&r.bytes)
+                .map_err(|e| ShapeError::Protocol { op, target: target.clone(), reason: format!("reply: {e}") })?;
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = msg.payload {
+                return Ok(link.header.index);
             }
         }
         Err(ShapeError::Protocol { op, target, reason: "no RTM_NEWLINK in the reply".into() })

@@ -56,10 +56,10 @@ impl NetlinkSerializable for Request {
     }
 }
 
-/// One netlink message from a reply datagram: its type and payload.
+/// One netlink message from a reply datagram (header and payload), to be
+/// parsed by whoever asked for it.
 pub(crate) struct Reply {
-    pub msg_type: u16,
-    pub payload: Vec<u8>,
+    pub bytes: Vec<u8>,
 }
 
 /// A synchronous rtnetlink client. Not thread-safe by design (`&mut self`):
@@ -130,6 +130,7 @@ impl Rtnl {
                 let len = msg.length() as usize;
                 let (msg_type, msg_flags, msg_seq) = (msg.message_type(), msg.flags(), msg.sequence_number());
                 let payload = msg.payload();
+                let whole = &data[..len];
                 data = &data[align4(len).min(data.len())..];
                 if msg_seq != seq {
                     continue; // a late reply to an earlier request
@@ -142,7 +143,7 @@ impl Rtnl {
                         return Err(ShapeError::from_errno(op, target.to_string(), -code.get(), extack));
                     }
                     NLMSG_DONE => return Ok(replies),
-                    _ => replies.push(Reply { msg_type, payload: payload.to_vec() }),
+                    _ => replies.push(Reply { bytes: whole.to_vec() }),
                 }
             }
         }

@@ -15,9 +15,13 @@ use thiserror::Error;
 use crate::qos::Direction;
 
 mod bpf;
+/// In-memory fakes are for tests (this crate's, or others' with the
+/// `fakes` feature); the daemon's binary does not carry them.
+#[cfg(any(test, feature = "fakes"))]
 pub mod fake;
 
 pub use bpf::{attach_floor_probe, BpfTelemetry};
+#[cfg(any(test, feature = "fakes"))]
 pub use fake::FakeTelemetry;
 
 #[derive(Debug, Error)]

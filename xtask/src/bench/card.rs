@@ -12,11 +12,10 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use super::Row;
-use crate::build::root;
 
 /// `cargo xtask bench card`.
 pub fn bench() -> Result<Vec<Row>> {
-    let bin_dir = root().join("target/release");
+    let bin_dir = crate::build::target_dir().join("release");
     let bench = bin_dir.join("card-bench");
     let out = Command::new(&bench)
         .env("CARD_SIM_BIN", bin_dir.join("card-sim"))

@@ -7,13 +7,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fixtures::{unique, Guarded};
+use fixtures::{unique, Guarded, TempPath};
 
 use crate::build::release_bin;
 
 pub struct Daemon {
     child: Guarded,
-    config: PathBuf,
+    _config: TempPath,
     pub socket: PathBuf,
     pub pins: PathBuf,
 }
@@ -23,25 +23,25 @@ impl Daemon {
     /// `[[vm]]` part of its config.
     pub fn start(vms: &str) -> Result<Daemon> {
         let tag = unique("gb");
-        let config = std::env::temp_dir().join(format!("governor-bench-{tag}.toml"));
+        let config = TempPath::new("governor-bench.toml");
         let socket = PathBuf::from(format!("/run/governor/bench-{tag}.sock"));
         let pins = PathBuf::from(format!("/sys/fs/bpf/governor-bench-{tag}"));
         std::fs::write(
-            &config,
+            config.path(),
             format!(
                 "pin_dir = {pins:?}\nsocket = {socket:?}\nqos_ifb = \"gbif{}\"\n{vms}",
                 std::process::id() % 100_000
             ),
         )
-        .with_context(|| format!("write {}", config.display()))?;
+        .with_context(|| format!("write {}", config.path().display()))?;
         let child = Command::new(release_bin("governor"))
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("start governor")?;
-        let mut d = Daemon { child: Guarded::new(child), config, socket, pins };
+        let mut d = Daemon { child: Guarded::new(child), _config: config, socket, pins };
         let start = Instant::now();
         while !d.socket.exists() {
             if start.elapsed() > Duration::from_secs(10) || d.child.child().try_wait()?.is_some() {
@@ -61,9 +61,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if self.child.terminate(Duration::from_secs(10)).is_none() {
             eprintln!("warning: the bench governor did not stop on SIGTERM; killed");
-        }
-        if let Err(e) = std::fs::remove_file(&self.config) {
-            eprintln!("warning: removing {}: {e}", self.config.display());
         }
     }
 }

@@ -23,14 +23,16 @@ fn loaded_run(net: &VmNet) -> Result<(f64, Vec<f64>)> {
     let _server =
         Guarded::new(vm.0.cmd(&["iperf3", "-s", "-1", "-p", "5299", "-B", &vm.2]).stdout(Stdio::null()).spawn()?);
     std::thread::sleep(Duration::from_millis(300));
-    let client = peer
-        .0
-        .cmd(&["iperf3", "-J", "-c", &vm.2, "-p", "5299", "-t", "8", "-O", "2"])
-        .stdout(Stdio::piped())
-        .spawn()?;
+    // Guarded until its report is read: a failed ping does not leave it running.
+    let mut client = Guarded::new(
+        peer.0
+            .cmd(&["iperf3", "-J", "-c", &vm.2, "-p", "5299", "-t", "8", "-O", "2"])
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
     std::thread::sleep(Duration::from_secs(2));
     let ping = peer.0.cmd(&["ping", "-i", "0.01", "-c", "300", &vm.2]).output()?;
-    let out = client.wait_with_output()?;
+    let out = client.0.take().context("iperf3 client")?.wait_with_output()?;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     let bps =
         report["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 end.sum_received.bits_per_second")?;

@@ -15,13 +15,12 @@ use fixtures::{Guarded, TempPath};
 use serde_json::Value;
 
 use super::Row;
-use crate::build::{guest_elf, root, sh};
+use crate::build::{guest_elf, sh};
 use crate::stats::{max, median};
 
 /// Release-build `vmm` binary of the workspace.
 fn vmm_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    target.join("release/vmm")
+    crate::build::release_bin("vmm")
 }
 
 /// A JSON-lines client for the VMM control socket (xtask does not build the

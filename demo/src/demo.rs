@@ -1,4 +1,4 @@
-//! `governor demo`: a live demo host for `cargo xtask run`.
+//! The demo host of `cargo xtask run`.
 //!
 //! Three "VMs", each a cgroup running real load, two of them with a veth
 //! into their own network namespace, joined by a bridge in the root
@@ -18,8 +18,8 @@ use anyhow::{Context, Result};
 use cgroupfs::Limits;
 use fixtures::{unique, Guarded, ScopedCgroup, VmNet};
 
-use crate::config::{Config, Role, VmConfig};
-use crate::qos::{LimitSpec, Mode, Quantity};
+use governor::config::{Config, Role, VmConfig};
+use governor::qos::{LimitSpec, Mode, Quantity};
 
 pub struct Demo {
     pub config: Config,
@@ -30,7 +30,7 @@ pub struct Demo {
 }
 
 impl Demo {
-    pub fn start() -> Result<Demo> {
+    pub fn start(layout: &cgroupfs::Layout) -> Result<Demo> {
         let tag = unique("d");
         let net = VmNet::create(2).context("demo network")?;
         let mut config = Config::parse("")?;
@@ -85,7 +85,7 @@ impl Demo {
                 "--quiet",
             ],
         )?;
-        d.config.check_host()?;
+        d.config.check_host(layout)?;
         Ok(d)
     }
 
