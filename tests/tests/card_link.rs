@@ -46,7 +46,7 @@ fn connect(sim: &SimProcess, cmd_timeout: Duration) -> Card {
 #[test]
 fn card_sim_runs_in_its_cgroup_and_reports_identity() {
     let s = sim();
-    let cg = s.cgroup.as_ref().expect("card cgroup");
+    let cg = s.cgroup().expect("card cgroup");
     assert!(cg.pids().contains(&s.pid()), "card-sim pid {} not in its cgroup {:?}", s.pid(), cg.pids());
     let mut card = connect(&s, Duration::from_secs(2));
     let id = card.identity().clone();
@@ -154,7 +154,7 @@ fn card_ecs_control_service_creates_and_destroys_vms() {
 
 /// Read the card's registers and its cgroup's own CPU counter back to back.
 fn cpu_pair(card: &mut Card, s: &SimProcess) -> (card_link::abi::RegisterSnapshot, u64, Instant) {
-    let cg = s.cgroup.as_ref().expect("cgroup");
+    let cg = s.cgroup().expect("cgroup");
     let snap = card.registers().expect("registers");
     (snap, cg.cpu_usage_ns().expect("cgroup cpu"), Instant::now())
 }
@@ -182,7 +182,7 @@ fn card_telemetry_memory_agrees_with_cgroup() {
     s.control(&load(Load { mem_mib: Some(128), ..Load::default() })).expect("memory load");
     std::thread::sleep(Duration::from_millis(3 * PERIOD_MS));
     let snap = card.registers().expect("registers");
-    let truth = s.cgroup.as_ref().expect("cgroup").memory().expect("cgroup memory").map_or(0, |m| m.usage_bytes) as f64;
+    let truth = s.cgroup().expect("cgroup").memory().expect("cgroup memory").map_or(0, |m| m.usage_bytes) as f64;
     let mem = snap.resource(ResourceKind::Memory).expect("memory");
     let cap = mem.capacity as f64;
     eprintln!("memory: card says {} B, cgroup says {truth} B", mem.used);
@@ -491,7 +491,7 @@ fn card_vmm_guest_banner_snapshot_stream_and_restore() {
         vmm::proto::BANNER
     );
     // The guest's vCPU runs inside card-sim, so inside the card's cgroup.
-    let cg = s.cgroup.as_ref().expect("cgroup");
+    let cg = s.cgroup().expect("cgroup");
     assert!(cg.pids().contains(&s.pid()));
 
     let info = card.snapshot_vm(vm).expect("snapshot on the card");

@@ -12,6 +12,7 @@ use std::time::Duration;
 use card_link::mailbox::VmSpec;
 
 use crate::device::SimCard;
+use crate::error::ApplyError;
 use crate::request::{self, CardStatus, EcsRequest, Fault, Reply, Request, DEFAULT_SLOW_MS};
 
 /// Accept control connections until the listener fails; each is served on
@@ -46,8 +47,8 @@ fn handle_conn(card: Arc<SimCard>, conn: UnixStream) {
             continue;
         }
         let reply = match request::parse(&line) {
-            Ok(req) => apply(&card, &req).unwrap_or_else(Reply::refused),
-            Err(why) => Reply::refused(why),
+            Ok(req) => apply(&card, &req).unwrap_or_else(|e| Reply::refused(e.to_string())),
+            Err(why) => Reply::refused(why.to_string()),
         };
         let text = match serde_json::to_string(&reply) {
             Ok(t) => t,
@@ -63,15 +64,15 @@ fn handle_conn(card: Arc<SimCard>, conn: UnixStream) {
 }
 
 /// Apply one request, already checked whole by `request::parse`.
-pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, String> {
+pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
     match req {
-        Request::Status => Ok(Reply {
+        Request::Status {} => Ok(Reply {
             status: Some(CardStatus {
                 pid: std::process::id(),
                 heartbeat: card.heartbeat(),
                 fpga_completed: card.fpga.completed(),
                 net_bytes: card.net.bytes.load(Ordering::Relaxed),
-                cgroup: card.cfg.cgroup.clone(),
+                cgroup: card.cgroup_name(),
             }),
             ..Reply::ok()
         }),
@@ -111,11 +112,11 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, String> {
         }
         Request::Ecs(EcsRequest::CreateVm { name, mem_mib }) => {
             let spec = VmSpec { name: name.clone(), mem_mib: *mem_mib, vcpus: 1 };
-            let id = card.ecs_create(&spec).map_err(|e| format!("create_vm refused: {e}"))?;
+            let id = card.ecs_create(&spec).map_err(|source| ApplyError::Ecs { op: "create_vm", source })?;
             Ok(Reply { vm: Some(id), ..Reply::ok() })
         }
         Request::Ecs(EcsRequest::DestroyVm { vm }) => {
-            card.ecs_destroy(*vm).map_err(|e| format!("destroy_vm refused: {e}"))?;
+            card.ecs_destroy(*vm).map_err(|source| ApplyError::Ecs { op: "destroy_vm", source })?;
             Ok(Reply::ok())
         }
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use card_link::abi::{self, Health, RegisterSnapshot, Resource, ResourceKind, BAR0_SIZE};
 use card_link::mailbox::{self, Message, Op, Status, HEADER_LEN};
-use cgroupfs::{Cgroup, Layout};
+use cgroupfs::Cgroup;
 
 use crate::commands::{EventLog, VmTable};
 use crate::error::SimError;
@@ -26,9 +26,10 @@ pub struct SimConfig {
     pub control: Option<PathBuf>,
     pub period_ms: u32,
     pub serial: u64,
-    /// Name of the card's cgroup (already created and joined by the caller),
-    /// or None to account the process itself (library/in-process use).
-    pub cgroup: Option<String>,
+    /// The card's cgroup, already created, opened and joined by the caller
+    /// (the card-sim binary detects the layout once, for both), or None to
+    /// account the process itself (library/in-process use).
+    pub cgroup: Option<Cgroup>,
     pub net_capacity_bps: u64,
     pub load_threads: usize,
     pub slots: u32,
@@ -75,7 +76,6 @@ pub struct SimCard {
     pub(crate) irq: Mutex<Option<File>>,
     heartbeat: AtomicU64,
     pub faults: Faults,
-    pub cgroup: Option<Cgroup>,
     pub cpu: CpuLoad,
     pub mem: MemLoad,
     pub net: NetClient,
@@ -107,13 +107,6 @@ impl SimCard {
     /// A card with its load, network client and FPGA engine threads running
     /// (heartbeat and mailbox start with `spawn_threads`).
     pub fn with_backend(cfg: SimConfig, backend: Box<dyn VmBackend>) -> Result<Arc<SimCard>, SimError> {
-        let cgroup = cfg.cgroup.as_deref().and_then(|name| match Layout::detect().and_then(|l| l.open(name)) {
-            Ok(cg) => Some(cg),
-            Err(e) => {
-                tracing::warn!("card cgroup {name}: {e}; accounting the process instead");
-                None
-            }
-        });
         let mut bar2 = vec![0u8; mailbox::bar2_size(cfg.slots, cfg.slot_size) as usize];
         bar2[mailbox::REG_SLOTS as usize..][..4].copy_from_slice(&cfg.slots.to_le_bytes());
         bar2[mailbox::REG_SLOT_SIZE as usize..][..4].copy_from_slice(&cfg.slot_size.to_le_bytes());
@@ -126,7 +119,6 @@ impl SimCard {
             irq: Mutex::new(None),
             heartbeat: AtomicU64::new(0),
             faults: Faults::default(),
-            cgroup,
             cpu: CpuLoad::start(cfg.load_threads)?,
             mem: MemLoad::default(),
             net: NetClient::start()?,
@@ -170,6 +162,11 @@ impl SimCard {
         self.doorbell.1.notify_all();
     }
 
+    /// The card's cgroup as named on the command line, for `status`.
+    pub fn cgroup_name(&self) -> Option<String> {
+        self.cfg.cgroup.as_ref().map(|cg| cg.rel().display().to_string())
+    }
+
     pub fn heartbeat(&self) -> u64 {
         self.heartbeat.load(Ordering::Relaxed)
     }
@@ -192,7 +189,7 @@ impl SimCard {
     /// CPU ns and memory bytes of the card: from its cgroup, or from the
     /// process itself when it runs without one.
     fn measure(&self) -> (u64, u64, u64, u64, u64) {
-        if let Some(cg) = &self.cgroup {
+        if let Some(cg) = &self.cfg.cgroup {
             let cpu = cg.cpu_usage_ns().unwrap_or(0);
             let mem = cg.memory().ok().flatten().map_or(0, |m| m.usage_bytes);
             let peak = cg.memory_peak().unwrap_or(mem).max(mem);

@@ -1,6 +1,9 @@
 //! card-sim's typed errors: `SimError` for starting and driving the card
 //! (the launcher, the control client, the card's own threads and sockets),
-//! `VmError` for the card-side VMM behind `vms::VmBackend`.
+//! `VmError` for the card-side VMM behind `vms::VmBackend`, and the control
+//! socket's refusals: `RequestError` (a line that is not a valid request)
+//! and `ApplyError` (a valid request the card refused). The text of the last
+//! two is what the client reads back (`{"ok":false,"error":"field X: reason"}`).
 
 use std::io;
 use std::path::PathBuf;
@@ -20,19 +23,23 @@ pub enum SimError {
         "card-sim binary not found near {near} (build it: cargo build --release -p card-sim --bin card-sim, or set CARD_SIM_BIN)"
     )]
     BinaryNotFound { near: PathBuf },
-    #[error("create the card's directory {path}: {source}")]
+    /// The launcher's directory for the card's sockets, made under `path`.
+    #[error("create the card's directory under {path}: {source}")]
     Dir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    /// Creating, opening or joining the card's cgroup.
+    /// Opening or joining the card's cgroup (the card-sim binary).
     #[error("card cgroup {name}: {source}")]
     Cgroup {
         name: String,
         #[source]
         source: cgroupfs::CgroupError,
     },
+    /// Creating the card's cgroup (the launcher, `SimProcess`).
+    #[error("create the card's cgroup: {0}")]
+    CgroupCreate(#[source] fixtures::FixtureError),
     #[error("spawn {bin}: {source}")]
     Spawn {
         bin: PathBuf,
@@ -85,4 +92,39 @@ pub enum VmError {
     NotModelImage,
     #[error("model VM image holds {memory} bytes of memory, its header says {stated}")]
     ModelImageSize { memory: usize, stated: u64 },
+}
+
+/// A control line that is not a valid request; nothing of it was applied.
+#[derive(Debug, Error)]
+pub enum RequestError {
+    /// Not JSON at all (bad syntax, or cut short).
+    #[error("not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// A field the op needs is absent.
+    #[error("field {field}: missing")]
+    Missing {
+        field: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// JSON, but not a request: an unknown op or field, or a wrongly typed
+    /// value. serde's own text, which names the field (see `request::field`).
+    #[error("{0}")]
+    Shape(#[source] serde_json::Error),
+    /// Read, but out of range or at odds with another field.
+    #[error("field {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// A valid control request that the card refused while applying it.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// The ECS control service refused a create or destroy, as the mailbox
+    /// would (`op` is `create_vm` or `destroy_vm`).
+    #[error("{op} refused: {source}")]
+    Ecs {
+        op: &'static str,
+        #[source]
+        source: crate::commands::Refusal,
+    },
 }

@@ -28,6 +28,6 @@ pub mod vms;
 
 pub use commands::Refusal;
 pub use device::{SimCard, SimConfig};
-pub use error::{SimError, VmError};
+pub use error::{ApplyError, RequestError, SimError, VmError};
 pub use process::{SimOptions, SimProcess};
 pub use request::{EcsRequest, Fault, Load, Reply, Request};

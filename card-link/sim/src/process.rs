@@ -1,20 +1,23 @@
 //! Launch card-sim as a separate process inside its own card-sized cgroup,
 //! for tests, benchmarks and the demo. Dropping the handle kills the process
-//! and removes its cgroup and sockets, also when a test fails.
+//! and removes its cgroup and sockets, also when a test fails. The guards
+//! are the workspace's `fixtures` (`TempDir`, `Guarded` child,
+//! `ScopedCgroup`), so card-sim leaves what every other fixture leaves.
 //!
-//! The binary is found via $CARD_SIM_BIN, else next to the running
-//! executable's target profile directory (target/<profile>/card-sim, which
-//! `cargo xtask build`/`test` produce with `cargo build --workspace --bins`).
+//! The binary is `SimOptions::binary` when given, else found via
+//! $CARD_SIM_BIN, else next to the running executable's target profile
+//! directory (target/<profile>/card-sim, which `cargo xtask build`/`test`
+//! produce with `cargo build --workspace --bins`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cgroupfs::{Cgroup, Layout, Limits};
+use cgroupfs::{Cgroup, Limits};
+use fixtures::{Guarded, ScopedCgroup, TempDir};
 use serde::Serialize;
 
 use crate::error::SimError;
@@ -25,8 +28,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound of one control exchange (an ECS create boots a VM).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
 #[derive(Clone, Debug)]
 pub struct SimOptions {
     pub cpus: f64,
@@ -36,20 +37,26 @@ pub struct SimOptions {
     pub cgroup: bool,
     /// The management agent ELF: VMs run on the vmm crate (else modelled).
     pub guest: Option<PathBuf>,
+    /// The card-sim binary to run; None: `find_binary()`.
+    pub binary: Option<PathBuf>,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { cpus: 1.0, mem_bytes: 512 << 20, period_ms: 100, cgroup: true, guest: None }
+        SimOptions { cpus: 1.0, mem_bytes: 512 << 20, period_ms: 100, cgroup: true, guest: None, binary: None }
     }
 }
 
+/// A running card-sim. Fields drop in this order: the process (stopped and
+/// reaped), then its cgroup (whatever is left killed, then removed), then
+/// its directory (the sockets).
 pub struct SimProcess {
-    child: Option<Child>,
+    child: Guarded,
+    cgroup: Option<ScopedCgroup>,
     pub socket: PathBuf,
     pub control: PathBuf,
-    pub cgroup: Option<Cgroup>,
-    dir: PathBuf,
+    /// The sockets' directory.
+    _dir: TempDir,
 }
 
 /// Locate the card-sim binary (see the module comment).
@@ -69,34 +76,32 @@ pub fn find_binary() -> Result<PathBuf, SimError> {
 
 impl SimProcess {
     pub fn spawn(opts: &SimOptions) -> Result<SimProcess, SimError> {
-        let bin = find_binary()?;
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("card-sim-{}-{n}", std::process::id());
-        let dir = std::env::temp_dir().join(&tag);
-        std::fs::create_dir_all(&dir).map_err(|source| SimError::Dir { path: dir.clone(), source })?;
-        let mut me = SimProcess {
-            child: None,
-            socket: dir.join("card.sock"),
-            control: dir.join("control.sock"),
-            cgroup: None,
-            dir,
+        let bin = match &opts.binary {
+            Some(b) => b.clone(),
+            None => find_binary()?,
         };
+        // Each guard is a local until the end, so an early return (no
+        // sockets in time, an early exit) undoes what was made so far.
+        let dir = TempDir::new("card-sim").map_err(|source| SimError::Dir { path: std::env::temp_dir(), source })?;
+        let socket = dir.path().join("card.sock");
+        let control = dir.path().join("control.sock");
         let mut cmd = Command::new(&bin);
-        cmd.arg("--socket").arg(&me.socket).arg("--control").arg(&me.control);
+        cmd.arg("--socket").arg(&socket).arg("--control").arg(&control);
         cmd.arg("--period-ms").arg(opts.period_ms.to_string());
         cmd.arg("--load-threads").arg((opts.cpus.ceil() as usize).max(1).to_string());
         if let Some(g) = &opts.guest {
             cmd.arg("--guest").arg(g);
         }
-        if opts.cgroup {
+        let cgroup = if opts.cgroup {
             let limits = Limits { memory_bytes: Some(opts.mem_bytes), ..Limits::cpus(opts.cpus) };
-            let cg = Layout::detect()
-                .and_then(|l| l.create(&tag, &limits))
-                .map_err(|source| SimError::Cgroup { name: tag.clone(), source })?;
-            me.cgroup = Some(cg);
-            // card-sim joins it itself before starting any thread.
-            cmd.arg("--cgroup").arg(&tag);
-        }
+            let cg = ScopedCgroup::create("card-sim", &limits).map_err(SimError::CgroupCreate)?;
+            // card-sim joins it itself before starting any thread, and
+            // measures it.
+            cmd.arg("--cgroup").arg(cg.cg.rel());
+            Some(cg)
+        } else {
+            None
+        };
         // SAFETY: prctl is async-signal-safe; it only sets a flag on the child.
         // If the launching process dies without running Drop, the card dies too.
         unsafe {
@@ -106,29 +111,32 @@ impl SimProcess {
             });
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-        me.child = Some(cmd.spawn().map_err(|source| SimError::Spawn { bin: bin.clone(), source })?);
+        let mut child = Guarded::new(cmd.spawn().map_err(|source| SimError::Spawn { bin: bin.clone(), source })?);
         let deadline = Instant::now() + START_TIMEOUT;
-        while !(me.socket.exists() && me.control.exists()) {
+        while !(socket.exists() && control.exists()) {
             if Instant::now() > deadline {
                 return Err(SimError::NotReady(START_TIMEOUT));
             }
-            if let Some(c) = me.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    return Err(SimError::ExitedEarly(st));
-                }
+            if let Ok(Some(st)) = child.child().try_wait() {
+                return Err(SimError::ExitedEarly(st));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(me)
+        Ok(SimProcess { child, cgroup, socket, control, _dir: dir })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+        self.child.id()
+    }
+
+    /// The card's cgroup (None when launched without one).
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref().map(|c| &c.cg)
     }
 
     /// Has the process exited (e.g. after the crash fault)?
     pub fn exited(&mut self) -> bool {
-        self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(Some(_)))).unwrap_or(true)
+        self.child.0.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     /// Send one request to the control socket: a typed `Request`, or any
@@ -162,38 +170,28 @@ pub fn control_at<R: Serialize + ?Sized>(path: &Path, req: &R) -> Result<Reply, 
 }
 
 impl Drop for SimProcess {
-    /// Best effort, each step logged if it fails: the card must not outlive
-    /// the test or benchmark that started it.
+    /// The fields' own guards do the work (see the struct); this only makes
+    /// sure a card a test stopped (SIGSTOP, the silent-card fault) goes at
+    /// once. `Guarded` stops a child with SIGTERM, and a stopped process
+    /// keeps SIGTERM pending until it is continued: it would sit out the
+    /// whole grace period before the SIGKILL. So SIGTERM here, then SIGCONT:
+    /// the woken card takes the pending SIGTERM before it runs any code of
+    /// its own (it does not serve the command left in its socket and log
+    /// that the host is gone). `Guarded` then reaps it (its own SIGTERM to
+    /// a dying process changes nothing).
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let pid = c.id();
-            // A stopped (SIGSTOP) card must be continued to die cleanly.
-            // SAFETY: signalling our own child by pid.
-            if unsafe { libc::kill(pid as i32, libc::SIGCONT) } != 0 {
+        let Some(c) = self.child.0.as_mut() else { return };
+        // Only a child not yet reaped: its pid cannot have been reused.
+        if !matches!(c.try_wait(), Ok(None)) {
+            return;
+        }
+        let pid = c.id();
+        for (sig, what) in [(libc::SIGTERM, "stop"), (libc::SIGCONT, "continue")] {
+            // SAFETY: kill(2) on our own unreaped child's pid.
+            if unsafe { libc::kill(pid as i32, sig) } != 0 {
                 let e = std::io::Error::last_os_error();
-                // ESRCH: already reaped elsewhere; nothing to continue.
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    tracing::warn!("card-sim {pid}: cannot continue it before the kill: {e}");
-                }
+                tracing::warn!("card-sim {pid}: cannot {what} it: {e}");
             }
-            // kill() of a child that already exited (the crash fault) is Ok;
-            // an error here means it cannot be signalled at all.
-            if let Err(e) = c.kill() {
-                tracing::warn!("card-sim {pid}: cannot kill it: {e}");
-            }
-            if let Err(e) = c.wait() {
-                tracing::warn!("card-sim {pid}: cannot reap it (left a zombie): {e}");
-            }
-        }
-        if let Some(cg) = self.cgroup.as_mut() {
-            // kill_all logs what it could not kill itself.
-            cg.kill_all(Duration::from_secs(5));
-            if let Err(e) = cg.remove() {
-                tracing::warn!("card-sim: cannot remove the card cgroup: {e}");
-            }
-        }
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!("card-sim: cannot remove its directory {} (sockets): {e}", self.dir.display());
         }
     }
 }

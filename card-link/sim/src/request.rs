@@ -9,18 +9,24 @@
 //! - `{"op":"ecs","request":"destroy_vm","vm":1}`
 //!
 //! A request is parsed and checked whole (`parse`) before anything is
-//! applied; a refusal is `{"ok":false,"error":"field X: reason"}`.
+//! applied; a refusal is `{"ok":false,"error":"field X: reason"}`, the text
+//! of a `RequestError`.
 
 use std::net::SocketAddr;
 
 use card_link::mailbox::MAX_NAME;
 use serde::{Deserialize, Serialize};
 
+use crate::error::RequestError;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// pid, heartbeat and counters of the card.
-    Status,
+    /// pid, heartbeat and counters of the card. An empty struct variant, not
+    /// a unit one: serde ignores extra fields of a unit variant of an
+    /// internally tagged enum even under `deny_unknown_fields`, and a
+    /// misspelt field must be refused like any other op's.
+    Status {},
     /// The load knob.
     Load(Load),
     /// Queue work on the custom-hardware (FPGA) engine.
@@ -169,52 +175,59 @@ pub const MAX_SERVICE_US: u64 = 1_000_000;
 pub const MAX_SLOW_MS: u64 = 600_000;
 pub const MAX_VM_MIB: u32 = 4096;
 
-/// Parse one request line and check it whole; the error is what goes back
-/// to the client, naming the field and the reason.
-pub fn parse(line: &str) -> Result<Request, String> {
-    let req: Request = serde_json::from_str(line).map_err(|e| explain(&e))?;
+/// Parse one request line and check it whole; the error's text is what
+/// goes back to the client, naming the field and the reason.
+pub fn parse(line: &str) -> Result<Request, RequestError> {
+    let req: Request = serde_json::from_str(line).map_err(explain)?;
     req.validate()?;
     Ok(req)
 }
 
 /// serde says "missing field `x`"; say it the way every other refusal does.
-fn explain(e: &serde_json::Error) -> String {
+fn explain(e: serde_json::Error) -> RequestError {
     let msg = e.to_string();
     if let Some((field, _)) = msg.strip_prefix("missing field `").and_then(|rest| rest.split_once('`')) {
-        return format!("field {field}: missing");
+        return RequestError::Missing { field: field.to_string(), source: e };
     }
     if e.is_syntax() || e.is_eof() {
-        return format!("not JSON: {msg}");
+        return RequestError::NotJson(e);
     }
-    msg
+    RequestError::Shape(e)
+}
+
+/// A field out of range or at odds with another one.
+fn invalid(field: &'static str, reason: impl Into<String>) -> RequestError {
+    RequestError::Invalid { field, reason: reason.into() }
 }
 
 impl Request {
     /// Ranges and relations serde's types do not express.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RequestError> {
         match self {
-            Request::Status => Ok(()),
+            Request::Status {} => Ok(()),
             Request::Load(l) => l.validate(),
             Request::FpgaJobs { count, service_us } => {
                 if *count > MAX_JOBS {
-                    return Err(format!("field count: at most {MAX_JOBS} jobs (the engine's queue)"));
+                    return Err(invalid("count", format!("at most {MAX_JOBS} jobs (the engine's queue)")));
                 }
                 if *service_us > MAX_SERVICE_US {
-                    return Err(format!("field service_us: at most {MAX_SERVICE_US} µs per job"));
+                    return Err(invalid("service_us", format!("at most {MAX_SERVICE_US} µs per job")));
                 }
                 Ok(())
             }
             Request::Fault { fault, slow_ms, .. } => match (fault, slow_ms) {
-                (Fault::Slow, Some(ms)) if *ms > MAX_SLOW_MS => Err(format!("field slow_ms: at most {MAX_SLOW_MS} ms")),
+                (Fault::Slow, Some(ms)) if *ms > MAX_SLOW_MS => {
+                    Err(invalid("slow_ms", format!("at most {MAX_SLOW_MS} ms")))
+                }
                 (Fault::Slow, _) | (_, None) => Ok(()),
-                (_, Some(_)) => Err("field slow_ms: only for fault slow".into()),
+                (_, Some(_)) => Err(invalid("slow_ms", "only for fault slow")),
             },
             Request::Ecs(EcsRequest::CreateVm { name, mem_mib }) => {
                 if name.is_empty() || name.len() > MAX_NAME {
-                    return Err(format!("field name: must be 1..={MAX_NAME} bytes"));
+                    return Err(invalid("name", format!("must be 1..={MAX_NAME} bytes")));
                 }
                 if !(1..=MAX_VM_MIB).contains(mem_mib) {
-                    return Err(format!("field mem_mib: must be 1..={MAX_VM_MIB} MiB"));
+                    return Err(invalid("mem_mib", format!("must be 1..={MAX_VM_MIB} MiB")));
                 }
                 Ok(())
             }
@@ -229,22 +242,22 @@ impl Request {
 }
 
 impl Load {
-    fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RequestError> {
         if let Some(c) = self.cpu {
             if !(c.is_finite() && (0.0..=MAX_CPU_CORES).contains(&c)) {
-                return Err(format!("field cpu: must be 0..={MAX_CPU_CORES} cores"));
+                return Err(invalid("cpu", format!("must be 0..={MAX_CPU_CORES} cores")));
             }
         }
         if self.mem_mib.is_some_and(|m| m > MAX_LOAD_MIB) {
-            return Err(format!("field mem_mib: at most {MAX_LOAD_MIB} MiB"));
+            return Err(invalid("mem_mib", format!("at most {MAX_LOAD_MIB} MiB")));
         }
         if let Some(f) = self.fpga {
             if !(f.is_finite() && (0.0..=1.0).contains(&f)) {
-                return Err("field fpga: must be 0..=1 (a fraction of the engine's time)".into());
+                return Err(invalid("fpga", "must be 0..=1 (a fraction of the engine's time)"));
             }
         }
         if self.net_target.is_some_and(|t| !t.ip().is_loopback()) {
-            return Err("field net_target: only loopback peers are allowed".into());
+            return Err(invalid("net_target", "only loopback peers are allowed"));
         }
         Ok(())
     }
@@ -272,33 +285,63 @@ mod field {
 mod tests {
     use super::*;
 
+    /// A line that must parse; the request it reads as.
+    fn ok(line: &str) -> Request {
+        parse(line).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    /// A line that must be refused; the refusal as the client reads it.
+    fn refused(line: &str) -> String {
+        match parse(line) {
+            Ok(r) => panic!("{line} accepted as {r:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn documented_lines_parse_to_requests() {
-        assert_eq!(parse(r#"{"op":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse(r#"{"op":"load","cpu":0.5}"#), Ok(Request::Load(Load { cpu: Some(0.5), ..Load::default() })));
+        assert_eq!(ok(r#"{"op":"status"}"#), Request::Status {});
+        assert_eq!(ok(r#"{"op":"load","cpu":0.5}"#), Request::Load(Load { cpu: Some(0.5), ..Load::default() }));
         assert_eq!(
-            parse(r#"{"op":"load","net_bps":20000000,"net_target":"127.0.0.1:9000"}"#),
-            Ok(Request::Load(Load {
+            ok(r#"{"op":"load","net_bps":20000000,"net_target":"127.0.0.1:9000"}"#),
+            Request::Load(Load {
                 net_bps: Some(20_000_000),
                 net_target: Some("127.0.0.1:9000".parse().unwrap()),
                 ..Load::default()
-            }))
+            })
         );
-        assert_eq!(parse(r#"{"op":"fault","fault":"stall"}"#), Ok(Request::fault(Fault::Stall, true)));
+        assert_eq!(ok(r#"{"op":"fault","fault":"stall"}"#), Request::fault(Fault::Stall, true));
         assert_eq!(
-            parse(r#"{"op":"fault","fault":"slow","slow_ms":200}"#),
-            Ok(Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(200) })
+            ok(r#"{"op":"fault","fault":"slow","slow_ms":200}"#),
+            Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(200) }
         );
-        assert_eq!(parse(r#"{"op":"fault","fault":"stall","on":false}"#), Ok(Request::fault(Fault::Stall, false)));
-        assert_eq!(parse(r#"{"op":"fpga_jobs"}"#), Ok(Request::FpgaJobs { count: 1, service_us: 1000 }));
+        assert_eq!(ok(r#"{"op":"fault","fault":"stall","on":false}"#), Request::fault(Fault::Stall, false));
+        assert_eq!(ok(r#"{"op":"fpga_jobs"}"#), Request::FpgaJobs { count: 1, service_us: 1000 });
         assert_eq!(
-            parse(r#"{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}"#),
-            Ok(Request::Ecs(EcsRequest::CreateVm { name: "mc-log".into(), mem_mib: 8 }))
+            ok(r#"{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}"#),
+            Request::Ecs(EcsRequest::CreateVm { name: "mc-log".into(), mem_mib: 8 })
         );
-        assert_eq!(
-            parse(r#"{"op":"ecs","request":"destroy_vm","vm":3}"#),
-            Ok(Request::Ecs(EcsRequest::DestroyVm { vm: 3 }))
-        );
+        assert_eq!(ok(r#"{"op":"ecs","request":"destroy_vm","vm":3}"#), Request::Ecs(EcsRequest::DestroyVm { vm: 3 }));
+    }
+
+    #[test]
+    fn status_is_one_op_with_no_fields() {
+        // Both ways: the bare line reads as the typed request and back.
+        assert_eq!(serde_json::to_string(&Request::Status {}).unwrap(), r#"{"op":"status"}"#);
+        assert_eq!(ok(r#"{"op":"status"}"#), Request::Status {});
+        // A field it does not have is refused, as for every other op.
+        assert!(refused(r#"{"op":"status","bogus":1}"#).contains("unknown field `bogus`"));
+    }
+
+    #[test]
+    fn refusals_keep_their_kind_and_source() {
+        use std::error::Error as _;
+        assert!(matches!(parse("nope"), Err(RequestError::NotJson(_))));
+        let missing = parse(r#"{"op":"fault"}"#).expect_err("no fault field");
+        assert!(matches!(&missing, RequestError::Missing { field, .. } if field == "fault"), "{missing:?}");
+        assert!(missing.source().is_some(), "serde's error kept as the source");
+        assert!(matches!(parse(r#"{"op":"dance"}"#), Err(RequestError::Shape(_))));
+        assert!(matches!(parse(r#"{"op":"load","cpu":65}"#), Err(RequestError::Invalid { field: "cpu", .. })));
     }
 
     #[test]
@@ -312,18 +355,17 @@ mod tests {
         );
         // And every typed request reads back as itself.
         for r in [
-            Request::Status,
+            Request::Status {},
             Request::FpgaJobs { count: 50, service_us: 10_000 },
             Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(400) },
             Request::Ecs(EcsRequest::DestroyVm { vm: 7 }),
         ] {
-            assert_eq!(parse(&line(&r)), Ok(r));
+            assert_eq!(ok(&line(&r)), r);
         }
     }
 
     #[test]
     fn refusals_name_the_field_and_the_reason() {
-        let refused = |l: &str| parse(l).expect_err(l);
         assert_eq!(refused(r#"{"op":"ecs","request":"create_vm"}"#), "field name: missing");
         assert_eq!(refused(r#"{"op":"ecs","request":"destroy_vm"}"#), "field vm: missing");
         assert_eq!(refused(r#"{"op":"fault"}"#), "field fault: missing");

@@ -1,7 +1,8 @@
-//! card-sim as its own crate builds it (CARGO_BIN_EXE_card-sim): connect over
-//! vfio-user without a cgroup, run a few commands, and drive the control
-//! socket with typed requests. The full suite lives in the integration-tests
-//! crate (tests/tests/card_link.rs).
+//! card-sim as its own crate builds it (CARGO_BIN_EXE_card-sim, handed to
+//! the launcher as `SimOptions::binary`, not through the environment: tests
+//! run on parallel threads): connect over vfio-user without a cgroup, run a
+//! few commands, and drive the control socket with typed requests. The full
+//! suite lives in the integration-tests crate (tests/tests/card_link.rs).
 
 use std::time::Duration;
 
@@ -9,8 +10,8 @@ use card_link::CardOptions;
 use card_sim::{EcsRequest, Request, SimError, SimOptions, SimProcess};
 
 fn spawn() -> SimProcess {
-    std::env::set_var("CARD_SIM_BIN", env!("CARGO_BIN_EXE_card-sim"));
-    SimProcess::spawn(&SimOptions { cgroup: false, ..Default::default() }).expect("spawn card-sim")
+    let binary = Some(env!("CARGO_BIN_EXE_card-sim").into());
+    SimProcess::spawn(&SimOptions { cgroup: false, binary, ..Default::default() }).expect("spawn card-sim")
 }
 
 #[test]
@@ -28,7 +29,7 @@ fn card_sim_binary_answers_over_vfio_user() {
 #[test]
 fn control_socket_takes_typed_requests_and_refuses_whole() {
     let sim = spawn();
-    let status = sim.control(&Request::Status).expect("status").status.expect("status fields");
+    let status = sim.control(&Request::Status {}).expect("status").status.expect("status fields");
     assert_eq!(status.pid, sim.pid());
     assert_eq!(status.cgroup, None, "launched without a cgroup");
     let create = Request::Ecs(EcsRequest::CreateVm { name: "mc-smoke".into(), mem_mib: 4 });
@@ -44,5 +45,10 @@ fn control_socket_takes_typed_requests_and_refuses_whole() {
     match sim.control(&bad) {
         Err(SimError::Refused(why)) => assert!(why.starts_with("field mem_mib:"), "{why}"),
         other => panic!("bad load: {other:?}"),
+    }
+    // status has no fields: one it does not have is refused too.
+    match sim.control(&serde_json::json!({"op": "status", "bogus": 1})) {
+        Err(SimError::Refused(why)) => assert!(why.contains("unknown field `bogus`"), "{why}"),
+        other => panic!("status with a bogus field: {other:?}"),
     }
 }

@@ -8,8 +8,7 @@
 //! then refuses further use (`LinkBroken`) until the caller reconnects.
 
 use std::collections::HashSet;
-use std::os::fd::AsRawFd;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -49,26 +48,50 @@ fn sockets_to(path: &Path, canon: &Path) -> HashSet<(i32, u64)> {
         .collect()
 }
 
-/// An fd of this process listed from /proc/self/fd while the connect lock
-/// is held, borrowed for a getsockopt/setsockopt call (which fails cleanly,
-/// EBADF or ENOTSOCK, if it is not a socket).
-fn borrow(fd: i32) -> BorrowedFd<'static> {
-    // SAFETY: the fd belongs to this process and stays open while the
-    // connect lock is held; only socket option calls are made on it.
-    unsafe { BorrowedFd::borrow_raw(fd) }
+/// Path a UNIX socket fd is connected to, if it is one.
+///
+/// `fd` is a number listed from /proc/self/fd, not ours: another thread may
+/// close it (and the number be reused) at any moment, so it is not borrowed
+/// as a `BorrowedFd`, whose contract is that the fd stays open. getpeername(2)
+/// on a stale number fails (EBADF, ENOTSOCK) or describes whatever file now
+/// has it; it reads only, and `connect` accepts only the one new socket to
+/// the card, told apart by its inode too.
+fn peer_path(fd: i32) -> Option<PathBuf> {
+    // SAFETY: getpeername writes at most `*len` bytes (the storage's size,
+    // set by try_init) into the storage try_init provides, and sets `*len`.
+    let (_, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            if libc::getpeername(fd, storage.cast(), len) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        })
+    }
+    .ok()?;
+    addr.as_pathname().map(Path::to_path_buf)
 }
 
-/// Path a UNIX socket fd is connected to, if it is one.
-fn peer_path(fd: i32) -> Option<PathBuf> {
-    socket2::SockRef::from(&borrow(fd)).peer_addr().ok()?.as_pathname().map(Path::to_path_buf)
+/// Run `f` on `fd`, the socket of `_client` (private to the vfio_user crate;
+/// `connect` found its number), borrowed for the call only. The client is
+/// passed so the caller must hold it, alive, for as long as the borrow lasts.
+fn with_socket<R>(_client: &Client, fd: i32, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
+    // SAFETY: `fd` is the socket `connect` identified as the client's: the
+    // one socket to the card's path that appeared while `Client::new` ran
+    // (card-link's connects are serialised by the connect lock; two new ones
+    // are refused as `SocketNotFound`). The client owns it and closes it only
+    // when dropped, which cannot happen while `_client` is borrowed here, and
+    // the `BorrowedFd` lives only until `f` returns.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    f(socket2::SockRef::from(&fd))
 }
 
 /// The vfio_user crate sets no socket timeouts: bound every exchange.
-fn set_timeouts(fd: i32, t: Duration) -> std::io::Result<()> {
-    let fd = borrow(fd);
-    let s = socket2::SockRef::from(&fd);
-    s.set_read_timeout(Some(t))?;
-    s.set_write_timeout(Some(t))
+fn set_timeouts(client: &Client, fd: i32, t: Duration) -> std::io::Result<()> {
+    with_socket(client, fd, |s| {
+        s.set_read_timeout(Some(t))?;
+        s.set_write_timeout(Some(t))
+    })
 }
 
 impl VfioUserTransport {
@@ -101,7 +124,7 @@ impl VfioUserTransport {
         let [fd] = fresh[..] else {
             return Err(CardError::SocketNotFound { candidates: fresh.len() });
         };
-        set_timeouts(fd, timeout)
+        set_timeouts(&client, fd, timeout)
             .map_err(|source| CardError::Os { what: "set timeouts on the vfio-user socket", source })?;
         let sizes = [0u32, 1, 2, 3, 4, 5].iter().filter_map(|&i| client.region(i).map(|r| (i, r.size))).collect();
         Ok(VfioUserTransport { client, path: path.to_path_buf(), timeout, broken: None, sizes })

@@ -47,10 +47,14 @@ impl ServerBackend for Nothing {
     }
 }
 
-fn pct(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
-    (at(0.50), at(0.99))
+/// The nearest-rank percentile `q` (0..=1) of samples sorted ascending, 0
+/// for none: the one percentile of card-sim's measurements, defined as
+/// xtask's `stats::percentile` is, so both kinds of rows read alike.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n => sorted[((n - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize],
+    }
 }
 
 fn time_ops(mut f: impl FnMut(usize) -> Result<(), String>) -> Result<(f64, f64), String> {
@@ -63,7 +67,8 @@ fn time_ops(mut f: impl FnMut(usize) -> Result<(), String>) -> Result<(f64, f64)
         f(i)?;
         v.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    Ok(pct(v))
+    v.sort_by(f64::total_cmp);
+    Ok((percentile(&v, 0.50), percentile(&v, 0.99)))
 }
 
 fn ms(since: Instant) -> String {
@@ -202,4 +207,19 @@ fn run() -> Result<(), String> {
     );
     card.stop_vm(vm2).map_err(e)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.50), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[], 0.99), 0.0);
+    }
 }

@@ -38,12 +38,13 @@ fn run() -> Result<(), SimError> {
     let mut socket: Option<PathBuf> = None;
     let mut guest: Option<PathBuf> = None;
     let mut cfg = SimConfig::new(PathBuf::new());
+    let mut cgroup: Option<String> = None;
     while let Some(a) = args.next() {
         let mut val = |name: &str| args.next().ok_or_else(|| usage(format!("{name} needs a value")));
         match a.as_str() {
             "--socket" => socket = Some(PathBuf::from(val("--socket")?)),
             "--control" => cfg.control = Some(PathBuf::from(val("--control")?)),
-            "--cgroup" => cfg.cgroup = Some(val("--cgroup")?),
+            "--cgroup" => cgroup = Some(val("--cgroup")?),
             "--period-ms" => {
                 cfg.period_ms = val("--period-ms")?.parse().map_err(|e| usage(format!("--period-ms: {e}")))?;
                 if !(card_link::abi::MIN_PERIOD_MS..=card_link::abi::MAX_PERIOD_MS).contains(&cfg.period_ms) {
@@ -63,23 +64,26 @@ fn run() -> Result<(), SimError> {
         }
     }
     cfg.socket = socket.ok_or_else(|| usage("--socket is required".into()))?;
-    if let Some(name) = &cfg.cgroup {
-        Layout::detect()
-            .and_then(|l| l.open(name))
-            .and_then(|cg| cg.attach(std::process::id()))
-            .map_err(|source| SimError::Cgroup { name: name.clone(), source })?;
+    // The layout is detected and the cgroup opened here, once: the card
+    // measures the same cgroup this process joins.
+    if let Some(name) = cgroup {
+        let cg = Layout::detect()
+            .and_then(|l| l.open(&name))
+            .and_then(|cg| cg.attach(std::process::id()).map(|()| cg))
+            .map_err(|source| SimError::Cgroup { name, source })?;
+        cfg.cgroup = Some(cg);
     }
     let card = match guest {
         Some(g) => {
             if !g.is_file() {
                 return Err(usage(format!("--guest {}: no such file", g.display())));
             }
-            SimCard::with_backend(cfg.clone(), Box::new(VmmBackend { guest: g }))?
+            SimCard::with_backend(cfg, Box::new(VmmBackend { guest: g }))?
         }
-        None => SimCard::new(cfg.clone())?,
+        None => SimCard::new(cfg)?,
     };
     card.spawn_threads()?;
-    if let Some(path) = &cfg.control {
+    if let Some(path) = &card.cfg.control {
         device::remove_stale_socket(path);
         let l = UnixListener::bind(path).map_err(|source| SimError::Control {
             path: path.clone(),
