@@ -46,6 +46,21 @@ pub fn sh(line: &str) -> Output {
     fixtures::sh(line).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The management agent ELF: `$VMM_GUEST_ELF` (`cargo xtask test` builds
+/// the guest and sets it), else where `cargo xtask build-guest` puts it.
+/// Missing is a failure that says how to build it, never a skip.
+pub fn guest_elf() -> PathBuf {
+    let elf = std::env::var_os("VMM_GUEST_ELF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest")
+    });
+    assert!(
+        elf.is_file(),
+        "the guest ELF {} is missing: run `cargo xtask build-guest` (cargo xtask test does)",
+        elf.display()
+    );
+    elf
+}
+
 /// The workspace's target profile directory holding the built binaries
 /// (test executables live in its `deps/`).
 pub fn bin_dir() -> PathBuf {

@@ -465,19 +465,9 @@ fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
     assert_eq!(answered, 50, "commands lost after the chaos");
 }
 
-/// The management agent ELF that `cargo xtask build` produces (or $VMM_GUEST_ELF).
-fn guest_elf() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("VMM_GUEST_ELF") {
-        return p.into();
-    }
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest")
-}
-
 #[test]
 fn card_vmm_guest_banner_snapshot_stream_and_restore() {
-    let guest = guest_elf();
-    assert!(guest.is_file(), "management agent ELF {} missing: run `cargo xtask build` first", guest.display());
+    let guest = integration_tests::guest_elf();
     assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is required for the card-side VMM");
     let s = SimProcess::spawn(&SimOptions { period_ms: PERIOD_MS as u32, guest: Some(guest), ..Default::default() })
         .expect("start card-sim with the vmm backend");

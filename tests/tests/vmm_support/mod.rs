@@ -16,7 +16,7 @@ use std::time::Duration;
 
 // Not every test file uses every piece.
 #[allow(unused_imports)]
-pub use integration_tests::{require_kvm, unique_long as unique, CgroupGuard, Guarded, TempPath};
+pub use integration_tests::{guest_elf, require_kvm, unique_long as unique, CgroupGuard, Guarded, TempPath};
 
 use serde_json::Value;
 use vmm::host::api::AgentOp;
@@ -25,21 +25,6 @@ use vmm::Reply;
 
 pub fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
-}
-
-/// The agent ELF: `$VMM_GUEST_ELF` (`cargo xtask test` builds the guest and
-/// sets it), else the place `cargo xtask build-guest` puts it. Missing is a
-/// failure that says how to build it, never a skip.
-pub fn guest_elf() -> PathBuf {
-    let elf = std::env::var_os("VMM_GUEST_ELF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/vmm-guest/x86_64-unknown-linux-gnu/release/mc-guest"));
-    assert!(
-        elf.is_file(),
-        "the guest ELF {} is missing: run `cargo xtask build-guest` (cargo xtask test does)",
-        elf.display()
-    );
-    elf
 }
 
 /// The `vmm` binary of this build (same target dir as the test), built once.
