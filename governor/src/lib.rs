@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod governor;
 pub mod metrics;
 pub mod netdev;
+pub mod placement;
 pub mod qos;
 pub mod sampler;
 pub mod shape;
