@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::placement::config::{check_mcs, McConfig, PlacementConfig};
 use crate::qos::{Direction, LimitSpec};
 use cgroupfs::Layout;
 
@@ -120,6 +121,12 @@ pub struct Config {
     pub qos_ifb: String,
     #[serde(default, rename = "vm")]
     pub vms: Vec<VmConfig>,
+    /// The board-card condition and its rules (see `placement::config`).
+    #[serde(default)]
+    pub placement: Option<PlacementConfig>,
+    /// The management VMs to place, one per task.
+    #[serde(default)]
+    pub mc: Vec<McConfig>,
 }
 
 fn default_ifb() -> String {
@@ -214,6 +221,16 @@ impl Config {
                     return Err(field(at_dir, "a limit needs the vm to have interfaces"));
                 }
             }
+        }
+        if let Some(p) = &self.placement {
+            p.policy().map_err(|e| field(e.field, e.reason))?;
+        }
+        check_mcs(&self.mc).map_err(|e| field(e.field, e.reason))?;
+        if !self.mc.is_empty() && self.placement.is_none() {
+            return Err(field(
+                "placement",
+                "management VMs ([[mc]]) need a [placement] section (at least its reserve)",
+            ));
         }
         Ok(())
     }

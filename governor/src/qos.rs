@@ -116,7 +116,7 @@ fn parse_rate(q: &Quantity) -> Result<u64, String> {
     parse_quantity(q, &[("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)], "a rate (e.g. 100mbit)")
 }
 
-fn parse_bytes(q: &Quantity) -> Result<u64, String> {
+pub(crate) fn parse_bytes(q: &Quantity) -> Result<u64, String> {
     let k = 1024.0;
     parse_quantity(q, &[("gb", k * k * k), ("mb", k * k), ("kb", k), ("b", 1.0)], "a size (e.g. 64kb)")
 }

@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod audit;
+pub mod config;
 mod decide;
 #[cfg(test)]
 mod tests;
