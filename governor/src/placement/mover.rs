@@ -1,0 +1,245 @@
+//! A move of an MC VM between card and host (claim 5), keeping its state:
+//! pause on the source, snapshot, restore on the destination (a VMM made
+//! ready ahead of time, so its spawn is off the critical path), resume
+//! there, then release the source's copy. Every step is timed; if one
+//! fails, the destination's copy is discarded and the VM resumes where it
+//! was, so the task never runs twice and is never lost.
+//!
+//! The sides are behind the [`Actuator`] trait (card: card-link mailbox;
+//! host: vmm processes), with an in-memory fake in the tests; the order of
+//! steps and the recovery are here, once.
+
+use std::time::Instant;
+
+use super::audit::{MoveReport, StepTiming};
+use super::Side;
+
+/// What went wrong in one step, as the actuator says it.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} on the {side:?} side: {reason}")]
+pub struct StepError {
+    pub step: &'static str,
+    pub side: Side,
+    pub reason: String,
+}
+
+/// The operations a move needs on either side. Each one bounds its own
+/// time (card-link and the vmm client have timeouts) and names what failed.
+pub trait Actuator {
+    /// Make the destination ready to take the task (e.g. spawn an empty
+    /// VMM); idempotent.
+    fn prepare(&mut self, side: Side, task: &str) -> Result<(), String>;
+    fn pause(&mut self, side: Side, task: &str) -> Result<(), String>;
+    fn resume(&mut self, side: Side, task: &str) -> Result<(), String>;
+    /// The paused VM's snapshot.
+    fn snapshot(&mut self, side: Side, task: &str) -> Result<Vec<u8>, String>;
+    /// Restore the task from `image`, paused.
+    fn restore(&mut self, side: Side, task: &str, image: &[u8]) -> Result<(), String>;
+    /// Stop and release the task's copy on this side.
+    fn release(&mut self, side: Side, task: &str) -> Result<(), String>;
+}
+
+struct Timer {
+    steps: Vec<StepTiming>,
+}
+
+impl Timer {
+    fn step<T>(
+        &mut self,
+        step: &'static str,
+        side: Side,
+        f: impl FnOnce() -> Result<T, String>,
+    ) -> Result<T, StepError> {
+        let t = Instant::now();
+        let r = f();
+        self.steps
+            .push(StepTiming { step: format!("{step} ({})", side_name(side)), ms: t.elapsed().as_secs_f64() * 1e3 });
+        r.map_err(|reason| StepError { step, side, reason })
+    }
+}
+
+fn side_name(s: Side) -> &'static str {
+    match s {
+        Side::Card => "card",
+        Side::Host => "host",
+    }
+}
+
+/// Move `task` from `from` to the other side. The report says how every
+/// step went and how long the VM was paused.
+pub fn move_task(act: &mut impl Actuator, task: &str, from: Side) -> MoveReport {
+    let to = from.other();
+    let mut timer = Timer { steps: Vec::new() };
+    let mut paused_at = None;
+    let mut restored = false;
+    let result = (|| -> Result<(), StepError> {
+        timer.step("prepare", to, || act.prepare(to, task))?;
+        paused_at = Some(Instant::now());
+        timer.step("pause", from, || act.pause(from, task))?;
+        let image = timer.step("snapshot", from, || act.snapshot(from, task))?;
+        timer.step("restore", to, || act.restore(to, task, &image))?;
+        restored = true;
+        timer.step("resume", to, || act.resume(to, task))?;
+        Ok(())
+    })();
+    let pause_ms = paused_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+    match result {
+        Ok(()) => {
+            // The task runs on the destination; the source's copy is paused
+            // and goes now. A failed release leaves a paused copy behind,
+            // which is logged but does not undo the move.
+            let released = timer.step("release", from, || act.release(from, task));
+            let error = released.err().map(|e| format!("moved, but the old copy stays: {e}"));
+            if let Some(e) = &error {
+                tracing::warn!(task, "{e}");
+            }
+            MoveReport { task: task.into(), to, ok: true, steps: timer.steps, pause_ms, error }
+        }
+        Err(e) => {
+            // Back to where it was: discard the destination's copy first,
+            // then resume the source (it may not even have been paused).
+            let mut error = e.to_string();
+            if restored {
+                if let Err(d) = timer.step("discard", to, || act.release(to, task)) {
+                    error.push_str(&format!("; {d}"));
+                }
+            }
+            if paused_at.is_some() {
+                if let Err(r) = timer.step("resume", from, || act.resume(from, task)) {
+                    error.push_str(&format!("; {r}"));
+                }
+            }
+            tracing::warn!(task, "move to the {} failed: {error}", side_name(to));
+            MoveReport { task: task.into(), to, ok: false, steps: timer.steps, pause_ms, error: Some(error) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum State {
+        Running,
+        Paused,
+    }
+
+    /// Two sides holding copies of tasks, with a counter as the VM's state,
+    /// checking after every step that a task never runs twice.
+    #[derive(Default)]
+    struct Fake {
+        copies: HashMap<(Side, String), (State, u64)>,
+        ready: Vec<Side>,
+        fail: Option<(&'static str, Side)>,
+        log: Vec<String>,
+    }
+
+    impl Fake {
+        fn with(task: &str, side: Side, counter: u64) -> Fake {
+            let mut f = Fake::default();
+            f.copies.insert((side, task.into()), (State::Running, counter));
+            f
+        }
+        fn check(&mut self, op: &'static str, side: Side, task: &str) -> Result<(), String> {
+            self.log.push(format!("{op} {side:?} {task}"));
+            if self.fail == Some((op, side)) {
+                return Err(format!("injected failure of {op}"));
+            }
+            Ok(())
+        }
+        fn invariant(&self, task: &str) {
+            let running = self.copies.iter().filter(|((_, t), (s, _))| t == task && *s == State::Running).count();
+            assert!(running <= 1, "{task} runs twice: {:?}", self.copies);
+        }
+        fn state(&self, side: Side, task: &str) -> Option<(State, u64)> {
+            self.copies.get(&(side, task.to_string())).copied()
+        }
+    }
+
+    impl Actuator for Fake {
+        fn prepare(&mut self, side: Side, task: &str) -> Result<(), String> {
+            self.check("prepare", side, task)?;
+            self.ready.push(side);
+            Ok(())
+        }
+        fn pause(&mut self, side: Side, task: &str) -> Result<(), String> {
+            self.check("pause", side, task)?;
+            let c = self.copies.get_mut(&(side, task.into())).ok_or("no such copy")?;
+            c.0 = State::Paused;
+            Ok(())
+        }
+        fn resume(&mut self, side: Side, task: &str) -> Result<(), String> {
+            self.check("resume", side, task)?;
+            let c = self.copies.get_mut(&(side, task.into())).ok_or("no such copy")?;
+            c.0 = State::Running;
+            self.invariant(task);
+            Ok(())
+        }
+        fn snapshot(&mut self, side: Side, task: &str) -> Result<Vec<u8>, String> {
+            self.check("snapshot", side, task)?;
+            let c = self.copies.get(&(side, task.into())).ok_or("no such copy")?;
+            assert_eq!(c.0, State::Paused, "snapshots are of paused VMs");
+            Ok(c.1.to_le_bytes().to_vec())
+        }
+        fn restore(&mut self, side: Side, task: &str, image: &[u8]) -> Result<(), String> {
+            self.check("restore", side, task)?;
+            assert!(self.ready.contains(&side), "restore on a side that was not prepared");
+            let n = u64::from_le_bytes(image.try_into().map_err(|_| "bad image")?);
+            self.copies.insert((side, task.into()), (State::Paused, n));
+            Ok(())
+        }
+        fn release(&mut self, side: Side, task: &str) -> Result<(), String> {
+            self.check("release", side, task)?;
+            self.copies.remove(&(side, task.into())).map(drop).ok_or_else(|| "no such copy".into())
+        }
+    }
+
+    #[test]
+    fn a_move_keeps_the_state_and_releases_the_source() {
+        let mut f = Fake::with("log", Side::Card, 41);
+        let r = move_task(&mut f, "log", Side::Card);
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.error, None);
+        assert_eq!(f.state(Side::Host, "log"), Some((State::Running, 41)), "state carried over");
+        assert_eq!(f.state(Side::Card, "log"), None, "the card's copy is released");
+        let steps: Vec<&str> = r.steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(
+            steps,
+            ["prepare (host)", "pause (card)", "snapshot (card)", "restore (host)", "resume (host)", "release (card)"]
+        );
+        assert!(r.pause_ms >= 0.0 && r.pause_ms <= r.steps.iter().map(|s| s.ms).sum::<f64>() + 1.0);
+    }
+
+    #[test]
+    fn a_failed_step_leaves_the_vm_running_where_it_was() {
+        for (step, side) in [
+            ("prepare", Side::Host),
+            ("pause", Side::Card),
+            ("snapshot", Side::Card),
+            ("restore", Side::Host),
+            ("resume", Side::Host),
+        ] {
+            let mut f = Fake::with("qos", Side::Card, 7);
+            f.fail = Some((step, side));
+            let r = move_task(&mut f, "qos", Side::Card);
+            assert!(!r.ok, "{step}");
+            assert!(r.error.as_deref().is_some_and(|e| e.contains(step)), "{step}: {:?}", r.error);
+            assert_eq!(f.state(Side::Card, "qos"), Some((State::Running, 7)), "{step}: back on the card, running");
+            assert_eq!(f.state(Side::Host, "qos"), None, "{step}: no copy left on the host");
+        }
+    }
+
+    #[test]
+    fn a_failed_release_keeps_the_move_and_says_so() {
+        let mut f = Fake::with("monitor", Side::Host, 3);
+        f.fail = Some(("release", Side::Host));
+        let r = move_task(&mut f, "monitor", Side::Host);
+        assert!(r.ok);
+        assert!(r.error.as_deref().is_some_and(|e| e.contains("old copy stays")));
+        assert_eq!(f.state(Side::Card, "monitor"), Some((State::Running, 3)));
+        assert_eq!(f.state(Side::Host, "monitor"), Some((State::Paused, 3)), "paused, never running twice");
+    }
+}
