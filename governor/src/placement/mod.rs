@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 pub mod audit;
 pub mod config;
 mod decide;
+pub mod host;
 pub mod mover;
 #[cfg(test)]
 mod tests;

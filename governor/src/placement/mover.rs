@@ -23,20 +23,41 @@ pub struct StepError {
     pub reason: String,
 }
 
-/// The operations a move needs on either side. Each one bounds its own
-/// time (card-link and the vmm client have timeouts) and names what failed.
-pub trait Actuator {
-    /// Make the destination ready to take the task (e.g. spawn an empty
-    /// VMM); idempotent.
-    fn prepare(&mut self, side: Side, task: &str) -> Result<(), String>;
-    fn pause(&mut self, side: Side, task: &str) -> Result<(), String>;
-    fn resume(&mut self, side: Side, task: &str) -> Result<(), String>;
+/// The operations a move needs on one side (card: card-link mailbox; host:
+/// vmm processes). Each one bounds its own time (card-link and the vmm
+/// client have timeouts) and says what failed.
+pub trait Site {
+    /// Make this side ready to take the task (e.g. spawn an empty VMM);
+    /// idempotent.
+    fn prepare(&mut self, task: &str) -> Result<(), String>;
+    fn pause(&mut self, task: &str) -> Result<(), String>;
+    fn resume(&mut self, task: &str) -> Result<(), String>;
     /// The paused VM's snapshot.
-    fn snapshot(&mut self, side: Side, task: &str) -> Result<Vec<u8>, String>;
+    fn snapshot(&mut self, task: &str) -> Result<Vec<u8>, String>;
     /// Restore the task from `image`, paused.
-    fn restore(&mut self, side: Side, task: &str, image: &[u8]) -> Result<(), String>;
+    fn restore(&mut self, task: &str, image: &[u8]) -> Result<(), String>;
     /// Stop and release the task's copy on this side.
-    fn release(&mut self, side: Side, task: &str) -> Result<(), String>;
+    fn release(&mut self, task: &str) -> Result<(), String>;
+}
+
+/// Both sides, addressed by [`Side`].
+pub trait Actuator {
+    fn site(&mut self, side: Side) -> &mut dyn Site;
+}
+
+/// The card and the host as one actuator.
+pub struct Sites<C, H> {
+    pub card: C,
+    pub host: H,
+}
+
+impl<C: Site, H: Site> Actuator for Sites<C, H> {
+    fn site(&mut self, side: Side) -> &mut dyn Site {
+        match side {
+            Side::Card => &mut self.card,
+            Side::Host => &mut self.host,
+        }
+    }
 }
 
 struct Timer {
@@ -73,13 +94,13 @@ pub fn move_task(act: &mut impl Actuator, task: &str, from: Side) -> MoveReport 
     let mut paused_at = None;
     let mut restored = false;
     let result = (|| -> Result<(), StepError> {
-        timer.step("prepare", to, || act.prepare(to, task))?;
+        timer.step("prepare", to, || act.site(to).prepare(task))?;
         paused_at = Some(Instant::now());
-        timer.step("pause", from, || act.pause(from, task))?;
-        let image = timer.step("snapshot", from, || act.snapshot(from, task))?;
-        timer.step("restore", to, || act.restore(to, task, &image))?;
+        timer.step("pause", from, || act.site(from).pause(task))?;
+        let image = timer.step("snapshot", from, || act.site(from).snapshot(task))?;
+        timer.step("restore", to, || act.site(to).restore(task, &image))?;
         restored = true;
-        timer.step("resume", to, || act.resume(to, task))?;
+        timer.step("resume", to, || act.site(to).resume(task))?;
         Ok(())
     })();
     let pause_ms = paused_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
@@ -88,7 +109,7 @@ pub fn move_task(act: &mut impl Actuator, task: &str, from: Side) -> MoveReport 
             // The task runs on the destination; the source's copy is paused
             // and goes now. A failed release leaves a paused copy behind,
             // which is logged but does not undo the move.
-            let released = timer.step("release", from, || act.release(from, task));
+            let released = timer.step("release", from, || act.site(from).release(task));
             let error = released.err().map(|e| format!("moved, but the old copy stays: {e}"));
             if let Some(e) = &error {
                 tracing::warn!(task, "{e}");
@@ -100,12 +121,12 @@ pub fn move_task(act: &mut impl Actuator, task: &str, from: Side) -> MoveReport 
             // then resume the source (it may not even have been paused).
             let mut error = e.to_string();
             if restored {
-                if let Err(d) = timer.step("discard", to, || act.release(to, task)) {
+                if let Err(d) = timer.step("discard", to, || act.site(to).release(task)) {
                     error.push_str(&format!("; {d}"));
                 }
             }
             if paused_at.is_some() {
-                if let Err(r) = timer.step("resume", from, || act.resume(from, task)) {
+                if let Err(r) = timer.step("resume", from, || act.site(from).resume(task)) {
                     error.push_str(&format!("; {r}"));
                 }
             }
@@ -129,17 +150,18 @@ mod tests {
 
     /// Two sides holding copies of tasks, with a counter as the VM's state,
     /// checking after every step that a task never runs twice.
-    #[derive(Default)]
     struct Fake {
         copies: HashMap<(Side, String), (State, u64)>,
         ready: Vec<Side>,
         fail: Option<(&'static str, Side)>,
         log: Vec<String>,
+        current: Side,
     }
 
     impl Fake {
         fn with(task: &str, side: Side, counter: u64) -> Fake {
-            let mut f = Fake::default();
+            let mut f =
+                Fake { copies: HashMap::new(), ready: Vec::new(), fail: None, log: Vec::new(), current: Side::Card };
             f.copies.insert((side, task.into()), (State::Running, counter));
             f
         }
@@ -160,38 +182,52 @@ mod tests {
     }
 
     impl Actuator for Fake {
-        fn prepare(&mut self, side: Side, task: &str) -> Result<(), String> {
+        fn site(&mut self, side: Side) -> &mut dyn Site {
+            // The mover uses one side at a time; the fake keeps which.
+            self.current = side;
+            self
+        }
+    }
+
+    impl Site for Fake {
+        fn prepare(&mut self, task: &str) -> Result<(), String> {
+            let side = self.current;
             self.check("prepare", side, task)?;
             self.ready.push(side);
             Ok(())
         }
-        fn pause(&mut self, side: Side, task: &str) -> Result<(), String> {
+        fn pause(&mut self, task: &str) -> Result<(), String> {
+            let side = self.current;
             self.check("pause", side, task)?;
             let c = self.copies.get_mut(&(side, task.into())).ok_or("no such copy")?;
             c.0 = State::Paused;
             Ok(())
         }
-        fn resume(&mut self, side: Side, task: &str) -> Result<(), String> {
+        fn resume(&mut self, task: &str) -> Result<(), String> {
+            let side = self.current;
             self.check("resume", side, task)?;
             let c = self.copies.get_mut(&(side, task.into())).ok_or("no such copy")?;
             c.0 = State::Running;
             self.invariant(task);
             Ok(())
         }
-        fn snapshot(&mut self, side: Side, task: &str) -> Result<Vec<u8>, String> {
+        fn snapshot(&mut self, task: &str) -> Result<Vec<u8>, String> {
+            let side = self.current;
             self.check("snapshot", side, task)?;
             let c = self.copies.get(&(side, task.into())).ok_or("no such copy")?;
             assert_eq!(c.0, State::Paused, "snapshots are of paused VMs");
             Ok(c.1.to_le_bytes().to_vec())
         }
-        fn restore(&mut self, side: Side, task: &str, image: &[u8]) -> Result<(), String> {
+        fn restore(&mut self, task: &str, image: &[u8]) -> Result<(), String> {
+            let side = self.current;
             self.check("restore", side, task)?;
             assert!(self.ready.contains(&side), "restore on a side that was not prepared");
             let n = u64::from_le_bytes(image.try_into().map_err(|_| "bad image")?);
             self.copies.insert((side, task.into()), (State::Paused, n));
             Ok(())
         }
-        fn release(&mut self, side: Side, task: &str) -> Result<(), String> {
+        fn release(&mut self, task: &str) -> Result<(), String> {
+            let side = self.current;
             self.check("release", side, task)?;
             self.copies.remove(&(side, task.into())).map(drop).ok_or_else(|| "no such copy".into())
         }

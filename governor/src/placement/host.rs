@@ -1,0 +1,207 @@
+//! The host's side of MC VMs (claims 11, 13): each host-side MC VM is a
+//! `vmm` process in its own child cgroup of one MC subtree that carries the
+//! configured reserve as its CPU and memory limits, apart from user VMs'
+//! cgroups. A move in is restored into an empty VMM spawned beforehand
+//! (`prepare`), so the spawn is off the critical path.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use cgroupfs::{Cgroup, Layout, Limits};
+use vmm::host::process::{SpawnOptions, Start, VmmProcess};
+
+use super::mover::Site;
+use super::HostCost;
+
+/// Where the host site runs its VMMs and what they may use.
+#[derive(Clone, Debug)]
+pub struct HostSiteOptions {
+    /// The `vmm` binary.
+    pub vmm_bin: PathBuf,
+    /// The management agent ELF (cold starts).
+    pub guest: PathBuf,
+    /// Directory for control sockets and snapshot files (created; removed
+    /// with what is in it when the site drops).
+    pub run_dir: PathBuf,
+    /// The MC subtree, relative to the cgroup roots.
+    pub subtree: String,
+    /// CPU and memory of the whole subtree (the MC reserve).
+    pub reserve: HostCost,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostSiteError {
+    #[error("MC cgroup subtree {subtree}: {source}")]
+    Cgroup {
+        subtree: String,
+        #[source]
+        source: cgroupfs::CgroupError,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("task {task}: {source}")]
+    Vmm {
+        task: String,
+        #[source]
+        source: vmm::Error,
+    },
+}
+
+#[derive(Default)]
+struct Slot {
+    /// An empty VMM ready to restore into.
+    spare: Option<VmmProcess>,
+    /// The VMM running (or holding, paused) the task.
+    live: Option<VmmProcess>,
+}
+
+pub struct HostSite {
+    opts: HostSiteOptions,
+    subtree: Cgroup,
+    slots: HashMap<String, Slot>,
+}
+
+impl HostSite {
+    /// Make the MC subtree with the reserve as its limits, and the run
+    /// directory.
+    pub fn new(opts: HostSiteOptions, layout: &Layout) -> Result<HostSite, HostSiteError> {
+        let quota = (opts.reserve.cpus * 100_000.0).round().max(1000.0) as u64;
+        let limits =
+            Limits { cpu_quota_us: Some(quota), memory_bytes: Some(opts.reserve.memory_bytes), ..Limits::default() };
+        let subtree = layout
+            .create(&opts.subtree, &limits)
+            .map_err(|source| HostSiteError::Cgroup { subtree: opts.subtree.clone(), source })?;
+        std::fs::create_dir_all(&opts.run_dir).map_err(|source| HostSiteError::Io {
+            what: "create",
+            path: opts.run_dir.clone(),
+            source,
+        })?;
+        Ok(HostSite { opts, subtree, slots: HashMap::new() })
+    }
+
+    /// The MC subtree (the governor watches it with role `mc`).
+    pub fn subtree(&self) -> &Cgroup {
+        &self.subtree
+    }
+
+    /// The cgroup of one task's VM, relative to the roots.
+    pub fn task_cgroup(&self, task: &str) -> String {
+        format!("{}/{task}", self.opts.subtree)
+    }
+
+    fn socket(&self, task: &str, n: &str) -> PathBuf {
+        self.opts.run_dir.join(format!("{task}-{n}.sock"))
+    }
+
+    fn image(&self, task: &str) -> PathBuf {
+        self.opts.run_dir.join(format!("{task}.snap"))
+    }
+
+    fn spawn(&self, task: &str, start: Start, n: &str) -> Result<VmmProcess, HostSiteError> {
+        let o = SpawnOptions {
+            bin: self.opts.vmm_bin.clone(),
+            start,
+            socket: self.socket(task, n),
+            serial: None,
+            log: None,
+            cgroup: Some((self.task_cgroup(task), Limits::default())),
+        };
+        VmmProcess::spawn(&o).map_err(|source| HostSiteError::Vmm { task: task.into(), source })
+    }
+
+    /// Boot the task's VM from scratch on the host (a first placement on
+    /// the host, or a card that died with no checkpoint).
+    pub fn cold_start(&mut self, task: &str, mem_mib: u64) -> Result<(), HostSiteError> {
+        let p = self.spawn(task, Start::Guest { elf: self.opts.guest.clone(), mem_mib }, "live")?;
+        self.slots.entry(task.into()).or_default().live = Some(p);
+        Ok(())
+    }
+
+    /// The live VMM of a task (for agent requests and stats).
+    pub fn vmm(&mut self, task: &str) -> Option<&mut VmmProcess> {
+        self.slots.get_mut(task)?.live.as_mut()
+    }
+
+    fn live(&mut self, task: &str) -> Result<&mut VmmProcess, String> {
+        self.vmm(task).ok_or_else(|| format!("no {task} VM on the host"))
+    }
+}
+
+fn remove(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %path.display(), "removing: {e}"),
+    }
+}
+
+impl Site for HostSite {
+    fn prepare(&mut self, task: &str) -> Result<(), String> {
+        if self.slots.get(task).is_some_and(|s| s.spare.is_some()) {
+            return Ok(());
+        }
+        let p = self.spawn(task, Start::Empty, "spare").map_err(|e| e.to_string())?;
+        self.slots.entry(task.into()).or_default().spare = Some(p);
+        Ok(())
+    }
+
+    fn pause(&mut self, task: &str) -> Result<(), String> {
+        self.live(task)?.client().pause().map_err(|e| e.to_string())
+    }
+
+    fn resume(&mut self, task: &str) -> Result<(), String> {
+        self.live(task)?.client().resume().map_err(|e| e.to_string())
+    }
+
+    fn snapshot(&mut self, task: &str) -> Result<Vec<u8>, String> {
+        let path = self.image(task);
+        self.live(task)?.client().snapshot(&path, false).map_err(|e| e.to_string())?;
+        let image = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()));
+        remove(&path);
+        image
+    }
+
+    fn restore(&mut self, task: &str, image: &[u8]) -> Result<(), String> {
+        let path = self.image(task);
+        std::fs::write(&path, image).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let slot = self.slots.entry(task.into()).or_default();
+        let Some(mut spare) = slot.spare.take() else {
+            remove(&path);
+            return Err(format!("no VMM prepared for {task}"));
+        };
+        // The VMM maps the file privately: it may go once restored.
+        let r = spare.client().restore(&path, &[]).map(drop).map_err(|e| e.to_string());
+        remove(&path);
+        r?;
+        slot.live = Some(spare);
+        Ok(())
+    }
+
+    fn release(&mut self, task: &str) -> Result<(), String> {
+        let p =
+            self.slots.get_mut(task).and_then(|s| s.live.take()).ok_or_else(|| format!("no {task} VM on the host"))?;
+        p.shutdown().map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for HostSite {
+    /// Stop every VMM (their drop stops them and they release their
+    /// cgroups), then remove the subtree and the run directory.
+    fn drop(&mut self) {
+        self.slots.clear();
+        self.subtree.kill_all(std::time::Duration::from_secs(5));
+        if let Err(e) = self.subtree.release() {
+            tracing::warn!(subtree = %self.opts.subtree, "removing the MC cgroup subtree: {e}");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.opts.run_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.opts.run_dir.display(), "removing the run directory: {e}");
+            }
+        }
+    }
+}
