@@ -14,6 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod audit;
+pub mod card;
 pub mod config;
 mod decide;
 pub mod host;

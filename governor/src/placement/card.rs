@@ -1,0 +1,94 @@
+//! The card's side of MC VMs: VMs run by the card's own VMM (claim 12),
+//! driven over card-link's mailbox; snapshots stream through it chunk by
+//! chunk with their CRC checked.
+
+use std::collections::HashMap;
+
+use card_link::mailbox::VmSpec;
+use card_link::Card;
+
+use super::mover::Site;
+
+pub struct CardSite {
+    card: Card,
+    /// Task -> (VM id on the card, its spec).
+    vms: HashMap<String, (u32, VmSpec)>,
+    /// Guest RAM of each task, for restores and cold starts.
+    mem_mib: HashMap<String, u32>,
+}
+
+impl CardSite {
+    pub fn new(card: Card) -> CardSite {
+        CardSite { card, vms: HashMap::new(), mem_mib: HashMap::new() }
+    }
+
+    /// Say how much guest RAM a task's VM has (restores and cold starts).
+    pub fn register(&mut self, task: &str, mem_mib: u32) {
+        self.mem_mib.insert(task.to_string(), mem_mib);
+    }
+
+    pub fn card(&mut self) -> &mut Card {
+        &mut self.card
+    }
+
+    fn spec(&self, task: &str) -> VmSpec {
+        VmSpec { name: task.to_string(), mem_mib: self.mem_mib.get(task).copied().unwrap_or(64), vcpus: 1 }
+    }
+
+    /// Boot the task's VM on the card (a first placement there).
+    pub fn cold_start(&mut self, task: &str, mem_mib: u32) -> Result<u32, card_link::CardError> {
+        self.mem_mib.insert(task.to_string(), mem_mib);
+        let spec = self.spec(task);
+        let id = self.card.start_vm(&spec)?;
+        self.vms.insert(task.to_string(), (id, spec));
+        Ok(id)
+    }
+
+    /// The card's VM id of a task, if it runs there.
+    pub fn vm_id(&self, task: &str) -> Option<u32> {
+        self.vms.get(task).map(|(id, _)| *id)
+    }
+
+    fn id(&self, task: &str) -> Result<u32, String> {
+        self.vm_id(task).ok_or_else(|| format!("no {task} VM on the card"))
+    }
+}
+
+impl Site for CardSite {
+    /// The card's VMM takes a restore at any time.
+    fn prepare(&mut self, _task: &str) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn pause(&mut self, task: &str) -> Result<(), String> {
+        let id = self.id(task)?;
+        self.card.pause_vm(id).map_err(|e| e.to_string())
+    }
+
+    fn resume(&mut self, task: &str) -> Result<(), String> {
+        let id = self.id(task)?;
+        self.card.resume_vm(id).map_err(|e| e.to_string())
+    }
+
+    fn snapshot(&mut self, task: &str) -> Result<Vec<u8>, String> {
+        let id = self.id(task)?;
+        let info = self.card.snapshot_vm(id).map_err(|e| e.to_string())?;
+        let mut image = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
+        self.card.read_snapshot(id, &info, &mut image).map_err(|e| e.to_string())?;
+        Ok(image)
+    }
+
+    /// The card's VMM resumes a restored VM itself; the source is paused
+    /// until the mover's resume step, so the task still never runs twice.
+    fn restore(&mut self, task: &str, image: &[u8]) -> Result<(), String> {
+        let spec = self.spec(task);
+        let id = self.card.restore_vm(&spec, image.len() as u64, &mut &image[..]).map_err(|e| e.to_string())?;
+        self.vms.insert(task.to_string(), (id, spec));
+        Ok(())
+    }
+
+    fn release(&mut self, task: &str) -> Result<(), String> {
+        let (id, _) = self.vms.remove(task).ok_or_else(|| format!("no {task} VM on the card"))?;
+        self.card.stop_vm(id).map_err(|e| e.to_string())
+    }
+}
