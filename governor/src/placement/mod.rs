@@ -17,6 +17,9 @@ pub mod audit;
 pub mod card;
 pub mod config;
 mod decide;
+pub mod engine;
+#[cfg(test)]
+mod fake;
 pub mod host;
 pub mod mover;
 #[cfg(test)]
@@ -161,6 +164,10 @@ pub enum Reason {
     ComeBack,
     /// Calm, but no host-side VM fits back (or may move yet).
     NothingFits,
+    /// An operator's move (`governor placement move`).
+    Manual,
+    /// Where the MC VMs start (at start-up).
+    Initial,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
