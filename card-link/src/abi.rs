@@ -1,4 +1,4 @@
-//! The card's register layout, ABI 1.1 (see `card-link/ABI.md`, which this
+//! The card's register layout, ABI 1.2 (see `card-link/ABI.md`, which this
 //! file must match). BAR0 is a read-only register file: identity, ABI version,
 //! health and heartbeat, and one telemetry entry per card resource. The host
 //! reads it in one access of `BAR0_SNAPSHOT_LEN` bytes and decodes it here.
@@ -9,12 +9,16 @@ use crate::wire::{Reader, Writer};
 /// "MCCD" little endian: the first word of BAR0.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MCCD");
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 1;
+pub const ABI_MINOR: u16 = 2;
 
 /// Feature bits at BAR0 0x64 (ABI 1.1). Unknown bits are ignored by hosts.
 /// FUSED_DOORBELL: a request slot write whose header carries the RING flag
 /// also rings the doorbell (one vfio-user round trip less per command).
 pub const FEATURE_FUSED_DOORBELL: u32 = 1;
+/// VM_COSTS (ABI 1.2): the card answers the `vm-costs` mailbox op with its
+/// measured cost of each VM (`crate::costs`). A host never sends the op to
+/// a card without this bit (a 1.1 card would not know the op).
+pub const FEATURE_VM_COSTS: u32 = 1 << 1;
 
 /// VFIO region indices of the two BARs.
 pub const BAR0_INDEX: u32 = 0;

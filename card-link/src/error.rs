@@ -109,6 +109,10 @@ pub enum CardError {
     /// The card executed the command and refused it.
     #[error("card refused {op}: {status} ({message})")]
     Refused { op: &'static str, status: crate::mailbox::Status, message: String },
+    /// The card's ABI does not offer this (an older minor, or the feature
+    /// bit is clear); nothing was sent.
+    #[error("card (ABI 1.{minor}) does not offer {what}: it needs {needs}")]
+    Unsupported { what: &'static str, needs: &'static str, minor: u16 },
     /// A host-side argument was refused before anything was sent.
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -2,6 +2,7 @@
 //!
 //! - `abi`: the versioned register layout of BAR0 (identity, heartbeat, telemetry)
 //! - `mailbox`: the BAR2 command mailbox wire format and its decoders
+//! - `costs`: the card's measured cost of each VM (ABI 1.2) and per-VM rates
 //! - `transport`: one trait, two transports (vfio-user, kernel VFIO)
 //! - `card`: the host driver on top of any transport (commands, snapshots, health)
 //! - `watchdog`: a thread reporting a stalled, silent or dead card within three heartbeats
@@ -12,6 +13,7 @@
 
 pub mod abi;
 pub mod card;
+pub mod costs;
 pub mod error;
 pub mod mailbox;
 pub mod transport;
@@ -19,6 +21,7 @@ pub mod watchdog;
 mod wire;
 
 pub use card::{Card, CardOptions, HealthReport, SnapshotInfo};
+pub use costs::{CostSource, VmCost, VmCosts, VmUtilisation};
 pub use error::{CardError, Result};
 pub use transport::kernel_vfio::{KernelVfioTransport, PciAddress};
 pub use transport::vfio_user::VfioUserTransport;

@@ -1,4 +1,4 @@
-//! The command mailbox in BAR2 (ABI 1.1, see ABI.md): a request ring and a
+//! The command mailbox in BAR2 (ABI 1.2, see ABI.md): a request ring and a
 //! response ring of fixed-size slots, producer/consumer counters, a doorbell,
 //! and a completion interrupt (an eventfd). This module holds the wire format
 //! of messages and payloads and their validating decoders; `card.rs` drives it.
@@ -101,6 +101,8 @@ pub enum Op {
     RestoreCommit = 10,
     ListVms = 11,
     ReadEvents = 12,
+    /// ABI 1.2 (feature VM_COSTS): the measured cost of each VM (`crate::costs`).
+    VmCosts = 13,
 }
 
 impl Op {
@@ -119,6 +121,7 @@ impl Op {
             10 => RestoreCommit,
             11 => ListVms,
             12 => ReadEvents,
+            13 => VmCosts,
             _ => return None,
         })
     }
@@ -137,6 +140,7 @@ impl Op {
             RestoreCommit => "restore-commit",
             ListVms => "list-vms",
             ReadEvents => "read-events",
+            VmCosts => "vm-costs",
         }
     }
 }

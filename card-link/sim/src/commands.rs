@@ -3,9 +3,12 @@
 //! go through the same handlers.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
+use card_link::costs::{VmCost, VmCosts};
 use card_link::mailbox::{self, Event, Message, Op, Status, VmInfo, VmSpec, VmState, HEADER_LEN};
 
+use crate::costs::VmCounters;
 use crate::device::{lock, SimCard};
 use crate::error::VmError;
 use crate::vms::{ManagedVm, VmBackend};
@@ -24,6 +27,15 @@ pub(crate) struct VmEntry {
     state: VmState,
     vm: Box<dyn ManagedVm>,
     snapshot: Option<Vec<u8>>,
+    /// Work the card's engines did for this VM. The entry holds the only
+    /// strong reference: engines still working for a stopped VM charge nobody.
+    counters: Arc<VmCounters>,
+}
+
+impl VmEntry {
+    fn new(spec: VmSpec, vm: Box<dyn ManagedVm>) -> VmEntry {
+        VmEntry { spec, state: VmState::Running, vm, snapshot: None, counters: Arc::default() }
+    }
 }
 
 pub(crate) struct Restore {
@@ -54,6 +66,39 @@ impl VmTable {
 
     pub(crate) fn len(&self) -> usize {
         self.vms.len()
+    }
+
+    /// The counters the card's engines charge for VM `id`.
+    pub(crate) fn counters(&self, id: u32) -> Option<Arc<VmCounters>> {
+        self.vms.get(&id).map(|e| e.counters.clone())
+    }
+
+    /// VM `id`'s management VM, to ask its agent something.
+    pub(crate) fn vm_mut(&mut self, id: u32) -> Option<&mut dyn ManagedVm> {
+        self.vms.get_mut(&id).map(|e| &mut *e.vm as &mut dyn ManagedVm)
+    }
+
+    /// Take every VM out of the table (the card is going down).
+    pub(crate) fn drain(&mut self) -> Vec<(u32, Box<dyn ManagedVm>)> {
+        std::mem::take(&mut self.vms).into_iter().map(|(id, e)| (id, e.vm)).collect()
+    }
+
+    /// The measured cost of every VM, sampled now; one VM that cannot be
+    /// measured fails the whole table (a VM left out would look stopped).
+    fn costs(&mut self, card_time_ns: u64) -> Result<VmCosts, (u32, VmError)> {
+        let mut vms = Vec::with_capacity(self.vms.len());
+        for (id, e) in self.vms.iter_mut() {
+            let u = e.vm.usage().map_err(|err| (*id, err))?;
+            vms.push(VmCost {
+                vm: *id,
+                source: u.source,
+                cpu_ns: u.cpu_ns,
+                memory_bytes: u.memory_bytes,
+                net_bytes: e.counters.net_bytes(),
+                fpga_busy_ns: e.counters.fpga_busy_ns(),
+            });
+        }
+        Ok(VmCosts { card_time_ns, vms })
     }
 
     /// Console lines of every VM since the last call, with the VM id.
@@ -106,7 +151,7 @@ impl SimCard {
                 let id = t.next_id;
                 t.next_id += 1;
                 let vm = t.backend.start(id, &spec).map_err(vmerr)?;
-                t.vms.insert(id, VmEntry { spec: spec.clone(), state: VmState::Running, vm, snapshot: None });
+                t.vms.insert(id, VmEntry::new(spec.clone(), vm));
                 drop(t);
                 self.log(id, 1, format!("started VM {} ({} MiB)", spec.name, spec.mem_mib));
                 self.drain_consoles();
@@ -186,7 +231,7 @@ impl SimCard {
                     return Err(bad(format!("image incomplete or corrupt ({} of {} bytes)", r.data.len(), r.size)));
                 }
                 let vm = t.backend.restore(m.vm, &r.spec, &r.data).map_err(vmerr)?;
-                t.vms.insert(m.vm, VmEntry { spec: r.spec, state: VmState::Running, vm, snapshot: None });
+                t.vms.insert(m.vm, VmEntry::new(r.spec, vm));
                 drop(t);
                 self.log(m.vm, 1, format!("restored VM {}", m.vm));
                 self.drain_consoles();
@@ -205,6 +250,19 @@ impl SimCard {
                     })
                     .collect();
                 Ok((list.len() as u64, 0, mailbox::encode_vm_list(&list)))
+            }
+            Op::VmCosts => {
+                // Sampled at the request, stamped with the card's clock (the
+                // one BAR0 reports), so the host's rates use the card's time.
+                let now = self.card_time_ns();
+                let costs = lock(&self.vms)
+                    .costs(now)
+                    .map_err(|(id, e)| (Status::Internal, format!("cannot measure VM {id}: {e}")))?;
+                let table = costs.encode();
+                if table.len() > max_payload {
+                    return Err((Status::Internal, format!("cost table of {} bytes exceeds a slot", table.len())));
+                }
+                Ok((costs.vms.len() as u64, 0, table))
             }
             Op::ReadEvents => {
                 let l = lock(&self.events);

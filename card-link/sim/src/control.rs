@@ -6,11 +6,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use card_link::mailbox::VmSpec;
 
+use crate::costs::Owner;
 use crate::device::SimCard;
 use crate::error::ApplyError;
 use crate::request::{self, CardStatus, EcsRequest, Fault, Reply, Request, DEFAULT_SLOW_MS};
@@ -63,6 +64,15 @@ fn handle_conn(card: Arc<SimCard>, conn: UnixStream) {
     }
 }
 
+/// On whose behalf an engine works: VM `vm` (which must exist; `field`
+/// names the request's field in the refusal), or the card for none or 0.
+fn owner(card: &SimCard, field: &'static str, vm: Option<u32>) -> Result<Owner, ApplyError> {
+    match vm {
+        None | Some(0) => Ok(Weak::new()),
+        Some(id) => card.vm_counters(id).map(|c| Arc::downgrade(&c)).ok_or(ApplyError::NoSuchVm { field, vm: id }),
+    }
+}
+
 /// Apply one request, already checked whole by `request::parse`.
 pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
     match req {
@@ -77,6 +87,11 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
             ..Reply::ok()
         }),
         Request::Load(load) => {
+            // Looked up first: a VM that is not there refuses the whole request.
+            let net_owner = load.net_vm.map(|vm| owner(card, "net_vm", Some(vm))).transpose()?;
+            if let Some(o) = net_owner {
+                card.net.set_owner(o);
+            }
             if let Some(c) = load.cpu {
                 card.cpu.set(c, card.cfg.load_threads);
             }
@@ -91,10 +106,16 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
             }
             Ok(Reply::ok())
         }
-        Request::FpgaJobs { count, service_us } => {
-            let queued = card.fpga.submit(*count, Duration::from_micros(*service_us));
+        Request::FpgaJobs { count, service_us, vm } => {
+            let on_behalf = owner(card, "vm", *vm)?;
+            let queued = card.fpga.submit(*count, Duration::from_micros(*service_us), &on_behalf);
             Ok(Reply { queued: Some(queued as u64), ..Reply::ok() })
         }
+        Request::Agent { vm, request, arg } => match card.agent(*vm, *request, *arg) {
+            None => Err(ApplyError::NoSuchVm { field: "vm", vm: *vm }),
+            Some(Err(source)) => Err(ApplyError::Agent { vm: *vm, source }),
+            Some(Ok(reply)) => Ok(Reply { agent: Some(reply), ..Reply::ok() }),
+        },
         Request::Fault { fault, on, slow_ms } => {
             let on = *on;
             match fault {

@@ -172,8 +172,54 @@ impl SimCard {
     }
 
     pub fn log(&self, vm: u32, level: u16, message: String) {
-        let time_ns = self.start.elapsed().as_nanos() as u64;
+        let time_ns = self.card_time_ns();
         lock(&self.events).push(time_ns, vm, level, message);
+    }
+
+    /// The card's monotonic clock (BAR0 `card_time_ns`, event and cost times).
+    pub fn card_time_ns(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Features this card offers (BAR0 0x64).
+    pub fn features(&self) -> u32 {
+        let mut f = 0;
+        if self.cfg.fused_doorbell {
+            f |= abi::FEATURE_FUSED_DOORBELL;
+        }
+        // The cost table is one response: offered only when a slot holds the
+        // largest one.
+        if self.cfg.slot_size as usize - HEADER_LEN >= card_link::costs::MAX_COSTS_LEN {
+            f |= abi::FEATURE_VM_COSTS;
+        }
+        f
+    }
+
+    /// The counters the card's engines charge for VM `id` (None: no such VM).
+    pub fn vm_counters(&self, id: u32) -> Option<Arc<crate::costs::VmCounters>> {
+        lock(&self.vms).counters(id)
+    }
+
+    /// One request to VM `id`'s management agent; None: no such VM.
+    pub fn agent(
+        &self,
+        id: u32,
+        op: vmm::host::api::AgentOp,
+        arg: u64,
+    ) -> Option<Result<vmm::Reply, crate::error::VmError>> {
+        let mut t = lock(&self.vms);
+        t.vm_mut(id).map(|vm| vm.agent(op, arg))
+    }
+
+    /// Stop every VM (the card is going down): each VM's process is
+    /// stopped and its cgroup removed; what cannot be is logged.
+    pub fn stop_vms(&self) {
+        let vms = lock(&self.vms).drain();
+        for (id, mut vm) in vms {
+            if let Err(e) = vm.stop() {
+                tracing::warn!(vm = id, error = %e, "stopping a VM as the card goes down");
+            }
+        }
     }
 
     pub(crate) fn drain_consoles(&self) {
@@ -237,11 +283,11 @@ impl SimCard {
             heartbeat: self.heartbeat(),
             heartbeat_period_ms: self.cfg.period_ms,
             health: Health::Ok,
-            card_time_ns: self.start.elapsed().as_nanos() as u64,
+            card_time_ns: self.card_time_ns(),
             mailbox_slots: self.cfg.slots,
             mailbox_slot_size: self.cfg.slot_size,
             vm_count,
-            features: if self.cfg.fused_doorbell { abi::FEATURE_FUSED_DOORBELL } else { 0 },
+            features: self.features(),
             resources: vec![
                 Resource {
                     kind: ResourceKind::Fpga,
@@ -369,5 +415,8 @@ impl SimCard {
 
 /// Commands cheap enough to answer on the vfio-user thread.
 fn quick(op: Op) -> bool {
-    matches!(op, Op::Echo | Op::ListVms | Op::ReadEvents | Op::SnapshotRead | Op::RestoreBegin | Op::RestoreWrite)
+    matches!(
+        op,
+        Op::Echo | Op::ListVms | Op::ReadEvents | Op::SnapshotRead | Op::RestoreBegin | Op::RestoreWrite | Op::VmCosts
+    )
 }

@@ -23,8 +23,16 @@ pub enum SimError {
         "card-sim binary not found near {near} (build it: cargo build --release -p card-sim --bin card-sim, or set CARD_SIM_BIN)"
     )]
     BinaryNotFound { near: PathBuf },
-    /// The launcher's directory for the card's sockets, made under `path`.
-    #[error("create the card's directory under {path}: {source}")]
+    #[error(
+        "vmm binary not found next to {near} (build it: cargo build --release -p vmm --bin vmm, or give --vmm / VMM_BIN)"
+    )]
+    VmmNotFound { near: PathBuf },
+    /// Blocking the exit signals the card's signal thread waits for.
+    #[error("block SIGTERM/SIGINT: {0}")]
+    Signals(#[source] io::Error),
+    /// A directory of the card: the launcher's for its sockets (made under
+    /// `path`), or card-sim's run directory for its VMs' files (`path`).
+    #[error("create the card's directory {path}: {source}")]
     Dir {
         path: PathBuf,
         #[source]
@@ -82,12 +90,45 @@ pub enum SimError {
 /// Why the card-side VMM could not do what a mailbox op or ECS request asked.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// The VM's `vmm` process (spawning it, or a request over its socket).
     #[error("{what}: {source}")]
     Vmm {
         what: &'static str,
         #[source]
         source: vmm::Error,
     },
+    /// The VM's child cgroup of the card's cgroup (make, measure, remove).
+    #[error("{what} VM cgroup {name}: {source}")]
+    Cgroup {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: cgroupfs::CgroupError,
+    },
+    /// A file of the card-side VMM in the card's run directory (console,
+    /// snapshot or restore image).
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Reading a VM process's accounting in /proc.
+    #[error("measure {path}: {source}")]
+    Measure {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: cannot read {what}")]
+    Unreadable { what: &'static str, path: PathBuf },
+    /// The VM's process was stopped already.
+    #[error("the VM's process is gone")]
+    Gone,
+    /// A modelled VM runs no agent to ask.
+    #[error("a modelled VM runs no agent (start card-sim with --guest)")]
+    NoAgent,
     #[error("not a model VM image")]
     NotModelImage,
     #[error("model VM image holds {memory} bytes of memory, its header says {stated}")]
@@ -119,6 +160,16 @@ pub enum RequestError {
 /// A valid control request that the card refused while applying it.
 #[derive(Debug, Error)]
 pub enum ApplyError {
+    /// The request names a VM the card does not run; nothing was applied.
+    #[error("field {field}: no VM {vm} on the card")]
+    NoSuchVm { field: &'static str, vm: u32 },
+    /// The VM's agent could not be asked (a modelled VM, or its VMM failed).
+    #[error("agent of VM {vm}: {source}")]
+    Agent {
+        vm: u32,
+        #[source]
+        source: VmError,
+    },
     /// The ECS control service refused a create or destroy, as the mailbox
     /// would (`op` is `create_vm` or `destroy_vm`).
     #[error("{op} refused: {source}")]

@@ -6,20 +6,22 @@
 //! engine thread sleeps to that absolute end, so a late wake-up of the host
 //! thread does not stretch the modelled hardware. Busy time is the sum of
 //! completed service intervals: the ratio follows from queueing (arrivals,
-//! backlog, idle gaps), not from the knob's setting.
+//! backlog, idle gaps), not from the knob's setting. A job submitted on a
+//! VM's behalf charges its service time to that VM too (`vm-costs`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::costs::{charge, Owner};
 use crate::device::spawn_thread;
 use crate::error::SimError;
 
 #[derive(Default)]
 struct Queue {
-    /// (arrival, service time)
-    jobs: VecDeque<(Instant, Duration)>,
+    /// (arrival, service time, on whose behalf)
+    jobs: VecDeque<(Instant, Duration, Owner)>,
 }
 
 pub struct Fpga {
@@ -61,11 +63,15 @@ impl Fpga {
                         }
                         g.jobs.pop_front()
                     };
-                    if let Some((arrival, service)) = job {
+                    if let Some((arrival, service, owner)) = job {
                         let start = arrival.max(prev_end);
                         let end = start + service;
                         std::thread::sleep(end.saturating_duration_since(Instant::now()));
-                        busy.fetch_add(service.as_nanos() as u64, Ordering::Relaxed);
+                        let ns = service.as_nanos() as u64;
+                        busy.fetch_add(ns, Ordering::Relaxed);
+                        charge(&owner, |c| {
+                            c.fpga_busy_ns.fetch_add(ns, Ordering::Relaxed);
+                        });
                         done.fetch_add(1, Ordering::Relaxed);
                         prev_end = end;
                     }
@@ -88,7 +94,7 @@ impl Fpga {
                     last = now;
                     while credit >= 1.0 {
                         credit -= 1.0;
-                        push(&q, Duration::from_millis(5));
+                        push(&q, Duration::from_millis(5), &Weak::new());
                     }
                     std::thread::sleep(tick);
                 }
@@ -97,11 +103,12 @@ impl Fpga {
         Ok(fpga)
     }
 
-    /// Submit `count` jobs of `service` each (the "real work routed through it").
-    pub fn submit(&self, count: u32, service: Duration) -> usize {
+    /// Submit `count` jobs of `service` each (the "real work routed
+    /// through it"), on behalf of `owner` (a VM's counters, or none).
+    pub fn submit(&self, count: u32, service: Duration, owner: &Owner) -> usize {
         let mut n = 0;
         for _ in 0..count {
-            if push(&self.queue, service) {
+            if push(&self.queue, service, owner) {
                 n += 1;
             }
         }
@@ -125,13 +132,13 @@ impl Fpga {
     }
 }
 
-fn push(q: &Arc<(Mutex<Queue>, Condvar)>, t: Duration) -> bool {
+fn push(q: &Arc<(Mutex<Queue>, Condvar)>, t: Duration, owner: &Owner) -> bool {
     let (m, cv) = &**q;
     let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
     if g.jobs.len() >= MAX_QUEUE {
         return false;
     }
-    g.jobs.push_back((Instant::now(), t));
+    g.jobs.push_back((Instant::now(), t, owner.clone()));
     cv.notify_one();
     true
 }

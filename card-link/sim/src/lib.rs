@@ -6,8 +6,10 @@
 //! - `request`, `control`: the control socket (ECS service requests, the
 //!   load knob, fault injection): typed requests and their server
 //! - `load`, `fpga`: real CPU/memory/network load and the modelled FPGA engine
+//! - `costs`: each VM's measured cost (ABI 1.2 `vm-costs`) and the counters
+//!   the network client and FPGA engine charge on a VM's behalf
 //! - `vms`, `vmm_backend`: the card-side VMM seam; modelled VMs, or real KVM
-//!   guests through the `vmm` crate
+//!   guests, each in its own `vmm` process and child cgroup of the card's
 //! - `process`: `SimProcess`, which launches card-sim in its own cgroup for
 //!   tests and benchmarks
 //!
@@ -16,6 +18,7 @@
 
 mod commands;
 pub mod control;
+pub mod costs;
 pub mod device;
 pub mod error;
 pub mod fpga;

@@ -4,9 +4,10 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::costs::{charge, Owner};
 use crate::device::spawn_thread;
 use crate::error::SimError;
 
@@ -87,10 +88,13 @@ impl MemLoad {
 /// The card's network client: sends bytes to a peer at a set rate and counts
 /// what the socket accepted. That count is the card's network telemetry
 /// (documented in ABI.md: bytes through the network-client interface).
+/// When it sends on a VM's behalf (`set_owner`), the same bytes are also
+/// charged to that VM (its `net_bytes` in the `vm-costs` table).
 pub struct NetClient {
     pub bytes: Arc<AtomicU64>,
     rate_bps: Arc<AtomicU64>,
     target: Arc<Mutex<Option<SocketAddr>>>,
+    owner: Arc<Mutex<Owner>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -99,8 +103,9 @@ impl NetClient {
         let bytes = Arc::new(AtomicU64::new(0));
         let rate_bps = Arc::new(AtomicU64::new(0));
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let owner: Arc<Mutex<Owner>> = Arc::new(Mutex::new(Weak::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (b, r, t, s) = (bytes.clone(), rate_bps.clone(), target.clone(), stop.clone());
+        let (b, r, t, o, s) = (bytes.clone(), rate_bps.clone(), target.clone(), owner.clone(), stop.clone());
         spawn_thread("net-client".into(), move || {
             let mut conn: Option<(SocketAddr, TcpStream)> = None;
             let buf = vec![0x5au8; 16 * 1024];
@@ -109,6 +114,7 @@ impl NetClient {
                 let start = Instant::now();
                 let rate = r.load(Ordering::Relaxed);
                 let want = *t.lock().unwrap_or_else(|e| e.into_inner());
+                let owner = o.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 match (want, rate) {
                     (Some(addr), rate) if rate > 0 => {
                         if conn.as_ref().map(|(a, _)| *a != addr).unwrap_or(true) {
@@ -122,6 +128,9 @@ impl NetClient {
                                 match c.write(&buf[..n]) {
                                     Ok(w) => {
                                         b.fetch_add(w as u64, Ordering::Relaxed);
+                                        charge(&owner, |c| {
+                                            c.net_bytes.fetch_add(w as u64, Ordering::Relaxed);
+                                        });
                                         left -= w;
                                     }
                                     Err(_) => {
@@ -138,12 +147,17 @@ impl NetClient {
                 std::thread::sleep(rest);
             }
         })?;
-        Ok(NetClient { bytes, rate_bps, target, stop })
+        Ok(NetClient { bytes, rate_bps, target, owner, stop })
     }
 
     pub fn set(&self, target: Option<SocketAddr>, rate_bps: u64) {
         *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
         self.rate_bps.store(rate_bps, Ordering::Relaxed);
+    }
+
+    /// On whose behalf it sends from now on (`Weak::new()`: the card's own).
+    pub fn set_owner(&self, owner: Owner) {
+        *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = owner;
     }
 }
 

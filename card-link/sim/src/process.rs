@@ -35,15 +35,27 @@ pub struct SimOptions {
     pub period_ms: u32,
     /// Put the process in a cgroup of its own (needs root).
     pub cgroup: bool,
-    /// The management agent ELF: VMs run on the vmm crate (else modelled).
+    /// The management agent ELF: VMs run on the vmm crate, each in its own
+    /// `vmm` process and child cgroup (else modelled).
     pub guest: Option<PathBuf>,
+    /// The `vmm` binary for those VMs; None: card-sim looks for it ($VMM_BIN,
+    /// else next to card-sim).
+    pub vmm: Option<PathBuf>,
     /// The card-sim binary to run; None: `find_binary()`.
     pub binary: Option<PathBuf>,
 }
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { cpus: 1.0, mem_bytes: 512 << 20, period_ms: 100, cgroup: true, guest: None, binary: None }
+        SimOptions {
+            cpus: 1.0,
+            mem_bytes: 512 << 20,
+            period_ms: 100,
+            cgroup: true,
+            guest: None,
+            vmm: None,
+            binary: None,
+        }
     }
 }
 
@@ -91,6 +103,9 @@ impl SimProcess {
         cmd.arg("--load-threads").arg((opts.cpus.ceil() as usize).max(1).to_string());
         if let Some(g) = &opts.guest {
             cmd.arg("--guest").arg(g);
+        }
+        if let Some(v) = &opts.vmm {
+            cmd.arg("--vmm").arg(v);
         }
         let cgroup = if opts.cgroup {
             let limits = Limits { memory_bytes: Some(opts.mem_bytes), ..Limits::cpus(opts.cpus) };

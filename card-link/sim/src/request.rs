@@ -2,8 +2,9 @@
 //! ABI.md, "card-sim control socket").
 //!
 //! - `{"op":"status"}` -> `{"ok":true,"pid":..,"heartbeat":..,"fpga_completed":..,"net_bytes":..,"cgroup":..}`
-//! - `{"op":"load","cpu":0.5,"mem_mib":128,"net_bps":20000000,"net_target":"127.0.0.1:9000","fpga":0.4}`
-//! - `{"op":"fpga_jobs","count":50,"service_us":10000}` -> `{"ok":true,"queued":50}`
+//! - `{"op":"load","cpu":0.5,"mem_mib":128,"net_bps":20000000,"net_target":"127.0.0.1:9000","net_vm":1,"fpga":0.4}`
+//! - `{"op":"fpga_jobs","count":50,"service_us":10000,"vm":1}` -> `{"ok":true,"queued":50}`
+//! - `{"op":"agent","vm":1,"request":"auto","arg":100}` -> `{"ok":true,"agent":{..the agent's reply..}}`
 //! - `{"op":"fault","fault":"stall"|"garbage"|"slow"|"crash","on":true,"slow_ms":200}`
 //! - `{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}` -> `{"ok":true,"vm":1}`
 //! - `{"op":"ecs","request":"destroy_vm","vm":1}`
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 
 use card_link::mailbox::MAX_NAME;
 use serde::{Deserialize, Serialize};
+use vmm::host::api::AgentOp;
 
 use crate::error::RequestError;
 
@@ -35,6 +37,20 @@ pub enum Request {
         count: u32,
         #[serde(default = "default_service_us", deserialize_with = "field::service_us")]
         service_us: u64,
+        /// On whose behalf: a VM on the card (its `fpga_busy_ns` cost);
+        /// absent: the card's own work.
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::vm")]
+        vm: Option<u32>,
+    },
+    /// One request to the management agent of a VM on the card (real KVM
+    /// guests only): `auto` makes it busy, `counters` reads its state.
+    Agent {
+        #[serde(deserialize_with = "field::vm")]
+        vm: u32,
+        #[serde(deserialize_with = "field::request")]
+        request: AgentOp,
+        #[serde(default, deserialize_with = "field::arg")]
+        arg: u64,
     },
     /// Fault injection.
     Fault {
@@ -66,6 +82,10 @@ pub struct Load {
     /// The network client's peer: a loopback `ip:port`.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::net_target")]
     pub net_target: Option<SocketAddr>,
+    /// On whose behalf the network client sends: a VM on the card (its
+    /// `net_bytes` cost), or 0 for the card itself (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::net_vm")]
+    pub net_vm: Option<u32>,
     /// Offered load on the FPGA engine, as a fraction of its time.
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "field::fpga")]
     pub fpga: Option<f64>,
@@ -124,6 +144,9 @@ pub struct Reply {
     /// `fpga_jobs`: how many jobs the engine's queue took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<u64>,
+    /// `agent`: the agent's reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<vmm::Reply>,
     /// `status`: its fields sit at the top level of the line.
     #[serde(flatten)]
     pub status: Option<CardStatus>,
@@ -206,7 +229,8 @@ impl Request {
         match self {
             Request::Status {} => Ok(()),
             Request::Load(l) => l.validate(),
-            Request::FpgaJobs { count, service_us } => {
+            Request::Agent { .. } => Ok(()),
+            Request::FpgaJobs { count, service_us, .. } => {
                 if *count > MAX_JOBS {
                     return Err(invalid("count", format!("at most {MAX_JOBS} jobs (the engine's queue)")));
                 }
@@ -278,7 +302,9 @@ mod field {
         )*};
     }
 
-    named!(cpu, mem_mib, net_bps, net_target, fpga, count, service_us, fault, on, slow_ms, name, vm);
+    named!(
+        cpu, mem_mib, net_bps, net_target, net_vm, fpga, count, service_us, fault, on, slow_ms, name, vm, request, arg
+    );
 }
 
 #[cfg(test)]
@@ -316,7 +342,20 @@ mod tests {
             Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(200) }
         );
         assert_eq!(ok(r#"{"op":"fault","fault":"stall","on":false}"#), Request::fault(Fault::Stall, false));
-        assert_eq!(ok(r#"{"op":"fpga_jobs"}"#), Request::FpgaJobs { count: 1, service_us: 1000 });
+        assert_eq!(ok(r#"{"op":"fpga_jobs"}"#), Request::FpgaJobs { count: 1, service_us: 1000, vm: None });
+        assert_eq!(
+            ok(r#"{"op":"fpga_jobs","count":5,"vm":2}"#),
+            Request::FpgaJobs { count: 5, service_us: 1000, vm: Some(2) }
+        );
+        assert_eq!(ok(r#"{"op":"load","net_vm":3}"#), Request::Load(Load { net_vm: Some(3), ..Load::default() }));
+        assert_eq!(
+            ok(r#"{"op":"agent","vm":1,"request":"auto","arg":100}"#),
+            Request::Agent { vm: 1, request: AgentOp::Auto, arg: 100 }
+        );
+        assert_eq!(
+            ok(r#"{"op":"agent","vm":1,"request":"ping"}"#),
+            Request::Agent { vm: 1, request: AgentOp::Ping, arg: 0 }
+        );
         assert_eq!(
             ok(r#"{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}"#),
             Request::Ecs(EcsRequest::CreateVm { name: "mc-log".into(), mem_mib: 8 })
@@ -356,7 +395,10 @@ mod tests {
         // And every typed request reads back as itself.
         for r in [
             Request::Status {},
-            Request::FpgaJobs { count: 50, service_us: 10_000 },
+            Request::FpgaJobs { count: 50, service_us: 10_000, vm: None },
+            Request::FpgaJobs { count: 50, service_us: 10_000, vm: Some(4) },
+            Request::Agent { vm: 2, request: AgentOp::Counters, arg: 0 },
+            Request::Load(Load { net_bps: Some(1), net_vm: Some(0), ..Load::default() }),
             Request::Fault { fault: Fault::Slow, on: true, slow_ms: Some(400) },
             Request::Ecs(EcsRequest::DestroyVm { vm: 7 }),
         ] {
@@ -368,6 +410,10 @@ mod tests {
     fn refusals_name_the_field_and_the_reason() {
         assert_eq!(refused(r#"{"op":"ecs","request":"create_vm"}"#), "field name: missing");
         assert_eq!(refused(r#"{"op":"ecs","request":"destroy_vm"}"#), "field vm: missing");
+        assert_eq!(refused(r#"{"op":"agent","request":"auto"}"#), "field vm: missing");
+        assert!(refused(r#"{"op":"agent","vm":1,"request":"dance"}"#).starts_with("field request: unknown variant"));
+        assert!(refused(r#"{"op":"fpga_jobs","vm":-1}"#).starts_with("field vm: invalid value"));
+        assert!(refused(r#"{"op":"load","net_vm":"x"}"#).starts_with("field net_vm: invalid type"));
         assert_eq!(refused(r#"{"op":"fault"}"#), "field fault: missing");
         assert_eq!(refused(r#"{"cpu":1}"#), "field op: missing");
         assert!(refused(r#"{"op":"load","cpu":"lots"}"#).starts_with("field cpu: invalid type"));

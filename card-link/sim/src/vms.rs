@@ -1,17 +1,21 @@
-//! The card-side VMM behind a small trait, so a real vmm-crate backed
-//! implementation plugs in: `vmm_backend::VmmBackend` (real KVM guests
-//! through the vmm crate) is used when card-sim is given the agent ELF
-//! (`--guest`); `ModelBackend` otherwise.
+//! The card-side VMM behind a small trait: `vmm_backend::VmmBackend` runs
+//! each management VM as a real KVM guest in its own `vmm` process, inside
+//! a child cgroup of the card's cgroup, and is used when card-sim is given
+//! the agent ELF (`--guest`); `ModelBackend` otherwise.
 //!
 //! `ModelBackend` runs no guest code: each "VM" is its guest memory (real,
 //! allocated and touched inside the card's cgroup, so it counts as card
 //! memory) plus an agent that prints a banner and a tick counter. Its
 //! snapshots are real byte images of that memory and state, which is what
 //! the mailbox streams. It keeps card-sim usable where /dev/kvm or the guest
-//! ELF is missing, and gives byte-exact restore checks.
+//! ELF is missing, and gives byte-exact restore checks. Its cost is its own
+//! accounting: no CPU (it runs nothing), memory = the bytes it holds.
 
+use card_link::costs::CostSource;
 use card_link::mailbox::VmSpec;
+use vmm::host::api::AgentOp;
 
+use crate::costs::VmUsage;
 use crate::error::VmError;
 
 pub trait VmBackend: Send {
@@ -28,6 +32,10 @@ pub trait ManagedVm: Send {
     /// Console lines printed since the last call (go to the card's event log).
     fn take_console(&mut self) -> Vec<String>;
     fn mem_bytes(&self) -> u64;
+    /// The VM's CPU and memory as measured now (the `vm-costs` table).
+    fn usage(&mut self) -> Result<VmUsage, VmError>;
+    /// One request to the VM's management agent.
+    fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError>;
 }
 
 pub struct ModelBackend;
@@ -109,5 +117,11 @@ impl ManagedVm for ModelVm {
     }
     fn mem_bytes(&self) -> u64 {
         self.memory.len() as u64
+    }
+    fn usage(&mut self) -> Result<VmUsage, VmError> {
+        Ok(VmUsage { source: CostSource::Model, cpu_ns: 0, memory_bytes: self.memory.len() as u64 })
+    }
+    fn agent(&mut self, _op: AgentOp, _arg: u64) -> Result<vmm::Reply, VmError> {
+        Err(VmError::NoAgent)
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::Card;
 use crate::abi::{self, BAR2_INDEX};
+use crate::costs::VmCosts;
 use crate::error::{CardError, Result};
 use crate::mailbox::{self, Event, Message, Op, Status, VmInfo, VmSpec, HEADER_LEN};
 
@@ -209,6 +210,26 @@ impl Card {
     pub fn list_vms(&mut self) -> Result<Vec<VmInfo>> {
         let m = self.call(Op::ListVms, 0, 0, 0, &[])?;
         mailbox::decode_vm_list(&m.payload)
+    }
+
+    /// The card's measured cost of each VM it runs (ABI 1.2). A card that
+    /// does not offer it (a 1.1 card, or the feature bit clear) gives
+    /// `Unsupported` without anything being sent: it would not know the op.
+    pub fn vm_costs(&mut self) -> Result<VmCosts> {
+        if self.first.features & abi::FEATURE_VM_COSTS == 0 {
+            return Err(CardError::Unsupported {
+                what: "per-VM costs (mailbox op vm-costs)",
+                needs: "ABI 1.2 with feature bit 1",
+                minor: self.first.abi_minor,
+            });
+        }
+        let m = self.call(Op::VmCosts, 0, 0, 0, &[])?;
+        let costs = VmCosts::decode(&m.payload)?;
+        if m.arg0 != costs.vms.len() as u64 {
+            return Err(CardError::Range { what: "VM cost count vs arg0", value: m.arg0, range: "the table's count" });
+        }
+        costs.check_against(&self.first)?;
+        Ok(costs)
     }
 
     /// Events with sequence >= `from`, at most `max`.

@@ -7,6 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::abi::{Resource, ResourceKind};
+use crate::costs::{CostSource, VmCost, VmCosts};
 use crate::mailbox::{Event, Message, Op, Status, DEFAULT_SLOTS, DEFAULT_SLOT_SIZE};
 
 type Firmware = Box<dyn FnMut(&Message) -> Option<Vec<u8>> + Send>;
@@ -230,4 +231,99 @@ fn hostile_registers_are_refused_at_open() {
     r.heartbeat_period_ms = 0;
     assert!(matches!(card_with(r.encode(), Box::new(|_| None)), Err(CardError::Range { .. })));
     assert!(matches!(card_with(vec![0xff; 512], Box::new(|_| None)), Err(CardError::BadMagic { .. })));
+}
+
+fn regs_with_costs() -> RegisterSnapshot {
+    RegisterSnapshot {
+        abi_minor: 2,
+        features: abi::FEATURE_VM_COSTS,
+        resources: vec![
+            Resource { kind: ResourceKind::Cpu, capacity: 1_000_000_000, used: 0, total: 0 },
+            Resource { kind: ResourceKind::Memory, capacity: 512 << 20, used: 0, total: 0 },
+        ],
+        ..regs()
+    }
+}
+
+fn costs() -> VmCosts {
+    let vm = |id| VmCost {
+        vm: id,
+        source: CostSource::Cgroup,
+        cpu_ns: 5,
+        memory_bytes: 8 << 20,
+        net_bytes: 0,
+        fpga_busy_ns: 0,
+    };
+    VmCosts { card_time_ns: 99, vms: vec![vm(1), vm(2)] }
+}
+
+#[test]
+fn vm_costs_on_a_card_without_the_feature_is_unsupported_and_sends_nothing() {
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let s = sent.clone();
+    // A 1.1 card (this fake rings through the doorbell register only, so
+    // it offers no fused doorbell either).
+    let old = RegisterSnapshot { abi_minor: 1, features: 0, ..regs() };
+    let mut c = card_with(
+        old.encode(),
+        Box::new(move |m| {
+            s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(Message::response_to(m, Status::Ok, m.arg0, 0, m.payload.clone()).encode())
+        }),
+    )
+    .unwrap();
+    let e = c.vm_costs().unwrap_err();
+    assert!(matches!(e, CardError::Unsupported { minor: 1, .. }), "{e}");
+    assert!(e.to_string().contains("ABI 1.1"), "{e}");
+    assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), 0, "nothing sent to a 1.1 card");
+    // The rest of the link works as before.
+    c.echo(3, b"still here").unwrap();
+    assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[test]
+fn vm_costs_are_decoded_from_an_honest_card() {
+    let mut c =
+        card_with(regs_with_costs().encode(), answer(|m| Message::response_to(m, Status::Ok, 2, 0, costs().encode())))
+            .unwrap();
+    assert_eq!(c.vm_costs().unwrap(), costs());
+}
+
+#[test]
+fn hostile_vm_cost_tables_are_refused() {
+    type Lie = fn(&Message) -> Message;
+    let lies: [(Lie, &str); 4] = [
+        (|m| Message::response_to(m, Status::Ok, 3, 0, costs().encode()), "VM cost count vs arg0"),
+        (
+            |m| {
+                let mut p = costs().encode();
+                p.truncate(p.len() - 1);
+                Message::response_to(m, Status::Ok, 2, 0, p)
+            },
+            "VM cost table length",
+        ),
+        (
+            |m| {
+                let mut p = costs().encode();
+                p[0] = 7;
+                Message::response_to(m, Status::Ok, 2, 0, p)
+            },
+            "VM cost table version",
+        ),
+        (
+            |m| {
+                let mut t = costs();
+                t.vms[0].memory_bytes = u64::MAX;
+                Message::response_to(m, Status::Ok, 2, 0, t.encode())
+            },
+            "VM memory",
+        ),
+    ];
+    for (lie, what) in lies {
+        let mut c = card_with(regs_with_costs().encode(), answer(lie)).unwrap();
+        match c.vm_costs() {
+            Err(CardError::Range { what: w, .. } | CardError::Unknown { what: w, .. }) => assert_eq!(w, what),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //! | `boot` | | `ready_ms` |
 //! | `restore` | `path`, optional `diffs` (paths, oldest first) | `restore_ms` (VM comes up paused) |
 //! | `pause` / `resume` | | |
-//! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot) | `bytes`, `snapshot_ms` |
+//! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot), optional `stream` (bool: the stream format a link carries, sparse, instead of the mappable file layout) | `bytes`, `snapshot_ms` |
 //! | `request` | `op` (an [`AgentOp`] name), optional `arg` (default 0) | `reply`, `rtt_us` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid`, `vm` (exit and log counters) |
@@ -95,6 +95,7 @@ mod named {
     field!(path: PathBuf);
     field!(diffs: Vec<PathBuf>);
     field!(diff: bool);
+    field!(stream: bool);
     field!(op: AgentOp);
     field!(arg: u64);
 }
@@ -128,12 +129,18 @@ pub enum Request {
     },
     Pause {},
     Resume {},
-    /// Snapshot the paused VM to a file (a diff when `diff`).
+    /// Snapshot the paused VM to a file (a diff when `diff`). With
+    /// `stream`, a full snapshot is written in the stream format
+    /// (`Vm::snapshot_to`: only pages that may hold data) rather than the
+    /// file layout a restore maps: what a caller that ships the file over a
+    /// link (the card simulator) wants. A diff is a stream either way.
     Snapshot {
         #[serde(deserialize_with = "named::path")]
         path: PathBuf,
         #[serde(default, deserialize_with = "named::diff", skip_serializing_if = "is_false")]
         diff: bool,
+        #[serde(default, deserialize_with = "named::stream", skip_serializing_if = "is_false")]
+        stream: bool,
     },
     /// One agent request.
     Request {
@@ -310,7 +317,11 @@ mod tests {
         );
         assert_eq!(
             Request::parse(r#"{"cmd":"snapshot","path":"/s","diff":true}"#).expect("snapshot"),
-            Request::Snapshot { path: "/s".into(), diff: true }
+            Request::Snapshot { path: "/s".into(), diff: true, stream: false }
+        );
+        assert_eq!(
+            Request::parse(r#"{"cmd":"snapshot","path":"/s","stream":true}"#).expect("stream snapshot"),
+            Request::Snapshot { path: "/s".into(), diff: false, stream: true }
         );
         assert_eq!(
             Request::parse(r#"{"cmd":"restore","path":"/s","diffs":["/d1","/d2"]}"#).expect("restore"),
@@ -324,7 +335,8 @@ mod tests {
             Request::Restore { path: "/s".into(), diffs: vec![] },
             Request::Pause {},
             Request::Resume {},
-            Request::Snapshot { path: "/s".into(), diff: false },
+            Request::Snapshot { path: "/s".into(), diff: false, stream: false },
+            Request::Snapshot { path: "/s".into(), diff: false, stream: true },
             Request::Request { op: AgentOp::Touch, arg: 7 },
             Request::State {},
             Request::Stats {},

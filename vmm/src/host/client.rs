@@ -88,7 +88,13 @@ impl Client {
     }
 
     pub fn snapshot(&mut self, path: &Path, diff: bool) -> Result<SnapshotTaken> {
-        self.call(&Request::Snapshot { path: path.to_path_buf(), diff })
+        self.call(&Request::Snapshot { path: path.to_path_buf(), diff, stream: false })
+    }
+
+    /// A full snapshot in the stream format (sparse), for shipping over a
+    /// link; any `restore` reads it.
+    pub fn snapshot_stream(&mut self, path: &Path) -> Result<SnapshotTaken> {
+        self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true })
     }
 
     pub fn request(&mut self, op: AgentOp, arg: u64) -> Result<Answered> {

@@ -68,6 +68,17 @@ fn self_rss() -> u64 {
         .map_or(0, |kb| kb.saturating_mul(1024))
 }
 
+/// A full snapshot in the stream format, into a new file at `path`.
+fn stream_to_file(vm: &Vm, path: &std::path::Path) -> vmm::Result<u64> {
+    let io = |source| vmm::Error::Io { what: path.display().to_string(), source };
+    let f = std::fs::File::create(path).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let n = vm.snapshot_to(&mut w)?;
+    // BufWriter's drop would swallow a failed final write.
+    w.flush().map_err(io)?;
+    Ok(n)
+}
+
 impl Server {
     pub fn new(vm: Option<Vm>, sinks: SinkFactory) -> std::io::Result<Arc<Server>> {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -129,10 +140,16 @@ impl Server {
                 self.vm()?.resume()?;
                 Response::Done(Done {})
             }
-            Request::Snapshot { path, diff } => {
+            Request::Snapshot { path, diff, stream } => {
                 let vm = self.vm()?;
                 let t = Instant::now();
-                let bytes = if diff { vm.snapshot_diff_to_file(&path)? } else { vm.snapshot_to_file(&path)? };
+                let bytes = if diff {
+                    vm.snapshot_diff_to_file(&path)?
+                } else if stream {
+                    stream_to_file(&vm, &path)?
+                } else {
+                    vm.snapshot_to_file(&path)?
+                };
                 Response::SnapshotTaken(SnapshotTaken { bytes, snapshot_ms: ms(t.elapsed()) })
             }
             Request::Request { op, arg } => {
