@@ -646,3 +646,63 @@ fn card_vm_costs_are_each_vms_own_measured() {
     card.stop_vm(idle).expect("stop");
     assert!(!busy_cg.dir().exists(), "a stopped VM's cgroup is removed");
 }
+
+/// User traffic crossing the card: iperf3 through a card forward. The card's
+/// network telemetry counts what it relayed, which agrees with what iperf3
+/// says it moved, and the relaying costs card CPU.
+#[test]
+fn card_forwards_user_traffic_and_counts_it() {
+    integration_tests::require_tool("iperf3");
+    let s = sim();
+    let mut card = connect(&s, Duration::from_secs(2));
+    let server_port = 20000 + (std::process::id() % 10000) as u16;
+    let server = fixtures::Guarded(Some(
+        std::process::Command::new("iperf3")
+            .args(["-s", "-1", "-B", "127.0.0.1", "-p", &server_port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server"),
+    ));
+    let r = s
+        .control(&Request::Forward {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            to: format!("127.0.0.1:{server_port}").parse().expect("addr"),
+        })
+        .expect("forward");
+    let port = r.port.expect("the forward's port");
+    let e = s
+        .control(&Request::Forward {
+            listen: "0.0.0.0:0".parse().expect("addr"),
+            to: "127.0.0.1:1".parse().expect("addr"),
+        })
+        .expect_err("not loopback");
+    assert!(e.to_string().contains("field listen"), "{e}");
+    std::thread::sleep(Duration::from_millis(300));
+    let a = card.registers().expect("registers");
+    let out = integration_tests::run(std::process::Command::new("iperf3").args([
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-b",
+        "400M",
+        "-t",
+        "3",
+        "-J",
+    ]));
+    std::thread::sleep(Duration::from_millis(2 * PERIOD_MS));
+    let b = card.registers().expect("registers");
+    drop(server);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let sent = j["end"]["sum_sent"]["bytes"].as_f64().expect("bytes sent");
+    let relayed = (b.resource(ResourceKind::Network).expect("net").total
+        - a.resource(ResourceKind::Network).expect("net").total) as f64;
+    let u = utilisation(&a, &b).expect("rates");
+    eprintln!("iperf3 sent {sent} B, the card relayed {relayed} B; card cpu {:.3}, network {:.3}", u.cpu, u.network);
+    assert!(sent > 100e6, "iperf3 moved too little: {sent}");
+    // Relayed = the data plus iperf3's control exchange (a few KiB).
+    assert!((relayed - sent).abs() / sent < 0.02, "card relayed {relayed} vs iperf3 {sent}");
+    assert!(u.cpu > 0.005, "relaying costs the card CPU: {:.3}", u.cpu);
+    s.control(&Request::Unforward { port }).expect("unforward");
+    assert!(s.control(&Request::Unforward { port }).is_err(), "already gone");
+}

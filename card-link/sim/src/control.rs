@@ -116,6 +116,17 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
             Some(Err(source)) => Err(ApplyError::Agent { vm: *vm, source }),
             Some(Ok(reply)) => Ok(Reply { agent: Some(reply), ..Reply::ok() }),
         },
+        Request::Forward { listen, to } => {
+            let port = card.forwards.add(*listen, *to, card.net.bytes.clone()).map_err(ApplyError::Forward)?;
+            Ok(Reply { port: Some(port), ..Reply::ok() })
+        }
+        Request::Unforward { port } => {
+            if card.forwards.remove(*port) {
+                Ok(Reply::ok())
+            } else {
+                Err(ApplyError::NoForward(*port))
+            }
+        }
         Request::Fault { fault, on, slow_ms } => {
             let on = *on;
             match fault {

@@ -80,6 +80,8 @@ pub struct SimCard {
     pub mem: MemLoad,
     pub net: NetClient,
     pub fpga: Fpga,
+    /// User traffic relayed through the card.
+    pub forwards: crate::forward::Forwards,
     pub(crate) vms: Mutex<VmTable>,
     pub(crate) events: Mutex<EventLog>,
     pub(crate) stop: AtomicBool,
@@ -123,6 +125,7 @@ impl SimCard {
             mem: MemLoad::default(),
             net: NetClient::start()?,
             fpga: Fpga::start()?,
+            forwards: crate::forward::Forwards::default(),
             vms: Mutex::new(VmTable::new(backend)),
             events: Mutex::new(EventLog::new()),
             stop: AtomicBool::new(false),

@@ -32,6 +32,13 @@ pub enum SimError {
     Signals(#[source] io::Error),
     /// A directory of the card: the launcher's for its sockets (made under
     /// `path`), or card-sim's run directory for its VMs' files (`path`).
+    /// A forward of user traffic could not listen on `addr`.
+    #[error("forward: listen on {addr}: {source}")]
+    Forward {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("create the card's directory {path}: {source}")]
     Dir {
         path: PathBuf,
@@ -163,6 +170,12 @@ pub enum ApplyError {
     /// The request names a VM the card does not run; nothing was applied.
     #[error("field {field}: no VM {vm} on the card")]
     NoSuchVm { field: &'static str, vm: u32 },
+    /// A forward could not be set up.
+    #[error("forward: {0}")]
+    Forward(#[source] SimError),
+    /// No forward listens on that port.
+    #[error("field port: no forward listens on {0}")]
+    NoForward(u16),
     /// The VM's agent could not be asked (a modelled VM, or its VMM failed).
     #[error("agent of VM {vm}: {source}")]
     Agent {

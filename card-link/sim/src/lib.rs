@@ -6,6 +6,7 @@
 //! - `request`, `control`: the control socket (ECS service requests, the
 //!   load knob, fault injection): typed requests and their server
 //! - `load`, `fpga`: real CPU/memory/network load and the modelled FPGA engine
+//! - `forward`: user traffic relayed through the card (TCP forwards)
 //! - `costs`: each VM's measured cost (ABI 1.2 `vm-costs`) and the counters
 //!   the network client and FPGA engine charge on a VM's behalf
 //! - `vms`, `vmm_backend`: the card-side VMM seam; modelled VMs, or real KVM
@@ -21,6 +22,7 @@ pub mod control;
 pub mod costs;
 pub mod device;
 pub mod error;
+pub mod forward;
 pub mod fpga;
 pub mod load;
 mod pci;

@@ -5,6 +5,8 @@
 //! - `{"op":"load","cpu":0.5,"mem_mib":128,"net_bps":20000000,"net_target":"127.0.0.1:9000","net_vm":1,"fpga":0.4}`
 //! - `{"op":"fpga_jobs","count":50,"service_us":10000,"vm":1}` -> `{"ok":true,"queued":50}`
 //! - `{"op":"agent","vm":1,"request":"auto","arg":100}` -> `{"ok":true,"agent":{..the agent's reply..}}`
+//! - `{"op":"forward","listen":"127.0.0.1:0","to":"127.0.0.1:5201"}` -> `{"ok":true,"port":40123}`
+//! - `{"op":"unforward","port":40123}`
 //! - `{"op":"fault","fault":"stall"|"garbage"|"slow"|"crash","on":true,"slow_ms":200}`
 //! - `{"op":"ecs","request":"create_vm","name":"mc-log","mem_mib":8}` -> `{"ok":true,"vm":1}`
 //! - `{"op":"ecs","request":"destroy_vm","vm":1}`
@@ -51,6 +53,19 @@ pub enum Request {
         request: AgentOp,
         #[serde(default, deserialize_with = "field::arg")]
         arg: u64,
+    },
+    /// Relay TCP connections to `listen` on to `to` through the card (user
+    /// traffic crossing it); replies with the port it listens on.
+    Forward {
+        #[serde(deserialize_with = "field::listen")]
+        listen: SocketAddr,
+        #[serde(deserialize_with = "field::to")]
+        to: SocketAddr,
+    },
+    /// Stop the forward listening on `port`.
+    Unforward {
+        #[serde(deserialize_with = "field::port")]
+        port: u16,
     },
     /// Fault injection.
     Fault {
@@ -144,6 +159,9 @@ pub struct Reply {
     /// `fpga_jobs`: how many jobs the engine's queue took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued: Option<u64>,
+    /// `forward`: the port the card listens on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// `agent`: the agent's reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<vmm::Reply>,
@@ -256,6 +274,19 @@ impl Request {
                 Ok(())
             }
             Request::Ecs(EcsRequest::DestroyVm { .. }) => Ok(()),
+            Request::Forward { listen, to } => {
+                if !listen.ip().is_loopback() {
+                    return Err(invalid("listen", "only loopback addresses are allowed"));
+                }
+                if !to.ip().is_loopback() {
+                    return Err(invalid("to", "only loopback peers are allowed"));
+                }
+                if to.port() == 0 {
+                    return Err(invalid("to", "needs a port"));
+                }
+                Ok(())
+            }
+            Request::Unforward { .. } => Ok(()),
         }
     }
 
@@ -303,7 +334,8 @@ mod field {
     }
 
     named!(
-        cpu, mem_mib, net_bps, net_target, net_vm, fpga, count, service_us, fault, on, slow_ms, name, vm, request, arg
+        cpu, mem_mib, net_bps, net_target, net_vm, fpga, count, service_us, fault, on, slow_ms, name, vm, request, arg,
+        listen, to, port
     );
 }
 
@@ -414,6 +446,14 @@ mod tests {
         assert!(refused(r#"{"op":"agent","vm":1,"request":"dance"}"#).starts_with("field request: unknown variant"));
         assert!(refused(r#"{"op":"fpga_jobs","vm":-1}"#).starts_with("field vm: invalid value"));
         assert!(refused(r#"{"op":"load","net_vm":"x"}"#).starts_with("field net_vm: invalid type"));
+        assert_eq!(
+            ok(r#"{"op":"forward","listen":"127.0.0.1:0","to":"127.0.0.1:5201"}"#),
+            Request::Forward { listen: "127.0.0.1:0".parse().unwrap(), to: "127.0.0.1:5201".parse().unwrap() }
+        );
+        assert!(refused(r#"{"op":"forward","listen":"10.0.0.1:0","to":"127.0.0.1:5201"}"#).starts_with("field listen"));
+        assert!(refused(r#"{"op":"forward","listen":"127.0.0.1:0","to":"8.8.8.8:53"}"#).starts_with("field to"));
+        assert!(refused(r#"{"op":"forward","listen":"127.0.0.1:0","to":"127.0.0.1:0"}"#).starts_with("field to"));
+        assert!(refused(r#"{"op":"unforward","port":"x"}"#).starts_with("field port"));
         assert_eq!(refused(r#"{"op":"fault"}"#), "field fault: missing");
         assert_eq!(refused(r#"{"cpu":1}"#), "field op: missing");
         assert!(refused(r#"{"op":"load","cpu":"lots"}"#).starts_with("field cpu: invalid type"));
