@@ -4,6 +4,10 @@
 //! - `{"cmd":"set_limit","vm":"web","direction":"egress","limit":{"mode":"police","rate":"100mbit","burst":"64kb"}}`
 //! - `{"cmd":"clear_limit","vm":"web","direction":"egress"}`
 //! - `{"cmd":"limits"}` -> `{"ok":true,"limits":[...]}`
+//! - `{"cmd":"placement"}` -> `{"ok":true,"placement":{...}}` (where each MC VM runs)
+//! - `{"cmd":"decisions","after_tick":0}` -> `{"ok":true,"decisions":[...]}` (audit records)
+//! - `{"cmd":"move","task":"log","to":"host"}` -> `{"ok":true,"decisions":[the record]}`
+//! - `{"cmd":"pin","task":"log"}`, `{"cmd":"unpin","task":"log"}`
 //!
 //! Errors come back as `{"ok":false,"error":"..."}` naming the field and the
 //! reason; a refused request changes nothing.
@@ -16,6 +20,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::governor::{LimitStatus, OomRecord};
+use crate::placement::audit::AuditRecord;
+use crate::placement::runtime::PlacementStatus;
+use crate::placement::Side;
 use crate::qos::{Direction, LimitSpec};
 use crate::sampler::VmStatus;
 
@@ -23,9 +30,45 @@ use crate::sampler::VmStatus;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    SetLimit { vm: String, direction: Direction, limit: LimitSpec },
-    ClearLimit { vm: String, direction: Direction },
+    SetLimit {
+        vm: String,
+        direction: Direction,
+        limit: LimitSpec,
+    },
+    ClearLimit {
+        vm: String,
+        direction: Direction,
+    },
     Limits,
+    Placement,
+    Decisions {
+        #[serde(default)]
+        after_tick: u64,
+    },
+    Move {
+        task: String,
+        to: Side,
+    },
+    Pin {
+        task: String,
+    },
+    Unpin {
+        task: String,
+    },
+}
+
+impl Request {
+    /// Served by the placement thread, not the sampling loop.
+    pub fn is_placement(&self) -> bool {
+        matches!(
+            self,
+            Request::Placement
+                | Request::Decisions { .. }
+                | Request::Move { .. }
+                | Request::Pin { .. }
+                | Request::Unpin { .. }
+        )
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -43,16 +86,20 @@ pub struct Response {
     pub status: Option<Status>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Vec<LimitStatus>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions: Option<Vec<AuditRecord>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 impl Response {
     pub fn ok() -> Response {
-        Response { ok: true, status: None, limits: None, error: None }
+        Response { ok: true, status: None, limits: None, placement: None, decisions: None, error: None }
     }
     pub fn error(e: impl Into<String>) -> Response {
-        Response { ok: false, status: None, limits: None, error: Some(e.into()) }
+        Response { ok: false, error: Some(e.into()), ..Response::ok() }
     }
 }
 
@@ -83,5 +130,11 @@ mod tests {
         assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
         assert!(parse_request(r#"{"cmd":"nope"}"#).unwrap_err().contains("bad request"));
         assert!(parse_request("garbage").is_err());
+        assert_eq!(
+            parse_request(r#"{"cmd":"move","task":"log","to":"host"}"#),
+            Ok(Request::Move { task: "log".into(), to: Side::Host })
+        );
+        assert!(parse_request(r#"{"cmd":"move","task":"log","to":"moon"}"#).unwrap_err().contains("unknown variant"));
+        assert_eq!(parse_request(r#"{"cmd":"decisions"}"#), Ok(Request::Decisions { after_tick: 0 }));
     }
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::placement::config::{check_mcs, McConfig, PlacementConfig};
+use crate::placement::config::{check_mcs, CardConfig, McConfig, PlacementConfig};
 use crate::qos::{Direction, LimitSpec};
 use cgroupfs::Layout;
 
@@ -127,6 +127,12 @@ pub struct Config {
     /// The management VMs to place, one per task.
     #[serde(default)]
     pub mc: Vec<McConfig>,
+    /// How to reach the card (needed by [[mc]]).
+    #[serde(default)]
+    pub card: Option<CardConfig>,
+    /// `governor run --dry-run`: decide and log placements, move nothing.
+    #[serde(skip)]
+    pub dry_run: bool,
 }
 
 fn default_ifb() -> String {
@@ -142,6 +148,10 @@ fn default_pin_dir() -> PathBuf {
 fn default_socket() -> PathBuf {
     DEFAULT_SOCKET.into()
 }
+
+/// The name under which host-side MC VMs (their whole cgroup subtree) are
+/// watched, with role `mc`.
+pub const MC_VM_NAME: &str = "mc";
 
 impl Config {
     /// Read, parse and check a config against this host's cgroups and
@@ -231,6 +241,23 @@ impl Config {
                 "placement",
                 "management VMs ([[mc]]) need a [placement] section (at least its reserve)",
             ));
+        }
+        if let Some(c) = &self.card {
+            c.check().map_err(|e| field(e.field, e.reason))?;
+        }
+        if !self.mc.is_empty() {
+            if self.card.is_none() {
+                return Err(field("card", "management VMs ([[mc]]) need a [card] section (its socket)"));
+            }
+            if self.placement.as_ref().is_some_and(|p| p.agent.is_none()) {
+                return Err(field("placement.agent", "management VMs ([[mc]]) need the agent ELF they boot"));
+            }
+            if self.vms.iter().any(|v| v.name == MC_VM_NAME) {
+                return Err(field(
+                    "vm",
+                    format!("the name {MC_VM_NAME:?} is the governor's own (its MC VMs' subtree)"),
+                ));
+            }
         }
         Ok(())
     }

@@ -13,8 +13,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::api::{parse_request, Request, Response, Status};
 use cgroupfs::Layout;
 
-use crate::config::Config;
+use crate::config::{Config, Role, VmConfig, MC_VM_NAME};
 use crate::governor::Governor;
+use crate::placement::config::check_mcs;
+use crate::placement::host::HostSiteOptions;
+use crate::placement::runtime::{Command, Placement, RuntimeOptions};
 
 /// A request from a client, answered by the sampling loop, which owns the
 /// governor: mutations and sampling never interleave.
@@ -54,10 +57,13 @@ pub async fn run_with(
     let _locks = [lock("pins", &cfg.pin_dir.to_string_lossy())?, lock("ifb", &cfg.qos_ifb)?];
     let listener = bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
+    // The MC VMs first: their cgroup subtree must exist before the
+    // governor watches it (role `mc`). Dropped last (after the governor).
+    let (placement, cfg) = start_placement(cfg, &layout)?;
     let mut gov = Governor::new_on(&cfg, layout).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let (tx, mut rx) = mpsc::channel::<Job>(64);
-    tokio::spawn(serve(listener, tx));
+    tokio::spawn(serve(listener, tx, placement.as_ref().and_then(|p| p.sender())));
     let (metrics_tx, metrics_rx) = watch::channel(String::new());
     if let Some(addr) = cfg.metrics_addr {
         crate::metrics::serve(addr, metrics_rx).await?;
@@ -102,7 +108,57 @@ pub async fn run_with(
     }
     tracing::info!("shutting down: removing shaping, detaching programs, removing pins");
     drop(gov);
+    drop(placement);
     Ok(())
+}
+
+/// Start the placement thread when MC VMs are configured, and add their
+/// subtree to the watched VMs (name `mc`, role `mc`).
+fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement>, Config)> {
+    let (Some(p), Some(card)) = (&cfg.placement, &cfg.card) else { return Ok((None, cfg)) };
+    if cfg.mc.is_empty() {
+        return Ok((None, cfg));
+    }
+    let policy = p.policy()?;
+    let specs = check_mcs(&cfg.mc)?;
+    let vmm_bin = match &p.vmm {
+        Some(v) => v.clone(),
+        None => std::env::current_exe().context("locating the vmm binary next to the governor")?.with_file_name("vmm"),
+    };
+    if !vmm_bin.is_file() {
+        anyhow::bail!("placement.vmm: {} is not a file (build it: cargo build --release -p vmm)", vmm_bin.display());
+    }
+    let agent = p.agent.clone().context("placement.agent: missing")?;
+    if !agent.is_file() {
+        anyhow::bail!("placement.agent: {} is not a file (build it: cargo xtask build-guest)", agent.display());
+    }
+    let opts = RuntimeOptions {
+        specs,
+        card_socket: card.socket.clone(),
+        command_timeout: Duration::from_millis(card.command_timeout_ms),
+        host: HostSiteOptions {
+            vmm_bin,
+            guest: agent,
+            run_dir: p.run_dir.clone(),
+            subtree: p.mc_cgroup.clone(),
+            reserve: policy.reserve,
+        },
+        audit_log: p.audit_log.clone(),
+        dry_run: cfg.dry_run,
+        tick: Duration::from_millis(cfg.tick_ms),
+        checkpoint: Duration::from_secs(p.checkpoint_s),
+        policy,
+    };
+    let mc_cgroup = p.mc_cgroup.clone();
+    let placement = Placement::start(opts, layout).context("starting the placement engine")?;
+    cfg.vms.push(VmConfig {
+        name: MC_VM_NAME.into(),
+        cgroup: mc_cgroup,
+        interfaces: Vec::new(),
+        role: Role::Mc,
+        qos: Default::default(),
+    });
+    Ok((Some(placement), cfg))
 }
 
 fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
@@ -126,6 +182,12 @@ fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
             Ok(l) => Response { limits: Some(l), ..Response::ok() },
             Err(e) => Response::error(e.to_string()),
         },
+        // Routed to the placement thread by the client task.
+        Request::Placement
+        | Request::Decisions { .. }
+        | Request::Move { .. }
+        | Request::Pin { .. }
+        | Request::Unpin { .. } => Response::error("placement request sent to the sampling loop"),
     }
 }
 
@@ -202,11 +264,11 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-async fn serve(listener: UnixListener, jobs: mpsc::Sender<Job>) {
+async fn serve(listener: UnixListener, jobs: mpsc::Sender<Job>, placement: Option<std::sync::mpsc::Sender<Command>>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(client(stream, jobs.clone()));
+                tokio::spawn(client(stream, jobs.clone(), placement.clone()));
             }
             Err(e) => {
                 tracing::warn!("accept: {e}");
@@ -219,7 +281,72 @@ async fn serve(listener: UnixListener, jobs: mpsc::Sender<Job>) {
 /// Longest request line accepted; anything longer is refused, not buffered.
 const MAX_LINE: usize = 64 * 1024;
 
-async fn client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
+/// A placement request, served by the placement thread (a move may take
+/// a few hundred ms; it blocks a blocking-pool thread, not the loop).
+async fn ask_placement(placement: Option<std::sync::mpsc::Sender<Command>>, req: Request) -> Response {
+    let Some(tx) = placement else {
+        return Response::error("placement: no management VMs are configured ([[mc]], [card])");
+    };
+    let r = tokio::task::spawn_blocking(move || placement_call(&tx, req)).await;
+    r.unwrap_or_else(|e| Response::error(format!("placement: {e}")))
+}
+
+fn placement_call(tx: &std::sync::mpsc::Sender<Command>, req: Request) -> Response {
+    use std::sync::mpsc::channel;
+    let gone = || Response::error("placement: the placement thread is gone");
+    match req {
+        Request::Placement => {
+            let (r, rx) = channel();
+            if tx.send(Command::Status(r)).is_err() {
+                return gone();
+            }
+            rx.recv().map_or_else(|_| gone(), |p| Response { placement: Some(p), ..Response::ok() })
+        }
+        Request::Decisions { after_tick } => {
+            let (r, rx) = channel();
+            if tx.send(Command::Decisions { after_tick, reply: r }).is_err() {
+                return gone();
+            }
+            rx.recv().map_or_else(|_| gone(), |d| Response { decisions: Some(d), ..Response::ok() })
+        }
+        Request::Move { task, to } => {
+            let (r, rx) = channel();
+            if tx.send(Command::Move { task, to, reply: r }).is_err() {
+                return gone();
+            }
+            match rx.recv() {
+                Ok(Ok(rec)) => {
+                    let failed = rec.reports.iter().find(|r| !r.ok).and_then(|r| r.error.clone());
+                    match failed {
+                        Some(e) => {
+                            Response { decisions: Some(vec![rec]), ..Response::error(format!("move failed: {e}")) }
+                        }
+                        None => Response { decisions: Some(vec![rec]), ..Response::ok() },
+                    }
+                }
+                Ok(Err(e)) => Response::error(e),
+                Err(_) => gone(),
+            }
+        }
+        Request::Pin { task } => pin_call(tx, task, true),
+        Request::Unpin { task } => pin_call(tx, task, false),
+        _ => Response::error("not a placement request"),
+    }
+}
+
+fn pin_call(tx: &std::sync::mpsc::Sender<Command>, task: String, pin: bool) -> Response {
+    let (r, rx) = std::sync::mpsc::channel();
+    if tx.send(Command::Pin { task, pin, reply: r }).is_err() {
+        return Response::error("placement: the placement thread is gone");
+    }
+    match rx.recv() {
+        Ok(Ok(_)) => Response::ok(),
+        Ok(Err(e)) => Response::error(e),
+        Err(_) => Response::error("placement: the placement thread is gone"),
+    }
+}
+
+async fn client(stream: UnixStream, jobs: mpsc::Sender<Job>, placement: Option<std::sync::mpsc::Sender<Command>>) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut buf = Vec::new();
@@ -236,6 +363,7 @@ async fn client(stream: UnixStream, jobs: mpsc::Sender<Job>) {
             Response::error("request too long")
         } else {
             match std::str::from_utf8(&buf).map_err(|e| e.to_string()).and_then(|l| parse_request(l.trim())) {
+                Ok(req) if req.is_placement() => ask_placement(placement.clone(), req).await,
                 Ok(req) => {
                     let (tx, rx) = oneshot::channel();
                     if jobs.send((req, tx)).await.is_err() {

@@ -24,6 +24,31 @@ enum Cmd {
         /// Also print the status table every tick.
         #[arg(long)]
         print: bool,
+        /// Decide and log placements (audit log, `governor decisions`),
+        /// move nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Where each management VM runs: side, since when, card and host cost, pin.
+    Placement {
+        #[command(subcommand)]
+        op: Option<PlacementOp>,
+        #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Print the raw JSON instead of the table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// The placement decisions (the audit records held by the governor).
+    Decisions {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Keep printing new decisions as they are taken.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line instead of sentences.
+        #[arg(long)]
+        json: bool,
     },
     /// Attach only an empty sched_switch program until SIGINT/SIGTERM (the
     /// floor of `cargo xtask bench overhead`).
@@ -49,6 +74,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PlacementOp {
+    /// Move a management VM now (refused when pinned or already there).
+    Move {
+        task: String,
+        /// card or host
+        #[arg(long)]
+        to: String,
+    },
+    /// Keep a management VM where it runs now; the decision never moves it.
+    Pin { task: String },
+    /// Let the decision move it again.
+    Unpin { task: String },
 }
 
 #[derive(Subcommand)]
@@ -92,9 +132,10 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { config, print } => {
+        Cmd::Run { config, print, dry_run } => {
             let layout = Layout::detect()?;
-            let cfg = Config::load(&config, &layout)?;
+            let mut cfg = Config::load(&config, &layout)?;
+            cfg.dry_run = dry_run;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -163,6 +204,8 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Placement { op, socket, json } => placement_cmd(op, &socket, json),
+        Cmd::Decisions { socket, follow, json } => decisions_cmd(&socket, follow, json),
         Cmd::Status { socket, json } => {
             let resp = api::call(&socket, &Request::Status)?;
             let Some(status) = resp.status.filter(|_| resp.ok) else {
@@ -178,5 +221,65 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn ask(socket: &std::path::Path, req: &Request) -> Result<api::Response> {
+    let resp = api::call(socket, req)?;
+    if !resp.ok {
+        bail!("governor: {}", resp.error.unwrap_or_default());
+    }
+    Ok(resp)
+}
+
+fn placement_cmd(op: Option<PlacementOp>, socket: &std::path::Path, json: bool) -> Result<()> {
+    use governor::placement::Side;
+    let req = match op {
+        None => Request::Placement,
+        Some(PlacementOp::Move { task, to }) => {
+            let to = match to.as_str() {
+                "card" => Side::Card,
+                "host" => Side::Host,
+                other => bail!("--to: {other:?} is neither card nor host"),
+            };
+            Request::Move { task, to }
+        }
+        Some(PlacementOp::Pin { task }) => Request::Pin { task },
+        Some(PlacementOp::Unpin { task }) => Request::Unpin { task },
+    };
+    let resp = ask(socket, &req)?;
+    if let Some(p) = resp.placement {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&p)?);
+        } else {
+            print!("{}", governor::placement::view::placement_table(&p));
+        }
+    }
+    for d in resp.decisions.unwrap_or_default() {
+        if json {
+            println!("{}", serde_json::to_string(&d)?);
+        } else {
+            println!("{}", governor::placement::view::decision_line(&d));
+        }
+    }
+    Ok(())
+}
+
+fn decisions_cmd(socket: &std::path::Path, follow: bool, json: bool) -> Result<()> {
+    let mut after = 0;
+    loop {
+        let resp = ask(socket, &Request::Decisions { after_tick: after })?;
+        for d in resp.decisions.unwrap_or_default() {
+            after = after.max(d.tick);
+            if json {
+                println!("{}", serde_json::to_string(&d)?);
+            } else {
+                println!("{}", governor::placement::view::decision_line(&d));
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }

@@ -11,6 +11,8 @@ pub use fixtures::{
     unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempDir, TempPath, VethPair, VmNet,
 };
 
+pub mod placement;
+
 /// A cgroup made for a test, removed (with anything left in it) on drop.
 pub type TestCgroup = fixtures::ScopedCgroup;
 

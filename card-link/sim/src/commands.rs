@@ -78,6 +78,11 @@ impl VmTable {
         self.vms.get_mut(&id).map(|e| &mut *e.vm as &mut dyn ManagedVm)
     }
 
+    /// The processes of every VM (a crash kills them with the card).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.vms.values().flat_map(|e| e.vm.pids()).collect()
+    }
+
     /// Take every VM out of the table (the card is going down).
     pub(crate) fn drain(&mut self) -> Vec<(u32, Box<dyn ManagedVm>)> {
         std::mem::take(&mut self.vms).into_iter().map(|(id, e)| (id, e.vm)).collect()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use card_link::mailbox::VmSpec;
 
 use crate::costs::Owner;
-use crate::device::SimCard;
+use crate::device::{lock, SimCard};
 use crate::error::ApplyError;
 use crate::request::{self, CardStatus, EcsRequest, Fault, Reply, Request, DEFAULT_SLOW_MS};
 
@@ -90,7 +90,8 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
             // Looked up first: a VM that is not there refuses the whole request.
             let net_owner = load.net_vm.map(|vm| owner(card, "net_vm", Some(vm))).transpose()?;
             if let Some(o) = net_owner {
-                card.net.set_owner(o);
+                // 0: the card's own traffic again.
+                card.net.set_owner((o.strong_count() > 0).then_some(o));
             }
             if let Some(c) = load.cpu {
                 card.cpu.set(c, card.cfg.load_threads);
@@ -136,7 +137,14 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
                     let ms = slow_ms.unwrap_or(DEFAULT_SLOW_MS);
                     card.faults.slow_ms.store(if on { ms } else { 0 }, Ordering::Relaxed);
                 }
-                Fault::Crash => crash(),
+                Fault::Crash => {
+                    // Whatever ran on the card dies with it.
+                    for pid in lock(&card.vms).pids() {
+                        // SAFETY: kill(2) on our own VMM child; no memory is touched.
+                        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    }
+                    crash()
+                }
             }
             let state = if on { "injected" } else { "cleared" };
             card.log(0, 3, format!("fault {} {state}", fault.name()));

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::costs::{charge, Owner};
@@ -88,13 +88,15 @@ impl MemLoad {
 /// The card's network client: sends bytes to a peer at a set rate and counts
 /// what the socket accepted. That count is the card's network telemetry
 /// (documented in ABI.md: bytes through the network-client interface).
-/// When it sends on a VM's behalf (`set_owner`), the same bytes are also
+/// When it sends on a VM's behalf (`set_owner`), it sends only while that
+/// VM runs on the card (the traffic is the VM's: it leaves with the VM),
+/// and the same bytes are also
 /// charged to that VM (its `net_bytes` in the `vm-costs` table).
 pub struct NetClient {
     pub bytes: Arc<AtomicU64>,
     rate_bps: Arc<AtomicU64>,
     target: Arc<Mutex<Option<SocketAddr>>>,
-    owner: Arc<Mutex<Owner>>,
+    owner: Arc<Mutex<Option<Owner>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -103,7 +105,7 @@ impl NetClient {
         let bytes = Arc::new(AtomicU64::new(0));
         let rate_bps = Arc::new(AtomicU64::new(0));
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
-        let owner: Arc<Mutex<Owner>> = Arc::new(Mutex::new(Weak::new()));
+        let owner: Arc<Mutex<Option<Owner>>> = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
         let (b, r, t, o, s) = (bytes.clone(), rate_bps.clone(), target.clone(), owner.clone(), stop.clone());
         spawn_thread("net-client".into(), move || {
@@ -115,8 +117,11 @@ impl NetClient {
                 let rate = r.load(Ordering::Relaxed);
                 let want = *t.lock().unwrap_or_else(|e| e.into_inner());
                 let owner = o.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                // A VM's traffic stops when the VM is gone from the card.
+                let owner_gone = owner.as_ref().is_some_and(|w| w.strong_count() == 0);
+                let owner = owner.unwrap_or_default();
                 match (want, rate) {
-                    (Some(addr), rate) if rate > 0 => {
+                    (Some(addr), rate) if rate > 0 && !owner_gone => {
                         if conn.as_ref().map(|(a, _)| *a != addr).unwrap_or(true) {
                             conn =
                                 TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok().map(|c| (addr, c));
@@ -155,8 +160,8 @@ impl NetClient {
         self.rate_bps.store(rate_bps, Ordering::Relaxed);
     }
 
-    /// On whose behalf it sends from now on (`Weak::new()`: the card's own).
-    pub fn set_owner(&self, owner: Owner) {
+    /// On whose behalf it sends from now on (None: the card's own).
+    pub fn set_owner(&self, owner: Option<Owner>) {
         *self.owner.lock().unwrap_or_else(|e| e.into_inner()) = owner;
     }
 }

@@ -234,6 +234,10 @@ impl ManagedVm for VmmVm {
         }
     }
 
+    fn pids(&self) -> Vec<u32> {
+        self.proc.as_ref().map(|p| p.pid()).into_iter().collect()
+    }
+
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError> {
         Ok(self.proc()?.client().request(op, arg).map_err(err("agent request"))?.reply)
     }

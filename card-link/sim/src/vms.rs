@@ -36,6 +36,10 @@ pub trait ManagedVm: Send {
     fn usage(&mut self) -> Result<VmUsage, VmError>;
     /// One request to the VM's management agent.
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError>;
+    /// Processes of its own that must die with the card (a crash).
+    fn pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 pub struct ModelBackend;

@@ -44,6 +44,17 @@ impl CardSite {
         Ok(id)
     }
 
+    /// Tasks with a VM on the card, with their VM ids.
+    pub fn tasks(&self) -> Vec<(String, u32)> {
+        self.vms.iter().map(|(t, (id, _))| (t.clone(), *id)).collect()
+    }
+
+    /// Forget the card's VMs without stopping them (the card died: they
+    /// are gone with it).
+    pub fn forget_all(&mut self) -> Vec<String> {
+        self.vms.drain().map(|(t, _)| t).collect()
+    }
+
     /// The card's VM id of a task, if it runs there.
     pub fn vm_id(&self, task: &str) -> Option<u32> {
         self.vms.get(task).map(|(id, _)| *id)
@@ -90,5 +101,18 @@ impl Site for CardSite {
     fn release(&mut self, task: &str) -> Result<(), String> {
         let (id, _) = self.vms.remove(task).ok_or_else(|| format!("no {task} VM on the card"))?;
         self.card.stop_vm(id).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for CardSite {
+    /// The governor goes: the MC VMs it started on the card go with it (a
+    /// restarted governor starts them again); what cannot be stopped is
+    /// logged.
+    fn drop(&mut self) {
+        for (task, (id, _)) in self.vms.drain() {
+            if let Err(e) = self.card.stop_vm(id) {
+                tracing::warn!(task, vm = id, "stopping the MC VM on the card: {e}");
+            }
+        }
     }
 }

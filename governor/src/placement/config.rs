@@ -12,6 +12,13 @@
 //! reserve = { cpus = 2.0, memory = "2gb" }   # host CPU and memory for MC VMs
 //! mc_cgroup = "governor-mc" # the host-side MC VMs' cgroup subtree
 //! audit_log = "/var/log/governor/decisions.jsonl"
+//! agent = "/usr/lib/governor/mc-guest"   # the MC VMs' agent ELF (host side)
+//! vmm = "/usr/lib/governor/vmm"          # default: `vmm` next to the governor
+//! run_dir = "/run/governor/mc"           # host-side MC VMs' sockets and images
+//!
+//! [card]
+//! socket = "/run/card-sim/card.sock"     # a vfio-user card (card-sim)
+//! command_timeout_ms = 2000              # one mailbox command, at most
 //!
 //! [[mc]]
 //! task = "log"              # monitor | log | qos | net-agent | storage-agent
@@ -79,6 +86,43 @@ pub struct PlacementConfig {
     #[serde(default = "default_mc_cgroup")]
     pub mc_cgroup: String,
     pub audit_log: Option<PathBuf>,
+    /// The management agent ELF that host-side MC VMs boot (cold starts).
+    pub agent: Option<PathBuf>,
+    /// The `vmm` binary for host-side MC VMs; default: next to the governor.
+    pub vmm: Option<PathBuf>,
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+}
+
+fn default_run_dir() -> PathBuf {
+    PathBuf::from("/run/governor/mc")
+}
+
+/// `[card]`: how to reach the card.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CardConfig {
+    /// A vfio-user socket (card-sim, or any vfio-user card).
+    pub socket: PathBuf,
+    /// Upper bound of one mailbox command (ms).
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_ms: u64,
+}
+
+fn default_command_timeout() -> u64 {
+    2000
+}
+
+impl CardConfig {
+    pub fn check(&self) -> Result<(), PlacementConfigError> {
+        if !self.socket.is_absolute() {
+            return Err(err("card.socket", "must be an absolute path"));
+        }
+        if !(10..=600_000).contains(&self.command_timeout_ms) {
+            return Err(err("card.command_timeout_ms", format!("{} is outside 10..=600000", self.command_timeout_ms)));
+        }
+        Ok(())
+    }
 }
 
 fn default_hysteresis() -> f64 {
@@ -179,10 +223,13 @@ impl PlacementConfig {
                 format!("{cg:?} must be a relative cgroup path without '.' or '..'"),
             ));
         }
-        if let Some(a) = &self.audit_log {
-            if !a.is_absolute() {
-                return Err(err("placement.audit_log", "must be an absolute path"));
+        for (f, p) in [("audit_log", &self.audit_log), ("agent", &self.agent), ("vmm", &self.vmm)] {
+            if p.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(err(format!("placement.{f}"), "must be an absolute path"));
             }
+        }
+        if !self.run_dir.is_absolute() {
+            return Err(err("placement.run_dir", "must be an absolute path"));
         }
         Ok(Policy {
             thresholds,
@@ -248,6 +295,8 @@ mod tests {
         assert_eq!(field(&format!("{r}dwell_s = 0\n")), "placement.dwell_s");
         assert_eq!(field(&format!("{r}mc_cgroup = \"../x\"\n")), "placement.mc_cgroup");
         assert_eq!(field(&format!("{r}audit_log = \"rel.jsonl\"\n")), "placement.audit_log");
+        assert_eq!(field(&format!("{r}agent = \"mc-guest\"\n")), "placement.agent");
+        assert_eq!(field(&format!("{r}run_dir = \"run\"\n")), "placement.run_dir");
         assert_eq!(field("reserve = { cpus = 0, memory = \"1gb\" }\n"), "placement.reserve.cpus");
         assert_eq!(field("reserve = { cpus = 1, memory = \"1kb\" }\n"), "placement.reserve.memory");
         assert_eq!(field("reserve = { cpus = 1, memory = \"lots\" }\n"), "placement.reserve.memory");

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use super::audit::{AuditRecord, MoveReport};
 use super::config::McSpec;
 use super::mover::{move_task, Actuator};
-use super::{calm_since, decide, Decision, HostCost, Inputs, Move, PerResource, Policy, Reason, Side, Task};
+use super::{calm_since, decide, Decision, HostCost, Inputs, Move, PerResource, Policy, Reason, Resource, Side, Task};
 
 /// What was measured this tick.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -24,6 +24,10 @@ pub struct Measured {
     pub card_costs: HashMap<String, PerResource>,
     /// Per host-side MC VM: its use of the host (from its cgroup).
     pub host_costs: HashMap<String, HostCost>,
+    /// The card's CPU capacity in host cores (its CPU resource's capacity
+    /// in ns per s / 1e9); 0 when unknown. Translates a VM's CPU measured
+    /// on one side into what it would use on the other.
+    pub card_cpu_cores: f64,
 }
 
 pub struct Engine {
@@ -86,15 +90,25 @@ impl Engine {
         for t in &mut self.tasks {
             // A side's cost is measured while the VM runs there; the other
             // side's stays as last measured (what it would cost back).
+            // Its CPU on the other side follows what it does now: a VM that
+            // went idle after a move must not carry its busy cost back.
+            let cpu = Resource::Cpu.index();
+            let cores = m.card_cpu_cores;
             match t.side {
                 Side::Card => {
                     if let Some(c) = m.card_costs.get(&t.name) {
                         t.card_cost = *c;
+                        if cores > 0.0 {
+                            t.host_cost.cpus = c[cpu] * cores;
+                        }
                     }
                 }
                 Side::Host => {
                     if let Some(c) = m.host_costs.get(&t.name) {
                         t.host_cost = *c;
+                        if cores > 0.0 {
+                            t.card_cost[cpu] = c.cpus / cores;
+                        }
                     }
                 }
             }
@@ -175,6 +189,33 @@ impl Engine {
         Ok(record)
     }
 
+    /// The audit record of a decision taken outside `step` (the initial
+    /// placement; a card death), with this tick's inputs.
+    pub fn record(&mut self, m: &Measured, d: &Decision) -> AuditRecord {
+        self.absorb(m);
+        self.tick += 1;
+        AuditRecord::of(&self.inputs(m), d, self.tick, m.time_ms, self.dry_run)
+    }
+
+    /// Set where a task runs (a cold start or recovery done outside the
+    /// mover), counting as a move for the dwell.
+    pub fn set_side(&mut self, task: &str, side: Side, now_ms: u64) {
+        if let Some(t) = self.tasks.iter_mut().find(|t| t.name == task) {
+            if t.side != side {
+                t.last_move_ms = Some(now_ms);
+            }
+            t.side = side;
+        }
+    }
+
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// Pin a task where it runs now (`None` unpins).
     pub fn pin(&mut self, task: &str, pin: bool) -> Result<Option<Side>, String> {
         let t = self.tasks.iter_mut().find(|t| t.name == task).ok_or_else(|| format!("task: no MC VM for {task:?}"))?;
@@ -209,6 +250,7 @@ mod tests {
             card: [0.1, cpu, 0.3, 0.1],
             card_costs: costs.iter().map(|(t, c)| (t.to_string(), [0.0, *c, 0.01, 0.0])).collect(),
             host_costs: HashMap::new(),
+            card_cpu_cores: 0.0,
         }
     }
 

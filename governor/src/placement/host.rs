@@ -58,10 +58,13 @@ struct Slot {
     spare: Option<VmmProcess>,
     /// The VMM running (or holding, paused) the task.
     live: Option<VmmProcess>,
+    /// The live VMM's control socket.
+    live_socket: Option<PathBuf>,
 }
 
 pub struct HostSite {
     opts: HostSiteOptions,
+    layout: Layout,
     subtree: Cgroup,
     slots: HashMap<String, Slot>,
 }
@@ -81,7 +84,7 @@ impl HostSite {
             path: opts.run_dir.clone(),
             source,
         })?;
-        Ok(HostSite { opts, subtree, slots: HashMap::new() })
+        Ok(HostSite { opts, layout: layout.clone(), subtree, slots: HashMap::new() })
     }
 
     /// The MC subtree (the governor watches it with role `mc`).
@@ -118,8 +121,37 @@ impl HostSite {
     /// the host, or a card that died with no checkpoint).
     pub fn cold_start(&mut self, task: &str, mem_mib: u64) -> Result<(), HostSiteError> {
         let p = self.spawn(task, Start::Guest { elf: self.opts.guest.clone(), mem_mib }, "live")?;
-        self.slots.entry(task.into()).or_default().live = Some(p);
+        let socket = self.socket(task, "live");
+        let slot = self.slots.entry(task.into()).or_default();
+        slot.live = Some(p);
+        slot.live_socket = Some(socket);
         Ok(())
+    }
+
+    /// The cgroup of each task running here (their costs are read from them).
+    pub fn task_cgroups(&self) -> Vec<(String, Cgroup)> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.live.is_some())
+            .filter_map(|(task, _)| match self.layout.open(&self.task_cgroup(task)) {
+                Ok(cg) => Some((task.clone(), cg)),
+                Err(e) => {
+                    tracing::debug!(task, "opening the MC VM's cgroup: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Tasks with a live VM here.
+    pub fn tasks(&self) -> Vec<String> {
+        self.slots.iter().filter(|(_, s)| s.live.is_some()).map(|(t, _)| t.clone()).collect()
+    }
+
+    /// The control socket of a task's live VMM (operators and tests may
+    /// connect to it; it serves several clients).
+    pub fn live_socket(&self, task: &str) -> Option<&Path> {
+        self.slots.get(task).filter(|s| s.live.is_some())?.live_socket.as_deref()
     }
 
     /// The live VMM of a task (for agent requests and stats).
@@ -179,6 +211,7 @@ impl Site for HostSite {
         remove(&path);
         r?;
         slot.live = Some(spare);
+        slot.live_socket = Some(self.opts.run_dir.join(format!("{task}-spare.sock")));
         Ok(())
     }
 

@@ -10,6 +10,11 @@
 //!
 //! - `decide.rs`: the rules (relieve the card; bring VMs back when calm)
 //! - `tests.rs`: unit tests of each rule and property tests (proptest)
+//! - `engine.rs`: state between ticks; one step = measure, decide, move, audit
+//! - `mover.rs`, `card.rs`, `host.rs`: a move as one sequence over two sites
+//! - `meter.rs`: the card's use, per-VM card costs and host costs as rates
+//! - `runtime.rs`, `recovery.rs`: the placement thread; checkpoints and card death
+//! - `audit.rs`, `config.rs`: the decision log; `[placement]`, `[[mc]]`, `[card]`
 
 use serde::{Deserialize, Serialize};
 
@@ -21,9 +26,13 @@ pub mod engine;
 #[cfg(test)]
 mod fake;
 pub mod host;
+pub mod meter;
 pub mod mover;
+mod recovery;
+pub mod runtime;
 #[cfg(test)]
 mod tests;
+pub mod view;
 
 pub use decide::{calm_since, decide};
 
@@ -168,6 +177,10 @@ pub enum Reason {
     Manual,
     /// Where the MC VMs start (at start-up).
     Initial,
+    /// The card died: its MC VMs came up on the host (from checkpoints or cold).
+    CardDead,
+    /// The card is healthy again after it was declared dead.
+    CardBack,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,210 @@
+//! The whole placement system for tests and benchmarks: card-sim (real
+//! KVM MC VMs in its cgroup), `governor run` with `[placement]`, `[[mc]]`
+//! and `[card]`, and helpers to read placement and decisions and to talk
+//! to each MC VM's agent wherever it runs. Everything it starts is removed
+//! on drop, also when a test fails.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use card_sim::{Request as CardRequest, SimOptions, SimProcess};
+use fixtures::{unique, unique_long, Guarded, PinDir, TempDir};
+use governor::api::{self, Request, Response};
+use governor::placement::audit::AuditRecord;
+use governor::placement::runtime::{PlacementStatus, TaskStatus};
+use governor::placement::Side;
+use vmm::host::api::AgentOp;
+use vmm::host::client::Client;
+use vmm::Reply;
+
+use crate::{bin_dir, guest_elf};
+
+/// What to start.
+pub struct SystemOptions {
+    /// `thresholds = {...}` inline table contents, e.g. `cpu = 0.7`.
+    pub thresholds: String,
+    pub dwell_s: u64,
+    pub hysteresis: f64,
+    pub checkpoint_s: u64,
+    pub reserve_cpus: f64,
+    pub reserve_mib: u64,
+    /// (task, pin)
+    pub mcs: Vec<(&'static str, Option<&'static str>)>,
+    pub mc_mib: u64,
+    pub tick_ms: u64,
+    pub dry_run: bool,
+    /// The card's heartbeat period.
+    pub period_ms: u32,
+}
+
+impl Default for SystemOptions {
+    fn default() -> Self {
+        SystemOptions {
+            thresholds: String::new(),
+            dwell_s: 3,
+            hysteresis: 0.1,
+            checkpoint_s: 10,
+            reserve_cpus: 1.0,
+            reserve_mib: 512,
+            mcs: vec![("monitor", None), ("log", None), ("qos", None)],
+            mc_mib: 32,
+            tick_ms: 200,
+            dry_run: false,
+            period_ms: 100,
+        }
+    }
+}
+
+/// card-sim + governor, stopped and removed on drop (governor first: it
+/// stops its MC VMs on the card while the card still answers).
+pub struct System {
+    pub gov: Guarded,
+    pub sim: SimProcess,
+    pub socket: PathBuf,
+    pub run: TempDir,
+    pub mc_cgroup: String,
+    _pins: PinDir,
+}
+
+impl System {
+    pub fn start(o: &SystemOptions) -> System {
+        let sim = SimProcess::spawn(&SimOptions {
+            guest: Some(guest_elf()),
+            period_ms: o.period_ms,
+            ..SimOptions::default()
+        })
+        .expect("card-sim with the vmm backend");
+        let run = TempDir::new("governor-test-pl").expect("run dir");
+        let pins = PinDir::new();
+        let socket = run.path().join("governor.sock");
+        let mc_cgroup = unique_long("governor-test-mc");
+        let mut mcs = String::new();
+        for (task, pin) in &o.mcs {
+            mcs.push_str(&format!("[[mc]]\ntask = {task:?}\nmemory = \"{}mb\"\n", o.mc_mib));
+            if let Some(p) = pin {
+                mcs.push_str(&format!("pin = {p:?}\n"));
+            }
+        }
+        let cfg = format!(
+            "tick_ms = {tick}\npin_dir = {pins:?}\nsocket = {socket:?}\nqos_ifb = {ifb:?}\n\
+             [placement]\nthresholds = {{ {th} }}\nhysteresis = {hy}\ndwell_s = {dw}\ncheckpoint_s = {ck}\n\
+             reserve = {{ cpus = {rc}, memory = \"{rm}mb\" }}\nmc_cgroup = {mcg:?}\naudit_log = {audit:?}\n\
+             agent = {agent:?}\nvmm = {vmm:?}\nrun_dir = {rd:?}\n\
+             [card]\nsocket = {card:?}\ncommand_timeout_ms = 3000\n{mcs}",
+            tick = o.tick_ms,
+            pins = pins.0,
+            ifb = unique("gifb"),
+            th = o.thresholds,
+            hy = o.hysteresis,
+            dw = o.dwell_s,
+            ck = o.checkpoint_s,
+            rc = o.reserve_cpus,
+            rm = o.reserve_mib,
+            mcg = mc_cgroup,
+            audit = run.path().join("decisions.jsonl"),
+            agent = guest_elf(),
+            vmm = bin_dir().join("vmm"),
+            rd = run.path().join("mc"),
+            card = sim.socket_path(),
+        );
+        let cfg_path = run.path().join("governor.toml");
+        std::fs::write(&cfg_path, cfg).expect("write config");
+        let mut cmd = Command::new(bin_dir().join("governor"));
+        cmd.args(["run", "--config"]).arg(&cfg_path).stdout(Stdio::null());
+        if o.dry_run {
+            cmd.arg("--dry-run");
+        }
+        let gov = Guarded::new(cmd.spawn().expect("start governor"));
+        let mut s = System { gov, sim, socket, run, mc_cgroup, _pins: pins };
+        s.wait("the placement API", Duration::from_secs(20), |s| s.try_placement().is_some());
+        s
+    }
+
+    pub fn call(&self, req: &Request) -> Response {
+        api::call(&self.socket, req).unwrap_or_else(|e| panic!("{req:?}: {e:#}"))
+    }
+
+    pub fn try_placement(&mut self) -> Option<PlacementStatus> {
+        if let Some(st) = self.gov.child().try_wait().ok().flatten() {
+            panic!("the governor exited: {st}");
+        }
+        api::call(&self.socket, &Request::Placement).ok()?.placement
+    }
+
+    pub fn placement(&mut self) -> PlacementStatus {
+        self.try_placement().expect("placement status")
+    }
+
+    pub fn task(&mut self, task: &str) -> TaskStatus {
+        let p = self.placement();
+        p.tasks.into_iter().find(|t| t.task == task).unwrap_or_else(|| panic!("no task {task}"))
+    }
+
+    pub fn side(&mut self, task: &str) -> Side {
+        self.task(task).side
+    }
+
+    pub fn decisions(&self, after_tick: u64) -> Vec<AuditRecord> {
+        self.call(&Request::Decisions { after_tick }).decisions.unwrap_or_default()
+    }
+
+    /// Poll until `f` holds; panics naming `what` after `limit`.
+    pub fn wait(&mut self, what: &str, limit: Duration, mut f: impl FnMut(&mut System) -> bool) -> Duration {
+        let start = Instant::now();
+        while !f(self) {
+            assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        start.elapsed()
+    }
+
+    /// One request to a task's agent, on whichever side it runs.
+    pub fn agent(&mut self, task: &str, op: AgentOp, arg: u64) -> Reply {
+        let t = self.task(task);
+        match t.side {
+            Side::Card => {
+                let vm = t.card_vm.expect("card VM id");
+                self.sim
+                    .control(&CardRequest::Agent { vm, request: op, arg })
+                    .unwrap_or_else(|e| panic!("{task} agent on the card: {e}"))
+                    .agent
+                    .expect("agent reply")
+            }
+            Side::Host => {
+                let sock = t.host_socket.expect("host socket");
+                let mut c = Client::connect(&sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+                c.request(op, arg).unwrap_or_else(|e| panic!("{task} agent on the host: {e}")).reply
+            }
+        }
+    }
+
+    /// The card's use of `resource` (fpga, cpu, memory, network) now.
+    pub fn card_use(&mut self, resource: &str) -> f64 {
+        let p = self.placement();
+        p.card.resources.iter().find(|r| r.resource.name() == resource).map_or(0.0, |r| r.used)
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        // SIGTERM: the governor stops its MC VMs (card and host), removes
+        // the MC subtree, its pins and its socket.
+        if self.gov.terminate(Duration::from_secs(15)).is_none() {
+            eprintln!("the governor did not stop on SIGTERM");
+        }
+        // A governor that died without its cleanup leaves its host MC VMs:
+        // stop them and remove the subtree here.
+        if let Ok(layout) = cgroupfs::Layout::detect() {
+            if layout.unified().join(&self.mc_cgroup).is_dir() {
+                eprintln!("the MC subtree {} outlived the governor; removing it", self.mc_cgroup);
+                if let Ok(mut cg) = layout.open(&self.mc_cgroup) {
+                    cg.kill_all(Duration::from_secs(5));
+                    if let Err(e) = cg.remove() {
+                        eprintln!("removing {}: {e}", self.mc_cgroup);
+                    }
+                }
+            }
+        }
+    }
+}
