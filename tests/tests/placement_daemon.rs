@@ -77,3 +77,230 @@ fn cpu_load_moves_the_busy_mc_vm_out_and_calm_brings_it_back() {
     let left = Inventory::take().left_since(&before);
     assert!(left.is_empty(), "left: {left}");
 }
+
+/// User traffic through the card (iperf3 through a card forward) plus the
+/// net-agent's own traffic push the card's network over its threshold: the
+/// net-agent (the only VM whose measured cost is network) moves to the
+/// host and its traffic leaves the card with it; the card falls under.
+#[test]
+fn network_load_through_the_card_moves_the_vm_whose_traffic_relieves_it() {
+    check_root_kvm();
+    require_tool("iperf3");
+    let before = Inventory::take();
+    {
+        let mut s = System::start(&SystemOptions {
+            thresholds: "network = 0.3".into(),
+            mcs: vec![("monitor", None), ("log", None), ("net-agent", None)],
+            dwell_s: 30,
+            ..SystemOptions::default()
+        });
+        let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+        // The net-agent's traffic: 20 MB/s = 16% of the card's link.
+        let sink = Sink::start();
+        let vm = s.task("net-agent").card_vm.expect("on the card");
+        s.sim
+            .control(&card_sim::Request::Load(card_sim::Load {
+                net_bps: Some(20_000_000),
+                net_target: Some(sink.addr),
+                net_vm: Some(vm),
+                ..Default::default()
+            }))
+            .expect("net-agent traffic");
+        // User VMs' traffic crossing the card: 200 Mbit/s = 20% of it.
+        let port = 20000 + (std::process::id() % 10000) as u16;
+        let _server = Guarded::new(
+            std::process::Command::new("iperf3")
+                .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("iperf3 server"),
+        );
+        let fwd = s
+            .sim
+            .control(&card_sim::Request::Forward {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                to: format!("127.0.0.1:{port}").parse().expect("addr"),
+            })
+            .expect("forward")
+            .port
+            .expect("port");
+        std::thread::sleep(Duration::from_millis(200));
+        let mut client = Guarded::new(
+            std::process::Command::new("iperf3")
+                .args(["-c", "127.0.0.1", "-p", &fwd.to_string(), "-b", "200M", "-t", "12"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("iperf3 client"),
+        );
+        s.wait("net-agent on the host", Duration::from_secs(8), |s| s.side("net-agent") == Side::Host);
+        let ds = s.decisions(tick0);
+        let over = ds.iter().find(|d| d.card[3].used > d.card[3].threshold).expect("the crossing");
+        let moved = ds.iter().find(|d| !d.reports.is_empty()).expect("the move");
+        eprintln!(
+            "crossing at tick {} ({:.2}), moved at tick {}: {}",
+            over.tick, over.card[3].used, moved.tick, moved.explain
+        );
+        assert!(moved.tick - over.tick <= 2, "within 3 ticks");
+        assert_eq!(moved.moves.len(), 1, "{:?}", moved.moves);
+        for t in ["monitor", "log"] {
+            assert_eq!(s.side(t), Side::Card, "{t} uses no network: it stays");
+        }
+        s.wait("the card's network under its threshold", Duration::from_secs(5), |s| s.card_use("network") < 0.3);
+        let after = s.card_use("network");
+        eprintln!("card network after the move: {after:.3} (user traffic alone)");
+        assert!(after > 0.1, "the user traffic still crosses the card: {after:.3}");
+        client.terminate(Duration::from_secs(2));
+    }
+    let left = Inventory::take().left_since(&before);
+    assert!(left.is_empty(), "left: {left}");
+}
+
+/// Load switching on and off faster than the dwell: a task changes
+/// direction at most once per dwell window.
+#[test]
+fn oscillating_load_moves_each_task_at_most_once_per_dwell() {
+    check_root_kvm();
+    let mut s =
+        System::start(&SystemOptions { thresholds: "cpu = 0.6".into(), dwell_s: 2, ..SystemOptions::default() });
+    let start = std::time::Instant::now();
+    let mut on = false;
+    while start.elapsed() < Duration::from_secs(9) {
+        on = !on;
+        s.agent("log", AgentOp::Auto, if on { 2000 } else { 0 });
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    let moves: Vec<_> =
+        s.decisions(0).into_iter().filter(|d| d.reason != Reason::Initial && !d.reports.is_empty()).collect();
+    for d in &moves {
+        eprintln!("{} tick {} {:?}: {}", d.time_ms, d.tick, d.reason, d.explain);
+    }
+    assert!(!moves.is_empty(), "the load did cross the threshold");
+    for task in ["monitor", "log", "qos"] {
+        let of: Vec<_> = moves.iter().filter(|d| d.reports.iter().any(|r| r.ok && r.task == task)).collect();
+        for w in of.windows(2) {
+            assert!(
+                w[1].time_ms - w[0].time_ms >= 2000,
+                "two moves of {task} within the dwell: {} -> {}",
+                w[0].tick,
+                w[1].tick
+            );
+        }
+    }
+    // Only the VM whose cost relieves the card ever moved.
+    assert!(moves.iter().all(|d| d.moves.iter().all(|m| m.task == "log")), "idle VMs were moved");
+}
+
+/// The VM that would have to move does not fit the host's MC reserve:
+/// nothing moves and the decision log says why.
+#[test]
+fn a_host_reserve_too_small_moves_nothing_and_says_why() {
+    check_root_kvm();
+    let mut s =
+        System::start(&SystemOptions { thresholds: "cpu = 0.6".into(), reserve_cpus: 0.2, ..SystemOptions::default() });
+    let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+    s.agent("log", AgentOp::Auto, 2000);
+    std::thread::sleep(Duration::from_secs(3));
+    let ds = s.decisions(tick0);
+    let why = ds.iter().rev().find(|d| d.card[1].used > d.card[1].threshold).expect("ticks over the threshold");
+    eprintln!("{:?}: {}", why.reason, why.explain);
+    assert_eq!(why.reason, Reason::HostReserve, "{}", why.explain);
+    assert!(why.explain.contains("reserve"), "{}", why.explain);
+    assert!(ds.iter().all(|d| d.moves.is_empty()), "nothing moved");
+    assert_eq!(s.side("log"), Side::Card);
+    s.agent("log", AgentOp::Auto, 0);
+}
+
+/// An operator's move, a pin and an unpin each do what they say and
+/// nothing else; a dry run decides and logs, and moves nothing.
+#[test]
+fn manual_move_pin_and_dry_run() {
+    check_root_kvm();
+    {
+        let mut s = System::start(&SystemOptions { dwell_s: 60, ..SystemOptions::default() });
+        let before = s.agent("qos", AgentOp::Step, 10);
+        let r = s.call(&Request::Move { task: "qos".into(), to: Side::Host });
+        assert!(r.ok, "{r:?}");
+        let rec = &r.decisions.expect("record")[0];
+        assert_eq!(rec.reason, Reason::Manual);
+        eprintln!("manual move: pause {:.2} ms {:?}", rec.reports[0].pause_ms, rec.reports[0].steps);
+        assert_eq!(s.side("qos"), Side::Host);
+        assert_eq!(s.side("log"), Side::Card, "nothing else moved");
+        assert_eq!(s.agent("qos", AgentOp::Counters, 0).log_seq, before.log_seq);
+        // Refusals name the field and change nothing.
+        let e = s.call(&Request::Move { task: "qos".into(), to: Side::Host });
+        assert!(!e.ok && e.error.as_deref().unwrap_or("").starts_with("to:"), "{e:?}");
+        let e = s.call(&Request::Move { task: "backup".into(), to: Side::Host });
+        assert!(!e.ok && e.error.as_deref().unwrap_or("").starts_with("task:"), "{e:?}");
+        assert!(s.call(&Request::Pin { task: "qos".into() }).ok);
+        assert_eq!(s.task("qos").pinned, Some(Side::Host));
+        let e = s.call(&Request::Move { task: "qos".into(), to: Side::Card });
+        assert!(!e.ok && e.error.as_deref().unwrap_or("").contains("pinned"), "{e:?}");
+        assert!(s.call(&Request::Unpin { task: "qos".into() }).ok);
+        assert!(s.call(&Request::Move { task: "qos".into(), to: Side::Card }).ok);
+        assert_eq!(s.side("qos"), Side::Card);
+        assert_eq!(s.agent("qos", AgentOp::Step, 10).log_seq, before.log_seq + 1, "state kept");
+    }
+    {
+        let mut s =
+            System::start(&SystemOptions { thresholds: "cpu = 0.6".into(), dry_run: true, ..SystemOptions::default() });
+        assert!(s.placement().dry_run);
+        s.agent("log", AgentOp::Auto, 2000);
+        std::thread::sleep(Duration::from_secs(2));
+        let ds = s.decisions(0);
+        let would = ds.iter().find(|d| d.reason == Reason::Relieve).expect("a decision to relieve");
+        assert!(would.dry_run && would.reports.is_empty(), "decided, not done: {would:?}");
+        assert_eq!(would.moves[0].task, "log");
+        assert_eq!(s.side("log"), Side::Card, "a dry run moves nothing");
+        s.agent("log", AgentOp::Auto, 0);
+    }
+}
+
+/// A loopback peer for the card's network client, counting what it gets.
+struct Sink {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start() -> Sink {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("sink");
+        let addr = l.local_addr().expect("addr");
+        l.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((c, _)) = l.accept() {
+                    c.set_nonblocking(true).expect("nonblocking");
+                    conns.push(c);
+                }
+                let mut idle = true;
+                for c in &mut conns {
+                    if let Ok(n) = c.read(&mut buf) {
+                        idle &= n == 0;
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        Sink { addr, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                eprintln!("sink thread panicked");
+            }
+        }
+    }
+}

@@ -11,6 +11,11 @@
 
 use super::{Decision, HostCost, Inputs, Move, PerResource, Policy, Reason, Resource, Side, Task};
 
+/// The least relief (a fraction of a resource's capacity) worth a move when
+/// no set gets the card under: moving a VM that frees less than this only
+/// churns (a VM just arrived, whose cost is not measured yet, reads as 0).
+pub const MIN_RELIEF: f64 = 0.01;
+
 /// Most card-side candidates searched exhaustively (2^16 subsets); beyond
 /// this the cheapest are searched (management tasks are a handful).
 const MAX_SEARCH: usize = 16;
@@ -191,8 +196,9 @@ fn relieve(i: &Inputs<'_>) -> Decision {
     // while it fits the reserve.
     let mut set: Vec<&Task> = Vec::new();
     for t in cands {
-        let helps =
-            Resource::ALL.iter().any(|r| i.card[r.index()] > p.thresholds[r.index()] && t.card_cost[r.index()] > 0.0);
+        let helps = Resource::ALL
+            .iter()
+            .any(|r| i.card[r.index()] > p.thresholds[r.index()] && t.card_cost[r.index()] >= MIN_RELIEF);
         let mut with = set.clone();
         with.push(t);
         if helps && fits_reserve(&i.host_used, &sum_host(&with), &p.reserve) {

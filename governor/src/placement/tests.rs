@@ -112,6 +112,11 @@ fn user_load_alone_over_the_threshold_moves_what_helps() {
     let d = decide(&inputs([0.1, 0.95, 0.3, 0.2], &tasks, &p));
     assert_eq!(d.reason, Reason::RelievePartly);
     assert_eq!(moved(&d), vec![("monitor", Side::Host)], "net-agent uses no CPU: it stays");
+    // A VM whose cost is below the least useful relief is not moved (a VM
+    // just arrived reads as costing nothing until its cost is measured).
+    let tasks = [task("monitor", Side::Card, 0.005, 0.0, 0.1)];
+    let d = decide(&inputs([0.1, 0.95, 0.3, 0.2], &tasks, &p));
+    assert_eq!((d.reason, d.moves.len()), (Reason::RelievePartly, 0), "{}", d.explain);
 }
 
 #[test]
