@@ -36,6 +36,8 @@ pub struct SystemOptions {
     pub dry_run: bool,
     /// The card's heartbeat period.
     pub period_ms: u32,
+    /// One mailbox command at most (the governor's `[card]`).
+    pub command_timeout_ms: u64,
 }
 
 impl Default for SystemOptions {
@@ -52,6 +54,7 @@ impl Default for SystemOptions {
             tick_ms: 200,
             dry_run: false,
             period_ms: 100,
+            command_timeout_ms: 3000,
         }
     }
 }
@@ -91,7 +94,8 @@ impl System {
              [placement]\nthresholds = {{ {th} }}\nhysteresis = {hy}\ndwell_s = {dw}\ncheckpoint_s = {ck}\n\
              reserve = {{ cpus = {rc}, memory = \"{rm}mb\" }}\nmc_cgroup = {mcg:?}\naudit_log = {audit:?}\n\
              agent = {agent:?}\nvmm = {vmm:?}\nrun_dir = {rd:?}\n\
-             [card]\nsocket = {card:?}\ncommand_timeout_ms = 3000\n{mcs}",
+             [card]\nsocket = {card:?}\ncommand_timeout_ms = {cto}\n{mcs}",
+            cto = o.command_timeout_ms,
             tick = o.tick_ms,
             pins = pins.0,
             ifb = unique("gifb"),

@@ -174,8 +174,12 @@ fn remove(path: &Path) {
 
 impl Site for HostSite {
     fn prepare(&mut self, task: &str) -> Result<(), String> {
-        if self.slots.get(task).is_some_and(|s| s.spare.is_some()) {
-            return Ok(());
+        // A spare that died (killed, crashed) is replaced.
+        if let Some(spare) = self.slots.get_mut(task).and_then(|s| s.spare.as_mut()) {
+            if spare.running() {
+                return Ok(());
+            }
+            tracing::warn!(task, "the prepared VMM died; spawning another");
         }
         let p = self.spawn(task, Start::Empty, "spare").map_err(|e| e.to_string())?;
         self.slots.entry(task.into()).or_default().spare = Some(p);

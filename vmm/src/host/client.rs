@@ -29,11 +29,17 @@ impl Client {
 
     /// Connect, retrying until the socket appears or `timeout` passes.
     pub fn connect_wait(path: &Path, timeout: Duration) -> Result<Client> {
+        Client::connect_while(path, timeout, || true)
+    }
+
+    /// [`Client::connect_wait`], giving up early once `alive` says the
+    /// server is gone (a child that exited will never open its socket).
+    pub fn connect_while(path: &Path, timeout: Duration, mut alive: impl FnMut() -> bool) -> Result<Client> {
         let deadline = Instant::now() + timeout;
         loop {
             match Client::connect(path) {
                 Ok(c) => return Ok(c),
-                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(e) if Instant::now() > deadline || !alive() => return Err(e),
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
         }

@@ -172,7 +172,8 @@ impl VmmProcess {
         // before the new one binds.
         remove_socket(&o.socket);
         let mut child = c.stdin(Stdio::null()).spawn().map_err(Error::io(o.bin.display().to_string()))?;
-        match Client::connect_wait(&o.socket, SOCKET_TIMEOUT) {
+        let connected = Client::connect_while(&o.socket, SOCKET_TIMEOUT, || matches!(child.try_wait(), Ok(None)));
+        match connected {
             Ok(client) => Ok(VmmProcess { child, socket: o.socket.clone(), client }),
             Err(e) => {
                 // It may have joined (and made) a cgroup before it hung:
@@ -185,6 +186,11 @@ impl VmmProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process still runs (a failed poll counts as not).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The control connection, for typed requests.

@@ -1,0 +1,198 @@
+//! The placement engine when things fail: a move whose destination fails
+//! (the host's VMM killed, the card too slow to take a restore) leaves the
+//! VM running on its source; a card that crashes or stalls gets its MC VMs
+//! brought up on the host from their checkpoints within three heartbeats
+//! plus a restore; a stalled card that recovers has its stale copies
+//! stopped and gets VMs back by the normal rules.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::api::Request;
+use governor::placement::{Reason, Side};
+use integration_tests::placement::{System, SystemOptions};
+use integration_tests::*;
+use vmm::host::api::AgentOp;
+
+/// Once `trigger` exists (the prepared VMM's socket: it is ready to take
+/// the restore), kill every process in `cgroup` until stopped.
+struct Sniper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+impl Sniper {
+    fn start(cgroup: String, trigger: std::path::PathBuf) -> Sniper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let layout = cgroupfs::Layout::detect().expect("layout");
+            let procs = layout.unified().join(&cgroup).join("cgroup.procs");
+            let mut killed = 0;
+            while !s.load(Ordering::Relaxed) && !trigger.exists() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            while !s.load(Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&procs).unwrap_or_default();
+                for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| *p > 0) {
+                    // SAFETY: kill(2) on a process in the test's own MC cgroup.
+                    if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                        killed += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            killed
+        });
+        Sniper { stop, thread: Some(thread) }
+    }
+
+    fn stop(mut self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().expect("sniper"))
+    }
+}
+
+impl Drop for Sniper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                eprintln!("sniper thread panicked");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_move_whose_destination_fails_keeps_the_vm_on_its_source() {
+    require_root();
+    require_kvm();
+    let before = Inventory::take();
+    {
+        let mut s = System::start(&SystemOptions { command_timeout_ms: 500, ..SystemOptions::default() });
+        let c0 = s.agent("log", AgentOp::Step, 10);
+        // Card -> host, the host's VMM killed as soon as it appears.
+        let sniper = Sniper::start(format!("{}/log", s.mc_cgroup), s.run.path().join("mc/log-spare.sock"));
+        let r = s.call(&Request::Move { task: "log".into(), to: Side::Host });
+        let killed = sniper.stop();
+        assert!(killed > 0, "the host VMM was never there to kill");
+        assert!(!r.ok, "{r:?}");
+        let rep = &r.decisions.expect("record")[0].reports[0];
+        eprintln!("host destination killed: {:?}, steps {:?}", rep.error, rep.steps);
+        assert!(!rep.ok && rep.error.is_some());
+        // Killed once ready: the VM was paused on the card for the move and
+        // resumed there when the restore failed.
+        assert!(rep.steps.iter().any(|s| s.step.starts_with("pause")), "{:?}", rep.steps);
+        assert_eq!(s.side("log"), Side::Card, "it stays on its source");
+        let c1 = s.agent("log", AgentOp::Step, 10);
+        assert_eq!(c1.log_seq, c0.log_seq + 1, "running on the card, state intact");
+        // The same move works once the host is left alone.
+        assert!(s.call(&Request::Move { task: "log".into(), to: Side::Host }).ok);
+
+        // Host -> card, the card too slow to take the restore.
+        s.sim
+            .control(&card_sim::Request::Fault { fault: card_sim::Fault::Slow, on: true, slow_ms: Some(2000) })
+            .expect("slow");
+        let r = s.call(&Request::Move { task: "log".into(), to: Side::Card });
+        s.sim.control(&card_sim::Request::fault(card_sim::Fault::Slow, false)).expect("clear");
+        assert!(!r.ok, "{r:?}");
+        let rep = &r.decisions.expect("record")[0].reports[0];
+        eprintln!("card destination slow: {:?}", rep.error);
+        assert_eq!(s.side("log"), Side::Host, "it stays on its source");
+        assert_eq!(s.agent("log", AgentOp::Step, 10).log_seq, c1.log_seq + 1, "running on the host, state intact");
+        // Exactly one copy runs: the card holds none of it.
+        let p = s.placement();
+        assert!(p.tasks.iter().find(|t| t.task == "log").and_then(|t| t.card_vm).is_none());
+    }
+    let left = Inventory::take().left_since(&before);
+    assert!(left.is_empty(), "left: {left}");
+}
+
+/// Set distinct counters, wait for a checkpoint to hold them, kill the
+/// card: every MC VM runs on the host within three heartbeats plus the
+/// restores, from its checkpoint, with those counters.
+#[test]
+fn a_crashed_card_has_every_mc_vm_up_on_the_host_from_its_checkpoint() {
+    require_root();
+    require_kvm();
+    let before = Inventory::take();
+    {
+        let mut s = System::start(&SystemOptions { checkpoint_s: 1, ..SystemOptions::default() });
+        let tasks = ["monitor", "log", "qos"];
+        let mut want = Vec::new();
+        for (i, t) in tasks.iter().enumerate() {
+            for _ in 0..=i {
+                s.agent(t, AgentOp::Step, 7);
+            }
+            want.push(s.agent(t, AgentOp::Counters, 0));
+        }
+        // Two checkpoint periods: the latest checkpoint holds those counters.
+        std::thread::sleep(Duration::from_millis(2300));
+        let p = s.placement();
+        assert!(p.tasks.iter().all(|t| t.checkpoint_age_ms.is_some_and(|a| a < 1500)), "checkpoints: {p:?}");
+        let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+        let t0 = Instant::now();
+        // The card kills itself (and what runs on it); the reply never comes.
+        let _ = s.sim.control(&card_sim::Request::fault(card_sim::Fault::Crash, true));
+        let took = s.wait("every MC VM on the host", Duration::from_secs(5), |s| {
+            s.placement().tasks.iter().all(|t| t.side == Side::Host)
+        });
+        eprintln!("card crash -> all MC VMs on the host: {:?} (3 heartbeats = 300 ms)", t0.elapsed());
+        assert!(took < Duration::from_millis(1500), "took {took:?}");
+        let dead = s.decisions(tick0).into_iter().find(|d| d.reason == Reason::CardDead).expect("card-dead record");
+        eprintln!("{}", dead.explain);
+        for t in tasks {
+            assert!(
+                dead.explain.contains(&format!("{t}: restored on the host from its checkpoint")),
+                "{}",
+                dead.explain
+            );
+        }
+        for (t, w) in tasks.iter().zip(&want) {
+            let c = s.agent(t, AgentOp::Counters, 0);
+            assert_eq!((c.work, c.log_seq), (w.work, w.log_seq), "{t} from its checkpoint");
+        }
+        assert!(!s.placement().card.healthy);
+    }
+    let left = Inventory::take().left_since(&before);
+    assert!(left.is_empty(), "left: {left}");
+}
+
+/// A card that stalls is declared dead; its MC VMs come up on the host.
+/// When it answers again its stale copies are stopped, and after the dwell
+/// the VMs come back to it one at a time.
+#[test]
+fn a_stalled_card_that_recovers_gets_its_vms_back() {
+    require_root();
+    require_kvm();
+    let mut s = System::start(&SystemOptions {
+        checkpoint_s: 1,
+        dwell_s: 2,
+        mcs: vec![("log", None), ("qos", None)],
+        ..SystemOptions::default()
+    });
+    std::thread::sleep(Duration::from_millis(1300));
+    let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+    s.sim.control(&card_sim::Request::fault(card_sim::Fault::Stall, true)).expect("stall");
+    s.wait("both on the host", Duration::from_secs(5), |s| s.placement().tasks.iter().all(|t| t.side == Side::Host));
+    s.sim.control(&card_sim::Request::fault(card_sim::Fault::Stall, false)).expect("unstall");
+    s.wait("both back on the card", Duration::from_secs(20), |s| {
+        s.placement().tasks.iter().all(|t| t.side == Side::Card)
+    });
+    let ds = s.decisions(tick0);
+    for d in &ds {
+        if d.reason != Reason::Holds && d.reason != Reason::Settling {
+            eprintln!("tick {} {:?}: {}", d.tick, d.reason, d.explain);
+        }
+    }
+    let back = ds.iter().find(|d| d.reason == Reason::CardBack).expect("card-back record");
+    assert!(back.explain.contains("stopped stale copies"), "{}", back.explain);
+    let returns: Vec<_> = ds.iter().filter(|d| d.reason == Reason::ComeBack).collect();
+    assert_eq!(returns.len(), 2, "one at a time");
+    assert!(returns.iter().all(|d| d.moves.len() == 1));
+    // One copy each on the card: two VMs there.
+    assert_eq!(s.agent("log", AgentOp::Ping, 0).value, vmm::proto::PONG);
+    assert_eq!(s.agent("qos", AgentOp::Ping, 0).value, vmm::proto::PONG);
+}
