@@ -116,6 +116,8 @@ impl System {
         std::fs::write(&cfg_path, cfg).expect("write config");
         let mut cmd = Command::new(bin_dir().join("governor"));
         cmd.args(["run", "--config"]).arg(&cfg_path).stdout(Stdio::null());
+        // Warnings and errors only: the decisions are read over the socket.
+        cmd.env("RUST_LOG", "warn");
         if o.dry_run {
             cmd.arg("--dry-run");
         }

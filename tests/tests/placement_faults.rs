@@ -5,8 +5,6 @@
 //! plus a restore; a stalled card that recovers has its stale copies
 //! stopped and gets VMs back by the normal rules.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use governor::api::Request;
@@ -15,83 +13,47 @@ use integration_tests::placement::{System, SystemOptions};
 use integration_tests::*;
 use vmm::host::api::AgentOp;
 
-/// Once `trigger` exists (the prepared VMM's socket: it is ready to take
-/// the restore), kill every process in `cgroup` until stopped.
-struct Sniper {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<u32>>,
-}
-
-impl Sniper {
-    fn start(cgroup: String, trigger: std::path::PathBuf) -> Sniper {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let layout = cgroupfs::Layout::detect().expect("layout");
-            let procs = layout.unified().join(&cgroup).join("cgroup.procs");
-            let mut killed = 0;
-            while !s.load(Ordering::Relaxed) && !trigger.exists() {
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            while !s.load(Ordering::Relaxed) {
-                let text = std::fs::read_to_string(&procs).unwrap_or_default();
-                for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()).filter(|p| *p > 0) {
-                    // SAFETY: kill(2) on a process in the test's own MC cgroup.
-                    if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
-                        killed += 1;
-                    }
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            killed
-        });
-        Sniper { stop, thread: Some(thread) }
-    }
-
-    fn stop(mut self) -> u32 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().map_or(0, |t| t.join().expect("sniper"))
-    }
-}
-
-impl Drop for Sniper {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                eprintln!("sniper thread panicked");
-            }
-        }
-    }
-}
-
+/// Card -> host: the host VMM is killed during the restore (the MC
+/// reserve's memory limit is smaller than the VM's working set, so the
+/// kernel's OOM killer takes it while it fills guest memory): the VM
+/// resumes on the card with its memory intact. Host -> card: the card
+/// does not take the restore in time: the VM resumes on the host.
 #[test]
 fn a_move_whose_destination_fails_keeps_the_vm_on_its_source() {
     require_root();
     require_kvm();
     let before = Inventory::take();
     {
-        let mut s = System::start(&SystemOptions { command_timeout_ms: 500, ..SystemOptions::default() });
+        let mut s = System::start(&SystemOptions {
+            mcs: vec![("log", None)],
+            mc_mib: 64,
+            reserve_mib: 16,
+            ..SystemOptions::default()
+        });
+        // 24 MiB of written guest memory: more than the reserve holds.
+        let pages = 6144;
+        s.agent("log", AgentOp::Touch, pages);
+        let sum = s.agent("log", AgentOp::Checksum, pages).value;
         let c0 = s.agent("log", AgentOp::Step, 10);
-        // Card -> host, the host's VMM killed as soon as it appears.
-        let sniper = Sniper::start(format!("{}/log", s.mc_cgroup), s.run.path().join("mc/log-spare.sock"));
         let r = s.call(&Request::Move { task: "log".into(), to: Side::Host });
-        let killed = sniper.stop();
-        assert!(killed > 0, "the host VMM was never there to kill");
         assert!(!r.ok, "{r:?}");
         let rep = &r.decisions.expect("record")[0].reports[0];
         eprintln!("host destination killed: {:?}, steps {:?}", rep.error, rep.steps);
-        assert!(!rep.ok && rep.error.is_some());
-        // Killed once ready: the VM was paused on the card for the move and
-        // resumed there when the restore failed.
-        assert!(rep.steps.iter().any(|s| s.step.starts_with("pause")), "{:?}", rep.steps);
+        assert!(!rep.ok && rep.error.as_deref().is_some_and(|e| e.contains("restore")), "{rep:?}");
+        assert!(rep.steps.iter().any(|s| s.step == "resume (card)"), "resumed on its source: {:?}", rep.steps);
         assert_eq!(s.side("log"), Side::Card, "it stays on its source");
+        assert_eq!(s.agent("log", AgentOp::Checksum, pages).value, sum, "its memory intact");
         let c1 = s.agent("log", AgentOp::Step, 10);
         assert_eq!(c1.log_seq, c0.log_seq + 1, "running on the card, state intact");
-        // The same move works once the host is left alone.
+    }
+    {
+        let mut s = System::start(&SystemOptions {
+            mcs: vec![("log", None)],
+            command_timeout_ms: 500,
+            ..SystemOptions::default()
+        });
         assert!(s.call(&Request::Move { task: "log".into(), to: Side::Host }).ok);
-
-        // Host -> card, the card too slow to take the restore.
+        let c1 = s.agent("log", AgentOp::Step, 10);
         s.sim
             .control(&card_sim::Request::Fault { fault: card_sim::Fault::Slow, on: true, slow_ms: Some(2000) })
             .expect("slow");
@@ -103,8 +65,7 @@ fn a_move_whose_destination_fails_keeps_the_vm_on_its_source() {
         assert_eq!(s.side("log"), Side::Host, "it stays on its source");
         assert_eq!(s.agent("log", AgentOp::Step, 10).log_seq, c1.log_seq + 1, "running on the host, state intact");
         // Exactly one copy runs: the card holds none of it.
-        let p = s.placement();
-        assert!(p.tasks.iter().find(|t| t.task == "log").and_then(|t| t.card_vm).is_none());
+        assert!(s.task("log").card_vm.is_none());
     }
     let left = Inventory::take().left_since(&before);
     assert!(left.is_empty(), "left: {left}");

@@ -196,7 +196,9 @@ impl Site for HostSite {
 
     fn snapshot(&mut self, task: &str) -> Result<Vec<u8>, String> {
         let path = self.image(task);
-        self.live(task)?.client().snapshot(&path, false).map_err(|e| e.to_string())?;
+        // The stream format: only pages the guest touched, so an idle agent's
+        // image is small (the dense file format would carry all its RAM).
+        self.live(task)?.client().snapshot_stream(&path).map_err(|e| e.to_string())?;
         let image = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()));
         remove(&path);
         image

@@ -26,7 +26,7 @@ use super::config::McSpec;
 use super::engine::{Engine, Measured};
 use super::host::{HostSite, HostSiteOptions};
 use super::meter::{CardMeter, HostMeter};
-use super::mover::Sites;
+use super::mover::{Site, Sites};
 use super::recovery::{CardState, Checkpoints};
 use super::{Decision, HostCost, Move, Policy, Reason, Resource, Side};
 
@@ -284,6 +284,7 @@ impl Runtime {
         let m = self.measured(card_use, HashMap::new(), HashMap::new());
         let r = self.engine.record(&m, &d);
         self.publish(r);
+        self.prepare_ahead();
         Ok(())
     }
 
@@ -360,6 +361,21 @@ impl Runtime {
         m.card_cpu_cores = reading.cpu_cores;
         let r = self.engine.step(&m, &mut self.sites);
         self.publish(r);
+        self.prepare_ahead();
+    }
+
+    /// Keep an empty VMM ready on the host for every card-side MC VM, so a
+    /// move to the host does not wait for a process to start (a dry run
+    /// moves nothing and needs none).
+    fn prepare_ahead(&mut self) {
+        if self.engine.dry_run() {
+            return;
+        }
+        for (task, _) in self.sites.card.tasks() {
+            if let Err(e) = self.sites.host.prepare(&task) {
+                tracing::warn!(task, "preparing a VMM on the host ahead of a move: {e}");
+            }
+        }
     }
 
     /// Keep the record (memory, audit log) and what it changed.
