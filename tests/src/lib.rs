@@ -67,8 +67,13 @@ pub fn guest_elf() -> PathBuf {
 /// (test executables live in its `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let dir = exe.parent().expect("the executable's directory");
+    // A test runs from <profile>/deps, a binary (placement-bench) from <profile>.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// |a - b| / b

@@ -32,7 +32,7 @@ pub fn bench() -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn parse(text: &str) -> Vec<Row> {
+pub(super) fn parse(text: &str) -> Vec<Row> {
     text.lines()
         .filter_map(|l| {
             let mut f = l.strip_prefix("ROW\t")?.split('\t');

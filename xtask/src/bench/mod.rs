@@ -11,6 +11,7 @@ use crate::leftovers::Leftovers;
 mod card;
 mod daemon;
 mod overhead;
+mod placement;
 mod qos;
 mod vmm;
 
@@ -37,11 +38,11 @@ impl Row {
 }
 
 pub fn bench(which: &str) -> Result<()> {
-    let all = ["overhead", "qos", "vmm", "card"];
+    let all = ["overhead", "qos", "vmm", "card", "placement"];
     let selected: Vec<&str> = match which {
         "all" => all.to_vec(),
         w if all.contains(&w) => vec![w],
-        w => bail!("unknown bench {w:?}: expected one of overhead, qos, vmm, card, all"),
+        w => bail!("unknown bench {w:?}: expected one of overhead, qos, vmm, card, placement, all"),
     };
     crate::build::all()?;
     let watch = Leftovers::watch();
@@ -51,6 +52,7 @@ pub fn bench(which: &str) -> Result<()> {
             "qos" => qos::bench(),
             "vmm" => vmm::bench(),
             "card" => card::bench(),
+            "placement" => placement::bench(),
             _ => unreachable!("checked above"),
         };
         match rows {
