@@ -304,3 +304,47 @@ impl Drop for Sink {
         }
     }
 }
+
+/// Claim 11: host-side MC VMs run under the MC subtree with the reserve as
+/// its limits, apart from user VMs; the governor's eBPF telemetry watches
+/// the subtree (VM `mc`, role `mc`) and agrees with the kernel's own
+/// accounting, and the kernel holds the subtree to the reserve.
+#[test]
+fn host_side_mc_vms_are_held_to_the_reserve_and_watched_by_the_telemetry() {
+    check_root_kvm();
+    let mut s = System::start(&SystemOptions {
+        mcs: vec![("log", None)],
+        reserve_cpus: 0.3,
+        reserve_mib: 256,
+        dwell_s: 60,
+        ..SystemOptions::default()
+    });
+    assert!(s.call(&Request::Move { task: "log".into(), to: Side::Host }).ok);
+    s.agent("log", AgentOp::Auto, 2000);
+    let layout = cgroupfs::Layout::detect().expect("layout");
+    let subtree = layout.open(&s.mc_cgroup).expect("the MC subtree");
+    assert_eq!(subtree.memory_limit().expect("limit"), Some(256 << 20), "the reserve's memory is the subtree's limit");
+    std::thread::sleep(Duration::from_millis(1500));
+    let tele = |s: &System| {
+        let st = s.call(&Request::Status).status.expect("status");
+        let mc = st.vms.into_iter().find(|v| v.name == "mc").expect("VM mc watched");
+        assert_eq!(mc.role, "mc");
+        mc.cpu_seconds_total
+    };
+    let (k0, t0, w0) = (subtree.cpu_usage_ns().expect("cpu"), tele(&s), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(4));
+    let (k1, t1, w1) = (subtree.cpu_usage_ns().expect("cpu"), tele(&s), std::time::Instant::now());
+    let secs = w1.duration_since(w0).as_secs_f64();
+    let kernel = (k1 - k0) as f64 / 1e9 / secs;
+    let ebpf = (t1 - t0) / secs;
+    eprintln!("MC subtree: kernel {kernel:.3} CPUs, eBPF telemetry {ebpf:.3} CPUs, reserve 0.3");
+    assert!((kernel - 0.3).abs() < 0.05, "the quota holds the subtree to the reserve: {kernel:.3}");
+    // The telemetry is sampled per tick (200 ms): the two windows differ by
+    // up to a tick at each end.
+    assert!((ebpf - kernel).abs() < 0.05, "telemetry {ebpf:.3} vs kernel {kernel:.3}");
+    let mem = subtree.memory().expect("memory").expect("memory controller");
+    assert!(mem.usage_bytes <= 256 << 20, "under its limit: {}", mem.usage_bytes);
+    // Apart from user VMs: the subtree is its own top-level cgroup.
+    assert!(!s.mc_cgroup.contains('/'), "{}", s.mc_cgroup);
+    s.agent("log", AgentOp::Auto, 0);
+}
