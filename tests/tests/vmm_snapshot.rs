@@ -247,3 +247,39 @@ fn diff_snapshots_from_the_dirty_log_restore_as_a_chain() {
     vm3.resume().expect("resume");
     assert_eq!(vm3.request(op::COUNTERS, 0, T).expect("counters").work, last.work);
 }
+
+/// Pre-copy: a base taken while the guest runs (and writes memory all the
+/// while), then at the pause only a diff; a VM restored from the base and
+/// given the diff equals the source at its pause, counters and memory.
+#[test]
+fn pre_copy_base_while_running_plus_diff_at_the_pause_restores_exactly() {
+    require_kvm();
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 64), Sinks::default()).expect("create");
+    vm.start(false).expect("start");
+    vm.wait_ready(T).expect("banner");
+    vm.request(op::TOUCH, 4096, T).expect("touch 16 MiB");
+    // Steps run autonomously: state and log pages change during the copy.
+    vm.request(op::AUTO, 50, T).expect("auto");
+    let mut base = Vec::new();
+    let n = vm.snapshot_live_to(&mut base).expect("live base");
+    assert_eq!(vm.state(), RunState::Running, "the base does not stop the guest");
+    assert!(n > 16 << 20, "the base carries the 16 MiB touched: {n}");
+    vm.request(op::TOUCH, 1024, T).expect("dirty 4 MiB again");
+    vm.request(op::AUTO, 0, T).expect("stop stepping");
+    let at_pause = vm.request(op::COUNTERS, 0, T).expect("counters");
+    vm.pause().expect("pause");
+    let mut diff = Vec::new();
+    let d = vm.snapshot_diff_to(&mut diff).expect("diff");
+    vm.shutdown();
+    assert!(d < n / 2, "the diff ({d}) is what changed, not the base ({n})");
+
+    let vm2 = Vm::restore_from(base.as_slice(), Sinks::default()).expect("restore the base");
+    vm2.apply_diff_from(diff.as_slice()).expect("apply the diff");
+    vm2.resume().expect("resume");
+    let c = vm2.request(op::COUNTERS, 0, T).expect("counters");
+    assert!(at_pause.steps > 0, "the agent stepped during the base");
+    assert_eq!((c.work, c.log_seq, c.steps), (at_pause.work, at_pause.log_seq, at_pause.steps), "exactly the source");
+    let sum = vm2.request(op::CHECKSUM, 4096, T).expect("checksum");
+    assert_eq!(sum.value, 4096 * 4095 / 2, "memory written before and during the base is whole");
+    vm2.shutdown();
+}

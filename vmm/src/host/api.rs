@@ -96,6 +96,7 @@ mod named {
     field!(diffs: Vec<PathBuf>);
     field!(diff: bool);
     field!(stream: bool);
+    field!(live: bool);
     field!(op: AgentOp);
     field!(arg: u64);
 }
@@ -141,6 +142,17 @@ pub enum Request {
         diff: bool,
         #[serde(default, deserialize_with = "named::stream", skip_serializing_if = "is_false")]
         stream: bool,
+        /// Pre-copy's base: a stream-format snapshot of the VM while it
+        /// runs (parked only to capture its state); the diff at the final
+        /// pause completes it.
+        #[serde(default, deserialize_with = "named::live", skip_serializing_if = "is_false")]
+        live: bool,
+    },
+    /// Apply a diff snapshot file to the paused VM (restored from the
+    /// diff's base, not run since): pre-copy's last step before resume.
+    ApplyDiff {
+        #[serde(deserialize_with = "named::path")]
+        path: PathBuf,
     },
     /// One agent request.
     Request {
@@ -317,11 +329,11 @@ mod tests {
         );
         assert_eq!(
             Request::parse(r#"{"cmd":"snapshot","path":"/s","diff":true}"#).expect("snapshot"),
-            Request::Snapshot { path: "/s".into(), diff: true, stream: false }
+            Request::Snapshot { path: "/s".into(), diff: true, stream: false, live: false }
         );
         assert_eq!(
             Request::parse(r#"{"cmd":"snapshot","path":"/s","stream":true}"#).expect("stream snapshot"),
-            Request::Snapshot { path: "/s".into(), diff: false, stream: true }
+            Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: false }
         );
         assert_eq!(
             Request::parse(r#"{"cmd":"restore","path":"/s","diffs":["/d1","/d2"]}"#).expect("restore"),
@@ -335,8 +347,10 @@ mod tests {
             Request::Restore { path: "/s".into(), diffs: vec![] },
             Request::Pause {},
             Request::Resume {},
-            Request::Snapshot { path: "/s".into(), diff: false, stream: false },
-            Request::Snapshot { path: "/s".into(), diff: false, stream: true },
+            Request::Snapshot { path: "/s".into(), diff: false, stream: false, live: false },
+            Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: false },
+            Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: true },
+            Request::ApplyDiff { path: "/d".into() },
             Request::Request { op: AgentOp::Touch, arg: 7 },
             Request::State {},
             Request::Stats {},

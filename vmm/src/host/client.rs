@@ -85,6 +85,16 @@ impl Client {
         self.call(&Request::Restore { path: path.to_path_buf(), diffs: diffs.to_vec() })
     }
 
+    /// Pre-copy's base of the running VM, in the stream format.
+    pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotTaken> {
+        self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true, live: true })
+    }
+
+    /// Apply a diff file to the paused VM (pre-copy's last step).
+    pub fn apply_diff(&mut self, path: &Path) -> Result<()> {
+        self.call::<Done>(&Request::ApplyDiff { path: path.to_path_buf() }).map(|_| ())
+    }
+
     pub fn pause(&mut self) -> Result<()> {
         self.call::<Done>(&Request::Pause {}).map(|_| ())
     }
@@ -94,13 +104,13 @@ impl Client {
     }
 
     pub fn snapshot(&mut self, path: &Path, diff: bool) -> Result<SnapshotTaken> {
-        self.call(&Request::Snapshot { path: path.to_path_buf(), diff, stream: false })
+        self.call(&Request::Snapshot { path: path.to_path_buf(), diff, stream: false, live: false })
     }
 
     /// A full snapshot in the stream format (sparse), for shipping over a
     /// link; any `restore` reads it.
     pub fn snapshot_stream(&mut self, path: &Path) -> Result<SnapshotTaken> {
-        self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true })
+        self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true, live: false })
     }
 
     pub fn request(&mut self, op: AgentOp, arg: u64) -> Result<Answered> {

@@ -53,6 +53,60 @@ impl Vm {
         snapshot::write_diff_stream(w, &st, &self.sh.mem)
     }
 
+    /// Pre-copy's base: a full snapshot (stream format) of a *running* VM.
+    /// The vCPU is parked only to capture its state and clear the dirty
+    /// log (a fraction of a millisecond); guest memory is then copied while
+    /// the guest runs. A page the guest writes during the copy may be torn
+    /// in the base, but the dirty log recorded it, so the diff taken at the
+    /// final pause ([`Vm::snapshot_diff_to`]) carries it whole: base + diff
+    /// equals the paused VM, as in any pre-copy live migration. A paused VM
+    /// stays paused and its base is exact.
+    pub fn snapshot_live_to<W: Write>(&self, w: W) -> Result<u64> {
+        let was_running = self.state() == RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let st = {
+            let _life = lock(&self.life);
+            // From here on every guest write is in the dirty log.
+            self.paused_state().and_then(|st| self.new_base().map(|()| st))
+        };
+        let resumed = if was_running { self.resume() } else { Ok(()) };
+        let st = st?;
+        resumed?;
+        snapshot::write_stream_live(w, st, &self.sh.mem)
+    }
+
+    /// Apply a diff snapshot to this paused VM, whose memory holds the diff's
+    /// base (it was restored from that base and has not run since): the
+    /// diff's pages go into guest memory, and its vCPU, interrupt
+    /// controller and device state replace the VM's. The second half of a
+    /// pre-copy move; the VM stays paused.
+    pub fn apply_diff_from<R: Read>(&self, r: R) -> Result<()> {
+        let _life = lock(&self.life);
+        let state = self.state();
+        if state != RunState::Paused {
+            return Err(Error::State { state, action: "applying a diff (it must be paused)" });
+        }
+        let st = snapshot::apply_diff(r, &self.sh.mem)?;
+        vcpu_state::restore(&lock(&self.sh.vcpu), &st.vcpu)?;
+        for c in &st.irqchips {
+            self.sh.vm.set_irqchip(c).map_err(Error::ioctl("KVM_SET_IRQCHIP"))?;
+        }
+        lock(&self.sh.dev).console = Console::restore(&st.console).map_err(SnapshotError::Console)?;
+        if st.ready {
+            lock(&self.sh.ctl).ready_at.get_or_insert_with(Instant::now);
+        }
+        // Memory equals the diff's point now: later diffs start from here.
+        self.new_base()
+    }
+
+    /// [`Vm::apply_diff_from`] a file.
+    pub fn apply_diff_file(&self, path: &Path) -> Result<()> {
+        let f = std::fs::File::open(path).map_err(Error::io(path.display().to_string()))?;
+        self.apply_diff_from(std::io::BufReader::with_capacity(1 << 20, f))
+    }
+
     /// [`Vm::snapshot_diff_to`] into a file.
     pub fn snapshot_diff_to_file(&self, path: &Path) -> Result<u64> {
         let f = std::fs::File::create(path).map_err(Error::io(path.display().to_string()))?;
