@@ -19,6 +19,10 @@ pub const FEATURE_FUSED_DOORBELL: u32 = 1;
 /// measured cost of each VM (`crate::costs`). A host never sends the op to
 /// a card without this bit (a 1.1 card would not know the op).
 pub const FEATURE_VM_COSTS: u32 = 1 << 1;
+/// PRECOPY (ABI 1.2): the snapshot op takes flags in arg0
+/// (`mailbox::SNAPSHOT_LIVE`, `mailbox::SNAPSHOT_DIFF`) for pre-copy moves.
+/// A host never sends flags to a card without this bit.
+pub const FEATURE_PRECOPY: u32 = 1 << 2;
 
 /// VFIO region indices of the two BARs.
 pub const BAR0_INDEX: u32 = 0;

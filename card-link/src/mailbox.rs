@@ -105,6 +105,13 @@ pub enum Op {
     VmCosts = 13,
 }
 
+/// Snapshot op flags in arg0 (ABI 1.2, feature PRECOPY). LIVE: a base of
+/// the VM while it keeps running (pre-copy; the card parks it only to
+/// capture its state). DIFF: of the paused VM, only what changed since its
+/// last snapshot. Unknown bits, or both, are refused.
+pub const SNAPSHOT_LIVE: u64 = 1;
+pub const SNAPSHOT_DIFF: u64 = 2;
+
 impl Op {
     pub fn from_u16(v: u16) -> Option<Op> {
         use Op::*;

@@ -147,6 +147,7 @@ fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement
         dry_run: cfg.dry_run,
         tick: Duration::from_millis(cfg.tick_ms),
         checkpoint: Duration::from_secs(p.checkpoint_s),
+        precopy: p.precopy,
         policy,
     };
     let mc_cgroup = p.mc_cgroup.clone();

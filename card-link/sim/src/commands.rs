@@ -186,13 +186,24 @@ impl SimCard {
                 Ok((0, 0, Vec::new()))
             }
             Op::Snapshot => {
+                let flags = m.arg0;
+                if flags & !(mailbox::SNAPSHOT_LIVE | mailbox::SNAPSHOT_DIFF) != 0 || flags == 3 {
+                    return Err(bad(format!("snapshot flags {flags:#x}: LIVE or DIFF, not both")));
+                }
                 let mut t = lock(&self.vms);
                 let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
-                if e.state == VmState::Running {
+                // A live base leaves the VM as it is; a full or diff
+                // snapshot is of the paused VM.
+                if e.state == VmState::Running && flags != mailbox::SNAPSHOT_LIVE {
                     e.vm.pause().map_err(vmerr)?;
                     e.state = VmState::Paused;
                 }
-                let img = e.vm.snapshot().map_err(vmerr)?;
+                let img = match flags {
+                    mailbox::SNAPSHOT_LIVE => e.vm.snapshot_live(),
+                    mailbox::SNAPSHOT_DIFF => e.vm.snapshot_diff(),
+                    _ => e.vm.snapshot(),
+                }
+                .map_err(vmerr)?;
                 let (len, crc) = (img.len() as u64, crc32fast::hash(&img));
                 e.snapshot = Some(img);
                 drop(t);

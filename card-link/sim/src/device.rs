@@ -83,6 +83,9 @@ pub struct SimCard {
     /// User traffic relayed through the card.
     pub forwards: crate::forward::Forwards,
     pub(crate) vms: Mutex<VmTable>,
+    /// The VMM takes pre-copy snapshots (fixed at start: BAR0's refresh
+    /// must not wait for the VM table while a long snapshot holds it).
+    precopy: bool,
     pub(crate) events: Mutex<EventLog>,
     pub(crate) stop: AtomicBool,
 }
@@ -126,6 +129,7 @@ impl SimCard {
             net: NetClient::start()?,
             fpga: Fpga::start()?,
             forwards: crate::forward::Forwards::default(),
+            precopy: backend.precopy(),
             vms: Mutex::new(VmTable::new(backend)),
             events: Mutex::new(EventLog::new()),
             stop: AtomicBool::new(false),
@@ -194,6 +198,9 @@ impl SimCard {
         // largest one.
         if self.cfg.slot_size as usize - HEADER_LEN >= card_link::costs::MAX_COSTS_LEN {
             f |= abi::FEATURE_VM_COSTS;
+        }
+        if self.precopy {
+            f |= abi::FEATURE_PRECOPY;
         }
         f
     }

@@ -133,6 +133,9 @@ pub enum VmError {
     /// The VM's process was stopped already.
     #[error("the VM's process is gone")]
     Gone,
+    /// A modelled VM has no dirty log for pre-copy snapshots.
+    #[error("pre-copy snapshots need a KVM guest (start card-sim with --guest)")]
+    NoPrecopy,
     /// A modelled VM runs no agent to ask.
     #[error("a modelled VM runs no agent (start card-sim with --guest)")]
     NoAgent,

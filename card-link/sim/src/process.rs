@@ -163,6 +163,11 @@ impl SimProcess {
     pub fn socket_path(&self) -> &Path {
         &self.socket
     }
+
+    /// The control socket (for `control_at` from another thread).
+    pub fn control_path(&self) -> &Path {
+        &self.control
+    }
 }
 
 /// One exchange on the control socket at `path` (see `SimProcess::control`).

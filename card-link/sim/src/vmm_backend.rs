@@ -144,6 +144,10 @@ fn release_cgroup(cg: &mut Option<Cgroup>) {
 }
 
 impl VmBackend for VmmBackend {
+    fn precopy(&self) -> bool {
+        true
+    }
+
     fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, VmError> {
         // The vmm boots the agent and waits for its banner before it opens
         // its socket, so a spawned VM is ready.
@@ -164,7 +168,34 @@ impl VmBackend for VmmBackend {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Kind {
+    Full,
+    Live,
+    Diff,
+}
+
 impl VmmVm {
+    /// A snapshot of `kind` through a file in the run directory, read back.
+    fn snapshot_kind(&mut self, kind: Kind) -> Result<Vec<u8>, VmError> {
+        let path = vm_file(&self.run_dir, self.id, "snap");
+        let c = self.proc()?.client();
+        let taken = match kind {
+            Kind::Full => c.snapshot_stream(&path),
+            Kind::Live => c.snapshot_live(&path),
+            Kind::Diff => c.snapshot(&path, true),
+        }
+        .map_err(err("snapshot"));
+        let image = taken.and_then(|t| {
+            let mut img = Vec::with_capacity(t.bytes as usize);
+            File::open(&path).and_then(|mut f| f.read_to_end(&mut img)).map_err(file_err("read", &path))?;
+            Ok(img)
+        });
+        // Its page cache is charged to the VM's cgroup while it exists.
+        remove_file(&path);
+        image
+    }
+
     fn proc(&mut self) -> Result<&mut VmmProcess, VmError> {
         self.proc.as_mut().ok_or(VmError::Gone)
     }
@@ -196,16 +227,15 @@ impl ManagedVm for VmmVm {
     }
 
     fn snapshot(&mut self) -> Result<Vec<u8>, VmError> {
-        let path = vm_file(&self.run_dir, self.id, "snap");
-        let taken = self.proc()?.client().snapshot_stream(&path).map_err(err("snapshot"));
-        let image = taken.and_then(|t| {
-            let mut img = Vec::with_capacity(t.bytes as usize);
-            File::open(&path).and_then(|mut f| f.read_to_end(&mut img)).map_err(file_err("read", &path))?;
-            Ok(img)
-        });
-        // Its page cache is charged to the VM's cgroup while it exists.
-        remove_file(&path);
-        image
+        self.snapshot_kind(Kind::Full)
+    }
+
+    fn snapshot_live(&mut self) -> Result<Vec<u8>, VmError> {
+        self.snapshot_kind(Kind::Live)
+    }
+
+    fn snapshot_diff(&mut self) -> Result<Vec<u8>, VmError> {
+        self.snapshot_kind(Kind::Diff)
     }
 
     fn take_console(&mut self) -> Vec<String> {

@@ -21,6 +21,10 @@ use crate::error::VmError;
 pub trait VmBackend: Send {
     fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, VmError>;
     fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, VmError>;
+    /// Whether its VMs take pre-copy snapshots (live base, diff).
+    fn precopy(&self) -> bool {
+        false
+    }
 }
 
 pub trait ManagedVm: Send {
@@ -36,6 +40,14 @@ pub trait ManagedVm: Send {
     fn usage(&mut self) -> Result<VmUsage, VmError>;
     /// One request to the VM's management agent.
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError>;
+    /// Pre-copy's base while the VM runs; default: not supported.
+    fn snapshot_live(&mut self) -> Result<Vec<u8>, VmError> {
+        Err(VmError::NoPrecopy)
+    }
+    /// The paused VM's changes since its last snapshot; default: not supported.
+    fn snapshot_diff(&mut self) -> Result<Vec<u8>, VmError> {
+        Err(VmError::NoPrecopy)
+    }
     /// Processes of its own that must die with the card (a crash).
     fn pids(&self) -> Vec<u32> {
         Vec::new()

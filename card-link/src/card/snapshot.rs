@@ -22,7 +22,24 @@ impl Card {
     /// Snapshot a VM on the card (it is paused); the image stays on the card
     /// until read with `read_snapshot`.
     pub fn snapshot_vm(&mut self, vm: u32) -> Result<SnapshotInfo> {
-        let m = self.call(Op::Snapshot, vm, 0, 0, &[])?;
+        self.snapshot_vm_with(vm, 0)
+    }
+
+    /// A snapshot with flags (`mailbox::SNAPSHOT_LIVE` or `SNAPSHOT_DIFF`,
+    /// ABI 1.2 feature PRECOPY); `Unsupported`, with nothing sent, on a card
+    /// without it.
+    pub fn snapshot_vm_with(&mut self, vm: u32, flags: u64) -> Result<SnapshotInfo> {
+        if flags != 0 && self.first.features & crate::abi::FEATURE_PRECOPY == 0 {
+            return Err(CardError::Unsupported {
+                what: "pre-copy snapshots (snapshot flags)",
+                needs: "ABI 1.2 with feature bit 2",
+                minor: self.first.abi_minor,
+            });
+        }
+        if flags & !(crate::mailbox::SNAPSHOT_LIVE | crate::mailbox::SNAPSHOT_DIFF) != 0 || flags == 3 {
+            return Err(CardError::Invalid(format!("snapshot flags {flags:#x}: LIVE or DIFF, not both")));
+        }
+        let m = self.call(Op::Snapshot, vm, flags, 0, &[])?;
         if m.arg0 > MAX_SNAPSHOT {
             return Err(CardError::Range { what: "snapshot size", value: m.arg0, range: "<= 4 GiB" });
         }

@@ -60,6 +60,16 @@ impl CardSite {
         self.vms.get(task).map(|(id, _)| *id)
     }
 
+    /// Take a snapshot of `flags` (0, LIVE or DIFF) on the card and stream
+    /// it to the host, its CRC checked.
+    fn read_snapshot_with(&mut self, task: &str, flags: u64) -> Result<Vec<u8>, String> {
+        let id = self.id(task)?;
+        let info = self.card.snapshot_vm_with(id, flags).map_err(|e| e.to_string())?;
+        let mut image = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
+        self.card.read_snapshot(id, &info, &mut image).map_err(|e| e.to_string())?;
+        Ok(image)
+    }
+
     fn id(&self, task: &str) -> Result<u32, String> {
         self.vm_id(task).ok_or_else(|| format!("no {task} VM on the card"))
     }
@@ -82,11 +92,7 @@ impl Site for CardSite {
     }
 
     fn snapshot(&mut self, task: &str) -> Result<Vec<u8>, String> {
-        let id = self.id(task)?;
-        let info = self.card.snapshot_vm(id).map_err(|e| e.to_string())?;
-        let mut image = Vec::with_capacity(usize::try_from(info.size).unwrap_or(0));
-        self.card.read_snapshot(id, &info, &mut image).map_err(|e| e.to_string())?;
-        Ok(image)
+        self.read_snapshot_with(task, 0)
     }
 
     /// The card's VMM resumes a restored VM itself; the source is paused
@@ -96,6 +102,19 @@ impl Site for CardSite {
         let id = self.card.restore_vm(&spec, image.len() as u64, &mut &image[..]).map_err(|e| e.to_string())?;
         self.vms.insert(task.to_string(), (id, spec));
         Ok(())
+    }
+
+    /// Pre-copy's base of the running VM, when the card offers it (ABI 1.2
+    /// feature PRECOPY); None otherwise (the move copies all while paused).
+    fn snapshot_live(&mut self, task: &str) -> Result<Option<Vec<u8>>, String> {
+        if self.card.identity().features & card_link::abi::FEATURE_PRECOPY == 0 {
+            return Ok(None);
+        }
+        self.read_snapshot_with(task, card_link::mailbox::SNAPSHOT_LIVE).map(Some)
+    }
+
+    fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
+        self.read_snapshot_with(task, card_link::mailbox::SNAPSHOT_DIFF)
     }
 
     fn release(&mut self, task: &str) -> Result<(), String> {

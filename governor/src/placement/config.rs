@@ -15,6 +15,7 @@
 //! agent = "/usr/lib/governor/mc-guest"   # the MC VMs' agent ELF (host side)
 //! vmm = "/usr/lib/governor/vmm"          # default: `vmm` next to the governor
 //! run_dir = "/run/governor/mc"           # host-side MC VMs' sockets and images
+//! precopy = true            # copy memory while the VM runs; pause only for the rest
 //!
 //! [card]
 //! socket = "/run/card-sim/card.sock"     # a vfio-user card (card-sim)
@@ -92,6 +93,14 @@ pub struct PlacementConfig {
     pub vmm: Option<PathBuf>,
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
+    /// Moves copy the VM's memory while it runs and pause it only for what
+    /// it wrote since (where both sides can).
+    #[serde(default = "default_precopy")]
+    pub precopy: bool,
+}
+
+fn default_precopy() -> bool {
+    true
 }
 
 fn default_run_dir() -> PathBuf {

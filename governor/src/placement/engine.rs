@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use super::audit::{AuditRecord, MoveReport};
 use super::config::McSpec;
-use super::mover::{move_task, Actuator};
+use super::mover::{move_task_with, Actuator};
 use super::{calm_since, decide, Decision, HostCost, Inputs, Move, PerResource, Policy, Reason, Resource, Side, Task};
 
 /// What was measured this tick.
@@ -36,6 +36,8 @@ pub struct Engine {
     calm_since_ms: Option<u64>,
     tick: u64,
     dry_run: bool,
+    /// Moves copy memory while the VM runs where both sides can.
+    precopy: bool,
 }
 
 /// The host cost assumed for a VM never measured on the host: its guest RAM
@@ -60,7 +62,7 @@ impl Engine {
                 last_move_ms: None,
             })
             .collect();
-        Engine { policy, tasks, calm_since_ms: None, tick: 0, dry_run }
+        Engine { policy, tasks, calm_since_ms: None, tick: 0, dry_run, precopy: false }
     }
 
     /// Where each MC VM starts: a pinned one on its pin's side; the others
@@ -148,7 +150,7 @@ impl Engine {
         for mv in moves {
             let Some(i) = self.tasks.iter().position(|t| t.name == mv.task) else { continue };
             let from = self.tasks[i].side;
-            let r = move_task(act, &mv.task, from);
+            let r = move_task_with(act, &mv.task, from, self.precopy);
             if r.ok {
                 self.tasks[i].side = mv.to;
                 self.tasks[i].last_move_ms = Some(now_ms);
@@ -206,6 +208,11 @@ impl Engine {
             }
             t.side = side;
         }
+    }
+
+    /// Copy memory while the VM runs (pre-copy) where both sides can.
+    pub fn set_precopy(&mut self, on: bool) {
+        self.precopy = on;
     }
 
     pub fn dry_run(&self) -> bool {

@@ -21,12 +21,23 @@ pub struct Fake {
     pub fail: Option<(&'static str, Side)>,
     pub log: Vec<String>,
     pub current: Side,
+    /// Both sides take pre-copy (live base, stage, diff, apply).
+    pub precopy: bool,
+    /// Staged bases by side and task.
+    pub staged: HashMap<(Side, String), u64>,
 }
 
 impl Fake {
     pub fn with(task: &str, side: Side, counter: u64) -> Fake {
-        let mut f =
-            Fake { copies: HashMap::new(), ready: Vec::new(), fail: None, log: Vec::new(), current: Side::Card };
+        let mut f = Fake {
+            copies: HashMap::new(),
+            ready: Vec::new(),
+            fail: None,
+            log: Vec::new(),
+            current: Side::Card,
+            precopy: false,
+            staged: HashMap::new(),
+        };
         f.copies.insert((side, task.into()), (State::Running, counter));
         f
     }
@@ -94,6 +105,45 @@ impl Site for Fake {
     fn release(&mut self, task: &str) -> Result<(), String> {
         let side = self.current;
         self.check("release", side, task)?;
+        if self.staged.remove(&(side, task.into())).is_some() {
+            return Ok(());
+        }
         self.copies.remove(&(side, task.into())).map(drop).ok_or_else(|| "no such copy".into())
+    }
+    fn snapshot_live(&mut self, task: &str) -> Result<Option<Vec<u8>>, String> {
+        if !self.precopy {
+            return Ok(None);
+        }
+        let side = self.current;
+        self.check("pre-copy base", side, task)?;
+        let c = self.copies.get(&(side, task.into())).ok_or("no such copy")?;
+        assert_eq!(c.0, State::Running, "a live base is of a running VM");
+        Ok(Some(c.1.to_le_bytes().to_vec()))
+    }
+    fn stage(&mut self, task: &str, base: &[u8]) -> Result<bool, String> {
+        if !self.precopy {
+            return Ok(false);
+        }
+        let side = self.current;
+        self.check("stage base", side, task)?;
+        assert!(self.ready.contains(&side), "staged on a side that was not prepared");
+        let n = u64::from_le_bytes(base.try_into().map_err(|_| "bad base")?);
+        self.staged.insert((side, task.into()), n);
+        Ok(true)
+    }
+    fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
+        let side = self.current;
+        self.check("diff snapshot", side, task)?;
+        let c = self.copies.get(&(side, task.into())).ok_or("no such copy")?;
+        assert_eq!(c.0, State::Paused, "a diff is of a paused VM");
+        Ok(c.1.to_le_bytes().to_vec())
+    }
+    fn apply_diff(&mut self, task: &str, diff: &[u8]) -> Result<(), String> {
+        let side = self.current;
+        self.check("apply diff", side, task)?;
+        self.staged.remove(&(side, task.into())).ok_or("nothing staged")?;
+        let n = u64::from_le_bytes(diff.try_into().map_err(|_| "bad diff")?);
+        self.copies.insert((side, task.into()), (State::Paused, n));
+        Ok(())
     }
 }

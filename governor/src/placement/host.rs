@@ -60,6 +60,9 @@ struct Slot {
     live: Option<VmmProcess>,
     /// The live VMM's control socket.
     live_socket: Option<PathBuf>,
+    /// Pre-copy: the prepared VMM holding a restored base, paused, waiting
+    /// for its diff.
+    staged: Option<VmmProcess>,
 }
 
 pub struct HostSite {
@@ -222,9 +225,45 @@ impl Site for HostSite {
     }
 
     fn release(&mut self, task: &str) -> Result<(), String> {
-        let p =
-            self.slots.get_mut(task).and_then(|s| s.live.take()).ok_or_else(|| format!("no {task} VM on the host"))?;
-        p.shutdown().map_err(|e| e.to_string())
+        let slot = self.slots.get_mut(task).ok_or_else(|| format!("no {task} VM on the host"))?;
+        if let Some(p) = slot.live.take() {
+            return p.shutdown().map_err(|e| e.to_string());
+        }
+        // A staged base that never got its diff: its VMM goes (drop stops it).
+        slot.staged.take().map(drop).ok_or_else(|| format!("no {task} VM on the host"))
+    }
+
+    fn stage(&mut self, task: &str, base: &[u8]) -> Result<bool, String> {
+        let path = self.opts.run_dir.join(format!("{task}.base"));
+        std::fs::write(&path, base).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let slot = self.slots.entry(task.into()).or_default();
+        let Some(mut spare) = slot.spare.take() else {
+            remove(&path);
+            return Err(format!("no VMM prepared for {task}"));
+        };
+        // Restored paused; it never runs until its diff is applied. A
+        // failed restore drops (stops) the spare.
+        let r = spare.client().restore(&path, &[]).map(drop).map_err(|e| e.to_string());
+        remove(&path);
+        r?;
+        slot.staged = Some(spare);
+        Ok(true)
+    }
+
+    fn apply_diff(&mut self, task: &str, diff: &[u8]) -> Result<(), String> {
+        let path = self.opts.run_dir.join(format!("{task}.diff"));
+        std::fs::write(&path, diff).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let slot = self.slots.entry(task.into()).or_default();
+        let Some(staged) = slot.staged.as_mut() else {
+            remove(&path);
+            return Err(format!("no staged base for {task}"));
+        };
+        let r = staged.client().apply_diff(&path).map_err(|e| e.to_string());
+        remove(&path);
+        r?;
+        slot.live = slot.staged.take();
+        slot.live_socket = Some(self.opts.run_dir.join(format!("{task}-spare.sock")));
+        Ok(())
     }
 }
 

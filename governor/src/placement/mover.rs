@@ -38,6 +38,26 @@ pub trait Site {
     fn restore(&mut self, task: &str, image: &[u8]) -> Result<(), String>;
     /// Stop and release the task's copy on this side.
     fn release(&mut self, task: &str) -> Result<(), String>;
+
+    /// Pre-copy, source side: a base of the *running* VM (None: this side
+    /// cannot take one; the move then copies everything while paused).
+    fn snapshot_live(&mut self, _task: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+    /// Pre-copy, source side: the paused VM's changes since the base.
+    fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
+        Err(format!("{task}: this side takes no diff snapshots"))
+    }
+    /// Pre-copy, destination side: restore the base into the prepared VMM,
+    /// paused, while the source still runs (false: this side cannot).
+    fn stage(&mut self, _task: &str, _base: &[u8]) -> Result<bool, String> {
+        Ok(false)
+    }
+    /// Pre-copy, destination side: apply the diff to the staged VM, which
+    /// then holds the task (paused, until `resume`).
+    fn apply_diff(&mut self, task: &str, _diff: &[u8]) -> Result<(), String> {
+        Err(format!("{task}: this side applies no diffs"))
+    }
 }
 
 /// Both sides, addressed by [`Side`].
@@ -88,18 +108,41 @@ fn side_name(s: Side) -> &'static str {
 
 /// Move `task` from `from` to the other side. The report says how every
 /// step went and how long the VM was paused.
+///
+/// With pre-copy (`precopy`, and both sides able), the source's memory is
+/// copied while the VM still runs and staged on the destination; the pause
+/// then covers only the diff (what the VM wrote since) and its apply.
+/// Otherwise, or when a side cannot, the whole image moves while paused.
 pub fn move_task(act: &mut impl Actuator, task: &str, from: Side) -> MoveReport {
+    move_task_with(act, task, from, false)
+}
+
+pub fn move_task_with(act: &mut impl Actuator, task: &str, from: Side, precopy: bool) -> MoveReport {
     let to = from.other();
     let mut timer = Timer { steps: Vec::new() };
     let mut paused_at = None;
     let mut restored = false;
     let result = (|| -> Result<(), StepError> {
         timer.step("prepare", to, || act.site(to).prepare(task))?;
+        let mut staged = false;
+        if precopy {
+            if let Some(base) = timer.step("pre-copy base", from, || act.site(from).snapshot_live(task))? {
+                staged = timer.step("stage base", to, || act.site(to).stage(task, &base))?;
+                // A staged copy is paused and never ran: discarded like a
+                // restored one if a later step fails.
+                restored = staged;
+            }
+        }
         paused_at = Some(Instant::now());
         timer.step("pause", from, || act.site(from).pause(task))?;
-        let image = timer.step("snapshot", from, || act.site(from).snapshot(task))?;
-        timer.step("restore", to, || act.site(to).restore(task, &image))?;
-        restored = true;
+        if staged {
+            let diff = timer.step("diff snapshot", from, || act.site(from).snapshot_diff(task))?;
+            timer.step("apply diff", to, || act.site(to).apply_diff(task, &diff))?;
+        } else {
+            let image = timer.step("snapshot", from, || act.site(from).snapshot(task))?;
+            timer.step("restore", to, || act.site(to).restore(task, &image))?;
+            restored = true;
+        }
         timer.step("resume", to, || act.site(to).resume(task))?;
         Ok(())
     })();
@@ -174,6 +217,49 @@ mod tests {
             assert_eq!(f.state(Side::Card, "qos"), Some((State::Running, 7)), "{step}: back on the card, running");
             assert_eq!(f.state(Side::Host, "qos"), None, "{step}: no copy left on the host");
         }
+    }
+
+    #[test]
+    fn a_pre_copy_move_pauses_only_for_the_diff_and_fails_back_cleanly() {
+        let mut f = Fake::with("log", Side::Card, 41);
+        f.precopy = true;
+        let r = move_task_with(&mut f, "log", Side::Card, true);
+        assert!(r.ok, "{r:?}");
+        let steps: Vec<&str> = r.steps.iter().map(|s| s.step.as_str()).collect();
+        assert_eq!(
+            steps,
+            [
+                "prepare (host)",
+                "pre-copy base (card)",
+                "stage base (host)",
+                "pause (card)",
+                "diff snapshot (card)",
+                "apply diff (host)",
+                "resume (host)",
+                "release (card)"
+            ]
+        );
+        assert_eq!(f.state(Side::Host, "log"), Some((State::Running, 41)));
+        for (step, side) in [
+            ("pre-copy base", Side::Card),
+            ("stage base", Side::Host),
+            ("diff snapshot", Side::Card),
+            ("apply diff", Side::Host),
+            ("resume", Side::Host),
+        ] {
+            let mut f = Fake::with("qos", Side::Card, 7);
+            f.precopy = true;
+            f.fail = Some((step, side));
+            let r = move_task_with(&mut f, "qos", Side::Card, true);
+            assert!(!r.ok, "{step}");
+            assert_eq!(f.state(Side::Card, "qos"), Some((State::Running, 7)), "{step}: back on the card, running");
+            assert_eq!(f.state(Side::Host, "qos"), None, "{step}: no copy left on the host");
+            assert!(f.staged.is_empty(), "{step}: nothing staged left: {:?}", f.staged);
+        }
+        // A side without pre-copy: the whole image moves while paused.
+        let mut f = Fake::with("log", Side::Card, 5);
+        let r = move_task_with(&mut f, "log", Side::Card, true);
+        assert!(r.ok && r.steps.iter().any(|s| s.step == "snapshot (card)"), "{:?}", r.steps);
     }
 
     #[test]

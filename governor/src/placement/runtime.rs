@@ -42,6 +42,7 @@ pub struct RuntimeOptions {
     pub dry_run: bool,
     pub tick: Duration,
     pub checkpoint: Duration,
+    pub precopy: bool,
 }
 
 /// One MC VM as `governor placement` shows it.
@@ -261,6 +262,7 @@ impl Runtime {
         let now = wall_ms();
         // Where they start is not a move: no dwell runs from it.
         self.engine = Engine::new(self.opts.policy.clone(), &self.opts.specs, &placed, self.opts.dry_run);
+        self.engine.set_precopy(self.opts.precopy);
         for (task, _) in &placed {
             self.since.insert(task.clone(), now);
         }

@@ -287,9 +287,11 @@ fn handle(req: [u64; 8]) {
             arg
         }
         op::TOUCH => {
-            // One word per 4 KiB page; the VMM's memory size bounds `arg`
+            // One word per 4 KiB page, pages `first..first + count` with
+            // arg = count | first << 32; the VMM's memory size bounds them
             // (a page beyond RAM is an MMIO access and stops the VM).
-            for i in 0..arg {
+            let (count, first) = (arg & 0xffff_ffff, arg >> 32);
+            for i in first..first + count {
                 let p = (proto::SCRATCH_BASE + i * 4096) as *mut u64;
                 // SAFETY: identity-mapped guest RAM above the image.
                 unsafe { write_volatile(p, i) };

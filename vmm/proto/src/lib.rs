@@ -59,8 +59,10 @@ pub mod op {
     pub const COUNTERS: u64 = 3;
     /// Autonomous stepping: arg = work units per step, 0 = off.
     pub const AUTO: u64 = 4;
-    /// Write one word into each of `arg` pages from [`super::SCRATCH_BASE`]
-    /// (dirties guest RAM, e.g. to measure snapshots of a busy guest).
+    /// Write one word (its page index) into each of `count` pages from
+    /// scratch page `first` ([`super::SCRATCH_BASE`] is page 0), with
+    /// arg = count | first << 32 (dirties guest RAM, e.g. to measure
+    /// snapshots of a busy guest).
     pub const TOUCH: u64 = 5;
     /// Sum of the words TOUCH wrote into the first `arg` scratch pages.
     pub const CHECKSUM: u64 = 6;

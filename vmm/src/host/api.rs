@@ -9,7 +9,8 @@
 //! | `boot` | | `ready_ms` |
 //! | `restore` | `path`, optional `diffs` (paths, oldest first) | `restore_ms` (VM comes up paused) |
 //! | `pause` / `resume` | | |
-//! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot), optional `stream` (bool: the stream format a link carries, sparse, instead of the mappable file layout) | `bytes`, `snapshot_ms` |
+//! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot), optional `stream` (bool: the stream format a link carries, sparse, instead of the mappable file layout), optional `live` (bool: pre-copy's base of the running VM, stream format) | `bytes`, `snapshot_ms` |
+//! | `apply_diff` | `path` (a diff snapshot whose base this paused VM was restored from) | (VM stays paused) |
 //! | `request` | `op` (an [`AgentOp`] name), optional `arg` (default 0) | `reply`, `rtt_us` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid`, `vm` (exit and log counters) |
@@ -178,8 +179,19 @@ pub enum BadRequest {
 
 impl Request {
     /// Every `cmd` name, for the error that refuses an unknown one.
-    pub const COMMANDS: [&'static str; 10] =
-        ["create", "boot", "restore", "pause", "resume", "snapshot", "request", "state", "stats", "shutdown"];
+    pub const COMMANDS: [&'static str; 11] = [
+        "create",
+        "boot",
+        "restore",
+        "pause",
+        "resume",
+        "snapshot",
+        "apply_diff",
+        "request",
+        "state",
+        "stats",
+        "shutdown",
+    ];
 
     /// Parse one request line.
     pub fn parse(line: &str) -> Result<Request, BadRequest> {
