@@ -111,6 +111,9 @@ pub enum Op {
 /// last snapshot. Unknown bits, or both, are refused.
 pub const SNAPSHOT_LIVE: u64 = 1;
 pub const SNAPSHOT_DIFF: u64 = 2;
+/// Restore-commit flag in arg1 (ABI 1.2, feature PRECOPY): restore the VM
+/// paused (a staged pre-copy base) instead of running it.
+pub const RESTORE_PAUSED: u64 = 1;
 
 impl Op {
     pub fn from_u16(v: u16) -> Option<Op> {

@@ -38,6 +38,8 @@ pub struct SystemOptions {
     pub period_ms: u32,
     /// One mailbox command at most (the governor's `[card]`).
     pub command_timeout_ms: u64,
+    /// `[placement] precopy`.
+    pub precopy: bool,
 }
 
 impl Default for SystemOptions {
@@ -55,6 +57,7 @@ impl Default for SystemOptions {
             dry_run: false,
             period_ms: 100,
             command_timeout_ms: 3000,
+            precopy: true,
         }
     }
 }
@@ -93,9 +96,10 @@ impl System {
             "tick_ms = {tick}\npin_dir = {pins:?}\nsocket = {socket:?}\nqos_ifb = {ifb:?}\n\
              [placement]\nthresholds = {{ {th} }}\nhysteresis = {hy}\ndwell_s = {dw}\ncheckpoint_s = {ck}\n\
              reserve = {{ cpus = {rc}, memory = \"{rm}mb\" }}\nmc_cgroup = {mcg:?}\naudit_log = {audit:?}\n\
-             agent = {agent:?}\nvmm = {vmm:?}\nrun_dir = {rd:?}\n\
+             agent = {agent:?}\nvmm = {vmm:?}\nrun_dir = {rd:?}\nprecopy = {pc}\n\
              [card]\nsocket = {card:?}\ncommand_timeout_ms = {cto}\n{mcs}",
             cto = o.command_timeout_ms,
+            pc = o.precopy,
             tick = o.tick_ms,
             pins = pins.0,
             ifb = unique("gifb"),

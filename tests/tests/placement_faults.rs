@@ -23,11 +23,12 @@ fn a_move_whose_destination_fails_keeps_the_vm_on_its_source() {
     require_root();
     require_kvm();
     let before = Inventory::take();
-    {
+    for precopy in [false, true] {
         let mut s = System::start(&SystemOptions {
             mcs: vec![("log", None)],
             mc_mib: 64,
             reserve_mib: 16,
+            precopy,
             ..SystemOptions::default()
         });
         // 24 MiB of written guest memory: more than the reserve holds.
@@ -38,9 +39,18 @@ fn a_move_whose_destination_fails_keeps_the_vm_on_its_source() {
         let r = s.call(&Request::Move { task: "log".into(), to: Side::Host });
         assert!(!r.ok, "{r:?}");
         let rep = &r.decisions.expect("record")[0].reports[0];
-        eprintln!("host destination killed: {:?}, steps {:?}", rep.error, rep.steps);
-        assert!(!rep.ok && rep.error.as_deref().is_some_and(|e| e.contains("restore")), "{rep:?}");
-        assert!(rep.steps.iter().any(|s| s.step == "resume (card)"), "resumed on its source: {:?}", rep.steps);
+        eprintln!("pre-copy {precopy}: host destination killed: {:?}, steps {:?}", rep.error, rep.steps);
+        let steps: Vec<&str> = rep.steps.iter().map(|s| s.step.as_str()).collect();
+        if precopy {
+            // Killed while the base is staged: the VM never stopped running.
+            assert!(rep.error.as_deref().is_some_and(|e| e.contains("stage base")), "{rep:?}");
+            assert!(!steps.contains(&"pause (card)"), "{steps:?}");
+        } else {
+            // Killed in the restore while the VM was paused: resumed on the card.
+            assert!(rep.error.as_deref().is_some_and(|e| e.contains("restore")), "{rep:?}");
+            assert!(steps.contains(&"resume (card)"), "resumed on its source: {steps:?}");
+        }
+        assert!(!rep.ok);
         assert_eq!(s.side("log"), Side::Card, "it stays on its source");
         assert_eq!(s.agent("log", AgentOp::Checksum, pages).value, sum, "its memory intact");
         let c1 = s.agent("log", AgentOp::Step, 10);

@@ -42,6 +42,8 @@ pub(crate) struct Restore {
     spec: VmSpec,
     size: u64,
     data: Vec<u8>,
+    /// A diff for this paused VM (pre-copy), not a new VM.
+    diff_for: Option<u32>,
 }
 
 pub(crate) struct VmTable {
@@ -225,9 +227,31 @@ impl SimCard {
                     return Err(bad(format!("image of {} bytes too large", m.arg0)));
                 }
                 let mut t = lock(&self.vms);
-                let id = t.next_id;
-                t.next_id += 1;
-                t.restores.insert(id, Restore { spec, size: m.arg0, data: Vec::with_capacity(m.arg0 as usize) });
+                // arg1 (1.2, PRECOPY): the paused VM this image is a diff for.
+                let diff_for = match m.arg1 {
+                    0 => None,
+                    v => {
+                        let vm = u32::try_from(v).map_err(|_| bad(format!("VM id {v} out of range")))?;
+                        let e = t.vms.get(&vm).ok_or_else(no_vm)?;
+                        if e.state != VmState::Paused {
+                            return Err((Status::BadState, format!("VM {vm} must be paused to take a diff")));
+                        }
+                        if t.restores.contains_key(&vm) {
+                            return Err((Status::Busy, format!("a diff for VM {vm} is already being written")));
+                        }
+                        Some(vm)
+                    }
+                };
+                let id = match diff_for {
+                    Some(vm) => vm,
+                    None => {
+                        let id = t.next_id;
+                        t.next_id += 1;
+                        id
+                    }
+                };
+                let data = Vec::with_capacity(m.arg0 as usize);
+                t.restores.insert(id, Restore { spec, size: m.arg0, data, diff_for });
                 Ok((id as u64, 0, Vec::new()))
             }
             Op::RestoreWrite => {
@@ -246,10 +270,30 @@ impl SimCard {
                 if r.data.len() as u64 != r.size || crc != m.arg0 {
                     return Err(bad(format!("image incomplete or corrupt ({} of {} bytes)", r.data.len(), r.size)));
                 }
-                let vm = t.backend.restore(m.vm, &r.spec, &r.data).map_err(vmerr)?;
-                t.vms.insert(m.vm, VmEntry::new(r.spec, vm));
+                if m.arg1 & !mailbox::RESTORE_PAUSED != 0 {
+                    return Err(bad(format!("restore flags {:#x}", m.arg1)));
+                }
+                if let Some(vm) = r.diff_for {
+                    let e = t.vms.get_mut(&vm).ok_or_else(no_vm)?;
+                    e.vm.apply_diff(&r.data).map_err(vmerr)?;
+                    drop(t);
+                    self.log(vm, 1, format!("applied a diff of {} bytes to VM {vm}", r.size));
+                    return Ok((vm as u64, 0, Vec::new()));
+                }
+                let paused = m.arg1 & mailbox::RESTORE_PAUSED != 0;
+                let vm = if paused {
+                    t.backend.restore_paused(m.vm, &r.spec, &r.data)
+                } else {
+                    t.backend.restore(m.vm, &r.spec, &r.data)
+                }
+                .map_err(vmerr)?;
+                let mut entry = VmEntry::new(r.spec, vm);
+                if paused {
+                    entry.state = VmState::Paused;
+                }
+                t.vms.insert(m.vm, entry);
                 drop(t);
-                self.log(m.vm, 1, format!("restored VM {}", m.vm));
+                self.log(m.vm, 1, format!("restored VM {}{}", m.vm, if paused { " (paused)" } else { "" }));
                 self.drain_consoles();
                 Ok((m.vm as u64, 0, Vec::new()))
             }

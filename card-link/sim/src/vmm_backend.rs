@@ -148,6 +148,20 @@ impl VmBackend for VmmBackend {
         true
     }
 
+    fn restore_paused(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, VmError> {
+        // An empty VMM restores the image over its socket: it comes up
+        // paused and stays so until its diff and a resume.
+        let path = vm_file(&self.run_dir, id, "restore");
+        File::create(&path).and_then(|mut f| f.write_all(image)).map_err(file_err("write", &path))?;
+        let vm = self.spawn(id, Start::Empty, (spec.mem_mib as u64) << 20);
+        let restored = vm.and_then(|mut vm| {
+            vm.restore_image(&path)?;
+            Ok(vm)
+        });
+        remove_file(&path);
+        restored
+    }
+
     fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, VmError> {
         // The vmm boots the agent and waits for its banner before it opens
         // its socket, so a spawned VM is ready.
@@ -262,6 +276,18 @@ impl ManagedVm for VmmVm {
                 Ok(VmUsage { source: CostSource::Cgroup, cpu_ns, memory_bytes: p.memory_bytes })
             }
         }
+    }
+
+    fn apply_diff(&mut self, diff: &[u8]) -> Result<(), VmError> {
+        let path = vm_file(&self.run_dir, self.id, "diff");
+        File::create(&path).and_then(|mut f| f.write_all(diff)).map_err(file_err("write", &path))?;
+        let r = self.proc().and_then(|p| p.client().apply_diff(&path).map_err(err("apply diff")));
+        remove_file(&path);
+        r
+    }
+
+    fn restore_image(&mut self, path: &Path) -> Result<(), VmError> {
+        self.proc()?.client().restore(path, &[]).map(drop).map_err(err("restore"))
     }
 
     fn pids(&self) -> Vec<u32> {

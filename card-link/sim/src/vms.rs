@@ -21,6 +21,10 @@ use crate::error::VmError;
 pub trait VmBackend: Send {
     fn start(&mut self, id: u32, spec: &VmSpec) -> Result<Box<dyn ManagedVm>, VmError>;
     fn restore(&mut self, id: u32, spec: &VmSpec, image: &[u8]) -> Result<Box<dyn ManagedVm>, VmError>;
+    /// Restore without running it (a staged pre-copy base); default: not supported.
+    fn restore_paused(&mut self, _id: u32, _spec: &VmSpec, _image: &[u8]) -> Result<Box<dyn ManagedVm>, VmError> {
+        Err(VmError::NoPrecopy)
+    }
     /// Whether its VMs take pre-copy snapshots (live base, diff).
     fn precopy(&self) -> bool {
         false
@@ -46,6 +50,14 @@ pub trait ManagedVm: Send {
     }
     /// The paused VM's changes since its last snapshot; default: not supported.
     fn snapshot_diff(&mut self) -> Result<Vec<u8>, VmError> {
+        Err(VmError::NoPrecopy)
+    }
+    /// Restore an image file into this VM's empty VMM (paused).
+    fn restore_image(&mut self, _path: &std::path::Path) -> Result<(), VmError> {
+        Err(VmError::NoPrecopy)
+    }
+    /// Apply a diff to this paused VM restored from the diff's base.
+    fn apply_diff(&mut self, _diff: &[u8]) -> Result<(), VmError> {
         Err(VmError::NoPrecopy)
     }
     /// Processes of its own that must die with the card (a crash).

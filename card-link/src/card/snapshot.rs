@@ -75,10 +75,58 @@ impl Card {
 
     /// Send a snapshot image to the card and restore it as a new VM; returns its id.
     pub fn restore_vm(&mut self, spec: &VmSpec, size: u64, input: &mut dyn Read) -> Result<u32> {
+        self.restore_with(spec, size, input, 0, 0)
+    }
+
+    /// Pre-copy (ABI 1.2, feature PRECOPY): restore a base paused, as a
+    /// new VM that does not run until a diff and a resume.
+    pub fn restore_vm_paused(&mut self, spec: &VmSpec, size: u64, input: &mut dyn Read) -> Result<u32> {
+        self.needs_precopy()?;
+        self.restore_with(spec, size, input, 0, crate::mailbox::RESTORE_PAUSED)
+    }
+
+    /// Pre-copy: apply a diff to the paused VM `vm` restored from its base.
+    pub fn apply_diff_vm(&mut self, vm: u32, spec: &VmSpec, size: u64, input: &mut dyn Read) -> Result<()> {
+        self.needs_precopy()?;
+        if vm == 0 {
+            return Err(CardError::Invalid("a diff needs the VM it applies to".into()));
+        }
+        let got = self.restore_with(spec, size, input, vm, 0)?;
+        if got != vm {
+            return Err(CardError::Range {
+                what: "VM id of an applied diff",
+                value: got as u64,
+                range: "the VM asked",
+            });
+        }
+        Ok(())
+    }
+
+    fn needs_precopy(&self) -> Result<()> {
+        if self.first.features & crate::abi::FEATURE_PRECOPY == 0 {
+            return Err(CardError::Unsupported {
+                what: "pre-copy restores",
+                needs: "ABI 1.2 with feature bit 2",
+                minor: self.first.abi_minor,
+            });
+        }
+        Ok(())
+    }
+
+    /// Restore-begin (arg1 = the VM a diff is for, 0 for a new VM), the
+    /// chunks, restore-commit (arg1 = flags).
+    fn restore_with(
+        &mut self,
+        spec: &VmSpec,
+        size: u64,
+        input: &mut dyn Read,
+        diff_for: u32,
+        flags: u64,
+    ) -> Result<u32> {
         if size > MAX_SNAPSHOT {
             return Err(CardError::Invalid(format!("snapshot of {size} bytes is too large")));
         }
-        let m = self.call(Op::RestoreBegin, 0, size, 0, &spec.encode()?)?;
+        let m = self.call(Op::RestoreBegin, 0, size, diff_for as u64, &spec.encode()?)?;
         let vm = u32::try_from(m.arg0).map_err(|_| CardError::Range { what: "VM id", value: m.arg0, range: "u32" })?;
         let chunk = self.max_payload();
         let mut buf = vec![0u8; chunk];
@@ -93,7 +141,14 @@ impl Card {
             self.call(Op::RestoreWrite, vm, off, 0, &buf[..want])?;
             off += want as u64;
         }
-        self.call(Op::RestoreCommit, vm, crc.finalize() as u64, 0, &[])?;
+        let done = self.call(Op::RestoreCommit, vm, crc.finalize() as u64, flags, &[])?;
+        if done.arg0 != vm as u64 {
+            return Err(CardError::Range {
+                what: "VM id at restore-commit",
+                value: done.arg0,
+                range: "the id reserved",
+            });
+        }
         Ok(vm)
     }
 }

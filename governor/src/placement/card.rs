@@ -13,13 +13,15 @@ pub struct CardSite {
     card: Card,
     /// Task -> (VM id on the card, its spec).
     vms: HashMap<String, (u32, VmSpec)>,
+    /// Pre-copy: task -> the VM id of a staged base (paused, waiting for its diff).
+    staged: HashMap<String, u32>,
     /// Guest RAM of each task, for restores and cold starts.
     mem_mib: HashMap<String, u32>,
 }
 
 impl CardSite {
     pub fn new(card: Card) -> CardSite {
-        CardSite { card, vms: HashMap::new(), mem_mib: HashMap::new() }
+        CardSite { card, vms: HashMap::new(), staged: HashMap::new(), mem_mib: HashMap::new() }
     }
 
     /// Say how much guest RAM a task's VM has (restores and cold starts).
@@ -52,6 +54,7 @@ impl CardSite {
     /// Forget the card's VMs without stopping them (the card died: they
     /// are gone with it).
     pub fn forget_all(&mut self) -> Vec<String> {
+        self.staged.clear();
         self.vms.drain().map(|(t, _)| t).collect()
     }
 
@@ -117,7 +120,34 @@ impl Site for CardSite {
         self.read_snapshot_with(task, card_link::mailbox::SNAPSHOT_DIFF)
     }
 
+    /// Pre-copy, destination: restore the base paused as a new VM on the
+    /// card (when the card offers it).
+    fn stage(&mut self, task: &str, base: &[u8]) -> Result<bool, String> {
+        if self.card.identity().features & card_link::abi::FEATURE_PRECOPY == 0 {
+            return Ok(false);
+        }
+        let spec = self.spec(task);
+        let id = self.card.restore_vm_paused(&spec, base.len() as u64, &mut &base[..]).map_err(|e| e.to_string())?;
+        self.staged.insert(task.to_string(), id);
+        Ok(true)
+    }
+
+    fn apply_diff(&mut self, task: &str, diff: &[u8]) -> Result<(), String> {
+        let id = *self.staged.get(task).ok_or_else(|| format!("no staged base for {task} on the card"))?;
+        let spec = self.spec(task);
+        self.card.apply_diff_vm(id, &spec, diff.len() as u64, &mut &diff[..]).map_err(|e| e.to_string())?;
+        self.staged.remove(task);
+        self.vms.insert(task.to_string(), (id, spec));
+        Ok(())
+    }
+
     fn release(&mut self, task: &str) -> Result<(), String> {
+        if !self.vms.contains_key(task) {
+            // A staged base that never got its diff.
+            if let Some(id) = self.staged.remove(task) {
+                return self.card.stop_vm(id).map_err(|e| e.to_string());
+            }
+        }
         let (id, _) = self.vms.remove(task).ok_or_else(|| format!("no {task} VM on the card"))?;
         self.card.stop_vm(id).map_err(|e| e.to_string())
     }
@@ -128,7 +158,8 @@ impl Drop for CardSite {
     /// restarted governor starts them again); what cannot be stopped is
     /// logged.
     fn drop(&mut self) {
-        for (task, (id, _)) in self.vms.drain() {
+        let staged: Vec<(String, u32)> = self.staged.drain().collect();
+        for (task, id) in self.vms.drain().map(|(t, (id, _))| (t, id)).chain(staged) {
             if let Err(e) = self.card.stop_vm(id) {
                 tracing::warn!(task, vm = id, "stopping the MC VM on the card: {e}");
             }

@@ -233,6 +233,24 @@ impl Site for HostSite {
         slot.staged.take().map(drop).ok_or_else(|| format!("no {task} VM on the host"))
     }
 
+    /// Pre-copy, source: the running VM's base (the vmm parks it only to
+    /// capture its state).
+    fn snapshot_live(&mut self, task: &str) -> Result<Option<Vec<u8>>, String> {
+        let path = self.image(task);
+        self.live(task)?.client().snapshot_live(&path).map_err(|e| e.to_string())?;
+        let image = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()));
+        remove(&path);
+        image.map(Some)
+    }
+
+    fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
+        let path = self.image(task);
+        self.live(task)?.client().snapshot(&path, true).map_err(|e| e.to_string())?;
+        let image = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()));
+        remove(&path);
+        image
+    }
+
     fn stage(&mut self, task: &str, base: &[u8]) -> Result<bool, String> {
         let path = self.opts.run_dir.join(format!("{task}.base"));
         std::fs::write(&path, base).map_err(|e| format!("writing {}: {e}", path.display()))?;
