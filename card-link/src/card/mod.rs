@@ -151,6 +151,15 @@ impl Card {
     /// is silent; a heartbeat that has not moved for three periods means it
     /// is stalled; health Failed is reported as such. Call it at least once
     /// per period to detect within three heartbeats.
+    /// Run `f` with a different command timeout (e.g. a short one for
+    /// telemetry that must not hold up a health check), then restore it.
+    pub fn with_command_timeout<T>(&mut self, timeout: Duration, f: impl FnOnce(&mut Card) -> T) -> T {
+        let old = std::mem::replace(&mut self.opts.command_timeout, timeout);
+        let r = f(self);
+        self.opts.command_timeout = old;
+        r
+    }
+
     pub fn check_health(&mut self) -> Result<HealthReport> {
         let s = self.registers()?;
         let now = Instant::now();

@@ -131,6 +131,17 @@ impl HostSite {
         Ok(())
     }
 
+    /// Restore a task from a base and diffs in files (a checkpoint), into
+    /// the prepared VMM; it comes up paused.
+    pub fn restore_chain(&mut self, task: &str, base: &Path, diffs: &[PathBuf]) -> Result<(), String> {
+        let slot = self.slots.entry(task.into()).or_default();
+        let Some(mut spare) = slot.spare.take() else { return Err(format!("no VMM prepared for {task}")) };
+        spare.client().restore(base, diffs).map_err(|e| e.to_string())?;
+        slot.live = Some(spare);
+        slot.live_socket = Some(self.opts.run_dir.join(format!("{task}-spare.sock")));
+        Ok(())
+    }
+
     /// The cgroup of each task running here (their costs are read from them).
     pub fn task_cgroups(&self) -> Vec<(String, Cgroup)> {
         self.slots

@@ -56,7 +56,11 @@ impl CardMeter {
     /// decision never uses assumed costs.
     pub fn read(&mut self, card: &mut Card) -> Result<CardReading, CardError> {
         let regs = card.registers()?;
-        let costs = match card.vm_costs() {
+        // A stalled mailbox must not hold the placement thread for a whole
+        // command timeout: health is polled every half heartbeat, and a
+        // stall is declared within three. Telemetry waits at most that.
+        let period = std::time::Duration::from_millis(regs.heartbeat_period_ms as u64);
+        let costs = match card.with_command_timeout(period * 3, |c| c.vm_costs()) {
             Ok(c) => c,
             Err(e @ CardError::Unsupported { .. }) => {
                 self.per_vm = Some(false);

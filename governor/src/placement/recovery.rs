@@ -37,51 +37,122 @@ impl CardState {
     }
 }
 
-/// The latest snapshot of each card-side MC VM, in files on the host.
+/// Most diffs chained on one base before the next checkpoint takes a new
+/// base (a restore applies them all; a longer chain restores slower).
+const MAX_DIFFS: usize = 10;
+
+/// One card-side MC VM's checkpoint on the host: a base and the diffs
+/// taken after it, oldest first; restoring the base and applying them in
+/// order gives the VM as it was at the last diff.
+struct Chain {
+    base: PathBuf,
+    diffs: Vec<PathBuf>,
+    /// When the last diff (or base) was taken.
+    at: Instant,
+    /// The card VM's dirty log was reset by something else (a pre-copy
+    /// move's base): the next checkpoint must start a new chain.
+    rebase: bool,
+}
+
+/// The checkpoints of card-side MC VMs, in files on the host. The first
+/// checkpoint of a chain is a live base (copied while the VM runs) and a
+/// diff taken paused; later ones are only diffs, so a checkpoint pauses
+/// the VM for what it wrote since the last one, and streams only that.
 pub struct Checkpoints {
     dir: PathBuf,
-    taken: HashMap<String, (PathBuf, Instant)>,
+    chains: HashMap<String, Chain>,
+    seq: u64,
+}
+
+/// What a checkpoint restores from.
+pub struct Restorable {
+    pub base: PathBuf,
+    pub diffs: Vec<PathBuf>,
+    pub age: Duration,
 }
 
 impl Checkpoints {
     pub fn new(dir: PathBuf) -> anyhow::Result<Checkpoints> {
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("create {}: {e}", dir.display()))?;
-        Ok(Checkpoints { dir, taken: HashMap::new() })
+        Ok(Checkpoints { dir, chains: HashMap::new(), seq: 0 })
     }
 
-    pub fn store(&mut self, task: &str, image: &[u8]) -> std::io::Result<()> {
-        let path = self.dir.join(format!("{task}.snap"));
-        let tmp = self.dir.join(format!("{task}.snap.tmp"));
-        // Written whole, then renamed: a crash mid-write leaves the last one.
-        std::fs::write(&tmp, image)?;
-        std::fs::rename(&tmp, &path)?;
-        self.taken.insert(task.to_string(), (path, Instant::now()));
+    /// Whether the next checkpoint of `task` must take a new base.
+    pub fn needs_base(&self, task: &str) -> bool {
+        self.chains.get(task).is_none_or(|c| c.rebase || c.diffs.len() >= MAX_DIFFS)
+    }
+
+    fn write(&mut self, task: &str, what: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        self.seq += 1;
+        let path = self.dir.join(format!("{task}.{}.{what}", self.seq));
+        std::fs::write(&path, bytes)?;
+        Ok(path)
+    }
+
+    /// A new chain (the old one goes once this one is written).
+    pub fn start_chain(&mut self, task: &str, base: &[u8], diff: Option<&[u8]>) -> std::io::Result<()> {
+        let base = self.write(task, "base", base)?;
+        let diffs = match diff {
+            Some(d) => vec![self.write(task, "diff", d)?],
+            None => Vec::new(),
+        };
+        let old = self.chains.insert(task.to_string(), Chain { base, diffs, at: Instant::now(), rebase: false });
+        if let Some(old) = old {
+            remove_chain(task, old);
+        }
         Ok(())
     }
 
-    /// The latest checkpoint of a task and its age.
-    pub fn get(&self, task: &str) -> Option<(Vec<u8>, Duration)> {
-        let (path, at) = self.taken.get(task)?;
-        match std::fs::read(path) {
-            Ok(image) => Some((image, at.elapsed())),
-            Err(e) => {
-                tracing::warn!(task, "reading the checkpoint {}: {e}", path.display());
-                None
+    pub fn push_diff(&mut self, task: &str, diff: &[u8]) -> std::io::Result<()> {
+        let path = self.write(task, "diff", diff)?;
+        match self.chains.get_mut(task) {
+            Some(c) => {
+                c.diffs.push(path);
+                c.at = Instant::now();
+                Ok(())
+            }
+            None => {
+                remove_file(task, &path);
+                Err(std::io::Error::other("a diff without a base"))
             }
         }
     }
 
+    /// The latest checkpoint of a task.
+    pub fn get(&self, task: &str) -> Option<Restorable> {
+        let c = self.chains.get(task)?;
+        Some(Restorable { base: c.base.clone(), diffs: c.diffs.clone(), age: c.at.elapsed() })
+    }
+
     pub fn age_ms(&self, task: &str) -> Option<u64> {
-        self.taken.get(task).map(|(_, at)| at.elapsed().as_millis() as u64)
+        self.chains.get(task).map(|c| c.at.elapsed().as_millis() as u64)
+    }
+
+    /// Something reset the VM's dirty log: keep the chain for a recovery
+    /// until the next checkpoint, which starts a new one.
+    pub fn invalidate(&mut self, task: &str) {
+        if let Some(c) = self.chains.get_mut(task) {
+            c.rebase = true;
+        }
     }
 
     /// The task runs on the host now: its card checkpoint is stale.
     pub fn drop_task(&mut self, task: &str) {
-        if let Some((path, _)) = self.taken.remove(task) {
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(task, "removing the checkpoint {}: {e}", path.display());
-            }
+        if let Some(c) = self.chains.remove(task) {
+            remove_chain(task, c);
         }
+    }
+}
+
+fn remove_file(task: &str, path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(task, "removing the checkpoint file {}: {e}", path.display());
+    }
+}
+
+fn remove_chain(task: &str, c: Chain) {
+    for p in std::iter::once(&c.base).chain(&c.diffs) {
+        remove_file(task, p);
     }
 }
 
@@ -116,28 +187,61 @@ impl Runtime {
         }
     }
 
-    /// Snapshot every card-side MC VM to the host (paused for the snapshot
-    /// only; it resumes on the card).
+    /// Checkpoint every card-side MC VM to the host: a diff of what it
+    /// wrote since its last checkpoint (paused only for that), or, to start
+    /// a chain, a base copied while it runs plus such a diff. A card
+    /// without pre-copy gets full snapshots, paused.
     pub(super) fn checkpoint_all(&mut self) {
         if !matches!(self.card, CardState::Healthy) || self.engine.dry_run() {
             return;
         }
         for (task, _) in self.sites.card.tasks() {
             let t = Instant::now();
-            let card = &mut self.sites.card;
-            let image = card.pause(&task).and_then(|()| {
-                let img = card.snapshot(&task);
-                // Resume whatever the snapshot did: the VM must go on.
-                card.resume(&task).and(img)
-            });
-            match image {
-                Ok(img) => match self.checkpoints.store(&task, &img) {
-                    Ok(()) => tracing::debug!(task, bytes = img.len(), ms = t.elapsed().as_millis(), "checkpoint"),
-                    Err(e) => tracing::warn!(task, "storing the checkpoint: {e}"),
-                },
+            let r = self.checkpoint(&task);
+            match r {
+                Ok(what) => tracing::debug!(task, ms = t.elapsed().as_millis(), "checkpoint: {what}"),
                 Err(e) => tracing::warn!(task, "checkpointing the card-side MC VM: {e}"),
             }
         }
+    }
+
+    fn checkpoint(&mut self, task: &str) -> Result<&'static str, String> {
+        let base = if self.checkpoints.needs_base(task) {
+            match self.sites.card.snapshot_live(task)? {
+                Some(b) => Some(b),
+                None => {
+                    let full = self.paused(task, |c, t| c.snapshot(t))?;
+                    self.checkpoints.start_chain(task, &full, None).map_err(|e| e.to_string())?;
+                    return Ok("full snapshot");
+                }
+            }
+        } else {
+            None
+        };
+        let diff = self.paused(task, |c, t| c.snapshot_diff(t))?;
+        match base {
+            Some(b) => {
+                self.checkpoints.start_chain(task, &b, Some(&diff)).map_err(|e| e.to_string())?;
+                Ok("new base and diff")
+            }
+            None => {
+                self.checkpoints.push_diff(task, &diff).map_err(|e| e.to_string())?;
+                Ok("diff")
+            }
+        }
+    }
+
+    /// `f` on the card-side VM paused, resumed whatever `f` did.
+    fn paused(
+        &mut self,
+        task: &str,
+        f: impl FnOnce(&mut CardSite, &str) -> Result<Vec<u8>, String>,
+    ) -> Result<Vec<u8>, String> {
+        let card = &mut self.sites.card;
+        card.pause(task)?;
+        let img = f(card, task);
+        // The VM must go on.
+        card.resume(task).and(img)
     }
 
     /// The card is dead: bring every card-side MC VM up on the host.
@@ -173,13 +277,21 @@ impl Runtime {
     /// Restore from the checkpoint (or start cold) on the host; says how.
     fn bring_up_on_host(&mut self, task: &str) -> String {
         let mem = self.opts.specs.iter().find(|s| s.task == task).map_or(64, |s| s.mem_mib);
-        if let Some((image, age)) = self.checkpoints.get(task) {
+        if let Some(cp) = self.checkpoints.get(task) {
             let host = &mut self.sites.host;
-            let restored =
-                host.prepare(task).and_then(|()| host.restore(task, &image)).and_then(|()| host.resume(task));
+            let restored = host
+                .prepare(task)
+                .and_then(|()| host.restore_chain(task, &cp.base, &cp.diffs))
+                .and_then(|()| host.resume(task));
             self.checkpoints.drop_task(task);
             match restored {
-                Ok(()) => return format!("restored on the host from its checkpoint {} ms old", age.as_millis()),
+                Ok(()) => {
+                    return format!(
+                        "restored on the host from its checkpoint {} ms old (a base and {} diffs)",
+                        cp.age.as_millis(),
+                        cp.diffs.len()
+                    )
+                }
                 Err(e) => tracing::warn!(task, "restoring the checkpoint failed, starting cold: {e}"),
             }
         }

@@ -383,6 +383,9 @@ impl Runtime {
     /// Keep the record (memory, audit log) and what it changed.
     pub(super) fn publish(&mut self, r: AuditRecord) {
         for rep in &r.reports {
+            // A move's pre-copy base reset the card VM's dirty log: its
+            // checkpoint chain cannot take another diff.
+            self.checkpoints.invalidate(&rep.task);
             if rep.ok {
                 self.since.insert(rep.task.clone(), r.time_ms);
                 if rep.to == Side::Host {
