@@ -348,3 +348,100 @@ fn host_side_mc_vms_are_held_to_the_reserve_and_watched_by_the_telemetry() {
     assert!(!s.mc_cgroup.contains('/'), "{}", s.mc_cgroup);
     s.agent("log", AgentOp::Auto, 0);
 }
+
+/// Custom hardware: user jobs and the storage-agent's own jobs on the
+/// card's FPGA engine push it over its threshold; the storage-agent (the
+/// only VM whose measured cost is engine time) moves, and its jobs leave
+/// the card with it (the card refuses jobs for a VM it no longer runs).
+#[test]
+fn fpga_load_moves_the_vm_whose_jobs_relieve_the_engine() {
+    check_root_kvm();
+    let mut s = System::start(&SystemOptions {
+        thresholds: "fpga = 0.7".into(),
+        mcs: vec![("monitor", None), ("storage-agent", None)],
+        dwell_s: 30,
+        ..SystemOptions::default()
+    });
+    let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+    let vm = s.task("storage-agent").card_vm.expect("on the card");
+    let control = s.sim.control_path().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    // The job generator: every 100 ms, 40 ms of user jobs and 40 ms of the
+    // storage-agent's (while the card runs it).
+    let gen = std::thread::spawn(move || {
+        let mut agent_jobs = true;
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            let user = card_sim::Request::FpgaJobs { count: 4, service_us: 10_000, vm: None };
+            card_sim::process::control_at(&control, &user).expect("user jobs");
+            if agent_jobs {
+                let own = card_sim::Request::FpgaJobs { count: 4, service_us: 10_000, vm: Some(vm) };
+                agent_jobs = card_sim::process::control_at(&control, &own).is_ok();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent_jobs
+    });
+    s.wait("storage-agent on the host", Duration::from_secs(10), |s| s.side("storage-agent") == Side::Host);
+    let ds = s.decisions(tick0);
+    let over = ds.iter().find(|d| d.card[0].used > d.card[0].threshold).expect("the crossing");
+    let moved = ds.iter().find(|d| !d.reports.is_empty()).expect("the move");
+    eprintln!(
+        "crossing at tick {} (fpga {:.2}), moved at tick {}: {}",
+        over.tick, over.card[0].used, moved.tick, moved.explain
+    );
+    assert!(moved.tick - over.tick <= 2, "within 3 ticks");
+    assert_eq!(moved.moves.len(), 1, "{:?}", moved.moves);
+    assert_eq!(s.side("monitor"), Side::Card, "monitor uses no engine time: it stays");
+    let cost = over.tasks.iter().find(|t| t.task == "storage-agent").expect("in the record").card_cost[0];
+    assert!(cost > 0.25, "the storage-agent's measured engine share: {cost:.3}");
+    s.wait("the engine under its threshold", Duration::from_secs(5), |s| s.card_use("fpga") < 0.7);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let still = gen.join().expect("generator");
+    assert!(!still, "the card refused jobs for the VM that left it");
+}
+
+/// The CLI is a client of the same socket: `governor placement [--json]`,
+/// `placement move|pin|unpin`, `governor decisions --json`, with refusals
+/// naming what was wrong and a non-zero exit.
+#[test]
+fn the_cli_shows_moves_pins_and_lists_decisions() {
+    check_root_kvm();
+    let s = System::start(&SystemOptions { mcs: vec![("log", None)], dwell_s: 60, ..SystemOptions::default() });
+    let sock = s.socket.to_str().expect("utf-8 path").to_string();
+    let cli = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--socket", &sock]);
+        std::process::Command::new(bin_dir().join("governor")).args(&all).output().expect("run the CLI")
+    };
+    let table = cli(&["placement"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success() && text.contains("card: healthy") && text.contains("log"), "{text}");
+    let moved = cli(&["placement", "move", "log", "--to", "host"]);
+    let line = String::from_utf8_lossy(&moved.stdout);
+    assert!(moved.status.success() && line.contains("Manual") && line.contains("log -> host: ok"), "{line}");
+    let json = cli(&["placement", "--json"]);
+    let p: governor::placement::runtime::PlacementStatus =
+        serde_json::from_slice(&json.stdout).expect("placement JSON");
+    assert_eq!(p.tasks[0].side, Side::Host);
+    assert!(p.tasks[0].last_move.as_ref().is_some_and(|m| m.ok));
+    assert!(cli(&["placement", "pin", "log"]).status.success());
+    let refused = cli(&["placement", "move", "log", "--to", "card"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("pinned"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let bad = cli(&["placement", "move", "log", "--to", "moon"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--to"));
+    assert!(cli(&["placement", "unpin", "log"]).status.success());
+    let ds = cli(&["decisions", "--json"]);
+    assert!(ds.status.success());
+    let records: Vec<governor::placement::audit::AuditRecord> = String::from_utf8_lossy(&ds.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(records[0].reason, Reason::Initial);
+    assert!(records.iter().any(|r| r.reason == Reason::Manual && r.reports.iter().all(|m| m.ok)));
+}
