@@ -108,7 +108,8 @@ pub enum Op {
 /// Snapshot op flags in arg0 (ABI 1.2, feature PRECOPY). LIVE: a base of
 /// the VM while it keeps running (pre-copy; the card parks it only to
 /// capture its state). DIFF: of the paused VM, only what changed since its
-/// last snapshot. Unknown bits, or both, are refused.
+/// last snapshot. Both: a diff of the running VM (pre-copy's later rounds).
+/// Unknown bits are refused.
 pub const SNAPSHOT_LIVE: u64 = 1;
 pub const SNAPSHOT_DIFF: u64 = 2;
 /// Restore-commit flag in arg1 (ABI 1.2, feature PRECOPY): restore the VM

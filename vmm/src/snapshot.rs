@@ -183,7 +183,7 @@ pub fn write_stream<W: Write>(w: W, mut st: VmState, mem: &GuestMemoryMmap) -> R
 
 /// [`write_stream`] of a running guest's memory (pre-copy's base): the
 /// same format; see `Vm::snapshot_live_to` for why torn pages are fine.
-pub fn write_stream_live<W: Write>(mut w: W, mut st: VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+pub fn write_stream_live<W: Write>(w: W, mut st: VmState, mem: &GuestMemoryMmap) -> Result<u64> {
     // The vCPU may write the memory while it is read here, so no `&[u8]`
     // over it is made: pages are copied with volatile reads (vm-memory's
     // `VolatileSlice`, as Cloud Hypervisor's pre-copy does) into a bounce
@@ -205,17 +205,29 @@ pub fn write_stream_live<W: Write>(mut w: W, mut st: VmState, mem: &GuestMemoryM
             p
         }
     };
-    let runs = runs(&pages);
-    let data = check_runs(&runs, st.mem_size)?;
-    st.diff_runs = Some(runs);
-    let (hd, json) = prepare(&st, FLAG_SPARSE)?;
+    st.diff_runs = Some(runs(&pages));
+    write_runs_volatile(w, &st, mem, FLAG_SPARSE)
+}
+
+/// A diff of a running guest's memory (pre-copy's later rounds): the pages
+/// in `st.diff_runs`, copied with volatile reads as [`write_stream_live`].
+pub fn write_diff_live<W: Write>(w: W, st: &VmState, mem: &GuestMemoryMmap) -> Result<u64> {
+    write_runs_volatile(w, st, mem, FLAG_DIFF)
+}
+
+/// [`write_runs`] for memory the vCPU may be writing: no slice over it,
+/// volatile copies through a bounce buffer.
+fn write_runs_volatile<W: Write>(mut w: W, st: &VmState, mem: &GuestMemoryMmap, flags: u32) -> Result<u64> {
+    let runs = st.diff_runs.as_deref().ok_or(SnapshotError::MissingRuns("live"))?;
+    let data = check_runs(runs, st.mem_size)?;
+    let (hd, json) = prepare(st, flags)?;
     let pad = vec![0u8; hd.padding()? as usize];
     let io = Error::io("snapshot stream");
     w.write_all(&hd.encode()).map_err(io)?;
     let io = Error::io("snapshot stream");
     w.write_all(&json).and_then(|()| w.write_all(&pad)).map_err(io)?;
     let mut bounce = vec![0u8; 1 << 20];
-    for &(first, count) in st.diff_runs.as_deref().unwrap_or_default() {
+    for &(first, count) in runs {
         let mut at = first * PAGE as u64;
         let end = (first + count) * PAGE as u64;
         while at < end {

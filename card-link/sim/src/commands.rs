@@ -189,20 +189,22 @@ impl SimCard {
             }
             Op::Snapshot => {
                 let flags = m.arg0;
-                if flags & !(mailbox::SNAPSHOT_LIVE | mailbox::SNAPSHOT_DIFF) != 0 || flags == 3 {
-                    return Err(bad(format!("snapshot flags {flags:#x}: LIVE or DIFF, not both")));
+                if flags & !(mailbox::SNAPSHOT_LIVE | mailbox::SNAPSHOT_DIFF) != 0 {
+                    return Err(bad(format!("snapshot flags {flags:#x}: only LIVE and DIFF")));
                 }
+                let live = flags & mailbox::SNAPSHOT_LIVE != 0;
                 let mut t = lock(&self.vms);
                 let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
                 // A live base leaves the VM as it is; a full or diff
                 // snapshot is of the paused VM.
-                if e.state == VmState::Running && flags != mailbox::SNAPSHOT_LIVE {
+                if e.state == VmState::Running && !live {
                     e.vm.pause().map_err(vmerr)?;
                     e.state = VmState::Paused;
                 }
                 let img = match flags {
                     mailbox::SNAPSHOT_LIVE => e.vm.snapshot_live(),
                     mailbox::SNAPSHOT_DIFF => e.vm.snapshot_diff(),
+                    3 => e.vm.snapshot_live_diff(),
                     _ => e.vm.snapshot(),
                 }
                 .map_err(vmerr)?;

@@ -187,6 +187,7 @@ enum Kind {
     Full,
     Live,
     Diff,
+    LiveDiff,
 }
 
 impl VmmVm {
@@ -198,6 +199,7 @@ impl VmmVm {
             Kind::Full => c.snapshot_stream(&path),
             Kind::Live => c.snapshot_live(&path),
             Kind::Diff => c.snapshot(&path, true),
+            Kind::LiveDiff => c.snapshot_live_diff(&path),
         }
         .map_err(err("snapshot"));
         let image = taken.and_then(|t| {
@@ -250,6 +252,10 @@ impl ManagedVm for VmmVm {
 
     fn snapshot_diff(&mut self) -> Result<Vec<u8>, VmError> {
         self.snapshot_kind(Kind::Diff)
+    }
+
+    fn snapshot_live_diff(&mut self) -> Result<Vec<u8>, VmError> {
+        self.snapshot_kind(Kind::LiveDiff)
     }
 
     fn take_console(&mut self) -> Vec<String> {

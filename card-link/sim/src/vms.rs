@@ -48,6 +48,10 @@ pub trait ManagedVm: Send {
     fn snapshot_live(&mut self) -> Result<Vec<u8>, VmError> {
         Err(VmError::NoPrecopy)
     }
+    /// The running VM's changes since its last snapshot (pre-copy rounds).
+    fn snapshot_live_diff(&mut self) -> Result<Vec<u8>, VmError> {
+        Err(VmError::NoPrecopy)
+    }
     /// The paused VM's changes since its last snapshot; default: not supported.
     fn snapshot_diff(&mut self) -> Result<Vec<u8>, VmError> {
         Err(VmError::NoPrecopy)

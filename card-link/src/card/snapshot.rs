@@ -36,8 +36,8 @@ impl Card {
                 minor: self.first.abi_minor,
             });
         }
-        if flags & !(crate::mailbox::SNAPSHOT_LIVE | crate::mailbox::SNAPSHOT_DIFF) != 0 || flags == 3 {
-            return Err(CardError::Invalid(format!("snapshot flags {flags:#x}: LIVE or DIFF, not both")));
+        if flags & !(crate::mailbox::SNAPSHOT_LIVE | crate::mailbox::SNAPSHOT_DIFF) != 0 {
+            return Err(CardError::Invalid(format!("snapshot flags {flags:#x}: only LIVE and DIFF")));
         }
         let m = self.call(Op::Snapshot, vm, flags, 0, &[])?;
         if m.arg0 > MAX_SNAPSHOT {

@@ -116,6 +116,20 @@ impl Site for CardSite {
         self.read_snapshot_with(task, card_link::mailbox::SNAPSHOT_LIVE).map(Some)
     }
 
+    fn snapshot_live_diff(&mut self, task: &str) -> Result<Option<Vec<u8>>, String> {
+        if self.card.identity().features & card_link::abi::FEATURE_PRECOPY == 0 {
+            return Ok(None);
+        }
+        let flags = card_link::mailbox::SNAPSHOT_LIVE | card_link::mailbox::SNAPSHOT_DIFF;
+        self.read_snapshot_with(task, flags).map(Some)
+    }
+
+    fn apply_live_diff(&mut self, task: &str, diff: &[u8]) -> Result<(), String> {
+        let id = *self.staged.get(task).ok_or_else(|| format!("no staged base for {task} on the card"))?;
+        let spec = self.spec(task);
+        self.card.apply_diff_vm(id, &spec, diff.len() as u64, &mut &diff[..]).map_err(|e| e.to_string())
+    }
+
     fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
         self.read_snapshot_with(task, card_link::mailbox::SNAPSHOT_DIFF)
     }

@@ -131,6 +131,20 @@ impl Site for Fake {
         self.staged.insert((side, task.into()), n);
         Ok(true)
     }
+    fn snapshot_live_diff(&mut self, task: &str) -> Result<Option<Vec<u8>>, String> {
+        let side = self.current;
+        self.check("pre-copy round", side, task)?;
+        let c = self.copies.get(&(side, task.into())).ok_or("no such copy")?;
+        assert_eq!(c.0, State::Running, "a round is of a running VM");
+        Ok(Some(c.1.to_le_bytes().to_vec()))
+    }
+    fn apply_live_diff(&mut self, task: &str, diff: &[u8]) -> Result<(), String> {
+        let side = self.current;
+        self.check("stage round", side, task)?;
+        let n = u64::from_le_bytes(diff.try_into().map_err(|_| "bad diff")?);
+        *self.staged.get_mut(&(side, task.into())).ok_or("nothing staged")? = n;
+        Ok(())
+    }
     fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
         let side = self.current;
         self.check("diff snapshot", side, task)?;

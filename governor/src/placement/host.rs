@@ -254,6 +254,25 @@ impl Site for HostSite {
         image.map(Some)
     }
 
+    fn snapshot_live_diff(&mut self, task: &str) -> Result<Option<Vec<u8>>, String> {
+        let path = self.image(task);
+        self.live(task)?.client().snapshot_live_diff(&path).map_err(|e| e.to_string())?;
+        let image = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()));
+        remove(&path);
+        image.map(Some)
+    }
+
+    fn apply_live_diff(&mut self, task: &str, diff: &[u8]) -> Result<(), String> {
+        let path = self.opts.run_dir.join(format!("{task}.round"));
+        std::fs::write(&path, diff).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        let r = match self.slots.get_mut(task).and_then(|s| s.staged.as_mut()) {
+            Some(staged) => staged.client().apply_diff(&path).map_err(|e| e.to_string()),
+            None => Err(format!("no staged base for {task}")),
+        };
+        remove(&path);
+        r
+    }
+
     fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
         let path = self.image(task);
         self.live(task)?.client().snapshot(&path, true).map_err(|e| e.to_string())?;

@@ -44,6 +44,16 @@ pub trait Site {
     fn snapshot_live(&mut self, _task: &str) -> Result<Option<Vec<u8>>, String> {
         Ok(None)
     }
+    /// Pre-copy round, source side: the *running* VM's changes since the
+    /// last snapshot (None: this side takes no such rounds).
+    fn snapshot_live_diff(&mut self, _task: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(None)
+    }
+    /// Pre-copy round, destination side: apply a round's diff to the staged
+    /// VM, which stays staged.
+    fn apply_live_diff(&mut self, task: &str, _diff: &[u8]) -> Result<(), String> {
+        Err(format!("{task}: this side applies no pre-copy rounds"))
+    }
     /// Pre-copy, source side: the paused VM's changes since the base.
     fn snapshot_diff(&mut self, task: &str) -> Result<Vec<u8>, String> {
         Err(format!("{task}: this side takes no diff snapshots"))
@@ -131,6 +141,14 @@ pub fn move_task_with(act: &mut impl Actuator, task: &str, from: Side, precopy: 
                 // A staged copy is paused and never ran: discarded like a
                 // restored one if a later step fails.
                 restored = staged;
+                // One more round while it runs: what it wrote during the
+                // base's copy, so the pause covers only the last few ms.
+                if staged {
+                    let round = timer.step("pre-copy round", from, || act.site(from).snapshot_live_diff(task))?;
+                    if let Some(d) = round {
+                        timer.step("stage round", to, || act.site(to).apply_live_diff(task, &d))?;
+                    }
+                }
             }
         }
         paused_at = Some(Instant::now());
@@ -232,6 +250,8 @@ mod tests {
                 "prepare (host)",
                 "pre-copy base (card)",
                 "stage base (host)",
+                "pre-copy round (card)",
+                "stage round (host)",
                 "pause (card)",
                 "diff snapshot (card)",
                 "apply diff (host)",
@@ -243,6 +263,8 @@ mod tests {
         for (step, side) in [
             ("pre-copy base", Side::Card),
             ("stage base", Side::Host),
+            ("pre-copy round", Side::Card),
+            ("stage round", Side::Host),
             ("diff snapshot", Side::Card),
             ("apply diff", Side::Host),
             ("resume", Side::Host),

@@ -90,6 +90,11 @@ impl Client {
         self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true, live: true })
     }
 
+    /// A pre-copy round's diff of the running VM.
+    pub fn snapshot_live_diff(&mut self, path: &Path) -> Result<SnapshotTaken> {
+        self.call(&Request::Snapshot { path: path.to_path_buf(), diff: true, stream: false, live: true })
+    }
+
     /// Apply a diff file to the paused VM (pre-copy's last step).
     pub fn apply_diff(&mut self, path: &Path) -> Result<()> {
         self.call::<Done>(&Request::ApplyDiff { path: path.to_path_buf() }).map(|_| ())

@@ -77,6 +77,31 @@ impl Vm {
         snapshot::write_stream_live(w, st, &self.sh.mem)
     }
 
+    /// Pre-copy's later rounds: a diff of a *running* VM, the pages written
+    /// since the last snapshot, copied while it runs (parked only to take
+    /// its state and the dirty log). Pages written during the copy are in
+    /// the next diff; the last diff is taken paused.
+    pub fn snapshot_diff_live_to<W: Write>(&self, w: W) -> Result<u64> {
+        if !*lock(&self.has_base) {
+            return Err(Error::NoBase);
+        }
+        let was_running = self.state() == RunState::Running;
+        if was_running {
+            self.pause()?;
+        }
+        let st = {
+            let _life = lock(&self.life);
+            self.paused_state().and_then(|mut st| {
+                st.diff_runs = Some(snapshot::runs(&self.take_dirty()?));
+                Ok(st)
+            })
+        };
+        let resumed = if was_running { self.resume() } else { Ok(()) };
+        let st = st?;
+        resumed?;
+        snapshot::write_diff_live(w, &st, &self.sh.mem)
+    }
+
     /// Apply a diff snapshot to this paused VM, whose memory holds the diff's
     /// base (it was restored from that base and has not run since): the
     /// diff's pages go into guest memory, and its vCPU, interrupt

@@ -89,6 +89,16 @@ fn live_to_file(vm: &Vm, path: &std::path::Path) -> vmm::Result<u64> {
     Ok(n)
 }
 
+/// A pre-copy round's diff of the running VM, into a new file at `path`.
+fn live_diff_to_file(vm: &Vm, path: &std::path::Path) -> vmm::Result<u64> {
+    let io = |source| vmm::Error::Io { what: path.display().to_string(), source };
+    let f = std::fs::File::create(path).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let n = vm.snapshot_diff_live_to(&mut w)?;
+    w.flush().map_err(io)?;
+    Ok(n)
+}
+
 impl Server {
     pub fn new(vm: Option<Vm>, sinks: SinkFactory) -> std::io::Result<Arc<Server>> {
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -157,7 +167,9 @@ impl Server {
             Request::Snapshot { path, diff, stream, live } => {
                 let vm = self.vm()?;
                 let t = Instant::now();
-                let bytes = if live {
+                let bytes = if live && diff {
+                    live_diff_to_file(&vm, &path)?
+                } else if live {
                     live_to_file(&vm, &path)?
                 } else if diff {
                     vm.snapshot_diff_to_file(&path)?
