@@ -171,3 +171,21 @@ fn a_stalled_card_that_recovers_gets_its_vms_back() {
     assert_eq!(s.agent("log", AgentOp::Ping, 0).value, vmm::proto::PONG);
     assert_eq!(s.agent("qos", AgentOp::Ping, 0).value, vmm::proto::PONG);
 }
+
+/// A card that dies before any checkpoint was taken: its MC VMs start cold
+/// on the host, and the record says so.
+#[test]
+fn a_card_dead_before_any_checkpoint_has_its_vms_started_cold() {
+    require_root();
+    require_kvm();
+    let mut s =
+        System::start(&SystemOptions { checkpoint_s: 3600, mcs: vec![("log", None)], ..SystemOptions::default() });
+    assert!(s.task("log").checkpoint_age_ms.is_none(), "no checkpoint yet");
+    let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+    let _ = s.sim.control(&card_sim::Request::fault(card_sim::Fault::Crash, true));
+    s.wait("log on the host", Duration::from_secs(5), |s| s.side("log") == Side::Host);
+    let dead = s.decisions(tick0).into_iter().find(|d| d.reason == Reason::CardDead).expect("card-dead record");
+    assert!(dead.explain.contains("log: started cold on the host"), "{}", dead.explain);
+    let c = s.agent("log", AgentOp::Counters, 0);
+    assert_eq!((c.work, c.log_seq), (0, 0), "a cold start begins from nothing");
+}
