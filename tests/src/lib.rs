@@ -88,3 +88,65 @@ pub fn rel_err(a: f64, b: f64) -> f64 {
         (a - b).abs() / b
     }
 }
+
+/// A loopback TCP peer that accepts any number of connections and counts
+/// the bytes it receives (the card's network client, or traffic through a
+/// card forward, send to it). Stopped and joined on drop.
+pub struct Sink {
+    pub addr: std::net::SocketAddr,
+    pub received: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    pub fn start() -> Sink {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("sink");
+        let addr = l.local_addr().expect("addr");
+        l.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (st, r) = (stop.clone(), received.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::Relaxed) {
+                if let Ok((c, _)) = l.accept() {
+                    c.set_nonblocking(true).expect("nonblocking");
+                    conns.push(c);
+                }
+                let mut idle = true;
+                for c in &mut conns {
+                    if let Ok(n) = c.read(&mut buf) {
+                        r.fetch_add(n as u64, Ordering::Relaxed);
+                        idle &= n == 0;
+                    }
+                }
+                if idle {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        });
+        Sink { addr, received, stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                eprintln!("sink thread panicked");
+            }
+        }
+    }
+}
+
+/// The child cgroup card-sim made for VM `id` (`<card>/vm-<id>`).
+pub fn vm_cgroup(s: &card_sim::SimProcess, id: u32) -> cgroupfs::Cgroup {
+    let card = s.cgroup().expect("the card's cgroup");
+    let name = format!("{}/vm-{id}", card.rel().display());
+    cgroupfs::Layout::detect().expect("layout").open(&name).expect("the VM's child cgroup")
+}

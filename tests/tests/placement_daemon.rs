@@ -255,56 +255,6 @@ fn manual_move_pin_and_dry_run() {
     }
 }
 
-/// A loopback peer for the card's network client, counting what it gets.
-struct Sink {
-    addr: std::net::SocketAddr,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Sink {
-    fn start() -> Sink {
-        use std::io::Read;
-        use std::sync::atomic::Ordering;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("sink");
-        let addr = l.local_addr().expect("addr");
-        l.set_nonblocking(true).expect("nonblocking");
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut conns = Vec::new();
-            let mut buf = vec![0u8; 65536];
-            while !st.load(Ordering::Relaxed) {
-                if let Ok((c, _)) = l.accept() {
-                    c.set_nonblocking(true).expect("nonblocking");
-                    conns.push(c);
-                }
-                let mut idle = true;
-                for c in &mut conns {
-                    if let Ok(n) = c.read(&mut buf) {
-                        idle &= n == 0;
-                    }
-                }
-                if idle {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        });
-        Sink { addr, stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                eprintln!("sink thread panicked");
-            }
-        }
-    }
-}
-
 /// Claim 11: host-side MC VMs run under the MC subtree with the reserve as
 /// its limits, apart from user VMs; the governor's eBPF telemetry watches
 /// the subtree (VM `mc`, role `mc`) and agrees with the kernel's own
