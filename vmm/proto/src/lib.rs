@@ -5,6 +5,9 @@
 //! because the guest runs with no runtime at all.
 #![no_std]
 
+pub mod msg;
+pub mod signals;
+
 /// Guest-physical address where the guest image is linked and loaded.
 pub const IMAGE_BASE: u64 = 0x20_0000;
 /// Page tables built by the VMM: PML4, one PDPT, four PDs (identity map of

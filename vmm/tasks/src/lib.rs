@@ -1,0 +1,10 @@
+//! The management tasks' decisions, as pure functions the freestanding
+//! agent runs inside its MC VM (claim 14) and the host can test: no I/O,
+//! no allocation; the agent keeps the state in guest memory, so a snapshot
+//! (a move, a checkpoint) carries it.
+//!
+//! - `monitor`: status monitoring: each tick, every user VM's signals ->
+//!   its health state and reason; changes are reported
+#![cfg_attr(not(test), no_std)]
+
+pub mod monitor;
