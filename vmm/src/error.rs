@@ -73,6 +73,12 @@ pub enum Error {
     Busy { queued: usize },
     #[error("the VM stopped: {0}")]
     Stopped(StopReason),
+    /// The agent refused a bulk message the VMM sent (it names the field).
+    #[error("the agent refused the message: field {field}")]
+    Refused { field: &'static str },
+    /// The agent answered with a malformed bulk message; the VM was stopped.
+    #[error("the agent's answer is malformed (field {field}); the VM was stopped")]
+    Hostile { field: &'static str },
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
     #[error("invalid configuration: field {field}: {reason}")]
@@ -121,6 +127,8 @@ impl Error {
             Error::State { .. } | Error::NoBase | Error::Busy { .. } => ErrorKind::State,
             Error::Stopped(_) => ErrorKind::Stopped,
             Error::Timeout(..) => ErrorKind::Timeout,
+            Error::Refused { .. } => ErrorKind::Agent,
+            Error::Hostile { .. } => ErrorKind::Stopped,
             Error::Config { .. } => ErrorKind::Config,
             Error::Encode(_) => ErrorKind::BadRequest,
             Error::Remote { kind, .. } => *kind,

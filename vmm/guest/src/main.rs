@@ -100,6 +100,62 @@ struct State {
 static mut STATE: State =
     State { work: 0, log_seq: 0, steps: 0, requests: 0, auto_units: 0, acc: 0x9e37_79b9_7f4a_7c15 };
 
+/// The monitor task's memory of every user VM, by slot, and its tick
+/// counter: guest memory, so a move or checkpoint carries them.
+static mut MONITOR: [mc_tasks::monitor::VmState; proto::msg::MAX_RECORDS as usize] =
+    [mc_tasks::monitor::VmState::NEW; proto::msg::MAX_RECORDS as usize];
+static mut MONITOR_TICK: u32 = 0;
+
+/// One monitor tick over the Telemetry message of `len` bytes in the
+/// in-window: every record checked before any is used; the changes go to
+/// the out-window as a Health message. Returns its length, or
+/// BULK_REFUSED | the refusal code.
+fn monitor_tick(len: u64) -> u64 {
+    use proto::msg::{self, MsgKind};
+    use proto::signals::{VmSignals, CHANGE_LEN, SIGNALS_LEN};
+    if len > proto::BULK_IN_LEN {
+        return proto::BULK_REFUSED | msg::MsgError::Len(0).code();
+    }
+    // SAFETY: the in-window is guest RAM the VMM wrote before it queued
+    // this request; nothing writes it while the agent handles it.
+    let input = unsafe { core::slice::from_raw_parts(proto::BULK_IN_ADDR as *const u8, len as usize) };
+    let (hd, payload) = match msg::check(input) {
+        Ok(x) => x,
+        Err(e) => return proto::BULK_REFUSED | e.code(),
+    };
+    if hd.kind != MsgKind::Telemetry {
+        return proto::BULK_REFUSED | msg::MsgError::Kind(hd.kind as u16).code();
+    }
+    let record = |c: &[u8]| -> Option<VmSignals> { VmSignals::decode(c.try_into().ok()?) };
+    if payload.chunks_exact(SIGNALS_LEN).any(|c| record(c).is_none()) {
+        return proto::BULK_REFUSED | 10;
+    }
+    // SAFETY: single-threaded guest; the out-window is guest RAM the VMM
+    // reads only after the reply.
+    let (states, tick, out) = unsafe {
+        MONITOR_TICK = MONITOR_TICK.wrapping_add(1);
+        (
+            &mut *addr_of_mut!(MONITOR),
+            MONITOR_TICK,
+            core::slice::from_raw_parts_mut(proto::BULK_OUT_ADDR as *mut u8, proto::BULK_OUT_LEN as usize),
+        )
+    };
+    let (head, body) = out.split_at_mut(msg::MSG_HEADER_LEN);
+    let mut n = 0usize;
+    let policy = mc_tasks::monitor::Policy::default();
+    let signals = payload.chunks_exact(SIGNALS_LEN).filter_map(record);
+    mc_tasks::monitor::tick(states, signals, tick, &policy, |c| {
+        if let Some(dst) = body.get_mut(n * CHANGE_LEN..(n + 1) * CHANGE_LEN) {
+            dst.copy_from_slice(&c.encode());
+            n += 1;
+        }
+    });
+    let mut h = [0u8; msg::MSG_HEADER_LEN];
+    msg::write_header(&mut h, MsgKind::Health, hd.seq, n as u32, &body[..n * CHANGE_LEN]);
+    head.copy_from_slice(&h);
+    (msg::MSG_HEADER_LEN + n * CHANGE_LEN) as u64
+}
+
 fn outb(port: u16, val: u8) {
     // SAFETY: port I/O is allowed at CPL3 because the VMM sets IOPL=3.
     unsafe { asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack)) };
@@ -305,6 +361,14 @@ fn handle(req: [u64; 8]) {
                 sum = sum.wrapping_add(unsafe { read_volatile((proto::SCRATCH_BASE + i * 4096) as *const u64) });
             }
             sum
+        }
+        op::MONITOR_TICK => monitor_tick(arg),
+        op::BAD_BULK => {
+            // A Health message whose count its length does not carry.
+            let r = monitor_tick(arg);
+            // SAFETY: as in monitor_tick.
+            unsafe { write_volatile((proto::BULK_OUT_ADDR + 16) as *mut u32, 0xffff) };
+            r
         }
         op::BAD_MMIO => {
             // SAFETY: deliberately touches an address with no device.

@@ -24,6 +24,19 @@ pub const STACK_TOP: u64 = 0x1f_f000;
 /// Start of the scratch area the TOUCH request dirties (above the image).
 pub const SCRATCH_BASE: u64 = 0x40_0000;
 
+/// Protocol 2's bulk windows in guest RAM, between the image and the
+/// scratch area: the VMM writes one message ([`msg`]) into the in-window
+/// and sends a request frame naming its length; the agent checks it whole,
+/// answers into the out-window and replies with that length. Guest memory,
+/// so a snapshot carries what is in them.
+pub const BULK_IN_ADDR: u64 = 0x30_0000;
+pub const BULK_IN_LEN: u64 = 0x8_0000;
+pub const BULK_OUT_ADDR: u64 = 0x38_0000;
+pub const BULK_OUT_LEN: u64 = 0x8_0000;
+/// A reply value with this bit set is the agent refusing the in-message;
+/// the low byte is [`msg::MsgError::code`].
+pub const BULK_REFUSED: u64 = 1 << 63;
+
 /// 16550/8250 console (COM1).
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// `out` here means "nothing to do": the VMM parks the vCPU until a request
@@ -69,6 +82,12 @@ pub mod op {
     pub const TOUCH: u64 = 5;
     /// Sum of the words TOUCH wrote into the first `arg` scratch pages.
     pub const CHECKSUM: u64 = 6;
+    /// Status monitoring: the in-window holds a Telemetry message of `arg`
+    /// bytes; the agent answers a Health message (the changes) in the
+    /// out-window and replies with its length (or BULK_REFUSED | code).
+    pub const MONITOR_TICK: u64 = 7;
+    /// Self test: answer a monitor tick with a malformed out-message.
+    pub const BAD_BULK: u64 = 0x105;
     /// Self tests of the VMM's error handling (a hostile guest on purpose).
     pub const BAD_MMIO: u64 = 0x100;
     pub const BAD_DESCRIPTOR: u64 = 0x101;
@@ -109,6 +128,13 @@ const _: () = {
     assert!(QUEUE_SIZE.is_power_of_two() && RX_QUEUE != TX_QUEUE);
     assert!(IDLE_PORT >= SERIAL_PORT + 8 && EXIT_PORT >= SERIAL_PORT + 8);
     assert!(KIND_REQUEST != KIND_RESPONSE && KIND_RESPONSE != KIND_LOG && KIND_LOG != KIND_REQUEST);
+    // The bulk windows sit between the image (linked below BULK_IN_ADDR,
+    // checked by the guest's linker script) and the scratch area, and hold
+    // the largest message.
+    assert!(IMAGE_BASE < BULK_IN_ADDR && BULK_IN_ADDR + BULK_IN_LEN <= BULK_OUT_ADDR);
+    assert!(BULK_OUT_ADDR + BULK_OUT_LEN <= SCRATCH_BASE);
+    assert!(msg::MSG_HEADER_LEN as u64 + msg::MAX_PAYLOAD as u64 <= BULK_IN_LEN);
+    assert!(msg::MSG_HEADER_LEN as u64 + msg::MAX_PAYLOAD as u64 <= BULK_OUT_LEN);
 };
 
 /// Banner the agent prints on the serial console once it is ready.
@@ -196,6 +222,8 @@ mod tests {
             op::TRIPLE_FAULT,
             op::BAD_WIDTH,
             op::SHUTDOWN,
+            op::MONITOR_TICK,
+            op::BAD_BULK,
         ];
         for (i, a) in ops.iter().enumerate() {
             assert!(!ops[i + 1..].contains(a), "op code {a:#x} used twice");

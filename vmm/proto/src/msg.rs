@@ -75,6 +75,39 @@ pub enum MsgError {
 }
 
 impl MsgError {
+    /// A small code for a reply word (and back with [`MsgError::from_code`]).
+    pub fn code(self) -> u64 {
+        match self {
+            MsgError::Short => 1,
+            MsgError::Magic => 2,
+            MsgError::Kind(_) => 3,
+            MsgError::RecordLen(_) => 4,
+            MsgError::Count(_) => 5,
+            MsgError::Len(_) => 6,
+            MsgError::Crc => 7,
+            MsgError::Reserved => 8,
+            MsgError::Trailing => 9,
+        }
+    }
+
+    /// The field a refusal code names ("record" for a record that did not
+    /// decode, code 10).
+    pub fn field_of_code(code: u64) -> &'static str {
+        match code {
+            1 => "length",
+            2 => "magic",
+            3 => "kind",
+            4 => "record size",
+            5 => "count",
+            6 => "payload length",
+            7 => "crc",
+            8 => "reserved",
+            9 => "trailing bytes",
+            10 => "record",
+            _ => "unknown",
+        }
+    }
+
     /// The field, for error messages.
     pub fn field(self) -> &'static str {
         match self {

@@ -232,6 +232,8 @@ pub enum ErrorKind {
     Io,
     /// Talking to the VMM process failed (client side only).
     Connection,
+    /// The agent refused a message (the text names the field).
+    Agent,
 }
 
 /// A successful reply without fields (`create`, `pause`, `resume`).

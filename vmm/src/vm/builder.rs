@@ -139,6 +139,7 @@ impl Vm {
             mem_size,
             has_base: Mutex::new(false),
             life: Mutex::new(()),
+            bulk: Mutex::new(()),
         }
     }
 }

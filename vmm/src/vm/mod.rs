@@ -9,6 +9,7 @@
 //! and restores are [`persist`].
 
 mod builder;
+pub mod bulk;
 mod bus;
 mod persist;
 mod shared;
@@ -102,6 +103,8 @@ pub struct Vm {
     /// so a resume from another control connection cannot run the guest
     /// while a snapshot is reading its memory.
     life: Mutex<()>,
+    /// Serializes protocol-2 exchanges (one in-window, one out-window).
+    bulk: Mutex<()>,
 }
 
 /// Requests queued for a guest that has no free receive buffer.

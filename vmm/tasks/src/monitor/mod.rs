@@ -67,6 +67,19 @@ pub struct VmState {
 }
 
 impl VmState {
+    /// A VM not seen yet (a `const`, for the agent's static table).
+    pub const NEW: VmState = VmState {
+        first_tick: 0,
+        seen: false,
+        health: 0,
+        reason: 0,
+        since_tick: 0,
+        oom_total: 0,
+        last_oom_tick: None,
+        drops_total: 0,
+        calm_ticks: 0,
+    };
+
     pub fn health(&self) -> Option<Health> {
         Health::from_u8(self.health)
     }

@@ -1,0 +1,108 @@
+//! Protocol 2 with a real KVM management agent: the monitor task runs in
+//! the guest over a bulk Telemetry message of 1,000 user VMs a tick and
+//! answers the health changes; its state lives in guest memory, so a
+//! snapshot carries it; a message the agent finds malformed is refused
+//! naming the field (the VM keeps running); a malformed answer stops only
+//! that VM.
+
+mod vmm_support;
+
+use std::time::{Duration, Instant};
+
+use vmm::proto::signals::{Health, Reason, VmSignals, FLAG_EXISTS, FLAG_MEM_LIMIT};
+use vmm::vm::bulk::telemetry_message;
+use vmm::{Error, RunState, Sinks, Vm, VmConfig};
+use vmm_support::*;
+
+const T: Duration = Duration::from_secs(10);
+
+fn fleet(n: u32) -> Vec<VmSignals> {
+    (0..n)
+        .map(|slot| VmSignals {
+            slot,
+            flags: FLAG_EXISTS | FLAG_MEM_LIMIT,
+            cpu_ns_total: 1_000_000 + slot as u64,
+            quiet_ms: 0,
+            cpu_ppm: 50_000,
+            runq_p99_us: 300,
+            oom_kills_total: 0,
+            working_set: 64 << 20,
+            mem_limit: 256 << 20,
+            drops_total: 0,
+        })
+        .collect()
+}
+
+#[test]
+fn the_monitor_agent_decides_health_for_1000_vms_a_tick_and_a_snapshot_keeps_its_state() {
+    require_kvm();
+    let vm = Vm::create(&VmConfig::new(guest_elf(), 32), Sinks::default()).expect("create");
+    vm.start(false).expect("start");
+    vm.wait_ready(T).expect("banner");
+    let mut batch = fleet(1000);
+    batch[5].quiet_ms = 20_000; // no sign of life: stalled
+    batch[7].flags = 0; // its cgroup is gone: stopped
+    let t = Instant::now();
+    let first = vm.monitor_tick(1, &batch, T).expect("tick 1");
+    eprintln!("tick of 1,000 VMs: {:?} ({} changes)", t.elapsed(), first.len());
+    assert_eq!(first.len(), 1000, "every VM is new");
+    let of = |changes: &[vmm::proto::signals::HealthChange], slot: u32| {
+        changes.iter().find(|c| c.slot == slot).map(|c| (c.health, c.reason))
+    };
+    assert_eq!(of(&first, 0), Some((Health::Running, Reason::Healthy)));
+    assert_eq!(of(&first, 5), Some((Health::Stalled, Reason::NoProgress)));
+    assert_eq!(of(&first, 7), Some((Health::Stopped, Reason::Gone)));
+
+    // Tick 2: one VM OOMs; only its change comes back.
+    batch[9].oom_kills_total = 1;
+    let second = vm.monitor_tick(2, &batch, T).expect("tick 2");
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(of(&second, 9), Some((Health::Degraded, Reason::OomKilled)));
+
+    // Its memory of 1,000 VMs moves with a snapshot: the restored agent
+    // reports nothing new for the same signals.
+    let mut times = Vec::new();
+    for seq in 3..23 {
+        let t = Instant::now();
+        vm.monitor_tick(seq, &batch, T).expect("tick");
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    eprintln!("1,000-VM tick round trip: p50 {:.2} ms, max {:.2} ms", times[10], times[19]);
+    vm.pause().expect("pause");
+    let mut image = Vec::new();
+    vm.snapshot_to(&mut image).expect("snapshot");
+    vm.shutdown();
+    let vm2 = Vm::restore_from(image.as_slice(), Sinks::default()).expect("restore");
+    vm2.resume().expect("resume");
+    let third = vm2.monitor_tick(23, &batch, T).expect("tick after restore");
+    assert!(third.is_empty(), "state carried: {third:?}");
+    batch[5].quiet_ms = 0;
+    let fourth = vm2.monitor_tick(24, &batch, T).expect("tick");
+    assert_eq!(fourth.len(), 1);
+    assert_eq!(of(&fourth, 5), Some((Health::Running, Reason::Healthy)));
+
+    // A malformed message is refused naming the field; the VM runs on.
+    let mut bad = telemetry_message(25, &batch).expect("message");
+    bad[40] ^= 1; // a payload byte: the CRC no longer matches
+    match vm2.monitor_tick_message(&bad, 25, &batch, T) {
+        Err(Error::Refused { field }) => assert_eq!(field, "crc"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let mut lying = telemetry_message(26, &batch).expect("message");
+    lying[16..20].copy_from_slice(&999u32.to_le_bytes()); // a count the length does not carry
+    assert!(matches!(vm2.monitor_tick_message(&lying, 26, &batch, T), Err(Error::Refused { field: "payload length" })));
+    assert!(vm2.monitor_tick(27, &batch, T).is_ok(), "still serving");
+
+    // A malformed answer stops the VM (and only it).
+    match vm2.monitor_tick_hostile_self_test(28, &batch, T) {
+        Err(Error::Hostile { field }) => eprintln!("hostile answer refused: {field}"),
+        other => panic!("expected a hostile answer, got {other:?}"),
+    }
+    let deadline = Instant::now() + T;
+    while !matches!(vm2.state(), RunState::Stopped(_)) {
+        assert!(Instant::now() < deadline, "the VM did not stop: {:?}", vm2.state());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    vm2.shutdown();
+}

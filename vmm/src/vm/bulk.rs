@@ -1,0 +1,128 @@
+//! Protocol 2 on the VMM side: a bulk message written into the guest's
+//! in-window, a request frame naming its length, the agent's answer read
+//! from the out-window and checked whole before anything in it is used. An
+//! agent that answers with something malformed (a length past its window,
+//! a bad header, a record that does not decode or names a VM it was not
+//! asked about, more changes than VMs) is hostile: the VM is stopped, as for
+//! a bad descriptor, and the error says which field was wrong. An in-message
+//! the agent refuses (it says which field) leaves the VM running.
+
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::shared::lock;
+use super::Vm;
+use crate::error::{Error, MemoryError, Result, StopReason};
+use crate::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
+use crate::proto::signals::{HealthChange, VmSignals, CHANGE_LEN};
+use crate::proto::{self, op};
+
+impl Vm {
+    /// One status-monitoring tick: the signals of up to 1,024 user VMs in,
+    /// the health changes the monitor agent decided out.
+    pub fn monitor_tick(&self, seq: u64, batch: &[VmSignals], timeout: Duration) -> Result<Vec<HealthChange>> {
+        let message = telemetry_message(seq, batch)?;
+        self.bulk_exchange(&message, seq, batch, op::MONITOR_TICK, timeout)
+    }
+
+    /// A Telemetry message as bytes (what a relay, e.g. the card, carries):
+    /// sent as is, so the agent's own checks decide; `batch` is what the
+    /// answer is checked against.
+    pub fn monitor_tick_message(
+        &self,
+        message: &[u8],
+        seq: u64,
+        batch: &[VmSignals],
+        timeout: Duration,
+    ) -> Result<Vec<HealthChange>> {
+        if message.len() as u64 > proto::BULK_IN_LEN {
+            return Err(Error::Config { field: "message", reason: format!("{} bytes", message.len()) });
+        }
+        self.bulk_exchange(message, seq, batch, op::MONITOR_TICK, timeout)
+    }
+
+    /// [`Vm::monitor_tick`] with the agent's malformed-answer self test.
+    pub fn monitor_tick_hostile_self_test(&self, seq: u64, batch: &[VmSignals], timeout: Duration) -> Result<()> {
+        let message = telemetry_message(seq, batch)?;
+        self.bulk_exchange(&message, seq, batch, op::BAD_BULK, timeout).map(drop)
+    }
+
+    fn bulk_exchange(
+        &self,
+        message: &[u8],
+        seq: u64,
+        batch: &[VmSignals],
+        opcode: u64,
+        timeout: Duration,
+    ) -> Result<Vec<HealthChange>> {
+        // One exchange at a time: the windows are single buffers.
+        let _bulk = lock(&self.bulk);
+        self.sh.mem.write_slice(message, GuestAddress(proto::BULK_IN_ADDR)).map_err(|source| MemoryError::Access {
+            what: "the bulk in-window",
+            addr: proto::BULK_IN_ADDR,
+            source,
+        })?;
+        let reply = self.request(opcode, message.len() as u64, timeout)?;
+        if reply.value & proto::BULK_REFUSED != 0 {
+            return Err(Error::Refused { field: msg::MsgError::field_of_code(reply.value & 0xff) });
+        }
+        self.read_changes(seq, batch, reply.value)
+    }
+
+    /// Read and check the agent's answer; stop the VM if it is malformed.
+    fn read_changes(&self, seq: u64, batch: &[VmSignals], len: u64) -> Result<Vec<HealthChange>> {
+        let hostile = |field: &'static str| {
+            self.sh.fail(StopReason::Device(format!("hostile monitor answer: {field}")));
+            Error::Hostile { field }
+        };
+        if len < MSG_HEADER_LEN as u64 || len > proto::BULK_OUT_LEN {
+            return Err(hostile("length"));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.sh.mem.read_slice(&mut buf, GuestAddress(proto::BULK_OUT_ADDR)).map_err(|source| MemoryError::Access {
+            what: "the bulk out-window",
+            addr: proto::BULK_OUT_ADDR,
+            source,
+        })?;
+        let (hd, payload) = msg::check(&buf).map_err(|e| hostile(e.field()))?;
+        if hd.kind != MsgKind::Health {
+            return Err(hostile("kind"));
+        }
+        if hd.seq != seq {
+            return Err(hostile("sequence"));
+        }
+        if hd.count as usize > batch.len() {
+            return Err(hostile("count"));
+        }
+        let mut out = Vec::with_capacity(hd.count as usize);
+        for c in payload.chunks_exact(CHANGE_LEN) {
+            let arr: &[u8; CHANGE_LEN] = c.try_into().map_err(|_| hostile("record"))?;
+            let change = HealthChange::decode(arr).ok_or_else(|| hostile("record"))?;
+            if !batch.iter().any(|s| s.slot == change.slot) {
+                return Err(hostile("slot"));
+            }
+            out.push(change);
+        }
+        Ok(out)
+    }
+}
+
+/// The Telemetry message for `batch`.
+pub fn telemetry_message(seq: u64, batch: &[VmSignals]) -> Result<Vec<u8>> {
+    if batch.len() > msg::MAX_RECORDS as usize {
+        return Err(Error::Config {
+            field: "signals",
+            reason: format!("{} VMs in one tick; at most {}", batch.len(), msg::MAX_RECORDS),
+        });
+    }
+    let mut payload = Vec::with_capacity(batch.len() * proto::signals::SIGNALS_LEN);
+    for s in batch {
+        payload.extend_from_slice(&s.encode());
+    }
+    let mut head = [0u8; MSG_HEADER_LEN];
+    msg::write_header(&mut head, MsgKind::Telemetry, seq, batch.len() as u32, &payload);
+    let mut message = head.to_vec();
+    message.extend_from_slice(&payload);
+    Ok(message)
+}
