@@ -106,3 +106,27 @@ fn the_monitor_agent_decides_health_for_1000_vms_a_tick_and_a_snapshot_keeps_its
     }
     vm2.shutdown();
 }
+
+/// The same over the `vmm` process's control socket: `monitor_tick` with
+/// the signals as JSON; a malformed record is refused naming the field.
+#[test]
+fn monitor_ticks_over_the_control_socket() {
+    require_kvm();
+    let elf = guest_elf();
+    let mut p = VmmProc::spawn(&["--guest", elf.to_str().expect("utf-8"), "--mem-mib", "32"]);
+    let signals: Vec<vmm::host::api::Signals> = (0..3)
+        .map(|slot| vmm::host::api::Signals { slot, exists: slot != 2, cpu_ns_total: 5, ..Default::default() })
+        .collect();
+    let r = p.client.monitor_tick(1, &signals).expect("monitor tick");
+    let health: Vec<(u32, &str, &str)> =
+        r.changes.iter().map(|c| (c.slot, c.health.as_str(), c.reason.as_str())).collect();
+    assert_eq!(health, vec![(0, "running", "healthy"), (1, "running", "healthy"), (2, "stopped", "gone")]);
+    let again = p.client.monitor_tick(2, &signals).expect("tick 2");
+    assert!(again.changes.is_empty());
+    let bad = p.client.call_json(&serde_json::json!({
+        "cmd": "monitor_tick", "seq": 3,
+        "signals": [{"slot": 0, "exists": true, "cpu_ns_total": 1, "quiet_ms": 0, "cpu": 5}]
+    }));
+    let e = bad.expect_err("unknown field refused").to_string();
+    assert!(e.contains("signals") && e.contains("cpu"), "{e}");
+}

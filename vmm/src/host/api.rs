@@ -11,6 +11,7 @@
 //! | `pause` / `resume` | | |
 //! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot), optional `stream` (bool: the stream format a link carries, sparse, instead of the mappable file layout), optional `live` (bool: pre-copy's base of the running VM, stream format) | `bytes`, `snapshot_ms` |
 //! | `apply_diff` | `path` (a diff snapshot whose base this paused VM was restored from) | (VM stays paused) |
+//! | `monitor_tick` | `seq`, `signals` (per user VM: `slot`, `exists`, `cpu_ns_total`, `quiet_ms`, optional `mem_limit`, `cpu_ppm`, `runq_p99_us`, `oom_kills_total`, `working_set`, `drops_total`) | `changes` (`slot`, `health`, `reason`, `tick`, `detail`) |
 //! | `request` | `op` (an [`AgentOp`] name), optional `arg` (default 0) | `reply`, `rtt_us` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid`, `vm` (exit and log counters) |
@@ -99,6 +100,8 @@ mod named {
     field!(stream: bool);
     field!(live: bool);
     field!(op: AgentOp);
+    field!(seq: u64);
+    field!(signals: Vec<Signals>);
     field!(arg: u64);
 }
 
@@ -149,6 +152,14 @@ pub enum Request {
         #[serde(default, deserialize_with = "named::live", skip_serializing_if = "is_false")]
         live: bool,
     },
+    /// Status monitoring: one tick of every user VM's signals to the monitor
+    /// agent (protocol 2); the reply has the health changes it decided.
+    MonitorTick {
+        #[serde(deserialize_with = "named::seq")]
+        seq: u64,
+        #[serde(deserialize_with = "named::signals")]
+        signals: Vec<Signals>,
+    },
     /// Apply a diff snapshot file to the paused VM (restored from the
     /// diff's base, not run since): pre-copy's last step before resume.
     ApplyDiff {
@@ -179,7 +190,7 @@ pub enum BadRequest {
 
 impl Request {
     /// Every `cmd` name, for the error that refuses an unknown one.
-    pub const COMMANDS: [&'static str; 11] = [
+    pub const COMMANDS: [&'static str; 12] = [
         "create",
         "boot",
         "restore",
@@ -187,6 +198,7 @@ impl Request {
         "resume",
         "snapshot",
         "apply_diff",
+        "monitor_tick",
         "request",
         "state",
         "stats",
@@ -299,6 +311,84 @@ pub enum Response {
     State(StateReply),
     Stats(StatsReply),
     Shutdown(ShutdownReply),
+    Health(HealthReply),
+}
+
+/// One user VM's signals on the control socket (the JSON form of
+/// `mc_proto::signals::VmSignals`; unknown fields refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signals {
+    pub slot: u32,
+    pub exists: bool,
+    #[serde(default)]
+    pub mem_limit: Option<u64>,
+    pub cpu_ns_total: u64,
+    pub quiet_ms: u32,
+    #[serde(default)]
+    pub cpu_ppm: u32,
+    #[serde(default)]
+    pub runq_p99_us: u32,
+    #[serde(default)]
+    pub oom_kills_total: u32,
+    #[serde(default)]
+    pub working_set: u64,
+    #[serde(default)]
+    pub drops_total: u64,
+}
+
+impl Signals {
+    pub fn to_proto(&self) -> crate::proto::signals::VmSignals {
+        use crate::proto::signals::{VmSignals, FLAG_EXISTS, FLAG_MEM_LIMIT};
+        let mut flags = 0;
+        if self.exists {
+            flags |= FLAG_EXISTS;
+        }
+        if self.mem_limit.is_some() {
+            flags |= FLAG_MEM_LIMIT;
+        }
+        VmSignals {
+            slot: self.slot,
+            flags,
+            cpu_ns_total: self.cpu_ns_total,
+            quiet_ms: self.quiet_ms,
+            cpu_ppm: self.cpu_ppm,
+            runq_p99_us: self.runq_p99_us,
+            oom_kills_total: self.oom_kills_total,
+            working_set: self.working_set,
+            mem_limit: self.mem_limit.unwrap_or(0),
+            drops_total: self.drops_total,
+        }
+    }
+}
+
+/// A health change on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub slot: u32,
+    /// starting, running, degraded, stalled, stopped
+    pub health: String,
+    /// booting, healthy, oom-killed, memory-pressure, run-queue-delay, drops, no-progress, gone
+    pub reason: String,
+    pub tick: u32,
+    pub detail: u32,
+}
+
+impl From<&crate::proto::signals::HealthChange> for Change {
+    fn from(c: &crate::proto::signals::HealthChange) -> Change {
+        Change {
+            slot: c.slot,
+            health: c.health.name().into(),
+            reason: c.reason.name().into(),
+            tick: c.tick,
+            detail: c.detail,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReply {
+    pub changes: Vec<Change>,
 }
 
 /// A successful reply line: `ok` and the reply's fields.
@@ -365,6 +455,10 @@ mod tests {
             Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: false },
             Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: true },
             Request::ApplyDiff { path: "/d".into() },
+            Request::MonitorTick {
+                seq: 3,
+                signals: vec![Signals { slot: 1, exists: true, cpu_ns_total: 9, ..Signals::default() }],
+            },
             Request::Request { op: AgentOp::Touch, arg: 7 },
             Request::State {},
             Request::Stats {},

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::api::{
-    AgentOp, Answered, Booted, Done, ErrorLine, Request, Restored, ShutdownReply, SnapshotTaken, StateReply, StatsReply,
+    AgentOp, Answered, Booted, Done, ErrorLine, HealthReply, Request, Restored, ShutdownReply, Signals, SnapshotTaken,
+    StateReply, StatsReply,
 };
 use crate::error::{Error, Result};
 
@@ -88,6 +89,11 @@ impl Client {
     /// Pre-copy's base of the running VM, in the stream format.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotTaken> {
         self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true, live: true })
+    }
+
+    /// One status-monitoring tick (see `Request::MonitorTick`).
+    pub fn monitor_tick(&mut self, seq: u64, signals: &[Signals]) -> Result<HealthReply> {
+        self.call(&Request::MonitorTick { seq, signals: signals.to_vec() })
     }
 
     /// A pre-copy round's diff of the running VM.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmm::host::api::{
-    Answered, BadRequest, Booted, Done, ErrorKind, ErrorLine, OkLine, Request, Response, Restored, ShutdownReply,
-    SnapshotTaken, StateReply, StatsReply,
+    Answered, BadRequest, Booted, Change, Done, ErrorKind, ErrorLine, HealthReply, OkLine, Request, Response, Restored,
+    ShutdownReply, SnapshotTaken, StateReply, StatsReply,
 };
 use vmm::{RunState, Sinks, Vm, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -185,6 +185,11 @@ impl Server {
                 let t = Instant::now();
                 let reply = vm.request(op.code(), arg, REQUEST_TIMEOUT)?;
                 Response::Answered(Answered { reply, rtt_us: t.elapsed().as_secs_f64() * 1e6 })
+            }
+            Request::MonitorTick { seq, signals } => {
+                let batch: Vec<_> = signals.iter().map(|s| s.to_proto()).collect();
+                let changes = self.vm()?.monitor_tick(seq, &batch, REQUEST_TIMEOUT)?;
+                Response::Health(HealthReply { changes: changes.iter().map(Change::from).collect() })
             }
             Request::State {} => {
                 let vm = self.vm()?;
