@@ -23,6 +23,9 @@ pub const FEATURE_VM_COSTS: u32 = 1 << 1;
 /// (`mailbox::SNAPSHOT_LIVE`, `mailbox::SNAPSHOT_DIFF`) for pre-copy moves.
 /// A host never sends flags to a card without this bit.
 pub const FEATURE_PRECOPY: u32 = 1 << 2;
+/// AGENT_BULK (ABI 1.2): the `agent-bulk` op carries a protocol-2 message
+/// (`mc_proto::msg`) to a VM's management agent and its answer back.
+pub const FEATURE_AGENT_BULK: u32 = 1 << 3;
 
 /// VFIO region indices of the two BARs.
 pub const BAR0_INDEX: u32 = 0;

@@ -103,7 +103,14 @@ pub enum Op {
     ReadEvents = 12,
     /// ABI 1.2 (feature VM_COSTS): the measured cost of each VM (`crate::costs`).
     VmCosts = 13,
+    /// ABI 1.2 (feature AGENT_BULK): vm, arg0 = the agent task (1 = monitor
+    /// tick), payload = a protocol-2 message; the response payload is the
+    /// agent's answer message.
+    AgentBulk = 14,
 }
+
+/// `agent-bulk` tasks (arg0).
+pub const BULK_MONITOR: u64 = 1;
 
 /// Snapshot op flags in arg0 (ABI 1.2, feature PRECOPY). LIVE: a base of
 /// the VM while it keeps running (pre-copy; the card parks it only to
@@ -133,6 +140,7 @@ impl Op {
             11 => ListVms,
             12 => ReadEvents,
             13 => VmCosts,
+            14 => AgentBulk,
             _ => return None,
         })
     }
@@ -152,6 +160,7 @@ impl Op {
             ListVms => "list-vms",
             ReadEvents => "read-events",
             VmCosts => "vm-costs",
+            AgentBulk => "agent-bulk",
         }
     }
 }

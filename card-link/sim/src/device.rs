@@ -200,7 +200,7 @@ impl SimCard {
             f |= abi::FEATURE_VM_COSTS;
         }
         if self.precopy {
-            f |= abi::FEATURE_PRECOPY;
+            f |= abi::FEATURE_PRECOPY | abi::FEATURE_AGENT_BULK;
         }
         f
     }

@@ -17,6 +17,7 @@
 //! The card's cgroup is sized and measured through `cgroupfs`. The card ABI
 //! itself (register layout, mailbox wire format) is `card-link`'s.
 
+pub mod bulk;
 mod commands;
 pub mod control;
 pub mod costs;

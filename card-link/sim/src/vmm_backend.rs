@@ -300,6 +300,14 @@ impl ManagedVm for VmmVm {
         self.proc.as_ref().map(|p| p.pid()).into_iter().collect()
     }
 
+    fn monitor_tick(
+        &mut self,
+        seq: u64,
+        signals: &[vmm::host::api::Signals],
+    ) -> Result<Vec<vmm::host::api::Change>, VmError> {
+        Ok(self.proc()?.client().monitor_tick(seq, signals).map_err(err("monitor tick"))?.changes)
+    }
+
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError> {
         Ok(self.proc()?.client().request(op, arg).map_err(err("agent request"))?.reply)
     }

@@ -64,6 +64,15 @@ pub trait ManagedVm: Send {
     fn apply_diff(&mut self, _diff: &[u8]) -> Result<(), VmError> {
         Err(VmError::NoPrecopy)
     }
+    /// One status-monitoring tick with the VM's agent: the signals in, the
+    /// changes it decided out; default: no agent.
+    fn monitor_tick(
+        &mut self,
+        _seq: u64,
+        _signals: &[vmm::host::api::Signals],
+    ) -> Result<Vec<vmm::host::api::Change>, VmError> {
+        Err(VmError::NoAgent)
+    }
     /// Processes of its own that must die with the card (a crash).
     fn pids(&self) -> Vec<u32> {
         Vec::new()

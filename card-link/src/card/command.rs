@@ -232,6 +232,30 @@ impl Card {
         Ok(costs)
     }
 
+    /// One protocol-2 exchange with VM `vm`'s management agent (ABI 1.2
+    /// feature AGENT_BULK): `message` in, the agent's answer out. The
+    /// bytes are the agent protocol's (`mc_proto::msg`); the caller checks
+    /// the answer whole. `Unsupported`, with nothing sent, on a card
+    /// without the feature.
+    pub fn agent_bulk(&mut self, vm: u32, task: u64, message: &[u8]) -> Result<Vec<u8>> {
+        if self.first.features & abi::FEATURE_AGENT_BULK == 0 {
+            return Err(CardError::Unsupported {
+                what: "agent messages (mailbox op agent-bulk)",
+                needs: "ABI 1.2 with feature bit 3",
+                minor: self.first.abi_minor,
+            });
+        }
+        if message.len() > self.max_payload() {
+            return Err(CardError::Invalid(format!(
+                "an agent message of {} bytes exceeds a slot ({} bytes)",
+                message.len(),
+                self.max_payload()
+            )));
+        }
+        let m = self.call(Op::AgentBulk, vm, task, 0, message)?;
+        Ok(m.payload)
+    }
+
     /// Events with sequence >= `from`, at most `max`.
     pub fn read_events(&mut self, from: u64, max: u32) -> Result<Vec<Event>> {
         let m = self.call(Op::ReadEvents, 0, from, max as u64, &[])?;

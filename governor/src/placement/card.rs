@@ -46,6 +46,21 @@ impl CardSite {
         Ok(id)
     }
 
+    /// One status-monitoring tick with `task`'s agent on the card (ABI 1.2
+    /// `agent-bulk`): the answer is checked whole.
+    pub fn monitor_tick(
+        &mut self,
+        task: &str,
+        seq: u64,
+        batch: &[vmm::proto::signals::VmSignals],
+    ) -> Result<Vec<vmm::proto::signals::HealthChange>, String> {
+        let id = self.id(task)?;
+        let message = vmm::vm::bulk::telemetry_message(seq, batch).map_err(|e| e.to_string())?;
+        let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_MONITOR, &message).map_err(|e| e.to_string())?;
+        vmm::vm::bulk::check_health_answer(&answer, seq, batch)
+            .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
+    }
+
     /// Tasks with a VM on the card, with their VM ids.
     pub fn tasks(&self) -> Vec<(String, u32)> {
         self.vms.iter().map(|(t, (id, _))| (t.clone(), *id)).collect()

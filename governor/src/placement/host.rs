@@ -162,6 +162,31 @@ impl HostSite {
         self.slots.iter().filter(|(_, s)| s.live.is_some()).map(|(t, _)| t.clone()).collect()
     }
 
+    /// One status-monitoring tick with `task`'s agent running here: the
+    /// signals in, its health changes out, checked (valid states and
+    /// reasons, only VMs asked about).
+    pub fn monitor_tick(
+        &mut self,
+        task: &str,
+        seq: u64,
+        batch: &[vmm::proto::signals::VmSignals],
+    ) -> Result<Vec<vmm::proto::signals::HealthChange>, String> {
+        let signals: Vec<vmm::host::api::Signals> = batch.iter().map(vmm::host::api::Signals::from_proto).collect();
+        let reply = self.live(task)?.client().monitor_tick(seq, &signals).map_err(|e| e.to_string())?;
+        if reply.changes.len() > batch.len() {
+            return Err(format!("{task}'s agent answered {} changes for {} VMs", reply.changes.len(), batch.len()));
+        }
+        reply
+            .changes
+            .iter()
+            .map(|c| {
+                c.to_proto()
+                    .filter(|h| batch.iter().any(|s| s.slot == h.slot))
+                    .ok_or_else(|| format!("{task}'s agent answered a malformed change {c:?}"))
+            })
+            .collect()
+    }
+
     /// The control socket of a task's live VMM (operators and tests may
     /// connect to it; it serves several clients).
     pub fn live_socket(&self, task: &str) -> Option<&Path> {

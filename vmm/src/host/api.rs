@@ -338,6 +338,22 @@ pub struct Signals {
 }
 
 impl Signals {
+    pub fn from_proto(s: &crate::proto::signals::VmSignals) -> Signals {
+        use crate::proto::signals::{FLAG_EXISTS, FLAG_MEM_LIMIT};
+        Signals {
+            slot: s.slot,
+            exists: s.flags & FLAG_EXISTS != 0,
+            mem_limit: (s.flags & FLAG_MEM_LIMIT != 0).then_some(s.mem_limit),
+            cpu_ns_total: s.cpu_ns_total,
+            quiet_ms: s.quiet_ms,
+            cpu_ppm: s.cpu_ppm,
+            runq_p99_us: s.runq_p99_us,
+            oom_kills_total: s.oom_kills_total,
+            working_set: s.working_set,
+            drops_total: s.drops_total,
+        }
+    }
+
     pub fn to_proto(&self) -> crate::proto::signals::VmSignals {
         use crate::proto::signals::{VmSignals, FLAG_EXISTS, FLAG_MEM_LIMIT};
         let mut flags = 0;
@@ -372,6 +388,25 @@ pub struct Change {
     pub reason: String,
     pub tick: u32,
     pub detail: u32,
+}
+
+impl Change {
+    /// Back to the agent's record; None for an unknown state or reason, or
+    /// a reason that does not explain the state.
+    pub fn to_proto(&self) -> Option<crate::proto::signals::HealthChange> {
+        use crate::proto::signals::{Health, HealthChange, Reason};
+        let health = [Health::Starting, Health::Running, Health::Degraded, Health::Stalled, Health::Stopped]
+            .into_iter()
+            .find(|h| h.name() == self.health)?;
+        let reason = (1..=8).filter_map(Reason::from_u8).find(|r| r.name() == self.reason)?;
+        reason.explains(health).then_some(HealthChange {
+            slot: self.slot,
+            health,
+            reason,
+            tick: self.tick,
+            detail: self.detail,
+        })
+    }
 }
 
 impl From<&crate::proto::signals::HealthChange> for Change {

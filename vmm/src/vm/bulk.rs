@@ -85,26 +85,7 @@ impl Vm {
             addr: proto::BULK_OUT_ADDR,
             source,
         })?;
-        let (hd, payload) = msg::check(&buf).map_err(|e| hostile(e.field()))?;
-        if hd.kind != MsgKind::Health {
-            return Err(hostile("kind"));
-        }
-        if hd.seq != seq {
-            return Err(hostile("sequence"));
-        }
-        if hd.count as usize > batch.len() {
-            return Err(hostile("count"));
-        }
-        let mut out = Vec::with_capacity(hd.count as usize);
-        for c in payload.chunks_exact(CHANGE_LEN) {
-            let arr: &[u8; CHANGE_LEN] = c.try_into().map_err(|_| hostile("record"))?;
-            let change = HealthChange::decode(arr).ok_or_else(|| hostile("record"))?;
-            if !batch.iter().any(|s| s.slot == change.slot) {
-                return Err(hostile("slot"));
-            }
-            out.push(change);
-        }
-        Ok(out)
+        check_health_answer(&buf, seq, batch).map_err(hostile)
     }
 }
 
@@ -125,4 +106,72 @@ pub fn telemetry_message(seq: u64, batch: &[VmSignals]) -> Result<Vec<u8>> {
     let mut message = head.to_vec();
     message.extend_from_slice(&payload);
     Ok(message)
+}
+
+/// Check a monitor agent's answer to the Telemetry message `seq` of
+/// `batch` whole: a Health message, the same sequence, no more changes than
+/// VMs, every record valid (a reason that explains its state) and about a
+/// VM that was asked about. Returns the changes, or the field at fault.
+pub fn check_health_answer(
+    buf: &[u8],
+    seq: u64,
+    batch: &[VmSignals],
+) -> std::result::Result<Vec<HealthChange>, &'static str> {
+    let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
+    if hd.kind != MsgKind::Health {
+        return Err("kind");
+    }
+    if hd.seq != seq {
+        return Err("sequence");
+    }
+    if hd.count as usize > batch.len() {
+        return Err("count");
+    }
+    let mut out = Vec::with_capacity(hd.count as usize);
+    for c in payload.chunks_exact(CHANGE_LEN) {
+        let arr: &[u8; CHANGE_LEN] = c.try_into().map_err(|_| "record")?;
+        let change = HealthChange::decode(arr).ok_or("record")?;
+        if !batch.iter().any(|s| s.slot == change.slot) {
+            return Err("slot");
+        }
+        out.push(change);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::signals::{Health, Reason, FLAG_EXISTS};
+
+    fn answer(seq: u64, changes: &[HealthChange]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for c in changes {
+            payload.extend_from_slice(&c.encode());
+        }
+        let mut h = [0u8; MSG_HEADER_LEN];
+        msg::write_header(&mut h, MsgKind::Health, seq, changes.len() as u32, &payload);
+        let mut v = h.to_vec();
+        v.extend_from_slice(&payload);
+        v
+    }
+
+    #[test]
+    fn answers_are_checked_whole() {
+        let batch = [VmSignals { slot: 4, flags: FLAG_EXISTS, ..VmSignals::default() }];
+        let ok = HealthChange { slot: 4, health: Health::Running, reason: Reason::Healthy, tick: 1, detail: 0 };
+        assert_eq!(check_health_answer(&answer(9, &[ok]), 9, &batch), Ok(vec![ok]));
+        assert_eq!(check_health_answer(&answer(8, &[ok]), 9, &batch), Err("sequence"));
+        assert_eq!(check_health_answer(&answer(9, &[ok, ok]), 9, &batch), Err("count"));
+        let other = HealthChange { slot: 5, ..ok };
+        assert_eq!(check_health_answer(&answer(9, &[other]), 9, &batch), Err("slot"));
+        let mut lie = answer(9, &[ok]);
+        lie[MSG_HEADER_LEN + 5] = Reason::Gone as u8; // "gone" does not explain "running"
+        let crc = msg::crc32(&lie[MSG_HEADER_LEN..]);
+        lie[24..28].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(check_health_answer(&lie, 9, &batch), Err("record"));
+        assert_eq!(check_health_answer(&lie[..20], 9, &batch), Err("length"));
+        let telemetry = telemetry_message(9, &batch).expect("message");
+        assert_eq!(check_health_answer(&telemetry, 9, &batch), Err("kind"), "not a Health message");
+    }
 }

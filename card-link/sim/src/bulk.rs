@@ -1,0 +1,35 @@
+//! The card's relay of protocol-2 messages to a card-side VM's agent (ABI
+//! 1.2 `agent-bulk`): the host's Telemetry message is checked whole, as the
+//! agent would, before it goes to the VM's VMM; the changes come back as a
+//! Health message.
+
+use vmm::host::api::{Change, Signals};
+use vmm::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
+use vmm::proto::signals::{VmSignals, SIGNALS_LEN};
+
+/// The host's Telemetry message -> (sequence, signals); the field at fault.
+pub fn decode_telemetry(buf: &[u8]) -> Result<(u64, Vec<Signals>), &'static str> {
+    let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
+    if hd.kind != MsgKind::Telemetry {
+        return Err("kind");
+    }
+    let mut out = Vec::with_capacity(hd.count as usize);
+    for c in payload.chunks_exact(SIGNALS_LEN) {
+        let arr: &[u8; SIGNALS_LEN] = c.try_into().map_err(|_| "record")?;
+        out.push(Signals::from_proto(&VmSignals::decode(arr).ok_or("record")?));
+    }
+    Ok((hd.seq, out))
+}
+
+/// The changes -> a Health message.
+pub fn encode_health(seq: u64, changes: &[Change]) -> Result<Vec<u8>, &'static str> {
+    let mut payload = Vec::with_capacity(changes.len() * 16);
+    for c in changes {
+        payload.extend_from_slice(&c.to_proto().ok_or("health or reason")?.encode());
+    }
+    let mut head = [0u8; MSG_HEADER_LEN];
+    msg::write_header(&mut head, MsgKind::Health, seq, changes.len() as u32, &payload);
+    let mut out = head.to_vec();
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
