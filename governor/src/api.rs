@@ -77,6 +77,13 @@ pub struct Status {
     pub tick_ms: u64,
     pub vms: Vec<VmStatus>,
     pub ooms: Vec<OomRecord>,
+    /// Each user VM's health as the monitor MC VM decided it.
+    #[serde(default)]
+    pub health: Vec<crate::manage::board::VmHealth>,
+    /// Why management is degraded (the monitor VM cannot answer; the
+    /// health above is then its last word), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management_degraded: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -75,6 +75,7 @@ pub async fn run_with(
     let deadline = tokio::time::sleep(stop_after.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut status = Status { tick_ms: cfg.tick_ms, ..Status::default() };
+    let mut tracker = crate::manage::signals::SignalTracker::default();
     loop {
         tokio::select! {
             _ = timer.tick() => {}
@@ -92,6 +93,17 @@ pub async fn run_with(
                 status.tick += 1;
                 status.vms = v.to_vec();
                 status.ooms = gov.ooms();
+                if let Some(p) = &placement {
+                    // Feed the monitor MC VM, and show what it decided so far.
+                    let extras =
+                        crate::manage::signals::Extras { mem_limit: gov.memory_limits(), drops: drops_by_vm(&gov) };
+                    let (names, signals) = tracker.signals(std::time::Instant::now(), &status.vms, &extras);
+                    p.monitor(status.tick, names, signals);
+                    let board = p.board();
+                    let b = board.lock().unwrap_or_else(|e| e.into_inner());
+                    status.health = b.vms.values().cloned().collect();
+                    status.management_degraded = b.degraded.clone();
+                }
                 if cfg.metrics_addr.is_some() {
                     let limits = gov.limits().unwrap_or_default();
                     // Fails only when the metrics server is gone (then nobody reads).
@@ -160,6 +172,15 @@ fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement
         qos: Default::default(),
     });
     Ok((Some(placement), cfg))
+}
+
+/// Packets dropped so far per VM (both directions' QoS).
+fn drops_by_vm(gov: &Governor) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    for l in gov.limits().unwrap_or_default() {
+        *out.entry(l.vm).or_insert(0) += l.dropped_packets;
+    }
+    out
 }
 
 fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {

@@ -13,6 +13,7 @@ pub mod btf;
 pub mod config;
 pub mod daemon;
 pub mod governor;
+pub mod manage;
 pub mod metrics;
 pub mod netdev;
 pub mod placement;

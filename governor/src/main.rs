@@ -215,6 +215,12 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", governor::sampler::table(&status.vms));
+                for h in &status.health {
+                    println!("health: {:<14} {:<9} ({}, {})", h.vm, h.health, h.reason, h.detail);
+                }
+                if let Some(why) = &status.management_degraded {
+                    println!("management degraded: {why}");
+                }
                 for o in &status.ooms {
                     println!("OOM kill: pid {} ({}) in {}", o.pid, o.comm, o.vm.as_deref().unwrap_or("?"));
                 }

@@ -40,6 +40,8 @@ pub struct SystemOptions {
     pub command_timeout_ms: u64,
     /// `[placement] precopy`.
     pub precopy: bool,
+    /// User VMs to watch: (name, cgroup relative to the roots).
+    pub user_vms: Vec<(String, String)>,
 }
 
 impl Default for SystemOptions {
@@ -58,6 +60,7 @@ impl Default for SystemOptions {
             period_ms: 100,
             command_timeout_ms: 3000,
             precopy: true,
+            user_vms: Vec::new(),
         }
     }
 }
@@ -86,6 +89,9 @@ impl System {
         let socket = run.path().join("governor.sock");
         let mc_cgroup = unique_long("governor-test-mc");
         let mut mcs = String::new();
+        for (name, cg) in &o.user_vms {
+            mcs.push_str(&format!("[[vm]]\nname = {name:?}\ncgroup = {cg:?}\nrole = \"user\"\n"));
+        }
         for (task, pin) in &o.mcs {
             mcs.push_str(&format!("[[mc]]\ntask = {task:?}\nmemory = \"{}mb\"\n", o.mc_mib));
             if let Some(p) = pin {

@@ -64,11 +64,10 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
         assert_eq!(of(&first, 3), Some((Health::Stalled, Reason::NoProgress)));
         batch[8].oom_kills_total = 2;
         let second = sites.card.monitor_tick("monitor", 2, &batch).expect("tick 2 on the card");
-        assert_eq!(second.iter().map(|c| (c.slot, c.health, c.reason)).collect::<Vec<_>>(), vec![(
-            8,
-            Health::Degraded,
-            Reason::OomKilled
-        )]);
+        assert_eq!(
+            second.iter().map(|c| (c.slot, c.health, c.reason)).collect::<Vec<_>>(),
+            vec![(8, Health::Degraded, Reason::OomKilled)]
+        );
 
         // Moved to the host (pre-copy): the same states, nothing new.
         let r = move_task_with(&mut sites, "monitor", Side::Card, true);
@@ -91,4 +90,88 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
     }
     let left = Inventory::take().left_since(&before);
     assert!(left.is_empty(), "left: {left}");
+}
+
+/// The whole loop in `governor run`: three user VMs (cgroups with real
+/// processes): one busy, one that stops making progress (SIGSTOP), one
+/// that OOMs under its memory limit. The monitor MC VM (on the card) says
+/// `running`, `stalled` (no progress) and `degraded` (OOM-killed); after
+/// it moves to the host the states are the same; while it cannot answer,
+/// the status says management is degraded and keeps the last states.
+#[test]
+fn governor_run_shows_the_health_the_monitor_vm_decides_across_a_move() {
+    use governor::api::Request;
+    use integration_tests::placement::{System, SystemOptions};
+    require_root();
+    require_kvm();
+    let busy = TestCgroup::new("mon-busy");
+    let stuck = TestCgroup::new("mon-stuck");
+    let oom = fixtures::ScopedCgroup::create(
+        "test-mon-oom",
+        &cgroupfs::Limits { memory_bytes: Some(32 << 20), ..Default::default() },
+    )
+    .expect("oom cgroup");
+    let _b = busy.spawn(&["sh", "-c", "while :; do :; done"]);
+    let _s = stuck.spawn(&["sh", "-c", "kill -STOP $$"]);
+    let rel = |c: &fixtures::ScopedCgroup| c.cg.rel().to_string_lossy().into_owned();
+    let mut s = System::start(&SystemOptions {
+        mcs: vec![("monitor", None)],
+        dwell_s: 60,
+        user_vms: vec![("busy".into(), rel(&busy)), ("stuck".into(), rel(&stuck)), ("oom".into(), rel(&oom))],
+        command_timeout_ms: 500,
+        ..SystemOptions::default()
+    });
+    let health = |s: &System| {
+        let st = s.call(&Request::Status).status.expect("status");
+        st.health.iter().map(|h| (h.vm.clone(), h.health.clone(), h.reason.clone())).collect::<Vec<_>>()
+    };
+    let verdict = |vm: &str, h: &str, r: &str| (vm.to_string(), h.to_string(), r.to_string());
+    let wait_for = |s: &mut System, what: &str, want: &[(String, String, String)]| {
+        let t0 = std::time::Instant::now();
+        while !want.iter().all(|w| health(s).contains(w)) {
+            assert!(t0.elapsed() < Duration::from_secs(25), "{what}: {:?}", health(s));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("{what} after {:?}", t0.elapsed());
+    };
+    // No sign of life for the stall time (10 s).
+    wait_for(
+        &mut s,
+        "busy running, stuck stalled",
+        &[verdict("busy", "running", "healthy"), verdict("stuck", "stalled", "no-progress")],
+    );
+    // It loses a process to the OOM killer and carries on (still making progress).
+    let _o = oom.spawn(&["sh", "-c", "head -c 200000000 /dev/zero | tail; while :; do sleep 0.1; done"]);
+    let want = vec![
+        verdict("busy", "running", "healthy"),
+        verdict("oom", "degraded", "oom-killed"),
+        verdict("stuck", "stalled", "no-progress"),
+    ];
+    wait_for(&mut s, "oom degraded", &want);
+
+    // Fail static: the card (and the monitor VM on it) too slow to answer:
+    // the status says management is degraded and keeps the last verdicts.
+    s.sim
+        .control(&card_sim::Request::Fault { fault: card_sim::Fault::Slow, on: true, slow_ms: Some(1000) })
+        .expect("slow card");
+    let degraded = |s: &System| s.call(&Request::Status).status.expect("status").management_degraded;
+    let t0 = std::time::Instant::now();
+    while degraded(&s).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "management never said it was degraded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("management degraded: {:?}", degraded(&s));
+    assert_eq!(health(&s), want, "the last verdicts stay");
+    s.sim.control(&card_sim::Request::fault(card_sim::Fault::Slow, false)).expect("clear");
+    let t0 = std::time::Instant::now();
+    while degraded(&s).is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(15), "management did not come back: {:?}", degraded(&s));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(health(&s), want, "the agent continues from its state");
+    assert!(s.call(&Request::Move { task: "monitor".into(), to: governor::placement::Side::Host }).ok);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(health(&s), want, "the same verdicts after the monitor VM moved");
+    let st = s.call(&Request::Status).status.expect("status");
+    assert!(st.management_degraded.is_none(), "{:?}", st.management_degraded);
 }

@@ -251,6 +251,21 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         &self.status
     }
 
+    /// Each watched VM's memory limit, where it has one (the monitor
+    /// compares the working set with it).
+    pub fn memory_limits(&self) -> std::collections::HashMap<String, u64> {
+        self.vms
+            .iter()
+            .filter_map(|v| match v.cgroup.memory_limit() {
+                Ok(l) => l.map(|l| (v.cfg.name.clone(), l)),
+                Err(e) => {
+                    tracing::debug!(vm = %v.cfg.name, "reading the memory limit: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+
     /// The most recent OOM kills, oldest first.
     pub fn ooms(&self) -> Vec<OomRecord> {
         self.ooms.iter().cloned().collect()

@@ -127,6 +127,11 @@ impl AuditLog {
 
     /// Append one record (a whole line, flushed).
     pub fn append(&mut self, r: &AuditRecord) -> io::Result<()> {
+        self.append_json(r)
+    }
+
+    /// Append any record as one JSON line (the health log uses this too).
+    pub fn append_json<T: Serialize>(&mut self, r: &T) -> io::Result<()> {
         let mut line = serde_json::to_string(r).map_err(io::Error::other)?;
         line.push('\n');
         if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {

@@ -12,7 +12,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +31,7 @@ use super::meter::{CardMeter, HostMeter};
 use super::mover::{Site, Sites};
 use super::recovery::{CardState, Checkpoints};
 use super::{Decision, HostCost, Move, Policy, Reason, Resource, Side};
+use crate::manage::board::SharedBoard;
 
 /// Everything the runtime needs, checked by the config.
 #[derive(Clone, Debug)]
@@ -104,6 +107,13 @@ pub enum Command {
         pin: bool,
         reply: Sender<Result<Option<Side>, String>>,
     },
+    /// Status monitoring: this tick's signals of the user VMs (named by
+    /// slot) for the monitor MC VM, wherever it runs.
+    Monitor {
+        seq: u64,
+        names: Vec<String>,
+        signals: Vec<vmm::proto::signals::VmSignals>,
+    },
     /// Stop the thread (API tasks may still hold senders, so the channel
     /// alone would not close).
     Stop,
@@ -114,6 +124,9 @@ pub enum Command {
 pub struct Placement {
     tx: Option<Sender<Command>>,
     thread: Option<JoinHandle<()>>,
+    board: SharedBoard,
+    /// A monitor tick is queued or running (the next waits: never a backlog).
+    monitoring: Arc<AtomicBool>,
 }
 
 const KEEP_RECORDS: usize = 1024;
@@ -136,6 +149,9 @@ pub(super) struct Runtime {
     pub(super) checkpoints: Checkpoints,
     status_card: PerResourceView,
     start: Instant,
+    pub(super) board: SharedBoard,
+    pub(super) monitoring: Arc<AtomicBool>,
+    health_log: Option<AuditLog>,
 }
 
 type PerResourceView = [f64; 4];
@@ -148,12 +164,30 @@ impl Placement {
         use anyhow::Context;
         let mut rt = Runtime::new(opts, layout)?;
         rt.place_all().context("initial placement of the MC VMs")?;
+        let (board, monitoring) = (rt.board.clone(), rt.monitoring.clone());
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("placement".into())
             .spawn(move || rt.run(rx))
             .context("start the placement thread")?;
-        Ok(Placement { tx: Some(tx), thread: Some(thread) })
+        Ok(Placement { tx: Some(tx), thread: Some(thread), board, monitoring })
+    }
+
+    /// The health board the monitor VM keeps up to date.
+    pub fn board(&self) -> SharedBoard {
+        self.board.clone()
+    }
+
+    /// Hand this tick's signals to the monitor VM, unless the previous
+    /// tick's are still being handled (a move in progress): then this one
+    /// is skipped, and the board says so if it lasts.
+    pub fn monitor(&self, seq: u64, names: Vec<String>, signals: Vec<vmm::proto::signals::VmSignals>) {
+        if self.monitoring.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.send(Command::Monitor { seq, names, signals }).is_none() {
+            self.monitoring.store(false, Ordering::Release);
+        }
     }
 
     /// Send a command; None when the thread is gone.
@@ -202,6 +236,13 @@ impl Runtime {
             None => None,
         };
         let checkpoints = Checkpoints::new(opts.host.run_dir.join("checkpoints"))?;
+        let health_log = match &opts.audit_log {
+            Some(p) => {
+                let hp = p.with_file_name("health.jsonl");
+                Some(AuditLog::open(&hp, DEFAULT_MAX_BYTES).with_context(|| format!("health log {}", hp.display()))?)
+            }
+            None => None,
+        };
         let engine = Engine::new(opts.policy.clone(), &opts.specs, &[], opts.dry_run);
         Ok(Runtime {
             engine,
@@ -216,6 +257,9 @@ impl Runtime {
             checkpoints,
             status_card: [0.0; 4],
             start: Instant::now(),
+            board: SharedBoard::default(),
+            monitoring: Arc::new(AtomicBool::new(false)),
+            health_log,
             opts,
         })
     }
@@ -426,7 +470,48 @@ impl Runtime {
             Command::Pin { task, pin, reply } => {
                 let _ = reply.send(self.engine.pin(&task, pin));
             }
+            Command::Monitor { seq, names, signals } => {
+                self.monitor(seq, &names, &signals);
+                self.monitoring.store(false, Ordering::Release);
+            }
             Command::Stop => {}
+        }
+    }
+
+    /// One monitor tick with the monitor MC VM where it runs; the board
+    /// keeps the last states and says why when it cannot answer.
+    fn monitor(&mut self, seq: u64, names: &[String], signals: &[vmm::proto::signals::VmSignals]) {
+        const TASK: &str = "monitor";
+        let Some(side) = self.engine.side(TASK) else { return };
+        let answer = match side {
+            Side::Card if !matches!(self.card, CardState::Healthy) => {
+                Err(format!("its card is down ({})", self.card.describe()))
+            }
+            Side::Card => self.sites.card.monitor_tick(TASK, seq, signals),
+            Side::Host => self.sites.host.monitor_tick(TASK, seq, signals),
+        };
+        let now = wall_ms();
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        match answer {
+            Ok(changes) => {
+                board.apply(names, &changes, now);
+                for c in &changes {
+                    let Some(h) = names.get(c.slot as usize).and_then(|n| board.vms.get(n)) else { continue };
+                    tracing::info!(vm = h.vm, health = h.health, reason = h.reason, detail = h.detail, "health");
+                    if let Some(log) = &mut self.health_log {
+                        if let Err(e) = log.append_json(h) {
+                            tracing::warn!("writing the health log: {e}");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let why = format!("the monitor VM on the {} does not answer: {e}", side_name(side));
+                if board.degraded.as_deref() != Some(why.as_str()) {
+                    tracing::warn!("management degraded: {why}");
+                }
+                board.degraded = Some(why);
+            }
         }
     }
 

@@ -1,0 +1,56 @@
+//! The health board: the latest state the monitor agent decided for each
+//! user VM, and whether management is working. Shared between the
+//! placement thread (which feeds it) and the status (which reads it), so a
+//! status request never waits for a move.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use vmm::proto::signals::HealthChange;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHealth {
+    pub vm: String,
+    pub health: String,
+    pub reason: String,
+    /// Wall-clock ms when it entered this state.
+    pub since_ms: u64,
+    /// The number behind the reason (OOM kills, µs of delay, ms quiet...).
+    pub detail: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Board {
+    pub vms: BTreeMap<String, VmHealth>,
+    /// None while the monitor answers; otherwise why management is degraded
+    /// (the states above are then the last it decided).
+    pub degraded: Option<String>,
+    /// Monitor ticks answered.
+    pub ticks: u64,
+}
+
+pub type SharedBoard = Arc<Mutex<Board>>;
+
+impl Board {
+    /// Apply the agent's changes (for the VMs named by slot).
+    pub fn apply(&mut self, names: &[String], changes: &[HealthChange], now_ms: u64) {
+        for c in changes {
+            let Some(name) = names.get(c.slot as usize) else { continue };
+            self.vms.insert(
+                name.clone(),
+                VmHealth {
+                    vm: name.clone(),
+                    health: c.health.name().into(),
+                    reason: c.reason.name().into(),
+                    since_ms: now_ms,
+                    detail: c.detail,
+                },
+            );
+        }
+        // VMs no longer watched leave the board.
+        self.vms.retain(|n, _| names.contains(n));
+        self.degraded = None;
+        self.ticks += 1;
+    }
+}
