@@ -59,11 +59,11 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
         // On the card: every VM new; a stalled one, an OOM on tick 2.
         let mut batch = fleet();
         batch[3].quiet_ms = 30_000;
-        let first = sites.card.monitor_tick("monitor", 1, &batch).expect("tick on the card");
+        let first = sites.card.monitor_tick("monitor", 1, 1000, &batch).expect("tick on the card");
         assert_eq!(first.len(), 200);
         assert_eq!(of(&first, 3), Some((Health::Stalled, Reason::NoProgress)));
         batch[8].oom_kills_total = 2;
-        let second = sites.card.monitor_tick("monitor", 2, &batch).expect("tick 2 on the card");
+        let second = sites.card.monitor_tick("monitor", 2, 1000, &batch).expect("tick 2 on the card");
         assert_eq!(
             second.iter().map(|c| (c.slot, c.health, c.reason)).collect::<Vec<_>>(),
             vec![(8, Health::Degraded, Reason::OomKilled)]
@@ -72,21 +72,21 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
         // Moved to the host (pre-copy): the same states, nothing new.
         let r = move_task_with(&mut sites, "monitor", Side::Card, true);
         assert!(r.ok, "{r:?}");
-        let third = sites.host.monitor_tick("monitor", 3, &batch).expect("tick on the host");
+        let third = sites.host.monitor_tick("monitor", 3, 1000, &batch).expect("tick on the host");
         assert!(third.is_empty(), "the states moved with the VM: {third:?}");
         batch[3].quiet_ms = 0;
-        let fourth = sites.host.monitor_tick("monitor", 4, &batch).expect("tick 4 on the host");
+        let fourth = sites.host.monitor_tick("monitor", 4, 1000, &batch).expect("tick 4 on the host");
         assert_eq!(of(&fourth, 3), Some((Health::Running, Reason::Healthy)));
 
         // And back to the card: still the same memory.
         let r = move_task_with(&mut sites, "monitor", Side::Host, true);
         assert!(r.ok, "{r:?}");
-        let fifth = sites.card.monitor_tick("monitor", 5, &batch).expect("tick on the card again");
+        let fifth = sites.card.monitor_tick("monitor", 5, 1000, &batch).expect("tick on the card again");
         assert!(fifth.is_empty(), "{fifth:?}");
         // The card's relay checks the host's message too: an oversize batch
         // is refused before it reaches the agent.
         let too_many: Vec<VmSignals> = (0..1025).map(|slot| VmSignals { slot, ..batch[0] }).collect();
-        assert!(sites.card.monitor_tick("monitor", 6, &too_many).is_err());
+        assert!(sites.card.monitor_tick("monitor", 6, 1000, &too_many).is_err());
     }
     let left = Inventory::take().left_since(&before);
     assert!(left.is_empty(), "left: {left}");

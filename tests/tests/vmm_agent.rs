@@ -43,7 +43,7 @@ fn the_monitor_agent_decides_health_for_1000_vms_a_tick_and_a_snapshot_keeps_its
     batch[5].quiet_ms = 20_000; // no sign of life: stalled
     batch[7].flags = 0; // its cgroup is gone: stopped
     let t = Instant::now();
-    let first = vm.monitor_tick(1, &batch, T).expect("tick 1");
+    let first = vm.monitor_tick(1, 1000, &batch, T).expect("tick 1");
     eprintln!("tick of 1,000 VMs: {:?} ({} changes)", t.elapsed(), first.len());
     assert_eq!(first.len(), 1000, "every VM is new");
     let of = |changes: &[vmm::proto::signals::HealthChange], slot: u32| {
@@ -55,7 +55,7 @@ fn the_monitor_agent_decides_health_for_1000_vms_a_tick_and_a_snapshot_keeps_its
 
     // Tick 2: one VM OOMs; only its change comes back.
     batch[9].oom_kills_total = 1;
-    let second = vm.monitor_tick(2, &batch, T).expect("tick 2");
+    let second = vm.monitor_tick(2, 1000, &batch, T).expect("tick 2");
     assert_eq!(second.len(), 1, "{second:?}");
     assert_eq!(of(&second, 9), Some((Health::Degraded, Reason::OomKilled)));
 
@@ -64,7 +64,7 @@ fn the_monitor_agent_decides_health_for_1000_vms_a_tick_and_a_snapshot_keeps_its
     let mut times = Vec::new();
     for seq in 3..23 {
         let t = Instant::now();
-        vm.monitor_tick(seq, &batch, T).expect("tick");
+        vm.monitor_tick(seq, 1000, &batch, T).expect("tick");
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
@@ -75,24 +75,24 @@ fn the_monitor_agent_decides_health_for_1000_vms_a_tick_and_a_snapshot_keeps_its
     vm.shutdown();
     let vm2 = Vm::restore_from(image.as_slice(), Sinks::default()).expect("restore");
     vm2.resume().expect("resume");
-    let third = vm2.monitor_tick(23, &batch, T).expect("tick after restore");
+    let third = vm2.monitor_tick(23, 1000, &batch, T).expect("tick after restore");
     assert!(third.is_empty(), "state carried: {third:?}");
     batch[5].quiet_ms = 0;
-    let fourth = vm2.monitor_tick(24, &batch, T).expect("tick");
+    let fourth = vm2.monitor_tick(24, 1000, &batch, T).expect("tick");
     assert_eq!(fourth.len(), 1);
     assert_eq!(of(&fourth, 5), Some((Health::Running, Reason::Healthy)));
 
     // A malformed message is refused naming the field; the VM runs on.
-    let mut bad = telemetry_message(25, &batch).expect("message");
+    let mut bad = telemetry_message(25, 1000, &batch).expect("message");
     bad[40] ^= 1; // a payload byte: the CRC no longer matches
     match vm2.monitor_tick_message(&bad, 25, &batch, T) {
         Err(Error::Refused { field }) => assert_eq!(field, "crc"),
         other => panic!("expected a refusal, got {other:?}"),
     }
-    let mut lying = telemetry_message(26, &batch).expect("message");
+    let mut lying = telemetry_message(26, 1000, &batch).expect("message");
     lying[16..20].copy_from_slice(&999u32.to_le_bytes()); // a count the length does not carry
     assert!(matches!(vm2.monitor_tick_message(&lying, 26, &batch, T), Err(Error::Refused { field: "payload length" })));
-    assert!(vm2.monitor_tick(27, &batch, T).is_ok(), "still serving");
+    assert!(vm2.monitor_tick(27, 1000, &batch, T).is_ok(), "still serving");
 
     // A malformed answer stops the VM (and only it).
     match vm2.monitor_tick_hostile_self_test(28, &batch, T) {
@@ -117,14 +117,14 @@ fn monitor_ticks_over_the_control_socket() {
     let signals: Vec<vmm::host::api::Signals> = (0..3)
         .map(|slot| vmm::host::api::Signals { slot, exists: slot != 2, cpu_ns_total: 5, ..Default::default() })
         .collect();
-    let r = p.client.monitor_tick(1, &signals).expect("monitor tick");
+    let r = p.client.monitor_tick(1, 1000, &signals).expect("monitor tick");
     let health: Vec<(u32, &str, &str)> =
         r.changes.iter().map(|c| (c.slot, c.health.as_str(), c.reason.as_str())).collect();
     assert_eq!(health, vec![(0, "running", "healthy"), (1, "running", "healthy"), (2, "stopped", "gone")]);
-    let again = p.client.monitor_tick(2, &signals).expect("tick 2");
+    let again = p.client.monitor_tick(2, 1000, &signals).expect("tick 2");
     assert!(again.changes.is_empty());
     let bad = p.client.call_json(&serde_json::json!({
-        "cmd": "monitor_tick", "seq": 3,
+        "cmd": "monitor_tick", "seq": 3, "tick_ms": 1000,
         "signals": [{"slot": 0, "exists": true, "cpu_ns_total": 1, "quiet_ms": 0, "cpu": 5}]
     }));
     let e = bad.expect_err("unknown field refused").to_string();

@@ -8,7 +8,7 @@ use vmm::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
 use vmm::proto::signals::{VmSignals, SIGNALS_LEN};
 
 /// The host's Telemetry message -> (sequence, signals); the field at fault.
-pub fn decode_telemetry(buf: &[u8]) -> Result<(u64, Vec<Signals>), &'static str> {
+pub fn decode_telemetry(buf: &[u8]) -> Result<(u64, u32, Vec<Signals>), &'static str> {
     let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
     if hd.kind != MsgKind::Telemetry {
         return Err("kind");
@@ -18,7 +18,7 @@ pub fn decode_telemetry(buf: &[u8]) -> Result<(u64, Vec<Signals>), &'static str>
         let arr: &[u8; SIGNALS_LEN] = c.try_into().map_err(|_| "record")?;
         out.push(Signals::from_proto(&VmSignals::decode(arr).ok_or("record")?));
     }
-    Ok((hd.seq, out))
+    Ok((hd.seq, hd.param, out))
 }
 
 /// The changes -> a Health message.
@@ -28,7 +28,7 @@ pub fn encode_health(seq: u64, changes: &[Change]) -> Result<Vec<u8>, &'static s
         payload.extend_from_slice(&c.to_proto().ok_or("health or reason")?.encode());
     }
     let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::Health, seq, changes.len() as u32, &payload);
+    msg::write_header(&mut head, MsgKind::Health, 0, seq, changes.len() as u32, &payload);
     let mut out = head.to_vec();
     out.extend_from_slice(&payload);
     Ok(out)

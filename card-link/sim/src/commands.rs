@@ -318,12 +318,12 @@ impl SimCard {
                     return Err(bad(format!("agent task {}", m.arg0)));
                 }
                 // The host's message is checked whole, as the agent would.
-                let (seq, signals) =
+                let (seq, tick_ms, signals) =
                     crate::bulk::decode_telemetry(&m.payload).map_err(|f| bad(format!("field {f}")))?;
                 let changes = {
                     let mut t = lock(&self.vms);
                     let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
-                    e.vm.monitor_tick(seq, &signals).map_err(vmerr)?
+                    e.vm.monitor_tick(seq, tick_ms, &signals).map_err(vmerr)?
                 };
                 let answer =
                     crate::bulk::encode_health(seq, &changes).map_err(|f| bad(format!("agent answer: {f}")))?;

@@ -303,9 +303,10 @@ impl ManagedVm for VmmVm {
     fn monitor_tick(
         &mut self,
         seq: u64,
+        tick_ms: u32,
         signals: &[vmm::host::api::Signals],
     ) -> Result<Vec<vmm::host::api::Change>, VmError> {
-        Ok(self.proc()?.client().monitor_tick(seq, signals).map_err(err("monitor tick"))?.changes)
+        Ok(self.proc()?.client().monitor_tick(seq, tick_ms, signals).map_err(err("monitor tick"))?.changes)
     }
 
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError> {

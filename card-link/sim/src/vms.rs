@@ -69,6 +69,7 @@ pub trait ManagedVm: Send {
     fn monitor_tick(
         &mut self,
         _seq: u64,
+        _tick_ms: u32,
         _signals: &[vmm::host::api::Signals],
     ) -> Result<Vec<vmm::host::api::Change>, VmError> {
         Err(VmError::NoAgent)

@@ -52,10 +52,11 @@ impl CardSite {
         &mut self,
         task: &str,
         seq: u64,
+        tick_ms: u32,
         batch: &[vmm::proto::signals::VmSignals],
     ) -> Result<Vec<vmm::proto::signals::HealthChange>, String> {
         let id = self.id(task)?;
-        let message = vmm::vm::bulk::telemetry_message(seq, batch).map_err(|e| e.to_string())?;
+        let message = vmm::vm::bulk::telemetry_message(seq, tick_ms, batch).map_err(|e| e.to_string())?;
         let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_MONITOR, &message).map_err(|e| e.to_string())?;
         vmm::vm::bulk::check_health_answer(&answer, seq, batch)
             .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))

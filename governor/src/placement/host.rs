@@ -169,10 +169,11 @@ impl HostSite {
         &mut self,
         task: &str,
         seq: u64,
+        tick_ms: u32,
         batch: &[vmm::proto::signals::VmSignals],
     ) -> Result<Vec<vmm::proto::signals::HealthChange>, String> {
         let signals: Vec<vmm::host::api::Signals> = batch.iter().map(vmm::host::api::Signals::from_proto).collect();
-        let reply = self.live(task)?.client().monitor_tick(seq, &signals).map_err(|e| e.to_string())?;
+        let reply = self.live(task)?.client().monitor_tick(seq, tick_ms, &signals).map_err(|e| e.to_string())?;
         if reply.changes.len() > batch.len() {
             return Err(format!("{task}'s agent answered {} changes for {} VMs", reply.changes.len(), batch.len()));
         }

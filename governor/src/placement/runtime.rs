@@ -483,12 +483,13 @@ impl Runtime {
     fn monitor(&mut self, seq: u64, names: &[String], signals: &[vmm::proto::signals::VmSignals]) {
         const TASK: &str = "monitor";
         let Some(side) = self.engine.side(TASK) else { return };
+        let tick_ms = self.opts.tick.as_millis().clamp(100, 60_000) as u32;
         let answer = match side {
             Side::Card if !matches!(self.card, CardState::Healthy) => {
                 Err(format!("its card is down ({})", self.card.describe()))
             }
-            Side::Card => self.sites.card.monitor_tick(TASK, seq, signals),
-            Side::Host => self.sites.host.monitor_tick(TASK, seq, signals),
+            Side::Card => self.sites.card.monitor_tick(TASK, seq, tick_ms, signals),
+            Side::Host => self.sites.host.monitor_tick(TASK, seq, tick_ms, signals),
         };
         let now = wall_ms();
         let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());

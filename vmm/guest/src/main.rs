@@ -142,7 +142,7 @@ fn monitor_tick(len: u64) -> u64 {
     };
     let (head, body) = out.split_at_mut(msg::MSG_HEADER_LEN);
     let mut n = 0usize;
-    let policy = mc_tasks::monitor::Policy::default();
+    let policy = mc_tasks::monitor::Policy::for_tick_ms(hd.param);
     let signals = payload.chunks_exact(SIGNALS_LEN).filter_map(record);
     mc_tasks::monitor::tick(states, signals, tick, &policy, |c| {
         if let Some(dst) = body.get_mut(n * CHANGE_LEN..(n + 1) * CHANGE_LEN) {
@@ -151,7 +151,7 @@ fn monitor_tick(len: u64) -> u64 {
         }
     });
     let mut h = [0u8; msg::MSG_HEADER_LEN];
-    msg::write_header(&mut h, MsgKind::Health, hd.seq, n as u32, &body[..n * CHANGE_LEN]);
+    msg::write_header(&mut h, MsgKind::Health, 0, hd.seq, n as u32, &body[..n * CHANGE_LEN]);
     head.copy_from_slice(&h);
     (msg::MSG_HEADER_LEN + n * CHANGE_LEN) as u64
 }

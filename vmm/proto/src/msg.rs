@@ -9,7 +9,8 @@
 //!
 //! Header (little endian): u32 magic "MCM2", u16 kind, u16 record size,
 //! u64 sequence, u32 count, u32 payload length, u32 CRC-32 (IEEE) of the
-//! payload, u32 reserved (zero).
+//! payload, u32 parameter of the kind (Telemetry: the tick period in ms,
+//! 100..=60000, so the agent's time bounds hold at any tick; Health: zero).
 
 /// "MCM2" little endian.
 pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"MCM2");
@@ -49,6 +50,8 @@ impl MsgKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsgHeader {
     pub kind: MsgKind,
+    /// Telemetry: the tick period (ms); Health: 0.
+    pub param: u32,
     pub seq: u64,
     pub count: u32,
     pub len: u32,
@@ -68,8 +71,8 @@ pub enum MsgError {
     /// Payload length other than count x record size, or past [`MAX_PAYLOAD`].
     Len(u32),
     Crc,
-    /// The reserved word is not zero.
-    Reserved,
+    /// The kind's parameter word is out of its range.
+    Param(u32),
     /// Bytes after the payload.
     Trailing,
 }
@@ -85,7 +88,7 @@ impl MsgError {
             MsgError::Count(_) => 5,
             MsgError::Len(_) => 6,
             MsgError::Crc => 7,
-            MsgError::Reserved => 8,
+            MsgError::Param(_) => 8,
             MsgError::Trailing => 9,
         }
     }
@@ -101,7 +104,7 @@ impl MsgError {
             5 => "count",
             6 => "payload length",
             7 => "crc",
-            8 => "reserved",
+            8 => "parameter",
             9 => "trailing bytes",
             10 => "record",
             _ => "unknown",
@@ -118,7 +121,7 @@ impl MsgError {
             MsgError::Count(_) => "count",
             MsgError::Len(_) => "payload length",
             MsgError::Crc => "crc",
-            MsgError::Reserved => "reserved",
+            MsgError::Param(_) => "parameter",
             MsgError::Trailing => "trailing bytes",
         }
     }
@@ -165,7 +168,7 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 
 /// Write the header of a message of `kind` whose payload is `payload`
 /// (`count` records) into `out[..MSG_HEADER_LEN]`.
-pub fn write_header(out: &mut [u8; MSG_HEADER_LEN], kind: MsgKind, seq: u64, count: u32, payload: &[u8]) {
+pub fn write_header(out: &mut [u8; MSG_HEADER_LEN], kind: MsgKind, param: u32, seq: u64, count: u32, payload: &[u8]) {
     out[0..4].copy_from_slice(&MSG_MAGIC.to_le_bytes());
     out[4..6].copy_from_slice(&(kind as u16).to_le_bytes());
     out[6..8].copy_from_slice(&(kind.record_len() as u16).to_le_bytes());
@@ -173,7 +176,7 @@ pub fn write_header(out: &mut [u8; MSG_HEADER_LEN], kind: MsgKind, seq: u64, cou
     out[16..20].copy_from_slice(&count.to_le_bytes());
     out[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     out[24..28].copy_from_slice(&crc32(payload).to_le_bytes());
-    out[28..32].copy_from_slice(&0u32.to_le_bytes());
+    out[28..32].copy_from_slice(&param.to_le_bytes());
 }
 
 /// Check a whole message (`buf` holds exactly one) and return its header
@@ -199,8 +202,13 @@ pub fn check(buf: &[u8]) -> Result<(MsgHeader, &[u8]), MsgError> {
     if len as usize > MAX_PAYLOAD || len as usize != count as usize * kind.record_len() {
         return Err(MsgError::Len(len));
     }
-    if u32_at(buf, 28) != 0 {
-        return Err(MsgError::Reserved);
+    let param = u32_at(buf, 28);
+    let param_ok = match kind {
+        MsgKind::Telemetry => (100..=60_000).contains(&param),
+        MsgKind::Health => param == 0,
+    };
+    if !param_ok {
+        return Err(MsgError::Param(param));
     }
     let end = MSG_HEADER_LEN + len as usize;
     if buf.len() < end {
@@ -214,7 +222,7 @@ pub fn check(buf: &[u8]) -> Result<(MsgHeader, &[u8]), MsgError> {
     if crc32(payload) != crc {
         return Err(MsgError::Crc);
     }
-    Ok((MsgHeader { kind, seq: u64_at(buf, 8), count, len, crc }, payload))
+    Ok((MsgHeader { kind, param, seq: u64_at(buf, 8), count, len, crc }, payload))
 }
 
 #[cfg(test)]
@@ -225,7 +233,7 @@ mod tests {
         let payload = [0x5au8; 4096];
         let n = count as usize * kind.record_len();
         let mut h = [0u8; MSG_HEADER_LEN];
-        write_header(&mut h, kind, 7, count, &payload[..n]);
+        write_header(&mut h, kind, 0, 7, count, &payload[..n]);
         (h, payload)
     }
 
@@ -260,10 +268,16 @@ mod tests {
         assert!(matches!(bad(18, 1), MsgError::Count(_)));
         assert!(matches!(bad(16, 1), MsgError::Len(_)), "a count the length does not carry");
         assert_eq!(bad(24, 1), MsgError::Crc);
-        assert_eq!(bad(29, 1), MsgError::Reserved);
+        assert_eq!(bad(29, 1), MsgError::Param(256), "a Health message has no parameter");
         assert_eq!(bad(MSG_HEADER_LEN + 1, 1), MsgError::Crc, "a payload byte changed");
         assert_eq!(check(&buf[..len - 1]), Err(MsgError::Short));
         assert_eq!(check(&buf[..len + 1]), Err(MsgError::Trailing));
+        // A Telemetry message must say its tick period (100..=60000 ms).
+        let mut t = [0u8; MSG_HEADER_LEN];
+        write_header(&mut t, MsgKind::Telemetry, 99, 1, 0, &[]);
+        assert_eq!(check(&t), Err(MsgError::Param(99)));
+        write_header(&mut t, MsgKind::Telemetry, 1000, 1, 0, &[]);
+        assert!(check(&t).is_ok());
         for cut in 0..MSG_HEADER_LEN {
             assert_eq!(check(&buf[..cut]), Err(MsgError::Short));
         }

@@ -11,7 +11,7 @@
 //! | `pause` / `resume` | | |
 //! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot), optional `stream` (bool: the stream format a link carries, sparse, instead of the mappable file layout), optional `live` (bool: pre-copy's base of the running VM, stream format) | `bytes`, `snapshot_ms` |
 //! | `apply_diff` | `path` (a diff snapshot whose base this paused VM was restored from) | (VM stays paused) |
-//! | `monitor_tick` | `seq`, `signals` (per user VM: `slot`, `exists`, `cpu_ns_total`, `quiet_ms`, optional `mem_limit`, `cpu_ppm`, `runq_p99_us`, `oom_kills_total`, `working_set`, `drops_total`) | `changes` (`slot`, `health`, `reason`, `tick`, `detail`) |
+//! | `monitor_tick` | `seq`, `tick_ms`, `signals` (per user VM: `slot`, `exists`, `cpu_ns_total`, `quiet_ms`, optional `mem_limit`, `cpu_ppm`, `runq_p99_us`, `oom_kills_total`, `working_set`, `drops_total`) | `changes` (`slot`, `health`, `reason`, `tick`, `detail`) |
 //! | `request` | `op` (an [`AgentOp`] name), optional `arg` (default 0) | `reply`, `rtt_us` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid`, `vm` (exit and log counters) |
@@ -101,6 +101,7 @@ mod named {
     field!(live: bool);
     field!(op: AgentOp);
     field!(seq: u64);
+    field!(tick_ms: u32);
     field!(signals: Vec<Signals>);
     field!(arg: u64);
 }
@@ -157,6 +158,9 @@ pub enum Request {
     MonitorTick {
         #[serde(deserialize_with = "named::seq")]
         seq: u64,
+        /// The tick period (ms) the agent's time bounds are measured in.
+        #[serde(deserialize_with = "named::tick_ms")]
+        tick_ms: u32,
         #[serde(deserialize_with = "named::signals")]
         signals: Vec<Signals>,
     },
@@ -492,6 +496,7 @@ mod tests {
             Request::ApplyDiff { path: "/d".into() },
             Request::MonitorTick {
                 seq: 3,
+                tick_ms: 1000,
                 signals: vec![Signals { slot: 1, exists: true, cpu_ns_total: 9, ..Signals::default() }],
             },
             Request::Request { op: AgentOp::Touch, arg: 7 },

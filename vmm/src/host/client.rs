@@ -92,8 +92,8 @@ impl Client {
     }
 
     /// One status-monitoring tick (see `Request::MonitorTick`).
-    pub fn monitor_tick(&mut self, seq: u64, signals: &[Signals]) -> Result<HealthReply> {
-        self.call(&Request::MonitorTick { seq, signals: signals.to_vec() })
+    pub fn monitor_tick(&mut self, seq: u64, tick_ms: u32, signals: &[Signals]) -> Result<HealthReply> {
+        self.call(&Request::MonitorTick { seq, tick_ms, signals: signals.to_vec() })
     }
 
     /// A pre-copy round's diff of the running VM.

@@ -21,8 +21,14 @@ use crate::proto::{self, op};
 impl Vm {
     /// One status-monitoring tick: the signals of up to 1,024 user VMs in,
     /// the health changes the monitor agent decided out.
-    pub fn monitor_tick(&self, seq: u64, batch: &[VmSignals], timeout: Duration) -> Result<Vec<HealthChange>> {
-        let message = telemetry_message(seq, batch)?;
+    pub fn monitor_tick(
+        &self,
+        seq: u64,
+        tick_ms: u32,
+        batch: &[VmSignals],
+        timeout: Duration,
+    ) -> Result<Vec<HealthChange>> {
+        let message = telemetry_message(seq, tick_ms, batch)?;
         self.bulk_exchange(&message, seq, batch, op::MONITOR_TICK, timeout)
     }
 
@@ -44,7 +50,7 @@ impl Vm {
 
     /// [`Vm::monitor_tick`] with the agent's malformed-answer self test.
     pub fn monitor_tick_hostile_self_test(&self, seq: u64, batch: &[VmSignals], timeout: Duration) -> Result<()> {
-        let message = telemetry_message(seq, batch)?;
+        let message = telemetry_message(seq, 1000, batch)?;
         self.bulk_exchange(&message, seq, batch, op::BAD_BULK, timeout).map(drop)
     }
 
@@ -90,7 +96,11 @@ impl Vm {
 }
 
 /// The Telemetry message for `batch`.
-pub fn telemetry_message(seq: u64, batch: &[VmSignals]) -> Result<Vec<u8>> {
+/// `tick_ms` is the tick period the agent's time bounds are measured in.
+pub fn telemetry_message(seq: u64, tick_ms: u32, batch: &[VmSignals]) -> Result<Vec<u8>> {
+    if !(100..=60_000).contains(&tick_ms) {
+        return Err(Error::Config { field: "tick_ms", reason: format!("{tick_ms} is outside 100..=60000") });
+    }
     if batch.len() > msg::MAX_RECORDS as usize {
         return Err(Error::Config {
             field: "signals",
@@ -102,7 +112,7 @@ pub fn telemetry_message(seq: u64, batch: &[VmSignals]) -> Result<Vec<u8>> {
         payload.extend_from_slice(&s.encode());
     }
     let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::Telemetry, seq, batch.len() as u32, &payload);
+    msg::write_header(&mut head, MsgKind::Telemetry, tick_ms, seq, batch.len() as u32, &payload);
     let mut message = head.to_vec();
     message.extend_from_slice(&payload);
     Ok(message)
@@ -150,7 +160,7 @@ mod tests {
             payload.extend_from_slice(&c.encode());
         }
         let mut h = [0u8; MSG_HEADER_LEN];
-        msg::write_header(&mut h, MsgKind::Health, seq, changes.len() as u32, &payload);
+        msg::write_header(&mut h, MsgKind::Health, 0, seq, changes.len() as u32, &payload);
         let mut v = h.to_vec();
         v.extend_from_slice(&payload);
         v
@@ -171,7 +181,7 @@ mod tests {
         lie[24..28].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(check_health_answer(&lie, 9, &batch), Err("record"));
         assert_eq!(check_health_answer(&lie[..20], 9, &batch), Err("length"));
-        let telemetry = telemetry_message(9, &batch).expect("message");
+        let telemetry = telemetry_message(9, 1000, &batch).expect("message");
         assert_eq!(check_health_answer(&telemetry, 9, &batch), Err("kind"), "not a Health message");
     }
 }

@@ -186,9 +186,9 @@ impl Server {
                 let reply = vm.request(op.code(), arg, REQUEST_TIMEOUT)?;
                 Response::Answered(Answered { reply, rtt_us: t.elapsed().as_secs_f64() * 1e6 })
             }
-            Request::MonitorTick { seq, signals } => {
+            Request::MonitorTick { seq, tick_ms, signals } => {
                 let batch: Vec<_> = signals.iter().map(|s| s.to_proto()).collect();
-                let changes = self.vm()?.monitor_tick(seq, &batch, REQUEST_TIMEOUT)?;
+                let changes = self.vm()?.monitor_tick(seq, tick_ms, &batch, REQUEST_TIMEOUT)?;
                 Response::Health(HealthReply { changes: changes.iter().map(Change::from).collect() })
             }
             Request::State {} => {

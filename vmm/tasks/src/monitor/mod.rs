@@ -32,6 +32,15 @@ pub struct Policy {
     pub recover_ticks: u32,
 }
 
+impl Policy {
+    /// The default bounds at a tick of `tick_ms` (the Telemetry message's
+    /// parameter): the times stay the same whatever the tick.
+    pub fn for_tick_ms(tick_ms: u32) -> Policy {
+        let ticks = |ms: u32| (ms / tick_ms.max(1)).max(1);
+        Policy { start_ticks: ticks(5_000), oom_hold_ticks: ticks(30_000), ..Policy::default() }
+    }
+}
+
 impl Default for Policy {
     /// At a 1 s tick: stalled after 10 s quiet; an OOM marks a VM degraded
     /// for 30 s; 95% of its memory limit; 50 ms run-queue delay p99 (a

@@ -175,3 +175,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_time_bounds_hold_at_any_tick() {
+    let at_1s = Policy::for_tick_ms(1000);
+    assert_eq!((at_1s.start_ticks, at_1s.oom_hold_ticks), (5, 30));
+    let at_200ms = Policy::for_tick_ms(200);
+    assert_eq!((at_200ms.start_ticks, at_200ms.oom_hold_ticks), (25, 150), "the same 5 s and 30 s");
+    assert_eq!(Policy::for_tick_ms(60_000).oom_hold_ticks, 1, "at least one tick");
+    assert_eq!(at_200ms.stall_ms, at_1s.stall_ms, "quiet time is measured in ms already");
+}
