@@ -174,4 +174,8 @@ fn governor_run_shows_the_health_the_monitor_vm_decides_across_a_move() {
     assert_eq!(health(&s), want, "the same verdicts after the monitor VM moved");
     let st = s.call(&Request::Status).status.expect("status");
     assert!(st.management_degraded.is_none(), "{:?}", st.management_degraded);
+    // Every change is in the audit log, with where the monitor VM ran.
+    let events = governor::placement::audit::read_health(&s.run.path().join("decisions.jsonl")).expect("audit log");
+    assert!(events.iter().any(|e| e.vm == "stuck" && e.health == "stalled" && e.monitor == Side::Card), "{events:?}");
+    assert!(events.iter().any(|e| e.vm == "oom" && e.reason == "oom-killed"), "{events:?}");
 }

@@ -159,8 +159,47 @@ pub fn rotated(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// The records of a log, oldest first (the rotated file first); a line
-/// that does not parse is an error naming its file and line number.
+/// A user VM's health changed, as the monitor MC VM decided (claim 14):
+/// in the same audit log as the placement decisions, `"kind": "health"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthEvent {
+    /// Always "health" (what tells these lines from placement records).
+    pub kind: String,
+    pub time_ms: u64,
+    pub vm: String,
+    pub health: String,
+    pub reason: String,
+    pub detail: u32,
+    /// Where the monitor VM ran when it decided.
+    pub monitor: Side,
+}
+
+fn is_health(line: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(line)
+        .is_ok_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some("health"))
+}
+
+/// The health events of a log, oldest first.
+pub fn read_health(path: &Path) -> io::Result<Vec<HealthEvent>> {
+    let mut out = Vec::new();
+    for p in [rotated(path), path.to_path_buf()] {
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| is_health(l)) {
+            let r = serde_json::from_str(line)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", p.display(), n + 1)))?;
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The placement records of a log, oldest first (the rotated file first;
+/// health events are skipped); a line that does not parse is an error
+/// naming its file and line number.
 pub fn read(path: &Path) -> io::Result<Vec<AuditRecord>> {
     let mut out = Vec::new();
     for p in [rotated(path), path.to_path_buf()] {
@@ -169,7 +208,7 @@ pub fn read(path: &Path) -> io::Result<Vec<AuditRecord>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !is_health(l)) {
             let r = serde_json::from_str(line)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", p.display(), n + 1)))?;
             out.push(r);
@@ -232,6 +271,19 @@ mod tests {
         let ticks: Vec<u64> = back.iter().map(|r| r.tick).collect();
         assert_eq!(ticks, vec![2, 3, 4], "one rotation kept; older records dropped past the cap");
         assert_eq!(back[2].reports[0].pause_ms, 3.2);
+        // Health events share the file; each reader takes its own lines.
+        let h = HealthEvent {
+            kind: "health".into(),
+            time_ms: 1,
+            vm: "web".into(),
+            health: "stalled".into(),
+            reason: "no-progress".into(),
+            detail: 12_000,
+            monitor: Side::Card,
+        };
+        log.append_json(&h).expect("append health");
+        assert_eq!(read(&path).expect("read").len(), 3, "decisions only");
+        assert_eq!(read_health(&path).expect("health"), vec![h]);
         std::fs::write(&path, "{\"nope\":1}\n").expect("corrupt");
         let e = read(&path).expect_err("bad line");
         assert!(e.to_string().contains("decisions.jsonl:1"), "{e}");

@@ -22,7 +22,7 @@ use card_link::CardOptions;
 use cgroupfs::Layout;
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditLog, AuditRecord, MoveReport, ResourceView, DEFAULT_MAX_BYTES};
+use super::audit::{AuditLog, AuditRecord, HealthEvent, MoveReport, ResourceView, DEFAULT_MAX_BYTES};
 use super::card::CardSite;
 use super::config::McSpec;
 use super::engine::{Engine, Measured};
@@ -151,7 +151,6 @@ pub(super) struct Runtime {
     start: Instant,
     pub(super) board: SharedBoard,
     pub(super) monitoring: Arc<AtomicBool>,
-    health_log: Option<AuditLog>,
 }
 
 type PerResourceView = [f64; 4];
@@ -236,13 +235,6 @@ impl Runtime {
             None => None,
         };
         let checkpoints = Checkpoints::new(opts.host.run_dir.join("checkpoints"))?;
-        let health_log = match &opts.audit_log {
-            Some(p) => {
-                let hp = p.with_file_name("health.jsonl");
-                Some(AuditLog::open(&hp, DEFAULT_MAX_BYTES).with_context(|| format!("health log {}", hp.display()))?)
-            }
-            None => None,
-        };
         let engine = Engine::new(opts.policy.clone(), &opts.specs, &[], opts.dry_run);
         Ok(Runtime {
             engine,
@@ -259,7 +251,6 @@ impl Runtime {
             start: Instant::now(),
             board: SharedBoard::default(),
             monitoring: Arc::new(AtomicBool::new(false)),
-            health_log,
             opts,
         })
     }
@@ -499,9 +490,18 @@ impl Runtime {
                 for c in &changes {
                     let Some(h) = names.get(c.slot as usize).and_then(|n| board.vms.get(n)) else { continue };
                     tracing::info!(vm = h.vm, health = h.health, reason = h.reason, detail = h.detail, "health");
-                    if let Some(log) = &mut self.health_log {
-                        if let Err(e) = log.append_json(h) {
-                            tracing::warn!("writing the health log: {e}");
+                    if let Some(log) = &mut self.audit {
+                        let ev = HealthEvent {
+                            kind: "health".into(),
+                            time_ms: now,
+                            vm: h.vm.clone(),
+                            health: h.health.clone(),
+                            reason: h.reason.clone(),
+                            detail: h.detail,
+                            monitor: side,
+                        };
+                        if let Err(e) = log.append_json(&ev) {
+                            tracing::warn!("writing the audit log: {e}");
                         }
                     }
                 }
