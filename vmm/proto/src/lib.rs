@@ -5,6 +5,7 @@
 //! because the guest runs with no runtime at all.
 #![no_std]
 
+pub mod logs;
 pub mod msg;
 pub mod signals;
 

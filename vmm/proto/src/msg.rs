@@ -27,6 +27,10 @@ pub enum MsgKind {
     Telemetry = 1,
     /// Agent -> host: one [`crate::signals::HealthChange`] per VM whose state changed.
     Health = 2,
+    /// Host -> agent: user VMs' log lines, one [`crate::logs::LogRecord`] each.
+    LogLines = 3,
+    /// Agent -> host: what the log agent sequenced, one [`crate::logs::LogAck`] per VM.
+    LogAcks = 4,
 }
 
 impl MsgKind {
@@ -34,6 +38,8 @@ impl MsgKind {
         match v {
             1 => Some(MsgKind::Telemetry),
             2 => Some(MsgKind::Health),
+            3 => Some(MsgKind::LogLines),
+            4 => Some(MsgKind::LogAcks),
             _ => None,
         }
     }
@@ -43,6 +49,8 @@ impl MsgKind {
         match self {
             MsgKind::Telemetry => crate::signals::SIGNALS_LEN,
             MsgKind::Health => crate::signals::CHANGE_LEN,
+            MsgKind::LogLines => crate::logs::RECORD_LEN,
+            MsgKind::LogAcks => crate::logs::ACK_LEN,
         }
     }
 }
@@ -205,7 +213,7 @@ pub fn check(buf: &[u8]) -> Result<(MsgHeader, &[u8]), MsgError> {
     let param = u32_at(buf, 28);
     let param_ok = match kind {
         MsgKind::Telemetry => (100..=60_000).contains(&param),
-        MsgKind::Health => param == 0,
+        MsgKind::Health | MsgKind::LogLines | MsgKind::LogAcks => param == 0,
     };
     if !param_ok {
         return Err(MsgError::Param(param));
