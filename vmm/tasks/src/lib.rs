@@ -5,6 +5,9 @@
 //!
 //! - `monitor`: status monitoring: each tick, every user VM's signals ->
 //!   its health state and reason; changes are reported
+//! - `log`: log management: user VMs' lines taken once, in order, into each
+//!   VM's log, across moves and governor restarts
 #![cfg_attr(not(test), no_std)]
 
+pub mod log;
 pub mod monitor;
