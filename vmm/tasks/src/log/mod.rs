@@ -62,10 +62,10 @@ pub fn take(
         }
     };
     for r in records {
-        let Some(st) = states.get_mut(r.slot as usize) else {
+        if r.slot as usize >= states.len() {
             out_of_range += 1;
             continue;
-        };
+        }
         if open.is_some_and(|(slot, _, _)| slot != r.slot) {
             flush(&mut open, states, &mut ack);
         }
