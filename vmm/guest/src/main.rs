@@ -106,6 +106,58 @@ static mut MONITOR: [mc_tasks::monitor::VmState; proto::msg::MAX_RECORDS as usiz
     [mc_tasks::monitor::VmState::NEW; proto::msg::MAX_RECORDS as usize];
 static mut MONITOR_TICK: u32 = 0;
 
+/// The log task's memory of every user VM's log, by slot.
+static mut LOGS: [mc_tasks::log::VmLog; proto::msg::MAX_RECORDS as usize] =
+    [mc_tasks::log::VmLog::NEW; proto::msg::MAX_RECORDS as usize];
+
+/// One log exchange over the LogLines message of `len` bytes in the
+/// in-window (the host's epoch is its parameter): every record checked
+/// before any is used; the acknowledgements go to the out-window as a
+/// LogAcks message. Returns its length, or BULK_REFUSED | the code.
+fn log_take(len: u64) -> u64 {
+    use proto::logs::{LogRecord, ACK_LEN, RECORD_LEN};
+    use proto::msg::{self, MsgKind};
+    if len > proto::BULK_IN_LEN {
+        return proto::BULK_REFUSED | msg::MsgError::Len(0).code();
+    }
+    // SAFETY: as in monitor_tick.
+    let input = unsafe { core::slice::from_raw_parts(proto::BULK_IN_ADDR as *const u8, len as usize) };
+    let (hd, payload) = match msg::check(input) {
+        Ok(x) => x,
+        Err(e) => return proto::BULK_REFUSED | e.code(),
+    };
+    if hd.kind != MsgKind::LogLines {
+        return proto::BULK_REFUSED | msg::MsgError::Kind(hd.kind as u16).code();
+    }
+    let record = |c: &[u8]| -> Option<LogRecord> { LogRecord::decode(c.try_into().ok()?) };
+    if payload.chunks_exact(RECORD_LEN).any(|c| record(c).is_none()) {
+        return proto::BULK_REFUSED | 10;
+    }
+    if !mc_tasks::log::grouped(payload.chunks_exact(RECORD_LEN).filter_map(record).map(|r| r.slot)) {
+        return proto::BULK_REFUSED | 11;
+    }
+    // SAFETY: as in monitor_tick.
+    let (states, out) = unsafe {
+        (
+            &mut *addr_of_mut!(LOGS),
+            core::slice::from_raw_parts_mut(proto::BULK_OUT_ADDR as *mut u8, proto::BULK_OUT_LEN as usize),
+        )
+    };
+    let (head, body) = out.split_at_mut(msg::MSG_HEADER_LEN);
+    let mut n = 0usize;
+    let epoch = hd.param;
+    mc_tasks::log::take(states, epoch, payload.chunks_exact(RECORD_LEN).filter_map(record), |a| {
+        if let Some(dst) = body.get_mut(n * ACK_LEN..(n + 1) * ACK_LEN) {
+            dst.copy_from_slice(&a.encode());
+            n += 1;
+        }
+    });
+    let mut h = [0u8; msg::MSG_HEADER_LEN];
+    msg::write_header(&mut h, MsgKind::LogAcks, 0, hd.seq, n as u32, &body[..n * ACK_LEN]);
+    head.copy_from_slice(&h);
+    (msg::MSG_HEADER_LEN + n * ACK_LEN) as u64
+}
+
 /// One monitor tick over the Telemetry message of `len` bytes in the
 /// in-window: every record checked before any is used; the changes go to
 /// the out-window as a Health message. Returns its length, or
@@ -363,6 +415,7 @@ fn handle(req: [u64; 8]) {
             sum
         }
         op::MONITOR_TICK => monitor_tick(arg),
+        op::LOG_TAKE => log_take(arg),
         op::BAD_BULK => {
             // A Health message whose count its length does not carry.
             let r = monitor_tick(arg);

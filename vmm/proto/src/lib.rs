@@ -89,6 +89,9 @@ pub mod op {
     pub const MONITOR_TICK: u64 = 7;
     /// Self test: answer a monitor tick with a malformed out-message.
     pub const BAD_BULK: u64 = 0x105;
+    /// Log management: the in-window holds a LogLines message of `arg`
+    /// bytes; the agent answers a LogAcks message (or BULK_REFUSED | code).
+    pub const LOG_TAKE: u64 = 8;
     /// Self tests of the VMM's error handling (a hostile guest on purpose).
     pub const BAD_MMIO: u64 = 0x100;
     pub const BAD_DESCRIPTOR: u64 = 0x101;
@@ -225,6 +228,7 @@ mod tests {
             op::SHUTDOWN,
             op::MONITOR_TICK,
             op::BAD_BULK,
+            op::LOG_TAKE,
         ];
         for (i, a) in ops.iter().enumerate() {
             assert!(!ops[i + 1..].contains(a), "op code {a:#x} used twice");

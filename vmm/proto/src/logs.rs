@@ -7,6 +7,9 @@
 //! has already taken by its host number, so every line is in the log
 //! exactly once, in order.
 //!
+//! The LogLines message's header parameter is the host's epoch (a number
+//! a restarted governor changes).
+//!
 //! A line longer than [`TEXT_LEN`] bytes is cut into records; every record
 //! but the last of a line carries [`FLAG_CONTINUES`]. A record is one unit
 //! for numbering (`host_seq`) and for the log.

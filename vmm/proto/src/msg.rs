@@ -10,7 +10,8 @@
 //! Header (little endian): u32 magic "MCM2", u16 kind, u16 record size,
 //! u64 sequence, u32 count, u32 payload length, u32 CRC-32 (IEEE) of the
 //! payload, u32 parameter of the kind (Telemetry: the tick period in ms,
-//! 100..=60000, so the agent's time bounds hold at any tick; Health: zero).
+//! 100..=60000, so the agent's time bounds hold at any tick; LogLines: the
+//! host's epoch; Health and LogAcks: zero).
 
 /// "MCM2" little endian.
 pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"MCM2");
@@ -58,7 +59,7 @@ impl MsgKind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsgHeader {
     pub kind: MsgKind,
-    /// Telemetry: the tick period (ms); Health: 0.
+    /// Telemetry: the tick period (ms); LogLines: the host's epoch; else 0.
     pub param: u32,
     pub seq: u64,
     pub count: u32,
@@ -102,7 +103,7 @@ impl MsgError {
     }
 
     /// The field a refusal code names ("record" for a record that did not
-    /// decode, code 10).
+    /// decode, code 10; "order" for a batch whose VMs' records are mixed, 11).
     pub fn field_of_code(code: u64) -> &'static str {
         match code {
             1 => "length",
@@ -115,6 +116,7 @@ impl MsgError {
             8 => "parameter",
             9 => "trailing bytes",
             10 => "record",
+            11 => "order (a VM's records must be together)",
             _ => "unknown",
         }
     }
@@ -213,7 +215,9 @@ pub fn check(buf: &[u8]) -> Result<(MsgHeader, &[u8]), MsgError> {
     let param = u32_at(buf, 28);
     let param_ok = match kind {
         MsgKind::Telemetry => (100..=60_000).contains(&param),
-        MsgKind::Health | MsgKind::LogLines | MsgKind::LogAcks => param == 0,
+        // LogLines: the host's epoch (any value; see `crate::logs`).
+        MsgKind::LogLines => true,
+        MsgKind::Health | MsgKind::LogAcks => param == 0,
     };
     if !param_ok {
         return Err(MsgError::Param(param));

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::shared::lock;
 use super::Vm;
 use crate::error::{Error, MemoryError, Result, StopReason};
+use crate::proto::logs::{LogAck, LogRecord, ACK_LEN, RECORD_LEN};
 use crate::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
 use crate::proto::signals::{HealthChange, VmSignals, CHANGE_LEN};
 use crate::proto::{self, op};
@@ -29,7 +30,7 @@ impl Vm {
         timeout: Duration,
     ) -> Result<Vec<HealthChange>> {
         let message = telemetry_message(seq, tick_ms, batch)?;
-        self.bulk_exchange(&message, seq, batch, op::MONITOR_TICK, timeout)
+        self.bulk_exchange(&message, op::MONITOR_TICK, timeout, |a| check_health_answer(a, seq, batch))
     }
 
     /// A Telemetry message as bytes (what a relay, e.g. the card, carries):
@@ -45,23 +46,31 @@ impl Vm {
         if message.len() as u64 > proto::BULK_IN_LEN {
             return Err(Error::Config { field: "message", reason: format!("{} bytes", message.len()) });
         }
-        self.bulk_exchange(message, seq, batch, op::MONITOR_TICK, timeout)
+        self.bulk_exchange(message, op::MONITOR_TICK, timeout, |a| check_health_answer(a, seq, batch))
     }
 
     /// [`Vm::monitor_tick`] with the agent's malformed-answer self test.
     pub fn monitor_tick_hostile_self_test(&self, seq: u64, batch: &[VmSignals], timeout: Duration) -> Result<()> {
         let message = telemetry_message(seq, 1000, batch)?;
-        self.bulk_exchange(&message, seq, batch, op::BAD_BULK, timeout).map(drop)
+        self.bulk_exchange(&message, op::BAD_BULK, timeout, |a| check_health_answer(a, seq, batch)).map(drop)
     }
 
-    fn bulk_exchange(
+    /// One log exchange: `records` (the host's pending lines, `epoch` its
+    /// run) in, the log agent's acknowledgements out.
+    pub fn log_take(&self, seq: u64, epoch: u32, records: &[LogRecord], timeout: Duration) -> Result<Vec<LogAck>> {
+        let message = log_message(seq, epoch, records)?;
+        self.bulk_exchange(&message, op::LOG_TAKE, timeout, |answer| check_log_answer(answer, seq, records))
+    }
+
+    /// Write `message` into the in-window, ask the agent (`opcode`), read
+    /// its answer and check it with `check`; a malformed answer stops the VM.
+    fn bulk_exchange<T>(
         &self,
         message: &[u8],
-        seq: u64,
-        batch: &[VmSignals],
         opcode: u64,
         timeout: Duration,
-    ) -> Result<Vec<HealthChange>> {
+        check: impl FnOnce(&[u8]) -> std::result::Result<T, &'static str>,
+    ) -> Result<T> {
         // One exchange at a time: the windows are single buffers.
         let _bulk = lock(&self.bulk);
         self.sh.mem.write_slice(message, GuestAddress(proto::BULK_IN_ADDR)).map_err(|source| MemoryError::Access {
@@ -73,15 +82,11 @@ impl Vm {
         if reply.value & proto::BULK_REFUSED != 0 {
             return Err(Error::Refused { field: msg::MsgError::field_of_code(reply.value & 0xff) });
         }
-        self.read_changes(seq, batch, reply.value)
-    }
-
-    /// Read and check the agent's answer; stop the VM if it is malformed.
-    fn read_changes(&self, seq: u64, batch: &[VmSignals], len: u64) -> Result<Vec<HealthChange>> {
         let hostile = |field: &'static str| {
-            self.sh.fail(StopReason::Device(format!("hostile monitor answer: {field}")));
+            self.sh.fail(StopReason::Device(format!("hostile agent answer: {field}")));
             Error::Hostile { field }
         };
+        let len = reply.value;
         if len < MSG_HEADER_LEN as u64 || len > proto::BULK_OUT_LEN {
             return Err(hostile("length"));
         }
@@ -91,8 +96,53 @@ impl Vm {
             addr: proto::BULK_OUT_ADDR,
             source,
         })?;
-        check_health_answer(&buf, seq, batch).map_err(hostile)
+        check(&buf).map_err(hostile)
     }
+}
+
+/// The LogLines message for `records` from the host's `epoch`.
+pub fn log_message(seq: u64, epoch: u32, records: &[LogRecord]) -> Result<Vec<u8>> {
+    if records.len() > msg::MAX_RECORDS as usize {
+        return Err(Error::Config {
+            field: "records",
+            reason: format!("{} log records in one message; at most {}", records.len(), msg::MAX_RECORDS),
+        });
+    }
+    let mut payload = Vec::with_capacity(records.len() * RECORD_LEN);
+    for r in records {
+        payload.extend_from_slice(&r.encode());
+    }
+    let mut head = [0u8; MSG_HEADER_LEN];
+    msg::write_header(&mut head, MsgKind::LogLines, epoch, seq, records.len() as u32, &payload);
+    let mut message = head.to_vec();
+    message.extend_from_slice(&payload);
+    Ok(message)
+}
+
+/// Check a log agent's answer to LogLines `seq` of `records` whole: a
+/// LogAcks message, the same sequence, at most one acknowledgement per VM
+/// that sent lines, each valid and about such a VM.
+pub fn check_log_answer(buf: &[u8], seq: u64, records: &[LogRecord]) -> std::result::Result<Vec<LogAck>, &'static str> {
+    let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
+    if hd.kind != MsgKind::LogAcks {
+        return Err("kind");
+    }
+    if hd.seq != seq {
+        return Err("sequence");
+    }
+    let mut out: Vec<LogAck> = Vec::with_capacity(hd.count as usize);
+    for c in payload.chunks_exact(ACK_LEN) {
+        let arr: &[u8; ACK_LEN] = c.try_into().map_err(|_| "record")?;
+        let a = LogAck::decode(arr).ok_or("record")?;
+        if !records.iter().any(|r| r.slot == a.slot) {
+            return Err("slot");
+        }
+        if out.iter().any(|o| o.slot == a.slot) {
+            return Err("slot (twice)");
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
 
 /// The Telemetry message for `batch`.

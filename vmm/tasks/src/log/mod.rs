@@ -35,6 +35,27 @@ impl VmLog {
     pub const NEW: VmLog = VmLog { epoch: 0, next_host: 1, next_log: 1, lines: 0, bytes: 0 };
 }
 
+/// Whether every VM's records are together (the order `take` needs): a
+/// slot that comes back after another slot's records is refused.
+pub fn grouped(slots: impl Iterator<Item = u32>) -> bool {
+    let mut seen = [0u64; 16];
+    let mut prev: Option<u32> = None;
+    for s in slots {
+        if prev == Some(s) {
+            continue;
+        }
+        prev = Some(s);
+        if s < 1024 {
+            let (w, b) = ((s / 64) as usize, s % 64);
+            if seen[w] & (1 << b) != 0 {
+                return false;
+            }
+            seen[w] |= 1 << b;
+        }
+    }
+    true
+}
+
 /// Take a batch of records from the host's `epoch`: each VM's records in
 /// host order; a host number already held is skipped, the next one is
 /// taken, one past it (a gap) ends that VM's part of the batch (the host

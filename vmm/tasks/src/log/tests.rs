@@ -41,6 +41,13 @@ fn lines_are_taken_once_in_order_and_acknowledged_again() {
 }
 
 #[test]
+fn a_batch_must_keep_each_vms_records_together() {
+    assert!(grouped([0, 0, 1, 1, 2].into_iter()));
+    assert!(!grouped([0, 1, 0].into_iter()));
+    assert!(grouped([].into_iter()));
+}
+
+#[test]
 fn a_restarted_host_numbers_from_one_and_the_log_goes_on() {
     let mut st = [VmLog::NEW; 1];
     run(&mut st, 1, &[rec(0, 1), rec(0, 2)]);
