@@ -111,6 +111,7 @@ pub enum Op {
 
 /// `agent-bulk` tasks (arg0).
 pub const BULK_MONITOR: u64 = 1;
+pub const BULK_LOG: u64 = 2;
 
 /// Snapshot op flags in arg0 (ABI 1.2, feature PRECOPY). LIVE: a base of
 /// the VM while it keeps running (pre-copy; the card parks it only to

@@ -33,3 +33,33 @@ pub fn encode_health(seq: u64, changes: &[Change]) -> Result<Vec<u8>, &'static s
     out.extend_from_slice(&payload);
     Ok(out)
 }
+
+/// The host's LogLines message -> (sequence, epoch, records); the field at fault.
+pub fn decode_log_lines(buf: &[u8]) -> Result<(u64, u32, Vec<vmm::host::api::LogLine>), &'static str> {
+    use vmm::proto::logs::{LogRecord, RECORD_LEN};
+    let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
+    if hd.kind != MsgKind::LogLines {
+        return Err("kind");
+    }
+    let mut out = Vec::with_capacity(hd.count as usize);
+    for c in payload.chunks_exact(RECORD_LEN) {
+        let arr: &[u8; RECORD_LEN] = c.try_into().map_err(|_| "record")?;
+        out.push(vmm::host::api::LogLine::from_proto(&LogRecord::decode(arr).ok_or("record")?));
+    }
+    Ok((hd.seq, hd.param, out))
+}
+
+/// The acknowledgements -> a LogAcks message.
+pub fn encode_log_acks(seq: u64, acks: &[vmm::host::api::Ack]) -> Vec<u8> {
+    use vmm::proto::logs::LogAck;
+    let mut payload = Vec::with_capacity(acks.len() * 32);
+    for a in acks {
+        let la = LogAck { slot: a.slot, first_host: a.first_host, last_host: a.last_host, first_log: a.first_log };
+        payload.extend_from_slice(&la.encode());
+    }
+    let mut head = [0u8; MSG_HEADER_LEN];
+    msg::write_header(&mut head, MsgKind::LogAcks, 0, seq, acks.len() as u32, &payload);
+    let mut out = head.to_vec();
+    out.extend_from_slice(&payload);
+    out
+}

@@ -314,23 +314,34 @@ impl SimCard {
                 Ok((list.len() as u64, 0, mailbox::encode_vm_list(&list)))
             }
             Op::AgentBulk => {
-                if m.arg0 != mailbox::BULK_MONITOR {
-                    return Err(bad(format!("agent task {}", m.arg0)));
-                }
                 // The host's message is checked whole, as the agent would.
-                let (seq, tick_ms, signals) =
-                    crate::bulk::decode_telemetry(&m.payload).map_err(|f| bad(format!("field {f}")))?;
-                let changes = {
-                    let mut t = lock(&self.vms);
-                    let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
-                    e.vm.monitor_tick(seq, tick_ms, &signals).map_err(vmerr)?
+                let answer = match m.arg0 {
+                    mailbox::BULK_MONITOR => {
+                        let (seq, tick_ms, signals) =
+                            crate::bulk::decode_telemetry(&m.payload).map_err(|f| bad(format!("field {f}")))?;
+                        let changes = {
+                            let mut t = lock(&self.vms);
+                            let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
+                            e.vm.monitor_tick(seq, tick_ms, &signals).map_err(vmerr)?
+                        };
+                        crate::bulk::encode_health(seq, &changes).map_err(|f| bad(format!("agent answer: {f}")))?
+                    }
+                    mailbox::BULK_LOG => {
+                        let (seq, epoch, records) =
+                            crate::bulk::decode_log_lines(&m.payload).map_err(|f| bad(format!("field {f}")))?;
+                        let acks = {
+                            let mut t = lock(&self.vms);
+                            let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
+                            e.vm.log_take(seq, epoch, &records).map_err(vmerr)?
+                        };
+                        crate::bulk::encode_log_acks(seq, &acks)
+                    }
+                    other => return Err(bad(format!("agent task {other}"))),
                 };
-                let answer =
-                    crate::bulk::encode_health(seq, &changes).map_err(|f| bad(format!("agent answer: {f}")))?;
                 if answer.len() > max_payload {
                     return Err((Status::Internal, format!("agent answer of {} bytes exceeds a slot", answer.len())));
                 }
-                Ok((changes.len() as u64, 0, answer))
+                Ok((0, 0, answer))
             }
             Op::VmCosts => {
                 // Sampled at the request, stamped with the card's clock (the

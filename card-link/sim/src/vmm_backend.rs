@@ -309,6 +309,15 @@ impl ManagedVm for VmmVm {
         Ok(self.proc()?.client().monitor_tick(seq, tick_ms, signals).map_err(err("monitor tick"))?.changes)
     }
 
+    fn log_take(
+        &mut self,
+        seq: u64,
+        epoch: u32,
+        records: &[vmm::host::api::LogLine],
+    ) -> Result<Vec<vmm::host::api::Ack>, VmError> {
+        Ok(self.proc()?.client().log_take(seq, epoch, records).map_err(err("log take"))?.acks)
+    }
+
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError> {
         Ok(self.proc()?.client().request(op, arg).map_err(err("agent request"))?.reply)
     }

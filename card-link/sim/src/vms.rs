@@ -74,6 +74,15 @@ pub trait ManagedVm: Send {
     ) -> Result<Vec<vmm::host::api::Change>, VmError> {
         Err(VmError::NoAgent)
     }
+    /// One log exchange with the VM's agent; default: no agent.
+    fn log_take(
+        &mut self,
+        _seq: u64,
+        _epoch: u32,
+        _records: &[vmm::host::api::LogLine],
+    ) -> Result<Vec<vmm::host::api::Ack>, VmError> {
+        Err(VmError::NoAgent)
+    }
     /// Processes of its own that must die with the card (a crash).
     fn pids(&self) -> Vec<u32> {
         Vec::new()

@@ -62,6 +62,22 @@ impl CardSite {
             .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
     }
 
+    /// One log exchange with `task`'s agent on the card (`agent-bulk`);
+    /// the answer is checked whole.
+    pub fn log_take(
+        &mut self,
+        task: &str,
+        seq: u64,
+        epoch: u32,
+        records: &[vmm::proto::logs::LogRecord],
+    ) -> Result<Vec<vmm::proto::logs::LogAck>, String> {
+        let id = self.id(task)?;
+        let message = vmm::vm::bulk::log_message(seq, epoch, records).map_err(|e| e.to_string())?;
+        let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_LOG, &message).map_err(|e| e.to_string())?;
+        vmm::vm::bulk::check_log_answer(&answer, seq, records)
+            .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
+    }
+
     /// Tasks with a VM on the card, with their VM ids.
     pub fn tasks(&self) -> Vec<(String, u32)> {
         self.vms.iter().map(|(t, (id, _))| (t.clone(), *id)).collect()

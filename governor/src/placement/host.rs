@@ -188,6 +188,36 @@ impl HostSite {
             .collect()
     }
 
+    /// One log exchange with `task`'s agent running here.
+    pub fn log_take(
+        &mut self,
+        task: &str,
+        seq: u64,
+        epoch: u32,
+        records: &[vmm::proto::logs::LogRecord],
+    ) -> Result<Vec<vmm::proto::logs::LogAck>, String> {
+        let lines: Vec<vmm::host::api::LogLine> = records.iter().map(vmm::host::api::LogLine::from_proto).collect();
+        let reply = self.live(task)?.client().log_take(seq, epoch, &lines).map_err(|e| e.to_string())?;
+        let mut out: Vec<vmm::proto::logs::LogAck> = Vec::new();
+        for a in &reply.acks {
+            let ok = records.iter().any(|r| r.slot == a.slot)
+                && !out.iter().any(|o| o.slot == a.slot)
+                && a.first_host >= 1
+                && a.last_host >= a.first_host
+                && a.first_log >= 1;
+            if !ok {
+                return Err(format!("{task}'s agent answered a malformed acknowledgement {a:?}"));
+            }
+            out.push(vmm::proto::logs::LogAck {
+                slot: a.slot,
+                first_host: a.first_host,
+                last_host: a.last_host,
+                first_log: a.first_log,
+            });
+        }
+        Ok(out)
+    }
+
     /// The control socket of a task's live VMM (operators and tests may
     /// connect to it; it serves several clients).
     pub fn live_socket(&self, task: &str) -> Option<&Path> {

@@ -11,6 +11,7 @@
 //! | `pause` / `resume` | | |
 //! | `snapshot` | `path`, optional `diff` (bool: only pages changed since the last snapshot), optional `stream` (bool: the stream format a link carries, sparse, instead of the mappable file layout), optional `live` (bool: pre-copy's base of the running VM, stream format) | `bytes`, `snapshot_ms` |
 //! | `apply_diff` | `path` (a diff snapshot whose base this paused VM was restored from) | (VM stays paused) |
+//! | `log_take` | `seq`, `epoch`, `records` (`slot`, `host_seq`, optional `flags`, `text`; each VM's together) | `acks` (`slot`, `first_host`, `last_host`, `first_log`) |
 //! | `monitor_tick` | `seq`, `tick_ms`, `signals` (per user VM: `slot`, `exists`, `cpu_ns_total`, `quiet_ms`, optional `mem_limit`, `cpu_ppm`, `runq_p99_us`, `oom_kills_total`, `working_set`, `drops_total`) | `changes` (`slot`, `health`, `reason`, `tick`, `detail`) |
 //! | `request` | `op` (an [`AgentOp`] name), optional `arg` (default 0) | `reply`, `rtt_us` |
 //! | `state` | | `state`, `last_log`, `logs` |
@@ -102,6 +103,8 @@ mod named {
     field!(op: AgentOp);
     field!(seq: u64);
     field!(tick_ms: u32);
+    field!(epoch: u32);
+    field!(records: Vec<LogLine>);
     field!(signals: Vec<Signals>);
     field!(arg: u64);
 }
@@ -164,6 +167,16 @@ pub enum Request {
         #[serde(deserialize_with = "named::signals")]
         signals: Vec<Signals>,
     },
+    /// Log management: the host's pending log lines (each VM's together,
+    /// in host order) to the log agent; the reply has its acknowledgements.
+    LogTake {
+        #[serde(deserialize_with = "named::seq")]
+        seq: u64,
+        #[serde(deserialize_with = "named::epoch")]
+        epoch: u32,
+        #[serde(deserialize_with = "named::records")]
+        records: Vec<LogLine>,
+    },
     /// Apply a diff snapshot file to the paused VM (restored from the
     /// diff's base, not run since): pre-copy's last step before resume.
     ApplyDiff {
@@ -194,7 +207,7 @@ pub enum BadRequest {
 
 impl Request {
     /// Every `cmd` name, for the error that refuses an unknown one.
-    pub const COMMANDS: [&'static str; 12] = [
+    pub const COMMANDS: [&'static str; 13] = [
         "create",
         "boot",
         "restore",
@@ -203,6 +216,7 @@ impl Request {
         "snapshot",
         "apply_diff",
         "monitor_tick",
+        "log_take",
         "request",
         "state",
         "stats",
@@ -316,6 +330,57 @@ pub enum Response {
     Stats(StatsReply),
     Shutdown(ShutdownReply),
     Health(HealthReply),
+    LogAcks(LogAcksReply),
+}
+
+/// One log record on the control socket (`mc_proto::logs::LogRecord`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogLine {
+    pub slot: u32,
+    pub host_seq: u64,
+    /// `mc_proto::logs` flags (1 continues, 2 stderr).
+    #[serde(default)]
+    pub flags: u16,
+    /// At most `mc_proto::logs::TEXT_LEN` bytes of UTF-8.
+    pub text: String,
+}
+
+impl LogLine {
+    /// The agent's record; None when the text is too long.
+    pub fn to_proto(&self) -> Option<crate::proto::logs::LogRecord> {
+        use crate::proto::logs::{LogRecord, TEXT_LEN};
+        let b = self.text.as_bytes();
+        if b.len() > TEXT_LEN {
+            return None;
+        }
+        let mut text = [0u8; TEXT_LEN];
+        text[..b.len()].copy_from_slice(b);
+        Some(LogRecord { slot: self.slot, flags: self.flags, host_seq: self.host_seq, len: b.len() as u16, text })
+    }
+
+    pub fn from_proto(r: &crate::proto::logs::LogRecord) -> LogLine {
+        LogLine {
+            slot: r.slot,
+            host_seq: r.host_seq,
+            flags: r.flags,
+            text: String::from_utf8_lossy(r.text()).into_owned(),
+        }
+    }
+}
+
+/// One acknowledgement (`mc_proto::logs::LogAck`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub slot: u32,
+    pub first_host: u64,
+    pub last_host: u64,
+    pub first_log: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAcksReply {
+    pub acks: Vec<Ack>,
 }
 
 /// One user VM's signals on the control socket (the JSON form of
@@ -494,6 +559,11 @@ mod tests {
             Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: false },
             Request::Snapshot { path: "/s".into(), diff: false, stream: true, live: true },
             Request::ApplyDiff { path: "/d".into() },
+            Request::LogTake {
+                seq: 4,
+                epoch: 1,
+                records: vec![LogLine { slot: 0, host_seq: 1, flags: 0, text: "hi".into() }],
+            },
             Request::MonitorTick {
                 seq: 3,
                 tick_ms: 1000,

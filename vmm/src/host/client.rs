@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::api::{
-    AgentOp, Answered, Booted, Done, ErrorLine, HealthReply, Request, Restored, ShutdownReply, Signals, SnapshotTaken,
-    StateReply, StatsReply,
+    AgentOp, Answered, Booted, Done, ErrorLine, HealthReply, LogAcksReply, LogLine, Request, Restored, ShutdownReply,
+    Signals, SnapshotTaken, StateReply, StatsReply,
 };
 use crate::error::{Error, Result};
 
@@ -89,6 +89,11 @@ impl Client {
     /// Pre-copy's base of the running VM, in the stream format.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotTaken> {
         self.call(&Request::Snapshot { path: path.to_path_buf(), diff: false, stream: true, live: true })
+    }
+
+    /// One log exchange (see `Request::LogTake`).
+    pub fn log_take(&mut self, seq: u64, epoch: u32, records: &[LogLine]) -> Result<LogAcksReply> {
+        self.call(&Request::LogTake { seq, epoch, records: records.to_vec() })
     }
 
     /// One status-monitoring tick (see `Request::MonitorTick`).

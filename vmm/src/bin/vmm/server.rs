@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmm::host::api::{
-    Answered, BadRequest, Booted, Change, Done, ErrorKind, ErrorLine, HealthReply, OkLine, Request, Response, Restored,
-    ShutdownReply, SnapshotTaken, StateReply, StatsReply,
+    Ack, Answered, BadRequest, Booted, Change, Done, ErrorKind, ErrorLine, HealthReply, LogAcksReply, OkLine, Request,
+    Response, Restored, ShutdownReply, SnapshotTaken, StateReply, StatsReply,
 };
 use vmm::{RunState, Sinks, Vm, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -185,6 +185,25 @@ impl Server {
                 let t = Instant::now();
                 let reply = vm.request(op.code(), arg, REQUEST_TIMEOUT)?;
                 Response::Answered(Answered { reply, rtt_us: t.elapsed().as_secs_f64() * 1e6 })
+            }
+            Request::LogTake { seq, epoch, records } => {
+                let recs: Option<Vec<_>> = records.iter().map(|r| r.to_proto()).collect();
+                let recs = recs.ok_or_else(|| vmm::Error::Config {
+                    field: "records",
+                    reason: format!("a text longer than {} bytes", vmm::proto::logs::TEXT_LEN),
+                })?;
+                let acks = self.vm()?.log_take(seq, epoch, &recs, REQUEST_TIMEOUT)?;
+                Response::LogAcks(LogAcksReply {
+                    acks: acks
+                        .iter()
+                        .map(|a| Ack {
+                            slot: a.slot,
+                            first_host: a.first_host,
+                            last_host: a.last_host,
+                            first_log: a.first_log,
+                        })
+                        .collect(),
+                })
             }
             Request::MonitorTick { seq, tick_ms, signals } => {
                 let batch: Vec<_> = signals.iter().map(|s| s.to_proto()).collect();

@@ -1,4 +1,5 @@
-//! Status monitoring done by the monitor MC VM wherever it runs (claim
+//! Management done by the MC VMs wherever they run (claim 14): status
+//! monitoring by the monitor VM and log sequencing by the log VM. Status monitoring done by the monitor MC VM wherever it runs (claim
 //! 14): on the card (its agent reached through the card's `agent-bulk`
 //! op) and on the host (its vmm process), moved live between them; the
 //! health states it decided stay with it across the moves.
@@ -178,4 +179,60 @@ fn governor_run_shows_the_health_the_monitor_vm_decides_across_a_move() {
     let events = governor::placement::audit::read_health(&s.run.path().join("decisions.jsonl")).expect("audit log");
     assert!(events.iter().any(|e| e.vm == "stuck" && e.health == "stalled" && e.monitor == Side::Card), "{events:?}");
     assert!(events.iter().any(|e| e.vm == "oom" && e.reason == "oom-killed"), "{events:?}");
+}
+
+fn log_line(slot: u32, host_seq: u64) -> vmm::proto::logs::LogRecord {
+    use vmm::proto::logs::{LogRecord, TEXT_LEN};
+    let s = format!("vm{slot} #{host_seq}");
+    let mut text = [0u8; TEXT_LEN];
+    text[..s.len()].copy_from_slice(s.as_bytes());
+    LogRecord { slot, flags: 0, host_seq, len: s.len() as u16, text }
+}
+
+/// The log VM's numbering goes with it: lines taken on the card, the VM
+/// moved to the host and back, more lines and a resend after each move.
+#[test]
+fn the_log_vm_keeps_each_vms_numbering_across_moves() {
+    require_root();
+    require_kvm();
+    let before = Inventory::take();
+    {
+        let sim =
+            SimProcess::spawn(&SimOptions { guest: Some(guest_elf()), ..SimOptions::default() }).expect("card-sim");
+        let card =
+            card_link::connect_vfio_user(sim.socket_path(), Duration::from_secs(2), card_link::CardOptions::default())
+                .expect("card link");
+        let run = TempDir::new("governor-test-log").expect("run dir");
+        let host = HostSite::new(
+            HostSiteOptions {
+                vmm_bin: bin_dir().join("vmm"),
+                guest: guest_elf(),
+                run_dir: run.path().join("host"),
+                subtree: unique_long("governor-test-log"),
+                reserve: HostCost { cpus: 1.0, memory_bytes: 512 << 20 },
+            },
+            &cgroupfs::Layout::detect().expect("layout"),
+        )
+        .expect("host site");
+        let mut sites = Sites { card: CardSite::new(card), host };
+        sites.card.cold_start("log", 32).expect("log VM on the card");
+        let batch = |from: u64, n: u64| -> Vec<_> {
+            (0..3u32).flat_map(|slot| (from..from + n).map(move |h| log_line(slot, h))).collect()
+        };
+        let acks = sites.card.log_take("log", 1, 7, &batch(1, 300)).expect("on the card");
+        assert_eq!(acks.len(), 3);
+        assert!(acks.iter().all(|a| (a.first_host, a.last_host, a.first_log) == (1, 300, 1)), "{acks:?}");
+
+        assert!(move_task_with(&mut sites, "log", Side::Card, true).ok);
+        let again = sites.host.log_take("log", 2, 7, &batch(1, 300)).expect("resend on the host");
+        assert_eq!(again, acks, "the same lines again: nothing new");
+        let more = sites.host.log_take("log", 3, 7, &batch(301, 200)).expect("more on the host");
+        assert!(more.iter().all(|a| (a.first_host, a.last_host, a.first_log) == (301, 500, 301)), "{more:?}");
+
+        assert!(move_task_with(&mut sites, "log", Side::Host, true).ok);
+        let back = sites.card.log_take("log", 4, 7, &batch(501, 10)).expect("back on the card");
+        assert!(back.iter().all(|a| (a.first_host, a.last_host, a.first_log) == (501, 510, 501)), "{back:?}");
+    }
+    let left = Inventory::take().left_since(&before);
+    assert!(left.is_empty(), "left: {left}");
 }
