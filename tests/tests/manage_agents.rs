@@ -1,8 +1,8 @@
 //! Management done by the MC VMs wherever they run (claim 14): status
-//! monitoring by the monitor VM and log sequencing by the log VM. Status monitoring done by the monitor MC VM wherever it runs (claim
-//! 14): on the card (its agent reached through the card's `agent-bulk`
-//! op) and on the host (its vmm process), moved live between them; the
-//! health states it decided stay with it across the moves.
+//! monitoring by the monitor VM and log sequencing by the log VM, on the
+//! card (their agents reached through the card's `agent-bulk` op) and on
+//! the host (their vmm processes), moved live between them; what the
+//! agents decided (health states, log numbering) stays with them.
 
 use std::time::Duration;
 
