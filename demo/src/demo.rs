@@ -50,6 +50,7 @@ impl Demo {
                 interfaces: port.map(|p: usize| d.net.ports[p].1.name.clone()).into_iter().collect(),
                 role,
                 qos: Default::default(),
+                logs: Vec::new(),
             });
             d.cgroups.push(cg);
         }

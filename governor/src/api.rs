@@ -84,6 +84,9 @@ pub struct Status {
     /// health above is then its last word), when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management_degraded: Option<String>,
+    /// Each user VM's log as the log MC VM manages it.
+    #[serde(default)]
+    pub logs: Vec<crate::manage::logs::LogStat>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -81,6 +81,11 @@ pub struct VmConfig {
     pub role: Role,
     #[serde(default)]
     pub qos: QosConfig,
+    /// Files the VM's log lines are written to (a process's redirected
+    /// output, a VMM's serial console file); followed, and managed by the
+    /// log MC VM.
+    #[serde(default)]
+    pub logs: Vec<std::path::PathBuf>,
 }
 
 /// `[vm.qos]`: limits per direction, as the VM sees it.
@@ -222,6 +227,11 @@ impl Config {
                 }
                 if !ifaces.insert(ifname.as_str()) {
                     return Err(field(at(&format!("interfaces[{j}]")), format!("{ifname:?} belongs to another vm")));
+                }
+            }
+            for (j, p) in vm.logs.iter().enumerate() {
+                if !p.is_absolute() {
+                    return Err(field(at(&format!("logs[{j}]")), "must be an absolute path"));
                 }
             }
             for (dir, spec) in vm.qos_specs() {

@@ -102,7 +102,13 @@ pub async fn run_with(
                     let board = p.board();
                     let b = board.lock().unwrap_or_else(|e| e.into_inner());
                     status.health = b.vms.values().cloned().collect();
-                    status.management_degraded = b.degraded.clone();
+                    status.logs = b.logs.clone();
+                    status.management_degraded = match (&b.degraded, &b.log_degraded) {
+                        (None, None) => None,
+                        (a, b) => {
+                            Some([a.as_deref(), b.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("; "))
+                        }
+                    };
                 }
                 if cfg.metrics_addr.is_some() {
                     let limits = gov.limits().unwrap_or_default();
@@ -160,6 +166,9 @@ fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement
         tick: Duration::from_millis(cfg.tick_ms),
         checkpoint: Duration::from_secs(p.checkpoint_s),
         precopy: p.precopy,
+        logs: cfg.vms.iter().filter(|v| v.role == Role::User).map(|v| (v.name.clone(), v.logs.clone())).collect(),
+        logs_dir: p.logs_dir.clone(),
+        log_max_bytes: p.log_max_bytes,
         policy,
     };
     let mc_cgroup = p.mc_cgroup.clone();
@@ -170,6 +179,7 @@ fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement
         interfaces: Vec::new(),
         role: Role::Mc,
         qos: Default::default(),
+        logs: Vec::new(),
     });
     Ok((Some(placement), cfg))
 }

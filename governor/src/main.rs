@@ -39,6 +39,19 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// A user VM's log as the log MC VM numbered it (`<logs_dir>/<vm>.log`).
+    Logs {
+        vm: String,
+        /// `[placement] logs_dir` of the running governor.
+        #[arg(long, default_value = "/var/log/governor/vms")]
+        dir: PathBuf,
+        /// From this log number on.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Keep printing new lines.
+        #[arg(long)]
+        follow: bool,
+    },
     /// The placement decisions (the audit records held by the governor).
     Decisions {
         #[arg(long, default_value = DEFAULT_SOCKET)]
@@ -206,6 +219,7 @@ fn main() -> Result<()> {
         }
         Cmd::Placement { op, socket, json } => placement_cmd(op, &socket, json),
         Cmd::Decisions { socket, follow, json } => decisions_cmd(&socket, follow, json),
+        Cmd::Logs { vm, dir, since, follow } => logs_cmd(&vm, &dir, since, follow),
         Cmd::Status { socket, json } => {
             let resp = api::call(&socket, &Request::Status)?;
             let Some(status) = resp.status.filter(|_| resp.ok) else {
@@ -282,6 +296,31 @@ fn decisions_cmd(socket: &std::path::Path, follow: bool, json: bool) -> Result<(
             } else {
                 println!("{}", governor::placement::view::decision_line(&d));
             }
+        }
+        if !follow {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+fn logs_cmd(vm: &str, dir: &std::path::Path, since: u64, follow: bool) -> Result<()> {
+    let ok = !vm.is_empty() && vm.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !ok {
+        bail!("VM: {vm:?} is not a VM name");
+    }
+    let mut next = since;
+    loop {
+        let lines = match governor::manage::logs::read(dir, vm, next) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => bail!("reading {}/{vm}.log: {e}", dir.display()),
+        };
+        for l in &lines {
+            println!("{}\t{}{}", l.seq, l.text, if l.cont { " \\" } else { "" });
+        }
+        if let Some(l) = lines.last() {
+            next = l.seq + 1;
         }
         if !follow {
             return Ok(());

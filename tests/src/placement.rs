@@ -42,6 +42,10 @@ pub struct SystemOptions {
     pub precopy: bool,
     /// User VMs to watch: (name, cgroup relative to the roots).
     pub user_vms: Vec<(String, String)>,
+    /// Give each user VM a log file (`System::vm_log_in`) for the log VM.
+    pub vm_logs: bool,
+    /// `[placement] log_max_bytes`.
+    pub log_max_bytes: u64,
 }
 
 impl Default for SystemOptions {
@@ -61,6 +65,8 @@ impl Default for SystemOptions {
             command_timeout_ms: 3000,
             precopy: true,
             user_vms: Vec::new(),
+            vm_logs: false,
+            log_max_bytes: 16 << 20,
         }
     }
 }
@@ -91,6 +97,11 @@ impl System {
         let mut mcs = String::new();
         for (name, cg) in &o.user_vms {
             mcs.push_str(&format!("[[vm]]\nname = {name:?}\ncgroup = {cg:?}\nrole = \"user\"\n"));
+            if o.vm_logs {
+                let f = run.path().join(format!("{name}.out"));
+                std::fs::write(&f, "").expect("VM log file");
+                mcs.push_str(&format!("logs = [{f:?}]\n"));
+            }
         }
         for (task, pin) in &o.mcs {
             mcs.push_str(&format!("[[mc]]\ntask = {task:?}\nmemory = \"{}mb\"\n", o.mc_mib));
@@ -103,9 +114,12 @@ impl System {
              [placement]\nthresholds = {{ {th} }}\nhysteresis = {hy}\ndwell_s = {dw}\ncheckpoint_s = {ck}\n\
              reserve = {{ cpus = {rc}, memory = \"{rm}mb\" }}\nmc_cgroup = {mcg:?}\naudit_log = {audit:?}\n\
              agent = {agent:?}\nvmm = {vmm:?}\nrun_dir = {rd:?}\nprecopy = {pc}\n\
+             logs_dir = {ld:?}\nlog_max_bytes = {lm}\n\
              [card]\nsocket = {card:?}\ncommand_timeout_ms = {cto}\n{mcs}",
             cto = o.command_timeout_ms,
             pc = o.precopy,
+            ld = run.path().join("vmlogs"),
+            lm = o.log_max_bytes,
             tick = o.tick_ms,
             pins = pins.0,
             ifb = unique("gifb"),
@@ -193,6 +207,16 @@ impl System {
                 c.request(op, arg).unwrap_or_else(|e| panic!("{task} agent on the host: {e}")).reply
             }
         }
+    }
+
+    /// The file a user VM's log lines are written to (with `vm_logs`).
+    pub fn vm_log_in(&self, vm: &str) -> PathBuf {
+        self.run.path().join(format!("{vm}.out"))
+    }
+
+    /// Where the log VM's output goes.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.run.path().join("vmlogs")
     }
 
     /// The card's use of `resource` (fpga, cpu, memory, network) now.

@@ -28,6 +28,13 @@ pub struct Board {
     pub degraded: Option<String>,
     /// Monitor ticks answered.
     pub ticks: u64,
+    /// Each user VM's log: waiting, written, dropped.
+    #[serde(default)]
+    pub logs: Vec<crate::manage::logs::LogStat>,
+    /// Why log management is degraded (the log VM cannot take lines; they
+    /// wait, bounded), when it is.
+    #[serde(default)]
+    pub log_degraded: Option<String>,
 }
 
 pub type SharedBoard = Arc<Mutex<Board>>;

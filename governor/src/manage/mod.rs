@@ -7,4 +7,5 @@
 //! stay and the board says management is degraded: fail static.
 
 pub mod board;
+pub mod logs;
 pub mod signals;

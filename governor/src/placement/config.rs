@@ -97,6 +97,20 @@ pub struct PlacementConfig {
     /// it wrote since (where both sides can).
     #[serde(default = "default_precopy")]
     pub precopy: bool,
+    /// Where the log MC VM's output goes: `<logs_dir>/<vm>.log`.
+    #[serde(default = "default_logs_dir")]
+    pub logs_dir: PathBuf,
+    /// Size of a VM's log file before it is rotated (one `.1` kept).
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
+}
+
+fn default_logs_dir() -> PathBuf {
+    PathBuf::from("/var/log/governor/vms")
+}
+
+fn default_log_max_bytes() -> u64 {
+    16 << 20
 }
 
 fn default_precopy() -> bool {
@@ -239,6 +253,12 @@ impl PlacementConfig {
         }
         if !self.run_dir.is_absolute() {
             return Err(err("placement.run_dir", "must be an absolute path"));
+        }
+        if !self.logs_dir.is_absolute() {
+            return Err(err("placement.logs_dir", "must be an absolute path"));
+        }
+        if !(4096..=1 << 40).contains(&self.log_max_bytes) {
+            return Err(err("placement.log_max_bytes", format!("{} is outside 4096..=1 TiB", self.log_max_bytes)));
         }
         Ok(Policy {
             thresholds,

@@ -46,6 +46,10 @@ pub struct RuntimeOptions {
     pub tick: Duration,
     pub checkpoint: Duration,
     pub precopy: bool,
+    /// Each user VM's log files (slot = index), for the log MC VM.
+    pub logs: Vec<(String, Vec<PathBuf>)>,
+    pub logs_dir: PathBuf,
+    pub log_max_bytes: u64,
 }
 
 /// One MC VM as `governor placement` shows it.
@@ -151,6 +155,8 @@ pub(super) struct Runtime {
     start: Instant,
     pub(super) board: SharedBoard,
     pub(super) monitoring: Arc<AtomicBool>,
+    log_pipe: Option<crate::manage::logs::LogPipe>,
+    log_seq: u64,
 }
 
 type PerResourceView = [f64; 4];
@@ -236,6 +242,19 @@ impl Runtime {
         };
         let checkpoints = Checkpoints::new(opts.host.run_dir.join("checkpoints"))?;
         let engine = Engine::new(opts.policy.clone(), &opts.specs, &[], opts.dry_run);
+        let wants_logs = opts.specs.iter().any(|s| s.task == "log") && opts.logs.iter().any(|(_, f)| !f.is_empty());
+        let log_pipe = if wants_logs {
+            std::fs::create_dir_all(&opts.logs_dir)
+                .with_context(|| format!("placement.logs_dir {}", opts.logs_dir.display()))?;
+            // A new epoch each run: the log VM's numbering goes on past a restart.
+            let epoch = (wall_ms() / 1000) as u32;
+            Some(
+                crate::manage::logs::LogPipe::new(epoch, &opts.logs, &opts.logs_dir, opts.log_max_bytes)
+                    .with_context(|| format!("placement.logs_dir {}", opts.logs_dir.display()))?,
+            )
+        } else {
+            None
+        };
         Ok(Runtime {
             engine,
             sites: Sites { card, host },
@@ -251,6 +270,8 @@ impl Runtime {
             start: Instant::now(),
             board: SharedBoard::default(),
             monitoring: Arc::new(AtomicBool::new(false)),
+            log_pipe,
+            log_seq: 0,
             opts,
         })
     }
@@ -369,6 +390,7 @@ impl Runtime {
     }
 
     fn tick(&mut self) {
+        self.logs_tick();
         if !matches!(self.card, CardState::Healthy) {
             return;
         }
@@ -467,6 +489,47 @@ impl Runtime {
             }
             Command::Stop => {}
         }
+    }
+
+    /// Log management: new lines from every followed file, then exchanges
+    /// with the log MC VM where it runs until nothing waits (or it cannot
+    /// take them: they wait, bounded, and the board says why).
+    fn logs_tick(&mut self) {
+        const TASK: &str = "log";
+        let Some(mut pipe) = self.log_pipe.take() else { return };
+        pipe.capture();
+        let mut why = None;
+        if let Some(side) = self.engine.side(TASK) {
+            for _ in 0..64 {
+                let batch = pipe.batch();
+                if batch.is_empty() {
+                    break;
+                }
+                self.log_seq += 1;
+                let acks = match side {
+                    Side::Card if !matches!(self.card, CardState::Healthy) => {
+                        Err(format!("its card is down ({})", self.card.describe()))
+                    }
+                    Side::Card => self.sites.card.log_take(TASK, self.log_seq, pipe.epoch, &batch),
+                    Side::Host => self.sites.host.log_take(TASK, self.log_seq, pipe.epoch, &batch),
+                };
+                match acks.and_then(|a| pipe.acked(&a)) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        why = Some(format!("the log VM on the {} cannot take lines: {e}", side_name(side)));
+                        break;
+                    }
+                }
+            }
+        }
+        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
+        if why.is_some() && board.log_degraded != why {
+            tracing::warn!("log management degraded: {}", why.as_deref().unwrap_or_default());
+        }
+        board.log_degraded = why;
+        board.logs = pipe.stats();
+        drop(board);
+        self.log_pipe = Some(pipe);
     }
 
     /// One monitor tick with the monitor MC VM where it runs; the board
