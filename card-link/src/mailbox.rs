@@ -104,7 +104,7 @@ pub enum Op {
     /// ABI 1.2 (feature VM_COSTS): the measured cost of each VM (`crate::costs`).
     VmCosts = 13,
     /// ABI 1.2 (feature AGENT_BULK): vm, arg0 = the agent task (1 = monitor
-    /// tick), payload = a protocol-2 message; the response payload is the
+    /// tick, 2 = log, 3 = qos), payload = a protocol-2 message; the response payload is the
     /// agent's answer message.
     AgentBulk = 14,
 }
@@ -112,6 +112,7 @@ pub enum Op {
 /// `agent-bulk` tasks (arg0).
 pub const BULK_MONITOR: u64 = 1;
 pub const BULK_LOG: u64 = 2;
+pub const BULK_QOS: u64 = 3;
 
 /// Snapshot op flags in arg0 (ABI 1.2, feature PRECOPY). LIVE: a base of
 /// the VM while it keeps running (pre-copy; the card parks it only to

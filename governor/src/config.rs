@@ -94,6 +94,39 @@ pub struct VmConfig {
 pub struct QosConfig {
     pub egress: Option<LimitSpec>,
     pub ingress: Option<LimitSpec>,
+    /// The qos MC VM may narrow this VM's limits (down to `min`) when its
+    /// traffic fills the card's network or it is the noisy neighbour, and
+    /// restores them when calm.
+    pub adaptive: Option<AdaptiveSpec>,
+}
+
+/// `[vm.qos.adaptive]`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveSpec {
+    /// The narrowest limit (a rate, e.g. "20mbit").
+    pub min: crate::qos::Quantity,
+}
+
+impl AdaptiveSpec {
+    /// The floor in bit/s, checked against the VM's configured limits.
+    pub fn min_bps(&self, qos: &QosConfig, at: &str) -> Result<u64, ConfigError> {
+        let f = format!("{at}.min");
+        let min = crate::qos::parse_rate(&self.min).map_err(|r| field(&f, r))?;
+        if !(crate::qos::MIN_RATE_BPS..=crate::qos::MAX_RATE_BPS).contains(&min) {
+            return Err(field(
+                &f,
+                format!("{min} bit/s is outside {}..={}", crate::qos::MIN_RATE_BPS, crate::qos::MAX_RATE_BPS),
+            ));
+        }
+        for (dir, spec) in [("egress", &qos.egress), ("ingress", &qos.ingress)] {
+            let Some(rate) = spec.as_ref().and_then(|s| crate::qos::parse_rate(&s.rate).ok()) else { continue };
+            if min > rate {
+                return Err(field(&f, format!("{min} bit/s is above the {dir} limit of {rate} bit/s")));
+            }
+        }
+        Ok(min)
+    }
 }
 
 impl VmConfig {
@@ -241,6 +274,13 @@ impl Config {
                     return Err(field(at_dir, "a limit needs the vm to have interfaces"));
                 }
             }
+            if let Some(a) = &vm.qos.adaptive {
+                let at_a = at("qos.adaptive");
+                a.min_bps(&vm.qos, &at_a)?;
+                if vm.interfaces.is_empty() {
+                    return Err(field(at_a, "an adaptive limit needs the vm to have interfaces"));
+                }
+            }
         }
         if let Some(p) = &self.placement {
             p.policy().map_err(|e| field(e.field, e.reason))?;
@@ -323,6 +363,12 @@ mod tests {
         assert!(err("pin_dir = \"/sys/fs/bpf/../x\"").contains("pin_dir"));
         let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.egress]\nmode = \"shape\"\nrate = \"fast\"\nburst = 1\n";
         assert!(err(q).contains("vm[0].qos.egress.rate"), "{}", err(q));
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"64kb\"\n[vm.qos.adaptive]\nmin = \"20mbit\"\n";
+        assert!(err(q).contains("vm[0].qos.adaptive.min") && err(q).contains("above the ingress limit"), "{}", err(q));
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[vm.qos.adaptive]\nmin = \"20mbit\"\n";
+        assert!(err(q).contains("vm[0].qos.adaptive") && err(q).contains("interfaces"), "{}", err(q));
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.adaptive]\nmin = \"slow\"\n";
+        assert!(err(q).contains("vm[0].qos.adaptive.min"), "{}", err(q));
         let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"64kb\"\n";
         assert!(err(q).contains("vm[0].qos.ingress"), "{}", err(q));
         assert!(err("[[vm]]\nname = \"\"\ncgroup = \"a\"").contains("vm[0].name"));

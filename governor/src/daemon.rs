@@ -76,6 +76,8 @@ pub async fn run_with(
     tokio::pin!(deadline);
     let mut status = Status { tick_ms: cfg.tick_ms, ..Status::default() };
     let mut tracker = crate::manage::signals::SignalTracker::default();
+    let qos_policies = crate::manage::qos::policies(&cfg.vms);
+    let mut qos_meter = crate::manage::qos::QosMeter::default();
     loop {
         tokio::select! {
             _ = timer.tick() => {}
@@ -98,17 +100,26 @@ pub async fn run_with(
                     let extras =
                         crate::manage::signals::Extras { mem_limit: gov.memory_limits(), drops: drops_by_vm(&gov) };
                     let (names, signals) = tracker.signals(std::time::Instant::now(), &status.vms, &extras);
-                    p.monitor(status.tick, names, signals);
+                    let now = std::time::Instant::now();
+                    let passed = passed_bytes(&gov);
+                    let qos = qos_meter.sample(now, &names, &status.vms, &passed, &qos_policies).unwrap_or_default();
+                    p.monitor(status.tick, names, signals, qos);
                     let board = p.board();
+                    let pending = std::mem::take(&mut board.lock().unwrap_or_else(|e| e.into_inner()).qos_pending);
+                    if !pending.is_empty() {
+                        let events = apply_qos(&mut gov, &qos_policies, pending);
+                        // Fails only when the placement thread is gone (then nobody audits).
+                        let _ = p.send(Command::QosApplied(events));
+                    }
                     let b = board.lock().unwrap_or_else(|e| e.into_inner());
                     status.health = b.vms.values().cloned().collect();
                     status.logs = b.logs.clone();
-                    status.management_degraded = match (&b.degraded, &b.log_degraded) {
-                        (None, None) => None,
-                        (a, b) => {
-                            Some([a.as_deref(), b.as_deref()].into_iter().flatten().collect::<Vec<_>>().join("; "))
-                        }
-                    };
+                    let why: Vec<&str> = [&b.degraded, &b.log_degraded, &b.qos_degraded]
+                        .into_iter()
+                        .flatten()
+                        .map(String::as_str)
+                        .collect();
+                    status.management_degraded = (!why.is_empty()).then(|| why.join("; "));
                 }
                 if cfg.metrics_addr.is_some() {
                     let limits = gov.limits().unwrap_or_default();
@@ -182,6 +193,67 @@ fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement
         logs: Vec::new(),
     });
     Ok((Some(placement), cfg))
+}
+
+/// Apply the qos VM's limit changes, each as one step (a change that cannot
+/// be applied leaves that limit as it was and says why); the events for
+/// the audit log.
+fn apply_qos(
+    gov: &mut Governor,
+    policies: &crate::manage::qos::Policies,
+    pending: Vec<crate::manage::board::PendingQos>,
+) -> Vec<crate::placement::audit::QosEvent> {
+    let before = gov.limits().unwrap_or_default();
+    let mut events = Vec::with_capacity(pending.len());
+    for p in pending {
+        let policy = policies.get(&p.vm).copied().unwrap_or_default();
+        let a = crate::manage::qos::action(&p.vm, &policy, &p.change);
+        let before_bps = before.iter().find(|l| l.vm == a.vm && l.direction == a.direction).map(|l| l.rate_bps);
+        let r = match a.limit {
+            Some(l) => gov.set_limit(&a.vm, a.direction, l),
+            None => gov.clear_limit(&a.vm, a.direction),
+        };
+        let rate_bps = a.limit.map(|l| l.rate_bps);
+        match &r {
+            Ok(()) => tracing::info!(
+                vm = a.vm,
+                direction = a.direction.as_str(),
+                reason = a.reason,
+                ?before_bps,
+                ?rate_bps,
+                "QoS limit changed by the qos VM"
+            ),
+            Err(e) => tracing::warn!(vm = a.vm, direction = a.direction.as_str(), "QoS limit change not applied: {e}"),
+        }
+        events.push(crate::placement::audit::QosEvent {
+            kind: "qos".into(),
+            time_ms: crate::placement::audit::now_ms(),
+            vm: a.vm.clone(),
+            direction: a.direction.as_str().into(),
+            reason: a.reason.into(),
+            detail: a.detail,
+            rate_bps: if r.is_ok() { rate_bps } else { before_bps },
+            before_bps,
+            qos_vm: p.side,
+            applied: r.is_ok(),
+            error: r.err().map(|e| e.to_string()),
+        });
+    }
+    events
+}
+
+/// Bytes passed so far per VM by its limits, (egress, ingress); None where
+/// it has no limit.
+fn passed_bytes(gov: &Governor) -> std::collections::HashMap<String, [Option<u64>; 2]> {
+    let mut out = std::collections::HashMap::new();
+    for l in gov.limits().unwrap_or_default() {
+        let i = match l.direction {
+            crate::qos::Direction::Egress => 0,
+            crate::qos::Direction::Ingress => 1,
+        };
+        out.entry(l.vm).or_insert([None; 2])[i] = Some(l.passed_bytes);
+    }
+    out
 }
 
 /// Packets dropped so far per VM (both directions' QoS).

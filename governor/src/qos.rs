@@ -112,7 +112,7 @@ fn parse_quantity(q: &Quantity, units: &[(&str, f64)], what: &str) -> Result<u64
     }
 }
 
-fn parse_rate(q: &Quantity) -> Result<u64, String> {
+pub(crate) fn parse_rate(q: &Quantity) -> Result<u64, String> {
     parse_quantity(q, &[("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)], "a rate (e.g. 100mbit)")
 }
 

@@ -46,6 +46,8 @@ pub struct SystemOptions {
     pub vm_logs: bool,
     /// `[placement] log_max_bytes`.
     pub log_max_bytes: u64,
+    /// TOML added at the end of a user VM's `[[vm]]` block: (name, text).
+    pub vm_extra: Vec<(String, String)>,
 }
 
 impl Default for SystemOptions {
@@ -67,6 +69,7 @@ impl Default for SystemOptions {
             user_vms: Vec::new(),
             vm_logs: false,
             log_max_bytes: 16 << 20,
+            vm_extra: Vec::new(),
         }
     }
 }
@@ -101,6 +104,9 @@ impl System {
                 let f = run.path().join(format!("{name}.out"));
                 std::fs::write(&f, "").expect("VM log file");
                 mcs.push_str(&format!("logs = [{f:?}]\n"));
+            }
+            for (_, extra) in o.vm_extra.iter().filter(|(n, _)| n == name) {
+                mcs.push_str(extra);
             }
         }
         for (task, pin) in &o.mcs {

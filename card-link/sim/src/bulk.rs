@@ -3,7 +3,7 @@
 //! agent would, before it goes to the VM's VMM; the changes come back as a
 //! Health message.
 
-use vmm::host::api::{Change, Signals};
+use vmm::host::api::{CardNetwork, Change, QosLimitChange, QosVm, Signals};
 use vmm::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
 use vmm::proto::signals::{VmSignals, SIGNALS_LEN};
 
@@ -47,6 +47,35 @@ pub fn decode_log_lines(buf: &[u8]) -> Result<(u64, u32, Vec<vmm::host::api::Log
         out.push(vmm::host::api::LogLine::from_proto(&LogRecord::decode(arr).ok_or("record")?));
     }
     Ok((hd.seq, hd.param, out))
+}
+
+/// The host's QosTick message -> (sequence, card network, VMs); the field at fault.
+pub fn decode_qos_tick(buf: &[u8]) -> Result<(u64, CardNetwork, Vec<QosVm>), &'static str> {
+    use vmm::proto::qos::{split_card_param, QosSignals, QOS_SIGNALS_LEN};
+    let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
+    if hd.kind != MsgKind::QosTick {
+        return Err("kind");
+    }
+    let (use_bp, threshold_bp) = split_card_param(hd.param).ok_or("parameter")?;
+    let mut out = Vec::with_capacity(hd.count as usize);
+    for c in payload.chunks_exact(QOS_SIGNALS_LEN) {
+        let arr: &[u8; QOS_SIGNALS_LEN] = c.try_into().map_err(|_| "record")?;
+        out.push(QosVm::from_proto(&QosSignals::decode(arr).ok_or("record")?));
+    }
+    Ok((hd.seq, CardNetwork { use_bp, threshold_bp }, out))
+}
+
+/// The limit changes -> a QosChanges message.
+pub fn encode_qos_changes(seq: u64, changes: &[QosLimitChange]) -> Result<Vec<u8>, &'static str> {
+    let mut payload = Vec::with_capacity(changes.len() * vmm::proto::qos::QOS_CHANGE_LEN);
+    for c in changes {
+        payload.extend_from_slice(&c.to_proto().ok_or("direction, reason or rate")?.encode());
+    }
+    let mut head = [0u8; MSG_HEADER_LEN];
+    msg::write_header(&mut head, MsgKind::QosChanges, 0, seq, changes.len() as u32, &payload);
+    let mut out = head.to_vec();
+    out.extend_from_slice(&payload);
+    Ok(out)
 }
 
 /// The acknowledgements -> a LogAcks message.

@@ -336,6 +336,16 @@ impl SimCard {
                         };
                         crate::bulk::encode_log_acks(seq, &acks)
                     }
+                    mailbox::BULK_QOS => {
+                        let (seq, card, vms) =
+                            crate::bulk::decode_qos_tick(&m.payload).map_err(|f| bad(format!("field {f}")))?;
+                        let changes = {
+                            let mut t = lock(&self.vms);
+                            let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
+                            e.vm.qos_tick(seq, card, &vms).map_err(vmerr)?
+                        };
+                        crate::bulk::encode_qos_changes(seq, &changes).map_err(|f| bad(format!("agent answer: {f}")))?
+                    }
                     other => return Err(bad(format!("agent task {other}"))),
                 };
                 if answer.len() > max_payload {

@@ -278,8 +278,15 @@ impl Request {
                 if !listen.ip().is_loopback() {
                     return Err(invalid("listen", "only loopback addresses are allowed"));
                 }
-                if !to.ip().is_loopback() {
-                    return Err(invalid("to", "only loopback peers are allowed"));
+                // Loopback, or a user VM's namespace on the benchmarking
+                // range our test and demo networks use (198.18.0.0/15):
+                // never a peer outside this host.
+                let vm_net = match to.ip() {
+                    std::net::IpAddr::V4(a) => a.octets()[0] == 198 && a.octets()[1] & 0xfe == 18,
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !to.ip().is_loopback() && !vm_net {
+                    return Err(invalid("to", "only loopback peers or user VMs on 198.18.0.0/15 are allowed"));
                 }
                 if to.port() == 0 {
                     return Err(invalid("to", "needs a port"));
@@ -452,6 +459,8 @@ mod tests {
         );
         assert!(refused(r#"{"op":"forward","listen":"10.0.0.1:0","to":"127.0.0.1:5201"}"#).starts_with("field listen"));
         assert!(refused(r#"{"op":"forward","listen":"127.0.0.1:0","to":"8.8.8.8:53"}"#).starts_with("field to"));
+        assert!(refused(r#"{"op":"forward","listen":"127.0.0.1:0","to":"198.20.0.1:5201"}"#).starts_with("field to"));
+        ok(r#"{"op":"forward","listen":"127.0.0.1:0","to":"198.19.3.2:5201"}"#);
         assert!(refused(r#"{"op":"forward","listen":"127.0.0.1:0","to":"127.0.0.1:0"}"#).starts_with("field to"));
         assert!(refused(r#"{"op":"unforward","port":"x"}"#).starts_with("field port"));
         assert_eq!(refused(r#"{"op":"fault"}"#), "field fault: missing");

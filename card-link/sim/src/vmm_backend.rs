@@ -318,6 +318,15 @@ impl ManagedVm for VmmVm {
         Ok(self.proc()?.client().log_take(seq, epoch, records).map_err(err("log take"))?.acks)
     }
 
+    fn qos_tick(
+        &mut self,
+        seq: u64,
+        card: vmm::host::api::CardNetwork,
+        vms: &[vmm::host::api::QosVm],
+    ) -> Result<Vec<vmm::host::api::QosLimitChange>, VmError> {
+        Ok(self.proc()?.client().qos_tick(seq, card, vms).map_err(err("qos tick"))?.changes)
+    }
+
     fn agent(&mut self, op: AgentOp, arg: u64) -> Result<vmm::Reply, VmError> {
         Ok(self.proc()?.client().request(op, arg).map_err(err("agent request"))?.reply)
     }

@@ -83,6 +83,15 @@ pub trait ManagedVm: Send {
     ) -> Result<Vec<vmm::host::api::Ack>, VmError> {
         Err(VmError::NoAgent)
     }
+    /// One qos tick with the VM's agent; default: no agent.
+    fn qos_tick(
+        &mut self,
+        _seq: u64,
+        _card: vmm::host::api::CardNetwork,
+        _vms: &[vmm::host::api::QosVm],
+    ) -> Result<Vec<vmm::host::api::QosLimitChange>, VmError> {
+        Err(VmError::NoAgent)
+    }
     /// Processes of its own that must die with the card (a crash).
     fn pids(&self) -> Vec<u32> {
         Vec::new()

@@ -35,6 +35,22 @@ pub struct Board {
     /// wait, bounded), when it is.
     #[serde(default)]
     pub log_degraded: Option<String>,
+    /// Why QoS policy is degraded (the qos VM does not answer; the limits
+    /// in force stay), when it is.
+    #[serde(default)]
+    pub qos_degraded: Option<String>,
+    /// Limit changes the qos VM decided, for the sampling loop to apply.
+    #[serde(skip)]
+    pub qos_pending: Vec<PendingQos>,
+}
+
+/// A limit change decided by the qos VM, not yet applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingQos {
+    pub vm: String,
+    pub change: vmm::proto::qos::QosChange,
+    /// Where the qos VM ran.
+    pub side: crate::placement::Side,
 }
 
 pub type SharedBoard = Arc<Mutex<Board>>;

@@ -4,8 +4,11 @@
 //! them to the monitor MC VM wherever it runs, and the health the agent
 //! decides comes back into a board the status shows (`board.rs`). While the
 //! monitor VM cannot answer (paused, moving, its card dead) the last states
-//! stay and the board says management is degraded: fail static.
+//! stay and the board says management is degraded: fail static. The log
+//! VM numbers every user VM's log lines (`logs.rs`); the qos VM decides
+//! limit changes the governor applies (`qos.rs`).
 
 pub mod board;
 pub mod logs;
+pub mod qos;
 pub mod signals;

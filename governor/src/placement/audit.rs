@@ -174,47 +174,77 @@ pub struct HealthEvent {
     pub monitor: Side,
 }
 
-fn is_health(line: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(line)
-        .is_ok_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some("health"))
+/// Wall-clock ms since the epoch (the audit log's time).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A limit change the qos MC VM decided (claim 14), as the governor
+/// applied it: `"kind": "qos"`, in the same audit log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QosEvent {
+    /// Always "qos".
+    pub kind: String,
+    pub time_ms: u64,
+    pub vm: String,
+    /// egress | ingress
+    pub direction: String,
+    /// card-network | noisy-neighbour | calm
+    pub reason: String,
+    /// The number behind the reason (card use in basis points, a victim's
+    /// delay in µs, calm ticks).
+    pub detail: u32,
+    /// The limit now in force (bit/s); None: no limit.
+    pub rate_bps: Option<u64>,
+    /// The limit before (bit/s); None: none.
+    pub before_bps: Option<u64>,
+    /// Where the qos VM ran when it decided.
+    pub qos_vm: Side,
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The `"kind"` of an audit line (placement records have none).
+fn kind_of(line: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(line).ok()?.get("kind")?.as_str().map(str::to_string)
+}
+
+/// The lines of one kind (None: placement records) of a log, parsed,
+/// oldest first (the rotated file first); a line that does not parse is an
+/// error naming its file and line number.
+fn read_kind<T: serde::de::DeserializeOwned>(path: &Path, kind: Option<&str>) -> io::Result<Vec<T>> {
+    let mut out = Vec::new();
+    for p in [rotated(path), path.to_path_buf()] {
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        for (n, line) in lines.filter(|(_, l)| kind_of(l).as_deref() == kind) {
+            let r = serde_json::from_str(line)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", p.display(), n + 1)))?;
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 /// The health events of a log, oldest first.
 pub fn read_health(path: &Path) -> io::Result<Vec<HealthEvent>> {
-    let mut out = Vec::new();
-    for p in [rotated(path), path.to_path_buf()] {
-        let text = match std::fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| is_health(l)) {
-            let r = serde_json::from_str(line)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", p.display(), n + 1)))?;
-            out.push(r);
-        }
-    }
-    Ok(out)
+    read_kind(path, Some("health"))
 }
 
-/// The placement records of a log, oldest first (the rotated file first;
-/// health events are skipped); a line that does not parse is an error
-/// naming its file and line number.
+/// The QoS limit changes of a log, oldest first.
+pub fn read_qos(path: &Path) -> io::Result<Vec<QosEvent>> {
+    read_kind(path, Some("qos"))
+}
+
+/// The placement records of a log, oldest first (health and QoS events
+/// are skipped).
 pub fn read(path: &Path) -> io::Result<Vec<AuditRecord>> {
-    let mut out = Vec::new();
-    for p in [rotated(path), path.to_path_buf()] {
-        let text = match std::fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !is_health(l)) {
-            let r = serde_json::from_str(line)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}:{}: {e}", p.display(), n + 1)))?;
-            out.push(r);
-        }
-    }
-    Ok(out)
+    read_kind(path, None)
 }
 
 #[cfg(test)]

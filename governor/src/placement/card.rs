@@ -78,6 +78,22 @@ impl CardSite {
             .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
     }
 
+    /// One QoS-policy tick with `task`'s agent on the card (`agent-bulk`);
+    /// the answer is checked whole, each change against the VM's policy.
+    pub fn qos_tick(
+        &mut self,
+        task: &str,
+        seq: u64,
+        card_bp: (u32, u32),
+        batch: &[vmm::proto::qos::QosSignals],
+    ) -> Result<Vec<vmm::proto::qos::QosChange>, String> {
+        let id = self.id(task)?;
+        let message = vmm::vm::bulk::qos_message(seq, card_bp.0, card_bp.1, batch).map_err(|e| e.to_string())?;
+        let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_QOS, &message).map_err(|e| e.to_string())?;
+        vmm::vm::bulk::check_qos_answer(&answer, seq, batch)
+            .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
+    }
+
     /// Tasks with a VM on the card, with their VM ids.
     pub fn tasks(&self) -> Vec<(String, u32)> {
         self.vms.iter().map(|(t, (id, _))| (t.clone(), *id)).collect()

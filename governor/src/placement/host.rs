@@ -188,6 +188,30 @@ impl HostSite {
             .collect()
     }
 
+    /// One QoS-policy tick with `task`'s agent running here: each change
+    /// checked against the policy of a VM that was asked about.
+    pub fn qos_tick(
+        &mut self,
+        task: &str,
+        seq: u64,
+        card_bp: (u32, u32),
+        batch: &[vmm::proto::qos::QosSignals],
+    ) -> Result<Vec<vmm::proto::qos::QosChange>, String> {
+        use vmm::host::api::{CardNetwork, QosVm};
+        let vms: Vec<QosVm> = batch.iter().map(QosVm::from_proto).collect();
+        let card = CardNetwork { use_bp: card_bp.0, threshold_bp: card_bp.1 };
+        let reply = self.live(task)?.client().qos_tick(seq, card, &vms).map_err(|e| e.to_string())?;
+        let mut out: Vec<vmm::proto::qos::QosChange> = Vec::new();
+        for c in &reply.changes {
+            let ok = c.to_proto().filter(|q| {
+                batch.iter().any(|s| s.slot == q.slot && (q.reason == vmm::proto::qos::QosReason::Calm || q.within(s)))
+                    && !out.iter().any(|o| o.slot == q.slot && o.dir == q.dir)
+            });
+            out.push(ok.ok_or_else(|| format!("{task}'s agent answered a malformed limit change {c:?}"))?);
+        }
+        Ok(out)
+    }
+
     /// One log exchange with `task`'s agent running here.
     pub fn log_take(
         &mut self,

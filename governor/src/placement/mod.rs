@@ -14,10 +14,12 @@
 //! - `mover.rs`, `card.rs`, `host.rs`: a move as one sequence over two sites
 //! - `meter.rs`: the card's use, per-VM card costs and host costs as rates
 //! - `runtime.rs`, `recovery.rs`: the placement thread; checkpoints and card death
+//! - `agents.rs`: the management VMs' work on that thread (monitor, log, qos)
 //! - `audit.rs`, `config.rs`: the decision log; `[placement]`, `[[mc]]`, `[card]`
 
 use serde::{Deserialize, Serialize};
 
+mod agents;
 pub mod audit;
 pub mod card;
 pub mod config;

@@ -22,7 +22,7 @@ use card_link::CardOptions;
 use cgroupfs::Layout;
 use serde::{Deserialize, Serialize};
 
-use super::audit::{AuditLog, AuditRecord, HealthEvent, MoveReport, ResourceView, DEFAULT_MAX_BYTES};
+use super::audit::{AuditLog, AuditRecord, MoveReport, ResourceView, DEFAULT_MAX_BYTES};
 use super::card::CardSite;
 use super::config::McSpec;
 use super::engine::{Engine, Measured};
@@ -117,7 +117,12 @@ pub enum Command {
         seq: u64,
         names: Vec<String>,
         signals: Vec<vmm::proto::signals::VmSignals>,
+        /// The same VMs' rates and QoS policy, for the qos MC VM (empty when
+        /// its period has not passed).
+        qos: Vec<vmm::proto::qos::QosSignals>,
     },
+    /// Limit changes the sampling loop applied (for the audit log).
+    QosApplied(Vec<super::audit::QosEvent>),
     /// Stop the thread (API tasks may still hold senders, so the channel
     /// alone would not close).
     Stop,
@@ -145,21 +150,25 @@ pub(super) struct Runtime {
     pub(super) sites: Sites<CardSite, HostSite>,
     pub(super) card_meter: CardMeter,
     host_meter: HostMeter,
-    audit: Option<AuditLog>,
+    pub(super) audit: Option<AuditLog>,
     records: VecDeque<AuditRecord>,
     pub(super) since: HashMap<String, u64>,
     last_move: HashMap<String, MoveReport>,
     pub(super) card: CardState,
     pub(super) checkpoints: Checkpoints,
-    status_card: PerResourceView,
+    pub(super) status_card: PerResourceView,
     start: Instant,
     pub(super) board: SharedBoard,
     pub(super) monitoring: Arc<AtomicBool>,
-    log_pipe: Option<crate::manage::logs::LogPipe>,
-    log_seq: u64,
+    pub(super) log_pipe: Option<crate::manage::logs::LogPipe>,
+    pub(super) log_seq: u64,
+    pub(super) qos_seq: u64,
+    /// The card's network use summed over the placement ticks since the
+    /// last qos tick, and how many (the qos VM gets the mean).
+    pub(super) card_net: (f64, u32),
 }
 
-type PerResourceView = [f64; 4];
+pub(super) type PerResourceView = [f64; 4];
 
 impl Placement {
     /// Connect to the card, make the host site, place every MC VM (pins
@@ -186,11 +195,17 @@ impl Placement {
     /// Hand this tick's signals to the monitor VM, unless the previous
     /// tick's are still being handled (a move in progress): then this one
     /// is skipped, and the board says so if it lasts.
-    pub fn monitor(&self, seq: u64, names: Vec<String>, signals: Vec<vmm::proto::signals::VmSignals>) {
+    pub fn monitor(
+        &self,
+        seq: u64,
+        names: Vec<String>,
+        signals: Vec<vmm::proto::signals::VmSignals>,
+        qos: Vec<vmm::proto::qos::QosSignals>,
+    ) {
         if self.monitoring.swap(true, Ordering::AcqRel) {
             return;
         }
-        if self.send(Command::Monitor { seq, names, signals }).is_none() {
+        if self.send(Command::Monitor { seq, names, signals, qos }).is_none() {
             self.monitoring.store(false, Ordering::Release);
         }
     }
@@ -272,6 +287,8 @@ impl Runtime {
             monitoring: Arc::new(AtomicBool::new(false)),
             log_pipe,
             log_seq: 0,
+            qos_seq: 0,
+            card_net: (0.0, 0),
             opts,
         })
     }
@@ -404,6 +421,8 @@ impl Runtime {
             }
         };
         self.status_card = reading.card;
+        let net = Resource::Network.index();
+        self.card_net = (self.card_net.0 + reading.card[net], self.card_net.1 + 1);
         let card_costs = self
             .sites
             .card
@@ -483,99 +502,13 @@ impl Runtime {
             Command::Pin { task, pin, reply } => {
                 let _ = reply.send(self.engine.pin(&task, pin));
             }
-            Command::Monitor { seq, names, signals } => {
+            Command::Monitor { seq, names, signals, qos } => {
                 self.monitor(seq, &names, &signals);
+                self.qos(&names, &qos);
                 self.monitoring.store(false, Ordering::Release);
             }
+            Command::QosApplied(events) => self.qos_applied(&events),
             Command::Stop => {}
-        }
-    }
-
-    /// Log management: new lines from every followed file, then exchanges
-    /// with the log MC VM where it runs until nothing waits (or it cannot
-    /// take them: they wait, bounded, and the board says why).
-    fn logs_tick(&mut self) {
-        const TASK: &str = "log";
-        let Some(mut pipe) = self.log_pipe.take() else { return };
-        pipe.capture();
-        let mut why = None;
-        if let Some(side) = self.engine.side(TASK) {
-            for _ in 0..64 {
-                let batch = pipe.batch();
-                if batch.is_empty() {
-                    break;
-                }
-                self.log_seq += 1;
-                let acks = match side {
-                    Side::Card if !matches!(self.card, CardState::Healthy) => {
-                        Err(format!("its card is down ({})", self.card.describe()))
-                    }
-                    Side::Card => self.sites.card.log_take(TASK, self.log_seq, pipe.epoch, &batch),
-                    Side::Host => self.sites.host.log_take(TASK, self.log_seq, pipe.epoch, &batch),
-                };
-                match acks.and_then(|a| pipe.acked(&a)) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        why = Some(format!("the log VM on the {} cannot take lines: {e}", side_name(side)));
-                        break;
-                    }
-                }
-            }
-        }
-        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
-        if why.is_some() && board.log_degraded != why {
-            tracing::warn!("log management degraded: {}", why.as_deref().unwrap_or_default());
-        }
-        board.log_degraded = why;
-        board.logs = pipe.stats();
-        drop(board);
-        self.log_pipe = Some(pipe);
-    }
-
-    /// One monitor tick with the monitor MC VM where it runs; the board
-    /// keeps the last states and says why when it cannot answer.
-    fn monitor(&mut self, seq: u64, names: &[String], signals: &[vmm::proto::signals::VmSignals]) {
-        const TASK: &str = "monitor";
-        let Some(side) = self.engine.side(TASK) else { return };
-        let tick_ms = self.opts.tick.as_millis().clamp(100, 60_000) as u32;
-        let answer = match side {
-            Side::Card if !matches!(self.card, CardState::Healthy) => {
-                Err(format!("its card is down ({})", self.card.describe()))
-            }
-            Side::Card => self.sites.card.monitor_tick(TASK, seq, tick_ms, signals),
-            Side::Host => self.sites.host.monitor_tick(TASK, seq, tick_ms, signals),
-        };
-        let now = wall_ms();
-        let mut board = self.board.lock().unwrap_or_else(|e| e.into_inner());
-        match answer {
-            Ok(changes) => {
-                board.apply(names, &changes, now);
-                for c in &changes {
-                    let Some(h) = names.get(c.slot as usize).and_then(|n| board.vms.get(n)) else { continue };
-                    tracing::info!(vm = h.vm, health = h.health, reason = h.reason, detail = h.detail, "health");
-                    if let Some(log) = &mut self.audit {
-                        let ev = HealthEvent {
-                            kind: "health".into(),
-                            time_ms: now,
-                            vm: h.vm.clone(),
-                            health: h.health.clone(),
-                            reason: h.reason.clone(),
-                            detail: h.detail,
-                            monitor: side,
-                        };
-                        if let Err(e) = log.append_json(&ev) {
-                            tracing::warn!("writing the audit log: {e}");
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                let why = format!("the monitor VM on the {} does not answer: {e}", side_name(side));
-                if board.degraded.as_deref() != Some(why.as_str()) {
-                    tracing::warn!("management degraded: {why}");
-                }
-                board.degraded = Some(why);
-            }
         }
     }
 

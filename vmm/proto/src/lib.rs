@@ -7,6 +7,7 @@
 
 pub mod logs;
 pub mod msg;
+pub mod qos;
 pub mod signals;
 
 /// Guest-physical address where the guest image is linked and loaded.
@@ -92,6 +93,9 @@ pub mod op {
     /// Log management: the in-window holds a LogLines message of `arg`
     /// bytes; the agent answers a LogAcks message (or BULK_REFUSED | code).
     pub const LOG_TAKE: u64 = 8;
+    /// QoS policy: the in-window holds a QosTick message of `arg` bytes;
+    /// the agent answers a QosChanges message (or BULK_REFUSED | code).
+    pub const QOS_TICK: u64 = 9;
     /// Self tests of the VMM's error handling (a hostile guest on purpose).
     pub const BAD_MMIO: u64 = 0x100;
     pub const BAD_DESCRIPTOR: u64 = 0x101;
@@ -229,6 +233,7 @@ mod tests {
             op::MONITOR_TICK,
             op::BAD_BULK,
             op::LOG_TAKE,
+            op::QOS_TICK,
         ];
         for (i, a) in ops.iter().enumerate() {
             assert!(!ops[i + 1..].contains(a), "op code {a:#x} used twice");

@@ -11,7 +11,8 @@
 //! u64 sequence, u32 count, u32 payload length, u32 CRC-32 (IEEE) of the
 //! payload, u32 parameter of the kind (Telemetry: the tick period in ms,
 //! 100..=60000, so the agent's time bounds hold at any tick; LogLines: the
-//! host's epoch; Health and LogAcks: zero).
+//! host's epoch; QosTick: the card's network use and threshold; Health,
+//! LogAcks and QosChanges: zero).
 
 /// "MCM2" little endian.
 pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"MCM2");
@@ -32,6 +33,13 @@ pub enum MsgKind {
     LogLines = 3,
     /// Agent -> host: what the log agent sequenced, one [`crate::logs::LogAck`] per VM.
     LogAcks = 4,
+    /// Host -> agent: one [`crate::qos::QosSignals`] per user VM; the
+    /// parameter is the card's network use and threshold
+    /// ([`crate::qos::card_param`]).
+    QosTick = 5,
+    /// Agent -> host: the limit changes the qos agent decided, one
+    /// [`crate::qos::QosChange`] each.
+    QosChanges = 6,
 }
 
 impl MsgKind {
@@ -41,6 +49,8 @@ impl MsgKind {
             2 => Some(MsgKind::Health),
             3 => Some(MsgKind::LogLines),
             4 => Some(MsgKind::LogAcks),
+            5 => Some(MsgKind::QosTick),
+            6 => Some(MsgKind::QosChanges),
             _ => None,
         }
     }
@@ -52,6 +62,8 @@ impl MsgKind {
             MsgKind::Health => crate::signals::CHANGE_LEN,
             MsgKind::LogLines => crate::logs::RECORD_LEN,
             MsgKind::LogAcks => crate::logs::ACK_LEN,
+            MsgKind::QosTick => crate::qos::QOS_SIGNALS_LEN,
+            MsgKind::QosChanges => crate::qos::QOS_CHANGE_LEN,
         }
     }
 }
@@ -217,7 +229,8 @@ pub fn check(buf: &[u8]) -> Result<(MsgHeader, &[u8]), MsgError> {
         MsgKind::Telemetry => (100..=60_000).contains(&param),
         // LogLines: the host's epoch (any value; see `crate::logs`).
         MsgKind::LogLines => true,
-        MsgKind::Health | MsgKind::LogAcks => param == 0,
+        MsgKind::QosTick => crate::qos::split_card_param(param).is_some(),
+        MsgKind::Health | MsgKind::LogAcks | MsgKind::QosChanges => param == 0,
     };
     if !param_ok {
         return Err(MsgError::Param(param));

@@ -13,6 +13,7 @@
 //! | `apply_diff` | `path` (a diff snapshot whose base this paused VM was restored from) | (VM stays paused) |
 //! | `log_take` | `seq`, `epoch`, `records` (`slot`, `host_seq`, optional `flags`, `text`; each VM's together) | `acks` (`slot`, `first_host`, `last_host`, `first_log`) |
 //! | `monitor_tick` | `seq`, `tick_ms`, `signals` (per user VM: `slot`, `exists`, `cpu_ns_total`, `quiet_ms`, optional `mem_limit`, `cpu_ppm`, `runq_p99_us`, `oom_kills_total`, `working_set`, `drops_total`) | `changes` (`slot`, `health`, `reason`, `tick`, `detail`) |
+//! | `qos_tick` | `seq`, `card` (`use_bp`, `threshold_bp`), `vms` (per user VM: `slot`, `exists`, optional `adaptive`, `egress_rate`, `ingress_rate`, optional `egress_base`, `ingress_base`, `min_rate`, `cpu_ppm`, `runq_p99_us`; bytes/s) | `changes` (`slot`, `direction`, `reason`, `tick`, `detail`, `rate`) |
 //! | `request` | `op` (an [`AgentOp`] name), optional `arg` (default 0) | `reply`, `rtt_us` |
 //! | `state` | | `state`, `last_log`, `logs` |
 //! | `stats` | | `rss_bytes`, `guest_resident_bytes`, `vcpu_tid`, `vm` (exit and log counters) |
@@ -106,6 +107,8 @@ mod named {
     field!(epoch: u32);
     field!(records: Vec<LogLine>);
     field!(signals: Vec<Signals>);
+    field!(card: CardNetwork);
+    field!(vms: Vec<QosVm>);
     field!(arg: u64);
 }
 
@@ -177,6 +180,16 @@ pub enum Request {
         #[serde(deserialize_with = "named::records")]
         records: Vec<LogLine>,
     },
+    /// QoS policy: one tick of every user VM's rates and policy, and the
+    /// card's network use, to the qos agent; the reply has its limit changes.
+    QosTick {
+        #[serde(deserialize_with = "named::seq")]
+        seq: u64,
+        #[serde(deserialize_with = "named::card")]
+        card: CardNetwork,
+        #[serde(deserialize_with = "named::vms")]
+        vms: Vec<QosVm>,
+    },
     /// Apply a diff snapshot file to the paused VM (restored from the
     /// diff's base, not run since): pre-copy's last step before resume.
     ApplyDiff {
@@ -207,7 +220,7 @@ pub enum BadRequest {
 
 impl Request {
     /// Every `cmd` name, for the error that refuses an unknown one.
-    pub const COMMANDS: [&'static str; 13] = [
+    pub const COMMANDS: [&'static str; 14] = [
         "create",
         "boot",
         "restore",
@@ -217,6 +230,7 @@ impl Request {
         "apply_diff",
         "monitor_tick",
         "log_take",
+        "qos_tick",
         "request",
         "state",
         "stats",
@@ -331,6 +345,115 @@ pub enum Response {
     Shutdown(ShutdownReply),
     Health(HealthReply),
     LogAcks(LogAcksReply),
+    Qos(QosReply),
+}
+
+/// The card's network use and threshold, basis points of its capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardNetwork {
+    pub use_bp: u32,
+    pub threshold_bp: u32,
+}
+
+/// One user VM's rates and policy for the qos agent (the JSON form of
+/// `mc_proto::qos::QosSignals`; rates in bytes/s, unknown fields refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosVm {
+    pub slot: u32,
+    pub exists: bool,
+    #[serde(default)]
+    pub adaptive: bool,
+    pub egress_rate: u64,
+    pub ingress_rate: u64,
+    /// The configured limits (0: none).
+    #[serde(default)]
+    pub egress_base: u64,
+    #[serde(default)]
+    pub ingress_base: u64,
+    #[serde(default)]
+    pub min_rate: u64,
+    #[serde(default)]
+    pub cpu_ppm: u32,
+    #[serde(default)]
+    pub runq_p99_us: u32,
+}
+
+impl QosVm {
+    pub fn from_proto(s: &crate::proto::qos::QosSignals) -> QosVm {
+        use crate::proto::qos::{QOS_ADAPTIVE, QOS_EXISTS};
+        QosVm {
+            slot: s.slot,
+            exists: s.flags & QOS_EXISTS != 0,
+            adaptive: s.flags & QOS_ADAPTIVE != 0,
+            egress_rate: s.rate[0],
+            ingress_rate: s.rate[1],
+            egress_base: s.base[0],
+            ingress_base: s.base[1],
+            min_rate: s.min_rate,
+            cpu_ppm: s.cpu_ppm,
+            runq_p99_us: s.runq_p99_us,
+        }
+    }
+
+    pub fn to_proto(&self) -> crate::proto::qos::QosSignals {
+        use crate::proto::qos::{QosSignals, QOS_ADAPTIVE, QOS_EXISTS};
+        let flags = if self.exists { QOS_EXISTS } else { 0 } | if self.adaptive { QOS_ADAPTIVE } else { 0 };
+        QosSignals {
+            slot: self.slot,
+            flags,
+            rate: [self.egress_rate, self.ingress_rate],
+            base: [self.egress_base, self.ingress_base],
+            min_rate: self.min_rate,
+            cpu_ppm: self.cpu_ppm,
+            runq_p99_us: self.runq_p99_us,
+        }
+    }
+}
+
+/// A limit change the qos agent decided.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosLimitChange {
+    pub slot: u32,
+    /// egress | ingress
+    pub direction: String,
+    /// card-network | noisy-neighbour | calm
+    pub reason: String,
+    pub tick: u32,
+    pub detail: u32,
+    /// Bytes/s; 0 with `calm`: back to the configured limit.
+    pub rate: u64,
+}
+
+impl From<&crate::proto::qos::QosChange> for QosLimitChange {
+    fn from(c: &crate::proto::qos::QosChange) -> QosLimitChange {
+        QosLimitChange {
+            slot: c.slot,
+            direction: c.dir.name().into(),
+            reason: c.reason.name().into(),
+            tick: c.tick,
+            detail: c.detail,
+            rate: c.rate,
+        }
+    }
+}
+
+impl QosLimitChange {
+    /// Back to the agent's record; None for an unknown direction or
+    /// reason, or a rate that does not go with the reason.
+    pub fn to_proto(&self) -> Option<crate::proto::qos::QosChange> {
+        use crate::proto::qos::{Dir, QosChange, QosReason};
+        let dir = Dir::BOTH.into_iter().find(|d| d.name() == self.direction)?;
+        let reason = (1..=3).filter_map(QosReason::from_u8).find(|r| r.name() == self.reason)?;
+        let c = QosChange { slot: self.slot, dir, reason, tick: self.tick, detail: self.detail, rate: self.rate };
+        QosChange::decode(&c.encode())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QosReply {
+    pub changes: Vec<QosLimitChange>,
 }
 
 /// One log record on the control socket (`mc_proto::logs::LogRecord`).
@@ -568,6 +691,11 @@ mod tests {
                 seq: 3,
                 tick_ms: 1000,
                 signals: vec![Signals { slot: 1, exists: true, cpu_ns_total: 9, ..Signals::default() }],
+            },
+            Request::QosTick {
+                seq: 5,
+                card: CardNetwork { use_bp: 7000, threshold_bp: 6000 },
+                vms: vec![QosVm { slot: 2, exists: true, adaptive: true, ingress_rate: 9, ..QosVm::default() }],
             },
             Request::Request { op: AgentOp::Touch, arg: 7 },
             Request::State {},

@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::api::{
-    AgentOp, Answered, Booted, Done, ErrorLine, HealthReply, LogAcksReply, LogLine, Request, Restored, ShutdownReply,
-    Signals, SnapshotTaken, StateReply, StatsReply,
+    AgentOp, Answered, Booted, CardNetwork, Done, ErrorLine, HealthReply, LogAcksReply, LogLine, QosReply, QosVm,
+    Request, Restored, ShutdownReply, Signals, SnapshotTaken, StateReply, StatsReply,
 };
 use crate::error::{Error, Result};
 
@@ -94,6 +94,11 @@ impl Client {
     /// One log exchange (see `Request::LogTake`).
     pub fn log_take(&mut self, seq: u64, epoch: u32, records: &[LogLine]) -> Result<LogAcksReply> {
         self.call(&Request::LogTake { seq, epoch, records: records.to_vec() })
+    }
+
+    /// One qos tick (see `Request::QosTick`).
+    pub fn qos_tick(&mut self, seq: u64, card: CardNetwork, vms: &[QosVm]) -> Result<QosReply> {
+        self.call(&Request::QosTick { seq, card, vms: vms.to_vec() })
     }
 
     /// One status-monitoring tick (see `Request::MonitorTick`).

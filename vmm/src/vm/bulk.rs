@@ -16,6 +16,7 @@ use super::Vm;
 use crate::error::{Error, MemoryError, Result, StopReason};
 use crate::proto::logs::{LogAck, LogRecord, ACK_LEN, RECORD_LEN};
 use crate::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
+use crate::proto::qos::{QosChange, QosReason, QosSignals, QOS_CHANGE_LEN, QOS_SIGNALS_LEN};
 use crate::proto::signals::{HealthChange, VmSignals, CHANGE_LEN};
 use crate::proto::{self, op};
 
@@ -60,6 +61,20 @@ impl Vm {
     pub fn log_take(&self, seq: u64, epoch: u32, records: &[LogRecord], timeout: Duration) -> Result<Vec<LogAck>> {
         let message = log_message(seq, epoch, records)?;
         self.bulk_exchange(&message, op::LOG_TAKE, timeout, |answer| check_log_answer(answer, seq, records))
+    }
+
+    /// One QoS-policy tick: every user VM's rates and policy and the
+    /// card's network use (basis points) in, the limit changes out.
+    pub fn qos_tick(
+        &self,
+        seq: u64,
+        card_use_bp: u32,
+        card_threshold_bp: u32,
+        batch: &[QosSignals],
+        timeout: Duration,
+    ) -> Result<Vec<QosChange>> {
+        let message = qos_message(seq, card_use_bp, card_threshold_bp, batch)?;
+        self.bulk_exchange(&message, op::QOS_TICK, timeout, |answer| check_qos_answer(answer, seq, batch))
     }
 
     /// Write `message` into the in-window, ask the agent (`opcode`), read
@@ -141,6 +156,66 @@ pub fn check_log_answer(buf: &[u8], seq: u64, records: &[LogRecord]) -> std::res
             return Err("slot (twice)");
         }
         out.push(a);
+    }
+    Ok(out)
+}
+
+/// The QosTick message for `batch` with the card's network use and
+/// threshold (basis points of its capacity; the threshold 1..=10000).
+pub fn qos_message(seq: u64, use_bp: u32, threshold_bp: u32, batch: &[QosSignals]) -> Result<Vec<u8>> {
+    if !(1..=10_000).contains(&threshold_bp) {
+        return Err(Error::Config { field: "threshold_bp", reason: format!("{threshold_bp} is outside 1..=10000") });
+    }
+    if batch.len() > msg::MAX_RECORDS as usize {
+        return Err(Error::Config {
+            field: "vms",
+            reason: format!("{} VMs in one tick; at most {}", batch.len(), msg::MAX_RECORDS),
+        });
+    }
+    let mut payload = Vec::with_capacity(batch.len() * QOS_SIGNALS_LEN);
+    for s in batch {
+        payload.extend_from_slice(&s.encode());
+    }
+    let mut head = [0u8; MSG_HEADER_LEN];
+    let param = crate::proto::qos::card_param(use_bp, threshold_bp);
+    msg::write_header(&mut head, MsgKind::QosTick, param, seq, batch.len() as u32, &payload);
+    let mut message = head.to_vec();
+    message.extend_from_slice(&payload);
+    Ok(message)
+}
+
+/// Check a qos agent's answer to QosTick `seq` of `batch` whole: a
+/// QosChanges message, the same sequence, every change valid and within the
+/// policy of a VM that was asked about (an adaptive one; a narrowing at or
+/// above its floor and below its configured limit), at most one change per
+/// VM and direction.
+pub fn check_qos_answer(
+    buf: &[u8],
+    seq: u64,
+    batch: &[QosSignals],
+) -> std::result::Result<Vec<QosChange>, &'static str> {
+    let (hd, payload) = msg::check(buf).map_err(|e| e.field())?;
+    if hd.kind != MsgKind::QosChanges {
+        return Err("kind");
+    }
+    if hd.seq != seq {
+        return Err("sequence");
+    }
+    if hd.count as usize > 2 * batch.len() {
+        return Err("count");
+    }
+    let mut out: Vec<QosChange> = Vec::with_capacity(hd.count as usize);
+    for c in payload.chunks_exact(QOS_CHANGE_LEN) {
+        let arr: &[u8; QOS_CHANGE_LEN] = c.try_into().map_err(|_| "record")?;
+        let change = QosChange::decode(arr).ok_or("record")?;
+        let asked = batch.iter().find(|s| s.slot == change.slot).ok_or("slot")?;
+        if change.reason != QosReason::Calm && !change.within(asked) {
+            return Err("rate (outside the VM's policy)");
+        }
+        if out.iter().any(|o| o.slot == change.slot && o.dir == change.dir) {
+            return Err("slot (twice)");
+        }
+        out.push(change);
     }
     Ok(out)
 }

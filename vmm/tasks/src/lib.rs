@@ -7,7 +7,10 @@
 //!   its health state and reason; changes are reported
 //! - `log`: log management: user VMs' lines taken once, in order, into each
 //!   VM's log, across moves and governor restarts
+//! - `qos`: QoS flow-limit policy: measured rates, delays and the card's
+//!   network use -> limit changes (narrow a noisy VM, restore it when calm)
 #![cfg_attr(not(test), no_std)]
 
 pub mod log;
 pub mod monitor;
+pub mod qos;

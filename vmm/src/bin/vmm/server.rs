@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmm::host::api::{
-    Ack, Answered, BadRequest, Booted, Change, Done, ErrorKind, ErrorLine, HealthReply, LogAcksReply, OkLine, Request,
-    Response, Restored, ShutdownReply, SnapshotTaken, StateReply, StatsReply,
+    Ack, Answered, BadRequest, Booted, Change, Done, ErrorKind, ErrorLine, HealthReply, LogAcksReply, OkLine,
+    QosLimitChange, QosReply, Request, Response, Restored, ShutdownReply, SnapshotTaken, StateReply, StatsReply,
 };
 use vmm::{RunState, Sinks, Vm, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -209,6 +209,11 @@ impl Server {
                 let batch: Vec<_> = signals.iter().map(|s| s.to_proto()).collect();
                 let changes = self.vm()?.monitor_tick(seq, tick_ms, &batch, REQUEST_TIMEOUT)?;
                 Response::Health(HealthReply { changes: changes.iter().map(Change::from).collect() })
+            }
+            Request::QosTick { seq, card, vms } => {
+                let batch: Vec<_> = vms.iter().map(|v| v.to_proto()).collect();
+                let changes = self.vm()?.qos_tick(seq, card.use_bp, card.threshold_bp, &batch, REQUEST_TIMEOUT)?;
+                Response::Qos(QosReply { changes: changes.iter().map(QosLimitChange::from).collect() })
             }
             Request::State {} => {
                 let vm = self.vm()?;
