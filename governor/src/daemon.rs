@@ -14,7 +14,7 @@ use crate::api::{parse_request, Request, Response, Status};
 use cgroupfs::Layout;
 
 use crate::config::{Config, Role, VmConfig, MC_VM_NAME};
-use crate::governor::Governor;
+use crate::governor::{Governor, LimitStatus};
 use crate::placement::config::check_mcs;
 use crate::placement::host::HostSiteOptions;
 use crate::placement::runtime::{Command, Placement, RuntimeOptions};
@@ -96,12 +96,14 @@ pub async fn run_with(
                 status.vms = v.to_vec();
                 status.ooms = gov.ooms();
                 if let Some(p) = &placement {
-                    // Feed the monitor MC VM, and show what it decided so far.
+                    // Feed the management MC VMs (one read of the limits'
+                    // counters for both), and show what they decided so far.
+                    let limits = gov.limits().unwrap_or_default();
                     let extras =
-                        crate::manage::signals::Extras { mem_limit: gov.memory_limits(), drops: drops_by_vm(&gov) };
-                    let (names, signals) = tracker.signals(std::time::Instant::now(), &status.vms, &extras);
+                        crate::manage::signals::Extras { mem_limit: gov.memory_limits(), drops: drops_by_vm(&limits) };
                     let now = std::time::Instant::now();
-                    let passed = passed_bytes(&gov);
+                    let (names, signals) = tracker.signals(now, &status.vms, &extras);
+                    let passed = passed_bytes(&limits);
                     let qos = qos_meter.sample(now, &names, &status.vms, &passed, &qos_policies).unwrap_or_default();
                     p.monitor(status.tick, names, signals, qos);
                     let board = p.board();
@@ -244,23 +246,23 @@ fn apply_qos(
 
 /// Bytes passed so far per VM by its limits, (egress, ingress); None where
 /// it has no limit.
-fn passed_bytes(gov: &Governor) -> std::collections::HashMap<String, [Option<u64>; 2]> {
+fn passed_bytes(limits: &[LimitStatus]) -> std::collections::HashMap<String, [Option<u64>; 2]> {
     let mut out = std::collections::HashMap::new();
-    for l in gov.limits().unwrap_or_default() {
+    for l in limits {
         let i = match l.direction {
             crate::qos::Direction::Egress => 0,
             crate::qos::Direction::Ingress => 1,
         };
-        out.entry(l.vm).or_insert([None; 2])[i] = Some(l.passed_bytes);
+        out.entry(l.vm.clone()).or_insert([None; 2])[i] = Some(l.passed_bytes);
     }
     out
 }
 
 /// Packets dropped so far per VM (both directions' QoS).
-fn drops_by_vm(gov: &Governor) -> std::collections::HashMap<String, u64> {
+fn drops_by_vm(limits: &[LimitStatus]) -> std::collections::HashMap<String, u64> {
     let mut out = std::collections::HashMap::new();
-    for l in gov.limits().unwrap_or_default() {
-        *out.entry(l.vm).or_insert(0) += l.dropped_packets;
+    for l in limits {
+        *out.entry(l.vm.clone()).or_insert(0) += l.dropped_packets;
     }
     out
 }

@@ -254,3 +254,38 @@ impl Drop for System {
         }
     }
 }
+
+/// The two sites of a move without the governor: card-sim with real KVM
+/// MC VMs over card-link, and a host site (vmm processes in an MC subtree
+/// of its own). Dropped in order: the host's VMs, its run directory, then
+/// card-sim.
+pub struct TwoSites {
+    pub sites:
+        governor::placement::mover::Sites<governor::placement::card::CardSite, governor::placement::host::HostSite>,
+    _run: TempDir,
+    _sim: SimProcess,
+}
+
+/// [`TwoSites`] named for `purpose` (its run directory and MC subtree).
+pub fn two_sites(purpose: &str) -> TwoSites {
+    use governor::placement::host::{HostSite, HostSiteOptions};
+    let sim = SimProcess::spawn(&SimOptions { guest: Some(guest_elf()), ..SimOptions::default() }).expect("card-sim");
+    let card =
+        card_link::connect_vfio_user(sim.socket_path(), Duration::from_secs(2), card_link::CardOptions::default())
+            .expect("card link");
+    let name = format!("governor-test-{purpose}");
+    let run = TempDir::new(&name).expect("run dir");
+    let host = HostSite::new(
+        HostSiteOptions {
+            vmm_bin: bin_dir().join("vmm"),
+            guest: guest_elf(),
+            run_dir: run.path().join("host"),
+            subtree: unique_long(&name),
+            reserve: governor::placement::HostCost { cpus: 1.0, memory_bytes: 512 << 20 },
+        },
+        &cgroupfs::Layout::detect().expect("layout"),
+    )
+    .expect("host site");
+    let sites = governor::placement::mover::Sites { card: governor::placement::card::CardSite::new(card), host };
+    TwoSites { sites, _run: run, _sim: sim }
+}

@@ -6,11 +6,9 @@
 
 use std::time::Duration;
 
-use card_sim::process::{SimOptions, SimProcess};
-use governor::placement::card::CardSite;
-use governor::placement::host::{HostSite, HostSiteOptions};
-use governor::placement::mover::{move_task_with, Sites};
-use governor::placement::{HostCost, Side};
+use governor::placement::mover::move_task_with;
+use governor::placement::Side;
+use integration_tests::placement::two_sites;
 use integration_tests::*;
 use vmm::proto::signals::{Health, HealthChange, Reason, VmSignals, FLAG_EXISTS, FLAG_MEM_LIMIT};
 
@@ -37,24 +35,8 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
     require_kvm();
     let before = Inventory::take();
     {
-        let sim =
-            SimProcess::spawn(&SimOptions { guest: Some(guest_elf()), ..SimOptions::default() }).expect("card-sim");
-        let card =
-            card_link::connect_vfio_user(sim.socket_path(), Duration::from_secs(2), card_link::CardOptions::default())
-                .expect("card link");
-        let run = TempDir::new("governor-test-mon").expect("run dir");
-        let host = HostSite::new(
-            HostSiteOptions {
-                vmm_bin: bin_dir().join("vmm"),
-                guest: guest_elf(),
-                run_dir: run.path().join("host"),
-                subtree: unique_long("governor-test-mon"),
-                reserve: HostCost { cpus: 1.0, memory_bytes: 512 << 20 },
-            },
-            &cgroupfs::Layout::detect().expect("layout"),
-        )
-        .expect("host site");
-        let mut sites = Sites { card: CardSite::new(card), host };
+        let mut two = two_sites("mon");
+        let sites = &mut two.sites;
         sites.card.cold_start("monitor", 32).expect("monitor on the card");
 
         // On the card: every VM new; a stalled one, an OOM on tick 2.
@@ -71,7 +53,7 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
         );
 
         // Moved to the host (pre-copy): the same states, nothing new.
-        let r = move_task_with(&mut sites, "monitor", Side::Card, true);
+        let r = move_task_with(sites, "monitor", Side::Card, true);
         assert!(r.ok, "{r:?}");
         let third = sites.host.monitor_tick("monitor", 3, 1000, &batch).expect("tick on the host");
         assert!(third.is_empty(), "the states moved with the VM: {third:?}");
@@ -80,7 +62,7 @@ fn the_monitor_vm_keeps_its_health_states_across_moves_between_card_and_host() {
         assert_eq!(of(&fourth, 3), Some((Health::Running, Reason::Healthy)));
 
         // And back to the card: still the same memory.
-        let r = move_task_with(&mut sites, "monitor", Side::Host, true);
+        let r = move_task_with(sites, "monitor", Side::Host, true);
         assert!(r.ok, "{r:?}");
         let fifth = sites.card.monitor_tick("monitor", 5, 1000, &batch).expect("tick on the card again");
         assert!(fifth.is_empty(), "{fifth:?}");
@@ -197,24 +179,8 @@ fn the_log_vm_keeps_each_vms_numbering_across_moves() {
     require_kvm();
     let before = Inventory::take();
     {
-        let sim =
-            SimProcess::spawn(&SimOptions { guest: Some(guest_elf()), ..SimOptions::default() }).expect("card-sim");
-        let card =
-            card_link::connect_vfio_user(sim.socket_path(), Duration::from_secs(2), card_link::CardOptions::default())
-                .expect("card link");
-        let run = TempDir::new("governor-test-log").expect("run dir");
-        let host = HostSite::new(
-            HostSiteOptions {
-                vmm_bin: bin_dir().join("vmm"),
-                guest: guest_elf(),
-                run_dir: run.path().join("host"),
-                subtree: unique_long("governor-test-log"),
-                reserve: HostCost { cpus: 1.0, memory_bytes: 512 << 20 },
-            },
-            &cgroupfs::Layout::detect().expect("layout"),
-        )
-        .expect("host site");
-        let mut sites = Sites { card: CardSite::new(card), host };
+        let mut two = two_sites("log");
+        let sites = &mut two.sites;
         sites.card.cold_start("log", 32).expect("log VM on the card");
         let batch = |from: u64, n: u64| -> Vec<_> {
             (0..3u32).flat_map(|slot| (from..from + n).map(move |h| log_line(slot, h))).collect()
@@ -223,13 +189,13 @@ fn the_log_vm_keeps_each_vms_numbering_across_moves() {
         assert_eq!(acks.len(), 3);
         assert!(acks.iter().all(|a| (a.first_host, a.last_host, a.first_log) == (1, 300, 1)), "{acks:?}");
 
-        assert!(move_task_with(&mut sites, "log", Side::Card, true).ok);
+        assert!(move_task_with(sites, "log", Side::Card, true).ok);
         let again = sites.host.log_take("log", 2, 7, &batch(1, 300)).expect("resend on the host");
         assert_eq!(again, acks, "the same lines again: nothing new");
         let more = sites.host.log_take("log", 3, 7, &batch(301, 200)).expect("more on the host");
         assert!(more.iter().all(|a| (a.first_host, a.last_host, a.first_log) == (301, 500, 301)), "{more:?}");
 
-        assert!(move_task_with(&mut sites, "log", Side::Host, true).ok);
+        assert!(move_task_with(sites, "log", Side::Host, true).ok);
         let back = sites.card.log_take("log", 4, 7, &batch(501, 10)).expect("back on the card");
         assert!(back.iter().all(|a| (a.first_host, a.last_host, a.first_log) == (501, 510, 501)), "{back:?}");
     }

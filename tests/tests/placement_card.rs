@@ -3,13 +3,9 @@
 //! through the placement's move sequence, both ways and back, keeping the
 //! agent's counters.
 
-use std::time::Duration;
-
-use card_sim::process::{SimOptions, SimProcess};
-use governor::placement::card::CardSite;
-use governor::placement::host::{HostSite, HostSiteOptions};
-use governor::placement::mover::{move_task, Sites};
-use governor::placement::{HostCost, Side};
+use governor::placement::mover::move_task;
+use governor::placement::Side;
+use integration_tests::placement::two_sites;
 use integration_tests::*;
 use vmm::host::api::AgentOp;
 
@@ -19,27 +15,11 @@ fn a_vm_goes_from_card_to_host_and_back_keeping_its_counters() {
     require_kvm();
     let before = Inventory::take();
     {
-        let sim =
-            SimProcess::spawn(&SimOptions { guest: Some(guest_elf()), ..SimOptions::default() }).expect("card-sim");
-        let card =
-            card_link::connect_vfio_user(sim.socket_path(), Duration::from_secs(2), card_link::CardOptions::default())
-                .expect("card link");
-        let run = TempDir::new("governor-test-mc").expect("run dir");
-        let host = HostSite::new(
-            HostSiteOptions {
-                vmm_bin: bin_dir().join("vmm"),
-                guest: guest_elf(),
-                run_dir: run.path().join("host"),
-                subtree: format!("governor-test-mc-{}", unique_long("c")),
-                reserve: HostCost { cpus: 1.0, memory_bytes: 512 << 20 },
-            },
-            &cgroupfs::Layout::detect().expect("layout"),
-        )
-        .expect("host site");
-        let mut sites = Sites { card: CardSite::new(card), host };
+        let mut two = two_sites("mc");
+        let sites = &mut two.sites;
         sites.card.cold_start("qos", 32).expect("start on the card");
 
-        let to_host = move_task(&mut sites, "qos", Side::Card);
+        let to_host = move_task(sites, "qos", Side::Card);
         eprintln!("card -> host: pause {:.2} ms, {:?}", to_host.pause_ms, to_host.steps);
         assert!(to_host.ok, "{to_host:?}");
         let vmm = sites.host.vmm("qos").expect("on the host");
@@ -48,13 +28,13 @@ fn a_vm_goes_from_card_to_host_and_back_keeping_its_counters() {
             last = vmm.request(AgentOp::Step, 10).expect("step");
         }
 
-        let to_card = move_task(&mut sites, "qos", Side::Host);
+        let to_card = move_task(sites, "qos", Side::Host);
         eprintln!("host -> card: pause {:.2} ms, {:?}", to_card.pause_ms, to_card.steps);
         assert!(to_card.ok, "{to_card:?}");
         assert!(sites.host.vmm("qos").is_none());
         assert!(sites.card.vm_id("qos").is_some());
 
-        let again = move_task(&mut sites, "qos", Side::Card);
+        let again = move_task(sites, "qos", Side::Card);
         assert!(again.ok, "{again:?}");
         let vmm = sites.host.vmm("qos").expect("on the host again");
         let c = vmm.request(AgentOp::Counters, 0).expect("counters");

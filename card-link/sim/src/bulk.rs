@@ -4,8 +4,9 @@
 //! Health message.
 
 use vmm::host::api::{CardNetwork, Change, QosLimitChange, QosVm, Signals};
-use vmm::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
+use vmm::proto::msg::{self, MsgKind};
 use vmm::proto::signals::{VmSignals, SIGNALS_LEN};
+use vmm::vm::bulk::message;
 
 /// The host's Telemetry message -> (sequence, signals); the field at fault.
 pub fn decode_telemetry(buf: &[u8]) -> Result<(u64, u32, Vec<Signals>), &'static str> {
@@ -23,15 +24,8 @@ pub fn decode_telemetry(buf: &[u8]) -> Result<(u64, u32, Vec<Signals>), &'static
 
 /// The changes -> a Health message.
 pub fn encode_health(seq: u64, changes: &[Change]) -> Result<Vec<u8>, &'static str> {
-    let mut payload = Vec::with_capacity(changes.len() * 16);
-    for c in changes {
-        payload.extend_from_slice(&c.to_proto().ok_or("health or reason")?.encode());
-    }
-    let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::Health, 0, seq, changes.len() as u32, &payload);
-    let mut out = head.to_vec();
-    out.extend_from_slice(&payload);
-    Ok(out)
+    let records: Option<Vec<_>> = changes.iter().map(|c| c.to_proto().map(|h| h.encode())).collect();
+    Ok(message(MsgKind::Health, 0, seq, records.ok_or("health or reason")?))
 }
 
 /// The host's LogLines message -> (sequence, epoch, records); the field at fault.
@@ -67,28 +61,15 @@ pub fn decode_qos_tick(buf: &[u8]) -> Result<(u64, CardNetwork, Vec<QosVm>), &'s
 
 /// The limit changes -> a QosChanges message.
 pub fn encode_qos_changes(seq: u64, changes: &[QosLimitChange]) -> Result<Vec<u8>, &'static str> {
-    let mut payload = Vec::with_capacity(changes.len() * vmm::proto::qos::QOS_CHANGE_LEN);
-    for c in changes {
-        payload.extend_from_slice(&c.to_proto().ok_or("direction, reason or rate")?.encode());
-    }
-    let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::QosChanges, 0, seq, changes.len() as u32, &payload);
-    let mut out = head.to_vec();
-    out.extend_from_slice(&payload);
-    Ok(out)
+    let records: Option<Vec<_>> = changes.iter().map(|c| c.to_proto().map(|q| q.encode())).collect();
+    Ok(message(MsgKind::QosChanges, 0, seq, records.ok_or("direction, reason or rate")?))
 }
 
 /// The acknowledgements -> a LogAcks message.
 pub fn encode_log_acks(seq: u64, acks: &[vmm::host::api::Ack]) -> Vec<u8> {
     use vmm::proto::logs::LogAck;
-    let mut payload = Vec::with_capacity(acks.len() * 32);
-    for a in acks {
-        let la = LogAck { slot: a.slot, first_host: a.first_host, last_host: a.last_host, first_log: a.first_log };
-        payload.extend_from_slice(&la.encode());
-    }
-    let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::LogAcks, 0, seq, acks.len() as u32, &payload);
-    let mut out = head.to_vec();
-    out.extend_from_slice(&payload);
-    out
+    let records = acks.iter().map(|a| {
+        LogAck { slot: a.slot, first_host: a.first_host, last_host: a.last_host, first_log: a.first_log }.encode()
+    });
+    message(MsgKind::LogAcks, 0, seq, records)
 }

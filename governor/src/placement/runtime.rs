@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use card_link::CardOptions;
 use cgroupfs::Layout;
@@ -140,9 +140,7 @@ pub struct Placement {
 
 const KEEP_RECORDS: usize = 1024;
 
-pub(super) fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub(super) use super::audit::now_ms as wall_ms;
 
 pub(super) struct Runtime {
     pub(super) opts: RuntimeOptions,

@@ -14,6 +14,8 @@ use core::sync::atomic::{fence, Ordering};
 use mc_proto as proto;
 use proto::{op, word};
 
+mod tasks;
+
 const N: usize = proto::QUEUE_SIZE as usize;
 const VRING_DESC_F_WRITE: u16 = 2;
 
@@ -99,185 +101,6 @@ struct State {
 
 static mut STATE: State =
     State { work: 0, log_seq: 0, steps: 0, requests: 0, auto_units: 0, acc: 0x9e37_79b9_7f4a_7c15 };
-
-/// The monitor task's memory of every user VM, by slot, and its tick
-/// counter: guest memory, so a move or checkpoint carries them.
-static mut MONITOR: [mc_tasks::monitor::VmState; proto::msg::MAX_RECORDS as usize] =
-    [mc_tasks::monitor::VmState::NEW; proto::msg::MAX_RECORDS as usize];
-static mut MONITOR_TICK: u32 = 0;
-
-/// The log task's memory of every user VM's log, by slot.
-static mut LOGS: [mc_tasks::log::VmLog; proto::msg::MAX_RECORDS as usize] =
-    [mc_tasks::log::VmLog::NEW; proto::msg::MAX_RECORDS as usize];
-
-/// The qos task's memory of every user VM's narrowed limits, and across
-/// VMs (guest memory: a move or checkpoint carries them); the decoded batch
-/// of the tick in hand (the rules look at every VM more than once).
-static mut QOS: [mc_tasks::qos::VmQos; proto::msg::MAX_RECORDS as usize] =
-    [mc_tasks::qos::VmQos::NEW; proto::msg::MAX_RECORDS as usize];
-static mut QOS_GLOBAL: mc_tasks::qos::Global = mc_tasks::qos::Global::NEW;
-static mut QOS_BATCH: [proto::qos::QosSignals; proto::msg::MAX_RECORDS as usize] = [proto::qos::QosSignals {
-    slot: 0,
-    flags: 0,
-    rate: [0; 2],
-    base: [0; 2],
-    min_rate: 0,
-    cpu_ppm: 0,
-    runq_p99_us: 0,
-}; proto::msg::MAX_RECORDS as usize];
-
-/// One qos tick over the QosTick message of `len` bytes in the in-window
-/// (the card's network use and threshold in its parameter): every record
-/// checked before any is used, one record per VM; the limit changes go to
-/// the out-window as a QosChanges message. Returns its length, or
-/// BULK_REFUSED | the code.
-fn qos_tick(len: u64) -> u64 {
-    use proto::msg::{self, MsgKind};
-    use proto::qos::{split_card_param, QosSignals, QOS_CHANGE_LEN, QOS_SIGNALS_LEN};
-    if len > proto::BULK_IN_LEN {
-        return proto::BULK_REFUSED | msg::MsgError::Len(0).code();
-    }
-    // SAFETY: as in monitor_tick.
-    let input = unsafe { core::slice::from_raw_parts(proto::BULK_IN_ADDR as *const u8, len as usize) };
-    let (hd, payload) = match msg::check(input) {
-        Ok(x) => x,
-        Err(e) => return proto::BULK_REFUSED | e.code(),
-    };
-    if hd.kind != MsgKind::QosTick {
-        return proto::BULK_REFUSED | msg::MsgError::Kind(hd.kind as u16).code();
-    }
-    let Some(card) = split_card_param(hd.param) else {
-        return proto::BULK_REFUSED | msg::MsgError::Param(hd.param).code();
-    };
-    // SAFETY: single-threaded guest; the statics are only used here.
-    let (batch, states, global) =
-        unsafe { (&mut *addr_of_mut!(QOS_BATCH), &mut *addr_of_mut!(QOS), &mut *addr_of_mut!(QOS_GLOBAL)) };
-    let mut n_in = 0usize;
-    for c in payload.chunks_exact(QOS_SIGNALS_LEN) {
-        let Some(s) = c.try_into().ok().and_then(QosSignals::decode) else {
-            return proto::BULK_REFUSED | 10;
-        };
-        // A VM twice in one tick is a lie about the batch.
-        if batch[..n_in].iter().any(|o| o.slot == s.slot) {
-            return proto::BULK_REFUSED | 10;
-        }
-        batch[n_in] = s;
-        n_in += 1;
-    }
-    // SAFETY: as in monitor_tick.
-    let out = unsafe { core::slice::from_raw_parts_mut(proto::BULK_OUT_ADDR as *mut u8, proto::BULK_OUT_LEN as usize) };
-    let (head, body) = out.split_at_mut(msg::MSG_HEADER_LEN);
-    let mut n = 0usize;
-    let policy = mc_tasks::qos::Policy::default();
-    mc_tasks::qos::tick(global, states, &batch[..n_in], card, &policy, |c| {
-        if let Some(dst) = body.get_mut(n * QOS_CHANGE_LEN..(n + 1) * QOS_CHANGE_LEN) {
-            dst.copy_from_slice(&c.encode());
-            n += 1;
-        }
-    });
-    let mut h = [0u8; msg::MSG_HEADER_LEN];
-    msg::write_header(&mut h, MsgKind::QosChanges, 0, hd.seq, n as u32, &body[..n * QOS_CHANGE_LEN]);
-    head.copy_from_slice(&h);
-    (msg::MSG_HEADER_LEN + n * QOS_CHANGE_LEN) as u64
-}
-
-/// One log exchange over the LogLines message of `len` bytes in the
-/// in-window (the host's epoch is its parameter): every record checked
-/// before any is used; the acknowledgements go to the out-window as a
-/// LogAcks message. Returns its length, or BULK_REFUSED | the code.
-fn log_take(len: u64) -> u64 {
-    use proto::logs::{LogRecord, ACK_LEN, RECORD_LEN};
-    use proto::msg::{self, MsgKind};
-    if len > proto::BULK_IN_LEN {
-        return proto::BULK_REFUSED | msg::MsgError::Len(0).code();
-    }
-    // SAFETY: as in monitor_tick.
-    let input = unsafe { core::slice::from_raw_parts(proto::BULK_IN_ADDR as *const u8, len as usize) };
-    let (hd, payload) = match msg::check(input) {
-        Ok(x) => x,
-        Err(e) => return proto::BULK_REFUSED | e.code(),
-    };
-    if hd.kind != MsgKind::LogLines {
-        return proto::BULK_REFUSED | msg::MsgError::Kind(hd.kind as u16).code();
-    }
-    let record = |c: &[u8]| -> Option<LogRecord> { LogRecord::decode(c.try_into().ok()?) };
-    if payload.chunks_exact(RECORD_LEN).any(|c| record(c).is_none()) {
-        return proto::BULK_REFUSED | 10;
-    }
-    if !mc_tasks::log::grouped(payload.chunks_exact(RECORD_LEN).filter_map(record).map(|r| r.slot)) {
-        return proto::BULK_REFUSED | 11;
-    }
-    // SAFETY: as in monitor_tick.
-    let (states, out) = unsafe {
-        (
-            &mut *addr_of_mut!(LOGS),
-            core::slice::from_raw_parts_mut(proto::BULK_OUT_ADDR as *mut u8, proto::BULK_OUT_LEN as usize),
-        )
-    };
-    let (head, body) = out.split_at_mut(msg::MSG_HEADER_LEN);
-    let mut n = 0usize;
-    let epoch = hd.param;
-    mc_tasks::log::take(states, epoch, payload.chunks_exact(RECORD_LEN).filter_map(record), |a| {
-        if let Some(dst) = body.get_mut(n * ACK_LEN..(n + 1) * ACK_LEN) {
-            dst.copy_from_slice(&a.encode());
-            n += 1;
-        }
-    });
-    let mut h = [0u8; msg::MSG_HEADER_LEN];
-    msg::write_header(&mut h, MsgKind::LogAcks, 0, hd.seq, n as u32, &body[..n * ACK_LEN]);
-    head.copy_from_slice(&h);
-    (msg::MSG_HEADER_LEN + n * ACK_LEN) as u64
-}
-
-/// One monitor tick over the Telemetry message of `len` bytes in the
-/// in-window: every record checked before any is used; the changes go to
-/// the out-window as a Health message. Returns its length, or
-/// BULK_REFUSED | the refusal code.
-fn monitor_tick(len: u64) -> u64 {
-    use proto::msg::{self, MsgKind};
-    use proto::signals::{VmSignals, CHANGE_LEN, SIGNALS_LEN};
-    if len > proto::BULK_IN_LEN {
-        return proto::BULK_REFUSED | msg::MsgError::Len(0).code();
-    }
-    // SAFETY: the in-window is guest RAM the VMM wrote before it queued
-    // this request; nothing writes it while the agent handles it.
-    let input = unsafe { core::slice::from_raw_parts(proto::BULK_IN_ADDR as *const u8, len as usize) };
-    let (hd, payload) = match msg::check(input) {
-        Ok(x) => x,
-        Err(e) => return proto::BULK_REFUSED | e.code(),
-    };
-    if hd.kind != MsgKind::Telemetry {
-        return proto::BULK_REFUSED | msg::MsgError::Kind(hd.kind as u16).code();
-    }
-    let record = |c: &[u8]| -> Option<VmSignals> { VmSignals::decode(c.try_into().ok()?) };
-    if payload.chunks_exact(SIGNALS_LEN).any(|c| record(c).is_none()) {
-        return proto::BULK_REFUSED | 10;
-    }
-    // SAFETY: single-threaded guest; the out-window is guest RAM the VMM
-    // reads only after the reply.
-    let (states, tick, out) = unsafe {
-        MONITOR_TICK = MONITOR_TICK.wrapping_add(1);
-        (
-            &mut *addr_of_mut!(MONITOR),
-            MONITOR_TICK,
-            core::slice::from_raw_parts_mut(proto::BULK_OUT_ADDR as *mut u8, proto::BULK_OUT_LEN as usize),
-        )
-    };
-    let (head, body) = out.split_at_mut(msg::MSG_HEADER_LEN);
-    let mut n = 0usize;
-    let policy = mc_tasks::monitor::Policy::for_tick_ms(hd.param);
-    let signals = payload.chunks_exact(SIGNALS_LEN).filter_map(record);
-    mc_tasks::monitor::tick(states, signals, tick, &policy, |c| {
-        if let Some(dst) = body.get_mut(n * CHANGE_LEN..(n + 1) * CHANGE_LEN) {
-            dst.copy_from_slice(&c.encode());
-            n += 1;
-        }
-    });
-    let mut h = [0u8; msg::MSG_HEADER_LEN];
-    msg::write_header(&mut h, MsgKind::Health, 0, hd.seq, n as u32, &body[..n * CHANGE_LEN]);
-    head.copy_from_slice(&h);
-    (msg::MSG_HEADER_LEN + n * CHANGE_LEN) as u64
-}
 
 fn outb(port: u16, val: u8) {
     // SAFETY: port I/O is allowed at CPL3 because the VMM sets IOPL=3.
@@ -485,13 +308,13 @@ fn handle(req: [u64; 8]) {
             }
             sum
         }
-        op::MONITOR_TICK => monitor_tick(arg),
-        op::LOG_TAKE => log_take(arg),
-        op::QOS_TICK => qos_tick(arg),
+        op::MONITOR_TICK => tasks::monitor_tick(arg),
+        op::LOG_TAKE => tasks::log_take(arg),
+        op::QOS_TICK => tasks::qos_tick(arg),
         op::BAD_BULK => {
             // A Health message whose count its length does not carry.
-            let r = monitor_tick(arg);
-            // SAFETY: as in monitor_tick.
+            let r = tasks::monitor_tick(arg);
+            // SAFETY: the out-window is guest RAM the VMM reads after the reply.
             unsafe { write_volatile((proto::BULK_OUT_ADDR + 16) as *mut u32, 0xffff) };
             r
         }

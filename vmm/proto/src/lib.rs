@@ -5,6 +5,23 @@
 //! because the guest runs with no runtime at all.
 #![no_std]
 
+/// Little-endian fields of the fixed-size records (callers check lengths).
+mod le {
+    pub fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+
+    pub fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    pub fn u64_at(b: &[u8], at: usize) -> u64 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(w)
+    }
+}
+
 pub mod logs;
 pub mod msg;
 pub mod qos;

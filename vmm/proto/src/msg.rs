@@ -14,6 +14,8 @@
 //! host's epoch; QosTick: the card's network use and threshold; Health,
 //! LogAcks and QosChanges: zero).
 
+use crate::le::{u16_at, u32_at, u64_at};
+
 /// "MCM2" little endian.
 pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"MCM2");
 pub const MSG_HEADER_LEN: usize = 32;
@@ -172,20 +174,6 @@ pub fn crc32(data: &[u8]) -> u32 {
         crc = TABLE[((crc ^ b as u32) & 0xff) as usize] ^ (crc >> 8);
     }
     !crc
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
 }
 
 /// Write the header of a message of `kind` whose payload is `payload`

@@ -4,6 +4,8 @@
 //! parameter word, see [`card_param`]) and the limit changes the qos agent
 //! decides ([`QosChange`], 32 bytes). Rates are bytes per second.
 
+use crate::le::{u32_at, u64_at};
+
 pub const QOS_SIGNALS_LEN: usize = 64;
 pub const QOS_CHANGE_LEN: usize = 32;
 
@@ -103,16 +105,6 @@ pub struct QosSignals {
     pub cpu_ppm: u32,
     /// Run-queue delay p99 over the last tick, µs.
     pub runq_p99_us: u32,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
 }
 
 impl QosSignals {

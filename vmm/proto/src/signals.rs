@@ -4,6 +4,8 @@
 //! Fixed size and little endian, so the freestanding agent reads them in
 //! place without allocating.
 
+use crate::le::{u32_at, u64_at};
+
 pub const SIGNALS_LEN: usize = 64;
 pub const CHANGE_LEN: usize = 16;
 
@@ -33,16 +35,6 @@ pub struct VmSignals {
     pub mem_limit: u64,
     /// Packets dropped so far (QoS policing and the interfaces' own drops).
     pub drops_total: u64,
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(w)
 }
 
 impl VmSignals {

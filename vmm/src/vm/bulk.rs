@@ -14,9 +14,9 @@ use vm_memory::{Bytes, GuestAddress};
 use super::shared::lock;
 use super::Vm;
 use crate::error::{Error, MemoryError, Result, StopReason};
-use crate::proto::logs::{LogAck, LogRecord, ACK_LEN, RECORD_LEN};
+use crate::proto::logs::{LogAck, LogRecord, ACK_LEN};
 use crate::proto::msg::{self, MsgKind, MSG_HEADER_LEN};
-use crate::proto::qos::{QosChange, QosReason, QosSignals, QOS_CHANGE_LEN, QOS_SIGNALS_LEN};
+use crate::proto::qos::{QosChange, QosReason, QosSignals, QOS_CHANGE_LEN};
 use crate::proto::signals::{HealthChange, VmSignals, CHANGE_LEN};
 use crate::proto::{self, op};
 
@@ -123,15 +123,22 @@ pub fn log_message(seq: u64, epoch: u32, records: &[LogRecord]) -> Result<Vec<u8
             reason: format!("{} log records in one message; at most {}", records.len(), msg::MAX_RECORDS),
         });
     }
-    let mut payload = Vec::with_capacity(records.len() * RECORD_LEN);
+    Ok(message(MsgKind::LogLines, epoch, seq, records.iter().map(LogRecord::encode)))
+}
+
+/// A whole protocol-2 message of `kind`: its header over `records`, each
+/// already encoded (the caller keeps to [`msg::MAX_RECORDS`]).
+pub fn message<R: AsRef<[u8]>>(kind: MsgKind, param: u32, seq: u64, records: impl IntoIterator<Item = R>) -> Vec<u8> {
+    let mut out = vec![0u8; MSG_HEADER_LEN];
+    let mut count = 0u32;
     for r in records {
-        payload.extend_from_slice(&r.encode());
+        out.extend_from_slice(r.as_ref());
+        count += 1;
     }
     let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::LogLines, epoch, seq, records.len() as u32, &payload);
-    let mut message = head.to_vec();
-    message.extend_from_slice(&payload);
-    Ok(message)
+    msg::write_header(&mut head, kind, param, seq, count, &out[MSG_HEADER_LEN..]);
+    out[..MSG_HEADER_LEN].copy_from_slice(&head);
+    out
 }
 
 /// Check a log agent's answer to LogLines `seq` of `records` whole: a
@@ -172,16 +179,8 @@ pub fn qos_message(seq: u64, use_bp: u32, threshold_bp: u32, batch: &[QosSignals
             reason: format!("{} VMs in one tick; at most {}", batch.len(), msg::MAX_RECORDS),
         });
     }
-    let mut payload = Vec::with_capacity(batch.len() * QOS_SIGNALS_LEN);
-    for s in batch {
-        payload.extend_from_slice(&s.encode());
-    }
-    let mut head = [0u8; MSG_HEADER_LEN];
     let param = crate::proto::qos::card_param(use_bp, threshold_bp);
-    msg::write_header(&mut head, MsgKind::QosTick, param, seq, batch.len() as u32, &payload);
-    let mut message = head.to_vec();
-    message.extend_from_slice(&payload);
-    Ok(message)
+    Ok(message(MsgKind::QosTick, param, seq, batch.iter().map(QosSignals::encode)))
 }
 
 /// Check a qos agent's answer to QosTick `seq` of `batch` whole: a
@@ -232,15 +231,7 @@ pub fn telemetry_message(seq: u64, tick_ms: u32, batch: &[VmSignals]) -> Result<
             reason: format!("{} VMs in one tick; at most {}", batch.len(), msg::MAX_RECORDS),
         });
     }
-    let mut payload = Vec::with_capacity(batch.len() * proto::signals::SIGNALS_LEN);
-    for s in batch {
-        payload.extend_from_slice(&s.encode());
-    }
-    let mut head = [0u8; MSG_HEADER_LEN];
-    msg::write_header(&mut head, MsgKind::Telemetry, tick_ms, seq, batch.len() as u32, &payload);
-    let mut message = head.to_vec();
-    message.extend_from_slice(&payload);
-    Ok(message)
+    Ok(message(MsgKind::Telemetry, tick_ms, seq, batch.iter().map(VmSignals::encode)))
 }
 
 /// Check a monitor agent's answer to the Telemetry message `seq` of
@@ -280,15 +271,7 @@ mod tests {
     use crate::proto::signals::{Health, Reason, FLAG_EXISTS};
 
     fn answer(seq: u64, changes: &[HealthChange]) -> Vec<u8> {
-        let mut payload = Vec::new();
-        for c in changes {
-            payload.extend_from_slice(&c.encode());
-        }
-        let mut h = [0u8; MSG_HEADER_LEN];
-        msg::write_header(&mut h, MsgKind::Health, 0, seq, changes.len() as u32, &payload);
-        let mut v = h.to_vec();
-        v.extend_from_slice(&payload);
-        v
+        message(MsgKind::Health, 0, seq, changes.iter().map(HealthChange::encode))
     }
 
     #[test]
