@@ -140,6 +140,19 @@ impl SimCard {
         }
     }
 
+    /// A bulk exchange with a VM's agent failed. A VM its VMM stopped (a
+    /// hostile answer, a fault) stays in the table as stopped, so list-vms
+    /// shows it and the host can tell it from a busy or slow agent.
+    fn agent_failed(&self, vm: u32, e: &mut VmEntry, err: VmError) -> (Status, String) {
+        if err.vm_stopped() {
+            e.state = VmState::Stopped;
+            self.log(vm, 2, format!("VM {} stopped: {err}", e.spec.name));
+            (Status::BadState, format!("VM {vm} stopped: {err}"))
+        } else {
+            (Status::Internal, err.to_string())
+        }
+    }
+
     fn execute(&self, m: &Message, max_payload: usize) -> Result<(u64, u64, Vec<u8>), (Status, String)> {
         let bad = |s: String| (Status::BadRequest, s);
         let no_vm = || (Status::NoSuchVm, format!("no VM {}", m.vm));
@@ -322,7 +335,10 @@ impl SimCard {
                         let changes = {
                             let mut t = lock(&self.vms);
                             let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
-                            e.vm.monitor_tick(seq, tick_ms, &signals).map_err(vmerr)?
+                            match e.vm.monitor_tick(seq, tick_ms, &signals) {
+                                Ok(x) => x,
+                                Err(err) => return Err(self.agent_failed(m.vm, e, err)),
+                            }
                         };
                         crate::bulk::encode_health(seq, &changes).map_err(|f| bad(format!("agent answer: {f}")))?
                     }
@@ -332,7 +348,10 @@ impl SimCard {
                         let acks = {
                             let mut t = lock(&self.vms);
                             let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
-                            e.vm.log_take(seq, epoch, &records).map_err(vmerr)?
+                            match e.vm.log_take(seq, epoch, &records) {
+                                Ok(x) => x,
+                                Err(err) => return Err(self.agent_failed(m.vm, e, err)),
+                            }
                         };
                         crate::bulk::encode_log_acks(seq, &acks)
                     }
@@ -342,7 +361,10 @@ impl SimCard {
                         let changes = {
                             let mut t = lock(&self.vms);
                             let e = t.vms.get_mut(&m.vm).ok_or_else(no_vm)?;
-                            e.vm.qos_tick(seq, card, &vms).map_err(vmerr)?
+                            match e.vm.qos_tick(seq, card, &vms) {
+                                Ok(x) => x,
+                                Err(err) => return Err(self.agent_failed(m.vm, e, err)),
+                            }
                         };
                         crate::bulk::encode_qos_changes(seq, &changes).map_err(|f| bad(format!("agent answer: {f}")))?
                     }

@@ -145,6 +145,14 @@ pub enum VmError {
     ModelImageSize { memory: usize, stated: u64 },
 }
 
+impl VmError {
+    /// The VM itself stopped (its VMM stopped it, e.g. for a hostile agent
+    /// answer), as opposed to a request that failed with the VM running.
+    pub fn vm_stopped(&self) -> bool {
+        matches!(self, VmError::Vmm { source, .. } if source.kind() == vmm::host::api::ErrorKind::Stopped)
+    }
+}
+
 /// A control line that is not a valid request; nothing of it was applied.
 #[derive(Debug, Error)]
 pub enum RequestError {

@@ -205,6 +205,19 @@ pub struct QosEvent {
     pub error: Option<String>,
 }
 
+/// An MC VM stopped for what its agent answered (a malformed or lying
+/// answer) or a fault: `"kind": "mc_stopped"`. It stays stopped; the
+/// other MC VMs and the governor go on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct McStoppedEvent {
+    /// Always "mc_stopped".
+    pub kind: String,
+    pub time_ms: u64,
+    pub task: String,
+    pub side: Side,
+    pub reason: String,
+}
+
 /// The `"kind"` of an audit line (placement records have none).
 fn kind_of(line: &str) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(line).ok()?.get("kind")?.as_str().map(str::to_string)
@@ -239,6 +252,11 @@ pub fn read_health(path: &Path) -> io::Result<Vec<HealthEvent>> {
 /// The QoS limit changes of a log, oldest first.
 pub fn read_qos(path: &Path) -> io::Result<Vec<QosEvent>> {
     read_kind(path, Some("qos"))
+}
+
+/// The MC VMs stopped for their answers, oldest first.
+pub fn read_mc_stopped(path: &Path) -> io::Result<Vec<McStoppedEvent>> {
+    read_kind(path, Some("mc_stopped"))
 }
 
 /// The placement records of a log, oldest first (health and QoS events

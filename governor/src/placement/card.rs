@@ -8,6 +8,13 @@ use card_link::mailbox::VmSpec;
 use card_link::Card;
 
 use super::mover::Site;
+use super::AgentError;
+
+/// An answer that passed the card's checks but not ours: the card lies or
+/// its checks are broken; either way the VM is not to be trusted.
+fn malformed(task: &str, field: &str) -> AgentError {
+    AgentError::Stopped(format!("{task}'s agent on the card answered malformed: field {field}"))
+}
 
 pub struct CardSite {
     card: Card,
@@ -54,12 +61,10 @@ impl CardSite {
         seq: u64,
         tick_ms: u32,
         batch: &[vmm::proto::signals::VmSignals],
-    ) -> Result<Vec<vmm::proto::signals::HealthChange>, String> {
-        let id = self.id(task)?;
+    ) -> Result<Vec<vmm::proto::signals::HealthChange>, AgentError> {
         let message = vmm::vm::bulk::telemetry_message(seq, tick_ms, batch).map_err(|e| e.to_string())?;
-        let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_MONITOR, &message).map_err(|e| e.to_string())?;
-        vmm::vm::bulk::check_health_answer(&answer, seq, batch)
-            .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
+        let answer = self.agent_bulk(task, card_link::mailbox::BULK_MONITOR, &message)?;
+        vmm::vm::bulk::check_health_answer(&answer, seq, batch).map_err(|f| malformed(task, f))
     }
 
     /// One log exchange with `task`'s agent on the card (`agent-bulk`);
@@ -70,12 +75,10 @@ impl CardSite {
         seq: u64,
         epoch: u32,
         records: &[vmm::proto::logs::LogRecord],
-    ) -> Result<Vec<vmm::proto::logs::LogAck>, String> {
-        let id = self.id(task)?;
+    ) -> Result<Vec<vmm::proto::logs::LogAck>, AgentError> {
         let message = vmm::vm::bulk::log_message(seq, epoch, records).map_err(|e| e.to_string())?;
-        let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_LOG, &message).map_err(|e| e.to_string())?;
-        vmm::vm::bulk::check_log_answer(&answer, seq, records)
-            .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
+        let answer = self.agent_bulk(task, card_link::mailbox::BULK_LOG, &message)?;
+        vmm::vm::bulk::check_log_answer(&answer, seq, records).map_err(|f| malformed(task, f))
     }
 
     /// One QoS-policy tick with `task`'s agent on the card (`agent-bulk`);
@@ -86,12 +89,33 @@ impl CardSite {
         seq: u64,
         card_bp: (u32, u32),
         batch: &[vmm::proto::qos::QosSignals],
-    ) -> Result<Vec<vmm::proto::qos::QosChange>, String> {
-        let id = self.id(task)?;
+    ) -> Result<Vec<vmm::proto::qos::QosChange>, AgentError> {
         let message = vmm::vm::bulk::qos_message(seq, card_bp.0, card_bp.1, batch).map_err(|e| e.to_string())?;
-        let answer = self.card.agent_bulk(id, card_link::mailbox::BULK_QOS, &message).map_err(|e| e.to_string())?;
-        vmm::vm::bulk::check_qos_answer(&answer, seq, batch)
-            .map_err(|field| format!("{task}'s agent on the card answered malformed: field {field}"))
+        let answer = self.agent_bulk(task, card_link::mailbox::BULK_QOS, &message)?;
+        vmm::vm::bulk::check_qos_answer(&answer, seq, batch).map_err(|f| malformed(task, f))
+    }
+
+    /// One `agent-bulk` exchange. A card that refuses it because the VM is
+    /// in the wrong state is asked whether the VM stopped (its VMM stops a
+    /// VM whose agent answers malformed): that is final, not a slow tick.
+    fn agent_bulk(&mut self, task: &str, kind: u64, message: &[u8]) -> Result<Vec<u8>, AgentError> {
+        let id = self.id(task)?;
+        let err = match self.card.agent_bulk(id, kind, message) {
+            Ok(answer) => return Ok(answer),
+            Err(e) => e,
+        };
+        let bad_state =
+            matches!(&err, card_link::CardError::Refused { status: card_link::mailbox::Status::BadState, .. });
+        let stopped = bad_state
+            && self
+                .card
+                .list_vms()
+                .is_ok_and(|l| l.iter().any(|v| v.id == id && v.state == card_link::mailbox::VmState::Stopped));
+        Err(if stopped {
+            AgentError::Stopped(format!("{task}'s VM on the card stopped: {err}"))
+        } else {
+            AgentError::Unavailable(err.to_string())
+        })
     }
 
     /// Tasks with a VM on the card, with their VM ids.

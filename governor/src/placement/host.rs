@@ -11,6 +11,7 @@ use cgroupfs::{Cgroup, Layout, Limits};
 use vmm::host::process::{SpawnOptions, Start, VmmProcess};
 
 use super::mover::Site;
+use super::AgentError;
 use super::HostCost;
 
 /// Where the host site runs its VMMs and what they may use.
@@ -171,11 +172,12 @@ impl HostSite {
         seq: u64,
         tick_ms: u32,
         batch: &[vmm::proto::signals::VmSignals],
-    ) -> Result<Vec<vmm::proto::signals::HealthChange>, String> {
+    ) -> Result<Vec<vmm::proto::signals::HealthChange>, AgentError> {
         let signals: Vec<vmm::host::api::Signals> = batch.iter().map(vmm::host::api::Signals::from_proto).collect();
-        let reply = self.live(task)?.client().monitor_tick(seq, tick_ms, &signals).map_err(|e| e.to_string())?;
+        let reply = self.live(task)?.client().monitor_tick(seq, tick_ms, &signals).map_err(AgentError::from_vmm)?;
         if reply.changes.len() > batch.len() {
-            return Err(format!("{task}'s agent answered {} changes for {} VMs", reply.changes.len(), batch.len()));
+            let n = (reply.changes.len(), batch.len());
+            return Err(AgentError::Stopped(format!("{task}'s agent answered {} changes for {} VMs", n.0, n.1)));
         }
         reply
             .changes
@@ -183,7 +185,7 @@ impl HostSite {
             .map(|c| {
                 c.to_proto()
                     .filter(|h| batch.iter().any(|s| s.slot == h.slot))
-                    .ok_or_else(|| format!("{task}'s agent answered a malformed change {c:?}"))
+                    .ok_or_else(|| AgentError::Stopped(format!("{task}'s agent answered a malformed change {c:?}")))
             })
             .collect()
     }
@@ -196,18 +198,20 @@ impl HostSite {
         seq: u64,
         card_bp: (u32, u32),
         batch: &[vmm::proto::qos::QosSignals],
-    ) -> Result<Vec<vmm::proto::qos::QosChange>, String> {
+    ) -> Result<Vec<vmm::proto::qos::QosChange>, AgentError> {
         use vmm::host::api::{CardNetwork, QosVm};
         let vms: Vec<QosVm> = batch.iter().map(QosVm::from_proto).collect();
         let card = CardNetwork { use_bp: card_bp.0, threshold_bp: card_bp.1 };
-        let reply = self.live(task)?.client().qos_tick(seq, card, &vms).map_err(|e| e.to_string())?;
+        let reply = self.live(task)?.client().qos_tick(seq, card, &vms).map_err(AgentError::from_vmm)?;
         let mut out: Vec<vmm::proto::qos::QosChange> = Vec::new();
         for c in &reply.changes {
             let ok = c.to_proto().filter(|q| {
                 batch.iter().any(|s| s.slot == q.slot && (q.reason == vmm::proto::qos::QosReason::Calm || q.within(s)))
                     && !out.iter().any(|o| o.slot == q.slot && o.dir == q.dir)
             });
-            out.push(ok.ok_or_else(|| format!("{task}'s agent answered a malformed limit change {c:?}"))?);
+            out.push(ok.ok_or_else(|| {
+                AgentError::Stopped(format!("{task}'s agent answered a malformed limit change {c:?}"))
+            })?);
         }
         Ok(out)
     }
@@ -219,9 +223,9 @@ impl HostSite {
         seq: u64,
         epoch: u32,
         records: &[vmm::proto::logs::LogRecord],
-    ) -> Result<Vec<vmm::proto::logs::LogAck>, String> {
+    ) -> Result<Vec<vmm::proto::logs::LogAck>, AgentError> {
         let lines: Vec<vmm::host::api::LogLine> = records.iter().map(vmm::host::api::LogLine::from_proto).collect();
-        let reply = self.live(task)?.client().log_take(seq, epoch, &lines).map_err(|e| e.to_string())?;
+        let reply = self.live(task)?.client().log_take(seq, epoch, &lines).map_err(AgentError::from_vmm)?;
         let mut out: Vec<vmm::proto::logs::LogAck> = Vec::new();
         for a in &reply.acks {
             let ok = records.iter().any(|r| r.slot == a.slot)
@@ -230,7 +234,7 @@ impl HostSite {
                 && a.last_host >= a.first_host
                 && a.first_log >= 1;
             if !ok {
-                return Err(format!("{task}'s agent answered a malformed acknowledgement {a:?}"));
+                return Err(AgentError::Stopped(format!("{task}'s agent answered a malformed acknowledgement {a:?}")));
             }
             out.push(vmm::proto::logs::LogAck {
                 slot: a.slot,

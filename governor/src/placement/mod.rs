@@ -36,6 +36,7 @@ pub mod runtime;
 mod tests;
 pub mod view;
 
+pub use agents::AgentError;
 pub use decide::{calm_since, decide};
 
 /// The card's resources, each with its own threshold (claim 8).

@@ -74,6 +74,9 @@ pub struct TaskStatus {
     pub checkpoint_age_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_move: Option<MoveReport>,
+    /// Why its VM was stopped (a malformed answer, a fault); it stays so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -164,6 +167,9 @@ pub(super) struct Runtime {
     /// The card's network use summed over the placement ticks since the
     /// last qos tick, and how many (the qos VM gets the mean).
     pub(super) card_net: (f64, u32),
+    /// MC VMs stopped for their answers (or a fault), with why: not asked,
+    /// moved or checkpointed again.
+    pub(super) stopped: HashMap<String, String>,
 }
 
 pub(super) type PerResourceView = [f64; 4];
@@ -287,6 +293,7 @@ impl Runtime {
             log_seq: 0,
             qos_seq: 0,
             card_net: (0.0, 0),
+            stopped: HashMap::new(),
             opts,
         })
     }
@@ -498,7 +505,11 @@ impl Runtime {
                 let _ = reply.send(r);
             }
             Command::Pin { task, pin, reply } => {
-                let _ = reply.send(self.engine.pin(&task, pin));
+                let r = match self.stopped.get(&task) {
+                    Some(why) => Err(format!("task: {task}'s VM was stopped ({why})")),
+                    None => self.engine.pin(&task, pin),
+                };
+                let _ = reply.send(r);
             }
             Command::Monitor { seq, names, signals, qos } => {
                 self.monitor(seq, &names, &signals);
@@ -511,6 +522,9 @@ impl Runtime {
     }
 
     fn manual_move(&mut self, task: &str, to: Side) -> Result<AuditRecord, String> {
+        if let Some(why) = self.stopped.get(task) {
+            return Err(format!("task: {task}'s VM was stopped ({why})"));
+        }
         if to == Side::Card && !matches!(self.card, CardState::Healthy) {
             return Err(format!("to: the card is not healthy ({})", self.card.describe()));
         }
@@ -552,6 +566,7 @@ impl Runtime {
                     host_socket: self.sites.host.live_socket(&t.name).map(Path::to_path_buf),
                     checkpoint_age_ms: (t.side == Side::Card).then(|| self.checkpoints.age_ms(&t.name)).flatten(),
                     last_move: self.last_move.get(&t.name).cloned(),
+                    stopped: self.stopped.get(&t.name).cloned(),
                 })
                 .collect(),
         }

@@ -40,15 +40,19 @@ pub fn placement_table(p: &PlacementStatus) -> String {
     );
     for t in &p.tasks {
         let c = |r: Resource| pct(t.card_cost[r.index()]);
-        let last = t.last_move.as_ref().map_or("-".to_string(), |m| {
-            format!(
-                "to {} {} pause {:.2} ms{}",
-                side(m.to),
-                if m.ok { "ok" } else { "FAILED" },
-                m.pause_ms,
-                m.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
-            )
-        });
+        let last = if let Some(why) = &t.stopped {
+            format!("STOPPED: {why}")
+        } else {
+            t.last_move.as_ref().map_or("-".to_string(), |m| {
+                format!(
+                    "to {} {} pause {:.2} ms{}",
+                    side(m.to),
+                    if m.ok { "ok" } else { "FAILED" },
+                    m.pause_ms,
+                    m.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                )
+            })
+        };
         let _ = writeln!(
             out,
             "{:<14} {:<5} {:<13} {:>7} {:>7} {:>7} {:>7} {:>7.2} {:>6}Mi {:<5} {last}",

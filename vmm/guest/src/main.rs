@@ -311,6 +311,7 @@ fn handle(req: [u64; 8]) {
         op::MONITOR_TICK => tasks::monitor_tick(arg),
         op::LOG_TAKE => tasks::log_take(arg),
         op::QOS_TICK => tasks::qos_tick(arg),
+        op::HOSTILE => tasks::set_hostile(arg),
         op::BAD_BULK => {
             // A Health message whose count its length does not carry.
             let r = tasks::monitor_tick(arg);

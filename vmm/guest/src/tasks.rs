@@ -33,6 +33,20 @@ static mut QOS_BATCH: [proto::qos::QosSignals; MAX] =
     [proto::qos::QosSignals { slot: 0, flags: 0, rate: [0; 2], base: [0; 2], min_rate: 0, cpu_ppm: 0, runq_p99_us: 0 };
         MAX];
 
+/// How every answer is spoiled (`proto::hostile`; a self test of the
+/// host's checks). In guest RAM like the tasks' state.
+static mut HOSTILE: u64 = proto::hostile::HONEST;
+
+/// Op HOSTILE: set the mode; the reply is the mode set (unknown modes refused).
+pub fn set_hostile(mode: u64) -> u64 {
+    if mode > proto::hostile::LYING_COUNT {
+        return proto::BULK_REFUSED | msg::MsgError::Param(mode as u32).code();
+    }
+    // SAFETY: single-threaded guest.
+    unsafe { HOSTILE = mode };
+    mode
+}
+
 /// The in-window's message of `len` bytes, checked whole and of `kind`.
 fn take_in(len: u64, kind: MsgKind) -> Result<(MsgHeader, &'static [u8]), u64> {
     if len > proto::BULK_IN_LEN {
@@ -74,14 +88,35 @@ impl Answer {
         }
     }
 
-    /// Write the header; the answer's length.
+    /// Write the header; the answer's length. A hostile agent spoils it
+    /// here, the one place every answer passes.
     fn finish(self, kind: MsgKind, seq: u64) -> u64 {
-        let size = self.n * self.len;
+        use proto::hostile;
+        // SAFETY: single-threaded guest.
+        let mode = unsafe { HOSTILE };
+        let mut size = self.n * self.len;
+        let (mut kind, mut count) = (kind, self.n as u32);
+        match mode {
+            hostile::WRONG_KIND => {
+                // Well formed, empty, of another answer kind.
+                kind = match kind {
+                    MsgKind::Health => MsgKind::LogAcks,
+                    MsgKind::LogAcks => MsgKind::QosChanges,
+                    _ => MsgKind::Health,
+                };
+                (size, count) = (0, 0);
+            }
+            hostile::LYING_COUNT => count += 1,
+            _ => {}
+        }
         let mut h = [0u8; msg::MSG_HEADER_LEN];
-        msg::write_header(&mut h, kind, 0, seq, self.n as u32, &self.body[..size]);
+        msg::write_header(&mut h, kind, 0, seq, count, &self.body[..size]);
         // SAFETY: as in `Answer::new`; the header room is before `body`.
         let head = unsafe { core::slice::from_raw_parts_mut(proto::BULK_OUT_ADDR as *mut u8, msg::MSG_HEADER_LEN) };
         head.copy_from_slice(&h);
+        if mode == hostile::TOO_LONG {
+            return proto::BULK_OUT_LEN + 4096;
+        }
         (msg::MSG_HEADER_LEN + size) as u64
     }
 }

@@ -107,6 +107,10 @@ pub mod op {
     pub const MONITOR_TICK: u64 = 7;
     /// Self test: answer a monitor tick with a malformed out-message.
     pub const BAD_BULK: u64 = 0x105;
+    /// Self test that persists (agent state, so a snapshot carries it):
+    /// from now on every bulk answer is hostile in the way `arg` names
+    /// ([`super::hostile`]); 0 makes the agent honest again.
+    pub const HOSTILE: u64 = 0x106;
     /// Log management: the in-window holds a LogLines message of `arg`
     /// bytes; the agent answers a LogAcks message (or BULK_REFUSED | code).
     pub const LOG_TAKE: u64 = 8;
@@ -121,6 +125,17 @@ pub mod op {
     pub const BAD_WIDTH: u64 = 0x104;
     /// Ask the VMM to stop the VM (exit port).
     pub const SHUTDOWN: u64 = 0x103;
+}
+
+/// How a hostile agent ([`op::HOSTILE`]) spoils its bulk answers.
+pub mod hostile {
+    pub const HONEST: u64 = 0;
+    /// An answer length past the out-window.
+    pub const TOO_LONG: u64 = 1;
+    /// A well-formed message of another kind than the task answers with.
+    pub const WRONG_KIND: u64 = 2;
+    /// A record count the message's length does not carry.
+    pub const LYING_COUNT: u64 = 3;
 }
 
 pub const PONG: u64 = 0x676e_6f70;
@@ -251,6 +266,7 @@ mod tests {
             op::BAD_BULK,
             op::LOG_TAKE,
             op::QOS_TICK,
+            op::HOSTILE,
         ];
         for (i, a) in ops.iter().enumerate() {
             assert!(!ops[i + 1..].contains(a), "op code {a:#x} used twice");

@@ -49,10 +49,12 @@ pub enum AgentOp {
     TripleFault,
     BadWidth,
     Shutdown,
+    /// From now on spoil every bulk answer (arg: `proto::hostile`).
+    Hostile,
 }
 
 impl AgentOp {
-    pub const ALL: [AgentOp; 11] = [
+    pub const ALL: [AgentOp; 12] = [
         AgentOp::Ping,
         AgentOp::Step,
         AgentOp::Counters,
@@ -64,6 +66,7 @@ impl AgentOp {
         AgentOp::TripleFault,
         AgentOp::BadWidth,
         AgentOp::Shutdown,
+        AgentOp::Hostile,
     ];
 
     /// The op code in the request frame (see [`crate::proto::op`]).
@@ -80,6 +83,7 @@ impl AgentOp {
             AgentOp::TripleFault => op::TRIPLE_FAULT,
             AgentOp::BadWidth => op::BAD_WIDTH,
             AgentOp::Shutdown => op::SHUTDOWN,
+            AgentOp::Hostile => op::HOSTILE,
         }
     }
 }
