@@ -1,4 +1,4 @@
-//! The card's register layout, ABI 1.2 (see `card-link/ABI.md`, which this
+//! The card's register layout, ABI 1.3 (see `card-link/ABI.md`, which this
 //! file must match). BAR0 is a read-only register file: identity, ABI version,
 //! health and heartbeat, and one telemetry entry per card resource. The host
 //! reads it in one access of `BAR0_SNAPSHOT_LEN` bytes and decodes it here.
@@ -9,7 +9,7 @@ use crate::wire::{Reader, Writer};
 /// "MCCD" little endian: the first word of BAR0.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"MCCD");
 pub const ABI_MAJOR: u16 = 1;
-pub const ABI_MINOR: u16 = 2;
+pub const ABI_MINOR: u16 = 3;
 
 /// Feature bits at BAR0 0x64 (ABI 1.1). Unknown bits are ignored by hosts.
 /// FUSED_DOORBELL: a request slot write whose header carries the RING flag
@@ -26,6 +26,17 @@ pub const FEATURE_PRECOPY: u32 = 1 << 2;
 /// AGENT_BULK (ABI 1.2): the `agent-bulk` op carries a protocol-2 message
 /// (`mc_proto::msg`) to a VM's management agent and its answer back.
 pub const FEATURE_AGENT_BULK: u32 = 1 << 3;
+/// MAPPED (ABI 1.3): BAR0 and BAR2 are offered as mmap-able areas (vfio-user
+/// sparse mmap, or kernel VFIO mmap-able regions). The card then publishes
+/// BAR0 under the sequence word at `OFF_SEQ` and serves the mailbox from
+/// memory: it watches REQ_PRODUCED itself and sleeps on it as a futex
+/// (`mailbox::REG_CARD_WAITING`). A host that does not map still uses the
+/// message path, which the card serves as before.
+pub const FEATURE_MAPPED: u32 = 1 << 4;
+/// DMA_STREAM (ABI 1.3): the card takes DMA_MAP of a host buffer and
+/// answers `snapshot-read-dma` and `restore-write-dma`, whose payload is a
+/// `mailbox::DmaDesc` (where in the mapped buffer), not the data.
+pub const FEATURE_DMA_STREAM: u32 = 1 << 5;
 
 /// VFIO region indices of the two BARs.
 pub const BAR0_INDEX: u32 = 0;
@@ -45,10 +56,56 @@ pub const OFF_ABI: usize = 0x04;
 pub const OFF_LEN: usize = 0x08;
 pub const OFF_CRC: usize = 0x0c;
 pub const OFF_HEARTBEAT: usize = 0x38;
+/// BAR0 sequence word (ABI 1.3, feature MAPPED), right after the snapshot
+/// bytes and outside their CRC: odd while the card rewrites the register
+/// file, advanced by 2 per rewrite. A mapped read that sees it odd or
+/// changed is torn and retried.
+pub const OFF_SEQ: usize = BAR0_SNAPSHOT_LEN;
+/// A mapped snapshot read gives up (`CardError::Torn`) after this many torn
+/// attempts: an honest card rewrites BAR0 once a period, in microseconds.
+pub const SEQLOCK_TRIES: u32 = 10_000;
 
 /// Heartbeat period bounds the host accepts (ms).
 pub const MIN_PERIOD_MS: u32 = 10;
 pub const MAX_PERIOD_MS: u32 = 60_000;
+
+/// Read the register file from a mapped BAR0 under its sequence word and
+/// validate it as `RegisterSnapshot::decode` does. A copy taken while the
+/// card rewrote it (sequence odd, or moved during the copy) is retried; a
+/// card that never lets a copy through is `CardError::Torn`, never accepted.
+pub fn read_mapped(bar0: &crate::shm::SharedMem) -> Result<RegisterSnapshot> {
+    use std::sync::atomic::{fence, Ordering};
+    let seq = bar0.word(OFF_SEQ)?;
+    let mut buf = [0u8; BAR0_SNAPSHOT_LEN];
+    for _ in 0..SEQLOCK_TRIES {
+        let before = seq.load(Ordering::Acquire);
+        if before & 1 == 0 {
+            bar0.read(0, &mut buf)?;
+            // Orders the copy before the second look at the sequence.
+            fence(Ordering::Acquire);
+            if seq.load(Ordering::Relaxed) == before {
+                return RegisterSnapshot::decode(&buf);
+            }
+        }
+        std::hint::spin_loop();
+    }
+    Err(CardError::Torn { what: "BAR0 register file", tries: SEQLOCK_TRIES })
+}
+
+/// The card's side of `read_mapped`: publish `bytes` at the start of a
+/// mapped BAR0 under the sequence word (odd while writing).
+pub fn publish_mapped(bar0: &crate::shm::SharedMem, bytes: &[u8]) -> Result<()> {
+    use std::sync::atomic::{fence, Ordering};
+    let seq = bar0.word(OFF_SEQ)?;
+    let s = seq.load(Ordering::Relaxed);
+    let odd = s.wrapping_add(1) | 1;
+    seq.store(odd, Ordering::Relaxed);
+    // Readers that see any new byte also see the odd sequence.
+    fence(Ordering::Release);
+    bar0.write(0, bytes)?;
+    seq.store(odd.wrapping_add(1), Ordering::Release);
+    Ok(())
+}
 
 /// The four resources of claim 2: custom hardware (FPGA), processor, memory, network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

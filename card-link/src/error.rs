@@ -113,6 +113,11 @@ pub enum CardError {
     /// bit is clear); nothing was sent.
     #[error("card (ABI 1.{minor}) does not offer {what}: it needs {needs}")]
     Unsupported { what: &'static str, needs: &'static str, minor: u16 },
+    /// Memory the card shares with the host (a mapped BAR, a DMA buffer)
+    /// was being rewritten on every attempt to read it consistently: a
+    /// torn copy is never accepted.
+    #[error("{what}: torn by the card on all {tries} reads")]
+    Torn { what: &'static str, tries: u32 },
     /// A host-side argument was refused before anything was sent.
     #[error("invalid request: {0}")]
     Invalid(String),

@@ -3,6 +3,7 @@
 //! - `abi`: the versioned register layout of BAR0 (identity, heartbeat, telemetry)
 //! - `mailbox`: the BAR2 command mailbox wire format and its decoders
 //! - `costs`: the card's measured cost of each VM (ABI 1.2) and per-VM rates
+//! - `shm`: memory shared with the card (mapped BARs, DMA buffers, ABI 1.3)
 //! - `transport`: one trait, two transports (vfio-user, kernel VFIO)
 //! - `card`: the host driver on top of any transport (commands, snapshots, health)
 //! - `watchdog`: a thread reporting a stalled, silent or dead card within three heartbeats
@@ -16,6 +17,7 @@ pub mod card;
 pub mod costs;
 pub mod error;
 pub mod mailbox;
+pub mod shm;
 pub mod transport;
 pub mod watchdog;
 mod wire;

@@ -15,6 +15,11 @@ pub const REG_RESP_PRODUCED: u64 = 0x08;
 pub const REG_RESP_CONSUMED: u64 = 0x0c;
 pub const REG_SLOTS: u64 = 0x10;
 pub const REG_SLOT_SIZE: u64 = 0x14;
+/// ABI 1.3 (feature MAPPED): the card sets this word to 1 before it sleeps
+/// on REQ_PRODUCED as a futex and back to 0 when it wakes. A host that rang
+/// the doorbell in mapped memory wakes the futex only while it is 1, so a
+/// card that is polling costs the host no system call.
+pub const REG_CARD_WAITING: u64 = 0x18;
 pub const RINGS_OFFSET: u64 = 0x1000;
 
 pub const DEFAULT_SLOTS: u32 = 4;
@@ -107,6 +112,14 @@ pub enum Op {
     /// tick, 2 = log, 3 = qos), payload = a protocol-2 message; the response payload is the
     /// agent's answer message.
     AgentBulk = 14,
+    /// ABI 1.3 (feature DMA_STREAM): vm, arg0 = image offset, payload = a
+    /// `DmaDesc`; the card writes that chunk of the image into the host's
+    /// DMA-mapped buffer. Response: arg0 = offset, arg1 = bytes written.
+    SnapshotReadDma = 15,
+    /// ABI 1.3 (feature DMA_STREAM): vm, arg0 = offset (bytes received so
+    /// far), payload = a `DmaDesc`; the card reads the chunk from the
+    /// host's buffer. Response: arg0 = bytes received.
+    RestoreWriteDma = 16,
 }
 
 /// `agent-bulk` tasks (arg0).
@@ -143,6 +156,8 @@ impl Op {
             12 => ReadEvents,
             13 => VmCosts,
             14 => AgentBulk,
+            15 => SnapshotReadDma,
+            16 => RestoreWriteDma,
             _ => return None,
         })
     }
@@ -163,6 +178,8 @@ impl Op {
             ReadEvents => "read-events",
             VmCosts => "vm-costs",
             AgentBulk => "agent-bulk",
+            SnapshotReadDma => "snapshot-read-dma",
+            RestoreWriteDma => "restore-write-dma",
         }
     }
 }
@@ -322,6 +339,58 @@ impl Message {
             return Err(CardError::Checksum { what: "mailbox payload", stated, computed });
         }
         Ok(Message { kind, ring, op, seq, vm, status, arg0, arg1, payload })
+    }
+}
+
+/// Largest chunk one DMA descriptor may name.
+pub const MAX_DMA_CHUNK: u32 = 64 << 20;
+pub const DMA_DESC_LEN: usize = 16;
+
+/// Where a chunk lives in a DMA-mapped buffer (ABI 1.3, DMA_STREAM): the
+/// whole payload of `snapshot-read-dma` and `restore-write-dma`. Layout:
+/// u64 iova, u32 length (1..=64 MiB), u32 flags (0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaDesc {
+    pub iova: u64,
+    pub len: u32,
+}
+
+impl DmaDesc {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(DMA_DESC_LEN);
+        w.u64(self.iova).u32(self.len).u32(0);
+        w.buf
+    }
+
+    /// Decode and check a descriptor on its own (either side).
+    pub fn decode(buf: &[u8]) -> Result<DmaDesc> {
+        if buf.len() != DMA_DESC_LEN {
+            return Err(CardError::Range { what: "DMA descriptor length", value: buf.len() as u64, range: "16" });
+        }
+        let mut r = Reader::new(buf, "DMA descriptor");
+        let iova = r.u64()?;
+        let len = r.u32()?;
+        let flags = r.u32()?;
+        if flags != 0 {
+            return Err(CardError::Unknown { what: "DMA descriptor flags", value: flags as u64 });
+        }
+        if !(1..=MAX_DMA_CHUNK).contains(&len) {
+            return Err(CardError::Range { what: "DMA chunk length", value: len as u64, range: "1..=64 MiB" });
+        }
+        if iova.checked_add(len as u64).is_none() {
+            return Err(CardError::Range { what: "DMA chunk end", value: iova, range: "no overflow" });
+        }
+        Ok(DmaDesc { iova, len })
+    }
+
+    /// The chunk's offset inside a mapping of `size` bytes at `base`, if it
+    /// lies wholly inside it.
+    pub fn offset_in(&self, base: u64, size: u64) -> Result<usize> {
+        let off = self.iova.checked_sub(base);
+        let inside = off.filter(|o| o.checked_add(self.len as u64).is_some_and(|end| end <= size));
+        let off =
+            inside.ok_or(CardError::Range { what: "DMA chunk", value: self.iova, range: "inside the mapping" })?;
+        usize::try_from(off).map_err(|_| CardError::Range { what: "DMA chunk offset", value: off, range: "usize" })
     }
 }
 
@@ -544,6 +613,26 @@ mod tests {
         let mut resp = Message::response_to(&m, Status::Ok, 0, 0, vec![]).encode();
         resp[OFF_FLAGS] = 1;
         assert!(Message::decode(&resp, 16).is_err(), "RING on a response is refused");
+    }
+
+    #[test]
+    fn dma_descriptors_are_checked() {
+        let d = DmaDesc { iova: 1 << 32, len: 4096 };
+        assert_eq!(DmaDesc::decode(&d.encode()).unwrap(), d);
+        assert_eq!(d.offset_in(1 << 32, 8192).unwrap(), 0);
+        assert_eq!(DmaDesc { iova: (1 << 32) + 4096, len: 4096 }.offset_in(1 << 32, 8192).unwrap(), 4096);
+        assert!(DmaDesc { iova: (1 << 32) + 4097, len: 4096 }.offset_in(1 << 32, 8192).is_err());
+        assert!(d.offset_in((1 << 32) + 1, 8192).is_err(), "below the mapping");
+        assert!(DmaDesc::decode(&d.encode()[..15]).is_err());
+        let mut bad = d.encode();
+        bad[12] = 1;
+        assert!(matches!(DmaDesc::decode(&bad), Err(CardError::Unknown { .. })));
+        let zero = DmaDesc { iova: 0, len: 0 }.encode();
+        assert!(matches!(DmaDesc::decode(&zero), Err(CardError::Range { .. })));
+        let wrap = DmaDesc { iova: u64::MAX - 2, len: 4 }.encode();
+        assert!(matches!(DmaDesc::decode(&wrap), Err(CardError::Range { .. })));
+        let huge = DmaDesc { iova: 0, len: MAX_DMA_CHUNK + 1 }.encode();
+        assert!(matches!(DmaDesc::decode(&huge), Err(CardError::Range { .. })));
     }
 
     #[test]

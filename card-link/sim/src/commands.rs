@@ -236,6 +236,31 @@ impl SimCard {
                 let end = end.ok_or_else(|| bad(format!("chunk {off}+{len} outside image of {}", img.len())))?;
                 Ok((off, 0, img[off as usize..end as usize].to_vec()))
             }
+            Op::SnapshotReadDma => {
+                let d = mailbox::DmaDesc::decode(&m.payload).map_err(|e| bad(e.to_string()))?;
+                let (mem, at) = self.dma_window(&d).map_err(bad)?;
+                let t = lock(&self.vms);
+                let e = t.vms.get(&m.vm).ok_or_else(no_vm)?;
+                let img = e.snapshot.as_ref().ok_or((Status::BadState, "no snapshot taken".to_string()))?;
+                let off = m.arg0;
+                let end = off.checked_add(d.len as u64).filter(|&e| e <= img.len() as u64);
+                let end = end.ok_or_else(|| bad(format!("chunk {off}+{} outside image of {}", d.len, img.len())))?;
+                mem.copy_in(at, &img[off as usize..end as usize]).map_err(|e| bad(e.to_string()))?;
+                Ok((off, d.len as u64, Vec::new()))
+            }
+            Op::RestoreWriteDma => {
+                let d = mailbox::DmaDesc::decode(&m.payload).map_err(|e| bad(e.to_string()))?;
+                let (mem, at) = self.dma_window(&d).map_err(bad)?;
+                let mut t = lock(&self.vms);
+                let r = t.restores.get_mut(&m.vm).ok_or_else(no_vm)?;
+                let have = r.data.len();
+                if m.arg0 != have as u64 || have as u64 + d.len as u64 > r.size {
+                    return Err(bad(format!("chunk at {} out of order or past {} bytes", m.arg0, r.size)));
+                }
+                r.data.resize(have + d.len as usize, 0);
+                mem.copy_out(at, &mut r.data[have..]).map_err(|e| bad(e.to_string()))?;
+                Ok((r.data.len() as u64, 0, Vec::new()))
+            }
             Op::RestoreBegin => {
                 let spec = VmSpec::decode(&m.payload).map_err(|e| bad(e.to_string()))?;
                 if m.arg0 > card_link::card::MAX_SNAPSHOT || m.arg0 > (spec.mem_mib as u64 + 16) << 20 {

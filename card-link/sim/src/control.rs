@@ -132,7 +132,12 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
             let on = *on;
             match fault {
                 Fault::Stall => card.faults.stall.store(on, Ordering::Relaxed),
-                Fault::Garbage => card.faults.garbage.store(on, Ordering::Relaxed),
+                Fault::Garbage => {
+                    card.faults.garbage.store(on, Ordering::Relaxed);
+                    // A mapped BAR0 is what the host reads: rewrite it now,
+                    // not at the next heartbeat.
+                    card.refresh();
+                }
                 Fault::Slow => {
                     let ms = slow_ms.unwrap_or(DEFAULT_SLOW_MS);
                     card.faults.slow_ms.store(if on { ms } else { 0 }, Ordering::Relaxed);

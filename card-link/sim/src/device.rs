@@ -1,23 +1,31 @@
 //! The card as a PCI function served over vfio-user: BAR0 (register file,
 //! refreshed every heartbeat), BAR2 (mailbox memory), the completion
 //! interrupt, and the threads behind them (heartbeat/telemetry, mailbox).
+//!
+//! Both BARs are shared memory (memfds, `card_link::shm`): offered to the
+//! host as mmap-able areas (ABI 1.3, feature MAPPED) unless `SimConfig::mmap`
+//! is off, and served by message either way. The mailbox thread watches
+//! REQ_PRODUCED in memory: it spins for a while after each command, then
+//! sleeps on that word as a futex, flagging REG_CARD_WAITING so a host that
+//! rings in memory knows to wake it.
 
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use card_link::abi::{self, Health, RegisterSnapshot, Resource, ResourceKind, BAR0_SIZE};
 use card_link::mailbox::{self, Message, Op, Status, HEADER_LEN};
+use card_link::shm::SharedMem;
 use cgroupfs::Cgroup;
 
 use crate::commands::{EventLog, VmTable};
 use crate::error::SimError;
 use crate::fpga::Fpga;
 use crate::load::{CpuLoad, MemLoad, NetClient};
-pub use crate::pci::{irqs, regions, remove_stale_socket, serve, Backend};
+pub use crate::pci::{irqs, regions, remove_stale_socket, serve, Backend, BarFds};
 use crate::vms::{ModelBackend, VmBackend};
 
 #[derive(Clone, Debug)]
@@ -36,6 +44,10 @@ pub struct SimConfig {
     pub slot_size: u32,
     /// Offer the fused doorbell (ABI 1.1 feature bit 0).
     pub fused_doorbell: bool,
+    /// Offer BAR0 and BAR2 as mmap-able areas and DMA streams (ABI 1.3
+    /// features MAPPED and DMA_STREAM); off, the card looks like a 1.2
+    /// card to the host (`card-sim --no-mmap`).
+    pub mmap: bool,
 }
 
 impl SimConfig {
@@ -51,6 +63,7 @@ impl SimConfig {
             slots: mailbox::DEFAULT_SLOTS,
             slot_size: mailbox::DEFAULT_SLOT_SIZE,
             fused_doorbell: true,
+            mmap: true,
         }
     }
 }
@@ -65,12 +78,33 @@ pub struct Faults {
     pub slow_ms: AtomicU64,
 }
 
+/// How long the mailbox thread keeps polling REQ_PRODUCED after its last
+/// command before it sleeps on the futex: a host issuing commands back to
+/// back (a snapshot stream, a burst of telemetry) finds it awake, at the
+/// cost of this much card CPU per burst.
+const CARD_SPIN: Duration = Duration::from_micros(100);
+/// The mailbox thread's longest sleep (re-checks stop and stall).
+const CARD_SLEEP: Duration = Duration::from_millis(50);
+
+/// A host buffer DMA-mapped to the card (vfio-user DMA_MAP).
+pub(crate) struct DmaWindow {
+    pub(crate) iova: u64,
+    pub(crate) mem: Arc<SharedMem>,
+}
+
 pub struct SimCard {
     pub cfg: SimConfig,
     start: Instant,
-    pub(crate) bar0: Mutex<Vec<u8>>,
-    pub(crate) bar2: Mutex<Vec<u8>>,
-    doorbell: (Mutex<bool>, Condvar),
+    /// BAR0 memory; `bar0_lock` serialises its writers (and message reads,
+    /// which must not see a half-written file).
+    pub(crate) bar0: SharedMem,
+    pub(crate) bar0_lock: Mutex<()>,
+    /// BAR2 memory; `bar2_lock` makes the card's own register updates and a
+    /// message write with its fused doorbell check atomic with each other
+    /// (a mapped host is outside it, as the protocol allows).
+    pub(crate) bar2: SharedMem,
+    pub(crate) bar2_lock: Mutex<()>,
+    pub(crate) dma: Mutex<Vec<DmaWindow>>,
     /// Held by whoever answers requests, so they are answered one at a time, in order.
     serving: Mutex<()>,
     pub(crate) irq: Mutex<Option<File>>,
@@ -112,14 +146,21 @@ impl SimCard {
     /// A card with its load, network client and FPGA engine threads running
     /// (heartbeat and mailbox start with `spawn_threads`).
     pub fn with_backend(cfg: SimConfig, backend: Box<dyn VmBackend>) -> Result<Arc<SimCard>, SimError> {
-        let mut bar2 = vec![0u8; mailbox::bar2_size(cfg.slots, cfg.slot_size) as usize];
-        bar2[mailbox::REG_SLOTS as usize..][..4].copy_from_slice(&cfg.slots.to_le_bytes());
-        bar2[mailbox::REG_SLOT_SIZE as usize..][..4].copy_from_slice(&cfg.slot_size.to_le_bytes());
+        let shm = |name: &'static str, len: u64| {
+            SharedMem::create(name, len as usize).map_err(|source| SimError::SharedMemory { name, source })
+        };
+        let bar2 = shm("card-bar2", mailbox::bar2_size(cfg.slots, cfg.slot_size))?;
+        let set = |reg: u64, v: u32| bar2.word(reg as usize).map(|w| w.store(v, Ordering::Relaxed));
+        set(mailbox::REG_SLOTS, cfg.slots)
+            .and(set(mailbox::REG_SLOT_SIZE, cfg.slot_size))
+            .map_err(|source| SimError::SharedMemory { name: "card-bar2", source })?;
         let card = Arc::new(SimCard {
             start: Instant::now(),
-            bar0: Mutex::new(vec![0u8; BAR0_SIZE as usize]),
-            bar2: Mutex::new(bar2),
-            doorbell: (Mutex::new(false), Condvar::new()),
+            bar0: shm("card-bar0", BAR0_SIZE)?,
+            bar0_lock: Mutex::new(()),
+            bar2,
+            bar2_lock: Mutex::new(()),
+            dma: Mutex::new(Vec::new()),
             serving: Mutex::new(()),
             irq: Mutex::new(None),
             heartbeat: AtomicU64::new(0),
@@ -166,7 +207,23 @@ impl SimCard {
 
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
-        self.doorbell.1.notify_all();
+        self.wake_mailbox();
+    }
+
+    /// Wake the mailbox thread if it sleeps on REQ_PRODUCED.
+    fn wake_mailbox(&self) {
+        if let Err(e) = self.bar2.futex_wake(mailbox::REG_REQ_PRODUCED as usize) {
+            tracing::debug!("waking the mailbox thread: {e}");
+        }
+    }
+
+    fn word(&self, reg: u64) -> &std::sync::atomic::AtomicU32 {
+        // Every REG_* is an aligned offset well inside BAR2 (which holds
+        // the rings after 0x1000), so this cannot fail.
+        match self.bar2.word(reg as usize) {
+            Ok(w) => w,
+            Err(e) => unreachable!("BAR2 register {reg:#x}: {e}"),
+        }
     }
 
     /// The card's cgroup as named on the command line, for `status`.
@@ -201,6 +258,9 @@ impl SimCard {
         }
         if self.precopy {
             f |= abi::FEATURE_PRECOPY | abi::FEATURE_AGENT_BULK;
+        }
+        if self.cfg.mmap {
+            f |= abi::FEATURE_MAPPED | abi::FEATURE_DMA_STREAM;
         }
         f
     }
@@ -315,9 +375,14 @@ impl SimCard {
                 },
             ],
         };
-        let enc = snap.encode();
-        let mut b = lock(&self.bar0);
-        b[..enc.len()].copy_from_slice(&enc);
+        let mut enc = snap.encode();
+        if self.faults.garbage.load(Ordering::Relaxed) {
+            crate::pci::garbage(&mut enc);
+        }
+        let _writer = lock(&self.bar0_lock);
+        if let Err(e) = abi::publish_mapped(&self.bar0, &enc) {
+            tracing::error!("publishing BAR0: {e}");
+        }
     }
 
     fn signal(&self) {
@@ -330,25 +395,40 @@ impl SimCard {
         }
     }
 
-    fn reg(b: &[u8], off: u64) -> u32 {
-        mailbox::get_reg(b, off).unwrap_or(0)
+    /// A request waits: REQ_PRODUCED is ahead of REQ_CONSUMED.
+    fn request_waiting(&self) -> bool {
+        self.word(mailbox::REG_REQ_PRODUCED).load(Ordering::SeqCst)
+            != self.word(mailbox::REG_REQ_CONSUMED).load(Ordering::Relaxed)
     }
 
+    /// Serve requests as they come: poll REQ_PRODUCED while recently busy,
+    /// else sleep on it (flagging REG_CARD_WAITING first, then looking once
+    /// more, so a host ringing in between is never missed: it either sees
+    /// the flag or we see its count).
     fn mailbox_loop(&self) {
+        let mut busy_at = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
-            {
-                let (m, cv) = &self.doorbell;
-                let mut rung = lock(m);
-                if !*rung {
-                    rung = cv
-                        .wait_timeout(rung, Duration::from_millis(50))
-                        .map(|r| r.0)
-                        .unwrap_or_else(|e| e.into_inner().0);
-                }
-                *rung = false;
+            let stalled = self.faults.stall.load(Ordering::Relaxed);
+            if !stalled && self.request_waiting() {
+                let _serving = lock(&self.serving);
+                self.serve_ring(false);
+                busy_at = Instant::now();
+                continue;
             }
-            let _serving = lock(&self.serving);
-            self.serve_ring(false);
+            if !stalled && busy_at.elapsed() < CARD_SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let waiting = self.word(mailbox::REG_CARD_WAITING);
+            waiting.store(1, Ordering::SeqCst);
+            let seen = self.word(mailbox::REG_REQ_PRODUCED).load(Ordering::SeqCst);
+            if stalled || seen == self.word(mailbox::REG_REQ_CONSUMED).load(Ordering::Relaxed) {
+                if let Err(e) = self.bar2.futex_wait(mailbox::REG_REQ_PRODUCED as usize, seen, CARD_SLEEP) {
+                    tracing::warn!("mailbox thread sleep: {e}");
+                    std::thread::sleep(CARD_SLEEP);
+                }
+            }
+            waiting.store(0, Ordering::SeqCst);
         }
     }
 
@@ -362,9 +442,7 @@ impl SimCard {
             Err(_) => false,
         };
         if !drained {
-            let (m, cv) = &self.doorbell;
-            *lock(m) = true;
-            cv.notify_one();
+            self.wake_mailbox();
         }
     }
 
@@ -379,15 +457,13 @@ impl SimCard {
             }
             let slow = self.faults.slow_ms.load(Ordering::Relaxed);
             let (req, index) = {
-                let b = lock(&self.bar2);
-                let produced = Self::reg(&b, mailbox::REG_REQ_PRODUCED);
-                let consumed = Self::reg(&b, mailbox::REG_REQ_CONSUMED);
+                let produced = self.word(mailbox::REG_REQ_PRODUCED).load(Ordering::Acquire);
+                let consumed = self.word(mailbox::REG_REQ_CONSUMED).load(Ordering::Relaxed);
                 if produced == consumed {
                     return true;
                 }
                 let off = mailbox::req_slot_offset(slots, slot_size, consumed) as usize;
-                let slot = &b[off..off + slot_size as usize];
-                (Message::decode(slot, max_payload), consumed)
+                (self.read_request(off, max_payload), consumed)
             };
             if inline && (slow > 0 || !req.as_ref().map(|m| quick(m.op)).unwrap_or(true)) {
                 return false;
@@ -403,23 +479,51 @@ impl SimCard {
                     Message::response_to(&dummy, Status::BadRequest, 0, 0, e.to_string().into_bytes())
                 }
             };
+            let off = mailbox::resp_slot_offset(slots, slot_size, index) as usize;
+            let mut bytes = resp.encode();
+            if bytes.len() > slot_size as usize {
+                // Cannot happen (payloads are bounded by the slot), but never
+                // write past it: this short answer always fits.
+                bytes = Message::response_to(&resp, Status::Internal, 0, 0, b"response larger than a slot".to_vec())
+                    .encode();
+            }
+            if let Err(e) = self.bar2.write(off, &bytes) {
+                tracing::error!("writing response slot {off:#x}: {e}");
+            }
             {
-                let mut b = lock(&self.bar2);
-                let off = mailbox::resp_slot_offset(slots, slot_size, index) as usize;
-                let slot = &mut b[off..off + slot_size as usize];
-                if resp.encode_into(slot).is_none() {
-                    // Cannot happen (payloads are bounded by the slot), but never
-                    // write past it. This short answer always fits a slot, so the
-                    // size `encode_into` returns says nothing new.
-                    let why = b"response larger than a slot".to_vec();
-                    let _ = Message::response_to(&resp, Status::Internal, 0, 0, why).encode_into(slot);
-                }
+                // The slot first, then the counters (release): a host that
+                // sees RESP_PRODUCED move sees the whole response.
+                let _regs = lock(&self.bar2_lock);
                 let next = index.wrapping_add(1);
-                b[mailbox::REG_REQ_CONSUMED as usize..][..4].copy_from_slice(&next.to_le_bytes());
-                b[mailbox::REG_RESP_PRODUCED as usize..][..4].copy_from_slice(&next.to_le_bytes());
+                self.word(mailbox::REG_REQ_CONSUMED).store(next, Ordering::Release);
+                self.word(mailbox::REG_RESP_PRODUCED).store(next, Ordering::Release);
             }
             self.signal();
         }
+    }
+}
+
+impl SimCard {
+    /// Copy one request out of its slot (header, then the payload it
+    /// states) and decode the copy: the host may rewrite the slot meanwhile.
+    fn read_request(&self, off: usize, max_payload: usize) -> card_link::Result<Message> {
+        let mut buf = vec![0u8; HEADER_LEN];
+        self.bar2.read(off, &mut buf)?;
+        let len = Message::peek_payload_len(&buf)?.min(max_payload);
+        buf.resize(HEADER_LEN + len, 0);
+        self.bar2.read(off + HEADER_LEN, &mut buf[HEADER_LEN..])?;
+        Message::decode(&buf, max_payload)
+    }
+
+    /// The host buffer mapped at the chunk `d` names, and the chunk's offset in it.
+    pub(crate) fn dma_window(&self, d: &mailbox::DmaDesc) -> Result<(Arc<SharedMem>, usize), String> {
+        let windows = lock(&self.dma);
+        for w in windows.iter() {
+            if let Ok(off) = d.offset_in(w.iova, w.mem.len() as u64) {
+                return Ok((w.mem.clone(), off));
+            }
+        }
+        Err(format!("no DMA mapping holds {:#x}+{}", d.iova, d.len))
     }
 }
 
@@ -427,6 +531,14 @@ impl SimCard {
 fn quick(op: Op) -> bool {
     matches!(
         op,
-        Op::Echo | Op::ListVms | Op::ReadEvents | Op::SnapshotRead | Op::RestoreBegin | Op::RestoreWrite | Op::VmCosts
+        Op::Echo
+            | Op::ListVms
+            | Op::ReadEvents
+            | Op::SnapshotRead
+            | Op::RestoreBegin
+            | Op::RestoreWrite
+            | Op::VmCosts
+            | Op::SnapshotReadDma
+            | Op::RestoreWriteDma
     )
 }

@@ -65,6 +65,13 @@ pub enum SimError {
     NotReady(Duration),
     #[error("card-sim exited early: {0}")]
     ExitedEarly(ExitStatus),
+    /// The card's BAR memory (a memfd) could not be made.
+    #[error("the card's shared memory {name}: {source}")]
+    SharedMemory {
+        name: &'static str,
+        #[source]
+        source: card_link::CardError,
+    },
     /// One of the card's own threads could not be started.
     #[error("start the card's {name} thread: {source}")]
     Thread {

@@ -43,6 +43,9 @@ pub struct SimOptions {
     pub vmm: Option<PathBuf>,
     /// The card-sim binary to run; None: `find_binary()`.
     pub binary: Option<PathBuf>,
+    /// Offer mapped BARs and DMA streams (ABI 1.3); false runs the card
+    /// with `--no-mmap`, as a card the host must reach by messages.
+    pub mmap: bool,
 }
 
 impl Default for SimOptions {
@@ -55,6 +58,7 @@ impl Default for SimOptions {
             guest: None,
             vmm: None,
             binary: None,
+            mmap: true,
         }
     }
 }
@@ -100,6 +104,9 @@ impl SimProcess {
         let mut cmd = Command::new(&bin);
         cmd.arg("--socket").arg(&socket).arg("--control").arg(&control);
         cmd.arg("--period-ms").arg(opts.period_ms.to_string());
+        if !opts.mmap {
+            cmd.arg("--no-mmap");
+        }
         cmd.arg("--load-threads").arg((opts.cpus.ceil() as usize).max(1).to_string());
         if let Some(g) = &opts.guest {
             cmd.arg("--guest").arg(g);

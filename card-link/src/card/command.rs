@@ -18,6 +18,10 @@ const INLINE_READ: usize = 4096;
 /// While waiting for a completion, look at RESP_PRODUCED this often in case
 /// an interrupt was lost.
 const POLL_SLICE: Duration = Duration::from_millis(50);
+/// On a mapped link, look at RESP_PRODUCED this long before sleeping on
+/// the eventfd: a quick command is answered well within it, and waking
+/// from poll costs more than this much spinning.
+const HOST_SPIN: Duration = Duration::from_micros(40);
 
 impl Card {
     /// One mailbox command: write the request slot, ring the doorbell, wait
@@ -37,6 +41,22 @@ impl Card {
         payload: &[u8],
         expect: usize,
     ) -> Result<Message> {
+        let p = self.submit(op, vm, arg0, arg1, payload, expect)?;
+        self.finish(p)
+    }
+
+    /// Send a command without waiting for it (one in flight at a time:
+    /// `finish` it before the next). The snapshot streams work on chunk n
+    /// while the card runs the command for chunk n + 1.
+    pub(super) fn submit(
+        &mut self,
+        op: Op,
+        vm: u32,
+        arg0: u64,
+        arg1: u64,
+        payload: &[u8],
+        expect: usize,
+    ) -> Result<Pending> {
         if payload.len() > self.max_payload() {
             return Err(CardError::Invalid(format!(
                 "payload of {} bytes exceeds {}",
@@ -51,16 +71,28 @@ impl Card {
         self.next_seq = self.next_seq.wrapping_add(1);
         let mut req = Message::request(op, seq, vm, arg0, arg1, payload.to_vec());
         let index = self.req_produced;
-        let fused = self.first.features & abi::FEATURE_FUSED_DOORBELL != 0 && !self.opts.classic_doorbell;
+        // The fused doorbell saves a message; in mapped memory the doorbell
+        // is a store anyway, and the card watches REQ_PRODUCED, not slots.
+        let fused =
+            !self.mapped() && self.first.features & abi::FEATURE_FUSED_DOORBELL != 0 && !self.opts.classic_doorbell;
         if fused {
             req.ring = Some(index.wrapping_add(1));
         }
         let off = mailbox::req_slot_offset(self.slots, self.slot_size, index);
-        self.t.write(BAR2_INDEX, off, &req.encode())?;
-        self.req_produced = self.req_produced.wrapping_add(1);
-        if !fused {
-            self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &self.req_produced.to_le_bytes())?;
+        self.bar2_write(off, &req.encode())?;
+        let produced = self.req_produced.wrapping_add(1);
+        if self.mapped() {
+            self.ring_mapped(produced)?;
+        } else if !fused {
+            self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &produced.to_le_bytes())?;
         }
+        self.req_produced = produced;
+        Ok(Pending { index, seq, op, expect })
+    }
+
+    /// Wait for a submitted command's response and check it.
+    pub(super) fn finish(&mut self, p: Pending) -> Result<Message> {
+        let Pending { index, seq, op, expect } = p;
         let resp = match self.wait_response(index, seq, op, expect) {
             Err(e @ CardError::Timeout { .. }) => {
                 self.abandoned += 1;
@@ -74,7 +106,7 @@ impl Card {
         // cannot overrun the response ring; RESP_CONSUMED is informational
         // and written once per lap to save a round trip per command.
         if self.resp_consumed.is_multiple_of(self.slots) {
-            self.t.write(BAR2_INDEX, mailbox::REG_RESP_CONSUMED, &self.resp_consumed.to_le_bytes())?;
+            self.set_bar2_reg(mailbox::REG_RESP_CONSUMED, self.resp_consumed)?;
         }
         if resp.status != Status::Ok {
             let message = String::from_utf8_lossy(&resp.payload[..resp.payload.len().min(256)]).into_owned();
@@ -88,9 +120,8 @@ impl Card {
     /// mailbox (nothing is sent, nothing waited for); a consumed count that
     /// is not within the ring is a card register out of range.
     fn check_free_slot(&mut self) -> Result<()> {
-        let mut reg = [0u8; 4];
-        self.t.read(BAR2_INDEX, mailbox::REG_REQ_CONSUMED, &mut reg)?;
-        let in_flight = self.req_produced.wrapping_sub(u32::from_le_bytes(reg));
+        let consumed = self.bar2_reg(mailbox::REG_REQ_CONSUMED)?;
+        let in_flight = self.req_produced.wrapping_sub(consumed);
         if in_flight > self.slots {
             return Err(CardError::Range {
                 what: "mailbox requests in flight",
@@ -108,16 +139,16 @@ impl Card {
     }
 
     fn wait_response(&mut self, index: u32, seq: u32, op: Op, expect: usize) -> Result<Message> {
+        if self.mapped() {
+            return self.wait_mapped(index, seq, op, expect);
+        }
         let deadline = Instant::now() + self.opts.command_timeout;
         let off = mailbox::resp_slot_offset(self.slots, self.slot_size, index);
         let inline = INLINE_READ.max(HEADER_LEN.saturating_add(expect)).min(self.slot_size as usize);
         loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(CardError::Timeout {
-                    what: "mailbox command",
-                    timeout_ms: self.opts.command_timeout.as_millis() as u64,
-                });
+                return Err(self.command_timeout());
             }
             let fired = wait_fd(self.irq.as_raw_fd(), (deadline - now).min(POLL_SLICE))?;
             if fired {
@@ -134,9 +165,7 @@ impl Card {
                     return got;
                 }
             }
-            let mut reg = [0u8; 4];
-            self.t.read(BAR2_INDEX, mailbox::REG_RESP_PRODUCED, &mut reg)?;
-            let produced = u32::from_le_bytes(reg);
+            let produced = self.bar2_reg(mailbox::REG_RESP_PRODUCED)?;
             if produced.wrapping_sub(index) as i32 <= 0 {
                 continue; // not produced yet: the slot holds an older answer
             }
@@ -144,16 +173,49 @@ impl Card {
             // answer (it can land between the two reads), so read it again:
             // only now is a mismatch a wrong answer.
             let msg = self.read_slot(off, inline)?;
-            if msg.kind == mailbox::Kind::Response && msg.seq == seq && msg.op == op {
-                return Ok(msg);
-            }
-            return Err(CardError::OutOfOrder {
-                expected: seq,
-                op: op as u16,
-                got_seq: msg.seq,
-                got_op: msg.op as u16,
-            });
+            return check_answer(msg, seq, op);
         }
+    }
+
+    /// The mapped wait: RESP_PRODUCED is a load, so look at it first (spin
+    /// a little: an echo is answered in microseconds), then sleep on the
+    /// completion eventfd, re-checking every slice in case one is lost.
+    /// Only a produced response is read: the card writes the slot before
+    /// it publishes RESP_PRODUCED (release) and leaves it alone after, so
+    /// an honest card's answer cannot be read torn; a card rewriting it
+    /// anyway gives bytes that fail the same checks as any bad answer.
+    fn wait_mapped(&mut self, index: u32, seq: u32, op: Op, expect: usize) -> Result<Message> {
+        let start = Instant::now();
+        let deadline = start + self.opts.command_timeout;
+        let off = mailbox::resp_slot_offset(self.slots, self.slot_size, index);
+        let produced = |c: &mut Card| -> Result<bool> {
+            Ok(c.bar2_reg(mailbox::REG_RESP_PRODUCED)?.wrapping_sub(index) as i32 > 0)
+        };
+        let mut done = false;
+        while start.elapsed() < HOST_SPIN {
+            if produced(self)? {
+                done = true;
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        while !done {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.command_timeout());
+            }
+            if wait_fd(self.irq.as_raw_fd(), (deadline - now).min(POLL_SLICE))? {
+                let _ = self.irq.read();
+            }
+            self.t.link_state()?;
+            done = produced(self)?;
+        }
+        let msg = self.read_slot(off, HEADER_LEN.saturating_add(expect).min(self.slot_size as usize))?;
+        check_answer(msg, seq, op)
+    }
+
+    fn command_timeout(&self) -> CardError {
+        CardError::Timeout { what: "mailbox command", timeout_ms: self.opts.command_timeout.as_millis() as u64 }
     }
 
     fn read_slot(&mut self, off: u64, inline: usize) -> Result<Message> {
@@ -165,8 +227,11 @@ impl Card {
         r
     }
 
+    /// Read a slot into `buf` (header first, then as much payload as the
+    /// header says) and decode that copy: the length checked is the length
+    /// of the bytes decoded, whatever the slot holds meanwhile.
     fn read_slot_into(&mut self, off: u64, buf: &mut Vec<u8>) -> Result<Message> {
-        self.t.read(BAR2_INDEX, off, buf)?;
+        self.bar2_read(off, buf)?;
         let len = Message::peek_payload_len(buf)?;
         if len > self.max_payload() {
             return Err(CardError::Range { what: "mailbox payload length", value: len as u64, range: "<= slot room" });
@@ -174,7 +239,7 @@ impl Card {
         if HEADER_LEN + len > buf.len() {
             let have = buf.len();
             buf.resize(HEADER_LEN + len, 0);
-            self.t.read(BAR2_INDEX, off + have as u64, &mut buf[have..])?;
+            self.bar2_read(off + have as u64, &mut buf[have..])?;
         }
         Message::decode(&buf[..HEADER_LEN + len], self.max_payload())
     }
@@ -265,6 +330,23 @@ impl Card {
         }
         Ok(ev)
     }
+}
+
+/// A command sent and not yet finished (`Card::submit`).
+#[must_use = "a submitted command must be finished before the next"]
+pub(super) struct Pending {
+    index: u32,
+    seq: u32,
+    op: Op,
+    expect: usize,
+}
+
+/// Our answer, or `OutOfOrder`.
+fn check_answer(msg: Message, seq: u32, op: Op) -> Result<Message> {
+    if msg.kind == mailbox::Kind::Response && msg.seq == seq && msg.op == op {
+        return Ok(msg);
+    }
+    Err(CardError::OutOfOrder { expected: seq, op: op as u16, got_seq: msg.seq, got_op: msg.op as u16 })
 }
 
 /// Wait until `fd` is readable or `timeout` passes.

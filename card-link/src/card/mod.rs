@@ -6,6 +6,8 @@
 //! - `command`: the mailbox command path (request slot, doorbell, completion
 //!   eventfd, response checks) and the simple commands on top of it
 //! - `snapshot`: streaming VM snapshots card -> host and host -> card
+//! - `link`: how this card is reached (mapped BARs or socket messages),
+//!   chosen at open, and the BAR accessors both command and snapshot use
 
 use std::time::{Duration, Instant};
 
@@ -17,11 +19,14 @@ use crate::mailbox::{self, HEADER_LEN};
 use crate::transport::Transport;
 
 mod command;
+mod dma;
+mod link;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 
-pub use snapshot::{SnapshotInfo, MAX_SNAPSHOT};
+pub use link::{Access, LinkMode, TransportInfo};
+pub use snapshot::{SnapshotInfo, StreamStats, MAX_SNAPSHOT};
 
 #[derive(Clone, Debug)]
 pub struct CardOptions {
@@ -63,12 +68,30 @@ pub struct Card {
     /// Commands given up on (timed out) that the card may still hold.
     abandoned: u32,
     scratch: Vec<u8>,
+    /// BAR0 and BAR2 mapped into this process (ABI 1.3), or None: every
+    /// access is a message on the transport.
+    mem: Option<link::Mapped>,
+    /// Why the message path was chosen (when `mem` is None).
+    why_messages: &'static str,
+    /// The host's DMA buffer, mapped to the card at the first stream.
+    dma: Option<dma::DmaBuffer>,
+    /// DMA streams are not used (not offered, or mapping failed once).
+    no_dma: Option<String>,
+    last_stream: Option<StreamStats>,
 }
 
 impl Card {
     /// Validate the card (identity, ABI, geometry), sync the mailbox counters
     /// and wire the completion interrupt.
-    pub fn open(mut t: Box<dyn Transport>, opts: CardOptions) -> Result<Card> {
+    pub fn open(t: Box<dyn Transport>, opts: CardOptions) -> Result<Card> {
+        Self::open_with(t, opts, LinkMode::Auto)
+    }
+
+    /// `open`, choosing how the BARs are reached: `Auto` maps them when the
+    /// card offers it (ABI 1.3, feature MAPPED, mmap-able regions) and falls
+    /// back to messages otherwise; `Messages` never maps. `transport_info`
+    /// says what was chosen and why.
+    pub fn open_with(mut t: Box<dyn Transport>, opts: CardOptions, mode: LinkMode) -> Result<Card> {
         let first = read_registers(t.as_mut())?;
         let bar2 =
             t.region_size(BAR2_INDEX).ok_or(CardError::Range { what: "BAR2 size", value: 0, range: "present" })?;
@@ -79,8 +102,12 @@ impl Card {
         let irq = EventFd::new(EFD_NONBLOCK)
             .map_err(|source| CardError::Os { what: "create the completion eventfd", source })?;
         t.set_completion_eventfd(&irq)?;
+        let (mem, why_messages) = link::choose(t.as_mut(), &first, mode, bar2)?;
         let mut regs = [0u8; 16];
-        t.read(BAR2_INDEX, 0, &mut regs)?;
+        match &mem {
+            Some(m) => m.bar2.read(0, &mut regs)?,
+            None => t.read(BAR2_INDEX, 0, &mut regs)?,
+        }
         let reg = |r: u64| mailbox::get_reg(&regs, r).unwrap_or(0);
         let req_produced = reg(mailbox::REG_REQ_PRODUCED);
         let req_consumed = reg(mailbox::REG_REQ_CONSUMED);
@@ -112,6 +139,12 @@ impl Card {
             last_beat_at: Instant::now(),
             abandoned: 0,
             scratch: Vec::new(),
+            no_dma: (first.features & abi::FEATURE_DMA_STREAM == 0 || mem.is_none())
+                .then(|| "the card offers no DMA streams (ABI 1.3 DMA_STREAM with mapped BARs)".to_string()),
+            mem,
+            why_messages,
+            dma: None,
+            last_stream: None,
             first,
         })
     }
@@ -129,9 +162,16 @@ impl Card {
         self.slot_size as usize - HEADER_LEN
     }
 
-    /// Read and validate BAR0.
+    /// Read and validate BAR0 (from the mapping under its sequence word,
+    /// or by message).
     pub fn registers(&mut self) -> Result<RegisterSnapshot> {
-        let s = read_registers(self.t.as_mut())?;
+        let s = match &self.mem {
+            Some(m) => {
+                self.t.link_state()?;
+                abi::read_mapped(&m.bar0)?
+            }
+            None => read_registers(self.t.as_mut())?,
+        };
         if s.serial != self.first.serial {
             return Err(CardError::Unknown { what: "card serial changed", value: s.serial });
         }
@@ -161,6 +201,13 @@ impl Card {
     }
 
     pub fn check_health(&mut self) -> Result<HealthReport> {
+        if self.mem.is_some() {
+            // Mapped memory outlives a dead or frozen card: one message
+            // across the link says whether the card still answers (a
+            // timeout, or the link closed, as on the message path).
+            let mut word = [0u8; 4];
+            self.t.read(BAR0_INDEX, 0, &mut word)?;
+        }
         let s = self.registers()?;
         let now = Instant::now();
         if s.heartbeat != self.last_beat {

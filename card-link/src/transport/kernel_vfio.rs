@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use vfio_ioctls::{VfioContainer, VfioDevice};
+use vfio_bindings::bindings::vfio::VFIO_REGION_INFO_FLAG_MMAP;
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{check_access, Transport};
 use crate::error::{CardError, Result};
+use crate::shm::SharedMem;
 
 /// A PCI address, domain:bus:device.function ("0000:65:00.0").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,6 +134,39 @@ impl Transport for KernelVfioTransport {
 
     fn describe(&self) -> String {
         format!("vfio:{}", self.address)
+    }
+
+    /// As Cloud Hypervisor maps a passed-through BAR: the device fd at the
+    /// region's offset, when the region is mmap-able whole (no sparse
+    /// capability, or one area covering it).
+    fn map_region(&mut self, index: u32, writable: bool) -> Result<Option<SharedMem>> {
+        let Some(size) = self.region_size(index) else { return Ok(None) };
+        if self.device.get_region_flags(index) & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Ok(None);
+        }
+        let caps = self.device.get_region_caps(index);
+        let sparse: Vec<_> = caps
+            .iter()
+            .filter_map(|c| match c {
+                VfioRegionInfoCap::SparseMmap(s) => Some(s.areas.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if !sparse.is_empty() && !sparse.iter().any(|a| a.offset == 0 && a.size >= size) {
+            return Ok(None);
+        }
+        let len = usize::try_from(size).map_err(|_| CardError::Range {
+            what: "mapped region size",
+            value: size,
+            range: "usize",
+        })?;
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        // SAFETY: the device fd is owned by `self.device`, which outlives
+        // this call; the mapping made from it keeps its own reference to
+        // the file, so it may outlive the borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) };
+        SharedMem::map(fd, self.device.get_region_offset(index), len, writable).map(Some)
     }
 }
 

@@ -4,9 +4,12 @@
 //! wiring the completion interrupt to an eventfd. Everything above it
 //! (decoding, validation, the mailbox protocol) is shared.
 
+use std::os::fd::BorrowedFd;
+
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::Result;
+use crate::error::{CardError, Result};
+use crate::shm::SharedMem;
 
 pub mod kernel_vfio;
 pub mod vfio_user;
@@ -22,6 +25,32 @@ pub trait Transport: Send {
     fn set_completion_eventfd(&mut self, fd: &EventFd) -> Result<()>;
     /// A short label for logs: "vfio-user:/run/card.sock", "vfio:0000:65:00.0".
     fn describe(&self) -> String;
+
+    /// Map region `index` if the device offers all of it as one mmap-able
+    /// area (ABI 1.3); None: it does not, use `read`/`write`. Read-only
+    /// unless `writable`.
+    fn map_region(&mut self, _index: u32, _writable: bool) -> Result<Option<SharedMem>> {
+        Ok(None)
+    }
+
+    /// Whether the link itself is still up, without touching the card: a
+    /// transport that marks itself broken (a timeout, the peer gone) says
+    /// so here, so mapped accesses stop when message accesses would.
+    fn link_state(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Let the card access `size` bytes of `fd` at I/O address `iova`
+    /// (vfio-user DMA_MAP). Unsupported by default: the snapshot streams
+    /// then go through the mailbox.
+    fn dma_map(&mut self, _iova: u64, _size: u64, _fd: BorrowedFd<'_>) -> Result<()> {
+        Err(CardError::Unsupported { what: "DMA mapping on this transport", needs: "vfio-user", minor: 0 })
+    }
+
+    /// Undo a `dma_map`.
+    fn dma_unmap(&mut self, _iova: u64, _size: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Check an access against a region size before it goes out, so a bad offset

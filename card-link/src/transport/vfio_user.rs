@@ -14,12 +14,15 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vfio_bindings::bindings::vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX};
+use vfio_bindings::bindings::vfio::{
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+};
 use vfio_user::Client;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{check_access, Transport};
 use crate::error::{CardError, Result};
+use crate::shm::SharedMem;
 
 /// Connections are made one at a time so the fd that appears is ours.
 static CONNECT_LOCK: Mutex<()> = Mutex::new(());
@@ -182,6 +185,39 @@ impl Transport for VfioUserTransport {
 
     fn describe(&self) -> String {
         format!("vfio-user:{}", self.path.display())
+    }
+
+    fn map_region(&mut self, index: u32, writable: bool) -> Result<Option<SharedMem>> {
+        self.check()?;
+        let Some(r) = self.client.region(index) else { return Ok(None) };
+        let Some(fo) = r.file_offset.as_ref() else { return Ok(None) };
+        // Only one area covering the whole region is used: the card's BARs
+        // have no trapped holes, and a partial map would need both paths.
+        let whole = r.sparse_areas.iter().any(|a| a.offset == 0 && a.size >= r.size);
+        if r.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || !whole {
+            return Ok(None);
+        }
+        let len = usize::try_from(r.size).map_err(|_| CardError::Range {
+            what: "mapped region size",
+            value: r.size,
+            range: "usize",
+        })?;
+        use std::os::fd::AsFd;
+        SharedMem::map(fo.file().as_fd(), fo.start(), len, writable).map(Some)
+    }
+
+    fn link_state(&self) -> Result<()> {
+        self.check()
+    }
+
+    fn dma_map(&mut self, iova: u64, size: u64, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        self.check()?;
+        self.client.dma_map(0, iova, size, fd.as_raw_fd()).map_err(|e| self.fail("DMA map", e))
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        self.check()?;
+        self.client.dma_unmap(iova, size).map_err(|e| self.fail("DMA unmap", e))
     }
 }
 

@@ -83,7 +83,7 @@ fn floor() -> Result<(f64, f64), String> {
     let path = std::env::temp_dir().join(format!("card-bench-floor-{}.sock", std::process::id()));
     remove_stale_socket(&path);
     let cfg = SimConfig::new(path.clone());
-    let server = Server::new(&path, false, irqs(), regions(&cfg)).map_err(|e| e.to_string())?;
+    let server = Server::new(&path, false, irqs(), regions(&cfg, None)).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
         // It serves one connection, ours; that connection ending (when the
         // process exits) is how it stops, so its error says nothing.

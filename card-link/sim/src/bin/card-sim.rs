@@ -2,7 +2,7 @@
 //! server. Usage:
 //!   card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N]
 //!            [--load-threads N] [--serial N] [--guest AGENT_ELF [--vmm VMM_BIN]]
-//!            [--run-dir DIR]
+//!            [--run-dir DIR] [--no-mmap]
 //! With --guest, management VMs are real KVM guests, each in its own `vmm`
 //! process (the binary: --vmm, else $VMM_BIN, else `vmm` next to this
 //! executable) and, with --cgroup, its own child cgroup `<cgroup>/vm-<id>`;
@@ -66,9 +66,10 @@ fn run() -> Result<(), SimError> {
             "--guest" => guest = Some(PathBuf::from(val("--guest")?)),
             "--vmm" => vmm_bin = Some(PathBuf::from(val("--vmm")?)),
             "--run-dir" => run_dir = Some(PathBuf::from(val("--run-dir")?)),
+            "--no-mmap" => cfg.mmap = false,
             "--serial" => cfg.serial = val("--serial")?.parse().map_err(|e| usage(format!("--serial: {e}")))?,
             "-h" | "--help" => {
-                println!("card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N] [--load-threads N] [--serial N] [--guest AGENT_ELF [--vmm VMM_BIN]] [--run-dir DIR]");
+                println!("card-sim --socket PATH [--control PATH] [--cgroup NAME] [--period-ms N] [--load-threads N] [--serial N] [--guest AGENT_ELF [--vmm VMM_BIN]] [--run-dir DIR] [--no-mmap]");
                 return Ok(());
             }
             other => return Err(usage(format!("unknown argument {other:?}"))),
