@@ -5,12 +5,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
-use crate::api::{parse_request, Request, Response, Status};
+use crate::api::server::{Backend, Job};
+use crate::api::{Request, Response, Status};
 use cgroupfs::Layout;
 
 use crate::config::{Config, Role, VmConfig, MC_VM_NAME};
@@ -18,10 +17,6 @@ use crate::governor::{Governor, LimitStatus};
 use crate::placement::config::check_mcs;
 use crate::placement::host::HostSiteOptions;
 use crate::placement::runtime::{Command, Placement, RuntimeOptions};
-
-/// A request from a client, answered by the sampling loop, which owns the
-/// governor: mutations and sampling never interleave.
-type Job = (Request, oneshot::Sender<Response>);
 
 /// SIGTERM and SIGINT, caught from the moment this is made: install it
 /// before anything that must be undone (programs, pins, qdiscs, the demo's
@@ -55,7 +50,7 @@ pub async fn run_with(
     // Locks and the socket next: if another governor uses the same pins,
     // IFB device or socket, stop before touching any of them.
     let _locks = [lock("pins", &cfg.pin_dir.to_string_lossy())?, lock("ifb", &cfg.qos_ifb)?];
-    let listener = bind(&cfg.socket)?;
+    let listener = crate::api::server::bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
     // The MC VMs first: their cgroup subtree must exist before the
     // governor watches it (role `mc`). Dropped last (after the governor).
@@ -63,7 +58,10 @@ pub async fn run_with(
     let mut gov = Governor::new_on(&cfg, layout).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let (tx, mut rx) = mpsc::channel::<Job>(64);
-    tokio::spawn(serve(listener, tx, placement.as_ref().and_then(|p| p.sender())));
+    let logs_dir =
+        cfg.placement.as_ref().map(|p| p.logs_dir.clone()).filter(|_| cfg.mc.iter().any(|m| m.task == "log"));
+    let backend = Backend { jobs: tx, placement: placement.as_ref().and_then(|p| p.sender()), logs_dir };
+    tokio::spawn(crate::api::server::serve(listener, backend));
     let (metrics_tx, metrics_rx) = watch::channel(String::new());
     if let Some(addr) = cfg.metrics_addr {
         crate::metrics::serve(addr, metrics_rx).await?;
@@ -267,6 +265,23 @@ fn drops_by_vm(limits: &[LimitStatus]) -> std::collections::HashMap<String, u64>
     out
 }
 
+/// A governor error as the API answers it: the client named a VM that is
+/// not there (404) or a limit the VM cannot have (400); else the governor
+/// failed (500).
+fn refused(e: crate::governor::GovernorError) -> Response {
+    use crate::governor::GovernorError as E;
+    let code = match &e {
+        E::UnknownVm(_) => 404,
+        E::Qos { .. } => 400,
+        _ => 500,
+    };
+    let text = match &e {
+        E::UnknownVm(_) => format!("vm: {e}"),
+        _ => e.to_string(),
+    };
+    Response::refused(code, text)
+}
+
 fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
     match req {
         Request::Status => Response { status: Some(status.clone()), ..Response::ok() },
@@ -275,14 +290,14 @@ fn handle(gov: &mut Governor, status: &Status, req: Request) -> Response {
             match limit.check(&field) {
                 Ok(l) => match gov.set_limit(&vm, direction, l) {
                     Ok(()) => Response::ok(),
-                    Err(e) => Response::error(e.to_string()),
+                    Err(e) => refused(e),
                 },
-                Err(e) => Response::error(e.to_string()),
+                Err(e) => Response::refused(400, e.to_string()),
             }
         }
         Request::ClearLimit { vm, direction } => match gov.clear_limit(&vm, direction) {
             Ok(()) => Response::ok(),
-            Err(e) => Response::error(e.to_string()),
+            Err(e) => refused(e),
         },
         Request::Limits => match gov.limits() {
             Ok(l) => Response { limits: Some(l), ..Response::ok() },
@@ -346,144 +361,11 @@ impl Drop for LockFile {
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    // A socket left by a process that died refuses new binds; a live one
-    // answers, and then we must not steal it.
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("another governor is serving {}", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("remove stale {}", path.display()))?;
-    }
-    UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))
-}
-
 struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.0) {
             tracing::warn!(socket = %self.0.display(), "removing the socket: {e}");
-        }
-    }
-}
-
-async fn serve(listener: UnixListener, jobs: mpsc::Sender<Job>, placement: Option<std::sync::mpsc::Sender<Command>>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(client(stream, jobs.clone(), placement.clone()));
-            }
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// Longest request line accepted; anything longer is refused, not buffered.
-const MAX_LINE: usize = 64 * 1024;
-
-/// A placement request, served by the placement thread (a move may take
-/// a few hundred ms; it blocks a blocking-pool thread, not the loop).
-async fn ask_placement(placement: Option<std::sync::mpsc::Sender<Command>>, req: Request) -> Response {
-    let Some(tx) = placement else {
-        return Response::error("placement: no management VMs are configured ([[mc]], [card])");
-    };
-    let r = tokio::task::spawn_blocking(move || placement_call(&tx, req)).await;
-    r.unwrap_or_else(|e| Response::error(format!("placement: {e}")))
-}
-
-fn placement_call(tx: &std::sync::mpsc::Sender<Command>, req: Request) -> Response {
-    use std::sync::mpsc::channel;
-    let gone = || Response::error("placement: the placement thread is gone");
-    match req {
-        Request::Placement => {
-            let (r, rx) = channel();
-            if tx.send(Command::Status(r)).is_err() {
-                return gone();
-            }
-            rx.recv().map_or_else(|_| gone(), |p| Response { placement: Some(p), ..Response::ok() })
-        }
-        Request::Decisions { after_tick } => {
-            let (r, rx) = channel();
-            if tx.send(Command::Decisions { after_tick, reply: r }).is_err() {
-                return gone();
-            }
-            rx.recv().map_or_else(|_| gone(), |d| Response { decisions: Some(d), ..Response::ok() })
-        }
-        Request::Move { task, to } => {
-            let (r, rx) = channel();
-            if tx.send(Command::Move { task, to, reply: r }).is_err() {
-                return gone();
-            }
-            match rx.recv() {
-                Ok(Ok(rec)) => {
-                    let failed = rec.reports.iter().find(|r| !r.ok).and_then(|r| r.error.clone());
-                    match failed {
-                        Some(e) => {
-                            Response { decisions: Some(vec![rec]), ..Response::error(format!("move failed: {e}")) }
-                        }
-                        None => Response { decisions: Some(vec![rec]), ..Response::ok() },
-                    }
-                }
-                Ok(Err(e)) => Response::error(e),
-                Err(_) => gone(),
-            }
-        }
-        Request::Pin { task } => pin_call(tx, task, true),
-        Request::Unpin { task } => pin_call(tx, task, false),
-        _ => Response::error("not a placement request"),
-    }
-}
-
-fn pin_call(tx: &std::sync::mpsc::Sender<Command>, task: String, pin: bool) -> Response {
-    let (r, rx) = std::sync::mpsc::channel();
-    if tx.send(Command::Pin { task, pin, reply: r }).is_err() {
-        return Response::error("placement: the placement thread is gone");
-    }
-    match rx.recv() {
-        Ok(Ok(_)) => Response::ok(),
-        Ok(Err(e)) => Response::error(e),
-        Err(_) => Response::error("placement: the placement thread is gone"),
-    }
-}
-
-async fn client(stream: UnixStream, jobs: mpsc::Sender<Job>, placement: Option<std::sync::mpsc::Sender<Command>>) {
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        // Read at most MAX_LINE + 1 bytes of one line: a client cannot make
-        // us buffer without bound.
-        match (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let too_long = buf.len() > MAX_LINE && buf.last() != Some(&b'\n');
-        let resp = if too_long {
-            Response::error("request too long")
-        } else {
-            match std::str::from_utf8(&buf).map_err(|e| e.to_string()).and_then(|l| parse_request(l.trim())) {
-                Ok(req) if req.is_placement() => ask_placement(placement.clone(), req).await,
-                Ok(req) => {
-                    let (tx, rx) = oneshot::channel();
-                    if jobs.send((req, tx)).await.is_err() {
-                        break;
-                    }
-                    rx.await.unwrap_or_else(|_| Response::error("the governor is shutting down"))
-                }
-                Err(e) => Response::error(e),
-            }
-        };
-        let Ok(mut out) = serde_json::to_string(&resp) else { break };
-        out.push('\n');
-        if w.write_all(out.as_bytes()).await.is_err() || too_long {
-            break;
         }
     }
 }

@@ -39,12 +39,15 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
-    /// A user VM's log as the log MC VM numbered it (`<logs_dir>/<vm>.log`).
+    /// A user VM's log as the log MC VM numbered it.
     Logs {
         vm: String,
-        /// `[placement] logs_dir` of the running governor.
-        #[arg(long, default_value = "/var/log/governor/vms")]
-        dir: PathBuf,
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Read `<DIR>/<vm>.log` directly (`[placement] logs_dir`), e.g.
+        /// while no governor runs, instead of asking the governor.
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// From this log number on.
         #[arg(long, default_value_t = 0)]
         since: u64,
@@ -219,7 +222,7 @@ fn main() -> Result<()> {
         }
         Cmd::Placement { op, socket, json } => placement_cmd(op, &socket, json),
         Cmd::Decisions { socket, follow, json } => decisions_cmd(&socket, follow, json),
-        Cmd::Logs { vm, dir, since, follow } => logs_cmd(&vm, &dir, since, follow),
+        Cmd::Logs { vm, socket, dir, since, follow } => logs_cmd(&vm, &socket, dir.as_deref(), since, follow),
         Cmd::Status { socket, json } => {
             let resp = api::call(&socket, &Request::Status)?;
             let Some(status) = resp.status.filter(|_| resp.ok) else {
@@ -304,17 +307,28 @@ fn decisions_cmd(socket: &std::path::Path, follow: bool, json: bool) -> Result<(
     }
 }
 
-fn logs_cmd(vm: &str, dir: &std::path::Path, since: u64, follow: bool) -> Result<()> {
+fn logs_cmd(vm: &str, socket: &std::path::Path, dir: Option<&std::path::Path>, since: u64, follow: bool) -> Result<()> {
     let ok = !vm.is_empty() && vm.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
     if !ok {
         bail!("VM: {vm:?} is not a VM name");
     }
     let mut next = since;
     loop {
-        let lines = match governor::manage::logs::read(dir, vm, next) {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => bail!("reading {}/{vm}.log: {e}", dir.display()),
+        let lines: Vec<governor::manage::logs::LogLine> = match dir {
+            Some(dir) => match governor::manage::logs::read(dir, vm, next) {
+                Ok(l) => l,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => bail!("reading {}/{vm}.log: {e}", dir.display()),
+            },
+            None => {
+                let (code, body) =
+                    api::client::request(socket, "GET", &format!("/v1/vms/{vm}/logs?since={next}"), None)?;
+                if code != 200 {
+                    let e: api::ErrorBody = serde_json::from_slice(&body)?;
+                    bail!("governor: {}", e.error);
+                }
+                serde_json::from_slice(&body)?
+            }
         };
         for l in &lines {
             println!("{}\t{}{}", l.seq, l.text, if l.cont { " \\" } else { "" });

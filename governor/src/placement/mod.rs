@@ -37,6 +37,15 @@ mod tests;
 pub mod view;
 
 pub use agents::AgentError;
+
+/// Why the placement thread refused an operator's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No MC VM runs that task.
+    NoTask(String),
+    /// Not possible now (pinned, already there, stopped, the card down).
+    NotNow(String),
+}
 pub use decide::{calm_since, decide};
 
 /// The card's resources, each with its own threshold (claim 8).

@@ -30,7 +30,7 @@ use super::host::{HostSite, HostSiteOptions};
 use super::meter::{CardMeter, HostMeter};
 use super::mover::{Site, Sites};
 use super::recovery::{CardState, Checkpoints};
-use super::{Decision, HostCost, Move, Policy, Reason, Resource, Side};
+use super::{Decision, HostCost, Move, Policy, Reason, Refusal, Resource, Side};
 use crate::manage::board::SharedBoard;
 
 /// Everything the runtime needs, checked by the config.
@@ -107,12 +107,12 @@ pub enum Command {
     Move {
         task: String,
         to: Side,
-        reply: Sender<Result<AuditRecord, String>>,
+        reply: Sender<Result<AuditRecord, super::Refusal>>,
     },
     Pin {
         task: String,
         pin: bool,
-        reply: Sender<Result<Option<Side>, String>>,
+        reply: Sender<Result<Option<Side>, super::Refusal>>,
     },
     /// Status monitoring: this tick's signals of the user VMs (named by
     /// slot) for the monitor MC VM, wherever it runs.
@@ -501,14 +501,14 @@ impl Runtime {
                 let _ = reply.send(self.records.iter().filter(|r| r.tick > after_tick).cloned().collect());
             }
             Command::Move { task, to, reply } => {
-                let r = self.manual_move(&task, to);
+                let r = self.known(&task).and_then(|()| self.manual_move(&task, to).map_err(Refusal::NotNow));
                 let _ = reply.send(r);
             }
             Command::Pin { task, pin, reply } => {
-                let r = match self.stopped.get(&task) {
-                    Some(why) => Err(format!("task: {task}'s VM was stopped ({why})")),
-                    None => self.engine.pin(&task, pin),
-                };
+                let r = self.known(&task).and_then(|()| match self.stopped.get(&task) {
+                    Some(why) => Err(Refusal::NotNow(format!("task: {task}'s VM was stopped ({why})"))),
+                    None => self.engine.pin(&task, pin).map_err(Refusal::NotNow),
+                });
                 let _ = reply.send(r);
             }
             Command::Monitor { seq, names, signals, qos } => {
@@ -518,6 +518,13 @@ impl Runtime {
             }
             Command::QosApplied(events) => self.qos_applied(&events),
             Command::Stop => {}
+        }
+    }
+
+    fn known(&self, task: &str) -> Result<(), Refusal> {
+        match self.engine.side(task) {
+            Some(_) => Ok(()),
+            None => Err(Refusal::NoTask(format!("task: no MC VM for {task:?}"))),
         }
     }
 
