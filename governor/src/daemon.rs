@@ -54,7 +54,8 @@ pub async fn run_with(
     let _socket = RemoveOnDrop(cfg.socket.clone());
     // The MC VMs first: their cgroup subtree must exist before the
     // governor watches it (role `mc`). Dropped last (after the governor).
-    let (placement, cfg) = start_placement(cfg, &layout)?;
+    let live = crate::metrics::Live::default();
+    let (placement, cfg) = start_placement(cfg, &layout, &live)?;
     let mut gov = Governor::new_on(&cfg, layout).context("starting the governor")?;
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let (tx, mut rx) = mpsc::channel::<Job>(64);
@@ -88,6 +89,7 @@ pub async fn run_with(
             _ = int.recv() => break,
             _ = &mut deadline => break,
         }
+        let tick_start = std::time::Instant::now();
         match gov.tick() {
             Ok(v) => {
                 status.tick += 1;
@@ -108,6 +110,7 @@ pub async fn run_with(
                     let pending = std::mem::take(&mut board.lock().unwrap_or_else(|e| e.into_inner()).qos_pending);
                     if !pending.is_empty() {
                         let events = apply_qos(&mut gov, &qos_policies, pending);
+                        events.iter().for_each(|e| live.qos_change(e));
                         // Fails only when the placement thread is gone (then nobody audits).
                         let _ = p.send(Command::QosApplied(events));
                     }
@@ -121,10 +124,20 @@ pub async fn run_with(
                         .collect();
                     status.management_degraded = (!why.is_empty()).then(|| why.join("; "));
                 }
+                live.tick(tick_start.elapsed().as_secs_f64());
                 if cfg.metrics_addr.is_some() {
                     let limits = gov.limits().unwrap_or_default();
+                    let programs = gov.program_stats();
+                    let placement = placement.as_ref().and_then(Placement::latest);
+                    let snap = crate::metrics::Snapshot {
+                        status: &status,
+                        limits: &limits,
+                        placement: placement.as_ref(),
+                        programs: &programs,
+                        live: &live,
+                    };
                     // Fails only when the metrics server is gone (then nobody reads).
-                    let _ = metrics_tx.send(crate::metrics::render(&status, &limits));
+                    let _ = metrics_tx.send(crate::metrics::render(&snap));
                 }
                 if print && status.tick > 1 {
                     println!("tick {}\n{}", status.tick, crate::sampler::table(&status.vms));
@@ -143,7 +156,11 @@ pub async fn run_with(
 
 /// Start the placement thread when MC VMs are configured, and add their
 /// subtree to the watched VMs (name `mc`, role `mc`).
-fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement>, Config)> {
+fn start_placement(
+    mut cfg: Config,
+    layout: &Layout,
+    live: &crate::metrics::Live,
+) -> Result<(Option<Placement>, Config)> {
     let (Some(p), Some(card)) = (&cfg.placement, &cfg.card) else { return Ok((None, cfg)) };
     if cfg.mc.is_empty() {
         return Ok((None, cfg));
@@ -180,6 +197,7 @@ fn start_placement(mut cfg: Config, layout: &Layout) -> Result<(Option<Placement
         logs: cfg.vms.iter().filter(|v| v.role == Role::User).map(|v| (v.name.clone(), v.logs.clone())).collect(),
         logs_dir: p.logs_dir.clone(),
         log_max_bytes: p.log_max_bytes,
+        metrics: live.clone(),
         policy,
     };
     let mc_cgroup = p.mc_cgroup.clone();

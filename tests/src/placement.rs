@@ -48,6 +48,8 @@ pub struct SystemOptions {
     pub log_max_bytes: u64,
     /// TOML added at the end of a user VM's `[[vm]]` block: (name, text).
     pub vm_extra: Vec<(String, String)>,
+    /// Serve Prometheus metrics on 127.0.0.1:this port.
+    pub metrics_port: Option<u16>,
 }
 
 impl Default for SystemOptions {
@@ -70,6 +72,7 @@ impl Default for SystemOptions {
             vm_logs: false,
             log_max_bytes: 16 << 20,
             vm_extra: Vec::new(),
+            metrics_port: None,
         }
     }
 }
@@ -116,12 +119,13 @@ impl System {
             }
         }
         let cfg = format!(
-            "tick_ms = {tick}\npin_dir = {pins:?}\nsocket = {socket:?}\nqos_ifb = {ifb:?}\n\
+            "tick_ms = {tick}\npin_dir = {pins:?}\nsocket = {socket:?}\nqos_ifb = {ifb:?}\n{metrics}\
              [placement]\nthresholds = {{ {th} }}\nhysteresis = {hy}\ndwell_s = {dw}\ncheckpoint_s = {ck}\n\
              reserve = {{ cpus = {rc}, memory = \"{rm}mb\" }}\nmc_cgroup = {mcg:?}\naudit_log = {audit:?}\n\
              agent = {agent:?}\nvmm = {vmm:?}\nrun_dir = {rd:?}\nprecopy = {pc}\n\
              logs_dir = {ld:?}\nlog_max_bytes = {lm}\n\
              [card]\nsocket = {card:?}\ncommand_timeout_ms = {cto}\n{mcs}",
+            metrics = o.metrics_port.map(|p| format!("metrics_addr = \"127.0.0.1:{p}\"\n")).unwrap_or_default(),
             cto = o.command_timeout_ms,
             pc = o.precopy,
             ld = run.path().join("vmlogs"),

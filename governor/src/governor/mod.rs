@@ -266,6 +266,11 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             .collect()
     }
 
+    /// The kernel programs' own cost (Prometheus).
+    pub fn program_stats(&self) -> Vec<crate::telemetry::ProgramStat> {
+        self.telemetry.program_stats()
+    }
+
     /// The most recent OOM kills, oldest first.
     pub fn ooms(&self) -> Vec<OomRecord> {
         self.ooms.iter().cloned().collect()

@@ -50,6 +50,8 @@ pub struct RuntimeOptions {
     pub logs: Vec<(String, Vec<PathBuf>)>,
     pub logs_dir: PathBuf,
     pub log_max_bytes: u64,
+    /// Moves and decisions are counted here as they happen (Prometheus).
+    pub metrics: crate::metrics::Live,
 }
 
 /// One MC VM as `governor placement` shows it.
@@ -135,6 +137,9 @@ pub enum Command {
 /// every MC VM it started (card and host) and removes the MC subtree.
 pub struct Placement {
     tx: Option<Sender<Command>>,
+    /// The status after the thread's latest tick (Prometheus reads it
+    /// without a round trip to the thread).
+    latest: Arc<std::sync::Mutex<Option<PlacementStatus>>>,
     thread: Option<JoinHandle<()>>,
     board: SharedBoard,
     /// A monitor tick is queued or running (the next waits: never a backlog).
@@ -170,6 +175,7 @@ pub(super) struct Runtime {
     /// MC VMs stopped for their answers (or a fault), with why: not asked,
     /// moved or checkpointed again.
     pub(super) stopped: HashMap<String, String>,
+    latest: Arc<std::sync::Mutex<Option<PlacementStatus>>>,
 }
 
 pub(super) type PerResourceView = [f64; 4];
@@ -182,13 +188,18 @@ impl Placement {
         use anyhow::Context;
         let mut rt = Runtime::new(opts, layout)?;
         rt.place_all().context("initial placement of the MC VMs")?;
-        let (board, monitoring) = (rt.board.clone(), rt.monitoring.clone());
+        let (board, monitoring, latest) = (rt.board.clone(), rt.monitoring.clone(), rt.latest.clone());
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("placement".into())
             .spawn(move || rt.run(rx))
             .context("start the placement thread")?;
-        Ok(Placement { tx: Some(tx), thread: Some(thread), board, monitoring })
+        Ok(Placement { tx: Some(tx), thread: Some(thread), board, monitoring, latest })
+    }
+
+    /// The placement status as of the thread's latest tick.
+    pub fn latest(&self) -> Option<PlacementStatus> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The health board the monitor VM keeps up to date.
@@ -294,6 +305,7 @@ impl Runtime {
             qos_seq: 0,
             card_net: (0.0, 0),
             stopped: HashMap::new(),
+            latest: Arc::default(),
             opts,
         })
     }
@@ -407,6 +419,8 @@ impl Runtime {
                 self.tick();
                 next_tick = (next_tick + tick).max(now);
             }
+            let st = self.status();
+            *self.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some(st);
         }
         tracing::info!("placement: stopping the MC VMs");
     }
@@ -463,6 +477,7 @@ impl Runtime {
 
     /// Keep the record (memory, audit log) and what it changed.
     pub(super) fn publish(&mut self, r: AuditRecord) {
+        self.opts.metrics.decision(&r);
         for rep in &r.reports {
             // A move's pre-copy base reset the card VM's dirty log: its
             // checkpoint chain cannot take another diff.

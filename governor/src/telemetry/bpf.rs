@@ -60,6 +60,10 @@ pub struct BpfTelemetry {
     qos_stats: PerCpuArray<MapData, QosStats>,
     vm_of_if: BpfHashMap<MapData, u32, u32>,
     interfaces: HashMap<String, Attached>,
+    /// Keeps `kernel.bpf_stats_enabled` on while the governor runs (the
+    /// kernel counts per-program run time only then; closing the fd turns
+    /// it off again unless someone else holds it). None: the kernel refused.
+    _stats: Option<std::os::fd::OwnedFd>,
 }
 
 /// `BPF_F_LOCK`: update/read a map value under its bpf_spin_lock, so the
@@ -180,11 +184,32 @@ impl BpfTelemetry {
             qos_stats,
             vm_of_if,
             interfaces: HashMap::new(),
+            _stats: match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!("enabling BPF run-time statistics: {e}; program costs read as 0");
+                    None
+                }
+            },
         })
     }
 }
 
 impl Telemetry for BpfTelemetry {
+    fn program_stats(&self) -> Vec<super::ProgramStat> {
+        let mut out = Vec::new();
+        for (name, p) in self.ebpf.programs() {
+            match p.info() {
+                Ok(i) => {
+                    out.push(super::ProgramStat { name: name.to_string(), run_time: i.run_time(), runs: i.run_count() })
+                }
+                Err(e) => tracing::debug!(program = name, "reading its info: {e}"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     fn ifindex(&self, name: &str) -> Result<u32, TelemetryError> {
         crate::netdev::ifindex(name).map_err(|source| TelemetryError::NoInterface { name: name.into(), source })
     }

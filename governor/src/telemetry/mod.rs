@@ -102,6 +102,12 @@ pub trait Telemetry {
     /// `keep`; returns how many were removed.
     fn prune_cgroups(&mut self, keep: &HashSet<u64>) -> usize;
 
+    /// Each loaded program's own cost as the kernel counts it
+    /// (`kernel.bpf_stats_enabled`): (name, run time, runs).
+    fn program_stats(&self) -> Vec<ProgramStat> {
+        Vec::new()
+    }
+
     /// Counters of several cgroups added together (a VM's subtree).
     fn cgroups(&self, ids: &[u64]) -> Result<CgroupStats, TelemetryError> {
         let mut total = CgroupStats::default();
@@ -110,6 +116,14 @@ pub trait Telemetry {
         }
         Ok(total)
     }
+}
+
+/// One kernel program's own cost (what ebpf_exporter exports).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStat {
+    pub name: String,
+    pub run_time: std::time::Duration,
+    pub runs: u64,
 }
 
 /// Index of a VM direction in the QoS maps.
