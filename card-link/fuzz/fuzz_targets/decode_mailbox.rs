@@ -5,7 +5,7 @@
 #![no_main]
 
 use card_link::mailbox::{
-    decode_events, decode_vm_list, fused_ring, Message, VmSpec, DEFAULT_SLOT_SIZE, HEADER_LEN,
+    decode_events, decode_vm_list, fused_ring, DmaDesc, Message, VmSpec, DEFAULT_SLOT_SIZE, HEADER_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = decode_vm_list(&m.payload);
             let _ = decode_events(&m.payload);
             let _ = VmSpec::decode(&m.payload);
+            let _ = DmaDesc::decode(&m.payload);
         }
         let _ = Message::peek_payload_len(&buf);
         let _ = fused_ring(&buf);

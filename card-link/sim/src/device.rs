@@ -83,6 +83,9 @@ pub struct Faults {
 /// back (a snapshot stream, a burst of telemetry) finds it awake, at the
 /// cost of this much card CPU per burst.
 const CARD_SPIN: Duration = Duration::from_micros(100);
+/// The poll after a snapshot stream's chunk: the host asks for the next
+/// one as soon as it has taken this one, so the card stays awake for it.
+const STREAM_SPIN: Duration = Duration::from_millis(2);
 /// The mailbox thread's longest sleep (re-checks stop and stall).
 const CARD_SLEEP: Duration = Duration::from_millis(50);
 
@@ -105,6 +108,8 @@ pub struct SimCard {
     pub(crate) bar2: SharedMem,
     pub(crate) bar2_lock: Mutex<()>,
     pub(crate) dma: Mutex<Vec<DmaWindow>>,
+    /// The last command served was a DMA stream's chunk (poll longer).
+    pub(crate) streaming: AtomicBool,
     /// Held by whoever answers requests, so they are answered one at a time, in order.
     serving: Mutex<()>,
     pub(crate) irq: Mutex<Option<File>>,
@@ -161,6 +166,7 @@ impl SimCard {
             bar2,
             bar2_lock: Mutex::new(()),
             dma: Mutex::new(Vec::new()),
+            streaming: AtomicBool::new(false),
             serving: Mutex::new(()),
             irq: Mutex::new(None),
             heartbeat: AtomicU64::new(0),
@@ -407,15 +413,17 @@ impl SimCard {
     /// the flag or we see its count).
     fn mailbox_loop(&self) {
         let mut busy_at = Instant::now();
+        let mut spin = CARD_SPIN;
         while !self.stop.load(Ordering::Relaxed) {
             let stalled = self.faults.stall.load(Ordering::Relaxed);
             if !stalled && self.request_waiting() {
                 let _serving = lock(&self.serving);
                 self.serve_ring(false);
                 busy_at = Instant::now();
+                spin = if self.streaming.swap(false, Ordering::Relaxed) { STREAM_SPIN } else { CARD_SPIN };
                 continue;
             }
-            if !stalled && busy_at.elapsed() < CARD_SPIN {
+            if !stalled && busy_at.elapsed() < spin {
                 std::hint::spin_loop();
                 continue;
             }

@@ -136,3 +136,22 @@ fn control_socket_takes_typed_requests_and_refuses_whole() {
         other => panic!("status with a bogus field: {other:?}"),
     }
 }
+
+#[test]
+fn a_second_host_connection_maps_again() {
+    let sim = spawn();
+    for round in 0..3u64 {
+        let mut raw =
+            card_link::VfioUserTransport::connect(sim.socket_path(), Duration::from_millis(500)).expect("raw");
+        let mut w = [0u8; 4];
+        for _ in 0..1000 {
+            card_link::Transport::read(&mut raw, 0, 0, &mut w).expect("raw read");
+        }
+        drop(raw);
+        let mut card =
+            card_link::connect_vfio_user(sim.socket_path(), Duration::from_millis(500), CardOptions::default())
+                .unwrap_or_else(|e| panic!("connect {round}: {e}"));
+        assert_eq!(card.transport_info().access, Access::Mapped);
+        assert_eq!(card.echo(round, b"again").expect("echo").arg0, round);
+    }
+}

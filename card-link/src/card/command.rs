@@ -22,6 +22,10 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 /// the eventfd: a quick command is answered well within it, and waking
 /// from poll costs more than this much spinning.
 const HOST_SPIN: Duration = Duration::from_micros(40);
+/// The spin for a snapshot stream's chunk: the card copies a chunk in a
+/// few hundred microseconds, and the host has nothing else to do; a sleep
+/// and a wake per chunk would cost more than the copy.
+const STREAM_SPIN: Duration = Duration::from_millis(2);
 
 impl Card {
     /// One mailbox command: write the request slot, ring the doorbell, wait
@@ -87,13 +91,14 @@ impl Card {
             self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &produced.to_le_bytes())?;
         }
         self.req_produced = produced;
-        Ok(Pending { index, seq, op, expect })
+        let spin = if matches!(op, Op::SnapshotReadDma | Op::RestoreWriteDma) { STREAM_SPIN } else { HOST_SPIN };
+        Ok(Pending { index, seq, op, expect, spin })
     }
 
     /// Wait for a submitted command's response and check it.
     pub(super) fn finish(&mut self, p: Pending) -> Result<Message> {
-        let Pending { index, seq, op, expect } = p;
-        let resp = match self.wait_response(index, seq, op, expect) {
+        let Pending { index, seq, op, expect, spin } = p;
+        let resp = match self.wait_response(index, seq, op, expect, spin) {
             Err(e @ CardError::Timeout { .. }) => {
                 self.abandoned += 1;
                 self.resp_consumed = self.resp_consumed.wrapping_add(1);
@@ -138,9 +143,9 @@ impl Card {
         Ok(())
     }
 
-    fn wait_response(&mut self, index: u32, seq: u32, op: Op, expect: usize) -> Result<Message> {
+    fn wait_response(&mut self, index: u32, seq: u32, op: Op, expect: usize, spin: Duration) -> Result<Message> {
         if self.mapped() {
-            return self.wait_mapped(index, seq, op, expect);
+            return self.wait_mapped(index, seq, op, expect, spin);
         }
         let deadline = Instant::now() + self.opts.command_timeout;
         let off = mailbox::resp_slot_offset(self.slots, self.slot_size, index);
@@ -184,7 +189,7 @@ impl Card {
     /// it publishes RESP_PRODUCED (release) and leaves it alone after, so
     /// an honest card's answer cannot be read torn; a card rewriting it
     /// anyway gives bytes that fail the same checks as any bad answer.
-    fn wait_mapped(&mut self, index: u32, seq: u32, op: Op, expect: usize) -> Result<Message> {
+    fn wait_mapped(&mut self, index: u32, seq: u32, op: Op, expect: usize, spin: Duration) -> Result<Message> {
         let start = Instant::now();
         let deadline = start + self.opts.command_timeout;
         let off = mailbox::resp_slot_offset(self.slots, self.slot_size, index);
@@ -192,7 +197,7 @@ impl Card {
             Ok(c.bar2_reg(mailbox::REG_RESP_PRODUCED)?.wrapping_sub(index) as i32 > 0)
         };
         let mut done = false;
-        while start.elapsed() < HOST_SPIN {
+        while start.elapsed() < spin {
             if produced(self)? {
                 done = true;
                 break;
@@ -339,6 +344,8 @@ pub(super) struct Pending {
     seq: u32,
     op: Op,
     expect: usize,
+    /// How long to poll for the answer before sleeping.
+    spin: Duration,
 }
 
 /// Our answer, or `OutOfOrder`.

@@ -24,6 +24,8 @@ mod link;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_mapped;
 
 pub use link::{Access, LinkMode, TransportInfo};
 pub use snapshot::{SnapshotInfo, StreamStats, MAX_SNAPSHOT};
