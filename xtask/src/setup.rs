@@ -26,7 +26,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("procps", "ps/pgrep for the demo"),
     ("iputils-ping", "ping, for traffic and RTT in tests and benches"),
     ("prometheus", "the real scraper the exporter is tested against"),
-    ("curl", "HTTP queries to Prometheus in tests"),
+    ("curl", "HTTP queries to Prometheus and the API in tests"),
+    ("systemd", "systemd-analyze verify for the unit file test"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";
