@@ -32,6 +32,7 @@ pub mod meter;
 pub mod mover;
 mod recovery;
 pub mod runtime;
+mod status;
 #[cfg(test)]
 mod tests;
 pub mod view;

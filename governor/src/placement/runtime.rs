@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use card_link::CardOptions;
 use cgroupfs::Layout;
-use serde::{Deserialize, Serialize};
 
 use super::audit::{AuditLog, AuditRecord, MoveReport, ResourceView, DEFAULT_MAX_BYTES};
 use super::card::CardSite;
@@ -32,6 +31,8 @@ use super::mover::{Site, Sites};
 use super::recovery::{CardState, Checkpoints};
 use super::{Decision, HostCost, Move, Policy, Reason, Refusal, Resource, Side};
 use crate::manage::board::SharedBoard;
+
+pub use super::status::{CardStatus, PlacementStatus, TaskStatus};
 
 /// Everything the runtime needs, checked by the config.
 #[derive(Clone, Debug)]
@@ -52,50 +53,6 @@ pub struct RuntimeOptions {
     pub log_max_bytes: u64,
     /// Moves and decisions are counted here as they happen (Prometheus).
     pub metrics: crate::metrics::Live,
-}
-
-/// One MC VM as `governor placement` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TaskStatus {
-    pub task: String,
-    pub side: Side,
-    /// Wall-clock ms since the epoch when it started running there.
-    pub since_ms: u64,
-    /// Per resource (fpga, cpu, memory, network), fraction of the card.
-    pub card_cost: [f64; 4],
-    pub host_cost: HostCost,
-    pub pinned: Option<Side>,
-    /// Its VM id on the card (card side).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub card_vm: Option<u32>,
-    /// Its VMM's control socket (host side).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_socket: Option<PathBuf>,
-    /// Age of its latest checkpoint on the host (card-side VMs), ms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint_age_ms: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_move: Option<MoveReport>,
-    /// Why its VM was stopped (a malformed answer, a fault); it stays so.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stopped: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct CardStatus {
-    pub healthy: bool,
-    /// Why not, when not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub resources: Vec<ResourceView>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PlacementStatus {
-    pub dry_run: bool,
-    pub tick: u64,
-    pub card: CardStatus,
-    pub tasks: Vec<TaskStatus>,
 }
 
 /// An operator's request to the placement thread.
