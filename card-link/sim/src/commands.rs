@@ -51,6 +51,8 @@ pub(crate) struct VmTable {
     next_id: u32,
     vms: BTreeMap<u32, VmEntry>,
     restores: BTreeMap<u32, Restore>,
+    /// A committed restore's buffer, kept for the next one.
+    spare: Option<Vec<u8>>,
 }
 
 pub(crate) const EVENT_CAP: usize = 4096;
@@ -63,11 +65,20 @@ pub(crate) struct EventLog {
 
 impl VmTable {
     pub(crate) fn new(backend: Box<dyn VmBackend>) -> VmTable {
-        VmTable { backend, next_id: 1, vms: BTreeMap::new(), restores: BTreeMap::new() }
+        VmTable { backend, next_id: 1, vms: BTreeMap::new(), restores: BTreeMap::new(), spare: None }
     }
 
     pub(crate) fn len(&self) -> usize {
         self.vms.len()
+    }
+
+    /// Keep a restore's buffer for the next one, up to a bound (it counts
+    /// as the card's memory).
+    fn keep_spare(&mut self, buf: Vec<u8>) {
+        const MAX_SPARE: usize = 128 << 20;
+        if buf.capacity() <= MAX_SPARE {
+            self.spare = Some(buf);
+        }
     }
 
     /// The counters the card's engines charge for VM `id`.
@@ -308,7 +319,15 @@ impl SimCard {
                         id
                     }
                 };
-                let data = huge_buffer(m.arg0 as usize);
+                // The last restore's buffer, if large enough: its pages are
+                // in place (a card's DMA landing zone is not re-zeroed).
+                let data = match t.spare.take() {
+                    Some(mut v) if v.capacity() >= m.arg0 as usize => {
+                        v.clear();
+                        v
+                    }
+                    _ => huge_buffer(m.arg0 as usize),
+                };
                 t.restores.insert(id, Restore { spec, size: m.arg0, data, diff_for });
                 Ok((id as u64, 0, Vec::new()))
             }
@@ -334,6 +353,7 @@ impl SimCard {
                 if let Some(vm) = r.diff_for {
                     let e = t.vms.get_mut(&vm).ok_or_else(no_vm)?;
                     e.vm.apply_diff(&r.data).map_err(vmerr)?;
+                    t.keep_spare(r.data);
                     drop(t);
                     self.log(vm, 1, format!("applied a diff of {} bytes to VM {vm}", r.size));
                     return Ok((vm as u64, 0, Vec::new()));
@@ -350,6 +370,7 @@ impl SimCard {
                     entry.state = VmState::Paused;
                 }
                 t.vms.insert(m.vm, entry);
+                t.keep_spare(r.data);
                 drop(t);
                 self.log(m.vm, 1, format!("restored VM {}{}", m.vm, if paused { " (paused)" } else { "" }));
                 self.drain_consoles();

@@ -25,6 +25,13 @@ pub struct SnapshotInfo {
     pub crc: u32,
 }
 
+/// Where a snapshot goes: any writer (through a private staging chunk),
+/// or a Vec (the chunk lands there directly).
+enum Sink<'a> {
+    Write(&'a mut dyn Write),
+    Vec(&'a mut Vec<u8>),
+}
+
 /// How the last snapshot stream went (either direction): its data phase,
 /// from the first chunk asked for to the last one checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -78,6 +85,21 @@ impl Card {
     /// Stream a VM's snapshot from the card into `out`, chunk by chunk,
     /// checking each chunk's length and the whole image's CRC.
     pub fn read_snapshot(&mut self, vm: u32, info: &SnapshotInfo, out: &mut dyn Write) -> Result<u64> {
+        self.read_snapshot_to(vm, info, Sink::Write(out))
+    }
+
+    /// `read_snapshot` appending to a Vec: by DMA, each chunk is copied
+    /// once, straight from the buffer into `out`, and its CRC taken there
+    /// (host memory the card cannot touch) while it is still in cache.
+    /// On an error `out` may hold part of the image.
+    pub fn read_snapshot_into(&mut self, vm: u32, info: &SnapshotInfo, out: &mut Vec<u8>) -> Result<u64> {
+        if info.size <= MAX_SNAPSHOT {
+            out.reserve(info.size as usize);
+        }
+        self.read_snapshot_to(vm, info, Sink::Vec(out))
+    }
+
+    fn read_snapshot_to(&mut self, vm: u32, info: &SnapshotInfo, mut out: Sink<'_>) -> Result<u64> {
         if info.size > MAX_SNAPSHOT {
             return Err(CardError::Range { what: "snapshot size", value: info.size, range: "<= 4 GiB" });
         }
@@ -86,9 +108,13 @@ impl Card {
         let dma = info.size > 0 && self.ensure_dma();
         let chunk = if dma { DMA_CHUNK } else { self.max_payload() };
         if dma {
-            self.read_chunks_dma(vm, info.size, &mut crc, out)?;
+            self.read_chunks_dma(vm, info.size, &mut crc, &mut out)?;
         } else {
-            self.read_chunks_mailbox(vm, info.size, &mut crc, out)?;
+            let w: &mut dyn Write = match &mut out {
+                Sink::Write(w) => *w,
+                Sink::Vec(v) => *v,
+            };
+            self.read_chunks_mailbox(vm, info.size, &mut crc, w)?;
         }
         let computed = crc.finalize();
         if computed != info.crc {
@@ -128,7 +154,7 @@ impl Card {
     /// half) before copying chunk n out, so the card fills one half while
     /// the host drains the other. Each chunk is copied to host-private
     /// memory before its CRC is taken and it goes to `out`.
-    fn read_chunks_dma(&mut self, vm: u32, size: u64, crc: &mut crc32fast::Hasher, out: &mut dyn Write) -> Result<()> {
+    fn read_chunks_dma(&mut self, vm: u32, size: u64, crc: &mut crc32fast::Hasher, out: &mut Sink<'_>) -> Result<()> {
         let n = size.div_ceil(DMA_CHUNK as u64);
         let span = |i: u64| (i * DMA_CHUNK as u64, (DMA_CHUNK as u64).min(size - i * DMA_CHUNK as u64) as usize);
         let ask = |c: &mut Card, i: u64| -> Result<Pending> {
@@ -161,13 +187,24 @@ impl Card {
         Ok(())
     }
 
-    /// Copy chunk `i` (`len` bytes) out of its half, then check and pass it on.
-    fn drain_half(&mut self, i: u64, len: usize, crc: &mut crc32fast::Hasher, out: &mut dyn Write) -> Result<()> {
+    /// Copy chunk `i` (`len` bytes) out of its half into host memory, then
+    /// take its CRC there and pass it on.
+    fn drain_half(&mut self, i: u64, len: usize, crc: &mut crc32fast::Hasher, out: &mut Sink<'_>) -> Result<()> {
         let b = self.dma.as_mut().ok_or(CardError::Invalid("DMA stream without its buffer".into()))?;
-        let staging = &mut b.staging[..len];
-        b.mem.copy_out(DmaBuffer::half(i), staging)?;
-        crc.update(staging);
-        out.write_all(staging).map_err(|source| CardError::Stream { what: "write to the host sink", source })
+        match out {
+            Sink::Vec(v) => {
+                let start = v.len();
+                b.mem.append_to(DmaBuffer::half(i), len, v)?;
+                crc.update(&v[start..]);
+                Ok(())
+            }
+            Sink::Write(w) => {
+                let staging = &mut b.staging[..len];
+                b.mem.copy_out(DmaBuffer::half(i), staging)?;
+                crc.update(staging);
+                w.write_all(staging).map_err(|source| CardError::Stream { what: "write to the host sink", source })
+            }
+        }
     }
 
     /// Send a snapshot image to the card and restore it as a new VM; returns its id.

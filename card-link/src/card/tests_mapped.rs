@@ -322,6 +322,10 @@ fn dma_snapshot_reads_are_checked_whole() {
     assert_eq!(c.read_snapshot(1, &info, &mut out).unwrap(), img.len() as u64);
     assert!(out == img, "image differs");
     assert!(c.last_stream().unwrap().dma);
+    // Straight into a Vec, appended.
+    let mut v = vec![0xab];
+    assert_eq!(c.read_snapshot_into(1, &info, &mut v).unwrap(), img.len() as u64);
+    assert!(v[0] == 0xab && v[1..] == img[..], "image differs");
 
     // A chunk of another length than asked, or at another offset.
     let (_b0, _b2, mut c) = open(dma_reader(img.clone(), |r, _, _| r.arg1 -= 1));
@@ -334,6 +338,7 @@ fn dma_snapshot_reads_are_checked_whole() {
         dma.write(at + 10, &[0xee]).unwrap();
     }));
     assert!(matches!(c.read_snapshot(1, &info, &mut Vec::new()), Err(CardError::Checksum { .. })));
+    assert!(matches!(c.read_snapshot_into(1, &info, &mut Vec::new()), Err(CardError::Checksum { .. })));
     // After a failed stream the same link goes on, in order.
     assert_eq!(c.call(Op::Echo, 0, 5, 0, b"").unwrap().arg0, 5);
 }
