@@ -21,7 +21,10 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 /// On a mapped link, look at RESP_PRODUCED this long before sleeping on
 /// the eventfd: a quick command is answered well within it, and waking
 /// from poll costs more than this much spinning.
-const HOST_SPIN: Duration = Duration::from_micros(40);
+const HOST_SPIN: Duration = Duration::from_micros(150);
+/// The first part of a spin that does not yield (an answer from a card
+/// that is already polling comes within it).
+const PURE_SPIN: Duration = Duration::from_micros(5);
 /// The spin for a snapshot stream's chunk: the card copies a chunk in a
 /// few hundred microseconds, and the host has nothing else to do; a sleep
 /// and a wake per chunk would cost more than the copy.
@@ -85,13 +88,18 @@ impl Card {
         let off = mailbox::req_slot_offset(self.slots, self.slot_size, index);
         self.bar2_write(off, &req.encode())?;
         let produced = self.req_produced.wrapping_add(1);
+        let mut spin = if matches!(op, Op::SnapshotReadDma | Op::RestoreWriteDma) { STREAM_SPIN } else { HOST_SPIN };
         if self.mapped() {
-            self.ring_mapped(produced)?;
+            if self.ring_mapped(produced)? && spin == HOST_SPIN {
+                // A sleeping card wakes best where we are (the scheduler
+                // puts a woken thread on the waker's CPU): get out of its
+                // way and sleep on the completion, as the message path does.
+                spin = Duration::ZERO;
+            }
         } else if !fused {
             self.t.write(BAR2_INDEX, mailbox::REG_REQ_PRODUCED, &produced.to_le_bytes())?;
         }
         self.req_produced = produced;
-        let spin = if matches!(op, Op::SnapshotReadDma | Op::RestoreWriteDma) { STREAM_SPIN } else { HOST_SPIN };
         Ok(Pending { index, seq, op, expect, spin })
     }
 
@@ -202,7 +210,14 @@ impl Card {
                 done = true;
                 break;
             }
-            std::hint::spin_loop();
+            // Past the first microseconds, give the CPU away between looks:
+            // the scheduler tends to wake the card's thread on the CPU that
+            // woke it (ours), where a pure spin would keep it from running.
+            if start.elapsed() < PURE_SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         while !done {
             let now = Instant::now();

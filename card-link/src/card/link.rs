@@ -159,16 +159,19 @@ impl Card {
     /// sides use sequentially consistent accesses on the two words, so
     /// either the card sees the new count before it sleeps or the host
     /// sees it sleeping (never neither).
-    pub(super) fn ring_mapped(&mut self, produced: u32) -> Result<()> {
+    ///
+    /// Returns whether the card had to be woken.
+    pub(super) fn ring_mapped(&mut self, produced: u32) -> Result<bool> {
         self.t.link_state()?;
         let Some(m) = &self.mem else {
             return Err(CardError::Invalid("mapped doorbell on a message link".into()));
         };
         m.bar2.word(mailbox::REG_REQ_PRODUCED as usize)?.store(produced, Ordering::SeqCst);
-        if m.bar2.word(mailbox::REG_CARD_WAITING as usize)?.load(Ordering::SeqCst) != 0 {
-            m.bar2.futex_wake(mailbox::REG_REQ_PRODUCED as usize)?;
+        if m.bar2.word(mailbox::REG_CARD_WAITING as usize)?.load(Ordering::SeqCst) == 0 {
+            return Ok(false);
         }
-        Ok(())
+        m.bar2.futex_wake(mailbox::REG_REQ_PRODUCED as usize)?;
+        Ok(true)
     }
 }
 
