@@ -86,6 +86,8 @@ const CARD_SPIN: Duration = Duration::from_micros(100);
 /// The poll after a snapshot stream's chunk: the host asks for the next
 /// one as soon as it has taken this one, so the card stays awake for it.
 const STREAM_SPIN: Duration = Duration::from_millis(2);
+/// The first part of a poll that does not yield the CPU.
+const PURE_SPIN: Duration = Duration::from_micros(5);
 /// The mailbox thread's longest sleep (re-checks stop and stall).
 const CARD_SLEEP: Duration = Duration::from_millis(50);
 
@@ -424,7 +426,14 @@ impl SimCard {
                 continue;
             }
             if !stalled && busy_at.elapsed() < spin {
-                std::hint::spin_loop();
+                // Past the first microseconds, let whatever shares this CPU
+                // run between looks: it may be the host's thread, whose
+                // next request we are waiting for.
+                if busy_at.elapsed() < PURE_SPIN {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let waiting = self.word(mailbox::REG_CARD_WAITING);
