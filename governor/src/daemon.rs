@@ -52,11 +52,21 @@ pub async fn run_with(
     let _locks = [lock("pins", &cfg.pin_dir.to_string_lossy())?, lock("ifb", &cfg.qos_ifb)?];
     let listener = crate::api::server::bind(&cfg.socket)?;
     let _socket = RemoveOnDrop(cfg.socket.clone());
+    // A governor killed before us left the limits it had in force: they,
+    // not the config's, are what holds (its pinned maps are adopted too).
+    let state_path = crate::runstate::path_for(&cfg.pin_dir);
+    let mut cfg = cfg;
+    if let Some(st) = crate::runstate::RunState::load(&state_path) {
+        tracing::info!(state = %state_path.display(), limits = st.limits.len(), "taking over the limits of the governor before");
+        st.apply(&mut cfg);
+    }
     // The MC VMs first: their cgroup subtree must exist before the
     // governor watches it (role `mc`). Dropped last (after the governor).
     let live = crate::metrics::Live::default();
     let (placement, cfg) = start_placement(cfg, &layout, &live)?;
     let mut gov = Governor::new_on(&cfg, layout).context("starting the governor")?;
+    save_state(&gov, &state_path);
+    let _state = RemoveOnDrop(state_path.clone());
     tracing::info!(vms = cfg.vms.len(), pin_dir = %cfg.pin_dir.display(), "programs loaded and pinned");
     let (tx, mut rx) = mpsc::channel::<Job>(64);
     let logs_dir =
@@ -81,8 +91,13 @@ pub async fn run_with(
         tokio::select! {
             _ = timer.tick() => {}
             Some((req, reply)) = rx.recv() => {
+                let changes = matches!(req, Request::SetLimit { .. } | Request::ClearLimit { .. });
+                let resp = handle(&mut gov, &status, req);
+                if changes && resp.ok {
+                    save_state(&gov, &state_path);
+                }
                 // A client that hung up does not want its answer.
-                let _ = reply.send(handle(&mut gov, &status, req));
+                let _ = reply.send(resp);
                 continue;
             }
             _ = term.recv() => break,
@@ -111,6 +126,7 @@ pub async fn run_with(
                     if !pending.is_empty() {
                         let events = apply_qos(&mut gov, &qos_policies, pending);
                         events.iter().for_each(|e| live.qos_change(e));
+                        save_state(&gov, &state_path);
                         // Fails only when the placement thread is gone (then nobody audits).
                         let _ = p.send(Command::QosApplied(events));
                     }
@@ -281,6 +297,18 @@ fn drops_by_vm(limits: &[LimitStatus]) -> std::collections::HashMap<String, u64>
         *out.entry(l.vm.clone()).or_insert(0) += l.dropped_packets;
     }
     out
+}
+
+/// Record the limits in force for a governor that takes over after a kill.
+fn save_state(gov: &Governor, path: &Path) {
+    match gov.limits() {
+        Ok(l) => {
+            if let Err(e) = crate::runstate::RunState::of(&l).save(path) {
+                tracing::warn!(state = %path.display(), "saving the limits in force: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("reading the limits in force: {e}"),
+    }
 }
 
 /// A governor error as the API answers it: the client named a VM that is

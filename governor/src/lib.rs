@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod netdev;
 pub mod placement;
 pub mod qos;
+pub mod runstate;
 pub mod sampler;
 pub mod shape;
 pub mod telemetry;

@@ -136,7 +136,7 @@ fn run_status_and_clean_shutdown() {
     assert!(metrics.contains("governor_vm_cpu_usage_seconds_total{vm=\"busy\",role=\"mc\"}"), "metrics:\n{metrics}");
     assert!(
         metrics.contains(
-            "governor_vm_qos_rate_bits_per_second{vm=\"busy\",direction=\"ingress\",mode=\"shape\"} 50000000"
+            "governor_vm_qos_rate_bytes_per_second{vm=\"busy\",direction=\"ingress\",mode=\"shape\"} 6250000"
         ),
         "metrics:\n{metrics}"
     );

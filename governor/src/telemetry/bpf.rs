@@ -17,7 +17,7 @@ use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use governor_common::{maps, CgroupStats, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 
-use super::{qos_index, Telemetry, TelemetryError};
+use super::{pins, qos_index, Telemetry, TelemetryError};
 use crate::qos::Direction;
 use crate::tracefs;
 
@@ -103,38 +103,62 @@ impl BpfTelemetry {
         }
         let run_delay =
             btf.member_offset("task_struct", "sched_info")? + btf.member_offset("sched_info", "run_delay")?;
-        let mut loader = EbpfLoader::new();
-        loader.override_global("TASK_RUN_DELAY", &run_delay, true);
-        for (global, off) in &offsets {
-            loader.override_global(global, off, true);
+        // A governor that died left its maps (and links) pinned: adopt them,
+        // so counters and limits go on. Pins of another build's shape are
+        // cleared. Anything else in the directory is not ours and stays.
+        let adopted = match pins::adoptable(pin_dir) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::warn!(dir = %pin_dir.display(), "not adopting the pinned maps ({why}): starting afresh");
+                pins::clear_pins(pin_dir);
+                false
+            }
+        };
+        if adopted {
+            tracing::info!(dir = %pin_dir.display(), "adopting the maps a governor before left: counters and limits go on");
+            pins::drop_old_programs(pin_dir);
+        } else {
+            pins::clear_pins(pin_dir);
         }
-        let mut ebpf = loader.load(OBJECT)?;
-
-        // Pins a governor that died left behind are replaced; anything else
-        // in the directory is not ours and stays.
-        clear_pins(pin_dir);
         fs::create_dir_all(pin_dir).map_err(|source| TelemetryError::Io {
             op: "create",
             path: pin_dir.to_path_buf(),
             source,
         })?;
-        // From here on, an error drops `pins`, which removes what was pinned.
-        let pins = PinGuard(Some(pin_dir.to_path_buf()));
-        for name in maps::ALL {
-            let path = pin_dir.join(name);
-            ebpf.map(name)
-                .ok_or(TelemetryError::Missing(name))?
-                .pin(&path)
-                .map_err(|source| TelemetryError::Pin { path, source })?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global("TASK_RUN_DELAY", &run_delay, true);
+        for (global, off) in &offsets {
+            loader.override_global(global, off, true);
         }
+        // Each map is created and pinned by name, or, when pinned already,
+        // opened from its pin (adopted).
+        let paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|n| (*n, pin_dir.join(n))).collect();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        // From here on, an error drops `pins`, which removes what was
+        // pinned (an adopted set too: a half-loaded governor leaves nothing).
+        let pins = pins::PinGuard(Some(pin_dir.to_path_buf()));
+        let mut ebpf = loader.load(OBJECT)?;
 
         for (tp, _) in RAW_TRACEPOINTS {
             let p: &mut aya::programs::RawTracePoint = load_and_pin(&mut ebpf, tp, pin_dir)?;
-            p.attach(tp).map_err(|source| TelemetryError::Program { name: tp, source })?;
+            pins::drop_old_link(pin_dir, tp);
+            let id = p.attach(tp).map_err(|source| TelemetryError::Program { name: tp, source })?;
+            let link = p.take_link(id).map_err(|source| TelemetryError::Program { name: tp, source })?;
+            pin_link(aya::programs::links::FdLink::from(link), &pins::link_path(pin_dir, tp))?;
         }
         for (prog, category, event) in TRACEPOINTS {
             let p: &mut TracePoint = load_and_pin(&mut ebpf, prog, pin_dir)?;
-            p.attach(category, event).map_err(|source| TelemetryError::Program { name: prog, source })?;
+            pins::drop_old_link(pin_dir, prog);
+            let id = p.attach(category, event).map_err(|source| TelemetryError::Program { name: prog, source })?;
+            let link = p.take_link(id).map_err(|source| TelemetryError::Program { name: prog, source })?;
+            match aya::programs::links::FdLink::try_from(link) {
+                Ok(fd) => pin_link(fd, &pins::link_path(pin_dir, prog))?,
+                // A kernel without BPF links for perf events: attached for
+                // this process's life only.
+                Err(e) => tracing::debug!(program = prog, "not pinnable ({e}); attached while the governor runs"),
+            }
         }
         // The slice flush timer, on every online CPU.
         {
@@ -146,13 +170,21 @@ impl BpfTelemetry {
                 source,
             })?;
             for cpu in cpus {
-                p.attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(CPU_TICK_HZ),
-                    false,
-                )
-                .map_err(|source| TelemetryError::Program { name: "cpu_tick", source })?;
+                let what = format!("cpu_tick_{cpu}");
+                pins::drop_old_link(pin_dir, &what);
+                let id = p
+                    .attach(
+                        PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                        PerfEventScope::AllProcessesOneCpu { cpu },
+                        SamplePolicy::Frequency(CPU_TICK_HZ),
+                        false,
+                    )
+                    .map_err(|source| TelemetryError::Program { name: "cpu_tick", source })?;
+                let link = p.take_link(id).map_err(|source| TelemetryError::Program { name: "cpu_tick", source })?;
+                match aya::programs::links::FdLink::try_from(link) {
+                    Ok(fd) => pin_link(fd, &pins::link_path(pin_dir, &what))?,
+                    Err(e) => tracing::debug!(cpu, "cpu_tick not pinnable ({e}); attached while the governor runs"),
+                }
             }
         }
         // The classifiers are attached per interface (attach_interface).
@@ -366,51 +398,16 @@ impl Drop for BpfTelemetry {
         for n in names {
             self.detach_interface(&n);
         }
-        // Unpinning lets the kernel free the maps once our fds close.
-        clear_pins(&self.pin_dir);
+        // Unpinning lets the kernel free the maps once our fds close, and
+        // detach the tracing programs once their links go.
+        pins::clear_pins(&self.pin_dir);
     }
 }
 
-/// Remove our pins (maps by name, programs `prog_*`) and then the directory
-/// if that left it empty. Never a recursive delete: a misconfigured pin
-/// directory must not take other tools' pins with it.
-fn clear_pins(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if maps::ALL.contains(&name.as_ref()) || name.starts_with("prog_") {
-            if let Err(err) = fs::remove_file(e.path()) {
-                tracing::warn!(pin = %e.path().display(), "cannot unpin: {err}");
-            }
-        }
-    }
-    match fs::remove_dir(dir) {
-        Ok(()) => {}
-        // Someone else's pins are there too: the directory is theirs as well.
-        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-            tracing::info!(dir = %dir.display(), "pin directory holds other pins: left in place")
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(dir = %dir.display(), "cannot remove the pin directory: {e}"),
-    }
-}
-
-/// Removes the pins when loading fails half way.
-struct PinGuard(Option<PathBuf>);
-
-impl PinGuard {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for PinGuard {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.0 {
-            clear_pins(dir);
-        }
-    }
+/// Pin a tracing program's link: it stays attached if the governor dies
+/// (the kernel goes on counting); a clean stop removes the pin.
+fn pin_link(link: aya::programs::links::FdLink, path: &Path) -> Result<(), TelemetryError> {
+    link.pin(path).map(drop).map_err(|source| TelemetryError::Pin { path: path.to_path_buf(), source })
 }
 
 /// Load program `name` of the object into the kernel and pin it as

@@ -19,6 +19,7 @@ mod bpf;
 /// `fakes` feature); the daemon's binary does not carry them.
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake;
+mod pins;
 
 pub use bpf::{attach_floor_probe, BpfTelemetry};
 #[cfg(any(test, feature = "fakes"))]

@@ -1,0 +1,160 @@
+//! Restart without loss (issue 11): `kill -9` of the governor under iperf3
+//! traffic with a police limit set at run time. While it is down the
+//! kernel keeps enforcing and counting (pinned maps, links and tc
+//! filters); a restarted governor adopts them, takes over the run-time
+//! limit, and its counters go on from where they were. A clean stop then
+//! removes everything, the state file included.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use governor::api::{self, Request};
+use governor::qos::{Direction, LimitSpec, Mode, Quantity};
+use integration_tests::*;
+use serde_json::Value;
+
+fn start(cfg: &std::path::Path) -> Guarded {
+    Guarded(Some(
+        Command::new(bin_dir().join("governor"))
+            .args(["run", "--config"])
+            .arg(cfg)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("governor"),
+    ))
+}
+
+fn status_of(socket: &std::path::Path, vm: &str) -> Option<governor::sampler::VmStatus> {
+    let st = api::call(socket, &Request::Status).ok()?.status?;
+    st.vms.into_iter().find(|v| v.name == vm)
+}
+
+fn wait_status(socket: &std::path::Path, vm: &str) -> governor::sampler::VmStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = status_of(socket, vm).filter(|v| v.cpu_seconds_total > 0.0) {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "no status from the governor");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ingress_limit(socket: &std::path::Path) -> Option<governor::governor::LimitStatus> {
+    let l = api::call(socket, &Request::Limits).ok()?.limits?;
+    l.into_iter().find(|l| l.vm == "web" && l.direction == Direction::Ingress)
+}
+
+#[test]
+fn kill_9_under_traffic_keeps_the_limit_and_the_counters() {
+    require_root();
+    require_tool("iperf3");
+    let pair = VethPair::new();
+    let web = TestCgroup::new("restart-web");
+    let _busy = web.spawn(&["sh", "-c", "while :; do :; done"]);
+    let pins = PinDir::new();
+    let dir = fixtures::TempDir::new("governor-test-restart").expect("dir");
+    let socket = dir.path().join("governor.sock");
+    let cfg = dir.path().join("governor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "tick_ms = 200\npin_dir = {:?}\nsocket = {socket:?}\nqos_ifb = {:?}\n[[vm]]\nname = \"web\"\ncgroup = {:?}\ninterfaces = [{:?}]\n",
+            pins.0,
+            fixtures::unique("grif"),
+            web.cg.rel().to_string_lossy(),
+            pair.host.name
+        ),
+    )
+    .expect("config");
+    let state = governor::runstate::path_for(&pins.0);
+    let mut gov = start(&cfg);
+    wait_status(&socket, "web");
+    let limit = LimitSpec {
+        mode: Mode::Police,
+        rate: Quantity::Text("50mbit".into()),
+        burst: Quantity::Text("512kb".into()),
+        packet_rate: None,
+    };
+    let r =
+        api::call(&socket, &Request::SetLimit { vm: "web".into(), direction: Direction::Ingress, limit }).expect("set");
+    assert!(r.ok, "{r:?}");
+    assert!(state.exists(), "the run-time state is saved: {}", state.display());
+
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let server = pair
+        .ns
+        .cmd(&["iperf3", "-s", "-1", "-J", "-i", "0.5", "-B", &pair.peer_addr, "-p", &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("iperf3 server");
+    let mut server = Guarded(Some(server));
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let mut client = Guarded(Some(
+        Command::new("iperf3")
+            .args(["-c", &pair.peer_addr, "-p", &port.to_string(), "-b", "200M", "-t", "14"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("iperf3 client"),
+    ));
+    std::thread::sleep(Duration::from_secs(3));
+    let before = wait_status(&socket, "web");
+    let limit_before = ingress_limit(&socket).expect("the run-time limit");
+    let killed_at = t0.elapsed().as_secs_f64();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(gov.child().id() as i32, libc::SIGKILL) };
+    gov.wait_timeout(Duration::from_secs(5)).expect("the governor died");
+    assert!(state.exists(), "a killed governor leaves its state");
+    std::thread::sleep(Duration::from_secs(3));
+    let restarted_at = t0.elapsed().as_secs_f64();
+    let mut gov = start(&cfg);
+    let after = wait_status(&socket, "web");
+    let adopted_at = t0.elapsed().as_secs_f64();
+    let limit_after = ingress_limit(&socket).expect("the run-time limit after the restart");
+    eprintln!(
+        "killed at {killed_at:.1} s, restarted at {restarted_at:.1} s, serving at {adopted_at:.1} s; \
+         CPU {:.2} -> {:.2} s, rx {} -> {} B, limit passed {} -> {} B",
+        before.cpu_seconds_total,
+        after.cpu_seconds_total,
+        before.rx_bytes_total,
+        after.rx_bytes_total,
+        limit_before.passed_bytes,
+        limit_after.passed_bytes
+    );
+    assert_eq!(
+        (limit_after.mode, limit_after.rate_bps, limit_after.burst_bytes),
+        (Mode::Police, 50_000_000, 512 * 1024),
+        "the run-time limit, not the config's (none)"
+    );
+    // The counters went on while it was down: nothing reset, nothing lost.
+    let down = restarted_at - killed_at;
+    assert!(after.cpu_seconds_total >= before.cpu_seconds_total + 0.5 * down, "CPU counted while down");
+    let bytes_down = (after.rx_bytes_total - before.rx_bytes_total) as f64;
+    assert!(bytes_down >= 0.5 * 50e6 / 8.0 * down, "traffic counted while down: {bytes_down} B");
+    assert!(limit_after.passed_bytes > limit_before.passed_bytes, "the limit's counters went on");
+
+    client.wait_timeout(Duration::from_secs(30)).expect("iperf3 ends");
+    let out = server.0.take().expect("server").wait_with_output().expect("server output");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let mut worst: f64 = 0.0;
+    for iv in report["intervals"].as_array().expect("intervals") {
+        let (start, bits) =
+            (iv["sum"]["start"].as_f64().unwrap_or(0.0), iv["sum"]["bits_per_second"].as_f64().unwrap_or(0.0));
+        // After the burst (the first second), every interval keeps to the limit.
+        if start >= 1.0 {
+            worst = worst.max(bits);
+        }
+    }
+    eprintln!("receiver: the fastest half second after the burst {:.1} Mbit/s (limit 50)", worst / 1e6);
+    assert!(worst <= 50e6 * 1.15, "the limit held throughout, also while the governor was down: {worst}");
+
+    // A clean stop removes everything, the state file too.
+    assert!(gov.terminate(Duration::from_secs(10)).is_some(), "stops on SIGTERM");
+    assert!(!state.exists(), "a clean stop removes the state");
+    let left: Vec<PathBuf> =
+        std::fs::read_dir(&pins.0).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "pins left: {left:?}");
+}
