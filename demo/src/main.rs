@@ -1,42 +1,170 @@
-//! `governor-demo`: the live demo of `cargo xtask run`. Three VMs with
-//! real CPU, memory and network load (see `demo.rs`), watched by the
-//! governor, the per-VM table printed every tick; all removed at the end.
+//! `governor-demo`: the live demo of `cargo xtask run`. card-sim plays the
+//! card with the monitor, log and qos MC VMs on it; three user VMs run real
+//! load; `governor run` places the MC VMs; the user traffic through the
+//! card is ramped so the card crosses its network threshold (the MC VMs
+//! move to the host) and falls back (they come back). The view shows it
+//! live; everything is removed at the end, on Ctrl-C or on an error.
 //! A binary of its own, so the governor's binary carries no test fixtures.
 
-mod demo;
+mod ramp;
+mod screen;
+mod system;
+mod view;
+mod watch;
 
-use anyhow::Result;
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
 use clap::Parser;
+use fixtures::TempPath;
+use governor::placement::Side;
+
+use crate::ramp::Ramp;
+use crate::screen::{stop_requested, Screen};
+use crate::system::{Paths, System};
+use crate::view::Header;
+use crate::watch::Watch;
 
 #[derive(Parser)]
-#[command(name = "governor-demo", about = "The governor on a live demo host (everything removed at the end)")]
+#[command(
+    name = "governor-demo",
+    about = "The governor placing MC VMs between a simulated card and the host under ramped user load \
+             (everything removed at the end)"
+)]
 struct Cli {
-    /// Stop after this many seconds (default: until Ctrl-C).
+    /// Stop after this many seconds (default: until Ctrl-C or q).
     #[arg(long)]
     seconds: Option<u64>,
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+/// How often the view reads the API and redraws.
+const ROUND: Duration = Duration::from_millis(250);
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async {
-        // Caught from here on: Ctrl-C while the demo is being set up still
-        // ends in a clean stop that removes all of it.
-        let signals = governor::daemon::Signals::install()?;
-        let layout = cgroupfs::Layout::detect()?;
-        let demo = demo::Demo::start(&layout)?;
-        eprintln!(
-            "demo: {} VMs; status also via `governor status --socket {}`",
-            demo.config.vms.len(),
-            demo.config.socket.display()
+    let tty = std::io::stdout().is_terminal();
+    let stderr_log = TempPath::new("governor-demo-stderr.log");
+    let r = screen::catch_signals().and_then(|()| run(&cli, tty, &stderr_log));
+    // What the children said while the view had the terminal.
+    if tty {
+        if let Ok(text) = std::fs::read_to_string(stderr_log.path()) {
+            let lines: Vec<&str> = text.lines().collect();
+            if !lines.is_empty() {
+                eprintln!("demo: the last of what card-sim and the governor logged:");
+                for l in &lines[lines.len().saturating_sub(15)..] {
+                    eprintln!("  {l}");
+                }
+            }
+        }
+    }
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("governor-demo: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: &Cli, tty: bool, stderr_log: &TempPath) -> Result<()> {
+    let t0 = Instant::now();
+    let deadline = cli.seconds.map(|s| t0 + Duration::from_secs(s));
+    let over = || stop_requested() || deadline.is_some_and(|d| Instant::now() >= d);
+    let paths = Paths::find()?;
+    println!("demo: starting card-sim with the MC VMs, three user VMs and the governor...");
+    // On the terminal the children's stderr (card-sim, the governor, the
+    // load) goes to the log until the end: it would tear the view.
+    let stderr = if tty { Some(screen::StderrTo::file(stderr_log.path())?) } else { None };
+    let sys = System::start(&paths, tty, &over);
+    let mut sys = match sys {
+        Ok(s) => s,
+        Err(_) if over() => {
+            println!("demo: stopped while starting; everything removed");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    println!(
+        "demo: up in {:.1} s; metrics on http://{}/metrics; API `governor status --socket {}`",
+        t0.elapsed().as_secs_f64(),
+        sys.metrics,
+        sys.socket.display()
+    );
+    let watched = watch_loop(&mut sys, cli, stderr.as_ref(), t0, &over);
+    println!("demo: stopping: load, governor (its MC VMs, pins, qdiscs), card-sim, user VMs, network");
+    let stopped = sys.stop();
+    drop(stderr);
+    let w = watched?;
+    stopped.context("stopping the demo")?;
+    summary(&w);
+    Ok(())
+}
+
+fn watch_loop(
+    sys: &mut System,
+    cli: &Cli,
+    stderr: Option<&screen::StderrTo>,
+    t0: Instant,
+    over: &dyn Fn() -> bool,
+) -> Result<Watch> {
+    let tty = stderr.is_some();
+    let mut ramp = Ramp::new(sys)?;
+    let mut w = Watch::default();
+    let mut screen = Screen::open(stderr)?;
+    let metrics = sys.metrics.to_string();
+    let header = |ramp: &Ramp| Header {
+        elapsed_s: t0.elapsed().as_secs_f64(),
+        ramp_s: ramp.elapsed_s(),
+        metrics: metrics.clone(),
+        ends_in_s: cli.seconds.map(|s| s.saturating_sub(t0.elapsed().as_secs())),
+        tty,
+    };
+    while !over() {
+        sys.check_alive()?;
+        let moved = w.poll(&sys.socket, ramp.elapsed_s());
+        ramp.step(w.placement.as_ref())?;
+        if !tty {
+            for m in &moved {
+                println!(
+                    "demo: move {} to {} {} ({:?}) pause {:.2} ms at +{:.1} s of load",
+                    m.task,
+                    if m.to == Side::Host { "host" } else { "card" },
+                    if m.ok { "ok" } else { "FAILED" },
+                    m.reason,
+                    m.pause_ms,
+                    m.at_s
+                );
+            }
+        }
+        let h = header(&ramp);
+        screen.show(&w, ramp.state(), &h, !moved.is_empty(), ROUND)?;
+    }
+    if !tty {
+        // The last frame, as it stood when the demo ended.
+        println!("{}", screen::frame_text(&w, ramp.state(), &header(&ramp))?);
+    }
+    drop(screen);
+    ramp.stop();
+    Ok(w)
+}
+
+/// The closing lines (the test reads the first).
+fn summary(w: &Watch) {
+    let pauses: Vec<f64> = w.moves.iter().filter(|m| m.ok).map(|m| m.pause_ms).collect();
+    let max = pauses.iter().copied().fold(0.0, f64::max);
+    println!(
+        "demo: moves to host {}, to card {}; failed moves {}; pause max {:.2} ms",
+        w.count(Side::Host),
+        w.count(Side::Card),
+        w.moves.iter().filter(|m| !m.ok).count(),
+        max
+    );
+    if let (Some(cross), Some(first)) = (w.first_crossing_s, w.moves.first()) {
+        println!(
+            "demo: the card crossed a threshold at +{cross:.1} s of load; the first move followed at +{:.1} s",
+            first.at_s
         );
-        let stop = cli.seconds.map(std::time::Duration::from_secs);
-        let r = governor::daemon::run_with(demo.config.clone(), layout, true, stop, signals).await;
-        drop(demo);
-        r
-    })
+    }
+    println!("demo: everything it made is removed");
 }

@@ -1,0 +1,252 @@
+//! The demo's view: the card's resources as bars against their thresholds,
+//! where each MC VM runs and its last move with its pause, the user VMs
+//! with their health, and the latest decisions. The same widgets draw on
+//! the terminal and, when stdout is not one, into a text buffer.
+
+use ratatui::buffer::Buffer;
+use ratatui::layout::{Constraint, Layout, Rect};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Paragraph, Row, Table, Wrap};
+use ratatui::Frame;
+
+use governor::placement::Side;
+
+use crate::ramp::RampState;
+use crate::watch::Watch;
+
+/// What the header says besides the data.
+pub struct Header {
+    pub elapsed_s: f64,
+    pub ramp_s: f64,
+    pub metrics: String,
+    pub ends_in_s: Option<u64>,
+    pub tty: bool,
+}
+
+fn side(s: Side) -> &'static str {
+    match s {
+        Side::Card => "card",
+        Side::Host => "host",
+    }
+}
+
+/// The time of day (UTC) of a wall-clock ms, as the decision lines say it.
+fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+fn mbit(bps: f64) -> String {
+    format!("{:.0}", bps / 1e6)
+}
+
+pub fn draw(f: &mut Frame, w: &Watch, ramp: &RampState, h: &Header) {
+    let [top, mid, users, decisions, foot] = Layout::vertical([
+        Constraint::Length(3),
+        Constraint::Length(8),
+        Constraint::Length(6),
+        Constraint::Min(6),
+        Constraint::Length(1),
+    ])
+    .areas(f.area());
+    f.render_widget(header(w, ramp, h), top);
+    let [card, tasks] = Layout::horizontal([Constraint::Percentage(45), Constraint::Percentage(55)]).areas(mid);
+    f.render_widget(card_bars(w, card.width.saturating_sub(24)), card);
+    f.render_widget(tasks_table(w), tasks);
+    f.render_widget(users_table(w), users);
+    f.render_widget(decision_list(w, decisions), decisions);
+    f.render_widget(footer(w, h), foot);
+}
+
+fn header(w: &Watch, ramp: &RampState, h: &Header) -> Paragraph<'static> {
+    let card = match &w.placement {
+        Some(p) if p.card.healthy => Span::styled("card healthy", Style::new().fg(Color::Green)),
+        Some(p) => Span::styled(
+            format!("card DOWN: {}", p.card.error.clone().unwrap_or_default()),
+            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        ),
+        None => Span::raw("card: no answer yet"),
+    };
+    let load = format!(
+        "user load through the card: {} ({} Mbit/s, {} stream(s) per VM, next change in {} s)",
+        ramp.phase,
+        mbit(ramp.offered_bps as f64),
+        ramp.streams_per_vm,
+        ramp.next_in_s
+    );
+    let ends = h.ends_in_s.map_or(String::new(), |s| format!(", ends in {s} s"));
+    Paragraph::new(vec![
+        Line::from(vec![
+            Span::styled("governor demo", Style::new().add_modifier(Modifier::BOLD)),
+            Span::raw(format!("  +{:.0} s{ends}  ", h.elapsed_s)),
+            card,
+            Span::raw(format!("  metrics http://{}/metrics", h.metrics)),
+        ]),
+        Line::from(load),
+        Line::from(match &w.error {
+            Some(e) => Span::styled(format!("API: {e}"), Style::new().fg(Color::Red)),
+            None => Span::raw(format!("load running for {:.0} s", h.ramp_s)),
+        }),
+    ])
+}
+
+/// One bar per resource: `width` cells for 0..100%, the threshold as `|`.
+fn card_bars(w: &Watch, width: u16) -> Paragraph<'static> {
+    let width = width.max(10) as usize;
+    let mut lines = Vec::new();
+    if let Some(p) = &w.placement {
+        for r in &p.card.resources {
+            let used = (r.used.clamp(0.0, 1.0) * width as f64).round() as usize;
+            let mark = ((r.threshold.clamp(0.0, 1.0) * width as f64).round() as usize).min(width - 1);
+            let over = r.used > r.threshold;
+            let color = if over { Color::Red } else { Color::Green };
+            let mut spans = vec![Span::raw(format!("{:<8}", r.resource.name()))];
+            for i in 0..width {
+                let (ch, st) = if i == mark {
+                    ("|", Style::new().fg(Color::Yellow).add_modifier(Modifier::BOLD))
+                } else if i < used {
+                    ("█", Style::new().fg(color))
+                } else {
+                    ("·", Style::new().fg(Color::DarkGray))
+                };
+                spans.push(Span::styled(ch, st));
+            }
+            spans.push(Span::styled(
+                format!(" {:>3.0}%/{:.0}%{}", r.used * 100.0, r.threshold * 100.0, if over { " OVER" } else { "" }),
+                Style::new().fg(color),
+            ));
+            lines.push(Line::from(spans));
+        }
+    }
+    Paragraph::new(lines).block(Block::bordered().title(" card use | threshold "))
+}
+
+fn tasks_table(w: &Watch) -> Table<'static> {
+    let rows: Vec<Row> = w
+        .placement
+        .iter()
+        .flat_map(|p| p.tasks.iter())
+        .map(|t| {
+            let last = if let Some(why) = &t.stopped {
+                format!("STOPPED: {why}")
+            } else {
+                t.last_move.as_ref().map_or("-".to_string(), |m| {
+                    format!("to {} {}, pause {:.1} ms", side(m.to), if m.ok { "ok" } else { "FAILED" }, m.pause_ms)
+                })
+            };
+            let st = if t.side == Side::Host { Style::new().fg(Color::Cyan) } else { Style::new() };
+            Row::new(vec![
+                t.task.clone(),
+                side(t.side).to_string(),
+                clock(t.since_ms),
+                format!("{:.1}%", t.card_cost[3] * 100.0),
+                last,
+            ])
+            .style(st)
+        })
+        .collect();
+    Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(5),
+            Constraint::Length(9),
+            Constraint::Length(7),
+            Constraint::Min(20),
+        ],
+    )
+    .header(Row::new(["task", "side", "since", "c.net", "last move"]).style(Style::new().add_modifier(Modifier::BOLD)))
+    .block(Block::bordered().title(" MC VMs "))
+}
+
+fn users_table(w: &Watch) -> Table<'static> {
+    let mut rows = Vec::new();
+    if let Some(st) = &w.status {
+        for v in st.vms.iter().filter(|v| v.role == "user") {
+            let health = st.health.iter().find(|h| h.vm == v.name);
+            let (state, reason) =
+                health.map_or(("-".to_string(), String::new()), |h| (h.health.clone(), h.reason.clone()));
+            let color = match state.as_str() {
+                "running" => Color::Green,
+                "starting" | "-" => Color::Gray,
+                _ => Color::Red,
+            };
+            rows.push(Row::new(vec![
+                Span::raw(v.name.clone()),
+                Span::raw(format!("{:.1}", v.cpu_percent)),
+                Span::raw(mbit(v.rx_bits_per_s)),
+                Span::raw(mbit(v.tx_bits_per_s)),
+                Span::raw(v.memory_working_set_bytes.map_or("-".into(), |b| format!("{} MiB", b >> 20))),
+                Span::styled(format!("{state} {reason}"), Style::new().fg(color)),
+            ]));
+        }
+    }
+    let degraded = w.status.as_ref().and_then(|s| s.management_degraded.clone());
+    let title = match degraded {
+        Some(why) => format!(" user VMs (management degraded: {why}) "),
+        None => " user VMs (health decided by the monitor MC VM) ".to_string(),
+    };
+    Table::new(
+        rows,
+        [
+            Constraint::Length(8),
+            Constraint::Length(6),
+            Constraint::Length(8),
+            Constraint::Length(8),
+            Constraint::Length(9),
+            Constraint::Min(20),
+        ],
+    )
+    .header(
+        Row::new(["vm", "cpu%", "rx Mb/s", "tx Mb/s", "workset", "health"])
+            .style(Style::new().add_modifier(Modifier::BOLD)),
+    )
+    .block(Block::bordered().title(title))
+}
+
+fn decision_list(w: &Watch, area: Rect) -> Paragraph<'static> {
+    // The newest that fit (each may wrap to two lines), oldest first.
+    let fit = (area.height.saturating_sub(2) as usize / 2).max(1);
+    let lines: Vec<Line> = w
+        .lines
+        .iter()
+        .rev()
+        .take(fit)
+        .rev()
+        .map(|(_, l)| {
+            let st = if l.contains("-> host") || l.contains("-> card") {
+                Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD)
+            } else {
+                Style::new()
+            };
+            Line::styled(l.clone(), st)
+        })
+        .collect();
+    Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(" latest decisions "))
+}
+
+fn footer(w: &Watch, h: &Header) -> Paragraph<'static> {
+    let pauses: Vec<String> = w.moves.iter().filter(|m| m.ok).map(|m| format!("{:.1}", m.pause_ms)).collect();
+    let keys = if h.tty { "  q or Ctrl-C: stop and remove everything" } else { "" };
+    Paragraph::new(format!(
+        "moves to host {}, to card {} (pauses ms: {}){keys}",
+        w.count(Side::Host),
+        w.count(Side::Card),
+        if pauses.is_empty() { "-".to_string() } else { pauses.join(", ") }
+    ))
+}
+
+/// A buffer as plain text, one line per row, trailing blanks trimmed.
+pub fn to_text(b: &Buffer) -> String {
+    let mut out = String::new();
+    for y in 0..b.area.height {
+        let mut line = String::new();
+        for x in 0..b.area.width {
+            line.push_str(b[(x, y)].symbol());
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,113 @@
+//! What the view shows, read from the governor's API a few times a second:
+//! the placement (card use, where each MC VM runs, its last move), the
+//! status (user VMs' rates and health) and the decisions since the last
+//! read, of which the moves are counted by direction.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use governor::api::{self, Request, Status};
+use governor::placement::audit::AuditRecord;
+use governor::placement::runtime::PlacementStatus;
+use governor::placement::view::decision_line;
+use governor::placement::{Reason, Side};
+
+/// Decision lines kept for the view.
+const KEEP_LINES: usize = 64;
+
+/// One move as the demo saw it.
+#[derive(Clone, Debug)]
+pub struct SeenMove {
+    pub task: String,
+    pub to: Side,
+    pub ok: bool,
+    pub pause_ms: f64,
+    pub reason: Reason,
+    /// Seconds since the demo's load began.
+    pub at_s: f64,
+}
+
+#[derive(Default)]
+pub struct Watch {
+    pub placement: Option<PlacementStatus>,
+    pub status: Option<Status>,
+    /// Latest decisions, oldest first: a record whose reason is the same
+    /// as the one before and that moved nothing replaces it, so a calm
+    /// card's tick after tick of "holds" is one line that stays current.
+    pub lines: VecDeque<(Reason, String)>,
+    pub moves: Vec<SeenMove>,
+    /// When a threshold was first crossed (seconds since the load began).
+    pub first_crossing_s: Option<f64>,
+    /// Why the last read failed, if it did.
+    pub error: Option<String>,
+    after_tick: u64,
+}
+
+impl Watch {
+    /// Read everything; `now_s` stamps what is new. Returns the moves seen
+    /// for the first time.
+    pub fn poll(&mut self, socket: &Path, now_s: f64) -> Vec<SeenMove> {
+        self.error = None;
+        match api::call(socket, &Request::Placement) {
+            Ok(r) => self.placement = r.placement,
+            Err(e) => self.error = Some(format!("placement: {e:#}")),
+        }
+        match api::call(socket, &Request::Status) {
+            Ok(r) => self.status = r.status,
+            Err(e) => self.error = Some(format!("status: {e:#}")),
+        }
+        match api::call(socket, &Request::Decisions { after_tick: self.after_tick }) {
+            Ok(r) => self.take(r.decisions.unwrap_or_default(), now_s),
+            Err(e) => {
+                self.error = Some(format!("decisions: {e:#}"));
+                Vec::new()
+            }
+        }
+    }
+
+    fn take(&mut self, records: Vec<AuditRecord>, now_s: f64) -> Vec<SeenMove> {
+        let mut new = Vec::new();
+        for d in records {
+            // The API answers ticks after `after_tick`; a record is
+            // complete (its moves ran) when it is there.
+            if d.tick <= self.after_tick && self.after_tick > 0 {
+                continue;
+            }
+            self.after_tick = d.tick;
+            if self.first_crossing_s.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
+                self.first_crossing_s = Some(now_s);
+            }
+            // Where the MC VMs start is not a move.
+            if d.reason != Reason::Initial {
+                for r in &d.reports {
+                    let m = SeenMove {
+                        task: r.task.clone(),
+                        to: r.to,
+                        ok: r.ok,
+                        pause_ms: r.pause_ms,
+                        reason: d.reason,
+                        at_s: now_s,
+                    };
+                    self.moves.push(m.clone());
+                    new.push(m);
+                }
+            }
+            let line = decision_line(&d);
+            match self.lines.back_mut() {
+                Some((reason, last)) if *reason == d.reason && d.reports.is_empty() && d.moves.is_empty() => {
+                    *last = line
+                }
+                _ => self.lines.push_back((d.reason, line)),
+            }
+            while self.lines.len() > KEEP_LINES {
+                self.lines.pop_front();
+            }
+        }
+        new
+    }
+
+    /// Successful moves to `side`.
+    pub fn count(&self, side: Side) -> usize {
+        self.moves.iter().filter(|m| m.ok && m.to == side).count()
+    }
+}
