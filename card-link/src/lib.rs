@@ -22,7 +22,7 @@ pub mod transport;
 pub mod watchdog;
 mod wire;
 
-pub use card::{Card, CardOptions, HealthReport, SnapshotInfo};
+pub use card::{Access, Card, CardOptions, HealthReport, LinkMode, SnapshotInfo, StreamStats, TransportInfo};
 pub use costs::{CostSource, VmCost, VmCosts, VmUtilisation};
 pub use error::{CardError, Result};
 pub use transport::kernel_vfio::{KernelVfioTransport, PciAddress};
