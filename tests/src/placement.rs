@@ -85,6 +85,8 @@ pub struct System {
     pub socket: PathBuf,
     pub run: TempDir,
     pub mc_cgroup: String,
+    cfg_path: PathBuf,
+    dry_run: bool,
     _pins: PinDir,
 }
 
@@ -148,17 +150,23 @@ impl System {
         );
         let cfg_path = run.path().join("governor.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");
-        let mut cmd = Command::new(bin_dir().join("governor"));
-        cmd.args(["run", "--config"]).arg(&cfg_path).stdout(Stdio::null());
-        // Warnings and errors only: the decisions are read over the socket.
-        cmd.env("RUST_LOG", "warn");
-        if o.dry_run {
-            cmd.arg("--dry-run");
-        }
-        let gov = Guarded::new(cmd.spawn().expect("start governor"));
-        let mut s = System { gov, sim, socket, run, mc_cgroup, _pins: pins };
+        let gov = spawn_governor(&cfg_path, o.dry_run);
+        let mut s = System { gov, sim, socket, run, mc_cgroup, cfg_path, dry_run: o.dry_run, _pins: pins };
         s.wait("the placement API", Duration::from_secs(20), |s| s.try_placement().is_some());
         s
+    }
+
+    /// `kill -9` the governor (nothing of its cleanup runs).
+    pub fn kill9(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.gov.child().id() as i32, libc::SIGKILL) };
+        self.gov.wait_timeout(Duration::from_secs(5)).expect("the governor died");
+    }
+
+    /// Start the governor again on the same config (after [`System::kill9`]).
+    pub fn restart(&mut self) {
+        self.gov = spawn_governor(&self.cfg_path, self.dry_run);
+        self.wait("the placement API after a restart", Duration::from_secs(20), |s| s.try_placement().is_some());
     }
 
     pub fn call(&self, req: &Request) -> Response {
@@ -234,6 +242,17 @@ impl System {
         let p = self.placement();
         p.card.resources.iter().find(|r| r.resource.name() == resource).map_or(0.0, |r| r.used)
     }
+}
+
+fn spawn_governor(cfg: &std::path::Path, dry_run: bool) -> Guarded {
+    let mut cmd = Command::new(bin_dir().join("governor"));
+    cmd.args(["run", "--config"]).arg(cfg).stdout(Stdio::null());
+    // Warnings and errors only: the decisions are read over the socket.
+    cmd.env("RUST_LOG", "warn");
+    if dry_run {
+        cmd.arg("--dry-run");
+    }
+    Guarded::new(cmd.spawn().expect("start governor"))
 }
 
 impl Drop for System {

@@ -158,3 +158,62 @@ fn kill_9_under_traffic_keeps_the_limit_and_the_counters() {
         std::fs::read_dir(&pins.0).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "pins left: {left:?}");
 }
+
+/// The MC VMs are untouched by a kill -9 and a restart: the new governor
+/// adopts them where they run (the same card VM, the same host VMM
+/// process), their agents' state goes on, and nothing is moved or
+/// restarted; a clean stop then removes them all.
+#[test]
+fn kill_9_leaves_the_mc_vms_running_and_the_next_governor_adopts_them() {
+    use governor::placement::Side;
+    use integration_tests::placement::{System, SystemOptions};
+    use vmm::host::api::AgentOp;
+    require_root();
+    require_kvm();
+    let mut s = System::start(&SystemOptions {
+        mcs: vec![("monitor", None), ("log", None)],
+        thresholds: "fpga = 1.0, cpu = 1.0, memory = 1.0, network = 1.0".into(),
+        dwell_s: 60,
+        ..SystemOptions::default()
+    });
+    assert!(s.call(&Request::Move { task: "log".into(), to: Side::Host }).ok);
+    // Give each agent a state to keep: steps counted in guest memory.
+    for task in ["monitor", "log"] {
+        s.agent(task, AgentOp::Step, 7);
+    }
+    let before = s.placement();
+    let monitor_vm = before.tasks.iter().find(|t| t.task == "monitor").and_then(|t| t.card_vm).expect("on the card");
+    let log_sock =
+        before.tasks.iter().find(|t| t.task == "log").and_then(|t| t.host_socket.clone()).expect("on the host");
+    let log_pid = vmm::host::client::Client::connect(&log_sock).and_then(|c| c.peer_pid()).expect("log's vmm pid");
+    let counters = |s: &mut System| (s.agent("monitor", AgentOp::Counters, 0), s.agent("log", AgentOp::Counters, 0));
+    let (m0, l0) = counters(&mut s);
+    let decisions_before = s.decisions(0).len();
+
+    s.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    s.restart();
+    let after = s.placement();
+    let t = |p: &governor::placement::runtime::PlacementStatus, n: &str| {
+        p.tasks.iter().find(|t| t.task == n).cloned().expect("task")
+    };
+    assert_eq!(
+        (t(&after, "monitor").side, t(&after, "monitor").card_vm),
+        (Side::Card, Some(monitor_vm)),
+        "the same card VM"
+    );
+    assert_eq!(t(&after, "log").side, Side::Host);
+    let sock = t(&after, "log").host_socket.expect("log's socket");
+    let pid = vmm::host::client::Client::connect(&sock).and_then(|c| c.peer_pid()).expect("pid");
+    assert_eq!(pid, log_pid, "the same vmm process on the host");
+    let (m1, l1) = counters(&mut s);
+    eprintln!("monitor {m0:?} -> {m1:?}; log {l0:?} -> {l1:?}");
+    assert!(m1.steps >= m0.steps && m1.work >= m0.work && m0.steps > 0, "monitor's agent state kept");
+    assert!(l1.steps >= l0.steps && l1.work >= l0.work && l0.steps > 0, "log's agent state kept");
+    let first = s.decisions(0);
+    let initial = first.first().expect("the new governor's first record");
+    assert!(initial.explain.contains("adopted"), "{}", initial.explain);
+    eprintln!("{} decisions before, new governor: {}", decisions_before, initial.explain);
+    // Its MC subtree and sockets go with a clean stop (System's drop
+    // checks the subtree; the inventory test checks the rest).
+}

@@ -44,6 +44,40 @@ impl CardSite {
         VmSpec { name: task.to_string(), mem_mib: self.mem_mib.get(task).copied().unwrap_or(64), vcpus: 1 }
     }
 
+    /// Take over the VMs a killed governor left on the card: one named
+    /// after each task (running, or paused mid-move: resumed) is adopted;
+    /// a second copy or a stopped one is stopped. The tasks adopted.
+    pub fn adopt(&mut self, tasks: &[String]) -> Vec<String> {
+        let list = match self.card.list_vms() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("listing the card's VMs to adopt them: {e}");
+                return Vec::new();
+            }
+        };
+        let mut adopted = Vec::new();
+        for v in list {
+            let Some(task) = tasks.iter().find(|t| **t == v.name) else { continue };
+            let usable = matches!(v.state, card_link::mailbox::VmState::Running | card_link::mailbox::VmState::Paused);
+            if !usable || adopted.contains(task) {
+                if let Err(e) = self.card.stop_vm(v.id) {
+                    tracing::warn!(task, vm = v.id, "stopping a stale copy on the card: {e}");
+                }
+                continue;
+            }
+            if v.state == card_link::mailbox::VmState::Paused {
+                if let Err(e) = self.card.resume_vm(v.id) {
+                    tracing::warn!(task, vm = v.id, "resuming the adopted VM on the card: {e}");
+                }
+            }
+            tracing::info!(task, vm = v.id, "adopted the MC VM a governor before left on the card");
+            let spec = self.spec(task);
+            self.vms.insert(task.clone(), (v.id, spec));
+            adopted.push(task.clone());
+        }
+        adopted
+    }
+
     /// Boot the task's VM on the card (a first placement there).
     pub fn cold_start(&mut self, task: &str, mem_mib: u32) -> Result<u32, card_link::CardError> {
         self.mem_mib.insert(task.to_string(), mem_mib);

@@ -132,6 +132,48 @@ impl HostSite {
         Ok(())
     }
 
+    /// Take over the task's VMM a killed governor left running (its
+    /// control socket in the run directory): the one holding a running or
+    /// paused VM becomes the live one (resumed if paused); an empty or
+    /// stopped one is stopped. Whether a VM was adopted.
+    pub fn adopt(&mut self, task: &str) -> bool {
+        let mut live: Option<(VmmProcess, PathBuf)> = None;
+        for n in ["live", "spare"] {
+            let sock = self.socket(task, n);
+            if !sock.exists() {
+                continue;
+            }
+            let mut p = match VmmProcess::attach(&sock) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::info!(task, socket = %sock.display(), "not adopting a dead VMM's socket: {e}");
+                    remove(&sock);
+                    continue;
+                }
+            };
+            let state = p.client().state().map(|s| s.state);
+            match state {
+                Ok(vmm::RunState::Running | vmm::RunState::Paused) if live.is_none() => {
+                    if matches!(state, Ok(vmm::RunState::Paused)) {
+                        if let Err(e) = p.client().resume() {
+                            tracing::warn!(task, "resuming the adopted VM: {e}");
+                        }
+                    }
+                    tracing::info!(task, pid = p.pid(), "adopted the MC VM's VMM a governor before left");
+                    live = Some((p, sock));
+                }
+                // Empty (a spare), stopped, or a second copy: dropping the
+                // handle stops it.
+                other => tracing::info!(task, ?other, "stopping a VMM a governor before left"),
+            }
+        }
+        let Some((p, sock)) = live else { return false };
+        let slot = self.slots.entry(task.into()).or_default();
+        slot.live = Some(p);
+        slot.live_socket = Some(sock);
+        true
+    }
+
     /// Restore a task from a base and diffs in files (a checkpoint), into
     /// the prepared VMM; it comes up paused.
     pub fn restore_chain(&mut self, task: &str, base: &Path, diffs: &[PathBuf]) -> Result<(), String> {
@@ -405,7 +447,9 @@ impl Drop for HostSite {
     fn drop(&mut self) {
         self.slots.clear();
         self.subtree.kill_all(std::time::Duration::from_secs(5));
-        if let Err(e) = self.subtree.release() {
+        // Ours whoever made it: a governor that took over after a kill
+        // found it there.
+        if let Err(e) = self.subtree.remove() {
             tracing::warn!(subtree = %self.opts.subtree, "removing the MC cgroup subtree: {e}");
         }
         if let Err(e) = std::fs::remove_dir_all(&self.opts.run_dir) {

@@ -267,6 +267,28 @@ impl Runtime {
         })
     }
 
+    /// The MC VMs a killed governor left running, on the card and on the
+    /// host, taken over where they are (a VM running on both sides, after
+    /// a kill mid-move, keeps the card's copy).
+    fn adopt_all(&mut self) -> Vec<(String, Side)> {
+        let tasks: Vec<String> = self.opts.specs.iter().map(|s| s.task.clone()).collect();
+        let on_card = self.sites.card.adopt(&tasks);
+        let mut out: Vec<(String, Side)> = on_card.iter().map(|t| (t.clone(), Side::Card)).collect();
+        for t in &tasks {
+            if !self.sites.host.adopt(t) {
+                continue;
+            }
+            if on_card.contains(t) {
+                if let Err(e) = self.sites.host.release(t) {
+                    tracing::warn!(task = t, "stopping the host's second copy: {e}");
+                }
+            } else {
+                out.push((t.clone(), Side::Host));
+            }
+        }
+        out
+    }
+
     pub(super) fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
@@ -286,7 +308,16 @@ impl Runtime {
         let sides = Engine::initial(&self.opts.policy, &self.opts.specs, &card_use);
         let mut placed = Vec::new();
         let mut notes = Vec::new();
+        let adopted = self.adopt_all();
+        if !adopted.is_empty() {
+            let what: Vec<String> = adopted.iter().map(|(t, s)| format!("{t} on the {}", side_name(*s))).collect();
+            notes.push(format!("adopted from the governor before (still running): {}", what.join(", ")));
+        }
         for (task, side) in &sides {
+            if let Some((_, on)) = adopted.iter().find(|(t, _)| t == task) {
+                placed.push((task.clone(), *on));
+                continue;
+            }
             let mem = self.opts.specs.iter().find(|s| &s.task == task).map_or(64, |s| s.mem_mib);
             let on = match side {
                 Side::Card => match self.sites.card.cold_start(task, mem as u32) {

@@ -28,6 +28,30 @@ impl Client {
         Ok(Client { w: s.try_clone().map_err(Error::io("control socket"))?, r: BufReader::new(s) })
     }
 
+    /// The pid of the process serving the socket (its peer credentials).
+    pub fn peer_pid(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED fills a ucred of `len` bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                self.w.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        if r != 0 || cred.pid <= 0 {
+            return Err(Error::Io {
+                what: "peer credentials of the control socket".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(cred.pid as u32)
+    }
+
     /// Connect, retrying until the socket appears or `timeout` passes.
     pub fn connect_wait(path: &Path, timeout: Duration) -> Result<Client> {
         Client::connect_while(path, timeout, || true)

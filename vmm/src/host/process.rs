@@ -60,9 +60,20 @@ pub struct SpawnOptions {
 /// child gracefully (see the module docs); [`VmmProcess::shutdown`] asks
 /// over the socket instead and reports a failure.
 pub struct VmmProcess {
-    child: Child,
+    proc_: Proc,
     socket: PathBuf,
     client: Client,
+}
+
+/// The process behind a handle: a child this process started, or a `vmm`
+/// another process started and left running (a governor that was killed),
+/// adopted through its control socket. An adopted process is not our
+/// child: it is signalled and watched through a pidfd, so a pid the kernel
+/// reused is never hit, and its parent (init) reaps it.
+#[derive(Debug)]
+enum Proc {
+    Child(Child),
+    Adopted { pid: u32, pidfd: std::os::fd::OwnedFd },
 }
 
 /// Remove a socket file; one that is already gone is fine.
@@ -174,7 +185,7 @@ impl VmmProcess {
         let mut child = c.stdin(Stdio::null()).spawn().map_err(Error::io(o.bin.display().to_string()))?;
         let connected = Client::connect_while(&o.socket, SOCKET_TIMEOUT, || matches!(child.try_wait(), Ok(None)));
         match connected {
-            Ok(client) => Ok(VmmProcess { child, socket: o.socket.clone(), client }),
+            Ok(client) => Ok(VmmProcess { proc_: Proc::Child(child), socket: o.socket.clone(), client }),
             Err(e) => {
                 // It may have joined (and made) a cgroup before it hung:
                 // the same graceful stop as a dropped handle.
@@ -184,13 +195,36 @@ impl VmmProcess {
         }
     }
 
+    /// Take over a `vmm` process already serving `socket` (one a killed
+    /// governor started): its pid from the socket's peer credentials, held
+    /// as a pidfd.
+    pub fn attach(socket: &Path) -> Result<VmmProcess> {
+        use std::os::fd::FromRawFd;
+        let client = Client::connect(socket)?;
+        let pid = client.peer_pid()?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(Error::Io { what: format!("pidfd of vmm {pid}"), source: io::Error::last_os_error() });
+        }
+        // SAFETY: a new fd that nothing else owns.
+        let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        Ok(VmmProcess { proc_: Proc::Adopted { pid, pidfd }, socket: socket.to_path_buf(), client })
+    }
+
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.proc_ {
+            Proc::Child(c) => c.id(),
+            Proc::Adopted { pid, .. } => *pid,
+        }
     }
 
     /// Whether the process still runs (a failed poll counts as not).
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.proc_ {
+            Proc::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Proc::Adopted { pidfd, .. } => !exited(pidfd, Duration::ZERO),
+        }
     }
 
     /// The control connection, for typed requests.
@@ -212,10 +246,60 @@ impl VmmProcess {
     pub fn shutdown(mut self) -> Result<()> {
         if let Err(e) = self.client.shutdown() {
             // It may have died already; the wait below tells.
-            tracing::warn!(pid = self.child.id(), error = %e, "the shutdown request failed; waiting for the vmm process anyway");
+            tracing::warn!(pid = self.pid(), error = %e, "the shutdown request failed; waiting for the vmm process anyway");
         }
-        self.child.wait().map_err(Error::io("waiting for vmm"))?;
+        match &mut self.proc_ {
+            Proc::Child(c) => {
+                c.wait().map_err(Error::io("waiting for vmm"))?;
+            }
+            Proc::Adopted { pid, pidfd } => {
+                if !exited(pidfd, SOCKET_TIMEOUT) {
+                    return Err(Error::Timeout(SOCKET_TIMEOUT, "the adopted vmm process to exit"));
+                }
+                tracing::debug!(pid = *pid, "the adopted vmm process exited");
+            }
+        }
         Ok(())
+    }
+}
+
+/// Whether the process behind `pidfd` has exited, waiting up to `wait`
+/// (a pidfd polls readable once it has).
+fn exited(pidfd: &std::os::fd::OwnedFd, wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = wait.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
+/// [`stop_and_reap`] for an adopted process: SIGTERM through its pidfd,
+/// up to `grace`, then SIGKILL. Its parent reaps it.
+fn stop_adopted(pid: u32, pidfd: &std::os::fd::OwnedFd, grace: Duration) {
+    use std::os::fd::AsRawFd;
+    let signal = |sig: i32| {
+        // SAFETY: pidfd_send_signal on our pidfd, no siginfo.
+        let r =
+            unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            // ESRCH: it has exited already.
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                tracing::warn!(pid, error = %e, "cannot signal the adopted vmm process");
+            }
+        }
+    };
+    if exited(pidfd, Duration::ZERO) {
+        return;
+    }
+    signal(libc::SIGTERM);
+    if !exited(pidfd, grace) {
+        tracing::warn!(pid, ?grace, "the adopted vmm process did not exit on SIGTERM; killing it");
+        signal(libc::SIGKILL);
+        if !exited(pidfd, STOP_GRACE) {
+            tracing::warn!(pid, "the adopted vmm process survived SIGKILL");
+        }
     }
 }
 
@@ -224,7 +308,12 @@ impl Drop for VmmProcess {
     /// socket itself; SIGKILL after [`STOP_GRACE`]. A child already waited
     /// for ([`VmmProcess::shutdown`]) is not signalled.
     fn drop(&mut self) {
-        stop_and_reap(&mut self.child, STOP_GRACE);
+        match &mut self.proc_ {
+            Proc::Child(c) => {
+                stop_and_reap(c, STOP_GRACE);
+            }
+            Proc::Adopted { pid, pidfd } => stop_adopted(*pid, pidfd, STOP_GRACE),
+        }
         // The child removes its socket on a clean exit; this covers a child
         // that had to be killed.
         remove_socket(&self.socket);
