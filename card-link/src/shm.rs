@@ -96,6 +96,12 @@ impl SharedMem {
         self.len == 0
     }
 
+    /// The mapping's address, for handing to an IOMMU (kernel VFIO DMA
+    /// maps); using it is the caller's unsafe business.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     /// The memfd behind a mapping made by `create` (None for `map`).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(|f| f.as_fd())

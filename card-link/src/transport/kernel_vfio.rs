@@ -83,8 +83,13 @@ pub fn unavailable_reason(dev_root: &Path) -> Option<String> {
 
 pub struct KernelVfioTransport {
     device: VfioDevice,
+    /// The container whose IOMMU maps the host's DMA buffers.
+    container: Arc<VfioContainer>,
     address: PciAddress,
     sizes: Vec<(u32, u64)>,
+    /// Our own mappings of the DMA buffers the IOMMU maps (iova, mapping):
+    /// kept until unmapped, so the card never reaches freed memory.
+    dma: Vec<(u64, SharedMem)>,
 }
 
 impl KernelVfioTransport {
@@ -93,13 +98,15 @@ impl KernelVfioTransport {
         if let Some(why) = unavailable_reason(Path::new("/dev")) {
             return Err(CardError::VfioUnavailable(why));
         }
-        let container = VfioContainer::new(None)
-            .map_err(|source| CardError::Vfio { what: "open the VFIO container".into(), source })?;
+        let container = Arc::new(
+            VfioContainer::new(None)
+                .map_err(|source| CardError::Vfio { what: "open the VFIO container".into(), source })?,
+        );
         let path = address.sysfs_path(Path::new("/sys"));
-        let device = VfioDevice::new(&path, Arc::new(container), false)
+        let device = VfioDevice::new(&path, container.clone(), false)
             .map_err(|source| CardError::Vfio { what: format!("open VFIO device {address}"), source })?;
         let sizes = [0u32, 1, 2, 3, 4, 5].iter().map(|&i| (i, device.get_region_size(i))).collect();
-        Ok(KernelVfioTransport { device, address, sizes })
+        Ok(KernelVfioTransport { device, container, address, sizes, dma: Vec::new() })
     }
 }
 
@@ -167,6 +174,43 @@ impl Transport for KernelVfioTransport {
         // the file, so it may outlive the borrow.
         let fd = unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) };
         SharedMem::map(fd, self.device.get_region_offset(index), len, writable).map(Some)
+    }
+
+    /// The host buffer at `iova` in the card's IOMMU domain (a container
+    /// DMA map of our own mapping of `fd`).
+    fn dma_map(&mut self, iova: u64, size: u64, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        let len =
+            usize::try_from(size).map_err(|_| CardError::Range { what: "DMA size", value: size, range: "usize" })?;
+        let mem = SharedMem::map(fd, 0, len, true)?;
+        // SAFETY: `mem` maps `len` bytes and is kept in `self.dma` until
+        // `dma_unmap` (or drop) has removed the IOMMU mapping first.
+        unsafe { self.container.vfio_dma_map(iova, len, mem.as_mut_ptr()) }
+            .map_err(|source| CardError::Vfio { what: format!("DMA map {iova:#x}+{len:#x}"), source })?;
+        self.dma.push((iova, mem));
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        let len =
+            usize::try_from(size).map_err(|_| CardError::Range { what: "DMA size", value: size, range: "usize" })?;
+        self.container
+            .vfio_dma_unmap(iova, len)
+            .map_err(|source| CardError::Vfio { what: format!("DMA unmap {iova:#x}+{len:#x}"), source })?;
+        self.dma.retain(|(i, _)| *i != iova);
+        Ok(())
+    }
+}
+
+impl Drop for KernelVfioTransport {
+    fn drop(&mut self) {
+        // The IOMMU mappings go before the memory they point at.
+        for (iova, mem) in std::mem::take(&mut self.dma) {
+            if let Err(e) = self.container.vfio_dma_unmap(iova, mem.len()) {
+                tracing::warn!(card = %self.address, "DMA unmap {iova:#x} at close: {e}");
+                // Leak our mapping rather than free memory the card may reach.
+                std::mem::forget(mem);
+            }
+        }
     }
 }
 
