@@ -160,9 +160,13 @@ fn summary(w: &Watch) {
         w.moves.iter().filter(|m| !m.ok).count(),
         max
     );
-    if let (Some(cross), Some(first)) = (w.first_crossing_s, w.moves.first()) {
+    if let (Some(cross), Some(first)) = (w.first_crossing_ms, w.moves.first()) {
         println!(
-            "demo: the card crossed a threshold at +{cross:.1} s of load; the first move followed at +{:.1} s",
+            "demo: the first move ({} to {}) was decided {} ms after the first tick that saw the card over a threshold \
+             (+{:.1} s into the load)",
+            first.task,
+            if first.to == Side::Host { "host" } else { "card" },
+            first.time_ms.saturating_sub(cross),
             first.at_s
         );
     }

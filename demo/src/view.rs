@@ -13,7 +13,7 @@ use ratatui::Frame;
 use governor::placement::Side;
 
 use crate::ramp::RampState;
-use crate::watch::Watch;
+use crate::watch::{clock, Watch};
 
 /// What the header says besides the data.
 pub struct Header {
@@ -29,12 +29,6 @@ fn side(s: Side) -> &'static str {
         Side::Card => "card",
         Side::Host => "host",
     }
-}
-
-/// The time of day (UTC) of a wall-clock ms, as the decision lines say it.
-fn clock(ms: u64) -> String {
-    let s = ms / 1000;
-    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
 }
 
 fn mbit(bps: f64) -> String {
@@ -206,23 +200,26 @@ fn users_table(w: &Watch) -> Table<'static> {
 }
 
 fn decision_list(w: &Watch, area: Rect) -> Paragraph<'static> {
-    // The newest that fit (each may wrap to two lines), oldest first.
-    let fit = (area.height.saturating_sub(2) as usize / 2).max(1);
-    let lines: Vec<Line> = w
-        .lines
-        .iter()
-        .rev()
-        .take(fit)
-        .rev()
-        .map(|(_, l)| {
-            let st = if l.contains("-> host") || l.contains("-> card") {
-                Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD)
-            } else {
-                Style::new()
-            };
-            Line::styled(l.clone(), st)
-        })
-        .collect();
+    // The newest that fit, oldest first: a move is one line, a decision
+    // may wrap to two.
+    let (width, mut rows) = (area.width.saturating_sub(2).max(1) as usize, area.height.saturating_sub(2) as usize);
+    let mut shown = Vec::new();
+    for l in w.lines.iter().rev() {
+        // Word wrap breaks early: count a line a little narrower.
+        let need = l.text.chars().count().div_ceil(width.saturating_sub(12).max(1)).max(1);
+        if need > rows {
+            break;
+        }
+        rows -= need;
+        let st = if l.is_move && l.text.contains(" MOVE ") {
+            Style::new().fg(Color::Cyan).add_modifier(Modifier::BOLD)
+        } else {
+            Style::new()
+        };
+        shown.push(Line::styled(l.text.clone(), st));
+    }
+    shown.reverse();
+    let lines = shown;
     Paragraph::new(lines).wrap(Wrap { trim: false }).block(Block::bordered().title(" latest decisions "))
 }
 

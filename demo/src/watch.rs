@@ -15,6 +15,28 @@ use governor::placement::{Reason, Side};
 /// Decision lines kept for the view.
 const KEEP_LINES: usize = 64;
 
+/// A line of the decisions panel.
+#[derive(Clone, Debug)]
+pub struct ShownLine {
+    pub reason: Reason,
+    pub text: String,
+    /// A move's line: kept, never replaced by the next record.
+    pub is_move: bool,
+}
+
+/// The time of day (UTC) of a wall-clock ms.
+pub fn clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
+}
+
+fn side(s: Side) -> &'static str {
+    match s {
+        Side::Card => "card",
+        Side::Host => "host",
+    }
+}
+
 /// One move as the demo saw it.
 #[derive(Clone, Debug)]
 pub struct SeenMove {
@@ -23,8 +45,10 @@ pub struct SeenMove {
     pub ok: bool,
     pub pause_ms: f64,
     pub reason: Reason,
-    /// Seconds since the demo's load began.
+    /// Seconds since the demo's load began (when the demo saw it).
     pub at_s: f64,
+    /// The decision's wall-clock ms.
+    pub time_ms: u64,
 }
 
 #[derive(Default)]
@@ -34,10 +58,11 @@ pub struct Watch {
     /// Latest decisions, oldest first: a record whose reason is the same
     /// as the one before and that moved nothing replaces it, so a calm
     /// card's tick after tick of "holds" is one line that stays current.
-    pub lines: VecDeque<(Reason, String)>,
+    pub lines: VecDeque<ShownLine>,
     pub moves: Vec<SeenMove>,
-    /// When a threshold was first crossed (seconds since the load began).
-    pub first_crossing_s: Option<f64>,
+    /// The first decision that saw the card over a threshold (wall-clock
+    /// ms, as the record says).
+    pub first_crossing_ms: Option<u64>,
     /// Why the last read failed, if it did.
     pub error: Option<String>,
     after_tick: u64,
@@ -74,12 +99,28 @@ impl Watch {
                 continue;
             }
             self.after_tick = d.tick;
-            if self.first_crossing_s.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
-                self.first_crossing_s = Some(now_s);
+            if self.first_crossing_ms.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
+                self.first_crossing_ms = Some(d.time_ms);
             }
             // Where the MC VMs start is not a move.
-            if d.reason != Reason::Initial {
+            let moved = d.reason != Reason::Initial && !d.reports.is_empty();
+            if moved {
                 for r in &d.reports {
+                    // Short enough never to wrap: the move, its outcome
+                    // and pause stand on a line of their own.
+                    self.push(ShownLine {
+                        reason: d.reason,
+                        text: format!(
+                            "{} MOVE {} -> {}: {}, pause {:.2} ms ({:?})",
+                            clock(d.time_ms),
+                            r.task,
+                            side(r.to),
+                            if r.ok { "ok" } else { "FAILED" },
+                            r.pause_ms,
+                            d.reason
+                        ),
+                        is_move: true,
+                    });
                     let m = SeenMove {
                         task: r.task.clone(),
                         to: r.to,
@@ -87,23 +128,26 @@ impl Watch {
                         pause_ms: r.pause_ms,
                         reason: d.reason,
                         at_s: now_s,
+                        time_ms: d.time_ms,
                     };
                     self.moves.push(m.clone());
                     new.push(m);
                 }
             }
-            let line = decision_line(&d);
+            let line = ShownLine { reason: d.reason, text: decision_line(&d), is_move: moved };
             match self.lines.back_mut() {
-                Some((reason, last)) if *reason == d.reason && d.reports.is_empty() && d.moves.is_empty() => {
-                    *last = line
-                }
-                _ => self.lines.push_back((d.reason, line)),
-            }
-            while self.lines.len() > KEEP_LINES {
-                self.lines.pop_front();
+                Some(last) if !last.is_move && !moved && last.reason == d.reason => *last = line,
+                _ => self.push(line),
             }
         }
         new
+    }
+
+    fn push(&mut self, line: ShownLine) {
+        self.lines.push_back(line);
+        while self.lines.len() > KEEP_LINES {
+            self.lines.pop_front();
+        }
     }
 
     /// Successful moves to `side`.

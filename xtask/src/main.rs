@@ -30,9 +30,10 @@ enum Cmd {
     BuildEbpf,
     /// Compile the freestanding management guest.
     BuildGuest,
-    /// The main job: the governor on a live demo of user VMs.
+    /// The main job: card-sim with the MC VMs, the governor and user VMs
+    /// under ramped load; MC VMs move to the host and back, shown live.
     Run {
-        /// Stop after this many seconds (default: run until Ctrl-C).
+        /// Stop after this many seconds (default: run until Ctrl-C or q).
         #[arg(long)]
         seconds: Option<u64>,
     },

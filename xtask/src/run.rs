@@ -1,5 +1,6 @@
-//! `cargo xtask run`: the governor's live demo, then a check that it left
-//! nothing on the host.
+//! `cargo xtask run`: set up and build everything (the governor, card-sim,
+//! vmm, the MC guest, the demo), run the live demo (`governor-demo`), then
+//! check that it left nothing on the host.
 
 use std::process::Command;
 
