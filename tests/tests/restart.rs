@@ -162,7 +162,8 @@ fn kill_9_under_traffic_keeps_the_limit_and_the_counters() {
 /// The MC VMs are untouched by a kill -9 and a restart: the new governor
 /// adopts them where they run (the same card VM, the same host VMM
 /// process), their agents' state goes on, and nothing is moved or
-/// restarted; a clean stop then removes them all.
+/// restarted. The user VM's log lines, also those written while the
+/// governor was down, reach its log once each, in order.
 #[test]
 fn kill_9_leaves_the_mc_vms_running_and_the_next_governor_adopts_them() {
     use governor::placement::Side;
@@ -170,12 +171,28 @@ fn kill_9_leaves_the_mc_vms_running_and_the_next_governor_adopts_them() {
     use vmm::host::api::AgentOp;
     require_root();
     require_kvm();
+    let web = TestCgroup::new("restart-logs");
     let mut s = System::start(&SystemOptions {
         mcs: vec![("monitor", None), ("log", None)],
         thresholds: "fpga = 1.0, cpu = 1.0, memory = 1.0, network = 1.0".into(),
         dwell_s: 60,
+        user_vms: vec![("web".into(), web.cg.rel().to_string_lossy().into_owned())],
+        vm_logs: true,
         ..SystemOptions::default()
     });
+    let lines = |s: &System, from: u64, n: u64| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(s.vm_log_in("web")).expect("VM log file");
+        for i in from..from + n {
+            writeln!(f, "web line {i}").expect("write");
+        }
+    };
+    let written = |s: &System| {
+        let st = s.call(&Request::Status).status.expect("status");
+        st.logs.iter().find(|l| l.vm == "web").map_or(0, |l| l.written_log_seq)
+    };
+    lines(&s, 1, 100);
+    s.wait("100 lines written", Duration::from_secs(20), |s| written(s) == 100);
     assert!(s.call(&Request::Move { task: "log".into(), to: Side::Host }).ok);
     // Give each agent a state to keep: steps counted in guest memory.
     for task in ["monitor", "log"] {
@@ -191,8 +208,17 @@ fn kill_9_leaves_the_mc_vms_running_and_the_next_governor_adopts_them() {
     let decisions_before = s.decisions(0).len();
 
     s.kill9();
+    // Lines written while the governor is down come once it is back.
+    lines(&s, 101, 50);
     std::thread::sleep(Duration::from_millis(500));
     s.restart();
+    lines(&s, 151, 50);
+    s.wait("every line written, the ones from while it was down too", Duration::from_secs(20), |s| written(s) == 200);
+    let got = governor::manage::logs::read(&s.logs_dir(), "web", 0).expect("the VM's log");
+    let texts: Vec<String> = got.iter().map(|l| l.text.clone()).collect();
+    let want: Vec<String> = (1..=200).map(|i| format!("web line {i}")).collect();
+    assert_eq!(texts, want, "every line once, in order, across the kill");
+    assert_eq!(got.iter().map(|l| l.seq).collect::<Vec<_>>(), (1..=200).collect::<Vec<_>>());
     let after = s.placement();
     let t = |p: &governor::placement::runtime::PlacementStatus, n: &str| {
         p.tasks.iter().find(|t| t.task == n).cloned().expect("task")

@@ -32,10 +32,14 @@ struct Tail {
     offset: u64,
     inode: u64,
     partial: Vec<u8>,
+    /// (inode, offset) just after the last line written to the VM's log:
+    /// where a governor taking over after a kill reads on from.
+    written_at: (u64, u64),
 }
 
 impl Tail {
-    fn lines(&mut self) -> Vec<Vec<u8>> {
+    /// New complete lines, each with the file offset just after it.
+    fn lines(&mut self) -> Vec<(Vec<u8>, u64)> {
         let Ok(mut f) = File::open(&self.path) else { return Vec::new() };
         let Ok(meta) = f.metadata() else { return Vec::new() };
         if meta.ino() != self.inode || meta.len() < self.offset {
@@ -47,12 +51,61 @@ impl Tail {
         if f.seek(SeekFrom::Start(self.offset)).is_err() || f.read_to_end(&mut buf).is_err() {
             return Vec::new();
         }
+        // Where `partial` begins in the file.
+        let base = self.offset - self.partial.len() as u64;
         self.offset += buf.len() as u64;
         self.partial.extend_from_slice(&buf);
         let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else { return Vec::new() };
         let rest = self.partial.split_off(end + 1);
         let done = std::mem::replace(&mut self.partial, rest);
-        done.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| l.to_vec()).collect()
+        let mut out = Vec::new();
+        let mut start = 0usize;
+        for (i, _) in done.iter().enumerate().filter(|(_, b)| **b == b'\n') {
+            if i > start {
+                out.push((done[start..i].to_vec(), base + i as u64 + 1));
+            }
+            start = i + 1;
+        }
+        out
+    }
+}
+
+/// Where each followed file was read up to for the lines already written
+/// (and the last log number written), saved after every exchange with the
+/// log VM: a governor that takes over after a kill reads on from there, so
+/// no line is lost or written twice.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    pub vms: Vec<ResumeVm>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeVm {
+    pub vm: String,
+    pub written_log: u64,
+    pub files: Vec<ResumeFile>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeFile {
+    pub path: PathBuf,
+    pub inode: u64,
+    pub offset: u64,
+}
+
+impl Resume {
+    pub fn load(path: &Path) -> Option<Resume> {
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str(&text)
+            .map_err(|e| tracing::warn!(state = %path.display(), "ignoring the log positions left: {e}"))
+            .ok()
+    }
+
+    /// Atomically (a temporary file renamed over it).
+    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(self).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, path)
     }
 }
 
@@ -73,6 +126,9 @@ struct VmLogs {
     tails: Vec<Tail>,
     next_host: u64,
     pending: VecDeque<LogRecord>,
+    /// Beside each pending record: for the last record of a line, its
+    /// file (tail index), inode and the offset just after it.
+    ends: VecDeque<Option<(usize, u64, u64)>>,
     /// The last host number written.
     written: u64,
     written_log: u64,
@@ -87,16 +143,30 @@ pub struct LogPipe {
 }
 
 impl LogPipe {
-    /// Follow `files` of each VM (slot = its index); write to `dir`.
-    pub fn new(epoch: u32, vms: &[(String, Vec<PathBuf>)], dir: &Path, max_bytes: u64) -> std::io::Result<LogPipe> {
+    /// Follow `files` of each VM (slot = its index); write to `dir`. With
+    /// `resume` (a governor before was killed), each file is read on from
+    /// just after the last line written, if it is still the same file.
+    pub fn new(
+        epoch: u32,
+        vms: &[(String, Vec<PathBuf>)],
+        dir: &Path,
+        max_bytes: u64,
+        resume: Option<&Resume>,
+    ) -> std::io::Result<LogPipe> {
         let mut out = Vec::new();
         for (name, files) in vms {
+            let saved = resume.and_then(|r| r.vms.iter().find(|v| &v.vm == name));
             let tails = files
                 .iter()
                 .map(|p| {
-                    // Lines written before the governor started are not ours.
-                    let (offset, inode) = std::fs::metadata(p).map_or((0, 0), |m| (m.len(), m.ino()));
-                    Tail { path: p.clone(), offset, inode, partial: Vec::new() }
+                    // Lines written before the governor started are not
+                    // ours, unless a governor before us left off there.
+                    let (len, inode) = std::fs::metadata(p).map_or((0, 0), |m| (m.len(), m.ino()));
+                    let from = saved
+                        .and_then(|v| v.files.iter().find(|f| &f.path == p))
+                        .filter(|f| f.inode == inode && f.offset <= len)
+                        .map_or(len, |f| f.offset);
+                    Tail { path: p.clone(), offset: from, inode, partial: Vec::new(), written_at: (inode, from) }
                 })
                 .collect();
             out.push(VmLogs {
@@ -104,8 +174,9 @@ impl LogPipe {
                 tails,
                 next_host: 1,
                 pending: VecDeque::new(),
+                ends: VecDeque::new(),
                 written: 0,
-                written_log: 0,
+                written_log: saved.map_or(0, |v| v.written_log),
                 dropped: 0,
                 out: AuditLog::open(&dir.join(format!("{name}.log")), max_bytes)?,
             });
@@ -116,8 +187,8 @@ impl LogPipe {
     /// Read new lines from every followed file and number them.
     pub fn capture(&mut self) {
         for (slot, vm) in self.vms.iter_mut().enumerate() {
-            for t in &mut vm.tails {
-                for line in t.lines() {
+            for (ti, t) in vm.tails.iter_mut().enumerate() {
+                for (line, end) in t.lines() {
                     let chunks: Vec<&[u8]> = line.chunks(TEXT_LEN).collect();
                     if vm.pending.len() + chunks.len() > MAX_PENDING {
                         vm.dropped += 1;
@@ -135,6 +206,7 @@ impl LogPipe {
                             text,
                         });
                         vm.next_host += 1;
+                        vm.ends.push_back((i + 1 == chunks.len()).then_some((ti, t.inode, end)));
                     }
                 }
             }
@@ -161,6 +233,7 @@ impl LogPipe {
             }
             for h in a.first_host.max(vm.written + 1)..=a.last_host {
                 let r = vm.pending.pop_front().ok_or_else(|| format!("{}: nothing waits for {h}", vm.name))?;
+                let end = vm.ends.pop_front().flatten();
                 if r.host_seq != h {
                     return Err(format!("{}: ack of {h} but {} waits", vm.name, r.host_seq));
                 }
@@ -173,9 +246,33 @@ impl LogPipe {
                 vm.out.append_json(&line).map_err(|e| format!("{}: writing its log: {e}", vm.name))?;
                 vm.written = h;
                 vm.written_log = log_seq;
+                if let Some((ti, inode, off)) = end {
+                    if let Some(t) = vm.tails.get_mut(ti) {
+                        t.written_at = (inode, off);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Where a governor taking over would read on from (see [`Resume`]).
+    pub fn resume(&self) -> Resume {
+        Resume {
+            vms: self
+                .vms
+                .iter()
+                .map(|v| ResumeVm {
+                    vm: v.name.clone(),
+                    written_log: v.written_log,
+                    files: v
+                        .tails
+                        .iter()
+                        .map(|t| ResumeFile { path: t.path.clone(), inode: t.written_at.0, offset: t.written_at.1 })
+                        .collect(),
+                })
+                .collect(),
+        }
     }
 
     pub fn stats(&self) -> Vec<LogStat> {
@@ -234,7 +331,7 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let src = dir.join("a.out");
         std::fs::write(&src, "old line\n").expect("src");
-        let mut pipe = LogPipe::new(1, &[("a".into(), vec![src.clone()])], &dir, 1 << 20).expect("pipe");
+        let mut pipe = LogPipe::new(1, &[("a".into(), vec![src.clone()])], &dir, 1 << 20, None).expect("pipe");
         let mut f = std::fs::OpenOptions::new().append(true).open(&src).expect("append");
         let long = "x".repeat(TEXT_LEN + 10);
         write!(f, "one\ntwo\n{long}\nhalf").expect("write");
@@ -256,6 +353,22 @@ mod tests {
         pipe.capture();
         assert_eq!(pipe.batch().len(), 1);
         assert_eq!(pipe.stats()[0].pending, 1);
+        // A governor taking over after a kill reads on just after the last
+        // line written: the pending one comes again, nothing written does.
+        let r = pipe.resume();
+        assert_eq!(r.vms[0].written_log, 4);
+        drop(pipe);
+        let mut again = LogPipe::new(2, &[("a".into(), vec![src.clone()])], &dir, 1 << 20, Some(&r)).expect("pipe");
+        again.capture();
+        let b = again.batch();
+        assert_eq!(b.len(), 1, "only the line not yet written");
+        assert_eq!(b[0].text(), b"half done");
+        assert_eq!(again.stats()[0].written_log_seq, 4);
+        // A file replaced meanwhile is not read from an offset of the old one.
+        std::fs::remove_file(&src).expect("rm");
+        std::fs::write(&src, "new file\n").expect("new");
+        let fresh = LogPipe::new(3, &[("a".into(), vec![src.clone()])], &dir, 1 << 20, Some(&r)).expect("pipe");
+        assert_eq!(fresh.resume().vms[0].files[0].offset, 9, "from its end");
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -139,6 +139,7 @@ impl Runtime {
         board.logs = pipe.stats();
         drop(board);
         self.log_pipe = Some(pipe);
+        self.save_log_resume();
     }
 
     /// One monitor tick with the monitor MC VM where it runs; the board

@@ -133,6 +133,13 @@ pub(super) struct Runtime {
     /// moved or checkpointed again.
     pub(super) stopped: HashMap<String, String>,
     latest: Arc<std::sync::Mutex<Option<PlacementStatus>>>,
+    /// The log positions last saved.
+    log_resume: Option<crate::manage::logs::Resume>,
+}
+
+/// In the run directory: removed by a clean stop, left by a kill.
+fn log_resume_path(opts: &RuntimeOptions) -> PathBuf {
+    opts.host.run_dir.join("logs-resume.json")
 }
 
 pub(super) type PerResourceView = [f64; 4];
@@ -236,8 +243,14 @@ impl Runtime {
             // A new epoch each run: the log VM's numbering goes on past a restart.
             let epoch = (wall_ms() / 1000) as u32;
             Some(
-                crate::manage::logs::LogPipe::new(epoch, &opts.logs, &opts.logs_dir, opts.log_max_bytes)
-                    .with_context(|| format!("placement.logs_dir {}", opts.logs_dir.display()))?,
+                crate::manage::logs::LogPipe::new(
+                    epoch,
+                    &opts.logs,
+                    &opts.logs_dir,
+                    opts.log_max_bytes,
+                    crate::manage::logs::Resume::load(&log_resume_path(&opts)).as_ref(),
+                )
+                .with_context(|| format!("placement.logs_dir {}", opts.logs_dir.display()))?,
             )
         } else {
             None
@@ -263,8 +276,24 @@ impl Runtime {
             card_net: (0.0, 0),
             stopped: HashMap::new(),
             latest: Arc::default(),
+            log_resume: None,
             opts,
         })
+    }
+
+    /// Save where the log pipe left off (a governor taking over after a
+    /// kill reads on from there) when it changed.
+    pub(super) fn save_log_resume(&mut self) {
+        let Some(pipe) = &self.log_pipe else { return };
+        let r = pipe.resume();
+        if self.log_resume.as_ref() == Some(&r) {
+            return;
+        }
+        let path = log_resume_path(&self.opts);
+        match r.save(&path) {
+            Ok(()) => self.log_resume = Some(r),
+            Err(e) => tracing::warn!(state = %path.display(), "saving the log positions: {e}"),
+        }
     }
 
     /// The MC VMs a killed governor left running, on the card and on the
