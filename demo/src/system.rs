@@ -47,13 +47,15 @@ pub struct UserVm {
 }
 
 /// The user VMs: name, CPU quota, the load that runs in them besides the
-/// iperf3 servers.
+/// iperf3 servers. A whole CPU each: a receiver throttled by its quota
+/// stalls its senders, and iperf3 then catches up in bursts that read as
+/// the card's link over 100% for a tick.
 const VMS: [(&str, f64, &[&str]); 3] = [
-    ("web", 0.5, &[]),
-    ("batch", 0.6, &["stress-ng", "--cpu", "1", "--cpu-load", "25", "--quiet"]),
+    ("web", 1.0, &[]),
+    ("batch", 1.0, &["stress-ng", "--cpu", "1", "--cpu-load", "20", "--quiet"]),
     (
         "db",
-        0.5,
+        1.0,
         // 48 MiB held (hang 0: touched once, then kept without CPU).
         &[
             "stress-ng",
