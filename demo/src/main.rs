@@ -160,14 +160,18 @@ fn summary(w: &Watch) {
         w.moves.iter().filter(|m| !m.ok).count(),
         max
     );
-    if let (Some(cross), Some(first)) = (w.first_crossing_ms, w.moves.first()) {
+    if let (Some((tick, ms)), Some(first)) = (w.first_crossing, w.moves.first()) {
+        // The decision that moves runs on the tick that measured the
+        // crossing: 0 ticks is the engine reacting at once.
         println!(
-            "demo: the first move ({} to {}) was decided {} ms after the first tick that saw the card over a threshold \
-             (+{:.1} s into the load)",
+            "demo: the first move ({} to {}, +{:.1} s into the load) ran at tick {}, {} tick(s) and {} ms after the \
+             first tick that measured the card over a threshold",
             first.task,
             if first.to == Side::Host { "host" } else { "card" },
-            first.time_ms.saturating_sub(cross),
-            first.at_s
+            first.at_s,
+            first.tick,
+            first.tick.saturating_sub(tick),
+            first.time_ms.saturating_sub(ms)
         );
     }
     println!("demo: everything it made is removed");

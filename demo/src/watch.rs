@@ -47,8 +47,9 @@ pub struct SeenMove {
     pub reason: Reason,
     /// Seconds since the demo's load began (when the demo saw it).
     pub at_s: f64,
-    /// The decision's wall-clock ms.
+    /// The decision's wall-clock ms and tick.
     pub time_ms: u64,
+    pub tick: u64,
 }
 
 #[derive(Default)]
@@ -60,9 +61,9 @@ pub struct Watch {
     /// card's tick after tick of "holds" is one line that stays current.
     pub lines: VecDeque<ShownLine>,
     pub moves: Vec<SeenMove>,
-    /// The first decision that saw the card over a threshold (wall-clock
-    /// ms, as the record says).
-    pub first_crossing_ms: Option<u64>,
+    /// The first decision that saw the card over a threshold: (tick,
+    /// wall-clock ms), as the record says.
+    pub first_crossing: Option<(u64, u64)>,
     /// Why the last read failed, if it did.
     pub error: Option<String>,
     after_tick: u64,
@@ -99,8 +100,8 @@ impl Watch {
                 continue;
             }
             self.after_tick = d.tick;
-            if self.first_crossing_ms.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
-                self.first_crossing_ms = Some(d.time_ms);
+            if self.first_crossing.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
+                self.first_crossing = Some((d.tick, d.time_ms));
             }
             // Where the MC VMs start is not a move.
             let moved = d.reason != Reason::Initial && !d.reports.is_empty();
@@ -129,6 +130,7 @@ impl Watch {
                         reason: d.reason,
                         at_s: now_s,
                         time_ms: d.time_ms,
+                        tick: d.tick,
                     };
                     self.moves.push(m.clone());
                     new.push(m);
