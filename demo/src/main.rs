@@ -76,7 +76,7 @@ fn run(cli: &Cli, tty: bool, stderr_log: &TempPath) -> Result<()> {
     // On the terminal the children's stderr (card-sim, the governor, the
     // load) goes to the log until the end: it would tear the view.
     let stderr = if tty { Some(screen::StderrTo::file(stderr_log.path())?) } else { None };
-    let sys = System::start(&paths, tty, &over);
+    let sys = System::start(&paths, &over);
     let mut sys = match sys {
         Ok(s) => s,
         Err(_) if over() => {

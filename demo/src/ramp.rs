@@ -49,6 +49,8 @@ pub struct RampState {
     pub next_in_s: u64,
     /// The log VM's shipping runs on the card (its card VM id).
     pub shipping_vm: Option<u32>,
+    /// Why the last attempt to start the shipping failed, if it did.
+    pub note: Option<String>,
 }
 
 pub struct Ramp {
@@ -115,7 +117,7 @@ impl Ramp {
         self.state.offered_bps = STREAM_BPS * (level * self.vms.len()) as u64;
         self.state.next_in_s = next - t;
         if let Some(p) = placement {
-            self.follow_log_vm(p)?;
+            self.follow_log_vm(p);
         }
         Ok(())
     }
@@ -147,11 +149,11 @@ impl Ramp {
     /// traffic on that VM's behalf; once it left, card-sim stops it (the VM
     /// is no longer there), and when it is back (a new card VM id) it is
     /// started again for that VM.
-    fn follow_log_vm(&mut self, p: &PlacementStatus) -> Result<()> {
-        let Some(log) = p.tasks.iter().find(|t| t.task == "log") else { return Ok(()) };
+    fn follow_log_vm(&mut self, p: &PlacementStatus) {
+        let Some(log) = p.tasks.iter().find(|t| t.task == "log") else { return };
         let on_card = if log.side == Side::Card { log.card_vm } else { None };
         if on_card == self.state.shipping_vm {
-            return Ok(());
+            return;
         }
         if let Some(vm) = on_card {
             let req = CardRequest::Load(Load {
@@ -160,10 +162,16 @@ impl Ramp {
                 net_vm: Some(vm),
                 ..Load::default()
             });
-            card_sim::process::control_at(&self.control, &req).context("the log VM's shipping on the card")?;
+            // The VM may have left the card since the placement was read
+            // (a move in between): the card refuses, and the next round
+            // follows it wherever it is then.
+            if let Err(e) = card_sim::process::control_at(&self.control, &req) {
+                self.state.note = Some(format!("log shipping for card VM {vm}: {e}"));
+                return;
+            }
         }
         self.state.shipping_vm = on_card;
-        Ok(())
+        self.state.note = None;
     }
 
     /// Stop every client (the servers go with their VMs).

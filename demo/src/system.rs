@@ -142,7 +142,7 @@ fn metrics_addr() -> Result<SocketAddr> {
 impl System {
     /// Start everything; `stop` is polled while waiting so Ctrl-C during
     /// start-up ends it too (what was made so far is dropped).
-    pub fn start(paths: &Paths, quiet_children: bool, stop: &dyn Fn() -> bool) -> Result<System> {
+    pub fn start(paths: &Paths, stop: &dyn Fn() -> bool) -> Result<System> {
         let run = TempDir::new("governor-demo").context("the demo's run directory")?;
         let pins = PinDir::new();
         let nets = (0..VMS.len()).map(|_| VethPair::create()).collect::<Result<Vec<_>, _>>();
@@ -171,7 +171,7 @@ impl System {
         s.sim_control = sim.control_path().to_path_buf();
         s.sim = Some(sim);
         s.start_user_vms()?;
-        s.start_governor(paths, quiet_children)?;
+        s.start_governor(paths)?;
         s.wait_ready(stop)?;
         Ok(s)
     }
@@ -231,7 +231,7 @@ impl System {
         reply.port.context("card-sim answered a forward without its port")
     }
 
-    fn start_governor(&mut self, paths: &Paths, quiet: bool) -> Result<()> {
+    fn start_governor(&mut self, paths: &Paths) -> Result<()> {
         let run = self.run.path();
         let mut vms = String::new();
         for (i, vm) in self.vms.iter().enumerate() {
@@ -273,7 +273,7 @@ impl System {
         let mut cmd = Command::new(&paths.governor);
         cmd.args(["run", "--config"]).arg(&cfg_path).stdin(Stdio::null()).stdout(Stdio::null());
         // Warnings and errors only: what it decides is read over its API.
-        cmd.env("RUST_LOG", if quiet { "error" } else { "warn" });
+        cmd.env("RUST_LOG", "warn");
         let child = cmd.spawn().with_context(|| format!("start {}", paths.governor.display()))?;
         self.gov = Some(Guarded::new(child));
         Ok(())

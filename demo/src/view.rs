@@ -78,9 +78,14 @@ fn header(w: &Watch, ramp: &RampState, h: &Header) -> Paragraph<'static> {
             Span::raw(format!("  metrics http://{}/metrics", h.metrics)),
         ]),
         Line::from(load),
-        Line::from(match &w.error {
-            Some(e) => Span::styled(format!("API: {e}"), Style::new().fg(Color::Red)),
-            None => Span::raw(format!("load running for {:.0} s", h.ramp_s)),
+        Line::from(match (&w.error, &ramp.note) {
+            (Some(e), _) => Span::styled(format!("API: {e}"), Style::new().fg(Color::Red)),
+            (None, Some(n)) => Span::styled(n.clone(), Style::new().fg(Color::Yellow)),
+            (None, None) => Span::raw(format!(
+                "load running for {:.0} s; the log MC VM ships its logs {}",
+                h.ramp_s,
+                if ramp.shipping_vm.is_some() { "from the card (its card network cost)" } else { "from the host" }
+            )),
         }),
     ])
 }
