@@ -95,6 +95,8 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     ifb_name: String,
     /// The IFB device traffic from shaped VMs is redirected to, once made.
     ifb: Option<u32>,
+    /// gso_max_size of each interface before shaping capped it.
+    gso_before: std::collections::HashMap<u32, u32>,
     ticks: u64,
 }
 
@@ -139,6 +141,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             ooms: VecDeque::new(),
             ifb_name: cfg.qos_ifb.clone(),
             ifb: None,
+            gso_before: Default::default(),
             ticks: 0,
         };
         // On error `g` is dropped, which removes any shaping set up so far

@@ -19,6 +19,17 @@ fn leaf_limit(limit: &Limit) -> u32 {
     u32::try_from(ten_ms.max(128 * 1024)).unwrap_or(u32::MAX)
 }
 
+/// The largest GSO packet for an interface shaped at `rate_bps`: one that
+/// takes at most 1 ms on the wire at that rate, which is what tbf does in
+/// effect (it splits a GSO packet larger than its burst). HTB sends a GSO
+/// packet whole: at 100 Mbit/s a 64 KiB one holds every packet behind it
+/// for 5.2 ms, and TCP's small-queue limit grows with the GSO size, so the
+/// standing queue shrinks with it too. At least two full frames; at most
+/// the kernel's 64 KiB default (fast rates are not capped).
+pub fn gso_cap(rate_bps: u64) -> u32 {
+    (rate_bps / 8 / 1000).clamp(2 * 1514, 65_536) as u32
+}
+
 fn burst(limit: &Limit) -> u32 {
     u32::try_from(limit.burst_bytes).unwrap_or(u32::MAX)
 }
@@ -74,6 +85,9 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                     }
                     done.push(ifindex);
                 }
+                for ifindex in done {
+                    self.cap_gso(&vm, ifindex, limit.rate_bps);
+                }
                 Ok(0)
             }
         }
@@ -106,7 +120,40 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             .add_htb(ifindex, HTB_MAJOR)
             .and_then(|_| self.shaper.set_class(ifindex, HTB_MAJOR, minor, l.rate_bps, burst(l)))
             .and_then(|_| self.shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(l)));
-        logged("re-applying shaping", self.vms[i].name(), r);
+        let vm = self.vms[i].name().to_string();
+        logged("re-applying shaping", &vm, r);
+        // A new interface: its own default is what a teardown restores.
+        self.gso_before.remove(&ifindex);
+        self.cap_gso(&vm, ifindex, l.rate_bps);
+    }
+
+    /// Cap the interface's GSO size for shaping at `rate_bps` (see
+    /// [`gso_cap`]), remembering what it was. Best effort: shaping works
+    /// without it, with more latency.
+    fn cap_gso(&mut self, vm: &str, ifindex: u32, rate_bps: u64) {
+        if !self.gso_before.contains_key(&ifindex) {
+            match self.shaper.gso_max_size(ifindex) {
+                Ok(g) => {
+                    self.gso_before.insert(ifindex, g);
+                }
+                Err(e) => {
+                    tracing::warn!(vm, ifindex, "reading gso_max_size, not capping it: {e}");
+                    return;
+                }
+            }
+        }
+        let before = self.gso_before.get(&ifindex).copied().unwrap_or(65_536);
+        logged("capping gso_max_size", vm, self.shaper.set_gso_max_size(ifindex, gso_cap(rate_bps).min(before)));
+    }
+
+    /// Give an interface its GSO size back.
+    fn restore_gso(&mut self, vm: &str, ifindex: u32) {
+        if let Some(g) = self.gso_before.remove(&ifindex) {
+            match self.shaper.set_gso_max_size(ifindex, g) {
+                Ok(()) | Err(ShapeError::NoDevice { .. }) => {}
+                Err(e) => tracing::warn!(vm, ifindex, "restoring gso_max_size: {e}"),
+            }
+        }
     }
 
     /// Remove the VM's HTB class for this direction (and the qdisc or IFB
@@ -131,6 +178,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                         Ok(()) | Err(ShapeError::NoDevice { .. }) => {}
                         Err(e) => tracing::warn!(vm, ifindex, "removing the root qdisc: {e}"),
                     }
+                    self.restore_gso(&vm, ifindex);
                 }
             }
         }

@@ -158,10 +158,13 @@ fn shaped_ingress_has_a_root_per_interface() {
     let mut g = h.governor("");
     g.set_limit("b", Direction::Ingress, limit(Mode::Shape, 50)).expect("shape b");
     assert_eq!(h.net.state().roots.keys().copied().collect::<Vec<_>>(), vec![11, 12]);
+    // GSO packets of at most 1 ms at the rate: 6250 B at 50 Mbit/s.
+    assert_eq!(h.net.state().gso.get(&11), Some(&6250));
     g.set_limit("b", Direction::Ingress, limit(Mode::Shape, 40)).expect("change rate");
     assert_eq!(h.net.state().classes[&(12, HTB_MAJOR, 2)].rate_bps, 40_000_000);
+    assert_eq!(h.net.state().gso.get(&12), Some(&5000));
     g.clear_limit("b", Direction::Ingress).expect("clear");
-    assert!(h.net.is_clean());
+    assert!(h.net.is_clean(), "GSO sizes restored: {:?}", h.net.state().gso);
 }
 
 #[test]
@@ -238,4 +241,12 @@ fn refusals_name_the_vm_and_change_nothing() {
     let bad = Config::parse("[[vm]]\nname = \"x\"\ncgroup = \"no-such\"\n").expect("parses");
     let e = Governor::with(&bad, h.tel.clone(), h.net.clone(), h.layout.clone()).err().expect("missing cgroup");
     assert!(matches!(e, GovernorError::Cgroup { ref vm, .. } if vm == "x"), "{e}");
+}
+
+#[test]
+fn the_gso_cap_is_one_millisecond_at_the_rate_within_bounds() {
+    use super::shaping::gso_cap;
+    assert_eq!(gso_cap(100_000_000), 12_500);
+    assert_eq!(gso_cap(1_000_000), 3028, "at least two full frames");
+    assert_eq!(gso_cap(10_000_000_000), 65_536, "fast rates are not capped");
 }

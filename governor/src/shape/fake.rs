@@ -26,6 +26,8 @@ pub struct FakeNet {
     pub roots: BTreeMap<u32, u16>,
     /// Classes: (ifindex, major, minor).
     pub classes: BTreeMap<(u32, u16, u16), FakeClass>,
+    /// gso_max_size by ifindex (absent: the kernel's 65536).
+    pub gso: BTreeMap<u32, u32>,
     /// The next operation of this kind fails with an errno-like error.
     pub fail: Option<Op>,
     next_ifindex: u32,
@@ -45,10 +47,10 @@ impl FakeShaper {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Nothing made by the shaper is left.
+    /// Nothing made by the shaper is left (and every GSO size is back).
     pub fn is_clean(&self) -> bool {
         let st = self.state();
-        st.roots.is_empty() && st.classes.is_empty() && st.links.is_empty()
+        st.roots.is_empty() && st.classes.is_empty() && st.links.is_empty() && st.gso.is_empty()
     }
 
     fn check(&self, op: Op, target: String) -> Result<MutexGuard<'_, FakeNet>, ShapeError> {
@@ -148,6 +150,21 @@ impl Shaper for FakeShaper {
         st.links.remove(&name);
         st.roots.remove(&ifindex);
         st.classes.retain(|(i, _, _), _| *i != ifindex);
+        Ok(())
+    }
+
+    fn gso_max_size(&mut self, ifindex: u32) -> Result<u32, ShapeError> {
+        let st = self.check(Op::LookupLink, format!("ifindex {ifindex}"))?;
+        Ok(st.gso.get(&ifindex).copied().unwrap_or(65_536))
+    }
+
+    fn set_gso_max_size(&mut self, ifindex: u32, bytes: u32) -> Result<(), ShapeError> {
+        let mut st = self.check(Op::SetGso, format!("ifindex {ifindex}"))?;
+        if bytes == 65_536 {
+            st.gso.remove(&ifindex);
+        } else {
+            st.gso.insert(ifindex, bytes);
+        }
         Ok(())
     }
 }

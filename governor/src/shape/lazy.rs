@@ -68,6 +68,12 @@ impl<S: Shaper> Shaper for LazyShaper<S> {
     fn delete_link(&mut self, ifindex: u32) -> Result<(), ShapeError> {
         self.get()?.delete_link(ifindex)
     }
+    fn gso_max_size(&mut self, ifindex: u32) -> Result<u32, ShapeError> {
+        self.get()?.gso_max_size(ifindex)
+    }
+    fn set_gso_max_size(&mut self, ifindex: u32, bytes: u32) -> Result<(), ShapeError> {
+        self.get()?.set_gso_max_size(ifindex, bytes)
+    }
 }
 
 #[cfg(test)]

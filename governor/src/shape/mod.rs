@@ -69,6 +69,10 @@ pub trait Shaper {
     fn add_ifb(&mut self, name: &str) -> Result<u32, ShapeError>;
     fn link_index(&mut self, name: &str) -> Result<u32, ShapeError>;
     fn delete_link(&mut self, ifindex: u32) -> Result<(), ShapeError>;
+    /// The largest GSO packet the stack builds for `ifindex`
+    /// (`gso_max_size`).
+    fn gso_max_size(&mut self, ifindex: u32) -> Result<u32, ShapeError>;
+    fn set_gso_max_size(&mut self, ifindex: u32, bytes: u32) -> Result<(), ShapeError>;
 }
 
 /// What was being attempted when the kernel said no; part of every error so a
@@ -83,6 +87,7 @@ pub enum Op {
     LookupLink,
     DeleteLink,
     SetLeaf,
+    SetGso,
 }
 
 impl fmt::Display for Op {
@@ -96,6 +101,7 @@ impl fmt::Display for Op {
             Op::LookupLink => "look up link",
             Op::DeleteLink => "delete link",
             Op::SetLeaf => "set class leaf qdisc",
+            Op::SetGso => "set gso_max_size",
         })
     }
 }

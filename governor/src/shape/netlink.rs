@@ -263,6 +263,36 @@ impl Shaper for NetlinkShaper {
         msg.header.index = ifindex;
         self.rtnl.request(op, &target, Request::plain(RouteNetlinkMessage::DelLink(msg)), 0).map(drop)
     }
+
+    fn gso_max_size(&mut self, ifindex: u32) -> Result<u32, ShapeError> {
+        let op = Op::LookupLink;
+        let target = iface_label(ifindex);
+        let mut msg = LinkMessage::default();
+        msg.header.index = ifindex;
+        let replies = self.rtnl.request(op, &target, Request::plain(RouteNetlinkMessage::GetLink(msg)), 0)?;
+        for r in replies {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&r.bytes)
+                .map_err(|e| ShapeError::Protocol { op, target: target.clone(), reason: format!("reply: {e}") })?;
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = msg.payload {
+                let gso = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::GsoMaxSize(v) => Some(*v),
+                    _ => None,
+                });
+                return gso.ok_or_else(|| ShapeError::Protocol { op, target, reason: "no IFLA_GSO_MAX_SIZE".into() });
+            }
+        }
+        Err(ShapeError::Protocol { op, target, reason: "no RTM_NEWLINK in the reply".into() })
+    }
+
+    /// `ip link set dev X gso_max_size N`: RTM_NEWLINK on the index.
+    fn set_gso_max_size(&mut self, ifindex: u32, bytes: u32) -> Result<(), ShapeError> {
+        let op = Op::SetGso;
+        let target = iface_label(ifindex);
+        let mut msg = LinkMessage::default();
+        msg.header.index = ifindex;
+        msg.attributes.push(LinkAttribute::GsoMaxSize(bytes));
+        self.rtnl.request(op, &target, Request::plain(RouteNetlinkMessage::SetLink(msg)), 0).map(drop)
+    }
 }
 
 #[cfg(test)]
