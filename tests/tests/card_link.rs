@@ -21,7 +21,13 @@ const PERIOD_MS: u64 = 100;
 const LINK_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn sim() -> SimProcess {
-    SimProcess::spawn(&SimOptions { period_ms: PERIOD_MS as u32, ..Default::default() }).expect("start card-sim")
+    sim_with(true)
+}
+
+/// card-sim offering mapped BARs and DMA streams (ABI 1.3), or not (a card
+/// reached by socket messages only: the fallback path).
+fn sim_with(mmap: bool) -> SimProcess {
+    SimProcess::spawn(&SimOptions { period_ms: PERIOD_MS as u32, mmap, ..Default::default() }).expect("start card-sim")
 }
 
 fn load(l: Load) -> Request {
@@ -63,8 +69,20 @@ fn card_sim_runs_in_its_cgroup_and_reports_identity() {
 
 #[test]
 fn card_mailbox_1000_commands_in_order() {
-    let s = sim();
+    card_mailbox_1000_commands_in_order_on(true);
+}
+
+/// The same over socket messages only (a card that offers no mmap).
+#[test]
+fn card_mailbox_1000_commands_in_order_by_messages() {
+    card_mailbox_1000_commands_in_order_on(false);
+}
+
+fn card_mailbox_1000_commands_in_order_on(mmap: bool) {
+    let s = sim_with(mmap);
     let mut card = connect(&s, Duration::from_secs(2));
+    let info = card.transport_info();
+    assert_eq!(matches!(info.access, card_link::Access::Mapped), mmap, "the path chosen at open: {info}");
     for i in 0..1000u64 {
         let payload = i.to_le_bytes().repeat((i % 7) as usize + 1);
         let m = card.echo(i, &payload).unwrap_or_else(|e| panic!("command {i}: {e}"));
@@ -315,7 +333,17 @@ fn card_fault_silent_card_is_detected_within_three_heartbeats() {
 
 #[test]
 fn card_fault_garbage_registers_are_refused() {
-    let s = sim();
+    card_fault_garbage_registers_are_refused_on(true);
+}
+
+/// The same over socket messages only (a card that offers no mmap).
+#[test]
+fn card_fault_garbage_registers_are_refused_by_messages() {
+    card_fault_garbage_registers_are_refused_on(false);
+}
+
+fn card_fault_garbage_registers_are_refused_on(mmap: bool) {
+    let s = sim_with(mmap);
     let mut card = connect(&s, Duration::from_secs(2));
     s.control(&Request::fault(Fault::Garbage, true)).expect("inject garbage");
     for _ in 0..50 {
@@ -337,7 +365,17 @@ fn card_fault_garbage_registers_are_refused() {
 
 #[test]
 fn card_fault_slow_mailbox_times_out_on_time() {
-    let s = sim();
+    card_fault_slow_mailbox_times_out_on_time_on(true);
+}
+
+/// The same over socket messages only (a card that offers no mmap).
+#[test]
+fn card_fault_slow_mailbox_times_out_on_time_by_messages() {
+    card_fault_slow_mailbox_times_out_on_time_on(false);
+}
+
+fn card_fault_slow_mailbox_times_out_on_time_on(mmap: bool) {
+    let s = sim_with(mmap);
     let mut card = connect(&s, Duration::from_millis(500));
     s.control(&slow(200)).expect("slow 200 ms");
     let t = Instant::now();
@@ -401,7 +439,17 @@ fn card_watchdog_reports_stall_and_recovery() {
 
 #[test]
 fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
-    let s = sim();
+    card_fault_chaos_gives_only_typed_errors_and_recovers_on(true);
+}
+
+/// The same over socket messages only (a card that offers no mmap).
+#[test]
+fn card_fault_chaos_gives_only_typed_errors_and_recovers_by_messages() {
+    card_fault_chaos_gives_only_typed_errors_and_recovers_on(false);
+}
+
+fn card_fault_chaos_gives_only_typed_errors_and_recovers_on(mmap: bool) {
+    let s = sim_with(mmap);
     let mut card = connect(&s, Duration::from_millis(300));
     let faults = [Request::fault(Fault::Garbage, true), slow(400), Request::fault(Fault::Stall, true)];
     let clear = [

@@ -24,11 +24,20 @@ pub struct CardSite {
     staged: HashMap<String, u32>,
     /// Guest RAM of each task, for restores and cold starts.
     mem_mib: HashMap<String, u32>,
+    /// The link as opened (`Card::transport_info`).
+    link: String,
 }
 
 impl CardSite {
     pub fn new(card: Card) -> CardSite {
-        CardSite { card, vms: HashMap::new(), staged: HashMap::new(), mem_mib: HashMap::new() }
+        let link = card.transport_info().to_string();
+        tracing::info!("card link: {link}");
+        CardSite { card, vms: HashMap::new(), staged: HashMap::new(), mem_mib: HashMap::new(), link }
+    }
+
+    /// How the link reaches the card (chosen at open).
+    pub fn link(&self) -> &str {
+        &self.link
     }
 
     /// Say how much guest RAM a task's VM has (restores and cold starts).

@@ -581,6 +581,7 @@ impl Runtime {
             card: CardStatus {
                 healthy: matches!(self.card, CardState::Healthy),
                 error: (!matches!(self.card, CardState::Healthy)).then(|| self.card.describe()),
+                link: Some(self.sites.card.link().to_string()),
                 resources: Resource::ALL
                     .iter()
                     .map(|r| ResourceView {

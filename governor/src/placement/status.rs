@@ -42,6 +42,9 @@ pub struct CardStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub resources: Vec<ResourceView>,
+    /// How the link reaches it (mapped BARs or messages, DMA streams).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

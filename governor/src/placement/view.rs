@@ -28,6 +28,9 @@ pub fn placement_table(p: &PlacementStatus) -> String {
     let mut out = String::new();
     let card = if p.card.healthy { "healthy".to_string() } else { p.card.error.clone().unwrap_or_default() };
     let _ = writeln!(out, "card: {card}{}", if p.dry_run { "  (dry run: nothing is moved)" } else { "" });
+    if let Some(link) = &p.card.link {
+        let _ = writeln!(out, "  link: {link}");
+    }
     for r in &p.card.resources {
         let over = if r.used > r.threshold { "  OVER" } else { "" };
         let _ =
