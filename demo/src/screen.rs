@@ -56,10 +56,10 @@ impl Screen {
     /// children's messages would tear the view), else text frames.
     pub fn open(stderr: Option<&StderrTo>) -> Result<Screen> {
         let Some(stderr) = stderr else { return Ok(Screen::Text { last: None }) };
-        // ratatui::init installs a panic hook that restores the terminal
+        // ratatui's init installs a panic hook that restores the terminal
         // before the panic is printed; the hook below first puts stderr
         // back, so that message reaches the user.
-        let term = ratatui::init();
+        let term = ratatui::try_init().context("set up the terminal (raw mode, alternate screen)")?;
         let saved = stderr.saved;
         let restore_terminal = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {

@@ -10,7 +10,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Row, Table, Wrap};
 use ratatui::Frame;
 
-use governor::placement::Side;
+use governor::placement::{Resource, Side};
 
 use crate::ramp::RampState;
 use crate::watch::{clock, Watch};
@@ -139,7 +139,8 @@ fn tasks_table(w: &Watch) -> Table<'static> {
                 t.task.clone(),
                 side(t.side).to_string(),
                 clock(t.since_ms),
-                format!("{:.1}%", t.card_cost[3] * 100.0),
+                format!("{:.1}%", t.card_cost[Resource::Cpu.index()] * 100.0),
+                format!("{:.1}%", t.card_cost[Resource::Network.index()] * 100.0),
                 last,
             ])
             .style(st)
@@ -151,12 +152,16 @@ fn tasks_table(w: &Watch) -> Table<'static> {
             Constraint::Length(8),
             Constraint::Length(5),
             Constraint::Length(9),
-            Constraint::Length(7),
+            Constraint::Length(6),
+            Constraint::Length(6),
             Constraint::Min(20),
         ],
     )
-    .header(Row::new(["task", "side", "since", "c.net", "last move"]).style(Style::new().add_modifier(Modifier::BOLD)))
-    .block(Block::bordered().title(" MC VMs "))
+    .header(
+        Row::new(["task", "side", "since", "c.cpu", "c.net", "last move"])
+            .style(Style::new().add_modifier(Modifier::BOLD)),
+    )
+    .block(Block::bordered().title(" MC VMs (c.: their measured cost on the card) "))
 }
 
 fn users_table(w: &Watch) -> Table<'static> {
