@@ -5,18 +5,24 @@
 
 use super::{Governor, GovernorError};
 use crate::qos::{Direction, Limit};
-use crate::shape::{ShapeError, Shaper};
+use crate::shape::{Leaf, ShapeError, Shaper};
 use crate::telemetry::Telemetry;
 
 /// HTB handle major of the qdiscs the governor creates (`7a:`), so they are
 /// recognisable in `tc qdisc show`.
 pub const HTB_MAJOR: u16 = 0x7a;
 
-/// Queue of a shaped VM's class: 10 ms at the rate, but room for two
-/// 64 KiB GSO packets.
-fn leaf_limit(limit: &Limit) -> u32 {
-    let ten_ms = limit.rate_bps / 8 / 100;
-    u32::try_from(ten_ms.max(128 * 1024)).unwrap_or(u32::MAX)
+/// Queue of a shaped VM's class: 5 ms at the rate (at least four
+/// segments), GSO packets split into segments of 1 ms at the rate as they
+/// enter ([`gso_cap`]). Measured at 100 Mbit/s with another namespace's TCP
+/// flow forwarded into the VM (its sender's GSO size, not ours): ping p99
+/// 12.7 ms with a 128 KiB FIFO that must hold whole 64 KiB packets, 5.3 ms
+/// with this leaf, tbf alone 17.8 ms, goodput 98.6 Mbit/s throughout.
+fn leaf(limit: &Limit) -> Leaf {
+    let segment = gso_cap(limit.rate_bps);
+    let five_ms = limit.rate_bps / 8 / 200;
+    let limit_bytes = u32::try_from(five_ms.max(4 * u64::from(segment))).unwrap_or(u32::MAX);
+    Leaf { limit_bytes, segment_bytes: segment, class_rate_bps: limit.rate_bps }
 }
 
 /// The largest GSO packet for an interface shaped at `rate_bps`: one that
@@ -58,7 +64,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                 let r = self
                     .shaper
                     .set_class(ifb, HTB_MAJOR, minor, limit.rate_bps, burst(limit))
-                    .and_then(|_| self.shaper.set_leaf_fifo(ifb, HTB_MAJOR, minor, leaf_limit(limit)));
+                    .and_then(|_| self.shaper.set_leaf(ifb, HTB_MAJOR, minor, leaf(limit)));
                 if let Err(e) = r {
                     if created {
                         logged("removing the IFB device after a failed setup", &vm, self.shaper.delete_link(ifb));
@@ -74,7 +80,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                 for ifindex in self.vms[i].interfaces.iter().map(|i| i.ifindex).collect::<Vec<_>>() {
                     let r = if had_class { Ok(()) } else { self.shaper.add_htb(ifindex, HTB_MAJOR) }
                         .and_then(|_| self.shaper.set_class(ifindex, HTB_MAJOR, minor, limit.rate_bps, burst(limit)))
-                        .and_then(|_| self.shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(limit)));
+                        .and_then(|_| self.shaper.set_leaf(ifindex, HTB_MAJOR, minor, leaf(limit)));
                     if let Err(e) = r {
                         if !had_class {
                             for d in done.iter().chain(std::iter::once(&ifindex)) {
@@ -119,7 +125,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             .shaper
             .add_htb(ifindex, HTB_MAJOR)
             .and_then(|_| self.shaper.set_class(ifindex, HTB_MAJOR, minor, l.rate_bps, burst(l)))
-            .and_then(|_| self.shaper.set_leaf_fifo(ifindex, HTB_MAJOR, minor, leaf_limit(l)));
+            .and_then(|_| self.shaper.set_leaf(ifindex, HTB_MAJOR, minor, leaf(l)));
         let vm = self.vms[i].name().to_string();
         logged("re-applying shaping", &vm, r);
         // A new interface: its own default is what a teardown restores.

@@ -223,7 +223,7 @@ proptest! {
             cpus: policy.reserve.cpus * used_frac,
             memory_bytes: (policy.reserve.memory_bytes as f64 * used_frac) as u64,
         };
-        let i = Inputs { now_ms, card, tasks: &tasks, host_used, calm_since_ms: calm_for.map(|c| now_ms - c), policy: &policy };
+        let i = Inputs { now_ms, card, tasks: &tasks, host_used, calm_since_ms: calm_for.map(|c| now_ms.saturating_sub(c)), policy: &policy };
         let d = decide(&i);
         // The same inputs always give the same decision.
         prop_assert_eq!(&d, &decide(&i));

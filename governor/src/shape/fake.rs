@@ -15,7 +15,7 @@ use super::{Op, ShapeError, Shaper};
 pub struct FakeClass {
     pub rate_bps: u64,
     pub burst_bytes: u32,
-    pub leaf_limit: Option<u32>,
+    pub leaf: Option<super::Leaf>,
 }
 
 #[derive(Debug, Default)]
@@ -95,18 +95,17 @@ impl Shaper for FakeShaper {
         if st.roots.get(&ifindex) != Some(&major) {
             return Err(not_found(Op::SetClass, target));
         }
-        let c =
-            st.classes.entry((ifindex, major, minor)).or_insert(FakeClass { rate_bps, burst_bytes, leaf_limit: None });
+        let c = st.classes.entry((ifindex, major, minor)).or_insert(FakeClass { rate_bps, burst_bytes, leaf: None });
         c.rate_bps = rate_bps;
         c.burst_bytes = burst_bytes;
         Ok(())
     }
 
-    fn set_leaf_fifo(&mut self, ifindex: u32, major: u16, minor: u16, limit_bytes: u32) -> Result<(), ShapeError> {
+    fn set_leaf(&mut self, ifindex: u32, major: u16, minor: u16, leaf: super::Leaf) -> Result<(), ShapeError> {
         let target = format!("class {major:x}:{minor:x} on ifindex {ifindex}");
         let mut st = self.check(Op::SetLeaf, target.clone())?;
         let c = st.classes.get_mut(&(ifindex, major, minor)).ok_or_else(|| not_found(Op::SetLeaf, target))?;
-        c.leaf_limit = Some(limit_bytes);
+        c.leaf = Some(leaf);
         Ok(())
     }
 

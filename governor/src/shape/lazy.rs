@@ -50,8 +50,8 @@ impl<S: Shaper> Shaper for LazyShaper<S> {
     ) -> Result<(), ShapeError> {
         self.get()?.set_class(ifindex, major, minor, rate_bps, burst_bytes)
     }
-    fn set_leaf_fifo(&mut self, ifindex: u32, major: u16, minor: u16, limit_bytes: u32) -> Result<(), ShapeError> {
-        self.get()?.set_leaf_fifo(ifindex, major, minor, limit_bytes)
+    fn set_leaf(&mut self, ifindex: u32, major: u16, minor: u16, leaf: super::Leaf) -> Result<(), ShapeError> {
+        self.get()?.set_leaf(ifindex, major, minor, leaf)
     }
     fn delete_class(&mut self, ifindex: u32, major: u16, minor: u16) -> Result<(), ShapeError> {
         self.get()?.delete_class(ifindex, major, minor)

@@ -31,6 +31,7 @@ mod lazy;
 mod netlink;
 mod psched;
 mod rtnl;
+mod tbf;
 
 #[cfg(any(test, feature = "fakes"))]
 pub use fake::{FakeNet, FakeShaper};
@@ -40,6 +41,7 @@ pub use htb::{
 pub use lazy::LazyShaper;
 pub use netlink::NetlinkShaper;
 pub use psched::PschedClock;
+pub use tbf::Leaf;
 
 /// The operations the governor shapes with: an HTB root qdisc per
 /// interface, one class per VM with a byte-limited FIFO, and IFB devices
@@ -59,8 +61,9 @@ pub trait Shaper {
         rate_bps: u64,
         burst_bytes: u32,
     ) -> Result<(), ShapeError>;
-    /// Give class `major:minor` a byte-limited FIFO as its queue.
-    fn set_leaf_fifo(&mut self, ifindex: u32, major: u16, minor: u16, limit_bytes: u32) -> Result<(), ShapeError>;
+    /// Give class `major:minor` its queue: a byte-limited FIFO that splits
+    /// GSO packets into frames as they enter (see [`Leaf`]).
+    fn set_leaf(&mut self, ifindex: u32, major: u16, minor: u16, leaf: Leaf) -> Result<(), ShapeError>;
     fn delete_class(&mut self, ifindex: u32, major: u16, minor: u16) -> Result<(), ShapeError>;
     /// Remove the root qdisc (absent is fine).
     fn delete_root(&mut self, ifindex: u32) -> Result<(), ShapeError>;

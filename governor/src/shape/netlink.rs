@@ -170,15 +170,21 @@ impl Shaper for NetlinkShaper {
     /// default leaf is a pfifo of txqueuelen packets, which at low rates
     /// holds hundreds of milliseconds (and GSO packets count as one); a
     /// byte limit bounds the queueing delay a shaped VM sees.
-    fn set_leaf_fifo(&mut self, ifindex: u32, major: u16, minor: u16, limit_bytes: u32) -> Result<(), ShapeError> {
+    fn set_leaf(&mut self, ifindex: u32, major: u16, minor: u16, leaf: super::Leaf) -> Result<(), ShapeError> {
         let op = Op::SetLeaf;
+        if leaf.segment_bytes == 0 || leaf.limit_bytes < leaf.segment_bytes {
+            return Err(ShapeError::InvalidArgument {
+                op,
+                target: format!("class {major:x}:{minor:x} on {}", iface_label(ifindex)),
+                reason: format!("leaf limit {} B under its segment {} B", leaf.limit_bytes, leaf.segment_bytes),
+            });
+        }
         let mut msg = TcMessage::with_index(ifindex_i32(op, ifindex)?);
         msg.header.parent = tc_handle(major, minor);
         // Handle 0: the kernel picks one for the new leaf.
         msg.header.handle = tc_handle(0, 0);
-        msg.attributes.push(TcAttribute::Kind("bfifo".into()));
-        // struct tc_fifo_qopt { __u32 limit; } is the whole TCA_OPTIONS.
-        let options = nla(TCA_OPTIONS, &limit_bytes.to_ne_bytes());
+        msg.attributes.push(TcAttribute::Kind("tbf".into()));
+        let options = leaf.options(&self.clock);
         self.request(
             op,
             ifindex,
