@@ -18,6 +18,8 @@ fn governor_bin() -> PathBuf {
 #[test]
 fn the_demo_leaves_nothing_behind() {
     require_root();
+    // The demo runs card-sim with real KVM MC VMs.
+    require_kvm();
     require_tool("iperf3");
     require_tool("stress-ng");
     let before = Inventory::take();
