@@ -3,13 +3,15 @@
 //! A VM is a cgroup (its cgroup v2 id) plus its network interfaces. The
 //! scheduler and memory programs charge to `bpf_get_current_cgroup_id()`,
 //! the tc programs to the interface's ifindex. This kernel has tracepoints
-//! and raw tracepoints but no kprobes/fentry.
+//! and raw tracepoints (also BTF-typed ones, `tp_btf`) but no
+//! kprobes/fentry.
 //!
-//! The hot scheduler events use raw tracepoints: the kernel passes the
-//! `TP_PROTO` arguments as they are, without building the perf record a
-//! classic tracepoint fills for every event (that record was most of the
-//! cost per context switch). `task_struct.pid`'s offset comes from the
-//! kernel's BTF at load time. Rare events (page faults, OOM) use classic
+//! The hot scheduler event (sched_switch) uses a BTF-typed raw tracepoint:
+//! the kernel passes the `TP_PROTO` arguments as they are, without building
+//! the perf record a classic tracepoint fills for every event (that record
+//! was most of the cost per context switch), and the program reads the
+//! task_struct fields it needs with plain loads, at offsets the loader
+//! takes from the kernel's BTF. Rare events (page faults, OOM) use classic
 //! tracepoints, whose field offsets the loader reads from tracefs. Both are
 //! patched in as read-only globals, so another kernel layout still works.
 #![no_std]
@@ -19,11 +21,11 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel_str_bytes,
     },
-    macros::{btf_map, classifier, perf_event, raw_tracepoint, tracepoint},
-    programs::{PerfEventContext, RawTracePointContext, TcContext, TracePointContext},
+    macros::{btf_map, btf_tracepoint, classifier, perf_event, raw_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext, TcContext, TracePointContext},
     EbpfContext,
 };
 use governor_common::{
@@ -48,6 +50,25 @@ static OOM_EVENTS: RingBuf<OomEvent, { 64 * 1024 }> = RingBuf::new();
 /// own running total of the time the task waited runnable), from BTF.
 #[no_mangle]
 static TASK_RUN_DELAY: u32 = 0;
+/// Offset of `se.sum_exec_runtime` in `struct task_struct` (the kernel's
+/// own running total of the task's CPU time, what cpuacct adds up), from BTF.
+#[no_mangle]
+static TASK_SUM_EXEC: u32 = 0;
+/// Offset of `pid` in `struct task_struct`, from BTF.
+#[no_mangle]
+static TASK_PID: u32 = 0;
+/// The path from a task to its cgroup v2 id, as the kernel's
+/// `task_dfl_cgroup(task)->kn->id` (what bpf_get_current_cgroup_id
+/// returns): offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`,
+/// `cgroup.kn` and `kernfs_node.id`, from BTF.
+#[no_mangle]
+static TASK_CGROUPS: u32 = 0;
+#[no_mangle]
+static CSS_SET_DFL_CGRP: u32 = 0;
+#[no_mangle]
+static CGROUP_KN: u32 = 0;
+#[no_mangle]
+static KERNFS_NODE_ID: u32 = 0;
 /// ifindex -> the VM's QoS slot (set by user space for watched interfaces).
 #[btf_map]
 static VM_OF_IF: HashMap<u32, u32, MAX_IFACES> = HashMap::new();
@@ -102,15 +123,44 @@ fn cgroup_stats(id: u64) -> Option<*mut CgroupStats> {
     CGROUPS.get_ptr_mut(id)
 }
 
+/// A field of a kernel struct the program holds a BTF-typed pointer to (a
+/// `struct task_struct` the kernel passed to the `tp_btf` program, or a
+/// pointer read from one), read directly (a plain load, no helper call).
+///
+/// The verifier allows it because `task` is a BTF-typed pointer and the
+/// offset is a known constant to it: the loader writes the field's offset
+/// from the kernel's BTF into a global of the read-only, frozen `.rodata`
+/// map, and the verifier reads such globals at load time. It then checks
+/// that the offset and size name a real field of task_struct, and JITs the
+/// load with an exception entry (a bad pointer reads 0, it cannot fault).
+///
+/// SAFETY: `task` must be a BTF-typed pointer (a tp_btf argument or a
+/// pointer field read from one) and `global` the offset of a field of
+/// type `T` in its struct.
 #[inline(always)]
-fn task_run_delay(task: *const u8) -> u64 {
-    // SAFETY: `task` is a task_struct pointer the kernel passed to the
-    // tracepoint; the read is checked by bpf_probe_read_kernel.
-    unsafe { bpf_probe_read_kernel(task.add(offset(&TASK_RUN_DELAY)) as *const u64).unwrap_or(0) }
+unsafe fn btf_field<T: Copy>(task: *const u8, global: &'static u32) -> T {
+    core::ptr::read_volatile(task.add(offset(global)) as *const T)
+}
+
+/// The cgroup v2 id of `task`, read along the pointers the kernel's own
+/// `task_dfl_cgroup(task)->kn->id` follows (no helper call). The program
+/// runs under RCU (all non-sleepable BPF programs do), which keeps the
+/// css_set and cgroup alive while they are read.
+///
+/// SAFETY: `task` must be a BTF-typed task_struct pointer.
+#[inline(always)]
+unsafe fn task_cgroup_id(task: *const u8) -> u64 {
+    let css_set: *const u8 = btf_field(task, &TASK_CGROUPS);
+    let cgroup: *const u8 = btf_field(css_set, &CSS_SET_DFL_CGRP);
+    let kn: *const u8 = btf_field(cgroup, &CGROUP_KN);
+    btf_field(kn, &KERNFS_NODE_ID)
 }
 
 /// sched_switch(bool preempt, task_struct *prev, task_struct *next,
-/// unsigned int prev_state)
+/// unsigned int prev_state), as a BTF-typed tracepoint (`tp_btf`): the same
+/// kernel path as a raw tracepoint (no trampoline, which this kernel lacks),
+/// but `prev` and `next` are typed pointers whose fields the program reads
+/// with plain loads instead of bpf_probe_read_kernel calls.
 ///
 /// Run-queue delay comes from the kernel's own accounting
 /// (`task->sched_info.run_delay`, CONFIG_SCHED_INFO): at this tracepoint
@@ -118,8 +168,8 @@ fn task_run_delay(task: *const u8) -> u64 {
 /// total here and take the difference when it leaves the CPU again, when it
 /// is `current` and its cgroup is known. That needs no wakeup hooks at all,
 /// which halves the events per context switch.
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
     // Nothing to report to from here: a missing per-CPU slot means no counting.
@@ -127,33 +177,44 @@ pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// On-CPU time is the kernel's own accounting too: at this tracepoint
+/// `prev->se.sum_exec_runtime` already holds the slice that ends now (the
+/// scheduler updated it when it put `prev` back), so the slice is the
+/// difference from the value noted when `prev` came onto the CPU. That is
+/// the figure cpuacct adds up, and it spares a clock read per switch.
+/// (`CpuState::slice_start_ns` holds that noted value: the slice's start
+/// on the task's own CPU-time clock.)
 #[inline(always)]
 fn on_switch(prev: *const u8, next: *const u8) -> Result<(), i32> {
-    let now = unsafe { bpf_ktime_get_ns() };
     let state = CPU_STATE.get_ptr_mut(0).ok_or(-1)?;
     // SAFETY: per-CPU slot, only this CPU touches it, with preemption off.
     let state = unsafe { &mut *state };
 
     // The task leaving the CPU is still `current` here: charge its slice and
     // the wait that brought it onto this CPU to its cgroup. The idle task
-    // (pid 0) is not charged. (Its pid from the helper, not from memory:
-    // every read of task_struct is a checked copy, and this runs at every
-    // context switch.)
-    if bpf_get_current_pid_tgid() as u32 != 0 {
-        let cg = unsafe { bpf_get_current_cgroup_id() };
+    // (pid 0) is not charged.
+    // SAFETY: prev is the tracepoint's task_struct argument; TASK_PID is
+    // the offset of its `pid_t pid`.
+    if unsafe { btf_field::<i32>(prev, &TASK_PID) } != 0 {
+        // SAFETY: prev is the tracepoint's task_struct argument (and is
+        // `current`: the same id bpf_get_current_cgroup_id would return).
+        let cg = unsafe { task_cgroup_id(prev) };
         if cg != state.acc_cgroup {
             flush(state);
             state.acc_cgroup = cg;
         }
         let s = &mut state.acc;
-        if state.slice_start_ns != 0 && now > state.slice_start_ns {
-            s.on_cpu_ns += now - state.slice_start_ns;
-        }
         s.switches += 1;
         // Tasks are told apart by their task_struct address: the task we
-        // noted at its switch-in is the one leaving now.
+        // noted at its switch-in is the one leaving now (not so only for
+        // the first switch on each CPU after the programs attach).
         if state.task_at_switch_in == prev as u64 {
-            let total = task_run_delay(prev);
+            // SAFETY: as above, at the offsets of two u64 fields.
+            let (exec, total): (u64, u64) =
+                unsafe { (btf_field(prev, &TASK_SUM_EXEC), btf_field(prev, &TASK_RUN_DELAY)) };
+            if exec > state.slice_start_ns {
+                s.on_cpu_ns += exec - state.slice_start_ns;
+            }
             if total > state.run_delay_at_switch_in {
                 let d = total - state.run_delay_at_switch_in;
                 s.runq_delay_ns += d;
@@ -167,8 +228,11 @@ fn on_switch(prev: *const u8, next: *const u8) -> Result<(), i32> {
     }
 
     state.task_at_switch_in = next as u64;
-    state.run_delay_at_switch_in = task_run_delay(next);
-    state.slice_start_ns = now;
+    // SAFETY: next is the tracepoint's other task_struct argument.
+    unsafe {
+        state.run_delay_at_switch_in = btf_field(next, &TASK_RUN_DELAY);
+        state.slice_start_ns = btf_field(next, &TASK_SUM_EXEC);
+    }
     Ok(())
 }
 
@@ -180,28 +244,44 @@ pub fn sched_switch_floor(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// The same empty program as a BTF-typed tracepoint (`tp_btf`): the floor
+/// of the `tp_btf` hook, which runs through the same kernel path as the raw
+/// tracepoint (no trampoline) but lets the program read task fields directly.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_floor_btf(_ctx: BtfTracePointContext) -> i32 {
+    0
+}
+
 /// A per-CPU timer (perf cpu-clock, 100 Hz) that charges the slice running
 /// now up to now. Without it a task that never leaves its CPU (a vCPU
 /// thread on a quiet or dedicated CPU) would show no CPU time until it
 /// does, then all of it at once. It runs in interrupt context, which
 /// sched_switch (interrupts off, run-queue lock held) never overlaps on the
-/// same CPU, so the per-CPU slice state needs no lock.
+/// same CPU, so the per-CPU slice state needs no lock. "Now" is the task's
+/// `se.sum_exec_runtime`, which the scheduler's own tick brings up to date
+/// (so the charge lags at most one jiffy; the next switch or timer charges
+/// the rest, and the total stays exact).
 #[perf_event]
 pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
     let Some(state) = CPU_STATE.get_ptr_mut(0) else { return 0 };
     // SAFETY: per-CPU slot of this CPU.
     let state = unsafe { &mut *state };
-    // Low 32 bits: the thread id; 0 is the idle task, which is not charged.
-    if bpf_get_current_pid_tgid() as u32 != 0 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        if state.slice_start_ns != 0 && now > state.slice_start_ns {
-            let cg = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: the helper returns `current` as a BTF-typed pointer, never null.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    // Only the task sched_switch noted as coming onto this CPU (its
+    // run-time mark is in `state`); the idle task (pid 0) is not charged.
+    // SAFETY: task is BTF-typed; the offsets are of its u64/pid_t fields.
+    if state.task_at_switch_in == task as u64 && unsafe { btf_field::<i32>(task, &TASK_PID) } != 0 {
+        let exec: u64 = unsafe { btf_field(task, &TASK_SUM_EXEC) };
+        if exec > state.slice_start_ns {
+            // SAFETY: task is BTF-typed.
+            let cg = unsafe { task_cgroup_id(task) };
             if cg != state.acc_cgroup {
                 flush(state);
                 state.acc_cgroup = cg;
             }
-            state.acc.on_cpu_ns += now - state.slice_start_ns;
-            state.slice_start_ns = now;
+            state.acc.on_cpu_ns += exec - state.slice_start_ns;
+            state.slice_start_ns = exec;
         }
     }
     flush(state);

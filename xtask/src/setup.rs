@@ -23,6 +23,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "network load and accuracy peer"),
     ("stress-ng", "CPU and memory load"),
     ("linux-perf", "perf bench sched pipe for the overhead benchmark"),
+    ("libbpf-tools", "runqlat and cpudist: the peers the overhead benchmark measures beside the governor"),
     ("procps", "ps/pgrep for the demo"),
     ("iputils-ping", "ping, for traffic and RTT in tests and benches"),
     ("prometheus", "the real scraper the exporter is tested against"),

@@ -24,9 +24,10 @@ use crate::tracefs;
 /// The kernel programs, compiled by build.rs and embedded.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GOVERNOR_EBPF_OBJ"));
 
-/// Raw tracepoints (hot scheduler events) and the number of arguments the
-/// programs expect each to pass.
-const RAW_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4)];
+/// BTF-typed raw tracepoints (`tp_btf`, the hot scheduler events) and the
+/// number of arguments the programs expect each to pass. The program has
+/// the tracepoint's name.
+const BTF_TRACEPOINTS: &[(&str, u32)] = &[("sched_switch", 4)];
 
 /// How often each CPU charges the slice in progress (see `cpu_tick`): a
 /// task that never switches is seen within 10 ms.
@@ -70,18 +71,49 @@ pub struct BpfTelemetry {
 /// kernel never sees half of a changed limit.
 const BPF_F_LOCK: u64 = 4;
 
-/// Attach only the empty `sched_switch_floor` program (for the overhead
-/// bench's floor); detached when the returned object drops.
+/// Which empty program `attach_floor_probe` attaches, from the environment
+/// variable `GOVERNOR_FLOOR_PROBE` (set only by `cargo xtask bench`):
+/// unset or `raw_tp`: `sched_switch_floor` on the raw tracepoint;
+/// `tp_btf`: `sched_switch_floor_btf`; `tc:<interface>`: `gov_tc_floor` on
+/// the interface's egress, attached as the governor attaches its own.
+pub const FLOOR_PROBE_ENV: &str = "GOVERNOR_FLOOR_PROBE";
+
+/// Attach only an empty program (for the benches' floors, see
+/// [`FLOOR_PROBE_ENV`]); detached when the returned object drops.
 pub fn attach_floor_probe() -> Result<Ebpf, TelemetryError> {
     tracefs::ensure_mounts()?;
+    let which = std::env::var(FLOOR_PROBE_ENV).unwrap_or_default();
     let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-    let p: &mut aya::programs::RawTracePoint = ebpf
-        .program_mut("sched_switch_floor")
-        .ok_or(TelemetryError::Missing("sched_switch_floor"))?
-        .try_into()
-        .map_err(|source| TelemetryError::Program { name: "sched_switch_floor", source })?;
-    p.load().map_err(|source| TelemetryError::Program { name: "sched_switch_floor", source })?;
-    p.attach("sched_switch").map_err(|source| TelemetryError::Program { name: "sched_switch_floor", source })?;
+    match which.as_str() {
+        "" | "raw_tp" => {
+            let name = "sched_switch_floor";
+            let p: &mut aya::programs::RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(TelemetryError::Missing(name))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name, source })?;
+            p.attach("sched_switch").map_err(|source| TelemetryError::Program { name, source })?;
+        }
+        "tp_btf" => {
+            let name = "sched_switch_floor_btf";
+            let btf = aya::Btf::from_sys_fs()
+                .map_err(|e| TelemetryError::Program { name, source: aya::programs::ProgramError::Btf(e) })?;
+            let p: &mut aya::programs::BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or(TelemetryError::Missing(name))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name, source })?;
+            p.load("sched_switch", &btf).map_err(|source| TelemetryError::Program { name, source })?;
+            p.attach().map_err(|source| TelemetryError::Program { name, source })?;
+        }
+        other => {
+            return Err(TelemetryError::Interface {
+                name: other.to_string(),
+                reason: format!("{FLOOR_PROBE_ENV}: expected raw_tp, tp_btf or tc:<interface>"),
+            })
+        }
+    }
     Ok(ebpf)
 }
 
@@ -95,7 +127,7 @@ impl BpfTelemetry {
             offsets.push((*global, tracefs::field_offset(event, field)?));
         }
         let btf = crate::btf::Btf::from_sys_fs()?;
-        for (tp, want) in RAW_TRACEPOINTS {
+        for (tp, want) in BTF_TRACEPOINTS {
             let got = btf.raw_tracepoint_args(tp)?;
             if got != *want {
                 return Err(TelemetryError::RawTracepoint { tp, got, want: *want });
@@ -103,6 +135,19 @@ impl BpfTelemetry {
         }
         let run_delay =
             btf.member_offset("task_struct", "sched_info")? + btf.member_offset("sched_info", "run_delay")?;
+        // Globals the sched_switch program reads task fields at (tp_btf).
+        let task_fields = [
+            ("TASK_RUN_DELAY", run_delay),
+            ("TASK_PID", btf.member_offset("task_struct", "pid")?),
+            (
+                "TASK_SUM_EXEC",
+                btf.member_offset("task_struct", "se")? + btf.member_offset("sched_entity", "sum_exec_runtime")?,
+            ),
+            ("TASK_CGROUPS", btf.member_offset("task_struct", "cgroups")?),
+            ("CSS_SET_DFL_CGRP", btf.member_offset("css_set", "dfl_cgrp")?),
+            ("CGROUP_KN", btf.member_offset("cgroup", "kn")?),
+            ("KERNFS_NODE_ID", btf.member_offset("kernfs_node", "id")?),
+        ];
         // A governor that died left its maps (and links) pinned: adopt them,
         // so counters and limits go on. Pins of another build's shape are
         // cleared. Anything else in the directory is not ours and stays.
@@ -126,7 +171,9 @@ impl BpfTelemetry {
             source,
         })?;
         let mut loader = EbpfLoader::new();
-        loader.override_global("TASK_RUN_DELAY", &run_delay, true);
+        for (global, off) in &task_fields {
+            loader.override_global(global, off, true);
+        }
         for (global, off) in &offsets {
             loader.override_global(global, off, true);
         }
@@ -141,10 +188,23 @@ impl BpfTelemetry {
         let pins = pins::PinGuard(Some(pin_dir.to_path_buf()));
         let mut ebpf = loader.load(OBJECT)?;
 
-        for (tp, _) in RAW_TRACEPOINTS {
-            let p: &mut aya::programs::RawTracePoint = load_and_pin(&mut ebpf, tp, pin_dir)?;
+        // aya's own BTF parser: BtfTracePoint::load needs the kernel's type
+        // id of `btf_trace_<tp>` (what the program is verified against).
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| TelemetryError::Program {
+            name: "sched_switch",
+            source: aya::programs::ProgramError::Btf(e),
+        })?;
+        for (tp, _) in BTF_TRACEPOINTS {
+            let p: &mut aya::programs::BtfTracePoint = ebpf
+                .program_mut(tp)
+                .ok_or(TelemetryError::Missing(tp))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name: tp, source })?;
+            p.load(tp, &kernel_btf).map_err(|source| TelemetryError::Program { name: tp, source })?;
+            let path = pin_dir.join(format!("prog_{tp}"));
+            p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
             pins::drop_old_link(pin_dir, tp);
-            let id = p.attach(tp).map_err(|source| TelemetryError::Program { name: tp, source })?;
+            let id = p.attach().map_err(|source| TelemetryError::Program { name: tp, source })?;
             let link = p.take_link(id).map_err(|source| TelemetryError::Program { name: tp, source })?;
             pin_link(aya::programs::links::FdLink::from(link), &pins::link_path(pin_dir, tp))?;
         }
