@@ -15,6 +15,59 @@ use crate::Result;
 
 const PROCS: &str = "cgroup.procs";
 
+/// A cgroup's memory files held open and read with pread from offset 0
+/// (the kernel regenerates a cgroup file for each read from its start): a
+/// tick at 1,000 cgroups cannot afford an open(2) path walk per file per
+/// cgroup, which cost more than the reads themselves.
+#[derive(Debug)]
+pub struct MemoryFiles {
+    usage: (fs::File, PathBuf),
+    stat: (fs::File, PathBuf),
+    /// inactive file, resident, page faults in memory.stat.
+    keys: [&'static str; 3],
+}
+
+impl MemoryFiles {
+    fn pread(f: &(fs::File, PathBuf), buf: &mut Vec<u8>) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = f.0.read_at(&mut chunk, buf.len() as u64).map_err(CgroupError::io("read", &f.1))?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Usage in bytes (one small read).
+    pub fn usage(&self) -> Result<u64> {
+        let mut b = Vec::with_capacity(32);
+        Self::pread(&self.usage, &mut b)?;
+        let s = std::str::from_utf8(&b).unwrap_or_default();
+        s.trim().parse().map_err(|_| CgroupError::Parse { path: self.usage.1.clone(), what: "usage".into() })
+    }
+
+    /// Everything [`Cgroup::memory`] reads: usage and one read of memory.stat.
+    pub fn read(&self) -> Result<Memory> {
+        let usage = self.usage()?;
+        let mut b = Vec::with_capacity(4096);
+        Self::pread(&self.stat, &mut b)?;
+        let text = String::from_utf8_lossy(&b);
+        let field = |key: &str| {
+            files::parse_stat(&text, key)
+                .ok_or_else(|| CgroupError::Parse { path: self.stat.1.clone(), what: key.into() })
+        };
+        Ok(Memory {
+            usage_bytes: usage,
+            working_set_bytes: usage.saturating_sub(field(self.keys[0])?),
+            resident_bytes: field(self.keys[1])?,
+            pgfault: field(self.keys[2])?,
+        })
+    }
+}
+
 /// Memory of a cgroup as the kernel accounts it (cAdvisor's definitions).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Memory {
@@ -289,17 +342,46 @@ impl Cgroup {
             ("memory.current", "inactive_file", "anon", "pgfault")
         };
         let usage_path = d.join(usage_file);
-        if !usage_path.exists() {
-            return Ok(None);
-        }
-        let usage = read_u64(&usage_path)?;
+        let usage = match read_u64(&usage_path) {
+            Ok(u) => u,
+            Err(CgroupError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // One read of memory.stat for the three fields: the kernel formats
+        // the whole file (dozens of counters) for every read, which is most
+        // of a tick's cost at 1,000 VMs.
         let stat = d.join("memory.stat");
+        let text = files::read(&stat)?;
+        let field = |key: &str| {
+            files::parse_stat(&text, key).ok_or_else(|| CgroupError::Parse { path: stat.clone(), what: key.into() })
+        };
         Ok(Some(Memory {
             usage_bytes: usage,
-            working_set_bytes: usage.saturating_sub(stat_field(&stat, inactive)?),
-            resident_bytes: stat_field(&stat, rss)?,
-            pgfault: stat_field(&stat, faults)?,
+            working_set_bytes: usage.saturating_sub(field(inactive)?),
+            resident_bytes: field(rss)?,
+            pgfault: field(faults)?,
         }))
+    }
+
+    /// The memory files of this cgroup kept open, for reading every tick
+    /// (see [`MemoryFiles`]); None when no memory controller covers it.
+    pub fn memory_files(&self) -> Result<Option<MemoryFiles>> {
+        let d = self.controller_dir(Controller::Memory);
+        let (usage_file, keys) = if self.memory_v1() {
+            ("memory.usage_in_bytes", ["total_inactive_file", "total_rss", "total_pgfault"])
+        } else {
+            ("memory.current", ["inactive_file", "anon", "pgfault"])
+        };
+        let open = |name: &str| {
+            let p = d.join(name);
+            fs::File::open(&p).map_err(CgroupError::io("open", &p)).map(|f| (f, p))
+        };
+        let usage = match open(usage_file) {
+            Ok(u) => u,
+            Err(CgroupError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(MemoryFiles { usage, stat: open("memory.stat")?, keys }))
     }
 
     /// The memory limit in bytes; None when unlimited.

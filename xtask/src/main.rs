@@ -45,7 +45,7 @@ enum Cmd {
     },
     /// Measure and print a table; refreshes BENCHMARKS.md.
     Bench {
-        /// overhead | qos | vmm | card | all
+        /// overhead | qos | vmm | card | placement | tick | all
         #[arg(default_value = "all")]
         which: String,
     },

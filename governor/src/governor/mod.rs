@@ -14,7 +14,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Instant;
 
 use cgroupfs::{CgroupError, Layout};
-use governor_common::{NetStats, Policer};
+use governor_common::{CgroupStats, NetStats, Policer};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -95,6 +95,11 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     ifb_name: String,
     /// The IFB device traffic from shaped VMs is redirected to, once made.
     ifb: Option<u32>,
+    /// Whole-map reads of the counters (the real kernel side; fakes are
+    /// read key by key).
+    batch: Option<crate::telemetry::BatchReader>,
+    /// The memory limits as last read, and when.
+    mem_limits: Option<(Instant, std::collections::HashMap<String, u64>)>,
     /// gso_max_size of each interface before shaping capped it.
     gso_before: std::collections::HashMap<u32, u32>,
     ticks: u64,
@@ -102,6 +107,10 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
 
 const OOM_LOG: usize = 64;
 /// Ticks between looks at how full the kernel's cgroup map is.
+/// Ticks between reads of a VM's memory files (see `WatchedVm::memory`).
+const MEM_STAT_EVERY: u64 = 5;
+/// Ticks between walks of each VM's cgroup subtree (see `tick`).
+const SUBTREE_EVERY: u64 = 10;
 const PRUNE_EVERY: u64 = 60;
 
 impl Governor {
@@ -116,7 +125,9 @@ impl Governor {
     /// (rtnetlink) is opened at the first `shape` limit, not before.
     pub fn new_on(cfg: &Config, layout: Layout) -> Result<Governor, GovernorError> {
         let telemetry = BpfTelemetry::load(&cfg.pin_dir)?;
-        Governor::build(cfg, telemetry, LazyShaper::opening(NetlinkShaper::new), layout)
+        let mut g = Governor::build(cfg, telemetry, LazyShaper::opening(NetlinkShaper::new), layout)?;
+        g.batch = Some(crate::telemetry::BatchReader::open(&cfg.pin_dir)?);
+        Ok(g)
     }
 }
 
@@ -142,6 +153,8 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             ifb_name: cfg.qos_ifb.clone(),
             ifb: None,
             gso_before: Default::default(),
+            mem_limits: None,
+            batch: None,
             ticks: 0,
         };
         // On error `g` is dropped, which removes any shaping set up so far
@@ -183,6 +196,8 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             limits: PerDirection::default(),
             prev: None,
             net_retired: NetStats::default(),
+            mem_files: None,
+            mem_full: None,
         });
         Ok(())
     }
@@ -191,29 +206,62 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
     /// tick (the first tick has no rates yet, only totals).
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
         self.refresh_interfaces();
+        let walk = self.ticks.is_multiple_of(SUBTREE_EVERY);
+        // Every counter in a few syscalls where we can (see BatchReader).
+        let maps = match &self.batch {
+            Some(b) => Some((b.cgroups()?, b.net()?)),
+            None => None,
+        };
         let mut out = Vec::with_capacity(self.vms.len());
         for vm in &mut self.vms {
-            let cg_err = |source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source };
             // The subtree can change (a VMM moving vCPU threads into child
             // cgroups). Ids are only ever added: a child cgroup that is gone
             // keeps its entry in the kernel map, so its CPU time stays in the
             // VM's total, which must never go back.
-            match vm.cgroup.subtree_ids() {
-                Ok(ids) => {
-                    for id in ids {
-                        if !vm.subtree.contains(&id) {
-                            vm.subtree.push(id);
+            // Walking the subtree is a readdir and a stat per cgroup: at
+            // 1,000 VMs a tick's largest cost after memory.stat. New child
+            // cgroups are rare (a VMM placing its threads at start), so it
+            // is done every SUBTREE_EVERY ticks; a child's time is in the
+            // kernel map from its first switch and counted once it is seen.
+            if walk {
+                match vm.cgroup.subtree_ids() {
+                    Ok(ids) => {
+                        for id in ids {
+                            if !vm.subtree.contains(&id) {
+                                vm.subtree.push(id);
+                            }
                         }
                     }
+                    Err(e) => tracing::debug!(vm = %vm.cfg.name, "walking the cgroup subtree: {e}"),
                 }
-                Err(e) => tracing::debug!(vm = %vm.cfg.name, "walking the cgroup subtree: {e}"),
             }
-            let cpu = self.telemetry.cgroups(&vm.subtree)?;
-            let mut net = vm.net_retired;
-            for i in &vm.interfaces {
-                net.add(&self.telemetry.net(i.ifindex)?);
-            }
-            let memory = vm.cgroup.memory().map_err(cg_err)?;
+            let (cpu, mut net) = (CgroupStats::default(), vm.net_retired);
+            let cpu = match &maps {
+                Some((cg, ifs)) => {
+                    let mut cpu = cpu;
+                    for id in &vm.subtree {
+                        if let Some(c) = cg.get(id) {
+                            cpu.add(c);
+                        }
+                    }
+                    for i in &vm.interfaces {
+                        if let Some(n) = ifs.get(&i.ifindex) {
+                            net.add(n);
+                        }
+                    }
+                    cpu
+                }
+                None => {
+                    for i in &vm.interfaces {
+                        net.add(&self.telemetry.net(i.ifindex)?);
+                    }
+                    self.telemetry.cgroups(&vm.subtree)?
+                }
+            };
+            // memory.stat is the costliest file the kernel formats: each VM
+            // reads it every MEM_STAT_EVERY ticks, staggered by slot.
+            let full = (self.ticks + u64::from(vm.slot)).is_multiple_of(MEM_STAT_EVERY);
+            let memory = vm.memory(full).map_err(|source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source })?;
             let cur = Sample { at: Instant::now(), cpu, net, memory };
             let prev = vm.prev.as_ref().unwrap_or(&cur);
             out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
@@ -256,8 +304,16 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
 
     /// Each watched VM's memory limit, where it has one (the monitor
     /// compares the working set with it).
-    pub fn memory_limits(&self) -> std::collections::HashMap<String, u64> {
-        self.vms
+    pub fn memory_limits(&mut self) -> std::collections::HashMap<String, u64> {
+        // A file read per VM: at 1,000 VMs worth caching; limits change
+        // rarely and a second late is soon enough for the monitor.
+        if let Some((at, cached)) = &self.mem_limits {
+            if at.elapsed() < std::time::Duration::from_secs(1) {
+                return cached.clone();
+            }
+        }
+        let fresh: std::collections::HashMap<String, u64> = self
+            .vms
             .iter()
             .filter_map(|v| match v.cgroup.memory_limit() {
                 Ok(l) => l.map(|l| (v.cfg.name.clone(), l)),
@@ -266,7 +322,9 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                     None
                 }
             })
-            .collect()
+            .collect();
+        self.mem_limits = Some((Instant::now(), fresh.clone()));
+        fresh
     }
 
     /// The kernel programs' own cost (Prometheus).

@@ -56,6 +56,33 @@ pub struct WatchedVm {
     /// Traffic of interfaces the VM had before they were re-created (a new
     /// ifindex starts counting from zero; the VM's totals must not).
     pub net_retired: NetStats,
+    /// Its memory files, held open (opened on the first tick).
+    pub mem_files: Option<cgroupfs::MemoryFiles>,
+    /// The last full memory reading (memory.stat is read every
+    /// `MEM_STAT_EVERY` ticks; usage every tick).
+    pub mem_full: Option<cgroupfs::Memory>,
+}
+
+impl WatchedVm {
+    /// This tick's memory: read now when `full` (or never read yet), else
+    /// the last reading. Even the usage file is costly on a cgroup v1
+    /// memory controller (its read flushes the per-CPU statistics), so
+    /// memory, which moves slowly next to CPU and network, is read every
+    /// few ticks (cAdvisor reads it every 10 s).
+    pub fn memory(&mut self, full: bool) -> Result<Option<cgroupfs::Memory>, cgroupfs::CgroupError> {
+        if self.mem_files.is_none() {
+            self.mem_files = self.cgroup.memory_files()?;
+        }
+        let Some(files) = &self.mem_files else { return Ok(None) };
+        match self.mem_full {
+            Some(last) if !full => Ok(Some(last)),
+            _ => {
+                let m = files.read()?;
+                self.mem_full = Some(m);
+                Ok(Some(m))
+            }
+        }
+    }
 }
 
 impl WatchedVm {

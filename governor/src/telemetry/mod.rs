@@ -14,6 +14,7 @@ use thiserror::Error;
 
 use crate::qos::Direction;
 
+mod batch;
 mod bpf;
 /// In-memory fakes are for tests (this crate's, or others' with the
 /// `fakes` feature); the daemon's binary does not carry them.
@@ -21,6 +22,7 @@ mod bpf;
 pub mod fake;
 mod pins;
 
+pub use batch::BatchReader;
 pub use bpf::{attach_floor_probe, BpfTelemetry};
 #[cfg(any(test, feature = "fakes"))]
 pub use fake::FakeTelemetry;

@@ -13,6 +13,7 @@ mod daemon;
 mod overhead;
 mod placement;
 mod qos;
+mod tick;
 mod vmm;
 
 /// One measured figure, optionally compared with a peer measured in the same run.
@@ -38,11 +39,11 @@ impl Row {
 }
 
 pub fn bench(which: &str) -> Result<()> {
-    let all = ["overhead", "qos", "vmm", "card", "placement"];
+    let all = ["overhead", "qos", "vmm", "card", "placement", "tick"];
     let selected: Vec<&str> = match which {
         "all" => all.to_vec(),
         w if all.contains(&w) => vec![w],
-        w => bail!("unknown bench {w:?}: expected one of overhead, qos, vmm, card, placement, all"),
+        w => bail!("unknown bench {w:?}: expected one of overhead, qos, vmm, card, placement, tick, all"),
     };
     crate::build::all()?;
     let watch = Leftovers::watch();
@@ -53,6 +54,7 @@ pub fn bench(which: &str) -> Result<()> {
             "vmm" => vmm::bench(),
             "card" => card::bench(),
             "placement" => placement::bench(),
+            "tick" => tick::bench(),
             _ => unreachable!("checked above"),
         };
         match rows {
