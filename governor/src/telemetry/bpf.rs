@@ -61,10 +61,14 @@ pub struct BpfTelemetry {
     qos_stats: PerCpuArray<MapData, QosStats>,
     vm_of_if: BpfHashMap<MapData, u32, u32>,
     interfaces: HashMap<String, Attached>,
-    /// Keeps `kernel.bpf_stats_enabled` on while the governor runs (the
-    /// kernel counts per-program run time only then; closing the fd turns
-    /// it off again unless someone else holds it). None: the kernel refused.
-    _stats: Option<std::os::fd::OwnedFd>,
+    /// Keeps `kernel.bpf_stats_enabled` on from the first time the
+    /// programs' costs are read (the kernel counts per-program run time
+    /// only then; closing the fd turns it off again unless someone else
+    /// holds it). Not before: with it on, every BPF program run on the host
+    /// pays two clock reads (~30-60 ns per context switch here, as much as
+    /// the sched_switch program itself), and only the metrics exporter
+    /// reads the costs. Inner None: the kernel refused.
+    stats: std::sync::OnceLock<Option<std::os::fd::OwnedFd>>,
 }
 
 /// `BPF_F_LOCK`: update/read a map value under its bpf_spin_lock, so the
@@ -276,19 +280,20 @@ impl BpfTelemetry {
             qos_stats,
             vm_of_if,
             interfaces: HashMap::new(),
-            _stats: match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-                Ok(fd) => Some(fd),
-                Err(e) => {
-                    tracing::warn!("enabling BPF run-time statistics: {e}; program costs read as 0");
-                    None
-                }
-            },
+            stats: std::sync::OnceLock::new(),
         })
     }
 }
 
 impl Telemetry for BpfTelemetry {
     fn program_stats(&self) -> Vec<super::ProgramStat> {
+        self.stats.get_or_init(|| match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!("enabling BPF run-time statistics: {e}; program costs read as 0");
+                None
+            }
+        });
         let mut out = Vec::new();
         for (name, p) in self.ebpf.programs() {
             match p.info() {
