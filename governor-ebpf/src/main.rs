@@ -337,6 +337,15 @@ pub fn gov_tc_egress(ctx: TcContext) -> i32 {
     qos(&ctx, ifindex, DIR_TO_VM)
 }
 
+/// An empty classifier, used only by `cargo xtask bench qos` to measure
+/// what running any tc-BPF program per packet costs on this host (the floor
+/// under the counting and policing costs), attached as the governor
+/// attaches its own (clsact, direct action).
+#[classifier]
+pub fn gov_tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[inline(always)]
 fn count(ctx: &TcContext, ingress: bool) -> u32 {
     // SAFETY: the context pointer is the kernel's __sk_buff.

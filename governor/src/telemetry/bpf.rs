@@ -111,6 +111,25 @@ pub fn attach_floor_probe() -> Result<Ebpf, TelemetryError> {
             p.load("sched_switch", &btf).map_err(|source| TelemetryError::Program { name, source })?;
             p.attach().map_err(|source| TelemetryError::Program { name, source })?;
         }
+        tc if tc.starts_with("tc:") => {
+            let (name, iface) = ("gov_tc_floor", &tc[3..]);
+            // EEXIST when the qdisc is already there is fine.
+            if let Err(e) = tc::qdisc_add_clsact(iface) {
+                let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    return Err(TelemetryError::Interface { name: iface.into(), reason: format!("add clsact: {e}") });
+                }
+            }
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(TelemetryError::Missing(name))?
+                .try_into()
+                .map_err(|source| TelemetryError::Program { name, source })?;
+            p.load().map_err(|source| TelemetryError::Program { name, source })?;
+            // Detached when `ebpf` drops (the probe exits on SIGTERM).
+            p.attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(|e| TelemetryError::Interface { name: iface.into(), reason: format!("attach {name}: {e}") })?;
+        }
         other => {
             return Err(TelemetryError::Interface {
                 name: other.to_string(),

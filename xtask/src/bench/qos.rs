@@ -57,6 +57,40 @@ fn prog_stats(pin: &Path) -> Result<(u64, u64)> {
     Ok((field("run_time_ns "), field("run_cnt ")))
 }
 
+/// The goal for the police path: at most this many times the empty tc
+/// program's cost per packet (issue 12).
+const GOAL_POLICE_FLOOR_RATIO: f64 = 2.0;
+
+/// The floor of the tc programs' cost: the empty classifier `gov_tc_floor`
+/// attached as the governor attaches its own (clsact egress of the VM's
+/// host-side interface, direct action), alone on the interface, during one
+/// unlimited loaded run. Returns its bpf_stats ns per packet.
+fn tc_floor(net: &VmNet) -> Result<f64> {
+    let probe = super::overhead::floor(&format!("tc:{}", net.ports[0].1.name))?;
+    let (c0, n0) = prog_stats_by_name("gov_tc_floor")?;
+    let run = loaded_run(net);
+    let (c1, n1) = prog_stats_by_name("gov_tc_floor")?;
+    drop(probe);
+    run?;
+    if n1 <= n0 {
+        bail!("the empty tc program saw no packets");
+    }
+    Ok((c1 - c0) as f64 / (n1 - n0) as f64)
+}
+
+/// run_time_ns / run_cnt of the one loaded program named `name`.
+fn prog_stats_by_name(name: &str) -> Result<(u64, u64)> {
+    let out = Command::new("bpftool").args(["prog", "show", "name", name]).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || text.trim().is_empty() {
+        bail!("bpftool prog show name {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let field = |f: &str| -> u64 {
+        text.split(f).nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    Ok((field("run_time_ns "), field("run_cnt ")))
+}
+
 pub fn bench() -> Result<Vec<Row>> {
     const RATE: &str = "100mbit";
     const RATE_BPS: f64 = 100e6;
@@ -65,6 +99,8 @@ pub fn bench() -> Result<Vec<Row>> {
     let net = VmNet::create(2)?;
     let cg = ScopedCgroup::create("bench-qos", &Limits::default())?;
     let _stats = BpfStats::enable()?;
+    // Before the governor's own filters are on the interface.
+    let floor_ns = tc_floor(&net)?;
     let gov = Daemon::start(&format!(
         "[[vm]]\nname = \"vm\"\ncgroup = {:?}\ninterfaces = [{:?}]\n",
         cg.cg.rel().to_string_lossy(),
@@ -103,6 +139,7 @@ pub fn bench() -> Result<Vec<Row>> {
     let (tbf_p50, tbf_p99) = (percentile(&rtt, 0.5), percentile(&rtt, 0.99));
     let tbf_acc = bps / RATE_BPS;
     results.push(("tbf (kernel)", bps, tbf_p50, tbf_p99, None));
+    let police_ns = results.iter().find(|r| r.0 == "police").and_then(|r| r.4).unwrap_or(f64::NAN);
 
     rows.push(
         Row::new("unlimited TCP into the VM (Mbit/s)", format!("{:.0}", bps_free / 1e6))
@@ -130,6 +167,26 @@ pub fn bench() -> Result<Vec<Row>> {
         }
         rows.push(r);
     }
+    let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
+    rows.push(
+        Row::new("tc-BPF floor: empty classifier (ns/packet)", format!("{floor_ns:.0}"))
+            .peer("same run, same interface and attach (clsact egress, direct action)")
+            .note(
+                "bpf_stats run_time / run_cnt over one unlimited loaded run; what running any program per packet costs",
+            ),
+    );
+    rows.push(
+        Row::new("tc-BPF counting only / floor", format!("{:.2}", count_ns / floor_ns))
+            .peer(format!("{count_ns:.0} vs {floor_ns:.0} ns/packet")),
+    );
+    rows.push(
+        Row::new("tc-BPF police / floor", format!("{:.2}", police_ns / floor_ns))
+            .peer(format!("{police_ns:.0} vs {floor_ns:.0} ns/packet"))
+            .note(format!(
+                "goal <= {GOAL_POLICE_FLOOR_RATIO}: {}",
+                verdict(police_ns <= GOAL_POLICE_FLOOR_RATIO * floor_ns)
+            )),
+    );
     rows.push(
         Row::new("setup", format!("{RATE}, burst {BURST}, one TCP flow into the VM + ping every 10 ms"))
             .note("goodput is TCP payload; rates count whole frames (payload/frame = 0.956); the sender (another VM's namespace) builds 64 KiB GSO packets; tbf splits them into frames, and so does the leaf under each HTB class (a tbf at 4x the rate, bursts of 1 ms at the rate, 5 ms of queue), so HTB schedules frames"),
