@@ -73,9 +73,9 @@ pub async fn run_with(
         cfg.placement.as_ref().map(|p| p.logs_dir.clone()).filter(|_| cfg.mc.iter().any(|m| m.task == "log"));
     let backend = Backend { jobs: tx, placement: placement.as_ref().and_then(|p| p.sender()), logs_dir };
     tokio::spawn(crate::api::server::serve(listener, backend));
-    let (metrics_tx, metrics_rx) = watch::channel(String::new());
+    let (metrics_tx, metrics_rx) = watch::channel(std::sync::Arc::new(crate::metrics::Readings::default()));
     if let Some(addr) = cfg.metrics_addr {
-        crate::metrics::serve(addr, metrics_rx).await?;
+        crate::metrics::serve(addr, metrics_rx, live.clone()).await?;
         tracing::info!(%addr, "serving Prometheus metrics at /metrics");
     }
 
@@ -142,18 +142,14 @@ pub async fn run_with(
                 }
                 live.tick(tick_start.elapsed().as_secs_f64());
                 if cfg.metrics_addr.is_some() {
-                    let limits = gov.limits().unwrap_or_default();
-                    let programs = gov.program_stats();
-                    let placement = placement.as_ref().and_then(Placement::latest);
-                    let snap = crate::metrics::Snapshot {
-                        status: &status,
-                        limits: &limits,
-                        placement: placement.as_ref(),
-                        programs: &programs,
-                        live: &live,
+                    let readings = crate::metrics::Readings {
+                        status: status.clone(),
+                        limits: gov.limits().unwrap_or_default(),
+                        placement: placement.as_ref().and_then(Placement::latest),
+                        programs: gov.program_stats(),
                     };
                     // Fails only when the metrics server is gone (then nobody reads).
-                    let _ = metrics_tx.send(crate::metrics::render(&snap));
+                    let _ = metrics_tx.send(std::sync::Arc::new(readings));
                 }
                 if print && status.tick > 1 {
                     println!("tick {}\n{}", status.tick, crate::sampler::table(&status.vms));

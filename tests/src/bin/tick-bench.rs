@@ -106,6 +106,8 @@ fn main() -> Result<()> {
     let mut tracker = governor::manage::signals::SignalTracker::default();
     let live = governor::metrics::Live::default();
     let (mut tick_ms, mut read_ms, mut wall_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut limits_ms, mut signals_ms, mut render_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let mut scrape_ms = Vec::new();
     for n in 0..TICKS + 3 {
         let (c0, w0) = (thread_cpu(), Instant::now());
         let vms = gov.tick()?.to_vec();
@@ -113,22 +115,26 @@ fn main() -> Result<()> {
         let status = governor::api::Status { vms, ..Default::default() };
         let limits = gov.limits()?;
         let extras = governor::manage::signals::Extras { mem_limit: gov.memory_limits(), drops: Default::default() };
+        let c_sig = thread_cpu();
         let (_names, _signals) = tracker.signals(Instant::now(), &status.vms, &extras);
         let programs = gov.program_stats();
-        let snap = governor::metrics::Snapshot {
-            status: &status,
-            limits: &limits,
-            placement: None,
-            programs: &programs,
-            live: &live,
-        };
-        let text = governor::metrics::render(&snap);
+        let c_render = thread_cpu();
+        // What the daemon hands to the metrics server each tick (it
+        // renders when scraped).
+        let readings = std::sync::Arc::new(governor::metrics::Readings { status, limits, placement: None, programs });
         let (c1, w1) = (thread_cpu(), w0.elapsed());
-        std::hint::black_box(text);
+        // One scrape's rendering, timed apart (it runs when Prometheus asks,
+        // every scrape interval, not every tick).
+        let r0 = thread_cpu();
+        std::hint::black_box(readings.render(&live));
+        scrape_ms.push((thread_cpu() - r0).as_secs_f64() * 1e3);
         // The first ticks fill caches and allocate map entries.
         if n >= 3 {
             tick_ms.push((c1 - c0).as_secs_f64() * 1e3);
             read_ms.push((c_read - c0).as_secs_f64() * 1e3);
+            limits_ms.push((c_sig - c_read).as_secs_f64() * 1e3);
+            signals_ms.push((c_render - c_sig).as_secs_f64() * 1e3);
+            render_ms.push((c1 - c_render).as_secs_f64() * 1e3);
             wall_ms.push(w1.as_secs_f64() * 1e3);
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -141,7 +147,7 @@ fn main() -> Result<()> {
         "tick at 1000 VMs: governor CPU (ms p50/p99)",
         format!("{t50:.2} / {t99:.2}"),
         format!("goal <= {GOAL_MS} ms"),
-        &format!("{verdict} goal; {VMS} cgroups + {VMS} veths, {TICKS} ticks: sample, signals, limits, metrics"),
+        &format!("{verdict} goal; {VMS} cgroups + {VMS} veths, {TICKS} ticks: sample, signals, limits, the readings for metrics"),
     );
     row(
         "tick at 1000 VMs: of it, reading the counters (ms p50/p99)",
@@ -149,7 +155,22 @@ fn main() -> Result<()> {
         String::new(),
         "maps (CPU, run queue, network) and cgroup files (memory)",
     );
+    for (what, v) in [
+        ("limits and memory limits", limits_ms),
+        ("signals and program stats", signals_ms),
+        ("the readings handed to the metrics server", render_ms),
+    ] {
+        let (a, b) = p50_p99(v);
+        row(&format!("tick at 1000 VMs: of it, {what} (ms p50/p99)"), format!("{a:.2} / {b:.2}"), String::new(), "");
+    }
     row("tick at 1000 VMs: wall time (ms p50/p99)", format!("{w50:.2} / {w99:.2}"), String::new(), "");
+    let (s50, s99) = p50_p99(scrape_ms);
+    row(
+        "a Prometheus scrape at 1000 VMs: rendering (ms p50/p99)",
+        format!("{s50:.2} / {s99:.2}"),
+        String::new(),
+        "on the metrics server's blocking thread, per scrape (not per tick)",
+    );
     drop(gov);
     drop(veths);
     drop(cgroups);
