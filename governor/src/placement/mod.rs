@@ -31,6 +31,7 @@ pub mod host;
 pub mod meter;
 pub mod mover;
 mod recovery;
+mod restart;
 pub mod runtime;
 mod status;
 #[cfg(test)]

@@ -134,12 +134,7 @@ pub(super) struct Runtime {
     pub(super) stopped: HashMap<String, String>,
     latest: Arc<std::sync::Mutex<Option<PlacementStatus>>>,
     /// The log positions last saved.
-    log_resume: Option<crate::manage::logs::Resume>,
-}
-
-/// In the run directory: removed by a clean stop, left by a kill.
-fn log_resume_path(opts: &RuntimeOptions) -> PathBuf {
-    opts.host.run_dir.join("logs-resume.json")
+    pub(super) log_resume: Option<crate::manage::logs::Resume>,
 }
 
 pub(super) type PerResourceView = [f64; 4];
@@ -248,7 +243,7 @@ impl Runtime {
                     &opts.logs,
                     &opts.logs_dir,
                     opts.log_max_bytes,
-                    crate::manage::logs::Resume::load(&log_resume_path(&opts)).as_ref(),
+                    crate::manage::logs::Resume::load(&super::restart::log_resume_path(&opts)).as_ref(),
                 )
                 .with_context(|| format!("placement.logs_dir {}", opts.logs_dir.display()))?,
             )
@@ -279,43 +274,6 @@ impl Runtime {
             log_resume: None,
             opts,
         })
-    }
-
-    /// Save where the log pipe left off (a governor taking over after a
-    /// kill reads on from there) when it changed.
-    pub(super) fn save_log_resume(&mut self) {
-        let Some(pipe) = &self.log_pipe else { return };
-        let r = pipe.resume();
-        if self.log_resume.as_ref() == Some(&r) {
-            return;
-        }
-        let path = log_resume_path(&self.opts);
-        match r.save(&path) {
-            Ok(()) => self.log_resume = Some(r),
-            Err(e) => tracing::warn!(state = %path.display(), "saving the log positions: {e}"),
-        }
-    }
-
-    /// The MC VMs a killed governor left running, on the card and on the
-    /// host, taken over where they are (a VM running on both sides, after
-    /// a kill mid-move, keeps the card's copy).
-    fn adopt_all(&mut self) -> Vec<(String, Side)> {
-        let tasks: Vec<String> = self.opts.specs.iter().map(|s| s.task.clone()).collect();
-        let on_card = self.sites.card.adopt(&tasks);
-        let mut out: Vec<(String, Side)> = on_card.iter().map(|t| (t.clone(), Side::Card)).collect();
-        for t in &tasks {
-            if !self.sites.host.adopt(t) {
-                continue;
-            }
-            if on_card.contains(t) {
-                if let Err(e) = self.sites.host.release(t) {
-                    tracing::warn!(task = t, "stopping the host's second copy: {e}");
-                }
-            } else {
-                out.push((t.clone(), Side::Host));
-            }
-        }
-        out
     }
 
     pub(super) fn now_ms(&self) -> u64 {
