@@ -19,6 +19,7 @@ pub mod error;
 pub mod mailbox;
 pub mod shm;
 pub mod transport;
+mod vms;
 pub mod watchdog;
 mod wire;
 
