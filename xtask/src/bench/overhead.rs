@@ -5,10 +5,9 @@
 //! sched pipe` on one CPU, alternating detached / governor / raw-tracepoint
 //! floor / tp_btf floor / runqlat / cpudist within each round.
 //!
-//! Each variant's cost is taken against the detached run of its own round
-//! and the median over rounds is reported: the host's speed drifts (two
-//! CPUs, another build running beside), and a difference within a round is
-//! steadier than a difference of medians.
+//! Each variant runs once per round, in turn, so all see the same drift of
+//! the host; its cost is its lower-quartile run against the detached one
+//! (noise here only adds time: two CPUs, builds running beside).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -20,7 +19,7 @@ use fixtures::Guarded;
 use super::daemon::Daemon;
 use super::Row;
 use crate::build::release_bin;
-use crate::stats::median;
+use crate::stats::{median, percentile};
 
 /// The environment variable `governor floor-probe` reads to choose its
 /// empty program (governor::telemetry::FLOOR_PROBE_ENV).
@@ -184,7 +183,7 @@ impl Drop for StatsOn {
 }
 
 pub fn bench() -> Result<Vec<Row>> {
-    const ROUNDS: usize = 15;
+    const ROUNDS: usize = 21;
     const LOOPS: u32 = 100_000;
     // ns/op of each variant, round by round.
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
@@ -213,30 +212,34 @@ pub fn bench() -> Result<Vec<Row>> {
         }
     }
     let tp_btf = tp_btf.context("the governor never ran")?;
-    // Per switch, over this round's detached run: half an op (an op is two switches).
-    let added = |v: Variant| -> f64 {
+    // The lower quartile of each variant's runs: on this host the noise
+    // (another build on the other CPU, the hypervisor) mostly adds time, so
+    // the fast end is the steadier estimate of each variant's own cost; a
+    // quartile rather than the minimum, which one lucky run decides
+    // (medians of paired differences moved by +-40 ns between runs).
+    let quartile = |v: Variant| -> f64 {
         let i = VARIANTS.iter().position(|x| *x == v).unwrap_or(0);
-        let diffs: Vec<f64> = ns[i].iter().zip(&ns[0]).map(|(x, base)| (x - base) / 2.0).collect();
-        median(&diffs)
+        percentile(&ns[i], 0.25)
     };
-    let slowdown = |v: Variant| -> f64 {
-        let i = VARIANTS.iter().position(|x| *x == v).unwrap_or(0);
-        let r: Vec<f64> = ns[i].iter().zip(&ns[0]).map(|(x, base)| x / base).collect();
-        median(&r)
-    };
-    let base = median(&ns[0]);
+    // Per switch: half an op (an op is two switches).
+    let added = |v: Variant| -> f64 { (quartile(v) - quartile(Variant::Detached)) / 2.0 };
+    let slowdown = |v: Variant| -> f64 { quartile(v) / quartile(Variant::Detached) };
+    let base = quartile(Variant::Detached);
     let gov = added(Variant::Governor);
     let (floor_raw, floor_btf) = (added(Variant::FloorRaw), added(Variant::FloorBtf));
     let (runqlat, cpudist) = (added(Variant::Runqlat), added(Variant::Cpudist));
     let floor_stats = added(Variant::FloorBtfStats);
     let (hook, floor_same) = if tp_btf { ("tp_btf", floor_btf) } else { ("raw tracepoint", floor_raw) };
     let ratio = gov / floor_same;
+    // A floor this small is within the run's noise: no ratio can be judged.
+    let floor_ok = floor_same >= 5.0;
     let gov_slowdown = slowdown(Variant::Governor);
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
     Ok(vec![
         Row::new("sched pipe, programs detached (ns/op)", format!("{base:.0}")).note(format!(
-            "{ROUNDS} rounds x {LOOPS} loops, pinned to CPU 1, each variant in turn per round; 1 op = 2 switches + 2 wakeups; \
-             costs below: median over rounds of (variant - detached of its round) / 2"
+            "lower quartile of {ROUNDS} rounds x {LOOPS} loops (median {:.0}), pinned to CPU 1, each variant in turn per \
+             round; 1 op = 2 switches + 2 wakeups; costs below: (lower quartile of the variant - of detached) / 2",
+            median(&ns[0])
         )),
         Row::new("governor: added per context switch (ns)", format!("{gov:.0}"))
             .peer(format!("floor ({hook}) {floor_same:.0}"))
@@ -246,7 +249,11 @@ pub fn bench() -> Result<Vec<Row>> {
             )),
         Row::new("governor / empty program on the same hook", format!("{ratio:.2}"))
             .peer(format!("floor ({hook}) {floor_same:.0} ns"))
-            .note(format!("goal <= {GOAL_FLOOR_RATIO}: {}", verdict(ratio <= GOAL_FLOOR_RATIO))),
+            .note(if floor_ok {
+                format!("goal <= {GOAL_FLOOR_RATIO}: {}", verdict(ratio <= GOAL_FLOOR_RATIO))
+            } else {
+                format!("goal <= {GOAL_FLOOR_RATIO}: MISSES (floor within this run's noise; run again on a quieter host)")
+            }),
         Row::new("floor: empty raw tracepoint on sched_switch (ns per switch)", format!("{floor_raw:.0}"))
             .peer("same run, alternating")
             .note("what attaching anything to the hook costs on this host"),
