@@ -1,11 +1,13 @@
 //! Just enough of a BTF reader to find struct member offsets and function
 //! prototypes in the kernel's own BTF (`/sys/kernel/btf/vmlinux`).
 //!
-//! The scheduler programs hang off raw tracepoints (no perf record is built
-//! per event, which is most of a tracepoint's cost) and receive
-//! `struct task_struct *`; they read `pid` at an offset this module finds,
-//! which is CO-RE done at load time. aya parses BTF internally but does not
-//! export member lookups, hence this small reader.
+//! The sched_switch program is a BTF-typed raw tracepoint (`tp_btf`: no
+//! perf record is built per event, which is most of a tracepoint's cost)
+//! and receives `struct task_struct *`; it reads the task's fields (pid,
+//! run delay, CPU time, the pointers to its cgroup id) with plain loads at
+//! offsets this module finds, passed as read-only globals: CO-RE done at
+//! load time. aya parses BTF internally but does not export member lookups,
+//! hence this small reader.
 
 use std::path::Path;
 
