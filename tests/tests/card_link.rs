@@ -414,6 +414,29 @@ fn card_fault_crash_is_reported_and_host_keeps_running() {
     card2.echo(7, b"alive").expect("host keeps working with a new card");
 }
 
+/// A card that dies while a command waits on mapped memory (no socket
+/// exchange in flight to notice) is reported within a poll slice of its
+/// death, not at the end of the command's timeout.
+#[test]
+fn card_death_during_a_mapped_command_is_reported_at_once() {
+    let s = sim_with(true);
+    let mut card = connect(&s, Duration::from_secs(5));
+    s.control(&slow(10_000)).expect("slow 10 s");
+    let pid = s.pid() as libc::pid_t;
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill(2) on the card-sim child this test spawned.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        Instant::now()
+    });
+    let r = card.echo(3, b"never answered");
+    let killed = killer.join().expect("killer thread");
+    let after = killed.elapsed();
+    eprintln!("card death seen {after:?} after the kill: {r:?}");
+    assert!(matches!(r, Err(CardError::LinkBroken(_))), "expected LinkBroken, got {r:?}");
+    assert!(after < Duration::from_millis(200), "death seen {after:?} after the kill (command timeout 5 s)");
+}
+
 #[test]
 fn card_watchdog_reports_stall_and_recovery() {
     let s = sim();

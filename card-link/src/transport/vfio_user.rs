@@ -33,6 +33,10 @@ pub struct VfioUserTransport {
     timeout: Duration,
     broken: Option<String>,
     sizes: Vec<(u32, u64)>,
+    /// The client's socket (found at connect; owned by `client`): polled
+    /// for a hang-up so a card that died is seen while the host waits on
+    /// mapped memory, where no socket exchange would notice it.
+    fd: i32,
 }
 
 /// Our fds that are sockets connected to `path`, with their inode (an fd
@@ -89,6 +93,21 @@ fn with_socket<R>(_client: &Client, fd: i32, f: impl FnOnce(socket2::SockRef<'_>
     f(socket2::SockRef::from(&fd))
 }
 
+/// Whether the card closed its end of the socket: a zero-timeout poll, so it
+/// costs one system call and never consumes a message.
+fn peer_hung_up(client: &Client, fd: i32) -> std::io::Result<bool> {
+    with_socket(client, fd, |s| {
+        let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd on a socket borrowed for this call.
+        let rc = unsafe { libc::poll(&mut p, 1, 0) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+        }
+        Ok(p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+    })
+}
+
 /// The vfio_user crate sets no socket timeouts: bound every exchange.
 fn set_timeouts(client: &Client, fd: i32, t: Duration) -> std::io::Result<()> {
     with_socket(client, fd, |s| {
@@ -130,7 +149,7 @@ impl VfioUserTransport {
         set_timeouts(&client, fd, timeout)
             .map_err(|source| CardError::Os { what: "set timeouts on the vfio-user socket", source })?;
         let sizes = [0u32, 1, 2, 3, 4, 5].iter().filter_map(|&i| client.region(i).map(|r| (i, r.size))).collect();
-        Ok(VfioUserTransport { client, path: path.to_path_buf(), timeout, broken: None, sizes })
+        Ok(VfioUserTransport { client, path: path.to_path_buf(), timeout, broken: None, sizes, fd })
     }
 
     fn check(&self) -> Result<()> {
@@ -207,7 +226,13 @@ impl Transport for VfioUserTransport {
     }
 
     fn link_state(&self) -> Result<()> {
-        self.check()
+        self.check()?;
+        if peer_hung_up(&self.client, self.fd)
+            .map_err(|source| CardError::Os { what: "poll the vfio-user socket", source })?
+        {
+            return Err(CardError::LinkBroken(format!("{} closed the link (the card is gone)", self.describe())));
+        }
+        Ok(())
     }
 
     fn dma_map(&mut self, iova: u64, size: u64, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
