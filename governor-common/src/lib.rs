@@ -76,6 +76,25 @@ pub struct CpuState {
     /// lookup on the many switches between tasks of one cgroup or idle.
     pub acc_cgroup: u64,
     pub acc: CgroupStats,
+    /// Tasks found on this CPU that sched_switch did not see come in (at
+    /// their switch-out or a `cpu_tick`): their slice is charged from the
+    /// scheduler's own mark of its start instead (see `on_switch`).
+    pub unseen_switch_ins: u64,
+    /// Flushes the map refused (no entry could be made for the cgroup):
+    /// that CPU's gathered counters are dropped, not given to another.
+    pub failed_flushes: u64,
+}
+
+impl CpuState {
+    /// What this CPU gathered and has not yet added into `CGROUPS`, and for
+    /// which cgroup. Readers add it to that cgroup's total so a reading is
+    /// exact at any moment, not up to a tick (or, on a CPU that only
+    /// switches between one cgroup and idle, until the next tick) behind.
+    /// Read `CGROUPS` first, then this: a flush in between leaves the sum
+    /// short for one reading, never counted twice, so totals never go back.
+    pub fn pending(&self) -> Option<(u64, &CgroupStats)> {
+        (self.acc_cgroup != 0).then_some((self.acc_cgroup, &self.acc))
+    }
 }
 
 /// Per-interface traffic counters, kept per CPU and keyed by ifindex.

@@ -11,10 +11,11 @@ use std::hash::Hash;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use governor_common::{maps, CgroupStats, NetStats};
+use governor_common::{maps, CgroupStats, CpuState, NetStats};
 
 use super::TelemetryError;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 /// Elements asked for per call.
@@ -29,6 +30,17 @@ struct ObjGetAttr {
     file_flags: u32,
     path_fd: i32,
     _pad: u32,
+}
+
+/// `union bpf_attr` for BPF_MAP_LOOKUP_ELEM.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
 }
 
 /// `union bpf_attr`'s `batch` member.
@@ -60,6 +72,7 @@ fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<i64> {
 pub struct BatchReader {
     cgroups: (OwnedFd, PathBuf),
     net: (OwnedFd, PathBuf),
+    cpu_state: (OwnedFd, PathBuf),
     /// Possible CPUs: a per-CPU value has one slot per possible CPU.
     cpus: usize,
 }
@@ -81,12 +94,49 @@ impl BatchReader {
             path: PathBuf::from(what),
             source,
         })?;
-        Ok(BatchReader { cgroups: open(maps::CGROUPS)?, net: open(maps::NET)?, cpus })
+        Ok(BatchReader {
+            cgroups: open(maps::CGROUPS)?,
+            net: open(maps::NET)?,
+            cpu_state: open(maps::CPU_STATE)?,
+            cpus,
+        })
     }
 
-    /// Every cgroup's counters, summed over CPUs.
+    /// Every cgroup's counters, summed over CPUs, with what each CPU has
+    /// gathered and not yet added (read after, see `CpuState::pending`).
     pub fn cgroups(&self) -> Result<HashMap<u64, CgroupStats>, TelemetryError> {
-        read_all(&self.cgroups, self.cpus, |a: &mut CgroupStats, v| a.add(v))
+        let mut all = read_all(&self.cgroups, self.cpus, |a: &mut CgroupStats, v| a.add(v))?;
+        for state in self.cpu_states()? {
+            if let Some((cg, acc)) = state.pending() {
+                all.entry(cg).or_default().add(acc);
+            }
+        }
+        Ok(all)
+    }
+
+    /// Each CPU's scheduler state (the one slot of the per-CPU array).
+    fn cpu_states(&self) -> Result<Vec<CpuState>, TelemetryError> {
+        let map = &self.cpu_state;
+        let slot = std::mem::size_of::<CpuState>().div_ceil(8) * 8;
+        let mut values = vec![0u8; slot * self.cpus];
+        let key = 0u32;
+        let mut attr = ElemAttr {
+            map_fd: map.0.as_raw_fd() as u32,
+            key: &key as *const u32 as u64,
+            value: values.as_mut_ptr() as u64,
+            ..ElemAttr::default()
+        };
+        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map_err(|source| TelemetryError::Io {
+            op: "lookup",
+            path: map.1.clone(),
+            source,
+        })?;
+        Ok(values
+            .chunks_exact(slot)
+            // SAFETY: CpuState is plain repr(C) integers (any bytes are a
+            // valid value) and each chunk holds at least its size.
+            .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<CpuState>()) })
+            .collect())
     }
 
     /// Every interface's counters, summed over CPUs.

@@ -15,7 +15,7 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMa
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use governor_common::{maps, CgroupStats, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
+use governor_common::{maps, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 
 use super::{pins, qos_index, Telemetry, TelemetryError};
 use crate::qos::Direction;
@@ -59,6 +59,7 @@ pub struct BpfTelemetry {
     oom: RingBuf<MapData>,
     qos: Array<MapData, Policer>,
     qos_stats: PerCpuArray<MapData, QosStats>,
+    cpu_state: PerCpuArray<MapData, CpuState>,
     vm_of_if: BpfHashMap<MapData, u32, u32>,
     interfaces: HashMap<String, Attached>,
     /// Keeps `kernel.bpf_stats_enabled` on from the first time the
@@ -166,6 +167,11 @@ impl BpfTelemetry {
                 "TASK_SUM_EXEC",
                 btf.member_offset("task_struct", "se")? + btf.member_offset("sched_entity", "sum_exec_runtime")?,
             ),
+            (
+                "TASK_PREV_SUM_EXEC",
+                btf.member_offset("task_struct", "se")? + btf.member_offset("sched_entity", "prev_sum_exec_runtime")?,
+            ),
+            ("TASK_POLICY", btf.member_offset("task_struct", "policy")?),
             ("TASK_CGROUPS", btf.member_offset("task_struct", "cgroups")?),
             ("CSS_SET_DFL_CGRP", btf.member_offset("css_set", "dfl_cgrp")?),
             ("CGROUP_KN", btf.member_offset("cgroup", "kn")?),
@@ -286,6 +292,8 @@ impl BpfTelemetry {
             .map_err(|source| TelemetryError::Map { name: maps::QOS, source })?;
         let qos_stats = PerCpuArray::try_from(take(&mut ebpf, maps::QOS_STATS)?)
             .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
+        let cpu_state = PerCpuArray::try_from(take(&mut ebpf, maps::CPU_STATE)?)
+            .map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
         let vm_of_if = BpfHashMap::try_from(take(&mut ebpf, maps::VM_OF_IF)?)
             .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })?;
         pins.disarm();
@@ -297,6 +305,7 @@ impl BpfTelemetry {
             oom,
             qos,
             qos_stats,
+            cpu_state,
             vm_of_if,
             interfaces: HashMap::new(),
             stats: std::sync::OnceLock::new(),
@@ -383,14 +392,23 @@ impl Telemetry for BpfTelemetry {
     }
 
     fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError> {
-        match self.cgroups.get(&id, 0) {
-            Ok(per_cpu) => Ok(per_cpu.iter().fold(CgroupStats::default(), |mut a, v| {
+        let mut total = match self.cgroups.get(&id, 0) {
+            Ok(per_cpu) => per_cpu.iter().fold(CgroupStats::default(), |mut a, v| {
                 a.add(v);
                 a
-            })),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(CgroupStats::default()),
-            Err(source) => Err(TelemetryError::Map { name: maps::CGROUPS, source }),
+            }),
+            Err(aya::maps::MapError::KeyNotFound) => CgroupStats::default(),
+            Err(source) => return Err(TelemetryError::Map { name: maps::CGROUPS, source }),
+        };
+        // After CGROUPS, never before (see CpuState::pending).
+        let states =
+            self.cpu_state.get(&0, 0).map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
+        for (cg, acc) in states.iter().filter_map(CpuState::pending) {
+            if cg == id {
+                total.add(acc);
+            }
         }
+        Ok(total)
     }
 
     /// Only when more than half of the map is used: every VM's known subtree
