@@ -102,6 +102,9 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     mem_limits: Option<(Instant, std::collections::HashMap<String, u64>)>,
     /// gso_max_size of each interface before shaping capped it.
     gso_before: std::collections::HashMap<u32, u32>,
+    /// Link notifications: which interfaces to look up again each tick
+    /// (None: all of them, as with the in-memory fakes).
+    links: Option<crate::netdev::LinkWatch>,
     ticks: u64,
 }
 
@@ -127,6 +130,9 @@ impl Governor {
         let telemetry = BpfTelemetry::load(&cfg.pin_dir)?;
         let mut g = Governor::build(cfg, telemetry, LazyShaper::opening(NetlinkShaper::new), layout)?;
         g.batch = Some(crate::telemetry::BatchReader::open(&cfg.pin_dir)?);
+        g.links = crate::netdev::LinkWatch::open()
+            .inspect_err(|e| tracing::warn!("no link notifications ({e}): every interface is looked up each tick"))
+            .ok();
         Ok(g)
     }
 }
@@ -155,6 +161,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             gso_before: Default::default(),
             mem_limits: None,
             batch: None,
+            links: None,
             ticks: 0,
         };
         // On error `g` is dropped, which removes any shaping set up so far
@@ -206,7 +213,6 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
     /// tick (the first tick has no rates yet, only totals).
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
         self.refresh_interfaces();
-        let walk = self.ticks.is_multiple_of(SUBTREE_EVERY);
         // Every counter in a few syscalls where we can (see BatchReader).
         let maps = match &self.batch {
             Some(b) => Some((b.cgroups()?, b.net()?)),
@@ -221,9 +227,11 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             // Walking the subtree is a readdir and a stat per cgroup: at
             // 1,000 VMs a tick's largest cost after memory.stat. New child
             // cgroups are rare (a VMM placing its threads at start), so it
-            // is done every SUBTREE_EVERY ticks; a child's time is in the
-            // kernel map from its first switch and counted once it is seen.
-            if walk {
+            // is done every SUBTREE_EVERY ticks, staggered by slot so no
+            // later tick walks them all (the first does, so the first
+            // totals hold the children already there); a child's time is in
+            // the kernel map from its first switch and counted once seen.
+            if self.ticks == 0 || (self.ticks + u64::from(vm.slot)).is_multiple_of(SUBTREE_EVERY) {
                 match vm.cgroup.subtree_ids() {
                     Ok(ids) => {
                         for id in ids {
@@ -339,11 +347,20 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
 
     /// A VMM may delete and re-create a VM's tap: the name comes back with a
     /// new ifindex and without our filters and qdiscs. Re-attach the
-    /// counters, the VM's QoS slot and its limits; an interface that is
-    /// missing right now is looked at again next tick.
+    /// counters, the VM's QoS slot and its limits (the old one's counters go
+    /// to the VM's retired total). Only the interfaces the kernel said
+    /// changed are looked up (see `LinkWatch`): one missing now is looked
+    /// at again when it comes back.
     fn refresh_interfaces(&mut self) {
+        let changes = self.links.as_mut().map_or(crate::netdev::LinkChanges::All, |w| w.changes());
+        if changes.is_empty() {
+            return;
+        }
         for i in 0..self.vms.len() {
             for k in 0..self.vms[i].interfaces.len() {
+                if !changes.touches(&self.vms[i].interfaces[k].name) {
+                    continue;
+                }
                 let Interface { name, ifindex: old } = self.vms[i].interfaces[k].clone();
                 let Ok(now) = self.telemetry.ifindex(&name) else { continue };
                 if now == old {

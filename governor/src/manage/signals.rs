@@ -21,7 +21,18 @@ pub struct Extras {
 /// Remembers when each VM last showed a sign of life.
 #[derive(Default)]
 pub struct SignalTracker {
-    last: HashMap<String, (u64, u64, Instant)>,
+    last: HashMap<String, Life>,
+    /// Counts calls; a VM not seen in this call's generation is forgotten
+    /// (a set of this call's names would cost a lookup per VM per VM).
+    generation: u64,
+}
+
+/// A VM's CPU time and bytes when they last moved, and when that was.
+struct Life {
+    cpu_ns: u64,
+    bytes: u64,
+    since: Instant,
+    generation: u64,
 }
 
 impl SignalTracker {
@@ -30,14 +41,21 @@ impl SignalTracker {
     pub fn signals(&mut self, now: Instant, vms: &[VmStatus], extras: &Extras) -> (Vec<String>, Vec<VmSignals>) {
         let mut names = Vec::new();
         let mut out = Vec::new();
+        self.generation += 1;
+        let generation = self.generation;
         for v in vms.iter().filter(|v| v.role == "user") {
             let cpu_ns = (v.cpu_seconds_total * 1e9) as u64;
             let bytes = v.rx_bytes_total.saturating_add(v.tx_bytes_total);
-            let entry = self.last.entry(v.name.clone()).or_insert((cpu_ns, bytes, now));
-            if cpu_ns != entry.0 || bytes != entry.1 {
-                *entry = (cpu_ns, bytes, now);
+            // Look up before inserting: the name is cloned only for a new VM.
+            if !self.last.contains_key(&v.name) {
+                self.last.insert(v.name.clone(), Life { cpu_ns, bytes, since: now, generation });
             }
-            let quiet_ms = now.duration_since(entry.2).as_millis().min(u32::MAX as u128) as u32;
+            let Some(life) = self.last.get_mut(&v.name) else { continue };
+            if cpu_ns != life.cpu_ns || bytes != life.bytes {
+                (life.cpu_ns, life.bytes, life.since) = (cpu_ns, bytes, now);
+            }
+            life.generation = generation;
+            let quiet_ms = now.duration_since(life.since).as_millis().min(u32::MAX as u128) as u32;
             let limit = extras.mem_limit.get(&v.name).copied();
             let mut flags = FLAG_EXISTS;
             if limit.is_some() {
@@ -57,7 +75,7 @@ impl SignalTracker {
             });
             names.push(v.name.clone());
         }
-        self.last.retain(|n, _| names.contains(n));
+        self.last.retain(|_, l| l.generation == generation);
         (names, out)
     }
 }
@@ -86,5 +104,12 @@ mod tests {
         let (_, s) = t.signals(t1, &[vm("a", "user", 1.0), vm("b", "user", 2.5)], &ex);
         assert_eq!((s[0].quiet_ms, s[1].quiet_ms), (3000, 0), "a made no progress, b did");
         assert_eq!(s[1].cpu_ns_total, 2_500_000_000);
+        // A VM that left is forgotten: back later, it starts afresh.
+        let t2 = t1 + Duration::from_secs(1);
+        let (names, _) = t.signals(t2, &[vm("a", "user", 1.0)], &ex);
+        assert_eq!(names, vec!["a".to_string()]);
+        assert_eq!(t.last.len(), 1);
+        let (_, s) = t.signals(t2 + Duration::from_secs(5), &[vm("a", "user", 1.0), vm("b", "user", 2.5)], &ex);
+        assert_eq!((s[0].quiet_ms, s[1].quiet_ms), (9000, 0));
     }
 }
