@@ -23,21 +23,26 @@ const PROCS: &str = "cgroup.procs";
 pub struct MemoryFiles {
     usage: (fs::File, PathBuf),
     stat: (fs::File, PathBuf),
+    /// memory.limit_in_bytes (v1) or memory.max (v2).
+    limit: (fs::File, PathBuf),
     /// inactive file, resident, page faults in memory.stat.
     keys: [&'static str; 3],
 }
 
 impl MemoryFiles {
+    /// The whole file from offset 0. These are seq_files, whose read fills
+    /// the buffer unless the text ends first: a short read is the end, and
+    /// reading again to see 0 (one more system call) is not needed.
     fn pread(f: &(fs::File, PathBuf), buf: &mut Vec<u8>) -> Result<()> {
         use std::os::unix::fs::FileExt;
         buf.clear();
-        let mut chunk = [0u8; 4096];
+        let mut chunk = [0u8; 8192];
         loop {
             let n = f.0.read_at(&mut chunk, buf.len() as u64).map_err(CgroupError::io("read", &f.1))?;
-            if n == 0 {
+            buf.extend_from_slice(&chunk[..n]);
+            if n < chunk.len() {
                 return Ok(());
             }
-            buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -49,23 +54,43 @@ impl MemoryFiles {
         s.trim().parse().map_err(|_| CgroupError::Parse { path: self.usage.1.clone(), what: "usage".into() })
     }
 
+    /// The limit; None when unlimited (v1 says so with a huge number, v2
+    /// with "max").
+    pub fn limit(&self) -> Result<Option<u64>> {
+        let mut b = Vec::with_capacity(32);
+        Self::pread(&self.limit, &mut b)?;
+        let s = std::str::from_utf8(&b).unwrap_or_default().trim();
+        if s == "max" {
+            return Ok(None);
+        }
+        let v: u64 = s.parse().map_err(|_| CgroupError::Parse { path: self.limit.1.clone(), what: "limit".into() })?;
+        Ok((v < 1 << 60).then_some(v))
+    }
+
     /// Everything [`Cgroup::memory`] reads: usage and one read of memory.stat.
     pub fn read(&self) -> Result<Memory> {
         let usage = self.usage()?;
         let mut b = Vec::with_capacity(4096);
         Self::pread(&self.stat, &mut b)?;
         let text = String::from_utf8_lossy(&b);
-        let field = |key: &str| {
-            files::parse_stat(&text, key)
-                .ok_or_else(|| CgroupError::Parse { path: self.stat.1.clone(), what: key.into() })
+        let values = files::parse_stats(&text, &self.keys);
+        let field = |i: usize| {
+            values[i].ok_or_else(|| CgroupError::Parse { path: self.stat.1.clone(), what: self.keys[i].into() })
         };
         Ok(Memory {
             usage_bytes: usage,
-            working_set_bytes: usage.saturating_sub(field(self.keys[0])?),
-            resident_bytes: field(self.keys[1])?,
-            pgfault: field(self.keys[2])?,
+            working_set_bytes: usage.saturating_sub(field(0)?),
+            resident_bytes: field(1)?,
+            pgfault: field(2)?,
         })
     }
+}
+
+/// Whether the cgroup directory `dir` (from [`Cgroup::open_dir`]) has child
+/// cgroups: its link count is 2 plus its subdirectories (kernfs refreshes
+/// it on every stat). One fstat, no path walk and no listing of its files.
+pub fn has_children(dir: &fs::File) -> io::Result<bool> {
+    Ok(dir.metadata()?.nlink() > 2)
 }
 
 /// Memory of a cgroup as the kernel accounts it (cAdvisor's definitions).
@@ -194,6 +219,13 @@ impl Cgroup {
         self.layout.unified().join(&self.rel)
     }
 
+    /// The cgroup's (unified) directory, opened: a cheap way to ask again
+    /// whether it has children (see [`has_children`]).
+    pub fn open_dir(&self) -> Result<fs::File> {
+        let d = self.dir();
+        fs::File::open(&d).map_err(CgroupError::io("open", &d))
+    }
+
     /// The directory holding a controller's files.
     pub fn controller_dir(&self, c: Controller) -> PathBuf {
         self.layout.root_of(c).join(&self.rel)
@@ -225,6 +257,12 @@ impl Cgroup {
                 Err(e) => return Err(CgroupError::io("stat", &d)(e)),
             };
             ids.push(m.ino());
+            // A cgroup directory's link count is 2 plus its subdirectories
+            // (kernfs keeps it so): with none, there is nothing to list,
+            // which spares reading the names of all its control files.
+            if m.nlink() <= 2 {
+                continue;
+            }
             if let Ok(rd) = fs::read_dir(&d) {
                 for e in rd.flatten() {
                     if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -367,10 +405,10 @@ impl Cgroup {
     /// (see [`MemoryFiles`]); None when no memory controller covers it.
     pub fn memory_files(&self) -> Result<Option<MemoryFiles>> {
         let d = self.controller_dir(Controller::Memory);
-        let (usage_file, keys) = if self.memory_v1() {
-            ("memory.usage_in_bytes", ["total_inactive_file", "total_rss", "total_pgfault"])
+        let (usage_file, limit_file, keys) = if self.memory_v1() {
+            ("memory.usage_in_bytes", "memory.limit_in_bytes", ["total_inactive_file", "total_rss", "total_pgfault"])
         } else {
-            ("memory.current", ["inactive_file", "anon", "pgfault"])
+            ("memory.current", "memory.max", ["inactive_file", "anon", "pgfault"])
         };
         let open = |name: &str| {
             let p = d.join(name);
@@ -381,7 +419,7 @@ impl Cgroup {
             Err(CgroupError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(Some(MemoryFiles { usage, stat: open("memory.stat")?, keys }))
+        Ok(Some(MemoryFiles { usage, stat: open("memory.stat")?, limit: open(limit_file)?, keys }))
     }
 
     /// The memory limit in bytes; None when unlimited.

@@ -34,6 +34,19 @@ pub fn parse_stat(s: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// The values of several `key value` lines in one pass over the text.
+pub fn parse_stats<const N: usize>(s: &str, keys: &[&str; N]) -> [Option<u64>; N] {
+    let mut out = [None; N];
+    for l in s.lines() {
+        let mut f = l.split_whitespace();
+        let Some(k) = f.next() else { continue };
+        if let Some(i) = keys.iter().position(|&key| key == k) {
+            out[i] = f.next().and_then(|v| v.parse().ok());
+        }
+    }
+    out
+}
+
 /// The numbers in a `cgroup.procs`-like file (missing file: none).
 pub fn ids(path: &Path) -> Vec<u32> {
     fs::read_to_string(path).map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect()).unwrap_or_default()
@@ -65,5 +78,6 @@ mod tests {
         assert_eq!(parse_stat(s, "system_usec"), Some(23));
         assert_eq!(parse_stat(s, "nope"), None);
         assert_eq!(parse_stat("usage_usec x", "usage_usec"), None);
+        assert_eq!(parse_stats(s, &["system_usec", "nope", "usage_usec"]), [Some(23), None, Some(123)]);
     }
 }

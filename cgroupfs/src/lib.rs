@@ -26,7 +26,7 @@ mod files;
 mod layout;
 mod limits;
 
-pub use cgroup::{Cgroup, Memory, MemoryFiles};
+pub use cgroup::{has_children, Cgroup, Memory, MemoryFiles};
 pub use error::CgroupError;
 pub use layout::{Controller, Layout};
 pub use limits::Limits;

@@ -98,8 +98,6 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     /// Whole-map reads of the counters (the real kernel side; fakes are
     /// read key by key).
     batch: Option<crate::telemetry::BatchReader>,
-    /// The memory limits as last read, and when.
-    mem_limits: Option<(Instant, std::collections::HashMap<String, u64>)>,
     /// gso_max_size of each interface before shaping capped it.
     gso_before: std::collections::HashMap<u32, u32>,
     /// Link notifications: which interfaces to look up again each tick
@@ -111,7 +109,13 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
 const OOM_LOG: usize = 64;
 /// Ticks between looks at how full the kernel's cgroup map is.
 /// Ticks between reads of a VM's memory files (see `WatchedVm::memory`).
-const MEM_STAT_EVERY: u64 = 5;
+pub const MEM_STAT_EVERY: u64 = 5;
+/// At most this many VMs' memory files are read per tick (about 15 us
+/// each on a cgroup v1 memory controller, which formats every counter of
+/// memory.stat per read): with more than `5 x` this many VMs, each VM's
+/// memory is read less often (every 32 ticks at 1,000 VMs; cAdvisor
+/// stretches its own housekeeping up to 15 s the same way).
+pub const MEM_READS_PER_TICK: u64 = 32;
 /// Ticks between walks of each VM's cgroup subtree (see `tick`).
 const SUBTREE_EVERY: u64 = 10;
 const PRUNE_EVERY: u64 = 60;
@@ -159,7 +163,6 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             ifb_name: cfg.qos_ifb.clone(),
             ifb: None,
             gso_before: Default::default(),
-            mem_limits: None,
             batch: None,
             links: None,
             ticks: 0,
@@ -205,6 +208,8 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             net_retired: NetStats::default(),
             mem_files: None,
             mem_full: None,
+            mem_limit: None,
+            dir: None,
         });
         Ok(())
     }
@@ -219,6 +224,9 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             None => None,
         };
         let mut out = Vec::with_capacity(self.vms.len());
+        let mem_every = MEM_STAT_EVERY.max((self.vms.len() as u64).div_ceil(MEM_READS_PER_TICK));
+        // One time for the whole reading: the maps were read at once.
+        let now = Instant::now();
         for vm in &mut self.vms {
             // The subtree can change (a VMM moving vCPU threads into child
             // cgroups). Ids are only ever added: a child cgroup that is gone
@@ -232,16 +240,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             // totals hold the children already there); a child's time is in
             // the kernel map from its first switch and counted once seen.
             if self.ticks == 0 || (self.ticks + u64::from(vm.slot)).is_multiple_of(SUBTREE_EVERY) {
-                match vm.cgroup.subtree_ids() {
-                    Ok(ids) => {
-                        for id in ids {
-                            if !vm.subtree.contains(&id) {
-                                vm.subtree.push(id);
-                            }
-                        }
-                    }
-                    Err(e) => tracing::debug!(vm = %vm.cfg.name, "walking the cgroup subtree: {e}"),
-                }
+                vm.refresh_subtree();
             }
             let (cpu, mut net) = (CgroupStats::default(), vm.net_retired);
             let cpu = match &maps {
@@ -267,16 +266,19 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                 }
             };
             // memory.stat is the costliest file the kernel formats: each VM
-            // reads it every MEM_STAT_EVERY ticks, staggered by slot.
-            let full = (self.ticks + u64::from(vm.slot)).is_multiple_of(MEM_STAT_EVERY);
+            // reads it every `mem_every` ticks, staggered by slot.
+            let full = (self.ticks + u64::from(vm.slot)).is_multiple_of(mem_every);
             let memory = vm.memory(full).map_err(|source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source })?;
-            let cur = Sample { at: Instant::now(), cpu, net, memory };
+            let cur = Sample { at: now, cpu, net, memory };
             let prev = vm.prev.as_ref().unwrap_or(&cur);
             out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
             vm.prev = Some(cur);
         }
         self.ticks += 1;
-        if self.ticks.is_multiple_of(PRUNE_EVERY) {
+        // The batch read just counted the map's entries: pruning (which
+        // lists every key, a system call each) only when it is filling up.
+        let filling = maps.as_ref().is_none_or(|(cg, _)| cg.len() > governor_common::MAX_CGROUPS / 2);
+        if filling && self.ticks.is_multiple_of(PRUNE_EVERY) {
             let keep: HashSet<u64> = self.vms.iter().flat_map(|v| v.subtree.iter().copied()).collect();
             let n = self.telemetry.prune_cgroups(&keep);
             if n > 0 {
@@ -311,28 +313,10 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
     }
 
     /// Each watched VM's memory limit, where it has one (the monitor
-    /// compares the working set with it).
-    pub fn memory_limits(&mut self) -> std::collections::HashMap<String, u64> {
-        // A file read per VM: at 1,000 VMs worth caching; limits change
-        // rarely and a second late is soon enough for the monitor.
-        if let Some((at, cached)) = &self.mem_limits {
-            if at.elapsed() < std::time::Duration::from_secs(1) {
-                return cached.clone();
-            }
-        }
-        let fresh: std::collections::HashMap<String, u64> = self
-            .vms
-            .iter()
-            .filter_map(|v| match v.cgroup.memory_limit() {
-                Ok(l) => l.map(|l| (v.cfg.name.clone(), l)),
-                Err(e) => {
-                    tracing::debug!(vm = %v.cfg.name, "reading the memory limit: {e}");
-                    None
-                }
-            })
-            .collect();
-        self.mem_limits = Some((Instant::now(), fresh.clone()));
-        fresh
+    /// compares the working set with it), as read with its memory (see
+    /// `WatchedVm::memory`): no file read here.
+    pub fn memory_limits(&self) -> std::collections::HashMap<String, u64> {
+        self.vms.iter().filter_map(|v| Some((v.cfg.name.clone(), v.mem_limit?))).collect()
     }
 
     /// The kernel programs' own cost (Prometheus).

@@ -61,6 +61,10 @@ pub struct WatchedVm {
     /// The last full memory reading (memory.stat is read every
     /// `MEM_STAT_EVERY` ticks; usage every tick).
     pub mem_full: Option<cgroupfs::Memory>,
+    /// The memory limit read with it (None: unlimited).
+    pub mem_limit: Option<u64>,
+    /// Its cgroup directory, held open to ask cheaply for children.
+    pub dir: Option<std::fs::File>,
 }
 
 impl WatchedVm {
@@ -78,6 +82,7 @@ impl WatchedVm {
             Some(last) if !full => Ok(Some(last)),
             _ => {
                 let m = files.read()?;
+                self.mem_limit = files.limit()?;
                 self.mem_full = Some(m);
                 Ok(Some(m))
             }
@@ -86,6 +91,29 @@ impl WatchedVm {
 }
 
 impl WatchedVm {
+    /// Add the ids of child cgroups that appeared since the last look. A
+    /// cgroup without children (most VMs) costs one fstat of its held
+    /// directory; only one with children is walked (a readdir of every
+    /// cgroup below and a stat of each).
+    pub fn refresh_subtree(&mut self) {
+        if self.dir.is_none() {
+            self.dir = self.cgroup.open_dir().ok();
+        }
+        if self.dir.as_ref().is_some_and(|d| cgroupfs::has_children(d).is_ok_and(|c| !c)) {
+            return;
+        }
+        match self.cgroup.subtree_ids() {
+            Ok(ids) => {
+                for id in ids {
+                    if !self.subtree.contains(&id) {
+                        self.subtree.push(id);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(vm = %self.cfg.name, "walking the cgroup subtree: {e}"),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.cfg.name
     }

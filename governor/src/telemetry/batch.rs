@@ -6,11 +6,11 @@
 //! has no batch operations; the syscall is made here with its documented
 //! `union bpf_attr` layout.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use foldhash::{HashMap, HashMapExt};
 use governor_common::{maps, CgroupStats, CpuState, NetStats};
 
 use super::TelemetryError;
@@ -73,6 +73,10 @@ pub struct BatchReader {
     cgroups: (OwnedFd, PathBuf),
     net: (OwnedFd, PathBuf),
     cpu_state: (OwnedFd, PathBuf),
+    /// The values buffer of a batch (CHUNK x value slot x CPUs, ~600 KiB
+    /// for the cgroup map on 2 CPUs), kept: a fresh one every read is
+    /// mapped and faulted in afresh by the allocator.
+    values: std::cell::RefCell<Vec<u8>>,
     /// Possible CPUs: a per-CPU value has one slot per possible CPU.
     cpus: usize,
 }
@@ -98,6 +102,7 @@ impl BatchReader {
             cgroups: open(maps::CGROUPS)?,
             net: open(maps::NET)?,
             cpu_state: open(maps::CPU_STATE)?,
+            values: Default::default(),
             cpus,
         })
     }
@@ -105,7 +110,7 @@ impl BatchReader {
     /// Every cgroup's counters, summed over CPUs, with what each CPU has
     /// gathered and not yet added (read after, see `CpuState::pending`).
     pub fn cgroups(&self) -> Result<HashMap<u64, CgroupStats>, TelemetryError> {
-        let mut all = read_all(&self.cgroups, self.cpus, |a: &mut CgroupStats, v| a.add(v))?;
+        let mut all = read_all(&self.cgroups, self.cpus, &self.values, |a: &mut CgroupStats, v| a.add(v))?;
         for state in self.cpu_states()? {
             if let Some((cg, acc)) = state.pending() {
                 all.entry(cg).or_default().add(acc);
@@ -141,7 +146,7 @@ impl BatchReader {
 
     /// Every interface's counters, summed over CPUs.
     pub fn net(&self) -> Result<HashMap<u32, NetStats>, TelemetryError> {
-        read_all(&self.net, self.cpus, |a: &mut NetStats, v| a.add(v))
+        read_all(&self.net, self.cpus, &self.values, |a: &mut NetStats, v| a.add(v))
     }
 }
 
@@ -150,6 +155,7 @@ impl BatchReader {
 fn read_all<K, V>(
     map: &(OwnedFd, PathBuf),
     cpus: usize,
+    values: &std::cell::RefCell<Vec<u8>>,
     add: impl Fn(&mut V, &V),
 ) -> Result<HashMap<K, V>, TelemetryError>
 where
@@ -160,10 +166,11 @@ where
     // The kernel copies per-CPU values in 8-byte aligned slots.
     let slot = std::mem::size_of::<V>().div_ceil(8) * 8;
     let mut keys = vec![K::default(); CHUNK];
-    let mut values = vec![0u8; CHUNK * slot * cpus];
+    let mut values = values.borrow_mut();
+    values.resize(CHUNK * slot * cpus, 0);
     // Hash maps' batch cursor is a bucket index (u32).
     let (mut cursor, mut next) = (0u32, 0u32);
-    let mut out = HashMap::new();
+    let mut out = HashMap::with_capacity(CHUNK);
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
