@@ -182,6 +182,43 @@ impl Drop for StatsOn {
     }
 }
 
+/// Mean run time per run (ns) of each BPF program whose name starts with
+/// one of `names`, by the kernel's own count (bpf_stats): run_time_ns /
+/// run_cnt as `bpftool prog show --json` reports them.
+fn run_times(names: &[&str]) -> Result<Vec<Option<f64>>> {
+    let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().context("run bpftool prog show")?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout).context("bpftool prog show --json")?;
+    let progs = progs.as_array().context("bpftool prog show --json: not a list")?;
+    Ok(names
+        .iter()
+        .map(|want| {
+            progs.iter().find_map(|p| {
+                let name = p.get("name")?.as_str()?;
+                let (t, n) = (p.get("run_time_ns")?.as_f64()?, p.get("run_cnt")?.as_f64()?);
+                (name.starts_with(want) && n > 0.0).then_some(t / n)
+            })
+        })
+        .collect())
+}
+
+/// The sched_switch program's own run time against the empty tp_btf
+/// program's, both attached, bpf_stats on, over `sched pipe` on one CPU:
+/// the body the governor adds per switch, without the noise of timing
+/// whole runs (the stats' two clock reads are in both).
+fn body_by_stats() -> Result<(f64, f64)> {
+    let d = Daemon::start("")?;
+    governor_uses_tp_btf(&d)?;
+    let _floor = floor("tp_btf")?;
+    let _stats = StatsOn::new()?;
+    for _ in 0..3 {
+        sched_pipe(100_000)?;
+    }
+    match run_times(&["sched_switch_floor_btf", "sched_switch"])?[..] {
+        [Some(floor), Some(gov)] => Ok((gov, floor)),
+        _ => bail!("bpftool showed no run time for sched_switch or the tp_btf floor"),
+    }
+}
+
 pub fn bench() -> Result<Vec<Row>> {
     const ROUNDS: usize = 21;
     const LOOPS: u32 = 100_000;
@@ -212,6 +249,7 @@ pub fn bench() -> Result<Vec<Row>> {
         }
     }
     let tp_btf = tp_btf.context("the governor never ran")?;
+    let (body_gov, body_floor) = body_by_stats()?;
     // The lower quartile of each variant's runs: on this host the noise
     // (another build on the other CPU, the hypervisor) mostly adds time, so
     // the fast end is the steadier estimate of each variant's own cost; a
@@ -254,6 +292,13 @@ pub fn bench() -> Result<Vec<Row>> {
             } else {
                 format!("goal <= {GOAL_FLOOR_RATIO}: MISSES (floor within this run's noise; run again on a quieter host)")
             }),
+        Row::new("sched_switch run time by bpf_stats (ns per run)", format!("{body_gov:.1}"))
+            .peer(format!("empty tp_btf {body_floor:.1}"))
+            .note(format!(
+                "the kernel's own count, both attached, 3 x 100000 loops of sched pipe: the body adds {:.1} ns per switch \
+                 (both include the stats' two clock reads)",
+                body_gov - body_floor
+            )),
         Row::new("floor: empty raw tracepoint on sched_switch (ns per switch)", format!("{floor_raw:.0}"))
             .peer("same run, alternating")
             .note("what attaching anything to the hook costs on this host"),
