@@ -18,11 +18,41 @@ use crate::stats::percentile;
 
 /// One loaded run: a TCP flow into the VM for 8 s and, from its second
 /// second, pings into the VM every 10 ms. Returns (goodput bit/s, RTTs ms).
-fn loaded_run(net: &VmNet) -> Result<(f64, Vec<f64>)> {
+/// Busy time of all CPUs so far (user, nice, system, irq, softirq, steal;
+/// /proc/stat's first line, in USER_HZ ticks) and its total with idle.
+fn cpu_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 8 {
+        bail!("/proc/stat: short cpu line {line:?}");
+    }
+    // user nice system idle iowait irq softirq steal
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    Ok((busy, busy + v[3] + v[4]))
+}
+
+/// An interface's gso_max_size as `ip -d link` shows it.
+fn gso_max_size(dev: &str) -> Result<u64> {
+    let out = Command::new("ip").args(["-j", "-d", "link", "show", "dev", dev]).output().context("run ip link")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -j link output")?;
+    v[0]["gso_max_size"].as_u64().with_context(|| format!("no gso_max_size for {dev}"))
+}
+
+/// What a loaded run measured: goodput, ping RTTs, and the host's CPU
+/// (cores busy, all of it: sender, receiver, qdiscs, programs) meanwhile.
+struct Run {
+    bps: f64,
+    rtts: Vec<f64>,
+    cores: f64,
+}
+
+fn loaded_run(net: &VmNet) -> Result<Run> {
     let (vm, peer) = (&net.ports[0], &net.ports[1]);
     let _server =
         Guarded::new(vm.0.cmd(&["iperf3", "-s", "-1", "-p", "5299", "-B", &vm.2]).stdout(Stdio::null()).spawn()?);
     std::thread::sleep(Duration::from_millis(300));
+    let (busy0, all0) = cpu_ticks()?;
     // Guarded until its report is read: a failed ping does not leave it running.
     let mut client = Guarded::new(
         peer.0
@@ -33,6 +63,9 @@ fn loaded_run(net: &VmNet) -> Result<(f64, Vec<f64>)> {
     std::thread::sleep(Duration::from_secs(2));
     let ping = peer.0.cmd(&["ping", "-i", "0.01", "-c", "300", &vm.2]).output()?;
     let out = client.0.take().context("iperf3 client")?.wait_with_output()?;
+    let (busy1, all1) = cpu_ticks()?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let cores = (busy1 - busy0) as f64 / (all1 - all0).max(1) as f64 * cpus;
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
     let bps =
         report["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 end.sum_received.bits_per_second")?;
@@ -44,7 +77,7 @@ fn loaded_run(net: &VmNet) -> Result<(f64, Vec<f64>)> {
     if rtts.is_empty() {
         bail!("no ping replies under load");
     }
-    Ok((bps, rtts))
+    Ok(Run { bps, rtts, cores })
 }
 
 /// run_time_ns / run_cnt of a pinned program (needs kernel.bpf_stats_enabled).
@@ -137,17 +170,24 @@ pub fn bench() -> Result<Vec<Row>> {
     let mut results = Vec::new();
     // No limit: the programs only count (the baseline of per-packet cost).
     let (c0, n0) = prog_stats(&prog)?;
-    let (bps_free, _) = loaded_run(&net)?;
+    let gso_free = gso_max_size(&net.ports[0].1.name)?;
+    let free = loaded_run(&net)?;
+    let bps_free = free.bps;
     let (c1, n1) = prog_stats(&prog)?;
     let count_ns = (c1 - c0) as f64 / (n1 - n0).max(1) as f64;
+    let mut gso_shaped = 0;
     for mode in ["police", "shape"] {
         limit(&["set", "--vm", "vm", "--direction", "ingress", "--mode", mode, "--rate", RATE, "--burst", BURST])?;
         let (c0, n0) = prog_stats(&prog)?;
-        let (bps, rtt) = loaded_run(&net)?;
+        if mode == "shape" {
+            gso_shaped = gso_max_size(&net.ports[0].1.name)?;
+        }
+        let run = loaded_run(&net)?;
         let (c1, n1) = prog_stats(&prog)?;
         limit(&["clear", "--vm", "vm", "--direction", "ingress"])?;
         let per_pkt = (c1 - c0) as f64 / (n1 - n0).max(1) as f64;
-        results.push((mode, bps, percentile(&rtt, 0.5), percentile(&rtt, 0.99), Some(per_pkt)));
+        let (p50, p99) = (percentile(&run.rtts, 0.5), percentile(&run.rtts, 0.99));
+        results.push((mode, run.bps, p50, p99, Some(per_pkt), run.cores));
     }
     // The kernel's own tbf on the same interface, same rate and burst.
     let host = net.ports[0].1.name.clone();
@@ -157,17 +197,41 @@ pub fn bench() -> Result<Vec<Row>> {
     if let Err(e) = sh(Command::new("tc").args(["qdisc", "del", "dev", &host, "root"])) {
         eprintln!("warning: removing the tbf qdisc: {e:#}");
     }
-    let (bps, rtt) = tbf?;
-    let (tbf_p50, tbf_p99) = (percentile(&rtt, 0.5), percentile(&rtt, 0.99));
-    let tbf_acc = bps / RATE_BPS;
-    results.push(("tbf (kernel)", bps, tbf_p50, tbf_p99, None));
+    let tbf = tbf?;
+    let (tbf_p50, tbf_p99) = (percentile(&tbf.rtts, 0.5), percentile(&tbf.rtts, 0.99));
+    let tbf_acc = tbf.bps / RATE_BPS;
+    let tbf_cores = tbf.cores;
+    results.push(("tbf (kernel)", tbf.bps, tbf_p50, tbf_p99, None, tbf.cores));
     let police_ns = results.iter().find(|r| r.0 == "police").and_then(|r| r.4).unwrap_or(f64::NAN);
 
     rows.push(
         Row::new("unlimited TCP into the VM (Mbit/s)", format!("{:.0}", bps_free / 1e6))
             .note(format!("tc-BPF counting only: {count_ns:.0} ns/packet")),
     );
-    for (mode, bps, p50, p99, per_pkt) in results {
+    let cpu_per_gbit = |cores: f64, bps: f64| cores / (bps / 1e9);
+    for &(mode, bps, _, _, _, cores) in &results {
+        let mut r = Row::new(
+            format!("{mode}: host CPU while shaped (cores busy; per Gbit/s delivered)"),
+            format!("{cores:.3}; {:.2}", cpu_per_gbit(cores, bps)),
+        );
+        if mode != "tbf (kernel)" {
+            r = r.peer(format!(
+                "tbf {tbf_cores:.3}; {:.2}; unlimited {:.3}; {:.2}",
+                cpu_per_gbit(tbf_cores, tbf.bps),
+                free.cores,
+                cpu_per_gbit(free.cores, bps_free)
+            ));
+        }
+        if mode == "shape" {
+            r = r.note(format!(
+                "what splitting GSO packets costs: the leaf segments as tbf does, and the sender's GSO size is capped \
+                 to {gso_shaped} bytes at this rate (gso_max_size of the shaped interface, read during the run; \
+                 {gso_free} unshaped); /proc/stat over the whole run (iperf3 both ends, ping, qdiscs, programs)"
+            ));
+        }
+        rows.push(r);
+    }
+    for (mode, bps, p50, p99, per_pkt, _) in results {
         let acc = bps / RATE_BPS;
         let mut r =
             Row::new(format!("{mode}: goodput / rate, ping p50 / p99 (ms)"), format!("{acc:.3}, {p50:.2} / {p99:.2}"));
