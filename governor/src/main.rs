@@ -66,10 +66,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Attach only an empty sched_switch program until SIGINT/SIGTERM (the
-    /// floor of `cargo xtask bench overhead`).
+    /// Attach only an empty program until SIGINT/SIGTERM (the floors of
+    /// `cargo xtask bench overhead` and `bench qos`).
     #[command(hide = true)]
-    FloorProbe,
+    FloorProbe {
+        /// raw_tp or tp_btf (sched_switch), or tc:<interface> (its egress).
+        #[arg(long, default_value = "raw_tp")]
+        hook: String,
+    },
     /// Check a config file without applying anything.
     Check {
         #[arg(long)]
@@ -158,8 +162,8 @@ fn main() -> Result<()> {
                 .build()?
                 .block_on(governor::daemon::run(cfg, layout, print, None))
         }
-        Cmd::FloorProbe => {
-            let _probe = governor::telemetry::attach_floor_probe()?;
+        Cmd::FloorProbe { hook } => {
+            let _probe = governor::telemetry::attach_floor_probe(&hook)?;
             let mut set = [libc::SIGINT, libc::SIGTERM];
             // SAFETY: blocking the two signals, then waiting for one of them.
             unsafe {

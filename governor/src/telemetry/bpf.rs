@@ -76,21 +76,16 @@ pub struct BpfTelemetry {
 /// kernel never sees half of a changed limit.
 const BPF_F_LOCK: u64 = 4;
 
-/// Which empty program `attach_floor_probe` attaches, from the environment
-/// variable `GOVERNOR_FLOOR_PROBE` (set only by `cargo xtask bench`):
-/// unset or `raw_tp`: `sched_switch_floor` on the raw tracepoint;
-/// `tp_btf`: `sched_switch_floor_btf`; `tc:<interface>`: `gov_tc_floor` on
-/// the interface's egress, attached as the governor attaches its own.
-pub const FLOOR_PROBE_ENV: &str = "GOVERNOR_FLOOR_PROBE";
-
-/// Attach only an empty program (for the benches' floors, see
-/// [`FLOOR_PROBE_ENV`]); detached when the returned object drops.
-pub fn attach_floor_probe() -> Result<Ebpf, TelemetryError> {
+/// Attach only an empty program (for the benches' floors): `hook` is
+/// `raw_tp` (`sched_switch_floor` on the raw tracepoint), `tp_btf`
+/// (`sched_switch_floor_btf`) or `tc:<interface>` (`gov_tc_floor` on the
+/// interface's egress, attached as the governor attaches its own). Detached
+/// when the returned object drops.
+pub fn attach_floor_probe(which: &str) -> Result<Ebpf, TelemetryError> {
     tracefs::ensure_mounts()?;
-    let which = std::env::var(FLOOR_PROBE_ENV).unwrap_or_default();
     let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-    match which.as_str() {
-        "" | "raw_tp" => {
+    match which {
+        "raw_tp" => {
             let name = "sched_switch_floor";
             let p: &mut aya::programs::RawTracePoint = ebpf
                 .program_mut(name)
@@ -134,7 +129,7 @@ pub fn attach_floor_probe() -> Result<Ebpf, TelemetryError> {
         other => {
             return Err(TelemetryError::Interface {
                 name: other.to_string(),
-                reason: format!("{FLOOR_PROBE_ENV}: expected raw_tp, tp_btf or tc:<interface>"),
+                reason: "--hook: expected raw_tp, tp_btf or tc:<interface>".to_string(),
             })
         }
     }

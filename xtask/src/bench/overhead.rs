@@ -21,10 +21,6 @@ use super::Row;
 use crate::build::release_bin;
 use crate::stats::{median, percentile};
 
-/// The environment variable `governor floor-probe` reads to choose its
-/// empty program (governor::telemetry::FLOOR_PROBE_ENV).
-const FLOOR_PROBE_ENV: &str = "GOVERNOR_FLOOR_PROBE";
-
 /// A governor's sched_switch program may cost at most this many times the
 /// empty program on the same hook (issue 12).
 const GOAL_FLOOR_RATIO: f64 = 2.0;
@@ -39,8 +35,7 @@ const GOAL_PEER_FRACTION: f64 = 0.5;
 pub fn floor(which: &str) -> Result<Guarded> {
     let mut child = Guarded::new(
         Command::new(release_bin("governor"))
-            .arg("floor-probe")
-            .env(FLOOR_PROBE_ENV, which)
+            .args(["floor-probe", "--hook", which])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
