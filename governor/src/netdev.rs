@@ -101,8 +101,10 @@ impl LinkWatch {
         let mut names = HashSet::new();
         loop {
             self.buf.clear();
-            match self.socket.recv(&mut self.buf, 0) {
-                Ok(n) if n > self.buf.len() => all = true, // truncated
+            // MSG_TRUNC: the datagram's whole length is returned, so a
+            // notification longer than the buffer is seen as cut.
+            match self.socket.recv(&mut self.buf, libc::MSG_TRUNC) {
+                Ok(n) if n > self.buf.len() => all = true,
                 Ok(_) => all |= !link_names(&self.buf, &mut names),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
