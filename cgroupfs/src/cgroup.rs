@@ -59,12 +59,7 @@ impl MemoryFiles {
     pub fn limit(&self) -> Result<Option<u64>> {
         let mut b = Vec::with_capacity(32);
         Self::pread(&self.limit, &mut b)?;
-        let s = std::str::from_utf8(&b).unwrap_or_default().trim();
-        if s == "max" {
-            return Ok(None);
-        }
-        let v: u64 = s.parse().map_err(|_| CgroupError::Parse { path: self.limit.1.clone(), what: "limit".into() })?;
-        Ok((v < 1 << 60).then_some(v))
+        parse_limit(std::str::from_utf8(&b).unwrap_or_default(), &self.limit.1)
     }
 
     /// Everything [`Cgroup::memory`] reads: usage and one read of memory.stat.
@@ -84,6 +79,17 @@ impl MemoryFiles {
             pgfault: field(2)?,
         })
     }
+}
+
+/// A memory limit file's text: None when unlimited (v1 says so with a
+/// huge page-aligned number, v2 with "max").
+fn parse_limit(text: &str, path: &Path) -> Result<Option<u64>> {
+    let s = text.trim();
+    if s == "max" {
+        return Ok(None);
+    }
+    let v: u64 = s.parse().map_err(|_| CgroupError::Parse { path: path.to_path_buf(), what: "limit".into() })?;
+    Ok((v < 1 << 60).then_some(v))
 }
 
 /// Whether the cgroup directory `dir` (from [`Cgroup::open_dir`]) has child
@@ -390,14 +396,14 @@ impl Cgroup {
         // of a tick's cost at 1,000 VMs.
         let stat = d.join("memory.stat");
         let text = files::read(&stat)?;
-        let field = |key: &str| {
-            files::parse_stat(&text, key).ok_or_else(|| CgroupError::Parse { path: stat.clone(), what: key.into() })
-        };
+        let keys = [inactive, rss, faults];
+        let values = files::parse_stats(&text, &keys);
+        let field = |i: usize| values[i].ok_or_else(|| CgroupError::Parse { path: stat.clone(), what: keys[i].into() });
         Ok(Some(Memory {
             usage_bytes: usage,
-            working_set_bytes: usage.saturating_sub(field(inactive)?),
-            resident_bytes: field(rss)?,
-            pgfault: field(faults)?,
+            working_set_bytes: usage.saturating_sub(field(0)?),
+            resident_bytes: field(1)?,
+            pgfault: field(2)?,
         }))
     }
 
@@ -425,12 +431,8 @@ impl Cgroup {
     /// The memory limit in bytes; None when unlimited.
     pub fn memory_limit(&self) -> Result<Option<u64>> {
         let d = self.controller_dir(Controller::Memory);
-        if self.memory_v1() {
-            // v1 says "unlimited" with a huge page-aligned number.
-            return read_u64(&d.join("memory.limit_in_bytes")).map(|v| (v < 1 << 60).then_some(v));
-        }
-        let s = files::read(&d.join("memory.max"))?;
-        Ok(s.trim().parse::<u64>().ok())
+        let path = d.join(if self.memory_v1() { "memory.limit_in_bytes" } else { "memory.max" });
+        parse_limit(&files::read(&path)?, &path)
     }
 
     /// The highest memory usage seen (v1 max_usage_in_bytes, v2

@@ -239,8 +239,9 @@ fn on_switch(prev: *const u8, next: *const u8) -> Result<(), i32> {
         let s = &mut state.acc;
         s.switches += 1;
         // Tasks are told apart by their task_struct address: the task we
-        // noted at its switch-in is the one leaving now (not so only for
-        // the first switch on each CPU after the programs attach).
+        // noted at its switch-in is the one leaving now (not so for the
+        // first switch on each CPU after the programs attach, and for the
+        // switch-ins this kernel now and then runs unseen: see below).
         if state.task_at_switch_in == prev as u64 {
             // SAFETY: as above, at the offsets of two u64 fields.
             let (exec, total): (u64, u64) =
@@ -307,8 +308,9 @@ pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
     let state = unsafe { &mut *state };
     // SAFETY: the helper returns `current` as a BTF-typed pointer, never null.
     let task = unsafe { bpf_get_current_task_btf() } as *const u8;
-    // Only the task sched_switch noted as coming onto this CPU (its
-    // run-time mark is in `state`); the idle task (pid 0) is not charged.
+    // The task sched_switch noted as coming onto this CPU (its run-time
+    // mark is in `state`), or one it did not see, taken over here; the
+    // idle task (pid 0) is not charged.
     // SAFETY: task is BTF-typed; the offsets are of its u64/pid_t fields.
     if unsafe { btf_field::<i32>(task, &TASK_PID) } != 0 {
         let exec: u64 = unsafe { btf_field(task, &TASK_SUM_EXEC) };

@@ -107,7 +107,6 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
 }
 
 const OOM_LOG: usize = 64;
-/// Ticks between looks at how full the kernel's cgroup map is.
 /// Ticks between reads of a VM's memory files (see `WatchedVm::memory`).
 pub const MEM_STAT_EVERY: u64 = 5;
 /// At most this many VMs' memory files are read per tick (about 15 us
@@ -118,6 +117,7 @@ pub const MEM_STAT_EVERY: u64 = 5;
 pub const MEM_READS_PER_TICK: u64 = 32;
 /// Ticks between walks of each VM's cgroup subtree (see `tick`).
 const SUBTREE_EVERY: u64 = 10;
+/// Ticks between looks at how full the kernel's cgroup map is.
 const PRUNE_EVERY: u64 = 60;
 
 impl Governor {
