@@ -147,6 +147,7 @@ pub async fn run_with(
                         limits: gov.limits().unwrap_or_default(),
                         placement: placement.as_ref().and_then(Placement::latest),
                         programs: gov.program_stats(),
+                        sched: gov.sched_fallbacks(),
                     };
                     // Fails only when the metrics server is gone (then nobody reads).
                     let _ = metrics_tx.send(std::sync::Arc::new(readings));

@@ -319,6 +319,11 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         self.vms.iter().filter_map(|v| Some((v.cfg.name.clone(), v.mem_limit?))).collect()
     }
 
+    /// The scheduler program's fallbacks so far (Prometheus).
+    pub fn sched_fallbacks(&self) -> crate::telemetry::SchedFallbacks {
+        self.telemetry.sched_fallbacks()
+    }
+
     /// The kernel programs' own cost (Prometheus).
     pub fn program_stats(&self) -> Vec<crate::telemetry::ProgramStat> {
         self.telemetry.program_stats()

@@ -25,7 +25,7 @@ use crate::api::Status;
 use crate::governor::LimitStatus;
 use crate::placement::runtime::PlacementStatus;
 use crate::placement::Side;
-use crate::telemetry::ProgramStat;
+use crate::telemetry::{ProgramStat, SchedFallbacks};
 
 mod live;
 #[cfg(test)]
@@ -38,6 +38,7 @@ pub struct Snapshot<'a> {
     pub limits: &'a [LimitStatus],
     pub placement: Option<&'a PlacementStatus>,
     pub programs: &'a [ProgramStat],
+    pub sched: SchedFallbacks,
     pub live: &'a Live,
 }
 
@@ -50,6 +51,7 @@ pub struct Readings {
     pub limits: Vec<LimitStatus>,
     pub placement: Option<PlacementStatus>,
     pub programs: Vec<ProgramStat>,
+    pub sched: SchedFallbacks,
 }
 
 impl Readings {
@@ -59,6 +61,7 @@ impl Readings {
             limits: &self.limits,
             placement: self.placement.as_ref(),
             programs: &self.programs,
+            sched: self.sched,
             live,
         })
     }
@@ -146,6 +149,18 @@ pub fn render(snap: &Snapshot<'_>) -> String {
         run_s.get_or_create(&l).inc_by(p.run_time.as_secs_f64());
         runs.get_or_create(&l).inc_by(p.runs as f64);
     }
+    let unseen = counter(
+        &mut reg,
+        "bpf_sched_unseen_switch_ins",
+        "Tasks found on a CPU whose switch-in sched_switch did not see, charged from the scheduler's own slice mark",
+    );
+    unseen.get_or_create(&Vec::new()).inc_by(snap.sched.unseen_switch_ins as f64);
+    let failed = counter(
+        &mut reg,
+        "bpf_sched_failed_flushes",
+        "Gathered scheduler counters dropped because the cgroup map refused an entry (it is full)",
+    );
+    failed.get_or_create(&Vec::new()).inc_by(snap.sched.failed_flushes as f64);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);
@@ -299,8 +314,14 @@ mod render_tests {
         let live = Live::default();
         let programs =
             vec![ProgramStat { name: "sched_switch".into(), run_time: std::time::Duration::from_millis(3), runs: 9 }];
-        let t =
-            render(&Snapshot { status: &status, limits: &limits, placement: None, programs: &programs, live: &live });
+        let t = render(&Snapshot {
+            status: &status,
+            limits: &limits,
+            placement: None,
+            programs: &programs,
+            sched: SchedFallbacks { unseen_switch_ins: 4, failed_flushes: 0 },
+            live: &live,
+        });
         assert!(t.contains(r#"governor_vm_cpu_usage_seconds_total{vm="web",role="user"} 1.5"#), "{t}");
         assert!(t.contains(r#"governor_vm_network_receive_bytes_total{vm="web",role="user"} 42"#), "{t}");
         assert!(
@@ -314,6 +335,8 @@ mod render_tests {
         );
         assert!(t.contains(r#"governor_bpf_program_run_seconds_total{program="sched_switch"} 0.003"#), "{t}");
         assert!(t.contains(r#"governor_bpf_program_runs_total{program="sched_switch"} 9"#), "{t}");
+        assert!(t.contains("governor_bpf_sched_unseen_switch_ins_total 4"), "{t}");
+        assert!(t.contains("governor_bpf_sched_failed_flushes_total 0"), "{t}");
         assert!(t.ends_with("# EOF\n"));
         let text = to_text_format(&t);
         assert!(text.contains("# HELP governor_vm_cpu_usage_seconds_total CPU time"), "{text}");

@@ -92,8 +92,14 @@ fn every_family_the_dashboard_queries_is_rendered_with_help() {
     });
     let programs =
         vec![ProgramStat { name: "sched_switch".into(), run_time: std::time::Duration::from_millis(1), runs: 3 }];
-    let snap =
-        Snapshot { status: &status, limits: &limits, placement: Some(&placement), programs: &programs, live: &live };
+    let snap = Snapshot {
+        status: &status,
+        limits: &limits,
+        placement: Some(&placement),
+        programs: &programs,
+        sched: Default::default(),
+        live: &live,
+    };
     let text = to_text_format(&render(&snap));
     let families = dashboard_families();
     assert!(families.len() >= 15, "{families:?}");

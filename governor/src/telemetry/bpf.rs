@@ -309,6 +309,20 @@ impl BpfTelemetry {
 }
 
 impl Telemetry for BpfTelemetry {
+    fn sched_fallbacks(&self) -> super::SchedFallbacks {
+        let mut f = super::SchedFallbacks::default();
+        match self.cpu_state.get(&0, 0) {
+            Ok(states) => {
+                for s in states.iter() {
+                    f.unseen_switch_ins += s.unseen_switch_ins;
+                    f.failed_flushes += s.failed_flushes;
+                }
+            }
+            Err(e) => tracing::debug!("reading {}: {e}", maps::CPU_STATE),
+        }
+        f
+    }
+
     fn program_stats(&self) -> Vec<super::ProgramStat> {
         self.stats.get_or_init(|| match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => Some(fd),

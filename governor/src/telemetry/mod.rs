@@ -105,6 +105,10 @@ pub trait Telemetry {
     /// `keep`; returns how many were removed.
     fn prune_cgroups(&mut self, keep: &HashSet<u64>) -> usize;
 
+    /// The scheduler program's fallbacks so far (none for fakes).
+    fn sched_fallbacks(&self) -> SchedFallbacks {
+        SchedFallbacks::default()
+    }
     /// Each loaded program's own cost as the kernel counts it
     /// (`kernel.bpf_stats_enabled`): (name, run time, runs).
     fn program_stats(&self) -> Vec<ProgramStat> {
@@ -119,6 +123,15 @@ pub trait Telemetry {
         }
         Ok(total)
     }
+}
+
+/// How often the scheduler program had to fall back (see `CpuState`),
+/// summed over CPUs: both should stay small; a growing `failed_flushes`
+/// means the cgroup map is full.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedFallbacks {
+    pub unseen_switch_ins: u64,
+    pub failed_flushes: u64,
 }
 
 /// One kernel program's own cost (what ebpf_exporter exports).

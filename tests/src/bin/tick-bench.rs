@@ -121,7 +121,13 @@ fn main() -> Result<()> {
         let c_render = thread_cpu();
         // What the daemon hands to the metrics server each tick (it
         // renders when scraped).
-        let readings = std::sync::Arc::new(governor::metrics::Readings { status, limits, placement: None, programs });
+        let readings = std::sync::Arc::new(governor::metrics::Readings {
+            status,
+            limits,
+            placement: None,
+            programs,
+            sched: gov.sched_fallbacks(),
+        });
         let (c1, w1) = (thread_cpu(), w0.elapsed());
         // One scrape's rendering, timed apart (it runs when Prometheus asks,
         // every scrape interval, not every tick).
