@@ -81,10 +81,10 @@ const BPF_F_LOCK: u64 = 4;
 /// (`sched_switch_floor_btf`) or `tc:<interface>` (`gov_tc_floor` on the
 /// interface's egress, attached as the governor attaches its own). Detached
 /// when the returned object drops.
-pub fn attach_floor_probe(which: &str) -> Result<Ebpf, TelemetryError> {
+pub fn attach_floor_probe(hook: &str) -> Result<Ebpf, TelemetryError> {
     tracefs::ensure_mounts()?;
     let mut ebpf = EbpfLoader::new().load(OBJECT)?;
-    match which {
+    match hook {
         "raw_tp" => {
             let name = "sched_switch_floor";
             let p: &mut aya::programs::RawTracePoint = ebpf

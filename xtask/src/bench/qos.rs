@@ -211,7 +211,7 @@ pub fn bench() -> Result<Vec<Row>> {
     let cpu_per_gbit = |cores: f64, bps: f64| cores / (bps / 1e9);
     for &(mode, bps, _, _, _, cores) in &results {
         let mut r = Row::new(
-            format!("{mode}: host CPU while shaped (cores busy; per Gbit/s delivered)"),
+            format!("{mode}: host CPU under the limit (cores busy; per Gbit/s delivered)"),
             format!("{cores:.3}; {:.2}", cpu_per_gbit(cores, bps)),
         );
         if mode != "tbf (kernel)" {
