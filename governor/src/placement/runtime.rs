@@ -121,6 +121,11 @@ pub(super) struct Runtime {
     pub(super) checkpoints: Checkpoints,
     pub(super) status_card: PerResourceView,
     start: Instant,
+    /// Wall time at `start`: records carry `wall_start_ms + now_ms`, so the
+    /// intervals between them are the monotonic ones the engine decides on
+    /// (two clocks read apart differ by up to a millisecond per interval,
+    /// and a dwell of 2000 ms showed as 1999).
+    wall_start_ms: u64,
     pub(super) board: SharedBoard,
     pub(super) monitoring: Arc<AtomicBool>,
     pub(super) log_pipe: Option<crate::manage::logs::LogPipe>,
@@ -263,6 +268,7 @@ impl Runtime {
             checkpoints,
             status_card: [0.0; 4],
             start: Instant::now(),
+            wall_start_ms: wall_ms(),
             board: SharedBoard::default(),
             monitoring: Arc::new(AtomicBool::new(false)),
             log_pipe,
@@ -361,7 +367,8 @@ impl Runtime {
         card_costs: HashMap<String, super::PerResource>,
         host_costs: HashMap<String, HostCost>,
     ) -> Measured {
-        Measured { now_ms: self.now_ms(), time_ms: wall_ms(), card, card_costs, host_costs, card_cpu_cores: 0.0 }
+        let now_ms = self.now_ms();
+        Measured { now_ms, time_ms: self.wall_start_ms + now_ms, card, card_costs, host_costs, card_cpu_cores: 0.0 }
     }
 
     fn run(mut self, rx: Receiver<Command>) {
