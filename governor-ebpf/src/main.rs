@@ -19,7 +19,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    btf_maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_ktime_get_ns,
         bpf_probe_read_kernel_str_bytes,
@@ -29,7 +29,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
+    delay_bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
     MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
@@ -40,7 +40,7 @@ use governor_common::{
 /// ids that belong to no VM when the map fills up.
 static CGROUPS: PerCpuHashMap<u64, CgroupStats, MAX_CGROUPS, { BPF_F_NO_PREALLOC as usize }> = PerCpuHashMap::new();
 #[btf_map]
-static NET: PerCpuHashMap<u32, NetStats, MAX_IFACES> = PerCpuHashMap::new();
+static NET: PerCpuHashMap<u32, NetEntry, MAX_IFACES> = PerCpuHashMap::new();
 #[btf_map]
 static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
 #[btf_map]
@@ -75,9 +75,6 @@ static CSS_SET_DFL_CGRP: u32 = 0;
 static CGROUP_KN: u32 = 0;
 #[no_mangle]
 static KERNFS_NODE_ID: u32 = 0;
-/// ifindex -> the VM's QoS slot (set by user space for watched interfaces).
-#[btf_map]
-static VM_OF_IF: HashMap<u32, u32, MAX_IFACES> = HashMap::new();
 /// Limits, slot `vm * 2 + direction`; mode QOS_OFF passes everything.
 #[btf_map]
 static QOS: Array<Policer, { MAX_QOS_VMS * 2 }> = Array::new();
@@ -375,15 +372,15 @@ pub fn mark_victim(ctx: TracePointContext) -> u32 {
 /// What the interface receives (tc ingress) is what the VM sends.
 #[classifier]
 pub fn gov_tc_ingress(ctx: TcContext) -> i32 {
-    let ifindex = count(&ctx, true);
-    qos(&ctx, ifindex, DIR_FROM_VM)
+    let slot = count(&ctx, true);
+    qos(&ctx, slot, DIR_FROM_VM)
 }
 
 /// What the interface sends (tc egress) is what the VM receives.
 #[classifier]
 pub fn gov_tc_egress(ctx: TcContext) -> i32 {
-    let ifindex = count(&ctx, false);
-    qos(&ctx, ifindex, DIR_TO_VM)
+    let slot = count(&ctx, false);
+    qos(&ctx, slot, DIR_TO_VM)
 }
 
 /// An empty classifier, used only by `cargo xtask bench qos` to measure
@@ -395,6 +392,8 @@ pub fn gov_tc_floor(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Count the packet on its interface; returns the interface's QoS slot + 1
+/// (0: no VM's).
 #[inline(always)]
 fn count(ctx: &TcContext, ingress: bool) -> u32 {
     // SAFETY: the context pointer is the kernel's __sk_buff.
@@ -403,24 +402,26 @@ fn count(ctx: &TcContext, ingress: bool) -> u32 {
     let p = match NET.get_ptr_mut(ifindex) {
         Some(p) => p,
         None => {
-            // A concurrent insert on another CPU is fine: NOEXIST fails, we look up.
-            let _ = NET.insert(ifindex, NetStats::default(), BPF_NOEXIST as u64);
+            // User space creates the entry (with the slot) before it
+            // attaches; this covers a race with its removal. A concurrent
+            // insert on another CPU is fine: NOEXIST fails, we look up.
+            let _ = NET.insert(ifindex, NetEntry::default(), BPF_NOEXIST as u64);
             match NET.get_ptr_mut(ifindex) {
                 Some(p) => p,
-                None => return ifindex,
+                None => return 0,
             }
         }
     };
     // SAFETY: per-CPU value of this CPU.
     let n = unsafe { &mut *p };
     if ingress {
-        n.rx_bytes += len;
-        n.rx_packets += 1;
+        n.stats.rx_bytes += len;
+        n.stats.rx_packets += 1;
     } else {
-        n.tx_bytes += len;
-        n.tx_packets += 1;
+        n.stats.tx_bytes += len;
+        n.stats.tx_packets += 1;
     }
-    ifindex
+    n.qos_slot
 }
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -429,13 +430,11 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// bucket) or shape (choose the HTB class, redirect to the IFB for traffic
 /// from the VM).
 #[inline(always)]
-fn qos(ctx: &TcContext, ifindex: u32, dir: u32) -> i32 {
-    // SAFETY: the value is a plain u32 copied out at once.
-    let vm = match unsafe { VM_OF_IF.get(ifindex) } {
-        Some(v) => *v,
-        None => return TC_ACT_OK,
-    };
-    let slot = vm * 2 + dir;
+fn qos(ctx: &TcContext, vm_plus_one: u32, dir: u32) -> i32 {
+    if vm_plus_one == 0 {
+        return TC_ACT_OK;
+    }
+    let slot = (vm_plus_one - 1) * 2 + dir;
     let p = match QOS.get_ptr_mut(slot) {
         Some(p) => p,
         None => return TC_ACT_OK,

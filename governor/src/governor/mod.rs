@@ -185,6 +185,28 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         Ok(g)
     }
 
+    /// Attach the tc programs to one of a VM's interfaces with its QoS slot
+    /// already given, so the first packet they see is the VM's (the slot
+    /// lives in the interface's counter entry, which the programs only
+    /// count into once attached).
+    fn attach_for_vm(&mut self, name: &str, slot: u32) -> Result<u32, TelemetryError> {
+        let ifindex = self.telemetry.ifindex(name)?;
+        self.telemetry.set_vm_of_interface(ifindex, slot)?;
+        let attached = match self.telemetry.attach_interface(name) {
+            Ok(i) => i,
+            Err(e) => {
+                self.telemetry.clear_vm_of_interface(ifindex);
+                return Err(e);
+            }
+        };
+        if attached != ifindex {
+            // Re-created between the two looks: the slot goes with the new index.
+            self.telemetry.clear_vm_of_interface(ifindex);
+            self.telemetry.set_vm_of_interface(attached, slot)?;
+        }
+        Ok(attached)
+    }
+
     fn add_vm(&mut self, cfg: &VmConfig) -> Result<(), GovernorError> {
         let cg_err = |source| GovernorError::Cgroup { vm: cfg.name.clone(), source };
         let cgroup = self.layout.open(&cfg.cgroup).map_err(cg_err)?;
@@ -192,8 +214,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         let slot = self.vms.len() as u32;
         let mut interfaces = Vec::new();
         for name in &cfg.interfaces {
-            let ifindex = self.telemetry.attach_interface(name)?;
-            self.telemetry.set_vm_of_interface(ifindex, slot)?;
+            let ifindex = self.attach_for_vm(name, slot)?;
             interfaces.push(Interface { name: name.clone(), ifindex });
         }
         self.vms.push(WatchedVm {
@@ -364,10 +385,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                 self.telemetry.detach_interface(&name);
                 self.telemetry.clear_vm_of_interface(old);
                 let slot = self.vms[i].slot;
-                let attached = self
-                    .telemetry
-                    .attach_interface(&name)
-                    .and_then(|idx| self.telemetry.set_vm_of_interface(idx, slot).map(|_| idx));
+                let attached = self.attach_for_vm(&name, slot);
                 match attached {
                     Ok(idx) => {
                         self.vms[i].interfaces[k].ifindex = idx;

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use foldhash::{HashMap, HashMapExt};
-use governor_common::{maps, CgroupStats, CpuState, NetStats};
+use governor_common::{maps, CgroupStats, CpuState, NetEntry, NetStats};
 
 use super::TelemetryError;
 
@@ -146,7 +146,8 @@ impl BatchReader {
 
     /// Every interface's counters, summed over CPUs.
     pub fn net(&self) -> Result<HashMap<u32, NetStats>, TelemetryError> {
-        read_all(&self.net, self.cpus, &self.values, |a: &mut NetStats, v| a.add(v))
+        let all = read_all(&self.net, self.cpus, &self.values, |a: &mut NetEntry, v| a.stats.add(&v.stats))?;
+        Ok(all.into_iter().map(|(k, v)| (k, v.stats)).collect())
     }
 }
 

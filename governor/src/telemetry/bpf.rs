@@ -11,11 +11,11 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
-use governor_common::{maps, CgroupStats, CpuState, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
+use governor_common::{maps, CgroupStats, CpuState, NetEntry, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 
 use super::{pins, qos_index, Telemetry, TelemetryError};
 use crate::qos::Direction;
@@ -55,12 +55,11 @@ pub struct BpfTelemetry {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
-    net: PerCpuHashMap<MapData, u32, NetStats>,
+    net: PerCpuHashMap<MapData, u32, NetEntry>,
     oom: RingBuf<MapData>,
     qos: Array<MapData, Policer>,
     qos_stats: PerCpuArray<MapData, QosStats>,
     cpu_state: PerCpuArray<MapData, CpuState>,
-    vm_of_if: BpfHashMap<MapData, u32, u32>,
     interfaces: HashMap<String, Attached>,
     /// Keeps `kernel.bpf_stats_enabled` on from the first time the
     /// programs' costs are read (the kernel counts per-program run time
@@ -137,6 +136,38 @@ pub fn attach_floor_probe(hook: &str) -> Result<Ebpf, TelemetryError> {
 }
 
 impl BpfTelemetry {
+    /// Write `qos_slot` (VM slot + 1, 0 = none) into every CPU's copy of
+    /// the interface's `NET` entry, keeping its counters. Before the tc
+    /// programs are attached nothing else writes the entry; on an attached
+    /// interface (a restarted governor whose VMs moved slots) an increment
+    /// made between this read and write would be lost, so an entry that
+    /// already holds the slot is left alone.
+    fn set_net_slot(&mut self, ifindex: u32, qos_slot: u32) -> Result<(), TelemetryError> {
+        let err = |source| TelemetryError::Map { name: maps::NET, source };
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| TelemetryError::Io {
+            op: "count possible CPUs",
+            path: PathBuf::from(what),
+            source,
+        })?;
+        let mut values = match self.net.get(&ifindex, 0) {
+            Ok(v) => v.iter().copied().collect::<Vec<_>>(),
+            Err(aya::maps::MapError::KeyNotFound) => vec![NetEntry::default(); cpus],
+            Err(source) => return Err(err(source)),
+        };
+        if values.iter().all(|v| v.qos_slot == qos_slot) {
+            return Ok(());
+        }
+        for v in &mut values {
+            v.qos_slot = qos_slot;
+        }
+        let values = aya::maps::PerCpuValues::try_from(values).map_err(|source| TelemetryError::Io {
+            op: "build per-CPU values",
+            path: self.pin_dir.join(maps::NET),
+            source,
+        })?;
+        self.net.insert(ifindex, values, 0).map_err(err)
+    }
+
     /// Load, pin and attach the scheduler and memory programs. Stale pins
     /// left by a process that died are replaced.
     pub fn load(pin_dir: &Path) -> Result<BpfTelemetry, TelemetryError> {
@@ -289,8 +320,6 @@ impl BpfTelemetry {
             .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
         let cpu_state = PerCpuArray::try_from(take(&mut ebpf, maps::CPU_STATE)?)
             .map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
-        let vm_of_if = BpfHashMap::try_from(take(&mut ebpf, maps::VM_OF_IF)?)
-            .map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })?;
         pins.disarm();
         Ok(BpfTelemetry {
             ebpf,
@@ -301,7 +330,6 @@ impl BpfTelemetry {
             qos,
             qos_stats,
             cpu_state,
-            vm_of_if,
             interfaces: HashMap::new(),
             stats: std::sync::OnceLock::new(),
         })
@@ -440,7 +468,7 @@ impl Telemetry for BpfTelemetry {
     fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError> {
         match self.net.get(&ifindex, 0) {
             Ok(per_cpu) => Ok(per_cpu.iter().fold(NetStats::default(), |mut a, v| {
-                a.add(v);
+                a.add(&v.stats);
                 a
             })),
             Err(aya::maps::MapError::KeyNotFound) => Ok(NetStats::default()),
@@ -455,13 +483,12 @@ impl Telemetry for BpfTelemetry {
                 reason: format!("more than {MAX_QOS_VMS} VMs with QoS slots"),
             });
         }
-        self.vm_of_if.insert(ifindex, slot, 0).map_err(|source| TelemetryError::Map { name: maps::VM_OF_IF, source })
+        self.set_net_slot(ifindex, slot + 1)
     }
 
     fn clear_vm_of_interface(&mut self, ifindex: u32) {
-        match self.vm_of_if.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => tracing::warn!(ifindex, "removing the interface's VM slot: {e}"),
+        if let Err(e) = self.set_net_slot(ifindex, 0) {
+            tracing::warn!(ifindex, "clearing the interface's VM slot: {e}");
         }
     }
 

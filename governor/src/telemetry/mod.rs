@@ -90,7 +90,8 @@ pub trait Telemetry {
     fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError>;
     /// Counters of one interface, summed over CPUs.
     fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError>;
-    /// Tell the tc programs which VM (QoS slot) an interface belongs to.
+    /// Tell the tc programs which VM (QoS slot) an interface belongs to;
+    /// done before attaching to it (see `BpfTelemetry::set_net_slot`).
     fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError>;
     fn clear_vm_of_interface(&mut self, ifindex: u32);
     /// The policer of a VM direction, read under its lock.

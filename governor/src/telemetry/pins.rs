@@ -12,23 +12,22 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
-use governor_common::{maps, CgroupStats, CpuState, NetStats, Policer, QosStats, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS};
+use governor_common::{maps, CgroupStats, CpuState, NetEntry, Policer, QosStats, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS};
 
 const LINK_PREFIX: &str = "link_";
 const PROG_PREFIX: &str = "prog_";
 
 /// What this build's maps look like: (name, type, key size, value size,
 /// max entries). A pinned map is adopted only if it matches.
-fn shapes() -> [(&'static str, MapType, u32, u32, u32); 7] {
+fn shapes() -> [(&'static str, MapType, u32, u32, u32); 6] {
     let size = |n: usize| n as u32;
     [
         (maps::CGROUPS, MapType::PerCpuHash, 8, size(std::mem::size_of::<CgroupStats>()), size(MAX_CGROUPS)),
-        (maps::NET, MapType::PerCpuHash, 4, size(std::mem::size_of::<NetStats>()), size(MAX_IFACES)),
+        (maps::NET, MapType::PerCpuHash, 4, size(std::mem::size_of::<NetEntry>()), size(MAX_IFACES)),
         (maps::CPU_STATE, MapType::PerCpuArray, 4, size(std::mem::size_of::<CpuState>()), 1),
         (maps::OOM_EVENTS, MapType::RingBuf, 0, 0, 64 * 1024),
         (maps::QOS, MapType::Array, 4, size(std::mem::size_of::<Policer>()), size(MAX_QOS_VMS * 2)),
         (maps::QOS_STATS, MapType::PerCpuArray, 4, size(std::mem::size_of::<QosStats>()), size(MAX_QOS_VMS * 2)),
-        (maps::VM_OF_IF, MapType::Hash, 4, 4, size(MAX_IFACES)),
     ]
 }
 
@@ -100,7 +99,9 @@ fn remove_matching(dir: &Path, ours: impl Fn(&str) -> bool) {
 /// directory if that left it empty. Never a recursive delete: a
 /// misconfigured pin directory must not take other tools' pins with it.
 pub(super) fn clear_pins(dir: &Path) {
-    remove_matching(dir, |n| maps::ALL.contains(&n) || n.starts_with(PROG_PREFIX) || n.starts_with(LINK_PREFIX));
+    remove_matching(dir, |n| {
+        maps::ALL.contains(&n) || maps::RETIRED.contains(&n) || n.starts_with(PROG_PREFIX) || n.starts_with(LINK_PREFIX)
+    });
     match fs::remove_dir(dir) {
         Ok(()) => {}
         // Someone else's pins are there too: the directory is theirs as well.
@@ -126,5 +127,27 @@ impl Drop for PinGuard {
         if let Some(dir) = &self.0 {
             clear_pins(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clearing_takes_ours_and_retired_maps_and_leaves_the_rest() {
+        let dir = std::env::temp_dir().join(format!("gov-pins-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        for n in ["NET", "QOS", "VM_OF_IF", "prog_gov_tc_egress", "link_sched_switch", "someone_elses"] {
+            fs::write(dir.join(n), b"").expect("file");
+        }
+        clear_pins(&dir);
+        let left: Vec<String> =
+            fs::read_dir(&dir).expect("read").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(left, ["someone_elses"], "a retired map's pin (VM_OF_IF) goes too");
+        clear_pins(&dir);
+        fs::remove_file(dir.join("someone_elses")).expect("cleanup");
+        clear_pins(&dir);
+        assert!(!dir.exists(), "an emptied directory is removed");
     }
 }
