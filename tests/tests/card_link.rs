@@ -460,6 +460,23 @@ fn card_watchdog_reports_stall_and_recovery() {
     assert!(healthy, "expected recovery, got {v}");
 }
 
+/// A command the slow fault holds is released when the fault is cleared:
+/// a card slow for a moment is quick again at once, not after the whole
+/// delay (the chaos test below toggles faults within a millisecond).
+#[test]
+fn a_cleared_slow_fault_does_not_outlast_itself() {
+    let s = sim();
+    let mut card = connect(&s, Duration::from_millis(300));
+    s.control(&slow(5000)).expect("inject");
+    let r = card.echo(1, b"held");
+    assert!(matches!(r, Err(CardError::Timeout { .. })), "expected a timeout, got {r:?}");
+    s.control(&Request::fault(Fault::Slow, false)).expect("clear");
+    let t = Instant::now();
+    let m = card.echo(2, b"quick").expect("answered once the fault is cleared");
+    assert_eq!(m.arg0, 2);
+    assert!(t.elapsed() < Duration::from_millis(200), "answered after {:?}", t.elapsed());
+}
+
 #[test]
 fn card_fault_chaos_gives_only_typed_errors_and_recovers() {
     card_fault_chaos_gives_only_typed_errors_and_recovers_on(true);

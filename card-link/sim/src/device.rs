@@ -90,6 +90,8 @@ const STREAM_SPIN: Duration = Duration::from_millis(2);
 const PURE_SPIN: Duration = Duration::from_micros(5);
 /// The mailbox thread's longest sleep (re-checks stop and stall).
 const CARD_SLEEP: Duration = Duration::from_millis(50);
+/// How often a command held by the slow fault looks whether it is cleared.
+const SLOW_STEP: Duration = Duration::from_millis(5);
 
 /// A host buffer DMA-mapped to the card (vfio-user DMA_MAP).
 pub(crate) struct DmaWindow {
@@ -463,6 +465,21 @@ impl SimCard {
         }
     }
 
+    /// The slow fault: hold a command `d`, but only while the fault is on.
+    /// A wait begun under it ends when it is cleared, so a card that was
+    /// slow for a moment is not still slow long after (the chaos test clears
+    /// the fault within a millisecond and then expects quick answers).
+    fn slow_wait(&self, d: Duration) {
+        let until = Instant::now() + d;
+        while self.faults.slow_ms.load(Ordering::Relaxed) > 0 && !self.stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            std::thread::sleep((until - now).min(SLOW_STEP));
+        }
+    }
+
     /// Answer pending requests in order; true when the ring is empty.
     /// Callers hold `serving`.
     fn serve_ring(&self, inline: bool) -> bool {
@@ -486,7 +503,7 @@ impl SimCard {
                 return false;
             }
             if slow > 0 {
-                std::thread::sleep(Duration::from_millis(slow));
+                self.slow_wait(Duration::from_millis(slow));
             }
             let resp = match req {
                 Ok(m) if m.kind == mailbox::Kind::Request => self.handle(&m, max_payload),
