@@ -402,9 +402,12 @@ fn count(ctx: &TcContext, ingress: bool) -> u32 {
     let p = match NET.get_ptr_mut(ifindex) {
         Some(p) => p,
         None => {
-            // User space creates the entry (with the slot) before it
-            // attaches; this covers a race with its removal. A concurrent
-            // insert on another CPU is fine: NOEXIST fails, we look up.
+            // User space creates a VM's entry (with its slot) before it
+            // attaches; an entry made here is an interface it did not set
+            // up (a filter an earlier governor left on an interface no
+            // longer watched, or a test run): slot 0, counting only. A
+            // concurrent insert on another CPU is fine: NOEXIST fails, we
+            // look up.
             let _ = NET.insert(ifindex, NetEntry::default(), BPF_NOEXIST as u64);
             match NET.get_ptr_mut(ifindex) {
                 Some(p) => p,

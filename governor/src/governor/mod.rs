@@ -200,9 +200,14 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             }
         };
         if attached != ifindex {
-            // Re-created between the two looks: the slot goes with the new index.
+            // Re-created between the two looks: the slot goes with the new
+            // index (its first packets, before this, are counted only). An
+            // interface whose slot cannot be given is not left attached.
             self.telemetry.clear_vm_of_interface(ifindex);
-            self.telemetry.set_vm_of_interface(attached, slot)?;
+            if let Err(e) = self.telemetry.set_vm_of_interface(attached, slot) {
+                self.telemetry.detach_interface(name);
+                return Err(e);
+            }
         }
         Ok(attached)
     }

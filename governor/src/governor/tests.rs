@@ -121,6 +121,7 @@ fn police_limit_writes_the_bucket_and_clear_removes_it() {
     assert_eq!((p.mode, p.rate_bytes_per_s), (QOS_POLICE, 1_000_000));
     assert_eq!(p.bucket.tokens_ns, p.bucket.burst_ns as i64, "a new bucket starts full");
     assert_eq!(h.tel.state().vm_of_if.get(&10), Some(&0), "tap-a belongs to slot 0");
+    assert_eq!(h.tel.state().slot_at_attach.get("tap-a"), Some(&Some(0)), "given before the programs were attached");
     let shown = g.limits().expect("limits");
     assert_eq!((shown.len(), shown[0].vm.as_str(), shown[0].tokens_bytes), (1, "a", Some(256 * 1024)));
     g.clear_limit("a", Direction::Egress).expect("clear");

@@ -55,7 +55,9 @@ pub struct MoveReport {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditRecord {
-    /// Wall-clock time, ms since the Unix epoch.
+    /// ms since the Unix epoch: for decisions, the wall time at the
+    /// governor's start plus the monotonic time since (so intervals are
+    /// the ones the engine decided on; a clock step does not show in them).
     pub time_ms: u64,
     pub tick: u64,
     /// Decided and logged, not acted on (`governor run --dry-run`).

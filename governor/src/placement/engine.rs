@@ -16,7 +16,8 @@ use super::{calm_since, decide, Decision, HostCost, Inputs, Move, PerResource, P
 pub struct Measured {
     /// Monotonic ms (dwell and calm times).
     pub now_ms: u64,
-    /// Wall-clock ms since the Unix epoch (the audit log).
+    /// ms since the Unix epoch for the audit log: the wall time at start
+    /// plus `now_ms` (see `AuditRecord::time_ms`).
     pub time_ms: u64,
     /// The card's use per resource.
     pub card: PerResource,

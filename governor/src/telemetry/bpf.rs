@@ -74,6 +74,9 @@ pub struct BpfTelemetry {
 /// `BPF_F_LOCK`: update/read a map value under its bpf_spin_lock, so the
 /// kernel never sees half of a changed limit.
 const BPF_F_LOCK: u64 = 4;
+/// Map update flags (`include/uapi/linux/bpf.h`): create only / replace only.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
 
 /// Attach only an empty program (for the benches' floors): `hook` is
 /// `raw_tp` (`sched_switch_floor` on the raw tracepoint), `tp_btf`
@@ -144,28 +147,43 @@ impl BpfTelemetry {
     /// already holds the slot is left alone.
     fn set_net_slot(&mut self, ifindex: u32, qos_slot: u32) -> Result<(), TelemetryError> {
         let err = |source| TelemetryError::Map { name: maps::NET, source };
-        let cpus = aya::util::nr_cpus().map_err(|(what, source)| TelemetryError::Io {
-            op: "count possible CPUs",
-            path: PathBuf::from(what),
-            source,
-        })?;
-        let mut values = match self.net.get(&ifindex, 0) {
-            Ok(v) => v.iter().copied().collect::<Vec<_>>(),
-            Err(aya::maps::MapError::KeyNotFound) => vec![NetEntry::default(); cpus],
-            Err(source) => return Err(err(source)),
-        };
-        if values.iter().all(|v| v.qos_slot == qos_slot) {
-            return Ok(());
+        // A new entry is created with NOEXIST: if a filter left on the
+        // interface creates it first, it is read again, not zeroed.
+        for _ in 0..2 {
+            let (mut values, flags) = match self.net.get(&ifindex, 0) {
+                Ok(v) => (v.iter().copied().collect::<Vec<_>>(), BPF_EXIST),
+                Err(aya::maps::MapError::KeyNotFound) => {
+                    let cpus = aya::util::nr_cpus().map_err(|(what, source)| TelemetryError::Io {
+                        op: "count possible CPUs",
+                        path: PathBuf::from(what),
+                        source,
+                    })?;
+                    (vec![NetEntry::default(); cpus], BPF_NOEXIST)
+                }
+                Err(source) => return Err(err(source)),
+            };
+            if values.iter().all(|v| v.qos_slot == qos_slot) {
+                return Ok(());
+            }
+            for v in &mut values {
+                v.qos_slot = qos_slot;
+            }
+            let values = aya::maps::PerCpuValues::try_from(values).map_err(|source| TelemetryError::Io {
+                op: "build per-CPU values",
+                path: self.pin_dir.join(maps::NET),
+                source,
+            })?;
+            match self.net.insert(ifindex, values, flags) {
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                    continue
+                }
+                r => return r.map_err(err),
+            }
         }
-        for v in &mut values {
-            v.qos_slot = qos_slot;
-        }
-        let values = aya::maps::PerCpuValues::try_from(values).map_err(|source| TelemetryError::Io {
-            op: "build per-CPU values",
-            path: self.pin_dir.join(maps::NET),
-            source,
-        })?;
-        self.net.insert(ifindex, values, 0).map_err(err)
+        Err(TelemetryError::Interface {
+            name: format!("ifindex {ifindex}"),
+            reason: "its NET entry kept changing while its VM slot was set".into(),
+        })
     }
 
     /// Load, pin and attach the scheduler and memory programs. Stale pins

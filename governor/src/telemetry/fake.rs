@@ -21,6 +21,9 @@ pub struct FakeKernel {
     pub cgroups: HashMap<u64, CgroupStats>,
     pub net: HashMap<u32, NetStats>,
     pub vm_of_if: HashMap<u32, u32>,
+    /// Each interface's VM slot as it stood when the programs were
+    /// attached to it (the real programs read it from the first packet).
+    pub slot_at_attach: HashMap<String, Option<u32>>,
     pub qos: HashMap<u32, Policer>,
     pub qos_stats: HashMap<u32, QosStats>,
     pub ooms: Vec<OomEvent>,
@@ -58,7 +61,10 @@ impl Telemetry for FakeTelemetry {
 
     fn attach_interface(&mut self, name: &str) -> Result<u32, TelemetryError> {
         let idx = self.ifindex(name)?;
-        self.state().attached.insert(name.into(), idx);
+        let mut s = self.state();
+        let slot = s.vm_of_if.get(&idx).copied();
+        s.slot_at_attach.insert(name.into(), slot);
+        s.attached.insert(name.into(), idx);
         Ok(idx)
     }
 
