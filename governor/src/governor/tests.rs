@@ -144,8 +144,9 @@ fn shaped_egress_shares_one_ifb_removed_with_the_last_class() {
         assert_eq!(st.classes[&(ifb, HTB_MAJOR, 1)].rate_bps, 10_000_000);
         assert_eq!(st.classes[&(ifb, HTB_MAJOR, 2)].rate_bps, 20_000_000);
         let leaf = st.classes[&(ifb, HTB_MAJOR, 1)].leaf.expect("a leaf");
-        // 10 Mbit/s: segments of two frames, four of them (5 ms would be 6250 B).
-        assert_eq!((leaf.segment_bytes, leaf.limit_bytes), (3028, 4 * 3028));
+        // 10 Mbit/s: segments of two frames; a queue of 32 frames (5 ms
+        // would be 6250 B, four segments 12112 B).
+        assert_eq!((leaf.segment_bytes, leaf.limit_bytes), (3028, 32 * 1514));
     }
     let p = h.tel.state().qos[&qos_index(1, Direction::Egress)];
     assert_eq!((p.mode, p.classid, p.redirect_ifindex), (QOS_SHAPE, 0x7a_0002, ifb));
