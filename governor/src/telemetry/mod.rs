@@ -20,12 +20,14 @@ mod bpf;
 /// `fakes` feature); the daemon's binary does not carry them.
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake;
+mod floor;
 mod pins;
 
 pub use batch::BatchReader;
-pub use bpf::{attach_floor_probe, BpfTelemetry};
+pub use bpf::BpfTelemetry;
 #[cfg(any(test, feature = "fakes"))]
 pub use fake::FakeTelemetry;
+pub use floor::attach_floor_probe;
 
 #[derive(Debug, Error)]
 pub enum TelemetryError {
