@@ -341,13 +341,7 @@ impl Telemetry for BpfTelemetry {
             return Ok(a.ifindex);
         }
         let ifindex = self.ifindex(name)?;
-        // EEXIST when the qdisc is already there is fine.
-        if let Err(e) = tc::qdisc_add_clsact(name) {
-            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(TelemetryError::Interface { name: name.into(), reason: format!("add clsact: {e}") });
-            }
-        }
+        ensure_clsact(name)?;
         let mut ids = Vec::with_capacity(2);
         for (prog, dir) in [("gov_tc_ingress", TcAttachType::Ingress), ("gov_tc_egress", TcAttachType::Egress)] {
             // A filter of ours from an earlier process may be there or not:
@@ -497,6 +491,16 @@ impl Drop for BpfTelemetry {
         // Unpinning lets the kernel free the maps once our fds close, and
         // detach the tracing programs once their links go.
         pins::clear_pins(&self.pin_dir);
+    }
+}
+
+/// The clsact qdisc the tc programs attach under (one already there is
+/// fine: ours from before, or another tool's).
+pub(super) fn ensure_clsact(iface: &str) -> Result<(), TelemetryError> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => Ok(()),
+        Err(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(TelemetryError::Interface { name: iface.into(), reason: format!("add clsact: {e}") }),
     }
 }
 

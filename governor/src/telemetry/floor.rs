@@ -2,7 +2,7 @@
 //! alone where the governor attaches its own, so a bench can measure what
 //! running any program there costs (`governor floor-probe`).
 
-use aya::programs::tc::{self, NlOptions, TcAttachOptions};
+use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
@@ -43,13 +43,7 @@ pub fn attach_floor_probe(hook: &str) -> Result<Ebpf, TelemetryError> {
         }
         tc if tc.starts_with("tc:") => {
             let (name, iface) = ("gov_tc_floor", &tc[3..]);
-            // EEXIST when the qdisc is already there is fine.
-            if let Err(e) = tc::qdisc_add_clsact(iface) {
-                let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-                if !exists {
-                    return Err(TelemetryError::Interface { name: iface.into(), reason: format!("add clsact: {e}") });
-                }
-            }
+            super::bpf::ensure_clsact(iface)?;
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(TelemetryError::Missing(name))?

@@ -108,10 +108,7 @@ const GOAL_POLICE_FLOOR_RATIO: f64 = 2.0;
 /// counting-only cost with a floor measured unlimited.
 fn tc_floor(net: &VmNet, rate_limit: Option<(&str, &str)>) -> Result<f64> {
     let host = net.ports[0].1.name.clone();
-    if let Some((rate, burst)) = rate_limit {
-        sh(Command::new("tc")
-            .args(["qdisc", "add", "dev", &host, "root", "tbf", "rate", rate, "burst", burst, "latency", "50ms"]))?;
-    }
+    let _tbf = rate_limit.map(|(rate, burst)| TbfRoot::add(&host, rate, burst)).transpose()?;
     let measured = (|| {
         let probe = super::overhead::floor(&format!("tc:{host}"))?;
         let (c0, n0) = prog_stats_by_name("gov_tc_floor")?;
@@ -124,12 +121,27 @@ fn tc_floor(net: &VmNet, rate_limit: Option<(&str, &str)>) -> Result<f64> {
         }
         Ok((c1 - c0) as f64 / (n1 - n0) as f64)
     })();
-    if rate_limit.is_some() {
-        if let Err(e) = sh(Command::new("tc").args(["qdisc", "del", "dev", &host, "root"])) {
+    measured
+}
+
+/// The kernel's tbf as an interface's root qdisc until dropped (a failed
+/// removal is reported, not fatal).
+struct TbfRoot(String);
+
+impl TbfRoot {
+    fn add(dev: &str, rate: &str, burst: &str) -> Result<TbfRoot> {
+        sh(Command::new("tc")
+            .args(["qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", burst, "latency", "50ms"]))?;
+        Ok(TbfRoot(dev.to_string()))
+    }
+}
+
+impl Drop for TbfRoot {
+    fn drop(&mut self) {
+        if let Err(e) = sh(Command::new("tc").args(["qdisc", "del", "dev", &self.0, "root"])) {
             eprintln!("warning: removing the tbf qdisc: {e:#}");
         }
     }
-    measured
 }
 
 /// run_time_ns / run_cnt of the one loaded program named `name`.
@@ -175,9 +187,7 @@ pub fn bench() -> Result<Vec<Row>> {
     // program's own cost; the police run below also changes the traffic
     // (TCP meets drops instead of a queue).
     let at_rate = |police: Option<&str>| -> Result<f64> {
-        sh(Command::new("tc")
-            .args(["qdisc", "add", "dev", &net.ports[0].1.name, "root", "tbf", "rate", RATE, "burst", BURST])
-            .args(["latency", "50ms"]))?;
+        let _tbf = TbfRoot::add(&net.ports[0].1.name, RATE, BURST)?;
         let measured = (|| {
             if let Some(burst) = police {
                 let above = ["--mode", "police", "--rate", "100gbit", "--burst", burst];
@@ -192,9 +202,6 @@ pub fn bench() -> Result<Vec<Row>> {
             if let Err(e) = limit(&["clear", "--vm", "vm", "--direction", "ingress"]) {
                 eprintln!("warning: clearing the limit: {e:#}");
             }
-        }
-        if let Err(e) = sh(Command::new("tc").args(["qdisc", "del", "dev", &net.ports[0].1.name, "root"])) {
-            eprintln!("warning: removing the tbf qdisc: {e:#}");
         }
         measured
     };
@@ -227,14 +234,10 @@ pub fn bench() -> Result<Vec<Row>> {
         results.push((mode, run.bps, p50, p99, Some(per_pkt), run.cores));
     }
     // The kernel's own tbf on the same interface, same rate and burst.
-    let host = net.ports[0].1.name.clone();
-    sh(Command::new("tc")
-        .args(["qdisc", "add", "dev", &host, "root", "tbf", "rate", RATE, "burst", BURST, "latency", "50ms"]))?;
-    let tbf = loaded_run(&net);
-    if let Err(e) = sh(Command::new("tc").args(["qdisc", "del", "dev", &host, "root"])) {
-        eprintln!("warning: removing the tbf qdisc: {e:#}");
-    }
-    let tbf = tbf?;
+    let tbf = {
+        let _tbf = TbfRoot::add(&net.ports[0].1.name, RATE, BURST)?;
+        loaded_run(&net)?
+    };
     let (tbf_p50, tbf_p99) = (percentile(&tbf.rtts, 0.5), percentile(&tbf.rtts, 0.99));
     let tbf_acc = tbf.bps / RATE_BPS;
     let tbf_cores = tbf.cores;
