@@ -148,15 +148,6 @@ pub struct OomEvent {
     pub comm: [u8; 16],
 }
 
-/// The kernel's `struct bpf_spin_lock`; the verifier finds it in a map
-/// value by this exact BTF name.
-#[allow(non_camel_case_types)]
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct bpf_spin_lock {
-    pub val: u32,
-}
-
 /// QoS directions, as the VM sees them. The watched interface is the host
 /// side of the VM's NIC: what the VM sends arrives at tc ingress.
 pub const DIR_FROM_VM: u32 = 0;
@@ -169,93 +160,112 @@ pub const QOS_SHAPE: u32 = 2;
 /// Most VMs with a QoS slot at once; slot `vm * 2 + direction` of `QOS`.
 pub const MAX_QOS_VMS: usize = 1024;
 
-/// One direction of one VM's limit. In `police` mode a token bucket kept as
-/// time credit (ns at the configured rate, so no precision is lost to
-/// integer bytes); in `shape` mode the class to put packets in (and, for
-/// traffic from the VM, the IFB device to redirect it to for shaping).
-/// Updated by user space with BPF_F_LOCK, so a rate change is atomic.
+/// One direction of one VM's limit. In `police` mode the byte and packet
+/// buckets (GCRA, see [`Bucket`]); in `shape` mode the class to put packets
+/// in (and, for traffic from the VM, the IFB device to redirect it to for
+/// shaping). User space replaces the whole value when a limit changes; the
+/// tc program reads each field with one aligned load (no tearing) and moves
+/// only the two bucket words, each with one compare-and-exchange.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Policer {
-    pub lock: bpf_spin_lock,
     pub mode: u32,
-    /// Bytes per second; 0 = no byte limit.
-    pub rate_bytes_per_s: u64,
-    /// The token buckets, apart from `lock`: the tc program updates them
-    /// through a `&mut Bucket` while other CPUs spin on the lock word, so
-    /// the two must not overlap.
-    pub bucket: Bucket,
     /// shape: TC_H_MAKE(major << 16, minor) for skb->priority.
     pub classid: u32,
     /// shape, traffic from the VM: ifindex of the IFB device.
     pub redirect_ifindex: u32,
+    pub _pad: u32,
+    /// Bytes per second; 0 = no byte limit.
+    pub rate_bytes_per_s: u64,
+    pub bucket: Bucket,
 }
 
-/// The byte and packet token buckets of a [`Policer`], as time credit.
+/// The byte and packet buckets of a [`Policer`], each kept as one word:
+/// its theoretical arrival time (GCRA, the "virtual scheduling" form of a
+/// token bucket, ITU-T I.371): the CLOCK_MONOTONIC time at which
+/// everything admitted so far is paid for at the rate. The credit at `now`
+/// is the depth less what is still unpaid, `depth - (tat - now)`, or the
+/// whole depth once `tat` is past. Credit is time at the bucket's rate, so
+/// nothing is lost to integer bytes. One word per bucket is what lets the
+/// tc program police on every CPU with a compare-and-exchange instead of a
+/// spin lock (the lock was half the cost of a policed packet).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Bucket {
     /// Bucket depth: the burst in bytes, as ns at the rate.
     pub burst_ns: u64,
-    /// Credit in ns at the rate; may go one packet below zero.
-    pub tokens_ns: i64,
-    pub last_ns: u64,
+    /// The byte bucket's theoretical arrival time (ns, CLOCK_MONOTONIC).
+    pub tat_ns: u64,
     /// ns of credit one packet costs (1e9 / packet rate); 0 = no limit.
     pub pkt_cost_ns: u64,
     pub pkt_burst_ns: u64,
-    pub pkt_tokens_ns: i64,
+    pub pkt_tat_ns: u64,
 }
 
-/// A token bucket's credit after `elapsed_ns` of refill, capped at its
-/// depth. Credit is time at the bucket's rate, so nothing is lost to
-/// rounding; it may be negative (one packet paid in advance).
+/// One GCRA step: a packet costing `cost_ns` arrives at `now_ns` at a
+/// bucket whose theoretical arrival time is `tat_ns` and depth `depth_ns`.
+/// Some(the new arrival time) if it passes, None if it is dropped (nothing
+/// paid). A packet is admitted while any credit is left and then paid in
+/// full, so credit may go one packet negative: the long-run rate is the
+/// same (credit never exceeds the depth), but a 64 KiB GSO packet is not
+/// dropped merely for being larger than the credit left, which is what
+/// makes a policer brutal to TCP. A `now` read before another CPU moved
+/// `tat` later is harmless: time is taken from the later of the two, so no
+/// stretch is credited twice.
 #[inline(always)]
-pub fn refill(tokens_ns: i64, elapsed_ns: u64, depth_ns: u64) -> i64 {
-    let elapsed = if elapsed_ns > i64::MAX as u64 { i64::MAX } else { elapsed_ns as i64 };
-    let depth = if depth_ns > i64::MAX as u64 { i64::MAX } else { depth_ns as i64 };
-    let t = tokens_ns.saturating_add(elapsed);
-    if t > depth {
-        depth
+pub fn conform(tat_ns: u64, now_ns: u64, depth_ns: u64, cost_ns: u64) -> Option<u64> {
+    let base = if tat_ns > now_ns { tat_ns } else { now_ns };
+    if base - now_ns >= depth_ns {
+        None
     } else {
-        t
+        Some(base.saturating_add(cost_ns))
     }
+}
+
+/// The credit (ns at the rate) of a bucket with arrival time `tat_ns` and
+/// depth `depth_ns` at `now_ns`: negative while a packet is paid in
+/// advance.
+#[inline(always)]
+pub fn credit(tat_ns: u64, now_ns: u64, depth_ns: u64) -> i64 {
+    let unpaid = tat_ns.saturating_sub(now_ns);
+    let clamp = |v: u64| if v > i64::MAX as u64 { i64::MAX } else { v as i64 };
+    clamp(depth_ns) - clamp(unpaid)
 }
 
 impl Bucket {
     /// Police one packet costing `cost_ns` of byte credit and
-    /// `pkt_cost_ns` of packet credit at time `now_ns`; true = pass. The
-    /// kernel calls this under the value's spin lock (it is inlined: no
-    /// calls are allowed there). A packet is admitted while any credit is
-    /// left and then paid in full, so credit may go one packet negative:
-    /// the long-run rate is the same (refill is capped at the burst), but
-    /// a 64 KiB GSO packet is not dropped merely for being larger than the
-    /// credit left, which is what makes a policer brutal to TCP.
-    #[inline(always)]
+    /// `pkt_cost_ns` of packet credit (0: no packet limit) at `now_ns`;
+    /// true = pass. What the tc program does on one CPU (there each word
+    /// moves by compare-and-exchange): the packet bucket is asked first,
+    /// and a packet either bucket drops pays nothing.
     pub fn admit(&mut self, now_ns: u64, cost_ns: u64, pkt_cost_ns: u64) -> bool {
-        // `now` may have been read before another CPU took the lock and
-        // wrote a later time: time never runs back here, or the same
-        // stretch would be credited twice.
-        let mut elapsed = 0;
-        if now_ns > self.last_ns {
-            elapsed = now_ns - self.last_ns;
-            self.last_ns = now_ns;
+        let pkt = if pkt_cost_ns == 0 {
+            None
+        } else {
+            match conform(self.pkt_tat_ns, now_ns, self.pkt_burst_ns, pkt_cost_ns) {
+                Some(t) => Some(t),
+                None => return false,
+            }
+        };
+        let Some(t) = conform(self.tat_ns, now_ns, self.burst_ns, cost_ns) else { return false };
+        self.tat_ns = t;
+        if let Some(p) = pkt {
+            self.pkt_tat_ns = p;
         }
-        let mut t = refill(self.tokens_ns, elapsed, self.burst_ns);
-        let mut pt = refill(self.pkt_tokens_ns, elapsed, self.pkt_burst_ns);
-        let pass = t > 0 && (pkt_cost_ns == 0 || pt > 0);
-        if pass {
-            t = t.saturating_sub(cost_ns as i64);
-            pt = pt.saturating_sub(pkt_cost_ns as i64);
-        }
-        self.tokens_ns = t;
-        self.pkt_tokens_ns = pt;
-        pass
+        true
     }
 
-    /// The byte credit the kernel would see at `now_ns` (what was stored
-    /// plus the refill since the last packet, up to the burst).
+    /// The byte credit the kernel would see at `now_ns`.
     pub fn credit_ns(&self, now_ns: u64) -> i64 {
-        refill(self.tokens_ns, now_ns.saturating_sub(self.last_ns), self.burst_ns)
+        credit(self.tat_ns, now_ns, self.burst_ns)
+    }
+
+    /// The arrival time that leaves `credit_ns` of byte credit at `now_ns`
+    /// (at most the depth: a bucket holds no more).
+    pub fn tat_for_credit(&self, now_ns: u64, credit_ns: i64) -> u64 {
+        let credit = credit_ns.min(self.burst_ns.min(i64::MAX as u64) as i64);
+        let unpaid = (self.burst_ns as i128 - credit as i128).max(0);
+        (now_ns as i128 + unpaid).min(u64::MAX as i128) as u64
     }
 }
 
@@ -392,24 +402,35 @@ mod tests {
     }
 
     #[test]
-    fn refill_caps_and_saturates() {
-        assert_eq!(refill(10, 5, 100), 15);
-        assert_eq!(refill(90, 50, 100), 100, "capped at the depth");
-        assert_eq!(refill(-40, 10, 100), -30, "debt is paid back first");
-        assert_eq!(refill(i64::MAX - 1, u64::MAX, u64::MAX), i64::MAX, "no overflow");
+    fn conform_admits_on_any_credit_and_never_runs_time_back() {
+        assert_eq!(conform(0, 1000, 100, 30), Some(1030), "an idle bucket starts from now");
+        assert_eq!(conform(1050, 1000, 100, 30), Some(1080), "credit 50 left: pass, pay from the arrival time");
+        assert_eq!(conform(1100, 1000, 100, 30), None, "no credit left: dropped");
+        assert_eq!(conform(1099, 1000, 100, 500), Some(1599), "one ns of credit admits a large packet");
+        assert_eq!(conform(u64::MAX - 1, 0, u64::MAX, 10), Some(u64::MAX), "no overflow");
+        // A `now` older than the arrival time another CPU wrote: the later one counts.
+        assert_eq!(conform(2000, 1000, 5000, 1), Some(2001));
+    }
+
+    #[test]
+    fn credit_is_depth_less_unpaid() {
+        assert_eq!(credit(0, 1000, 100), 100, "capped at the depth");
+        assert_eq!(credit(1040, 1000, 100), 60);
+        assert_eq!(credit(1500, 1000, 100), -400, "a packet paid in advance");
+        assert_eq!(credit(u64::MAX, 0, 0), -i64::MAX, "no overflow");
     }
 
     fn bucket(burst_ns: u64) -> Bucket {
-        Bucket { burst_ns, tokens_ns: burst_ns as i64, last_ns: 1000, ..Bucket::default() }
+        Bucket { burst_ns, tat_ns: 1000, ..Bucket::default() }
     }
 
     #[test]
     fn admit_pays_in_full_and_goes_one_packet_negative() {
         let mut p = bucket(1_000_000); // 1 ms of burst (1000 bytes at 1 MB/s)
         assert!(p.admit(1000, 64_000_000, 0), "a 64 KB packet passes on any credit");
-        assert_eq!(p.tokens_ns, 1_000_000 - 64_000_000);
+        assert_eq!(p.credit_ns(1000), 1_000_000 - 64_000_000);
         assert!(!p.admit(2000, 1_000_000, 0), "no credit: dropped, nothing paid");
-        assert_eq!(p.tokens_ns, 1_000_000 - 64_000_000 + 1000);
+        assert_eq!(p.credit_ns(2000), 1_000_000 - 64_000_000 + 1000);
         // 63 ms later the debt is paid and credit is back.
         assert!(p.admit(2000 + 63_000_000, 1000, 0));
     }
@@ -417,9 +438,9 @@ mod tests {
     #[test]
     fn admit_never_runs_time_back() {
         let mut p = bucket(10_000_000);
-        p.tokens_ns = 0;
+        p.tat_ns = p.tat_for_credit(1000, 0);
         assert!(!p.admit(500, 1, 0), "an older clock reading gives no credit");
-        assert_eq!(p.last_ns, 1000, "and does not move the clock back");
+        assert_eq!(p.credit_ns(1000), 0, "and does not move the bucket");
         assert!(p.admit(1001, 1, 0));
     }
 
@@ -427,10 +448,36 @@ mod tests {
     fn packet_rate_is_a_second_bucket() {
         let mut p = bucket(1_000_000_000);
         p.pkt_burst_ns = 2_000;
-        p.pkt_tokens_ns = 2_000;
+        p.pkt_tat_ns = 0;
         assert!(p.admit(1000, 1, 1_000));
         assert!(p.admit(1000, 1, 1_000));
         assert!(!p.admit(1000, 1, 1_000), "two packets of burst");
-        assert_eq!(p.credit_ns(1000), 1_000_000_000 - 2, "byte credit as the kernel sees it");
+        assert_eq!(p.credit_ns(1000), 1_000_000_000 - 2, "byte credit as the kernel sees it; the drop paid nothing");
+    }
+
+    #[test]
+    fn tat_for_credit_round_trips() {
+        let p = bucket(1_000);
+        for c in [-5_000, -1, 0, 1, 999, 1_000] {
+            assert_eq!(Bucket { tat_ns: p.tat_for_credit(77, c), ..p }.credit_ns(77), c);
+        }
+        assert_eq!(Bucket { tat_ns: p.tat_for_credit(77, 5_000), ..p }.credit_ns(77), 1_000, "capped at the depth");
+    }
+
+    /// The long-run rate: over any stretch, what passes is at most the
+    /// depth plus one packet plus the stretch at the rate.
+    #[test]
+    fn long_run_rate_is_the_rate() {
+        let mut p = bucket(10_000);
+        p.tat_ns = 0;
+        let (mut passed, mut now) = (0u64, 0u64);
+        for i in 0..100_000u64 {
+            now += 7 + (i % 13);
+            if p.admit(now, 97, 0) {
+                passed += 97;
+            }
+        }
+        assert!(passed <= now + 10_000 + 97, "{passed} ns of cost passed in {now} ns");
+        assert!(passed + 10_000 + 97 >= now, "and the rate is used: {passed} in {now}");
     }
 }

@@ -176,17 +176,11 @@ impl Limit {
             }
             None => (0, 0),
         };
+        let bucket = Bucket { burst_ns, tat_ns: 0, pkt_cost_ns, pkt_burst_ns, pkt_tat_ns: now_ns };
         Policer {
             mode: QOS_POLICE,
             rate_bytes_per_s: rate,
-            bucket: Bucket {
-                burst_ns,
-                tokens_ns,
-                last_ns: now_ns,
-                pkt_cost_ns,
-                pkt_burst_ns,
-                pkt_tokens_ns: pkt_burst_ns as i64,
-            },
+            bucket: Bucket { tat_ns: bucket.tat_for_credit(now_ns, tokens_ns), ..bucket },
             ..Policer::default()
         }
     }
@@ -241,14 +235,14 @@ mod tests {
         let p = l.policer(None, 5);
         assert_eq!(p.rate_bytes_per_s, 1_000_000);
         assert_eq!(p.bucket.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
-        assert_eq!(p.bucket.tokens_ns, p.bucket.burst_ns as i64, "a new bucket starts full");
+        assert_eq!(p.bucket.credit_ns(5), p.bucket.burst_ns as i64, "a new bucket starts full");
         assert_eq!(tokens_bytes(&p, 5), 102_400);
         // Halve the rate with 50 KB left: still 50 KB, now worth twice the time.
-        let half = Policer { bucket: Bucket { tokens_ns: 51_200_000, ..p.bucket }, ..p };
+        let half = Policer { bucket: Bucket { tat_ns: p.bucket.tat_for_credit(5, 51_200_000), ..p.bucket }, ..p };
         let l2 = spec("4mbit", "100kb").check("").expect("ok");
         let p2 = l2.policer(Some(&half), 5);
         assert_eq!(tokens_bytes(&p2, 5), 51_200);
-        assert_eq!(p2.bucket.last_ns, 5);
+        assert_eq!(p2.bucket.credit_ns(5), 51_200_000 * 2, "the same bytes at half the rate");
         // Idle for 10 ms at the old 1 MB/s since the last packet: 10,000 B more.
         let p3 = l2.policer(Some(&half), 5 + 10_000_000);
         assert_eq!(tokens_bytes(&p3, 5 + 10_000_000), 61_200);

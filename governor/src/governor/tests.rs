@@ -119,7 +119,7 @@ fn police_limit_writes_the_bucket_and_clear_removes_it() {
     g.set_limit("a", Direction::Egress, limit(Mode::Police, 8)).expect("set");
     let p = h.tel.state().qos[&qos_index(0, Direction::Egress)];
     assert_eq!((p.mode, p.rate_bytes_per_s), (QOS_POLICE, 1_000_000));
-    assert_eq!(p.bucket.tokens_ns, p.bucket.burst_ns as i64, "a new bucket starts full");
+    assert_eq!(p.bucket.credit_ns(p.bucket.tat_ns), p.bucket.burst_ns as i64, "a new bucket starts full");
     assert_eq!(h.tel.state().vm_of_if.get(&10), Some(&0), "tap-a belongs to slot 0");
     assert_eq!(h.tel.state().slot_at_attach.get("tap-a"), Some(&Some(0)), "given before the programs were attached");
     let shown = g.limits().expect("limits");

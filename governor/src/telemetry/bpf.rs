@@ -71,9 +71,6 @@ pub struct BpfTelemetry {
     stats: std::sync::OnceLock<Option<std::os::fd::OwnedFd>>,
 }
 
-/// `BPF_F_LOCK`: update/read a map value under its bpf_spin_lock, so the
-/// kernel never sees half of a changed limit.
-const BPF_F_LOCK: u64 = 4;
 /// Map update flags (`include/uapi/linux/bpf.h`): create only / replace only.
 const BPF_NOEXIST: u64 = 1;
 const BPF_EXIST: u64 = 2;
@@ -445,17 +442,14 @@ impl Telemetry for BpfTelemetry {
     }
 
     fn policer(&self, slot: u32, dir: Direction) -> Result<Policer, TelemetryError> {
-        self.qos
-            .get(&qos_index(slot, dir), BPF_F_LOCK)
-            .map_err(|source| TelemetryError::Map { name: maps::QOS, source })
+        self.qos.get(&qos_index(slot, dir), 0).map_err(|source| TelemetryError::Map { name: maps::QOS, source })
     }
 
-    /// Under the value's lock (BPF_F_LOCK): the kernel never sees half of
-    /// a changed limit.
+    /// The whole value in one update. The tc program reads each field with
+    /// one aligned load, so it sees a field either old or new, and a packet
+    /// meeting the change is policed by one or the other limit.
     fn set_policer(&mut self, slot: u32, dir: Direction, p: Policer) -> Result<(), TelemetryError> {
-        self.qos
-            .set(qos_index(slot, dir), p, BPF_F_LOCK)
-            .map_err(|source| TelemetryError::Map { name: maps::QOS, source })
+        self.qos.set(qos_index(slot, dir), p, 0).map_err(|source| TelemetryError::Map { name: maps::QOS, source })
     }
 
     fn qos_stats(&self, slot: u32, dir: Direction) -> Result<QosStats, TelemetryError> {

@@ -96,7 +96,7 @@ pub trait Telemetry {
     /// done before attaching to it (see `BpfTelemetry::set_net_slot`).
     fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError>;
     fn clear_vm_of_interface(&mut self, ifindex: u32);
-    /// The policer of a VM direction, read under its lock.
+    /// The policer of a VM direction.
     fn policer(&self, slot: u32, dir: Direction) -> Result<Policer, TelemetryError>;
     /// Replace the policer of a VM direction atomically.
     fn set_policer(&mut self, slot: u32, dir: Direction, p: Policer) -> Result<(), TelemetryError>;
