@@ -353,3 +353,104 @@ fn packet_rate_counts_gso_segments() {
     assert!(pps <= 1000.0 * 1.02 + 692.0 / 4.0, "{pps} segments/s through a 1000 pkt/s limit");
     assert!(pps >= 300.0, "TCP still flows: {pps} segments/s");
 }
+
+/// Every CPU polices frames into one VM at once, millions a second, through
+/// the kernel's BPF_PROG_TEST_RUN (`bpftool prog run` of the pinned egress
+/// program, one per CPU, each pinned to its CPU). The policer takes no lock:
+/// each bucket is one word moved by compare-and-exchange. What passes is
+/// the burst plus the rate over the time, no more than one frame in advance
+/// per CPU, and not much less; every frame is judged and counted once.
+#[test]
+fn police_is_exact_when_every_cpu_races_for_the_bucket() {
+    require_tool("bpftool");
+    require_tool("taskset");
+    const FRAME: u64 = 1514;
+    const RUNS: u64 = 20_000_000;
+    const OWN_TRAFFIC: u64 = 50;
+    let mut r = rig(1);
+    let rate = 100_000_000u64;
+    let burst = 128 * 1024;
+    let dir = TempDir::new("police-race").expect("temp dir");
+    // Ethernet + IPv4 header + payload: a full frame.
+    let mut frame = vec![0u8; FRAME as usize];
+    frame[12..14].copy_from_slice(&[0x08, 0x00]);
+    frame[14] = 0x45;
+    frame[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    std::fs::write(dir.path().join("frame"), &frame).expect("write frame");
+    // struct __sk_buff with only ifindex (offset 40): the frame passes the VM's interface.
+    let name = &r.net.ports[0].1.name;
+    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
+        .expect("ifindex")
+        .trim()
+        .parse()
+        .expect("ifindex number");
+    let mut ctx = vec![0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    std::fs::write(dir.path().join("ctx"), &ctx).expect("write ctx");
+    let prog = r._pins.0.join("prog_gov_tc_egress");
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    assert!(cpus >= 2, "this test needs two CPUs to race; the host has {cpus}");
+
+    r.gov.tick().expect("tick");
+    let rx_before = r.gov.status()[0].rx_bytes_total;
+    // Into the VM: the interface's egress. The bucket starts full.
+    r.gov.set_limit("vm0", Direction::Ingress, limit(Mode::Police, rate, burst)).expect("set limit");
+    let start = Instant::now();
+    let runs: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            Command::new("taskset")
+                .args(["-c", &cpu.to_string(), "bpftool", "prog", "run", "pinned"])
+                .arg(&prog)
+                .arg("data_in")
+                .arg(dir.path().join("frame"))
+                .arg("ctx_in")
+                .arg(dir.path().join("ctx"))
+                .args(["repeat", &RUNS.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start bpftool prog run")
+        })
+        .collect();
+    let mut longest_ns = 0f64;
+    for child in runs {
+        let out = child.wait_with_output().expect("bpftool prog run");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "bpftool prog run: {}", String::from_utf8_lossy(&out.stderr));
+        // "Return value: 0, duration (average): 123ns"
+        let avg: f64 = text
+            .split("duration (average):")
+            .nth(1)
+            .and_then(|t| t.trim().trim_end_matches("ns").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no duration in {text:?}"));
+        longest_ns = longest_ns.max(avg * RUNS as f64);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let l = r.gov.limits().expect("limits")[0].clone();
+    r.gov.tick().expect("tick");
+    let rx = r.gov.status()[0].rx_bytes_total - rx_before;
+
+    let offered = cpus as u64 * RUNS;
+    let bytes_per_s = (rate / 8) as f64;
+    let most = burst as f64 + bytes_per_s * elapsed + ((cpus as u64 + OWN_TRAFFIC) * FRAME) as f64;
+    let least = bytes_per_s * longest_ns / 1e9 * 0.9;
+    eprintln!(
+        "{cpus} CPUs x {RUNS} frames in {elapsed:.3} s (longest run {:.3} s): passed {} bytes ({} frames), \
+         allowed {least:.0}..={most:.0}; dropped {} frames",
+        longest_ns / 1e9,
+        l.passed_bytes,
+        l.passed_packets,
+        l.dropped_packets
+    );
+    // The interface's own traffic in the meantime (IPv6 neighbour
+    // discovery) is judged and counted too: a few packets.
+    let judged = l.passed_packets + l.dropped_packets;
+    assert!((offered..=offered + OWN_TRAFFIC).contains(&judged), "{judged} judged for {offered} frames run");
+    let own = judged - offered;
+    assert!(
+        (offered * FRAME..=(offered + own) * FRAME).contains(&rx),
+        "{rx} bytes counted on the interface for {offered} frames and {own} packets of its own"
+    );
+    assert!((l.passed_bytes as f64) <= most, "passed {} bytes, more than burst + rate x time {most:.0}", l.passed_bytes);
+    assert!((l.passed_bytes as f64) >= least, "passed {} bytes, less than 0.9 x rate x run {least:.0}", l.passed_bytes);
+}
