@@ -451,6 +451,10 @@ fn police_is_exact_when_every_cpu_races_for_the_bucket() {
         (offered * FRAME..=(offered + own) * FRAME).contains(&rx),
         "{rx} bytes counted on the interface for {offered} frames and {own} packets of its own"
     );
-    assert!((l.passed_bytes as f64) <= most, "passed {} bytes, more than burst + rate x time {most:.0}", l.passed_bytes);
+    assert!(
+        (l.passed_bytes as f64) <= most,
+        "passed {} bytes, more than burst + rate x time {most:.0}",
+        l.passed_bytes
+    );
     assert!((l.passed_bytes as f64) >= least, "passed {} bytes, less than 0.9 x rate x run {least:.0}", l.passed_bytes);
 }
