@@ -175,7 +175,7 @@ pub struct Policer {
     /// shape, traffic from the VM: ifindex of the IFB device.
     pub redirect_ifindex: u32,
     pub _pad: u32,
-    /// Bytes per second; 0 = no byte limit.
+    /// Bytes per second (user space sets at least 1).
     pub rate_bytes_per_s: u64,
     pub bucket: Bucket,
 }

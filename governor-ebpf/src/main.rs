@@ -16,8 +16,10 @@
 //! patched in as read-only globals, so another kernel layout still works.
 #![no_std]
 #![no_main]
-// The two atomic instructions the policer needs (see `cmpxchg`).
+// The two atomic instructions the policer needs (see police.rs).
 #![feature(asm_experimental_arch)]
+
+mod police;
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
@@ -28,7 +30,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    conform, delay_bucket, Bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, DIR_FROM_VM,
+    delay_bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, DIR_FROM_VM,
     DIR_TO_VM, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
@@ -426,8 +428,6 @@ fn count(ctx: &TcContext, ingress: bool) -> u32 {
     n.qos_slot
 }
 
-const NS_PER_S: u64 = 1_000_000_000;
-
 /// Apply the VM's limit for this direction: police (pass or drop by token
 /// bucket) or shape (choose the HTB class, redirect to the IFB for traffic
 /// from the VM).
@@ -459,114 +459,17 @@ fn qos(ctx: &TcContext, vm_plus_one: u32, dir: u32) -> i32 {
         return TC_ACT_OK;
     }
     let len = ctx.len() as u64;
-    let rate = unsafe { (*p).rate_bytes_per_s };
     // A GSO packet is many packets on the wire: charge each segment.
     let segs = unsafe { (*ctx.skb.skb).gso_segs }.max(1) as u64;
-    let pkt_cost = unsafe { (*p).bucket.pkt_cost_ns } * segs;
-    let cost = if rate != 0 { len * NS_PER_S / rate } else { 0 };
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: pointers to fields of this array value, which lives as long
-    // as the map; other CPUs move the same words only atomically.
-    let pass = unsafe {
-        let b = core::ptr::addr_of_mut!((*p).bucket);
-        police(b, now, cost, pkt_cost)
-    };
+    // SAFETY: a live QOS value (array values live as long as the map).
+    let pass = unsafe { police::police(p, len, segs, now) };
     account(slot, len, pass);
     if pass {
         TC_ACT_OK
     } else {
         TC_ACT_SHOT
     }
-}
-
-/// How often a bucket word is compared-and-exchanged before the packet is
-/// charged with a plain atomic add: each failure means another CPU's packet
-/// got through, so the bucket is busy and adding the cost is what the
-/// exchange would have done (its arrival time is in the future).
-const CAS_TRIES: usize = 3;
-
-/// Police one packet through the byte and packet buckets (GCRA, see
-/// governor_common::Bucket) shared by all CPUs, without a lock: each bucket
-/// is one word, moved by compare-and-exchange. The packet bucket is asked
-/// first and a packet either drops pays nothing; one the byte bucket admits
-/// is then charged to the packet bucket without being judged again (a
-/// packet of another CPU in between can leave it one packet further in
-/// debt, which the next packets pay for).
-///
-/// SAFETY: `b` points to a live map value's bucket.
-#[inline(always)]
-unsafe fn police(b: *mut Bucket, now: u64, cost: u64, pkt_cost: u64) -> bool {
-    let pkt_tat = core::ptr::addr_of_mut!((*b).pkt_tat_ns);
-    if pkt_cost != 0 {
-        let seen = core::ptr::read_volatile(pkt_tat);
-        if conform(seen, now, (*b).pkt_burst_ns, pkt_cost).is_none() {
-            return false;
-        }
-    }
-    let tat = core::ptr::addr_of_mut!((*b).tat_ns);
-    let depth = (*b).burst_ns;
-    let mut seen = core::ptr::read_volatile(tat);
-    let mut paid = false;
-    for _ in 0..CAS_TRIES {
-        let Some(next) = conform(seen, now, depth, cost) else { return false };
-        let was = cmpxchg(tat, seen, next);
-        if was == seen {
-            paid = true;
-            break;
-        }
-        seen = was;
-    }
-    if !paid {
-        atomic_add(tat, cost);
-    }
-    if pkt_cost != 0 {
-        charge(pkt_tat, now, pkt_cost);
-    }
-    true
-}
-
-/// Charge `cost` to a bucket word unconditionally (GCRA: from the later of
-/// its arrival time and now).
-///
-/// SAFETY: `tat` points into a live map value.
-#[inline(always)]
-unsafe fn charge(tat: *mut u64, now: u64, cost: u64) {
-    let mut seen = core::ptr::read_volatile(tat);
-    for _ in 0..CAS_TRIES {
-        let base = if seen > now { seen } else { now };
-        let was = cmpxchg(tat, seen, base.saturating_add(cost));
-        if was == seen {
-            return;
-        }
-        seen = was;
-    }
-    atomic_add(tat, cost);
-}
-
-/// BPF_CMPXCHG (64-bit): store `new` at `p` if it holds `old`; returns
-/// what `p` held. Written as the instruction itself: core's atomics are
-/// not available for the BPF target.
-///
-/// SAFETY: `p` is a valid, aligned pointer into a map value.
-#[inline(always)]
-unsafe fn cmpxchg(p: *mut u64, old: u64, new: u64) -> u64 {
-    let mut r0 = old;
-    core::arch::asm!(
-        "r0 = cmpxchg_64({p} + 0, r0, {new})",
-        p = in(reg) p,
-        new = in(reg) new,
-        inout("r0") r0,
-        options(nostack)
-    );
-    r0
-}
-
-/// BPF_ATOMIC add (64-bit) of `v` at `p`.
-///
-/// SAFETY: `p` is a valid, aligned pointer into a map value.
-#[inline(always)]
-unsafe fn atomic_add(p: *mut u64, v: u64) {
-    core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) v, options(nostack));
 }
 
 #[inline(always)]

@@ -445,9 +445,9 @@ impl Telemetry for BpfTelemetry {
         self.qos.get(&qos_index(slot, dir), 0).map_err(|source| TelemetryError::Map { name: maps::QOS, source })
     }
 
-    /// The whole value in one update. The tc program reads each field with
-    /// one aligned load, so it sees a field either old or new, and a packet
-    /// meeting the change is policed by one or the other limit.
+    /// The whole value in one update; a packet meeting the change is judged
+    /// again with the new fields if its bucket exchange finds the value
+    /// replaced (governor-ebpf's police.rs).
     fn set_policer(&mut self, slot: u32, dir: Direction, p: Policer) -> Result<(), TelemetryError> {
         self.qos.set(qos_index(slot, dir), p, 0).map_err(|source| TelemetryError::Map { name: maps::QOS, source })
     }

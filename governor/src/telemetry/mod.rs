@@ -98,7 +98,7 @@ pub trait Telemetry {
     fn clear_vm_of_interface(&mut self, ifindex: u32);
     /// The policer of a VM direction.
     fn policer(&self, slot: u32, dir: Direction) -> Result<Policer, TelemetryError>;
-    /// Replace the policer of a VM direction atomically.
+    /// Replace the policer of a VM direction (one map update).
     fn set_policer(&mut self, slot: u32, dir: Direction, p: Policer) -> Result<(), TelemetryError>;
     /// QoS counters of a VM direction, summed over CPUs.
     fn qos_stats(&self, slot: u32, dir: Direction) -> Result<QosStats, TelemetryError>;

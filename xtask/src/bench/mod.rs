@@ -13,6 +13,7 @@ mod daemon;
 mod overhead;
 mod placement;
 mod qos;
+mod testrun;
 mod tick;
 mod vmm;
 
