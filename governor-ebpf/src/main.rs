@@ -30,8 +30,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, DIR_FROM_VM,
-    DIR_TO_VM, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
+    delay_bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
+    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
 #[btf_map]

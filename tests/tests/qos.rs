@@ -481,7 +481,11 @@ fn race_for_the_bucket(packet_rate: Option<u64>) {
     );
     let bytes_per_s = (lim.rate_bps / 8) as f64;
     let most = lim.burst_bytes as f64 + bytes_per_s * elapsed + (ahead * FRAME) as f64;
-    assert!((l.passed_bytes as f64) <= most, "passed {} bytes, more than burst + rate x time {most:.0}", l.passed_bytes);
+    assert!(
+        (l.passed_bytes as f64) <= most,
+        "passed {} bytes, more than burst + rate x time {most:.0}",
+        l.passed_bytes
+    );
     match packet_rate {
         None => {
             let least = bytes_per_s * longest_ns / 1e9 * 0.9;
