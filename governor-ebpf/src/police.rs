@@ -15,7 +15,7 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// Exchanges tried before the packet is judged once more and charged with
 /// one atomic add. A failure means another CPU's packet (or user space)
 /// moved the word in the few ns since it was read. One: each try is a copy
-/// of the judging code (the verifier wants the loop unrolled), and with
+/// of the judging code (the compiler unrolls the loop), and with
 /// three the program grew from 1.4 to 2.0 KB of machine code, which a cold
 /// packet pays for in instruction cache misses (cold police +200-300 ns).
 /// The race test passes with the add taking over at the first failure.
