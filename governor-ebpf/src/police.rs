@@ -19,6 +19,7 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// three the program grew from 1.4 to 2.0 KB of machine code, which a cold
 /// packet pays for in instruction cache misses (cold police +200-300 ns).
 /// The race test passes with the add taking over at the first failure.
+const CAS_TRIES: usize = 1;
 
 /// Police one packet of `len` bytes, `segs` segments on the wire, at `now`
 /// (CLOCK_MONOTONIC ns); true = pass.
