@@ -246,7 +246,7 @@ impl BpfTelemetry {
                     .attach(
                         PerfEventConfig::Software(SoftwareEvent::CpuClock),
                         PerfEventScope::AllProcessesOneCpu { cpu },
-                        SamplePolicy::Frequency(CPU_TICK_HZ),
+                        SamplePolicy::Period(1_000_000_000 / CPU_TICK_HZ),
                         false,
                     )
                     .map_err(|source| TelemetryError::Program { name: "cpu_tick", source })?;

@@ -55,6 +55,39 @@ impl Daemon {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+
+    /// Wait until the governor has finished starting: its CPU time stays the
+    /// same over 100 ms. Its socket and first links appear while it is still
+    /// loading the rest (verifying the tc programs, attaching the per-CPU
+    /// timers): ~100 ms of CPU here, which would land in a measurement
+    /// started at once.
+    pub fn wait_idle(&mut self) -> Result<()> {
+        let stat = format!("/proc/{}/stat", self.child.id());
+        let cpu = || -> Result<u64> {
+            let text = std::fs::read_to_string(&stat).with_context(|| format!("read {stat}"))?;
+            // Fields after the command name (which may hold spaces): utime
+            // and stime are the 14th and 15th of the line.
+            let rest = text.rsplit_once(')').map(|(_, r)| r).with_context(|| format!("{stat}: {text:?}"))?;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let field = |i: usize| -> Result<u64> {
+                f.get(i).and_then(|v| v.parse().ok()).with_context(|| format!("{stat}: field {}", i + 3))
+            };
+            Ok(field(11)? + field(12)?)
+        };
+        let start = Instant::now();
+        let mut last = cpu()?;
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = cpu()?;
+            if now == last {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                bail!("the bench governor kept using CPU for 5 s after it started");
+            }
+            last = now;
+        }
+    }
 }
 
 impl Drop for Daemon {

@@ -201,8 +201,9 @@ fn run_times(names: &[&str]) -> Result<Vec<Option<f64>>> {
 /// the body the governor adds per switch, without the noise of timing
 /// whole runs (the stats' two clock reads are in both).
 fn body_by_stats() -> Result<(f64, f64)> {
-    let d = Daemon::start("")?;
+    let mut d = Daemon::start("")?;
     governor_uses_tp_btf(&d)?;
+    d.wait_idle()?;
     let _floor = floor("tp_btf")?;
     let _stats = StatsOn::new()?;
     for _ in 0..3 {
@@ -229,8 +230,9 @@ pub fn bench() -> Result<Vec<Row>> {
                 // A governor with no VMs: the scheduler and memory programs
                 // attached host-wide.
                 Variant::Governor => {
-                    let d = Daemon::start("")?;
+                    let mut d = Daemon::start("")?;
                     tp_btf = Some(governor_uses_tp_btf(&d)?);
+                    d.wait_idle()?;
                     Some(Box::new(d))
                 }
                 Variant::FloorRaw => Some(Box::new(floor("raw_tp")?)),
