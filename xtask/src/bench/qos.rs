@@ -15,7 +15,7 @@ use super::daemon::Daemon;
 use super::testrun::TestRunner;
 use super::Row;
 use crate::build::{release_bin, sh};
-use crate::stats::percentile;
+use crate::stats::{median, percentile};
 
 /// One loaded run: a TCP flow into the VM for 8 s and, from its second
 /// second, pings into the VM every 10 ms. Returns (goodput bit/s, RTTs ms).
@@ -48,8 +48,19 @@ struct Run {
     cores: f64,
 }
 
-fn loaded_run(net: &VmNet) -> Result<Run> {
-    let (vm, peer) = (&net.ports[0], &net.ports[1]);
+/// The VM the governor watches (its limits), the one that sends every
+/// loaded run's traffic, and the one the empty classifier is measured on:
+/// an identical port of the same bridge, so the floor and the governor's
+/// programs see the same packets and can alternate without detaching
+/// anything.
+const GOV_VM: usize = 0;
+const SENDER_VM: usize = 1;
+const FLOOR_VM: usize = 2;
+
+/// One loaded run: TCP from the sender VM into VM `to` (so through the
+/// clsact egress of `to`'s host-side interface), with pings beside it.
+fn loaded_run(net: &VmNet, to: usize) -> Result<Run> {
+    let (vm, peer) = (&net.ports[to], &net.ports[SENDER_VM]);
     let _server =
         Guarded::new(vm.0.cmd(&["iperf3", "-s", "-1", "-p", "5299", "-B", &vm.2]).stdout(Stdio::null()).spawn()?);
     std::thread::sleep(Duration::from_millis(300));
@@ -96,9 +107,10 @@ fn prog_stats(pin: &Path) -> Result<(u64, u64)> {
 const GOAL_POLICE_FLOOR_RATIO: f64 = 2.0;
 
 /// The floor of the tc programs' cost: the empty classifier `gov_tc_floor`
-/// attached as the governor attaches its own (clsact egress of the VM's
-/// host-side interface, direct action), alone on the interface, during one
-/// loaded run. Returns its bpf_stats ns per packet.
+/// attached as the governor attaches its own (clsact egress of a VM's
+/// host-side interface, direct action), alone on the interface (the floor
+/// VM's, which the governor does not watch), during one loaded run into
+/// that VM. Returns its bpf_stats ns per packet.
 ///
 /// `rate_limit`: with the kernel's tbf at that rate and burst as the root
 /// qdisc (clsact egress runs before it), so the floor sees the packet rate
@@ -108,12 +120,12 @@ const GOAL_POLICE_FLOOR_RATIO: f64 = 2.0;
 /// police cost is compared with a floor measured at the same rate, and the
 /// counting-only cost with a floor measured unlimited.
 fn tc_floor(net: &VmNet, rate_limit: Option<(&str, &str)>) -> Result<f64> {
-    let host = net.ports[0].1.name.clone();
+    let host = net.ports[FLOOR_VM].1.name.clone();
     let _tbf = rate_limit.map(|(rate, burst)| TbfRoot::add(&host, rate, burst)).transpose()?;
     let measured = (|| {
         let probe = super::overhead::floor(&format!("tc:{host}"))?;
         let (c0, n0) = prog_stats_by_name("gov_tc_floor")?;
-        let run = loaded_run(net);
+        let run = loaded_run(net, FLOOR_VM);
         let (c1, n1) = prog_stats_by_name("gov_tc_floor")?;
         drop(probe);
         run?;
@@ -158,6 +170,9 @@ fn prog_stats_by_name(name: &str) -> Result<(u64, u64)> {
     Ok((field("run_time_ns "), field("run_cnt ")))
 }
 
+/// Rounds of (floor, counting, police path) at the rate, alternated.
+const LIKE_ROUNDS: usize = 3;
+
 /// 250 ms at the bench's rate: the burst a policer needs for TCP (README,
 /// QoS).
 const BURST: &str = "3125kb";
@@ -165,16 +180,15 @@ const BURST: &str = "3125kb";
 pub fn bench() -> Result<Vec<Row>> {
     const RATE: &str = "100mbit";
     const RATE_BPS: f64 = 100e6;
-    let net = VmNet::create(2)?;
+    let net = VmNet::create(3)?;
     let cg = ScopedCgroup::create("bench-qos", &Limits::default())?;
     let _stats = BpfStats::enable()?;
     // Before the governor's own filters are on the interface.
     let floor_ns = tc_floor(&net, None)?;
-    let floor_rate_ns = tc_floor(&net, Some((RATE, BURST)))?;
     let gov = Daemon::start(&format!(
         "[[vm]]\nname = \"vm\"\ncgroup = {:?}\ninterfaces = [{:?}]\n",
         cg.cg.rel().to_string_lossy(),
-        net.ports[0].1.name
+        net.ports[GOV_VM].1.name
     ))?;
     let sock = gov.socket().to_string_lossy().into_owned();
     let limit =
@@ -188,14 +202,14 @@ pub fn bench() -> Result<Vec<Row>> {
     // program's own cost; the police run below also changes the traffic
     // (TCP meets drops instead of a queue).
     let at_rate = |police: Option<&str>| -> Result<f64> {
-        let _tbf = TbfRoot::add(&net.ports[0].1.name, RATE, BURST)?;
+        let _tbf = TbfRoot::add(&net.ports[GOV_VM].1.name, RATE, BURST)?;
         let measured = (|| {
             if let Some(burst) = police {
                 let above = ["--mode", "police", "--rate", "100gbit", "--burst", burst];
                 limit(&[&["set", "--vm", "vm", "--direction", "ingress"][..], &above].concat())?;
             }
             let (c0, n0) = prog_stats(&prog)?;
-            loaded_run(&net)?;
+            loaded_run(&net, GOV_VM)?;
             let (c1, n1) = prog_stats(&prog)?;
             Ok((c1 - c0) as f64 / (n1 - n0).max(1) as f64)
         })();
@@ -206,8 +220,16 @@ pub fn bench() -> Result<Vec<Row>> {
         }
         measured
     };
-    let count_rate_ns = at_rate(None)?;
-    let admit_rate_ns = at_rate(Some(BURST))?;
+    // The floor at the rate and the governor's program on the same
+    // packets, alternated round by round (one floor run moved 259-639 ns
+    // between bench runs): medians.
+    let (mut floors, mut counts, mut admits) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..LIKE_ROUNDS {
+        floors.push(tc_floor(&net, Some((RATE, BURST)))?);
+        counts.push(at_rate(None)?);
+        admits.push(at_rate(Some(BURST))?);
+    }
+    let (floor_rate_ns, count_rate_ns, admit_rate_ns) = (median(&floors), median(&counts), median(&admits));
 
     let test_run = test_run_costs(&net, &limit, &gov.pins)?;
 
@@ -215,8 +237,8 @@ pub fn bench() -> Result<Vec<Row>> {
     let mut results = Vec::new();
     // No limit: the programs only count (the baseline of per-packet cost).
     let (c0, n0) = prog_stats(&prog)?;
-    let gso_free = gso_max_size(&net.ports[0].1.name)?;
-    let free = loaded_run(&net)?;
+    let gso_free = gso_max_size(&net.ports[GOV_VM].1.name)?;
+    let free = loaded_run(&net, GOV_VM)?;
     let bps_free = free.bps;
     let (c1, n1) = prog_stats(&prog)?;
     let count_ns = (c1 - c0) as f64 / (n1 - n0).max(1) as f64;
@@ -225,9 +247,9 @@ pub fn bench() -> Result<Vec<Row>> {
         limit(&["set", "--vm", "vm", "--direction", "ingress", "--mode", mode, "--rate", RATE, "--burst", BURST])?;
         let (c0, n0) = prog_stats(&prog)?;
         if mode == "shape" {
-            gso_shaped = gso_max_size(&net.ports[0].1.name)?;
+            gso_shaped = gso_max_size(&net.ports[GOV_VM].1.name)?;
         }
-        let run = loaded_run(&net)?;
+        let run = loaded_run(&net, GOV_VM)?;
         let (c1, n1) = prog_stats(&prog)?;
         limit(&["clear", "--vm", "vm", "--direction", "ingress"])?;
         let per_pkt = (c1 - c0) as f64 / (n1 - n0).max(1) as f64;
@@ -236,8 +258,8 @@ pub fn bench() -> Result<Vec<Row>> {
     }
     // The kernel's own tbf on the same interface, same rate and burst.
     let tbf = {
-        let _tbf = TbfRoot::add(&net.ports[0].1.name, RATE, BURST)?;
-        loaded_run(&net)?
+        let _tbf = TbfRoot::add(&net.ports[GOV_VM].1.name, RATE, BURST)?;
+        loaded_run(&net, GOV_VM)?
     };
     let (tbf_p50, tbf_p99) = (percentile(&tbf.rtts, 0.5), percentile(&tbf.rtts, 0.99));
     let tbf_acc = tbf.bps / RATE_BPS;
@@ -297,15 +319,18 @@ pub fn bench() -> Result<Vec<Row>> {
     let verdict = |ok: bool| if ok { "meets" } else { "MISSES" };
     rows.push(
         Row::new("tc-BPF floor: empty classifier, unlimited (ns/packet)", format!("{floor_ns:.0}"))
-            .peer("same run, same interface and attach (clsact egress, direct action)")
+            .peer("same run, same attach (clsact egress, direct action) on an identical VM port of the bridge")
             .note(
                 "bpf_stats run_time / run_cnt over one unlimited loaded run; what running any program per packet costs",
             ),
     );
     rows.push(
         Row::new(format!("tc-BPF floor: empty classifier, at {RATE} (ns/packet)"), format!("{floor_rate_ns:.0}"))
-            .peer("same run, same attach; kernel tbf at the rate as root qdisc")
-            .note("the packet rate police lets through: each packet meets colder caches than at 12 Gbit/s"),
+            .peer(format!("same run, same attach; kernel tbf at the rate as root qdisc; runs {}", list(&floors)))
+            .note(format!(
+                "the packet rate police lets through: each packet meets colder caches than at 12 Gbit/s; median of \
+                 {LIKE_ROUNDS} runs alternated with the governor's below"
+            )),
     );
     rows.push(
         Row::new("tc-BPF counting only / floor", format!("{:.2}", count_ns / floor_ns))
@@ -316,10 +341,16 @@ pub fn bench() -> Result<Vec<Row>> {
             format!("tc-BPF on the floor's packets at {RATE}: counting / floor, police path / floor"),
             format!("{:.2}, {:.2}", count_rate_ns / floor_rate_ns, admit_rate_ns / floor_rate_ns),
         )
-        .peer(format!("{count_rate_ns:.0}, {admit_rate_ns:.0} vs {floor_rate_ns:.0} ns/packet"))
+        .peer(format!(
+            "{count_rate_ns:.0}, {admit_rate_ns:.0} vs {floor_rate_ns:.0} ns/packet (medians; runs: counting {}, \
+             police {})",
+            list(&counts),
+            list(&admits)
+        ))
         .note(format!(
-            "same tbf as the floor; police with a limit far above the traffic, so every packet takes the token \
-             bucket and passes; goal <= {GOAL_POLICE_FLOOR_RATIO}: {}",
+            "the same tbf and traffic as the floor, alternated with it {LIKE_ROUNDS} times; police with a limit far \
+             above the traffic, so every packet takes the token bucket and passes; goal <= \
+             {GOAL_POLICE_FLOOR_RATIO}: {}",
             verdict(admit_rate_ns <= GOAL_POLICE_FLOOR_RATIO * floor_rate_ns)
         )),
     );
@@ -385,10 +416,10 @@ fn test_run_costs(net: &VmNet, limit: &dyn Fn(&[&str]) -> Result<()>, pins: &Pat
             .parse()
             .with_context(|| format!("parse {p}"))
     };
-    let (vm_if, other_if) = (ifindex(&net.ports[0].1.name)?, ifindex(&net.ports[1].1.name)?);
+    let (vm_if, other_if) = (ifindex(&net.ports[GOV_VM].1.name)?, ifindex(&net.ports[FLOOR_VM].1.name)?);
     limit(&["set", "--vm", "vm", "--direction", "ingress", "--mode", "police", "--rate", "100gbit", "--burst", BURST])?;
     let measured = (|| {
-        let _probe = super::overhead::floor(&format!("tc:{}", net.ports[1].1.name))?;
+        let _probe = super::overhead::floor(&format!("tc:{}", net.ports[FLOOR_VM].1.name))?;
         let out = Command::new("bpftool").args(["prog", "show", "name", "gov_tc_floor"]).output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         // The newest: ours (a probe an earlier run left behind is older).
@@ -436,4 +467,9 @@ impl Drop for BpfStats {
             eprintln!("warning: restoring {BPF_STATS} to {}: {e}", self.0);
         }
     }
+}
+
+/// ns figures of a few runs, for a row: "259 / 431 / 502".
+fn list(v: &[f64]) -> String {
+    v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" / ")
 }
