@@ -216,7 +216,7 @@ fn body_by_stats() -> Result<(f64, f64)> {
 }
 
 pub fn bench() -> Result<Vec<Row>> {
-    const ROUNDS: usize = 21;
+    const ROUNDS: usize = 41;
     const LOOPS: u32 = 100_000;
     // ns/op of each variant, round by round.
     let mut ns: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
