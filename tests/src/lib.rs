@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 pub use fixtures::inventory::Inventory;
 pub use fixtures::{
-    unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempDir, TempPath, VethPair, VmNet,
+    testrun, unique, unique_long, CgroupGuard, Guarded, Link, Netns, PinDir, TempDir, TempPath, VethPair, VmNet,
 };
 
 pub mod placement;

@@ -390,7 +390,6 @@ fn allowed_cpus() -> Vec<usize> {
 fn race_for_the_bucket(packet_rate: Option<u64>) {
     require_tool("bpftool");
     require_tool("taskset");
-    const FRAME: u64 = 1514;
     const RUNS: u64 = 20_000_000;
     // The interface's own traffic meanwhile (IPv6 neighbour discovery) is
     // judged and counted too: a few packets.
@@ -400,22 +399,12 @@ fn race_for_the_bucket(packet_rate: Option<u64>) {
     let mut r = rig(1);
     let lim = Limit { packet_rate, ..limit(Mode::Police, 100_000_000, 128 * 1024) };
     let dir = TempDir::new("police-race").expect("temp dir");
-    // Ethernet + IPv4 header + payload: a full frame.
-    let mut frame = vec![0u8; FRAME as usize];
-    frame[12..14].copy_from_slice(&[0x08, 0x00]);
-    frame[14] = 0x45;
-    frame[16..18].copy_from_slice(&1500u16.to_be_bytes());
+    // A full frame passing the VM's interface.
+    let frame = testrun::frame();
+    let frame_len = frame.len() as u64;
     std::fs::write(dir.path().join("frame"), &frame).expect("write frame");
-    // struct __sk_buff with only ifindex (offset 40): the frame passes the VM's interface.
-    let name = &r.net.ports[0].1.name;
-    let ifindex: u32 = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))
-        .expect("ifindex")
-        .trim()
-        .parse()
-        .expect("ifindex number");
-    let mut ctx = vec![0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    std::fs::write(dir.path().join("ctx"), &ctx).expect("write ctx");
+    let ifindex = r.net.ports[0].1.ifindex().expect("the VM interface's ifindex");
+    std::fs::write(dir.path().join("ctx"), testrun::skb_ctx(ifindex)).expect("write ctx");
     let prog = r._pins.0.join("prog_gov_tc_egress");
 
     r.gov.tick().expect("tick");
@@ -450,12 +439,7 @@ fn race_for_the_bucket(packet_rate: Option<u64>) {
         std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("read stderr");
         let status = child.wait().expect("wait for bpftool");
         assert!(status.success(), "bpftool prog run: {err}");
-        // "Return value: 0, duration (average): 123ns"
-        let avg: f64 = out
-            .split("duration (average):")
-            .nth(1)
-            .and_then(|t| t.trim().trim_end_matches("ns").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no duration in {out:?}"));
+        let avg = testrun::duration_ns(&out).unwrap_or_else(|| panic!("no duration in {out:?}"));
         longest_ns = longest_ns.max(avg * RUNS as f64);
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -476,11 +460,11 @@ fn race_for_the_bucket(packet_rate: Option<u64>) {
     let judged = l.passed_packets + l.dropped_packets;
     assert!((offered..=offered + OWN_TRAFFIC).contains(&judged), "{judged} judged for {offered} frames run");
     assert!(
-        (offered * FRAME..=(offered + OWN_TRAFFIC) * FRAME).contains(&rx),
+        (offered * frame_len..=(offered + OWN_TRAFFIC) * frame_len).contains(&rx),
         "{rx} bytes counted on the interface for {offered} frames"
     );
     let bytes_per_s = (lim.rate_bps / 8) as f64;
-    let most = lim.burst_bytes as f64 + bytes_per_s * elapsed + (ahead * FRAME) as f64;
+    let most = lim.burst_bytes as f64 + bytes_per_s * elapsed + (ahead * frame_len) as f64;
     assert!(
         (l.passed_bytes as f64) <= most,
         "passed {} bytes, more than burst + rate x time {most:.0}",

@@ -93,11 +93,7 @@ impl BatchReader {
             // SAFETY: a new fd from BPF_OBJ_GET that nothing else owns.
             Ok((unsafe { OwnedFd::from_raw_fd(fd as i32) }, path))
         };
-        let cpus = aya::util::nr_cpus().map_err(|(what, source)| TelemetryError::Io {
-            op: "count possible CPUs",
-            path: PathBuf::from(what),
-            source,
-        })?;
+        let cpus = super::possible_cpus()?;
         Ok(BatchReader {
             cgroups: open(maps::CGROUPS)?,
             net: open(maps::NET)?,

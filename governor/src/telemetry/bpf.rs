@@ -90,12 +90,7 @@ impl BpfTelemetry {
             let (mut values, flags) = match self.net.get(&ifindex, 0) {
                 Ok(v) => (v.iter().copied().collect::<Vec<_>>(), BPF_EXIST),
                 Err(aya::maps::MapError::KeyNotFound) => {
-                    let cpus = aya::util::nr_cpus().map_err(|(what, source)| TelemetryError::Io {
-                        op: "count possible CPUs",
-                        path: PathBuf::from(what),
-                        source,
-                    })?;
-                    (vec![NetEntry::default(); cpus], BPF_NOEXIST)
+                    (vec![NetEntry::default(); super::possible_cpus()?], BPF_NOEXIST)
                 }
                 Err(source) => return Err(err(source)),
             };
@@ -205,11 +200,7 @@ impl BpfTelemetry {
             source: aya::programs::ProgramError::Btf(e),
         })?;
         for (tp, _) in BTF_TRACEPOINTS {
-            let p: &mut aya::programs::BtfTracePoint = ebpf
-                .program_mut(tp)
-                .ok_or(TelemetryError::Missing(tp))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name: tp, source })?;
+            let p: &mut aya::programs::BtfTracePoint = program(&mut ebpf, tp)?;
             p.load(tp, &kernel_btf).map_err(|source| TelemetryError::Program { name: tp, source })?;
             let path = pin_dir.join(format!("prog_{tp}"));
             p.pin(&path).map_err(|source| TelemetryError::Pin { path, source })?;
@@ -344,12 +335,7 @@ impl Telemetry for BpfTelemetry {
             // A filter of ours from an earlier process may be there or not:
             // either way the attach below is the only one left.
             let _ = tc::qdisc_detach_program(name, dir, prog);
-            let p: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(prog)
-                .ok_or(TelemetryError::Missing(prog))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name: prog, source })?;
+            let p: &mut SchedClassifier = program(&mut self.ebpf, prog)?;
             let id = p
                 .attach_with_options(name, dir, TcAttachOptions::Netlink(NlOptions::default()))
                 .map_err(|e| TelemetryError::Interface { name: name.into(), reason: format!("attach {prog}: {e}") })?;
@@ -504,6 +490,18 @@ fn pin_link(link: aya::programs::links::FdLink, path: &Path) -> Result<(), Telem
     link.pin(path).map(drop).map_err(|source| TelemetryError::Pin { path: path.to_path_buf(), source })
 }
 
+/// Program `name` of the object as its type `P` (a program missing from
+/// the object, or of another type, is an error naming it).
+pub(super) fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, TelemetryError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(TelemetryError::Missing(name))?
+        .try_into()
+        .map_err(|source| TelemetryError::Program { name, source })
+}
+
 /// Load program `name` of the object into the kernel and pin it as
 /// `prog_<name>` (so `bpftool prog show pinned` finds it).
 fn load_and_pin<'a, P>(ebpf: &'a mut Ebpf, name: &'static str, pin_dir: &Path) -> Result<&'a mut P, TelemetryError>
@@ -511,11 +509,7 @@ where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
     P: ProgramLoad,
 {
-    let p: &mut P = ebpf
-        .program_mut(name)
-        .ok_or(TelemetryError::Missing(name))?
-        .try_into()
-        .map_err(|source| TelemetryError::Program { name, source })?;
+    let p: &mut P = program(ebpf, name)?;
     p.load_program().map_err(|source| TelemetryError::Program { name, source })?;
     let path = pin_dir.join(format!("prog_{name}"));
     p.pin_program(&path).map_err(|source| TelemetryError::Pin { path, source })?;

@@ -6,7 +6,7 @@ use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
-use super::bpf::OBJECT;
+use super::bpf::{program, OBJECT};
 use super::TelemetryError;
 use crate::tracefs;
 
@@ -21,11 +21,7 @@ pub fn attach_floor_probe(hook: &str) -> Result<Ebpf, TelemetryError> {
     match hook {
         "raw_tp" => {
             let name = "sched_switch_floor";
-            let p: &mut aya::programs::RawTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(TelemetryError::Missing(name))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name, source })?;
+            let p: &mut aya::programs::RawTracePoint = program(&mut ebpf, name)?;
             p.load().map_err(|source| TelemetryError::Program { name, source })?;
             p.attach("sched_switch").map_err(|source| TelemetryError::Program { name, source })?;
         }
@@ -33,22 +29,14 @@ pub fn attach_floor_probe(hook: &str) -> Result<Ebpf, TelemetryError> {
             let name = "sched_switch_floor_btf";
             let btf = aya::Btf::from_sys_fs()
                 .map_err(|e| TelemetryError::Program { name, source: aya::programs::ProgramError::Btf(e) })?;
-            let p: &mut aya::programs::BtfTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(TelemetryError::Missing(name))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name, source })?;
+            let p: &mut aya::programs::BtfTracePoint = program(&mut ebpf, name)?;
             p.load("sched_switch", &btf).map_err(|source| TelemetryError::Program { name, source })?;
             p.attach().map_err(|source| TelemetryError::Program { name, source })?;
         }
         tc if tc.starts_with("tc:") => {
             let (name, iface) = ("gov_tc_floor", &tc[3..]);
             super::bpf::ensure_clsact(iface)?;
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(TelemetryError::Missing(name))?
-                .try_into()
-                .map_err(|source| TelemetryError::Program { name, source })?;
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
             p.load().map_err(|source| TelemetryError::Program { name, source })?;
             // Detached when `ebpf` drops (the probe exits on SIGTERM).
             p.attach_with_options(iface, TcAttachType::Egress, TcAttachOptions::Netlink(NlOptions::default()))

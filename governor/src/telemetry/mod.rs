@@ -29,6 +29,16 @@ pub use bpf::BpfTelemetry;
 pub use fake::FakeTelemetry;
 pub use floor::attach_floor_probe;
 
+/// How many CPUs the kernel may run per-CPU map values for (what a
+/// per-CPU value holds one copy per).
+pub(crate) fn possible_cpus() -> Result<usize, TelemetryError> {
+    aya::util::nr_cpus().map_err(|(what, source)| TelemetryError::Io {
+        op: "count possible CPUs",
+        path: std::path::PathBuf::from(what),
+        source,
+    })
+}
+
 #[derive(Debug, Error)]
 pub enum TelemetryError {
     #[error("loading the kernel programs: {0}")]

@@ -354,33 +354,33 @@ pub fn bench() -> Result<Vec<Row>> {
             verdict(admit_rate_ns <= GOAL_POLICE_FLOOR_RATIO * floor_rate_ns)
         )),
     );
-    let [cold_floor, cold_count, cold_police] = test_run.cold;
-    rows.push(
-        Row::new(
-            "tc-BPF cold, like for like: counting / floor, police / floor",
-            format!("{:.2}, {:.2}", cold_count / cold_floor, cold_police / cold_floor),
-        )
-        .peer(format!("{cold_count:.0}, {cold_police:.0} vs {cold_floor:.0} ns/packet"))
-        .note(format!(
+    let test_run_rows = [
+        (
+            "cold",
+            test_run.cold,
             "BPF_PROG_TEST_RUN of one 1514-byte frame after 64 MiB written (nothing cached), programs alternated, \
-             medians of 150; police with a limit far above the frame: what the pages and lines it touches cost; \
-             goal <= {GOAL_POLICE_FLOOR_RATIO}: {}",
-            verdict(cold_police <= GOAL_POLICE_FLOOR_RATIO * cold_floor)
-        )),
-    );
-    let [warm_floor, warm_count, warm_police] = test_run.warm;
-    rows.push(
-        Row::new(
-            "tc-BPF warm, like for like: counting / floor, police / floor",
-            format!("{:.2}, {:.2}", warm_count / warm_floor, warm_police / warm_floor),
-        )
-        .peer(format!("{warm_count:.1}, {warm_police:.1} vs {warm_floor:.1} ns/packet"))
-        .note(format!(
+             medians of 150; police with a limit far above the frame: what the pages and lines it touches cost",
+        ),
+        (
+            "warm",
+            test_run.warm,
             "BPF_PROG_TEST_RUN, a million runs in a row (all cached), medians of 7: what the instructions cost \
-             (the police path reads the clock once, bpf_ktime_get_ns); goal <= {GOAL_POLICE_FLOOR_RATIO}: {}",
-            verdict(warm_police <= GOAL_POLICE_FLOOR_RATIO * warm_floor)
-        )),
-    );
+             (the police path reads the clock once, bpf_ktime_get_ns)",
+        ),
+    ];
+    for (kind, [floor, count, police], how) in test_run_rows {
+        rows.push(
+            Row::new(
+                format!("tc-BPF {kind}, like for like: counting / floor, police / floor"),
+                format!("{:.2}, {:.2}", count / floor, police / floor),
+            )
+            .peer(format!("{count:.0}, {police:.0} vs {floor:.0} ns/packet"))
+            .note(format!(
+                "{how}; goal <= {GOAL_POLICE_FLOOR_RATIO}: {}",
+                verdict(police <= GOAL_POLICE_FLOOR_RATIO * floor)
+            )),
+        );
+    }
     rows.push(
         Row::new(format!("tc-BPF police / floor at {RATE}"), format!("{:.2}", police_ns / floor_rate_ns))
             .peer(format!(
@@ -408,15 +408,7 @@ fn test_run_costs(net: &VmNet, limit: &dyn Fn(&[&str]) -> Result<()>, pins: &Pat
     const ROUNDS: usize = 150;
     const WARM_ROUNDS: usize = 7;
     const WARM_REPEAT: u32 = 1_000_000;
-    let ifindex = |name: &str| -> Result<u32> {
-        let p = format!("/sys/class/net/{name}/ifindex");
-        std::fs::read_to_string(&p)
-            .with_context(|| format!("read {p}"))?
-            .trim()
-            .parse()
-            .with_context(|| format!("parse {p}"))
-    };
-    let (vm_if, other_if) = (ifindex(&net.ports[GOV_VM].1.name)?, ifindex(&net.ports[FLOOR_VM].1.name)?);
+    let (vm_if, other_if) = (net.ports[GOV_VM].1.ifindex()?, net.ports[FLOOR_VM].1.ifindex()?);
     limit(&["set", "--vm", "vm", "--direction", "ingress", "--mode", "police", "--rate", "100gbit", "--burst", BURST])?;
     let measured = (|| {
         let _probe = super::overhead::floor(&format!("tc:{}", net.ports[FLOOR_VM].1.name))?;

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use fixtures::{testrun, TempDir};
 
 use crate::stats::percentile;
 
@@ -15,46 +16,21 @@ use crate::stats::percentile;
 /// instructions cost. [`TestRunner::medians`] alternates the programs
 /// round by round.
 pub struct TestRunner {
-    dir: tempdir::Dir,
+    dir: TempDir,
     scratch: Vec<u8>,
-}
-
-mod tempdir {
-    /// A directory removed on drop (best effort, logged).
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            if let Err(e) = std::fs::remove_dir_all(&self.0) {
-                eprintln!("warning: removing {}: {e}", self.0.display());
-            }
-        }
-    }
 }
 
 impl TestRunner {
     pub fn new() -> Result<TestRunner> {
-        let dir = std::env::temp_dir().join(format!("gov-bench-testrun-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        let dir = tempdir::Dir(dir);
-        // Ethernet (IPv4) + a 20-byte IPv4 header + payload: a full frame.
-        let mut frame = vec![0u8; 1514];
-        frame[12..14].copy_from_slice(&[0x08, 0x00]);
-        frame[14] = 0x45;
-        frame[16..18].copy_from_slice(&1500u16.to_be_bytes());
-        frame[22] = 64;
-        frame[23] = 6;
-        std::fs::write(dir.0.join("frame"), &frame).context("write the test frame")?;
+        let dir = TempDir::new("gov-bench-testrun").context("create the test-run directory")?;
+        std::fs::write(dir.path().join("frame"), testrun::frame()).context("write the test frame")?;
         Ok(TestRunner { dir, scratch: vec![0u8; 64 << 20] })
     }
 
-    /// The test context for `ifindex`: a struct __sk_buff (192 bytes) with
-    /// only `ifindex` (offset 40) set, so the kernel gives the skb that
-    /// device, as if the frame were passing it.
+    /// The test context of a frame passing interface `ifindex`, as a file.
     fn ctx(&self, ifindex: u32) -> Result<std::path::PathBuf> {
-        let path = self.dir.0.join(format!("ctx-{ifindex}"));
-        let mut ctx = vec![0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        std::fs::write(&path, &ctx).context("write the test context")?;
+        let path = self.dir.path().join(format!("ctx-{ifindex}"));
+        std::fs::write(&path, testrun::skb_ctx(ifindex)).context("write the test context")?;
         Ok(path)
     }
 
@@ -70,7 +46,7 @@ impl TestRunner {
             .args(["prog", "run"])
             .args(prog)
             .arg("data_in")
-            .arg(self.dir.0.join("frame"))
+            .arg(self.dir.path().join("frame"))
             .arg("ctx_in")
             .arg(ctx)
             .args(["repeat", &repeat.to_string()])
@@ -80,13 +56,7 @@ impl TestRunner {
         if !out.status.success() {
             bail!("bpftool prog run {}: {}", prog.join(" "), String::from_utf8_lossy(&out.stderr).trim());
         }
-        // "Return value: 0, duration: 1234ns" ("duration (average)" for
-        // repeat > 1).
-        text.split("duration")
-            .nth(1)
-            .and_then(|r| r.split(':').nth(1))
-            .and_then(|r| r.trim().trim_end_matches("ns").trim().parse().ok())
-            .with_context(|| format!("no duration in bpftool's output: {text:?}"))
+        testrun::duration_ns(&text).with_context(|| format!("no duration in bpftool's output: {text:?}"))
     }
 
     /// Median ns per run of each (bpftool program spec, e.g. `["id",
