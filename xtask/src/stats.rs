@@ -18,6 +18,34 @@ pub fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(0.0, f64::max)
 }
 
+/// A distribution-free confidence interval (`conf`, e.g. 0.9) for the
+/// median of `v`: the order statistics the sign test gives (each sample
+/// falls below the true median with probability 1/2, so the count below is
+/// Binomial(n, 1/2)). No assumption about the noise's shape, which on this
+/// host is skewed (interruptions only add time). None with too few samples
+/// for that confidence.
+pub fn median_ci(v: &[f64], conf: f64) -> Option<(f64, f64)> {
+    let n = v.len();
+    let tail = (1.0 - conf.clamp(0.0, 1.0)) / 2.0;
+    // P(X <= j) for X ~ Binomial(n, 1/2), summed term by term.
+    let mut term = 0.5f64.powi(n as i32);
+    let mut cdf = 0.0;
+    let mut k = None;
+    for j in 0..n {
+        cdf += term;
+        if cdf > tail {
+            break;
+        }
+        // P(X < j + 1) <= tail: the (j+1)-th smallest is a lower bound.
+        k = Some(j);
+        term *= (n - j) as f64 / (j + 1) as f64;
+    }
+    let k = k?;
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    Some((s[k], s[n - 1 - k]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -30,5 +58,18 @@ mod tests {
         assert_eq!(percentile(&v, 1.0), 5.0);
         assert_eq!(median(&[]), 0.0);
         assert_eq!(max(&v), 5.0);
+    }
+
+    #[test]
+    fn median_ci_by_sign_test() {
+        // n = 41 at 90%: P(X <= 14) = 0.0298 <= 0.05 < P(X <= 15) = 0.0600,
+        // so the 15th smallest and the 15th largest.
+        let v: Vec<f64> = (1..=41).rev().map(f64::from).collect();
+        assert_eq!(median_ci(&v, 0.9), Some((15.0, 27.0)));
+        // n = 5 at 90%: P(X <= 0) = 1/32 <= 0.05: the extremes.
+        assert_eq!(median_ci(&[3.0, 1.0, 2.0, 5.0, 4.0], 0.9), Some((1.0, 5.0)));
+        // n = 4: P(X <= 0) = 1/16 > 0.05: no interval at 90%.
+        assert_eq!(median_ci(&[1.0, 2.0, 3.0, 4.0], 0.9), None);
+        assert_eq!(median_ci(&[], 0.9), None);
     }
 }

@@ -19,7 +19,7 @@ use fixtures::Guarded;
 use super::daemon::Daemon;
 use super::Row;
 use crate::build::release_bin;
-use crate::stats::{median, percentile};
+use crate::stats::{median, median_ci, percentile};
 
 /// A governor's sched_switch program may cost at most this many times the
 /// empty program on the same hook (issue 12).
@@ -259,6 +259,18 @@ pub fn bench() -> Result<Vec<Row>> {
     // Per switch: half an op (an op is two switches).
     let added = |v: Variant| -> f64 { (quartile(v) - quartile(Variant::Detached)) / 2.0 };
     let slowdown = |v: Variant| -> f64 { quartile(v) / quartile(Variant::Detached) };
+    // The same ratio taken round by round (each variant's run against the
+    // detached run of its own round, so slow drift of the host cancels):
+    // its median and a 90% interval for that median, which says whether
+    // this run can tell the goal apart from the host's noise at all.
+    let paired = |v: Variant| -> String {
+        let i = VARIANTS.iter().position(|x| *x == v).unwrap_or(0);
+        let r: Vec<f64> = ns[i].iter().zip(&ns[0]).map(|(a, d)| a / d).collect();
+        match median_ci(&r, 0.9) {
+            Some((lo, hi)) => format!("round by round: median {:.3}, 90% interval {lo:.3}-{hi:.3}", median(&r)),
+            None => format!("round by round: median {:.3}", median(&r)),
+        }
+    };
     let base = quartile(Variant::Detached);
     let gov = added(Variant::Governor);
     let (floor_raw, floor_btf) = (added(Variant::FloorRaw), added(Variant::FloorBtf));
@@ -306,8 +318,10 @@ pub fn bench() -> Result<Vec<Row>> {
             .peer(format!("floor (tp_btf) {floor_btf:.0}"))
             .note("kernel.bpf_stats_enabled adds two clock reads to every BPF program run on the host; the governor turns it on only once its metrics are read"),
         Row::new("slowdown ratio, empty tp_btf floor / detached", format!("{:.3}", slowdown(Variant::FloorBtf)))
+            .peer(paired(Variant::FloorBtf))
             .note("what attaching anything to sched_switch costs sched pipe here: the slowdown goal's own floor"),
         Row::new("slowdown ratio (governor attached / detached)", format!("{gov_slowdown:.3}"))
+            .peer(paired(Variant::Governor))
             .note(format!("goal <= {GOAL_SLOWDOWN}: {}", verdict(gov_slowdown <= GOAL_SLOWDOWN))),
         Row::new("runqlat (libbpf-tools): added per context switch (ns)", format!("{runqlat:.0}"))
             .peer(format!("governor {gov:.0}; governor / runqlat {:.2}", gov / runqlat))
