@@ -252,10 +252,8 @@ pub fn bench() -> Result<Vec<Row>> {
     // the fast end is the steadier estimate of each variant's own cost; a
     // quartile rather than the minimum, which one lucky run decides
     // (medians of paired differences moved by +-40 ns between runs).
-    let quartile = |v: Variant| -> f64 {
-        let i = VARIANTS.iter().position(|x| *x == v).unwrap_or(0);
-        percentile(&ns[i], 0.25)
-    };
+    let runs = |v: Variant| -> &[f64] { &ns[VARIANTS.iter().position(|x| *x == v).unwrap_or(0)] };
+    let quartile = |v: Variant| -> f64 { percentile(runs(v), 0.25) };
     // Per switch: half an op (an op is two switches).
     let added = |v: Variant| -> f64 { (quartile(v) - quartile(Variant::Detached)) / 2.0 };
     let slowdown = |v: Variant| -> f64 { quartile(v) / quartile(Variant::Detached) };
@@ -264,8 +262,7 @@ pub fn bench() -> Result<Vec<Row>> {
     // its median and a 90% interval for that median, which says whether
     // this run can tell the goal apart from the host's noise at all.
     let paired = |v: Variant| -> String {
-        let i = VARIANTS.iter().position(|x| *x == v).unwrap_or(0);
-        let r: Vec<f64> = ns[i].iter().zip(&ns[0]).map(|(a, d)| a / d).collect();
+        let r: Vec<f64> = runs(v).iter().zip(runs(Variant::Detached)).map(|(a, d)| a / d).collect();
         match median_ci(&r, 0.9) {
             Some((lo, hi)) => format!("round by round: median {:.3}, 90% interval {lo:.3}-{hi:.3}", median(&r)),
             None => format!("round by round: median {:.3}", median(&r)),
