@@ -27,18 +27,20 @@ pub fn max(v: &[f64]) -> f64 {
 pub fn median_ci(v: &[f64], conf: f64) -> Option<(f64, f64)> {
     let n = v.len();
     let tail = (1.0 - conf.clamp(0.0, 1.0)) / 2.0;
-    // P(X <= j) for X ~ Binomial(n, 1/2), summed term by term.
-    let mut term = 0.5f64.powi(n as i32);
+    // P(X <= j) for X ~ Binomial(n, 1/2), summed term by term; each term
+    // in logs, since 2^-n underflows past ~1,000 samples (the first terms
+    // are then 0, which they are to any precision that matters).
+    let mut ln_term = -(n as f64) * std::f64::consts::LN_2;
     let mut cdf = 0.0;
     let mut k = None;
     for j in 0..n {
-        cdf += term;
+        cdf += ln_term.exp();
         if cdf > tail {
             break;
         }
         // P(X < j + 1) <= tail: the (j+1)-th smallest is a lower bound.
         k = Some(j);
-        term *= (n - j) as f64 / (j + 1) as f64;
+        ln_term += ((n - j) as f64 / (j + 1) as f64).ln();
     }
     let k = k?;
     let mut s = v.to_vec();
@@ -71,5 +73,11 @@ mod tests {
         // n = 4: P(X <= 0) = 1/16 > 0.05: no interval at 90%.
         assert_eq!(median_ci(&[1.0, 2.0, 3.0, 4.0], 0.9), None);
         assert_eq!(median_ci(&[], 0.9), None);
+        // n = 2,000 (2^-n underflows): the interval still brackets the
+        // median, at the ranks the normal approximation gives
+        // (n/2 -+ 1.645 sqrt(n)/2: ~963 and ~1,037).
+        let v: Vec<f64> = (1..=2000).map(f64::from).collect();
+        let (lo, hi) = median_ci(&v, 0.9).expect("an interval");
+        assert!((960.0..=966.0).contains(&lo) && (1035.0..=1041.0).contains(&hi), "{lo} {hi}");
     }
 }
