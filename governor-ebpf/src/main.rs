@@ -22,16 +22,19 @@
 mod police;
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
-    btf_maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel_str_bytes,
+    },
     macros::{btf_map, btf_tracepoint, classifier, perf_event, raw_tracepoint, tracepoint},
     programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext, TcContext, TracePointContext},
     EbpfContext,
 };
 use governor_common::{
-    delay_bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, DIR_FROM_VM, DIR_TO_VM, MAX_CGROUPS,
-    MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
+    delay_bucket, CgroupStats, CpuState, NetEntry, OomEvent, Policer, QosStats, VmCounters, DIR_FROM_VM, DIR_TO_VM,
+    MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS, QOS_POLICE, QOS_SHAPE,
 };
 
 #[btf_map]
@@ -42,6 +45,19 @@ use governor_common::{
 static CGROUPS: PerCpuHashMap<u64, CgroupStats, MAX_CGROUPS, { BPF_F_NO_PREALLOC as usize }> = PerCpuHashMap::new();
 #[btf_map]
 static NET: PerCpuHashMap<u32, NetEntry, MAX_IFACES> = PerCpuHashMap::new();
+/// Each VM's counters on each CPU, at `slot * NR_CPUS + cpu` (see
+/// `VmCounters`): a plain array user space maps and reads in place. The
+/// loader sets its size to MAX_QOS_VMS x the possible CPUs.
+#[btf_map]
+static VM_STATS: Array<VmCounters, 1, { BPF_F_MMAPABLE as usize }> = Array::new();
+/// The VM slot of each cgroup the governor watches (a VM's own cgroup and
+/// its children), written by user space: the programs count these
+/// cgroups' events into `VM_STATS`, every other cgroup's into `CGROUPS`.
+#[btf_map]
+static CG_SLOT: HashMap<u64, u32, MAX_CGROUPS> = HashMap::new();
+/// The possible CPUs (the stride of `VM_STATS`), set by the loader.
+#[no_mangle]
+static NR_CPUS: u32 = 1;
 #[btf_map]
 static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
 #[btf_map]
@@ -108,7 +124,11 @@ fn flush(state: &mut CpuState) {
     if state.acc_cgroup == 0 || (state.acc.switches == 0 && state.acc.on_cpu_ns == 0) {
         return;
     }
-    if let Some(s) = cgroup_stats(state.acc_cgroup) {
+    if let Some(v) = vm_counters(state.acc_cgroup) {
+        // SAFETY: this CPU's copy of the VM's counters.
+        unsafe { (*v).cpu.add_sched(&state.acc) };
+        state.acc = CgroupStats::default();
+    } else if let Some(s) = cgroup_stats(state.acc_cgroup) {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*s).add_sched(&state.acc) };
         state.acc = CgroupStats::default();
@@ -117,6 +137,23 @@ fn flush(state: &mut CpuState) {
         state.acc = CgroupStats::default();
         state.failed_flushes += 1;
     }
+}
+
+/// This CPU's copy of the counters of the VM at `slot`.
+#[inline(always)]
+fn slot_counters(slot: u32) -> Option<*mut VmCounters> {
+    // SAFETY: plain helper call (inlined by the verifier).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    VM_STATS.get_ptr_mut(slot.wrapping_mul(offset(&NR_CPUS) as u32).wrapping_add(cpu))
+}
+
+/// This CPU's copy of the counters of the VM cgroup `id` belongs to, if
+/// it belongs to one.
+#[inline(always)]
+fn vm_counters(id: u64) -> Option<*mut VmCounters> {
+    // SAFETY: a u32 value of the map, read once.
+    let slot = unsafe { *CG_SLOT.get(id)? };
+    slot_counters(slot)
 }
 
 /// The stats of a cgroup on this CPU, created on first use.
@@ -338,7 +375,10 @@ pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
 #[tracepoint(category = "exceptions", name = "page_fault_user")]
 pub fn page_fault_user(_ctx: TracePointContext) -> u32 {
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(s) = cgroup_stats(cg) {
+    if let Some(v) = vm_counters(cg) {
+        // SAFETY: this CPU's copy of the VM's counters.
+        unsafe { (*v).cpu.page_faults += 1 };
+    } else if let Some(s) = cgroup_stats(cg) {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*s).page_faults += 1 };
     }
@@ -348,7 +388,10 @@ pub fn page_fault_user(_ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "oom", name = "mark_victim")]
 pub fn mark_victim(ctx: TracePointContext) -> u32 {
     let cg = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(s) = cgroup_stats(cg) {
+    if let Some(v) = vm_counters(cg) {
+        // SAFETY: this CPU's copy of the VM's counters.
+        unsafe { (*v).cpu.oom_kills += 1 };
+    } else if let Some(s) = cgroup_stats(cg) {
         // SAFETY: per-CPU value of this CPU.
         unsafe { (*s).oom_kills += 1 };
     }
@@ -393,8 +436,8 @@ pub fn gov_tc_floor(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// Count the packet on its interface; returns the interface's QoS slot + 1
-/// (0: no VM's).
+/// Count the packet in its VM's counters, or on its interface when it is
+/// no VM's; returns the VM's slot + 1 (0: no VM's).
 #[inline(always)]
 fn count(ctx: &TcContext, ingress: bool) -> u32 {
     // SAFETY: the context pointer is the kernel's __sk_buff.
@@ -418,6 +461,21 @@ fn count(ctx: &TcContext, ingress: bool) -> u32 {
     };
     // SAFETY: per-CPU value of this CPU.
     let n = unsafe { &mut *p };
+    let vm_plus_one = n.qos_slot;
+    if vm_plus_one != 0 {
+        if let Some(v) = slot_counters(vm_plus_one - 1) {
+            // SAFETY: this CPU's copy of the VM's counters.
+            let v = unsafe { &mut (*v).net };
+            if ingress {
+                v.rx_bytes += len;
+                v.rx_packets += 1;
+            } else {
+                v.tx_bytes += len;
+                v.tx_packets += 1;
+            }
+            return vm_plus_one;
+        }
+    }
     if ingress {
         n.stats.rx_bytes += len;
         n.stats.rx_packets += 1;

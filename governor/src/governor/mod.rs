@@ -22,7 +22,7 @@ use crate::config::{Config, VmConfig};
 use crate::qos::{Direction, Mode};
 use crate::sampler::{rates, Sample, VmStatus};
 use crate::shape::{LazyShaper, NetlinkShaper, ShapeError, Shaper};
-use crate::telemetry::{BpfTelemetry, Telemetry, TelemetryError};
+use crate::telemetry::{BpfTelemetry, Telemetry, TelemetryError, VmKeys};
 
 mod limits;
 mod shaping;
@@ -95,9 +95,8 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     ifb_name: String,
     /// The IFB device traffic from shaped VMs is redirected to, once made.
     ifb: Option<u32>,
-    /// Whole-map reads of the counters (the real kernel side; fakes are
-    /// read key by key).
-    batch: Option<crate::telemetry::BatchReader>,
+    /// Each VM's counters of the last reading (kept: reused every tick).
+    readings: Vec<(CgroupStats, NetStats)>,
     /// gso_max_size of each interface before shaping capped it.
     gso_before: std::collections::HashMap<u32, u32>,
     /// Link notifications: which interfaces to look up again each tick
@@ -133,7 +132,6 @@ impl Governor {
     pub fn new_on(cfg: &Config, layout: Layout) -> Result<Governor, GovernorError> {
         let telemetry = BpfTelemetry::load(&cfg.pin_dir)?;
         let mut g = Governor::build(cfg, telemetry, LazyShaper::opening(NetlinkShaper::new), layout)?;
-        g.batch = Some(crate::telemetry::BatchReader::open(&cfg.pin_dir)?);
         g.links = crate::netdev::LinkWatch::open()
             .inspect_err(|e| tracing::warn!("no link notifications ({e}): every interface is looked up each tick"))
             .ok();
@@ -163,12 +161,16 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             ifb_name: cfg.qos_ifb.clone(),
             ifb: None,
             gso_before: Default::default(),
-            batch: None,
+            readings: Vec::new(),
             links: None,
             ticks: 0,
         };
         // On error `g` is dropped, which removes any shaping set up so far
         // (and the real telemetry detaches and unpins).
+        // Slots of VMs that a governor before watched and this one does
+        // not are freed first (a cgroup that cannot be opened fails below).
+        let ids: Vec<u64> = cfg.vms.iter().filter_map(|v| g.layout.open(&v.cgroup).ok()?.id().ok()).collect();
+        g.telemetry.release_slots(&ids);
         for vm in &cfg.vms {
             g.add_vm(vm)?;
         }
@@ -216,7 +218,9 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         let cg_err = |source| GovernorError::Cgroup { vm: cfg.name.clone(), source };
         let cgroup = self.layout.open(&cfg.cgroup).map_err(cg_err)?;
         let id = cgroup.id().map_err(cg_err)?;
-        let slot = self.vms.len() as u32;
+        let in_use: Vec<u32> = self.vms.iter().map(|v| v.slot).collect();
+        let slot = self.telemetry.claim_slot(id, &in_use)?;
+        self.telemetry.count_cgroup_in(id, slot)?;
         let mut interfaces = Vec::new();
         for name in &cfg.interfaces {
             let ifindex = self.attach_for_vm(name, slot)?;
@@ -244,67 +248,54 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
     /// tick (the first tick has no rates yet, only totals).
     pub fn tick(&mut self) -> Result<&[VmStatus], GovernorError> {
         self.refresh_interfaces();
-        // Every counter in a few syscalls where we can (see BatchReader).
-        let maps = match &self.batch {
-            Some(b) => Some((b.cgroups()?, b.net()?)),
-            None => None,
-        };
+        // The subtree can change (a VMM moving vCPU threads into child
+        // cgroups). Ids are only ever added: a child cgroup that is gone
+        // keeps what it counted in the VM's total, which must never go
+        // back. Walking the subtree is a readdir and a stat per cgroup:
+        // at 1,000 VMs a large cost. New child cgroups are rare (a VMM
+        // placing its threads at start), so it is done every
+        // SUBTREE_EVERY ticks, staggered by slot so no later tick walks
+        // them all (the first does, so the first totals hold the children
+        // already there); a child's events until it is seen are in its
+        // own entry of the per-cgroup map, counted as its VM's once seen.
+        for vm in &mut self.vms {
+            if self.ticks == 0 || (self.ticks + u64::from(vm.slot)).is_multiple_of(SUBTREE_EVERY) {
+                let telemetry = &mut self.telemetry;
+                vm.refresh_subtree(|id, slot| telemetry.count_cgroup_in(id, slot));
+            }
+        }
+        // Every VM's CPU, run-queue and network counters in one reading.
+        let ifindexes: Vec<u32> = self.vms.iter().flat_map(|v| v.interfaces.iter().map(|i| i.ifindex)).collect();
+        let mut keys = Vec::with_capacity(self.vms.len());
+        let mut at = 0;
+        for vm in &self.vms {
+            let n = vm.interfaces.len();
+            keys.push(VmKeys { slot: vm.slot, cgroups: &vm.subtree, ifindexes: &ifindexes[at..at + n] });
+            at += n;
+        }
+        self.telemetry.read_vms(&keys, &mut self.readings)?;
+        drop(keys);
         let mut out = Vec::with_capacity(self.vms.len());
         let mem_every = MEM_STAT_EVERY.max((self.vms.len() as u64).div_ceil(MEM_READS_PER_TICK));
-        // One time for the whole reading: the maps were read at once.
+        // One time for the whole reading: the counters were read at once.
         let now = Instant::now();
-        for vm in &mut self.vms {
-            // The subtree can change (a VMM moving vCPU threads into child
-            // cgroups). Ids are only ever added: a child cgroup that is gone
-            // keeps its entry in the kernel map, so its CPU time stays in the
-            // VM's total, which must never go back.
-            // Walking the subtree is a readdir and a stat per cgroup: at
-            // 1,000 VMs a tick's largest cost after memory.stat. New child
-            // cgroups are rare (a VMM placing its threads at start), so it
-            // is done every SUBTREE_EVERY ticks, staggered by slot so no
-            // later tick walks them all (the first does, so the first
-            // totals hold the children already there); a child's time is in
-            // the kernel map from its first switch and counted once seen.
-            if self.ticks == 0 || (self.ticks + u64::from(vm.slot)).is_multiple_of(SUBTREE_EVERY) {
-                vm.refresh_subtree();
-            }
-            let (cpu, mut net) = (CgroupStats::default(), vm.net_retired);
-            let cpu = match &maps {
-                Some((cg, ifs)) => {
-                    let mut cpu = cpu;
-                    for id in &vm.subtree {
-                        if let Some(c) = cg.get(id) {
-                            cpu.add(c);
-                        }
-                    }
-                    for i in &vm.interfaces {
-                        if let Some(n) = ifs.get(&i.ifindex) {
-                            net.add(n);
-                        }
-                    }
-                    cpu
-                }
-                None => {
-                    for i in &vm.interfaces {
-                        net.add(&self.telemetry.net(i.ifindex)?);
-                    }
-                    self.telemetry.cgroups(&vm.subtree)?
-                }
-            };
+        for (vm, (cpu, net)) in self.vms.iter_mut().zip(&self.readings) {
+            let mut net = *net;
+            net.add(&vm.net_retired);
             // memory.stat is the costliest file the kernel formats: each VM
             // reads it every `mem_every` ticks, staggered by slot.
             let full = (self.ticks + u64::from(vm.slot)).is_multiple_of(mem_every);
             let memory = vm.memory(full).map_err(|source| GovernorError::Cgroup { vm: vm.cfg.name.clone(), source })?;
-            let cur = Sample { at: now, cpu, net, memory };
+            let cur = Sample { at: now, cpu: *cpu, net, memory };
             let prev = vm.prev.as_ref().unwrap_or(&cur);
             out.push(rates(&vm.cfg.name, vm.cfg.role.as_str(), vm.id, prev, &cur));
             vm.prev = Some(cur);
         }
         self.ticks += 1;
-        // The batch read just counted the map's entries: pruning (which
-        // lists every key, a system call each) only when it is filling up.
-        let filling = maps.as_ref().is_none_or(|(cg, _)| cg.len() > governor_common::MAX_CGROUPS / 2);
-        if filling && self.ticks.is_multiple_of(PRUNE_EVERY) {
+        // Cgroups outside every VM (host processes, sessions) fill the
+        // kernel's per-cgroup map over time: it is pruned when over half
+        // full (the kernel side looks; VMs' cgroups are kept).
+        if self.ticks.is_multiple_of(PRUNE_EVERY) {
             let keep: HashSet<u64> = self.vms.iter().flat_map(|v| v.subtree.iter().copied()).collect();
             let n = self.telemetry.prune_cgroups(&keep);
             if n > 0 {

@@ -108,6 +108,12 @@ fn a_child_cgroup_counts_for_its_vm_and_never_goes_back() {
     let cid = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&child).expect("stat"));
     h.tel.state().cgroups.insert(cid, CgroupStats { on_cpu_ns: 500_000_000, ..Default::default() });
     assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5);
+    let slots = h.tel.state().cg_slot.clone();
+    assert_eq!(
+        (slots.get(&h.id("vm-a")), slots.get(&cid), slots.get(&h.id("vm-b"))),
+        (Some(&0), Some(&0), Some(&1)),
+        "each VM's cgroups, its child too, are counted into its slot"
+    );
     std::fs::remove_dir(&child).expect("rmdir");
     assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5, "a vanished child keeps its time");
 }

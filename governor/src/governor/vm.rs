@@ -91,11 +91,13 @@ impl WatchedVm {
 }
 
 impl WatchedVm {
-    /// Add the ids of child cgroups that appeared since the last look. A
-    /// cgroup without children (most VMs) costs one fstat of its held
-    /// directory; only one with children is walked (a readdir of every
-    /// cgroup below and a stat of each).
-    pub fn refresh_subtree(&mut self) {
+    /// Add the ids of child cgroups that appeared since the last look,
+    /// each once `register` (which counts it into the VM's slot) took it:
+    /// one it refused is tried again at the next look. A cgroup without
+    /// children (most VMs) costs one fstat of its held directory; only one
+    /// with children is walked (a readdir of every cgroup below and a stat
+    /// of each).
+    pub fn refresh_subtree<E: std::fmt::Display>(&mut self, mut register: impl FnMut(u64, u32) -> Result<(), E>) {
         if self.dir.is_none() {
             self.dir = self.cgroup.open_dir().ok();
         }
@@ -105,8 +107,12 @@ impl WatchedVm {
         match self.cgroup.subtree_ids() {
             Ok(ids) => {
                 for id in ids {
-                    if !self.subtree.contains(&id) {
-                        self.subtree.push(id);
+                    if self.subtree.contains(&id) {
+                        continue;
+                    }
+                    match register(id, self.slot) {
+                        Ok(()) => self.subtree.push(id),
+                        Err(e) => tracing::warn!(vm = %self.cfg.name, cgroup = id, "counting a child cgroup: {e}"),
                     }
                 }
             }

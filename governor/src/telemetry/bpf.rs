@@ -17,7 +17,8 @@ use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use governor_common::{maps, CgroupStats, CpuState, NetEntry, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 
-use super::{pins, qos_index, Telemetry, TelemetryError};
+use super::vmstats::{Bases, VmStats};
+use super::{pins, qos_index, Telemetry, TelemetryError, VmKeys};
 use crate::qos::Direction;
 use crate::tracefs;
 
@@ -53,13 +54,21 @@ struct Attached {
 
 pub struct BpfTelemetry {
     ebpf: Ebpf,
-    pin_dir: PathBuf,
-    cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
-    net: PerCpuHashMap<MapData, u32, NetEntry>,
+    pub(super) pin_dir: PathBuf,
+    pub(super) cgroups: PerCpuHashMap<MapData, u64, CgroupStats>,
+    pub(super) net: PerCpuHashMap<MapData, u32, NetEntry>,
     oom: RingBuf<MapData>,
     qos: Array<MapData, Policer>,
-    qos_stats: PerCpuArray<MapData, QosStats>,
-    cpu_state: PerCpuArray<MapData, CpuState>,
+    pub(super) qos_stats: PerCpuArray<MapData, QosStats>,
+    pub(super) cpu_state: PerCpuArray<MapData, CpuState>,
+    /// Each VM's counters, mapped (see slots.rs).
+    pub(super) vm_stats: VmStats,
+    pub(super) cg_slot: aya::maps::HashMap<MapData, u64, u32>,
+    /// Whole-map reads of `CGROUPS` (to see how full it is).
+    batch: super::batch::BatchReader,
+    /// What each VM cgroup and interface counted before its VM's slot did.
+    pub(super) cg_bases: Bases<u64, CgroupStats>,
+    pub(super) net_bases: Bases<u32, NetStats>,
     interfaces: HashMap<String, Attached>,
     /// Keeps `kernel.bpf_stats_enabled` on from the first time the
     /// programs' costs are read (the kernel counts per-program run time
@@ -176,6 +185,11 @@ impl BpfTelemetry {
             source,
         })?;
         let mut loader = EbpfLoader::new();
+        // VM_STATS holds a copy of each slot per possible CPU.
+        let cpus = super::possible_cpus()?;
+        let nr_cpus = cpus as u32;
+        loader.override_global("NR_CPUS", &nr_cpus, true);
+        loader.map_max_entries(maps::VM_STATS, pins::vm_stats_entries(cpus));
         for (global, off) in &task_fields {
             loader.override_global(global, off, true);
         }
@@ -266,8 +280,17 @@ impl BpfTelemetry {
             .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
         let cpu_state = PerCpuArray::try_from(take(&mut ebpf, maps::CPU_STATE)?)
             .map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
+        let cg_slot = aya::maps::HashMap::try_from(take(&mut ebpf, maps::CG_SLOT)?)
+            .map_err(|source| TelemetryError::Map { name: maps::CG_SLOT, source })?;
+        let vm_stats = match take(&mut ebpf, maps::VM_STATS)? {
+            aya::maps::Map::Array(data) => VmStats::map(&std::os::fd::AsFd::as_fd(data.fd()), MAX_QOS_VMS, cpus)
+                .map_err(|source| TelemetryError::Io { op: "map", path: pin_dir.join(maps::VM_STATS), source })?,
+            _ => return Err(TelemetryError::Missing("VM_STATS as an array")),
+        };
+        let batch = super::batch::BatchReader::open(pin_dir)?;
         pins.disarm();
         Ok(BpfTelemetry {
+            batch,
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             cgroups,
@@ -276,6 +299,10 @@ impl BpfTelemetry {
             qos,
             qos_stats,
             cpu_state,
+            vm_stats,
+            cg_slot,
+            cg_bases: Bases::new(),
+            net_bases: Bases::new(),
             interfaces: HashMap::new(),
             stats: std::sync::OnceLock::new(),
         })
@@ -363,15 +390,10 @@ impl Telemetry for BpfTelemetry {
         }
     }
 
+    /// A cgroup counted into a VM's slot (`count_cgroup_in`) shows only
+    /// what it counted before: its events since are in the VM's counters.
     fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError> {
-        let mut total = match self.cgroups.get(&id, 0) {
-            Ok(per_cpu) => per_cpu.iter().fold(CgroupStats::default(), |mut a, v| {
-                a.add(v);
-                a
-            }),
-            Err(aya::maps::MapError::KeyNotFound) => CgroupStats::default(),
-            Err(source) => return Err(TelemetryError::Map { name: maps::CGROUPS, source }),
-        };
+        let mut total = cgroup_entry(&self.cgroups, id)?;
         // After CGROUPS, never before (see CpuState::pending).
         let states =
             self.cpu_state.get(&0, 0).map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
@@ -386,10 +408,15 @@ impl Telemetry for BpfTelemetry {
     /// Only when more than half of the map is used: every VM's known subtree
     /// is kept, their totals must never go back.
     fn prune_cgroups(&mut self, keep: &HashSet<u64>) -> usize {
-        let keys: Vec<u64> = self.cgroups.keys().filter_map(Result::ok).collect();
-        if keys.len() <= governor_common::MAX_CGROUPS / 2 {
-            return 0;
-        }
+        // Counted in a few batch reads (listing the keys is a call each).
+        let keys: Vec<u64> = match self.batch.cgroups() {
+            Ok(all) if all.len() <= governor_common::MAX_CGROUPS / 2 => return 0,
+            Ok(all) => all.into_keys().collect(),
+            Err(e) => {
+                tracing::warn!("counting the per-cgroup map's entries: {e}");
+                return 0;
+            }
+        };
         let mut n = 0;
         for k in keys.into_iter().filter(|k| !keep.contains(k)) {
             match self.cgroups.remove(&k) {
@@ -400,15 +427,26 @@ impl Telemetry for BpfTelemetry {
         n
     }
 
+    /// An interface with a VM slot shows only what it counted before: its
+    /// packets since are in the VM's counters.
     fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError> {
-        match self.net.get(&ifindex, 0) {
-            Ok(per_cpu) => Ok(per_cpu.iter().fold(NetStats::default(), |mut a, v| {
-                a.add(&v.stats);
-                a
-            })),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(NetStats::default()),
-            Err(source) => Err(TelemetryError::Map { name: maps::NET, source }),
-        }
+        net_entry(&self.net, ifindex)
+    }
+
+    fn claim_slot(&mut self, vm_id: u64, in_use: &[u32]) -> Result<u32, TelemetryError> {
+        self.claim_slot_in_maps(vm_id, in_use)
+    }
+
+    fn release_slots(&mut self, keep: &[u64]) {
+        self.release_slots_in_maps(keep)
+    }
+
+    fn count_cgroup_in(&mut self, id: u64, slot: u32) -> Result<(), TelemetryError> {
+        self.count_cgroup_in_map(id, slot)
+    }
+
+    fn read_vms(&mut self, vms: &[VmKeys<'_>], out: &mut Vec<(CgroupStats, NetStats)>) -> Result<(), TelemetryError> {
+        self.read_vms_in_place(vms, out)
     }
 
     fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError> {
@@ -422,6 +460,8 @@ impl Telemetry for BpfTelemetry {
     }
 
     fn clear_vm_of_interface(&mut self, ifindex: u32) {
+        // Should the index come back for another interface, it is read afresh.
+        self.net_bases.forget(ifindex);
         if let Err(e) = self.set_net_slot(ifindex, 0) {
             tracing::warn!(ifindex, "clearing the interface's VM slot: {e}");
         }
@@ -471,6 +511,34 @@ impl Drop for BpfTelemetry {
         // Unpinning lets the kernel free the maps once our fds close, and
         // detach the tracing programs once their links go.
         pins::clear_pins(&self.pin_dir);
+    }
+}
+
+/// One cgroup's own entry of `CGROUPS`, summed over CPUs (zero if it
+/// never ran outside a VM slot).
+pub(super) fn cgroup_entry(
+    map: &PerCpuHashMap<MapData, u64, CgroupStats>,
+    id: u64,
+) -> Result<CgroupStats, TelemetryError> {
+    match map.get(&id, 0) {
+        Ok(per_cpu) => Ok(per_cpu.iter().fold(CgroupStats::default(), |mut a, v| {
+            a.add(v);
+            a
+        })),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(CgroupStats::default()),
+        Err(source) => Err(TelemetryError::Map { name: maps::CGROUPS, source }),
+    }
+}
+
+/// One interface's own counters in `NET`, summed over CPUs.
+pub(super) fn net_entry(map: &PerCpuHashMap<MapData, u32, NetEntry>, ifindex: u32) -> Result<NetStats, TelemetryError> {
+    match map.get(&ifindex, 0) {
+        Ok(per_cpu) => Ok(per_cpu.iter().fold(NetStats::default(), |mut a, v| {
+            a.add(&v.stats);
+            a
+        })),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(NetStats::default()),
+        Err(source) => Err(TelemetryError::Map { name: maps::NET, source }),
     }
 }
 

@@ -21,6 +21,8 @@ pub struct FakeKernel {
     pub cgroups: HashMap<u64, CgroupStats>,
     pub net: HashMap<u32, NetStats>,
     pub vm_of_if: HashMap<u32, u32>,
+    /// The VM slot each cgroup was counted into (`count_cgroup_in`).
+    pub cg_slot: HashMap<u64, u32>,
     /// Each interface's VM slot as it stood when the programs were
     /// attached to it (the real programs read it from the first packet).
     pub slot_at_attach: HashMap<String, Option<u32>>,
@@ -82,6 +84,11 @@ impl Telemetry for FakeTelemetry {
 
     fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError> {
         self.state().vm_of_if.insert(ifindex, slot);
+        Ok(())
+    }
+
+    fn count_cgroup_in(&mut self, id: u64, slot: u32) -> Result<(), TelemetryError> {
+        self.state().cg_slot.insert(id, slot);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::io;
 use std::path::PathBuf;
 
-use governor_common::{CgroupStats, NetStats, OomEvent, Policer, QosStats};
+use governor_common::{CgroupStats, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 use thiserror::Error;
 
 use crate::qos::Direction;
@@ -22,8 +22,9 @@ mod bpf;
 pub mod fake;
 mod floor;
 mod pins;
+mod slots;
+mod vmstats;
 
-pub use batch::BatchReader;
 pub use bpf::BpfTelemetry;
 #[cfg(any(test, feature = "fakes"))]
 pub use fake::FakeTelemetry;
@@ -84,6 +85,16 @@ pub enum TelemetryError {
     Btf(#[from] crate::btf::BtfError),
     #[error("raw tracepoint {tp} passes {got} arguments, the program expects {want} (unsupported kernel)")]
     RawTracepoint { tp: &'static str, got: u32, want: u32 },
+    #[error("no free VM slot: at most {MAX_QOS_VMS} VMs are watched at once")]
+    NoSlot,
+}
+
+/// One VM's keys, for [`Telemetry::read_vms`]: its slot, its cgroups (its
+/// own and the children seen so far) and its interfaces' indexes.
+pub struct VmKeys<'a> {
+    pub slot: u32,
+    pub cgroups: &'a [u64],
+    pub ifindexes: &'a [u32],
 }
 
 /// What the governor needs from the kernel side: per-cgroup and
@@ -126,6 +137,42 @@ pub trait Telemetry {
     /// (`kernel.bpf_stats_enabled`): (name, run time, runs).
     fn program_stats(&self) -> Vec<ProgramStat> {
         Vec::new()
+    }
+
+    /// A slot for the VM whose own cgroup has id `vm_id`, none of
+    /// `in_use`: its index in the per-VM maps (counters, QoS limits). The
+    /// kernel side gives back the slot the VM had when a governor before
+    /// left its maps pinned (so its counters and limits go on); by default
+    /// the lowest slot not in use.
+    fn claim_slot(&mut self, vm_id: u64, in_use: &[u32]) -> Result<u32, TelemetryError> {
+        let _ = vm_id;
+        (0..MAX_QOS_VMS as u32).find(|s| !in_use.contains(s)).ok_or(TelemetryError::NoSlot)
+    }
+    /// Give up the slots of every VM but those whose own cgroups are
+    /// `keep` (VMs a governor before watched and this one does not), so
+    /// that they are free for the VMs of this one. Done before any claims.
+    fn release_slots(&mut self, keep: &[u64]) {
+        let _ = keep;
+    }
+    /// From now on count cgroup `id` (a VM's own cgroup or a child of it)
+    /// into VM slot `slot`. By default a no-op: counters stay per cgroup.
+    fn count_cgroup_in(&mut self, id: u64, slot: u32) -> Result<(), TelemetryError> {
+        let _ = (id, slot);
+        Ok(())
+    }
+    /// Every VM's counters, summed over CPUs, into `out` (one per key, in
+    /// order): its cgroups' and interfaces' by default. The real kernel
+    /// side counts a VM's events in its slot and reads them in place.
+    fn read_vms(&mut self, vms: &[VmKeys<'_>], out: &mut Vec<(CgroupStats, NetStats)>) -> Result<(), TelemetryError> {
+        out.clear();
+        for k in vms {
+            let mut net = NetStats::default();
+            for i in k.ifindexes {
+                net.add(&self.net(*i)?);
+            }
+            out.push((self.cgroups(k.cgroups)?, net));
+        }
+        Ok(())
     }
 
     /// Counters of several cgroups added together (a VM's subtree).

@@ -12,23 +12,36 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
-use governor_common::{maps, CgroupStats, CpuState, NetEntry, Policer, QosStats, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS};
+use governor_common::{
+    maps, CgroupStats, CpuState, NetEntry, Policer, QosStats, VmCounters, MAX_CGROUPS, MAX_IFACES, MAX_QOS_VMS,
+};
 
 const LINK_PREFIX: &str = "link_";
 const PROG_PREFIX: &str = "prog_";
 
 /// What this build's maps look like: (name, type, key size, value size,
 /// max entries). A pinned map is adopted only if it matches.
-fn shapes() -> [(&'static str, MapType, u32, u32, u32); 6] {
+/// A map's name, type, key size, value size and max entries.
+type Shape = (&'static str, MapType, u32, u32, u32);
+
+fn shapes() -> Result<[Shape; 8], String> {
     let size = |n: usize| n as u32;
-    [
+    let cpus = super::possible_cpus().map_err(|e| e.to_string())?;
+    Ok([
         (maps::CGROUPS, MapType::PerCpuHash, 8, size(std::mem::size_of::<CgroupStats>()), size(MAX_CGROUPS)),
         (maps::NET, MapType::PerCpuHash, 4, size(std::mem::size_of::<NetEntry>()), size(MAX_IFACES)),
         (maps::CPU_STATE, MapType::PerCpuArray, 4, size(std::mem::size_of::<CpuState>()), 1),
         (maps::OOM_EVENTS, MapType::RingBuf, 0, 0, 64 * 1024),
         (maps::QOS, MapType::Array, 4, size(std::mem::size_of::<Policer>()), size(MAX_QOS_VMS * 2)),
         (maps::QOS_STATS, MapType::PerCpuArray, 4, size(std::mem::size_of::<QosStats>()), size(MAX_QOS_VMS * 2)),
-    ]
+        (maps::VM_STATS, MapType::Array, 4, size(std::mem::size_of::<VmCounters>()), vm_stats_entries(cpus)),
+        (maps::CG_SLOT, MapType::Hash, 8, 4, size(MAX_CGROUPS)),
+    ])
+}
+
+/// Entries of `VM_STATS`: a copy of each VM slot per possible CPU.
+pub(super) fn vm_stats_entries(cpus: usize) -> u32 {
+    (MAX_QOS_VMS * cpus) as u32
 }
 
 /// Whether the pin directory holds a whole set of maps of this build's
@@ -42,7 +55,7 @@ pub(super) fn adoptable(dir: &Path) -> Result<bool, String> {
     if present != maps::ALL.len() {
         return Err(format!("only {present} of {} maps are pinned", maps::ALL.len()));
     }
-    for (name, kind, key, value, max) in shapes() {
+    for (name, kind, key, value, max) in shapes()? {
         let path = dir.join(name);
         let info = MapData::from_pin(&path).and_then(|m| m.info()).map_err(|e| format!("{name}: {e}"))?;
         let got = (info.map_type().map_err(|e| format!("{name}: {e}"))?, info.key_size(), info.value_size());
