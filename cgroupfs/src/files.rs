@@ -8,6 +8,26 @@ use std::time::Duration;
 use crate::error::CgroupError;
 use crate::Result;
 
+/// A whole file held open, read from offset 0 straight into `buf` (grown
+/// while the text fills it; the caller's buffer is reused across reads).
+/// cgroup files are seq_files, whose read fills the buffer unless the text
+/// ends first: a short read is the end, and reading again to see 0 (one
+/// more system call) is not needed.
+pub fn read_whole_at(f: &fs::File, path: &Path, buf: &mut Vec<u8>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    buf.clear();
+    loop {
+        let at = buf.len();
+        buf.resize(at + 4096.max(buf.capacity() - at), 0);
+        let n = f.read_at(&mut buf[at..], at as u64).map_err(CgroupError::io("read", path))?;
+        let asked = buf.len() - at;
+        buf.truncate(at + n);
+        if n < asked {
+            return Ok(());
+        }
+    }
+}
+
 pub fn write(path: &Path, value: &str) -> Result<()> {
     fs::write(path, value).map_err(CgroupError::io("write", path))
 }
@@ -70,6 +90,22 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_files_of_any_size_into_a_reused_buffer() {
+        let dir = std::env::temp_dir().join(format!("cgroupfs-read-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let mut buf = Vec::new();
+        for len in [0usize, 5, 4095, 4096, 4097, 10_000] {
+            let path = dir.join(format!("f{len}"));
+            let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            fs::write(&path, &text).expect("write");
+            let f = fs::File::open(&path).expect("open");
+            read_whole_at(&f, &path, &mut buf).expect("read");
+            assert_eq!(buf, text, "{len} bytes");
+        }
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
 
     #[test]
     fn stat_lines() {

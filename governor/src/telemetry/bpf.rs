@@ -17,7 +17,7 @@ use aya::programs::{SchedClassifier, TcAttachType, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use governor_common::{maps, CgroupStats, CpuState, NetEntry, NetStats, OomEvent, Policer, QosStats, MAX_QOS_VMS};
 
-use super::vmstats::{Bases, VmStats};
+use super::vmstats::{Bases, SlotBases, VmStats};
 use super::{pins, qos_index, Telemetry, TelemetryError, VmKeys};
 use crate::qos::Direction;
 use crate::tracefs;
@@ -69,6 +69,10 @@ pub struct BpfTelemetry {
     /// What each VM cgroup and interface counted before its VM's slot did.
     pub(super) cg_bases: Bases<u64, CgroupStats>,
     pub(super) net_bases: Bases<u32, NetStats>,
+    /// Each VM's bases added up, once settled.
+    pub(super) slot_bases: SlotBases,
+    /// The VM slot of every cgroup counted into one (`count_cgroup_in`).
+    pub(super) registered: HashMap<u64, u32>,
     interfaces: HashMap<String, Attached>,
     /// Keeps `kernel.bpf_stats_enabled` on from the first time the
     /// programs' costs are read (the kernel counts per-program run time
@@ -303,6 +307,8 @@ impl BpfTelemetry {
             cg_slot,
             cg_bases: Bases::new(),
             net_bases: Bases::new(),
+            slot_bases: SlotBases::new(),
+            registered: HashMap::new(),
             interfaces: HashMap::new(),
             stats: std::sync::OnceLock::new(),
         })

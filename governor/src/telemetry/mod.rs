@@ -90,7 +90,8 @@ pub enum TelemetryError {
 }
 
 /// One VM's keys, for [`Telemetry::read_vms`]: its slot, its cgroups (its
-/// own and the children seen so far) and its interfaces' indexes.
+/// own and the children seen so far: only ever added to, never replaced)
+/// and its interfaces' indexes.
 pub struct VmKeys<'a> {
     pub slot: u32,
     pub cgroups: &'a [u64],

@@ -14,6 +14,7 @@ use aya::maps::MapError;
 use governor_common::{maps, CgroupStats, CpuState, NetStats, Policer, QosStats};
 
 use super::bpf::BpfTelemetry;
+use super::vmstats;
 use super::{qos_index, Telemetry, TelemetryError, VmKeys};
 use crate::qos::Direction;
 
@@ -42,6 +43,7 @@ impl BpfTelemetry {
                 .map_err(|source| TelemetryError::Map { name: maps::QOS_STATS, source })?;
         }
         self.vm_stats.claim(slot, vm_id);
+        self.slot_bases.clear(slot);
         Ok(slot)
     }
 
@@ -85,7 +87,9 @@ impl BpfTelemetry {
     }
 
     pub(super) fn count_cgroup_in_map(&mut self, id: u64, slot: u32) -> Result<(), TelemetryError> {
-        self.cg_slot.insert(id, slot, 0).map_err(|source| TelemetryError::Map { name: maps::CG_SLOT, source })
+        self.cg_slot.insert(id, slot, 0).map_err(|source| TelemetryError::Map { name: maps::CG_SLOT, source })?;
+        self.registered.insert(id, slot);
+        Ok(())
     }
 
     /// Each VM's slot, read in place, plus what its cgroups and interfaces
@@ -102,20 +106,38 @@ impl BpfTelemetry {
         for k in vms {
             let c = self.vm_stats.sum(k.slot);
             let (mut cpu, mut net) = (c.cpu, c.net);
+            let signature = vmstats::keys_signature(k.cgroups.len(), k.ifindexes);
+            if let Some((base_cpu, base_net)) = self.slot_bases.get(k.slot, signature) {
+                cpu.add(base_cpu);
+                net.add(base_net);
+                out.push((cpu, net));
+                continue;
+            }
+            let (mut base_cpu, mut base_net, mut settled) = (CgroupStats::default(), NetStats::default(), true);
             for id in k.cgroups {
                 let map = &self.cgroups;
-                cpu.add(&self.cg_bases.get(*id, |id| super::bpf::cgroup_entry(map, id))?);
+                let (b, done) = self.cg_bases.get(*id, |id| super::bpf::cgroup_entry(map, id))?;
+                base_cpu.add(&b);
+                settled &= done;
             }
             for i in k.ifindexes {
                 let map = &self.net;
-                net.add(&self.net_bases.get(*i, |i| super::bpf::net_entry(map, i))?);
+                let (b, done) = self.net_bases.get(*i, |i| super::bpf::net_entry(map, i))?;
+                base_net.add(&b);
+                settled &= done;
             }
+            if settled {
+                self.slot_bases.set(k.slot, signature, base_cpu, base_net);
+            }
+            cpu.add(&base_cpu);
+            net.add(&base_net);
             out.push((cpu, net));
         }
         let states =
             self.cpu_state.get(&0, 0).map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
         for (cg, acc) in states.iter().filter_map(CpuState::pending) {
-            if let Some(i) = vms.iter().position(|k| k.cgroups.contains(&cg)) {
+            let Some(slot) = self.registered.get(&cg) else { continue };
+            if let Some(i) = vms.iter().position(|k| k.slot == *slot) {
                 if let Some((cpu, _)) = out.get_mut(i) {
                     cpu.add(acc);
                 }
