@@ -145,6 +145,13 @@ fn run_status_and_clean_shutdown() {
     let dump = run(Command::new("bpftool").args(["map", "dump", "pinned"]).arg(pins.0.join("CGROUPS")));
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert!(dump.contains("\"on_cpu_ns\"") && dump.contains("\"runq_hist\""), "bpftool dump lacks field names");
+    // The VMs' counters: slot 0 on CPU 0 names its owner, the VM's cgroup.
+    let slot0 = run(Command::new("bpftool")
+        .args(["map", "lookup", "pinned"])
+        .arg(pins.0.join("VM_STATS"))
+        .args(["key", "0", "0", "0", "0"]));
+    let slot0 = String::from_utf8_lossy(&slot0.stdout);
+    assert!(slot0.contains("\"owner\"") && slot0.contains("\"on_cpu_ns\""), "VM_STATS lookup: {slot0}");
 
     // A second governor on the same socket refuses to start and leaves the
     // first one's pins alone.

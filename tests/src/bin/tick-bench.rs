@@ -1,7 +1,7 @@
 //! The governor's tick at 1,000 VMs (issue 12): 1,000 real cgroups, each
-//! of which has run a task once (so the kernel's per-cgroup map holds an
-//! entry for every VM, as on a host whose VMs run), and 1,000 veth pairs
-//! (each with its entry in the per-interface map), all watched by
+//! of which has run a task once (so every VM's counters hold CPU time, as
+//! on a host whose VMs run), and 1,000 veth pairs (each with its entry in
+//! the per-interface map, which names its VM's slot), all watched by
 //! one in-process governor with its kernel programs attached. Each tick
 //! (reading every VM's CPU, run-queue, memory and network counters, the
 //! signals and QoS samples for the MC VMs, the Prometheus rendering) is
@@ -80,9 +80,9 @@ fn row(metric: &str, value: String, peer: String, note: &str) {
 /// The argument that makes this binary the visitor (see `visit`).
 const VISIT: &str = "--visit-cgroups";
 
-/// Run a moment in each VM's cgroup, so the kernel's per-cgroup map holds
-/// an entry for every VM (as on a host whose VMs run) and each tick reads
-/// 1,000 of them: a child of this binary moves itself through the cgroups
+/// Run a moment in each VM's cgroup, so every VM's counters hold CPU time
+/// (as on a host whose VMs run) and each tick reads 1,000 VMs' non-zero
+/// counters: a child of this binary moves itself through the cgroups
 /// (the `cgroup.procs` files of each, one line per cgroup on its stdin)
 /// and sleeps briefly in each, so it is switched out, and charged, there.
 /// It exits in the last one, which it leaves when it is reaped.
@@ -147,7 +147,7 @@ fn main() -> Result<()> {
     visit(&cgroups)?;
     let ran = gov.tick()?.iter().filter(|v| v.cpu_seconds_total > 0.0).count();
     if ran < VMS {
-        bail!("only {ran} of {VMS} cgroups show the visitor's CPU time: the per-cgroup map would not hold every VM");
+        bail!("only {ran} of {VMS} cgroups show the visitor's CPU time: not every VM's counters would be read");
     }
     eprintln!("tick-bench: {VMS} cgroups and veths in {setup:?}, governor attached in {attach:?}, every cgroup ran");
     let mut tracker = governor::manage::signals::SignalTracker::default();
@@ -204,7 +204,7 @@ fn main() -> Result<()> {
         format!("{t50:.2} / {t99:.2}"),
         format!("goal <= {GOAL_MS} ms"),
         &format!(
-            "{verdict} goal (p50); {VMS} cgroups (each ran once, so the per-cgroup map holds every VM) + {VMS} veths, {TICKS} ticks: sample, signals, limits, the readings \
+            "{verdict} goal (p50); {VMS} cgroups (each ran once, so every VM has counters) + {VMS} veths, {TICKS} ticks: sample, signals, limits, the readings \
              for metrics; each VM's memory every {} ticks at this scale",
             (VMS as u64).div_ceil(governor::governor::MEM_READS_PER_TICK).max(governor::governor::MEM_STAT_EVERY)
         ),
