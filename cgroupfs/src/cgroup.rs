@@ -252,6 +252,11 @@ impl Cgroup {
     /// Ids of this cgroup and every cgroup below it (a VMM may put its vCPU
     /// threads in child cgroups; they still belong to the VM).
     pub fn subtree_ids(&self) -> Result<Vec<u64>> {
+        Ok(self.subtree()?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// [`Cgroup::subtree_ids`] with each cgroup's unified directory.
+    pub fn subtree(&self) -> Result<Vec<(u64, PathBuf)>> {
         let top = self.dir();
         let mut ids = Vec::new();
         let mut stack = vec![top.clone()];
@@ -262,7 +267,7 @@ impl Cgroup {
                 Err(e) if e.kind() == io::ErrorKind::NotFound && d != top => continue,
                 Err(e) => return Err(CgroupError::io("stat", &d)(e)),
             };
-            ids.push(m.ino());
+            ids.push((m.ino(), d.clone()));
             // A cgroup directory's link count is 2 plus its subdirectories
             // (kernfs keeps it so): with none, there is nothing to list,
             // which spares reading the names of all its control files.

@@ -7,6 +7,7 @@
 //! - `cgroup`: one cgroup: create with limits (rolled back when a step
 //!   fails), attach processes and threads, usage, remove.
 //! - `limits`: CPU quota, cpuset and memory limits, validated field by field.
+//! - `watch`: child cgroups appearing under watched ones (inotify).
 //!
 //! A VM's identity is its cgroup v2 id (what `bpf_get_current_cgroup_id`
 //! returns), so a cgroup2 hierarchy is required. Each controller is used
@@ -25,10 +26,12 @@ mod exec;
 mod files;
 mod layout;
 mod limits;
+mod watch;
 
 pub use cgroup::{has_children, Cgroup, Memory, MemoryFiles};
 pub use error::CgroupError;
 pub use layout::{Controller, Layout};
 pub use limits::Limits;
+pub use watch::{Changed, ChildWatch};
 
 pub type Result<T, E = CgroupError> = std::result::Result<T, E>;

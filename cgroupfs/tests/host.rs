@@ -79,3 +79,22 @@ fn remove_moves_stragglers_out() {
     child.kill().expect("kill");
     child.wait().expect("reap");
 }
+
+/// inotify sees a child cgroup made in a watched cgroup of the unified
+/// hierarchy (mkdir on cgroupfs notifies like on any filesystem).
+#[test]
+fn a_child_cgroup_is_told_by_its_watch() {
+    require_root();
+    let layout = Layout::detect().expect("layout");
+    let name = format!("cgroupfs-watch-{}", std::process::id());
+    let parent = Guard(layout.create(&name, &Limits::default()).expect("create"));
+    let mut w = cgroupfs::ChildWatch::new().expect("inotify");
+    w.watch(&parent.0.dir(), 7).expect("watch");
+    assert_eq!(w.changed().expect("look"), cgroupfs::Changed::Under(Default::default()));
+    let child = Guard(layout.create(&format!("{name}/vcpu0"), &Limits::default()).expect("child"));
+    assert_eq!(w.changed().expect("look"), cgroupfs::Changed::Under([7].into()), "the child is told");
+    let ids = parent.0.subtree().expect("subtree");
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().any(|(id, dir)| *id == child.0.id().expect("id") && *dir == child.0.dir()));
+    drop(child);
+}

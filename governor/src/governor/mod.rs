@@ -102,20 +102,27 @@ pub struct Governor<T: Telemetry = BpfTelemetry, S: Shaper = NetlinkShaper> {
     /// Link notifications: which interfaces to look up again each tick
     /// (None: all of them, as with the in-memory fakes).
     links: Option<crate::netdev::LinkWatch>,
+    /// inotify on each VM's cgroup directories: which VMs to look at for
+    /// new child cgroups (None: every VM every SUBTREE_EVERY ticks).
+    children: Option<cgroupfs::ChildWatch>,
     ticks: u64,
 }
 
 const OOM_LOG: usize = 64;
 /// Ticks between reads of a VM's memory files (see `WatchedVm::memory`).
 pub const MEM_STAT_EVERY: u64 = 5;
-/// At most this many VMs' memory files are read per tick (about 15 us
-/// each on a cgroup v1 memory controller, which formats every counter of
-/// memory.stat per read): with more than `5 x` this many VMs, each VM's
-/// memory is read less often (every 32 ticks at 1,000 VMs; cAdvisor
-/// stretches its own housekeeping up to 15 s the same way).
-pub const MEM_READS_PER_TICK: u64 = 32;
-/// Ticks between walks of each VM's cgroup subtree (see `tick`).
+/// At most this many VMs' memory files are read per tick (~20 us each on
+/// a cgroup v1 memory controller, which formats every counter of
+/// memory.stat per read, hierarchical totals included): with more than
+/// `5 x` this many VMs, each VM's memory is read less often (every 50
+/// ticks at 1,000 VMs: 50 s at the default tick, as cAdvisor stretches
+/// its own housekeeping up to 60 s by default). 32 a tick was ~0.7 ms of
+/// a 2 ms tick budget at 1,000 VMs.
+pub const MEM_READS_PER_TICK: u64 = 20;
+/// Ticks between walks of each VM's cgroup subtree without inotify, and
+/// with it (a child made in a child before its own watch was in place).
 const SUBTREE_EVERY: u64 = 10;
+const SUBTREE_SAFETY_EVERY: u64 = 60;
 /// Ticks between looks at how full the kernel's cgroup map is.
 const PRUNE_EVERY: u64 = 60;
 
@@ -163,6 +170,11 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             gso_before: Default::default(),
             readings: Vec::new(),
             links: None,
+            children: cgroupfs::ChildWatch::new()
+                .inspect_err(|e| {
+                    tracing::warn!("no inotify ({e}): each VM's cgroup is checked for children every few ticks")
+                })
+                .ok(),
             ticks: 0,
         };
         // On error `g` is dropped, which removes any shaping set up so far
@@ -221,6 +233,11 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         let in_use: Vec<u32> = self.vms.iter().map(|v| v.slot).collect();
         let slot = self.telemetry.claim_slot(id, &in_use)?;
         self.telemetry.count_cgroup_in(id, slot)?;
+        if let Some(w) = &mut self.children {
+            if let Err(e) = w.watch(&cgroup.dir(), self.vms.len()) {
+                tracing::warn!(vm = %cfg.name, "watching its cgroup for children: {e}; looked at every {SUBTREE_SAFETY_EVERY} ticks");
+            }
+        }
         let mut interfaces = Vec::new();
         for name in &cfg.interfaces {
             let ifindex = self.attach_for_vm(name, slot)?;
@@ -251,17 +268,40 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
         // The subtree can change (a VMM moving vCPU threads into child
         // cgroups). Ids are only ever added: a child cgroup that is gone
         // keeps what it counted in the VM's total, which must never go
-        // back. Walking the subtree is a readdir and a stat per cgroup:
-        // at 1,000 VMs a large cost. New child cgroups are rare (a VMM
-        // placing its threads at start), so it is done every
-        // SUBTREE_EVERY ticks, staggered by slot so no later tick walks
-        // them all (the first does, so the first totals hold the children
-        // already there); a child's events until it is seen are in its
-        // own entry of the per-cgroup map, counted as its VM's once seen.
-        for vm in &mut self.vms {
-            if self.ticks == 0 || (self.ticks + u64::from(vm.slot)).is_multiple_of(SUBTREE_EVERY) {
+        // back. Walking the subtree is a readdir and a stat per cgroup,
+        // and even the fstat that says a VM has no children costs ~2 us:
+        // at 1,000 VMs a large cost. So a VM is looked at when inotify
+        // says a directory was made in one of its cgroups, and every
+        // SUBTREE_SAFETY_EVERY ticks (without inotify, SUBTREE_EVERY),
+        // staggered by slot so no later tick walks them all (the first
+        // does, so the first totals hold the children already there). A
+        // child's events until it is seen are in its own entry of the
+        // per-cgroup map, counted as its VM's once seen.
+        let changed = match self.children.as_mut().map(cgroupfs::ChildWatch::changed) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                tracing::warn!("reading inotify events: {e}; looking at every VM");
+                Some(cgroupfs::Changed::All)
+            }
+            None => None,
+        };
+        let every = if changed.is_some() { SUBTREE_SAFETY_EVERY } else { SUBTREE_EVERY };
+        for (i, vm) in self.vms.iter_mut().enumerate() {
+            let told = match &changed {
+                Some(cgroupfs::Changed::All) => true,
+                Some(cgroupfs::Changed::Under(vms)) => vms.contains(&i),
+                None => false,
+            };
+            if self.ticks == 0 || told || (self.ticks + u64::from(vm.slot)).is_multiple_of(every) {
                 let telemetry = &mut self.telemetry;
-                vm.refresh_subtree(|id, slot| telemetry.count_cgroup_in(id, slot));
+                let added = vm.refresh_subtree(|id, slot| telemetry.count_cgroup_in(id, slot));
+                if let Some(w) = &mut self.children {
+                    for dir in added {
+                        if let Err(e) = w.watch(&dir, i) {
+                            tracing::debug!(vm = %vm.cfg.name, dir = %dir.display(), "watching a child cgroup: {e}");
+                        }
+                    }
+                }
             }
         }
         // Every VM's CPU, run-queue and network counters in one reading.

@@ -118,6 +118,22 @@ fn a_child_cgroup_counts_for_its_vm_and_never_goes_back() {
     assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5, "a vanished child keeps its time");
 }
 
+/// A child made after the first tick is counted at the next tick (inotify
+/// tells which VM has one), not at the periodic walk tens of ticks later.
+#[test]
+fn a_new_child_cgroup_is_seen_at_the_next_tick() {
+    let h = Host::new("inotify");
+    let mut g = h.governor("");
+    g.tick().expect("tick");
+    let child = h.root.join("sys/fs/cgroup/vm-b/vcpu0");
+    std::fs::create_dir(&child).expect("child");
+    let cid = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&child).expect("stat"));
+    h.tel.state().cgroups.insert(cid, CgroupStats { on_cpu_ns: 250_000_000, ..Default::default() });
+    let st = g.tick().expect("tick").to_vec();
+    assert_eq!((st[0].cpu_seconds_total, st[1].cpu_seconds_total), (0.0, 0.25), "the child counts for vm b at once");
+    assert_eq!(h.tel.state().cg_slot.get(&cid), Some(&1));
+}
+
 #[test]
 fn police_limit_writes_the_bucket_and_clear_removes_it() {
     let h = Host::new("police");

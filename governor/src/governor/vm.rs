@@ -93,31 +93,40 @@ impl WatchedVm {
 impl WatchedVm {
     /// Add the ids of child cgroups that appeared since the last look,
     /// each once `register` (which counts it into the VM's slot) took it:
-    /// one it refused is tried again at the next look. A cgroup without
-    /// children (most VMs) costs one fstat of its held directory; only one
-    /// with children is walked (a readdir of every cgroup below and a stat
-    /// of each).
-    pub fn refresh_subtree<E: std::fmt::Display>(&mut self, mut register: impl FnMut(u64, u32) -> Result<(), E>) {
+    /// one it refused is tried again at the next look. Returns the
+    /// directories of the children added (to watch for theirs). A cgroup
+    /// without children (most VMs) costs one fstat of its held directory;
+    /// only one with children is walked (a readdir of every cgroup below
+    /// and a stat of each).
+    pub fn refresh_subtree<E: std::fmt::Display>(
+        &mut self,
+        mut register: impl FnMut(u64, u32) -> Result<(), E>,
+    ) -> Vec<std::path::PathBuf> {
+        let mut added = Vec::new();
         if self.dir.is_none() {
             self.dir = self.cgroup.open_dir().ok();
         }
         if self.dir.as_ref().is_some_and(|d| cgroupfs::has_children(d).is_ok_and(|c| !c)) {
-            return;
+            return added;
         }
-        match self.cgroup.subtree_ids() {
-            Ok(ids) => {
-                for id in ids {
+        match self.cgroup.subtree() {
+            Ok(cgroups) => {
+                for (id, dir) in cgroups {
                     if self.subtree.contains(&id) {
                         continue;
                     }
                     match register(id, self.slot) {
-                        Ok(()) => self.subtree.push(id),
+                        Ok(()) => {
+                            self.subtree.push(id);
+                            added.push(dir);
+                        }
                         Err(e) => tracing::warn!(vm = %self.cfg.name, cgroup = id, "counting a child cgroup: {e}"),
                     }
                 }
             }
             Err(e) => tracing::debug!(vm = %self.cfg.name, "walking the cgroup subtree: {e}"),
         }
+        added
     }
 
     pub fn name(&self) -> &str {
