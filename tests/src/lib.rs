@@ -76,6 +76,47 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// A governor config of VMs (name, cgroup, optional interface) on a
+/// test's own pin directory and IFB name.
+pub fn governor_config(
+    pins: &PinDir,
+    ifb: &str,
+    vms: &[(&str, &TestCgroup, Option<&str>)],
+) -> governor::config::Config {
+    let mut text = format!("pin_dir = {:?}\nqos_ifb = {ifb:?}\n", pins.0);
+    for (name, cg, iface) in vms {
+        text.push_str(&format!("[[vm]]\nname = {name:?}\ncgroup = {:?}\n", cg.cg.rel().to_string_lossy()));
+        if let Some(i) = iface {
+            text.push_str(&format!("interfaces = [{i:?}]\n"));
+        }
+    }
+    governor::config::Config::parse(&text).expect("config")
+}
+
+/// TCP from namespace `from` to an iperf3 server in `to` at `addr` for
+/// `secs` seconds each way (forward, then reversed), on a port of this
+/// test process's own; the server is gone when it returns.
+pub fn iperf3_both_ways(from: &Netns, to: &Netns, addr: &str, secs: u32) {
+    let port = (20000 + (std::process::id() % 20000)).to_string();
+    let server = Guarded(Some(
+        to.cmd(&["iperf3", "-s", "-B", addr, "-p", &port])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 -s"),
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let secs = secs.to_string();
+    for reverse in [false, true] {
+        let mut args = vec!["iperf3", "-c", addr, "-p", &port, "-t", &secs];
+        if reverse {
+            args.push("-R");
+        }
+        from.exec(&args);
+    }
+    drop(server);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+}
+
 /// |a - b| / b
 pub fn rel_err(a: f64, b: f64) -> f64 {
     if b == 0.0 {

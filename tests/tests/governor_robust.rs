@@ -4,21 +4,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use governor::config::Config;
 use governor::governor::Governor;
 use governor::qos::{Direction, Limit, Mode};
 use integration_tests::*;
-
-fn config(pins: &PinDir, ifb: &str, vms: &[(&str, &TestCgroup, Option<&str>)]) -> Config {
-    let mut text = format!("pin_dir = {:?}\nqos_ifb = {ifb:?}\n", pins.0);
-    for (name, cg, iface) in vms {
-        text.push_str(&format!("[[vm]]\nname = {name:?}\ncgroup = {:?}\n", cg.cg.rel().to_string_lossy()));
-        if let Some(i) = iface {
-            text.push_str(&format!("interfaces = [{i:?}]\n"));
-        }
-    }
-    Config::parse(&text).expect("config")
-}
 
 /// A VMM's child cgroup (vCPU threads) that is removed does not take its
 /// CPU time out of the VM's total, and the rate shows no spike.
@@ -30,7 +18,7 @@ fn a_vanished_child_cgroup_keeps_its_cpu_time() {
     let layout = cgroupfs::Layout::detect().expect("layout");
     let mut child =
         layout.create(&format!("{}/vcpu0", cg.cg.rel().to_string_lossy()), &Default::default()).expect("child cgroup");
-    let mut gov = Governor::new(&config(&pins, &unique("gifb"), &[("vm", &cg, None)])).expect("governor");
+    let mut gov = Governor::new(&governor_config(&pins, &unique("gifb"), &[("vm", &cg, None)])).expect("governor");
     gov.tick().expect("tick");
     let mut hog = {
         let mut cmd = Command::new("sh");
@@ -61,7 +49,11 @@ fn a_recreated_interface_is_governed_again() {
     let net = VmNet::new(2);
     let (cg0, cg1) = (TestCgroup::new("rob"), TestCgroup::new("rob"));
     let host = net.ports[0].1.name.clone();
-    let cfg = config(&pins, &unique("gifb"), &[("vm0", &cg0, Some(&host)), ("vm1", &cg1, Some(&net.ports[1].1.name))]);
+    let cfg = governor_config(
+        &pins,
+        &unique("gifb"),
+        &[("vm0", &cg0, Some(&host)), ("vm1", &cg1, Some(&net.ports[1].1.name))],
+    );
     let mut gov = Governor::new(&cfg).expect("governor");
     gov.set_limit(
         "vm0",
@@ -131,7 +123,8 @@ fn a_stale_ifb_is_replaced() {
     let ifb = unique("gifb");
     run(Command::new("ip").args(["link", "add", &ifb, "type", "ifb"]));
     let _leftover = Link { name: ifb.clone() };
-    let mut gov = Governor::new(&config(&pins, &ifb, &[("vm", &cg, Some(&net.ports[0].1.name))])).expect("governor");
+    let mut gov =
+        Governor::new(&governor_config(&pins, &ifb, &[("vm", &cg, Some(&net.ports[0].1.name))])).expect("governor");
     gov.set_limit(
         "vm",
         Direction::Egress,
@@ -153,7 +146,7 @@ fn a_task_that_never_switches_is_counted_every_tick() {
     require_root();
     let pins = PinDir::new();
     let cg = TestCgroup::new("rob");
-    let mut gov = Governor::new(&config(&pins, &unique("gifb"), &[("vm", &cg, None)])).expect("governor");
+    let mut gov = Governor::new(&governor_config(&pins, &unique("gifb"), &[("vm", &cg, None)])).expect("governor");
     let _hog = cg.spawn(&["taskset", "-c", "1", "sh", "-c", "while :; do :; done"]);
     std::thread::sleep(Duration::from_millis(300));
     gov.tick().expect("tick");

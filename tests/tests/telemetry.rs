@@ -60,24 +60,7 @@ fn network_bytes_match_interface_stats() {
     let bpf0 = tel.net(ifindex).expect("net");
     let if0 = netdev::stats(&host_a.name).expect("stats");
 
-    let port = 20000 + (std::process::id() % 20000);
-    let port = port.to_string();
-    let server = Guarded(Some(
-        ns_b.cmd(&["iperf3", "-s", "-B", addr_b, "-p", &port])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("iperf3 -s"),
-    ));
-    std::thread::sleep(Duration::from_millis(500));
-    for reverse in [false, true] {
-        let mut args = vec!["iperf3", "-c", addr_b.as_str(), "-p", &port, "-t", "2"];
-        if reverse {
-            args.push("-R");
-        }
-        ns_a.exec(&args);
-    }
-    drop(server);
-    std::thread::sleep(Duration::from_millis(300));
+    iperf3_both_ways(ns_a, ns_b, addr_b, 2);
 
     let bpf = tel.net(ifindex).expect("net");
     let ifs = netdev::stats(&host_a.name).expect("stats");

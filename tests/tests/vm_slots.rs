@@ -7,21 +7,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use governor::config::Config;
 use governor::governor::Governor;
 use governor::netdev;
 use integration_tests::*;
-
-fn config(pins: &PinDir, ifb: &str, vms: &[(&str, &TestCgroup, Option<&str>)]) -> Config {
-    let mut text = format!("pin_dir = {:?}\nqos_ifb = {ifb:?}\n", pins.0);
-    for (name, cg, iface) in vms {
-        text.push_str(&format!("[[vm]]\nname = {name:?}\ncgroup = {:?}\n", cg.cg.rel().to_string_lossy()));
-        if let Some(i) = iface {
-            text.push_str(&format!("interfaces = [{i:?}]\n"));
-        }
-    }
-    Config::parse(&text).expect("config")
-}
 
 fn hog_in(cg: &mut cgroupfs::Cgroup) -> Guarded {
     let mut cmd = Command::new("sh");
@@ -49,7 +37,8 @@ fn a_vms_slot_holds_all_its_cpu_time_and_traffic() {
     let cg = TestCgroup::new("slot");
     let (ns_a, host_a, _) = &net.ports[0];
     let (ns_b, _, addr_b) = &net.ports[1];
-    let mut gov = Governor::new(&config(&pins, &unique("gifb"), &[("vm", &cg, Some(&host_a.name))])).expect("governor");
+    let mut gov =
+        Governor::new(&governor_config(&pins, &unique("gifb"), &[("vm", &cg, Some(&host_a.name))])).expect("governor");
     gov.tick().expect("tick");
     let layout = cgroupfs::Layout::detect().expect("layout");
     let mut child =
@@ -76,23 +65,7 @@ fn a_vms_slot_holds_all_its_cpu_time_and_traffic() {
 
     let before = gov.tick().expect("tick")[0].clone();
     let if0 = netdev::stats(&host_a.name).expect("stats");
-    let port = (20000 + (std::process::id() % 20000)).to_string();
-    let server = Guarded(Some(
-        ns_b.cmd(&["iperf3", "-s", "-B", addr_b, "-p", &port])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("iperf3 -s"),
-    ));
-    std::thread::sleep(Duration::from_millis(500));
-    for reverse in [false, true] {
-        let mut args = vec!["iperf3", "-c", addr_b.as_str(), "-p", &port, "-t", "1"];
-        if reverse {
-            args.push("-R");
-        }
-        ns_a.exec(&args);
-    }
-    drop(server);
-    std::thread::sleep(Duration::from_millis(300));
+    iperf3_both_ways(ns_a, ns_b, addr_b, 1);
     let after = gov.tick().expect("tick")[0].clone();
     let ifs = netdev::stats(&host_a.name).expect("stats");
     // The VM's directions: what the host-side interface receives the VM sent.
@@ -119,7 +92,8 @@ fn an_adopting_governor_finds_each_vms_slot_whatever_the_order() {
     let pins = PinDir::new();
     let ifb = unique("gifb");
     let (busy, idle) = (TestCgroup::new("slotb"), TestCgroup::new("sloti"));
-    let mut first = Governor::new(&config(&pins, &ifb, &[("busy", &busy, None), ("idle", &idle, None)])).expect("gov");
+    let mut first =
+        Governor::new(&governor_config(&pins, &ifb, &[("busy", &busy, None), ("idle", &idle, None)])).expect("gov");
     first.tick().expect("tick");
     let hog = hog_in(&mut busy.cg.clone());
     std::thread::sleep(Duration::from_millis(1000));
@@ -127,8 +101,8 @@ fn an_adopting_governor_finds_each_vms_slot_whatever_the_order() {
     // Dies without its cleanup: the kernel goes on counting into the maps.
     std::mem::forget(first);
     std::thread::sleep(Duration::from_millis(500));
-    let mut second =
-        Governor::new(&config(&pins, &ifb, &[("idle", &idle, None), ("busy", &busy, None)])).expect("adopting gov");
+    let mut second = Governor::new(&governor_config(&pins, &ifb, &[("idle", &idle, None), ("busy", &busy, None)]))
+        .expect("adopting gov");
     std::thread::sleep(Duration::from_millis(300));
     stop(hog);
     let now = second.tick().expect("tick").to_vec();
