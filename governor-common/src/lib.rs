@@ -71,9 +71,10 @@ pub struct CpuState {
     /// Address of the task_struct that got the CPU at the last switch.
     pub task_at_switch_in: u64,
     /// The cgroup whose scheduler counters are gathered in `acc` on this
-    /// CPU; added into `CGROUPS` when another cgroup runs and at every
-    /// `cpu_tick` (so readers lag at most 10 ms), which spares the hash
-    /// lookup on the many switches between tasks of one cgroup or idle.
+    /// CPU; added into its VM's slot of `VM_STATS` (a cgroup of no VM: into
+    /// `CGROUPS`) when another cgroup runs and at every `cpu_tick` (so
+    /// readers lag at most 10 ms), which spares the hash lookup on the many
+    /// switches between tasks of one cgroup or idle.
     pub acc_cgroup: u64,
     pub acc: CgroupStats,
     /// Tasks found on this CPU that sched_switch did not see come in (at
@@ -86,11 +87,11 @@ pub struct CpuState {
 }
 
 impl CpuState {
-    /// What this CPU gathered and has not yet added into `CGROUPS`, and for
-    /// which cgroup. Readers add it to that cgroup's total so a reading is
+    /// What this CPU gathered and has not yet added into `VM_STATS` or
+    /// `CGROUPS`, and for which cgroup. Readers add it to that cgroup's total so a reading is
     /// exact at any moment, not up to a tick (or, on a CPU that only
     /// switches between one cgroup and idle, until the next tick) behind.
-    /// Read `CGROUPS` first, then this: a flush in between leaves the sum
+    /// Read the counters first, then this: a flush in between leaves the sum
     /// short for one reading, never counted twice, so totals never go back.
     pub fn pending(&self) -> Option<(u64, &CgroupStats)> {
         (self.acc_cgroup != 0).then_some((self.acc_cgroup, &self.acc))

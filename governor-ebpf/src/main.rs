@@ -55,7 +55,8 @@ static VM_STATS: Array<VmCounters, 1, { BPF_F_MMAPABLE as usize }> = Array::new(
 /// cgroups' events into `VM_STATS`, every other cgroup's into `CGROUPS`.
 #[btf_map]
 static CG_SLOT: HashMap<u64, u32, MAX_CGROUPS> = HashMap::new();
-/// The possible CPUs (the stride of `VM_STATS`), set by the loader.
+/// One past the highest possible CPU id (the stride of `VM_STATS`), set
+/// by the loader.
 #[no_mangle]
 static NR_CPUS: u32 = 1;
 #[btf_map]
@@ -144,7 +145,11 @@ fn flush(state: &mut CpuState) {
 fn slot_counters(slot: u32) -> Option<*mut VmCounters> {
     // SAFETY: plain helper call (inlined by the verifier).
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    VM_STATS.get_ptr_mut(slot.wrapping_mul(offset(&NR_CPUS) as u32).wrapping_add(cpu))
+    let stride = offset(&NR_CPUS) as u32;
+    if cpu >= stride {
+        return None;
+    }
+    VM_STATS.get_ptr_mut(slot.wrapping_mul(stride).wrapping_add(cpu))
 }
 
 /// This CPU's copy of the counters of the VM cgroup `id` belongs to, if

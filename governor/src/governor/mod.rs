@@ -248,6 +248,7 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
             cgroup,
             id,
             subtree: vec![id],
+            live: vec![id],
             interfaces,
             slot,
             limits: PerDirection::default(),
@@ -293,16 +294,40 @@ impl<T: Telemetry, S: Shaper> Governor<T, S> {
                 None => false,
             };
             if self.ticks == 0 || told || (self.ticks + u64::from(vm.slot)).is_multiple_of(every) {
-                let telemetry = &mut self.telemetry;
-                let added = vm.refresh_subtree(|id, slot| telemetry.count_cgroup_in(id, slot));
-                if let Some(w) = &mut self.children {
-                    for dir in added {
+                let (new, gone) = vm.look_at_subtree();
+                // A child that is gone: what it counted stays in the slot
+                // (and its id in `subtree`, for its base); its CG_SLOT
+                // entry goes, so VMMs re-creating children do not fill it.
+                for id in gone {
+                    self.telemetry.uncount_cgroup(id);
+                    vm.live.retain(|l| *l != id);
+                }
+                for (id, dir) in new {
+                    // One the kernel side refuses is tried again next look.
+                    if let Err(e) = self.telemetry.count_cgroup_in(id, vm.slot) {
+                        tracing::warn!(vm = %vm.cfg.name, cgroup = id, "counting a child cgroup: {e}");
+                        continue;
+                    }
+                    vm.live.push(id);
+                    if !vm.subtree.contains(&id) {
+                        vm.subtree.push(id);
+                    }
+                    if let Some(w) = &mut self.children {
                         if let Err(e) = w.watch(&dir, i) {
                             tracing::debug!(vm = %vm.cfg.name, dir = %dir.display(), "watching a child cgroup: {e}");
                         }
                     }
                 }
             }
+        }
+        if self.ticks == 0 {
+            // Every VM's cgroups and interfaces are known now: what a
+            // governor before left pointing at their slots (a child since
+            // removed, an interface no longer in the config) is forgotten.
+            let cgroups: HashSet<u64> = self.vms.iter().flat_map(|v| v.live.iter().copied()).collect();
+            let interfaces: HashSet<u32> =
+                self.vms.iter().flat_map(|v| v.interfaces.iter().map(|i| i.ifindex)).collect();
+            self.telemetry.forget_stale(&cgroups, &interfaces);
         }
         // Every VM's CPU, run-queue and network counters in one reading.
         let ifindexes: Vec<u32> = self.vms.iter().flat_map(|v| v.interfaces.iter().map(|i| i.ifindex)).collect();

@@ -134,6 +134,39 @@ fn a_new_child_cgroup_is_seen_at_the_next_tick() {
     assert_eq!(h.tel.state().cg_slot.get(&cid), Some(&1));
 }
 
+/// A child that is gone stops being counted into the VM's slot at the
+/// next look (its time stays in the VM's total), and what a governor
+/// before left pointing at the VMs' slots is forgotten at the first tick.
+#[test]
+fn gone_children_and_stale_entries_leave_the_slots() {
+    let h = Host::new("stale");
+    {
+        let mut st = h.tel.state();
+        st.cg_slot.insert(4242, 0);
+        st.vm_of_if.insert(99, 0);
+    }
+    let mut g = h.governor("");
+    g.tick().expect("tick");
+    {
+        let st = h.tel.state();
+        assert!(!st.cg_slot.contains_key(&4242) && !st.vm_of_if.contains_key(&99), "left by a governor before");
+        assert_eq!(st.vm_of_if.get(&10), Some(&0), "the VM's own interface keeps its slot");
+    }
+    let child = h.root.join("sys/fs/cgroup/vm-a/vcpu0");
+    std::fs::create_dir(&child).expect("child");
+    let cid = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&child).expect("stat"));
+    h.tel.state().cgroups.insert(cid, CgroupStats { on_cpu_ns: 500_000_000, ..Default::default() });
+    assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5);
+    assert_eq!(h.tel.state().cg_slot.get(&cid), Some(&0));
+    std::fs::remove_dir(&child).expect("rmdir");
+    // Removals are not told: the periodic look finds it.
+    for _ in 0..SUBTREE_SAFETY_EVERY {
+        assert_eq!(g.tick().expect("tick")[0].cpu_seconds_total, 0.5, "its time stays");
+    }
+    assert!(!h.tel.state().cg_slot.contains_key(&cid), "no longer counted into the slot");
+    assert_eq!(h.tel.state().cg_slot.get(&h.id("vm-a")), Some(&0));
+}
+
 #[test]
 fn police_limit_writes_the_bucket_and_clear_removes_it() {
     let h = Host::new("police");

@@ -48,6 +48,8 @@ pub struct WatchedVm {
     /// Ids of the cgroup and every child seen so far (only ever added: a
     /// child that is gone keeps its counters in the VM's total).
     pub subtree: Vec<u64>,
+    /// Those of them that exist and are counted into the VM's slot now.
+    pub live: Vec<u64>,
     pub interfaces: Vec<Interface>,
     /// QoS slot in the kernel maps.
     pub slot: u32,
@@ -91,42 +93,31 @@ impl WatchedVm {
 }
 
 impl WatchedVm {
-    /// Add the ids of child cgroups that appeared since the last look,
-    /// each once `register` (which counts it into the VM's slot) took it:
-    /// one it refused is tried again at the next look. Returns the
-    /// directories of the children added (to watch for theirs). A cgroup
-    /// without children (most VMs) costs one fstat of its held directory;
-    /// only one with children is walked (a readdir of every cgroup below
-    /// and a stat of each).
-    pub fn refresh_subtree<E: std::fmt::Display>(
-        &mut self,
-        mut register: impl FnMut(u64, u32) -> Result<(), E>,
-    ) -> Vec<std::path::PathBuf> {
-        let mut added = Vec::new();
+    /// Look at the VM's cgroup subtree: the cgroups in it that the VM does
+    /// not count yet (with their directories, to watch for theirs), and
+    /// those it counts that are gone. The caller counts and uncounts them
+    /// (see `Governor::tick`). A cgroup without children (most VMs) costs
+    /// one fstat of its held directory; only one with children is walked (a
+    /// readdir of every cgroup below and a stat of each).
+    pub fn look_at_subtree(&mut self) -> (Vec<(u64, std::path::PathBuf)>, Vec<u64>) {
         if self.dir.is_none() {
             self.dir = self.cgroup.open_dir().ok();
         }
-        if self.dir.as_ref().is_some_and(|d| cgroupfs::has_children(d).is_ok_and(|c| !c)) {
-            return added;
-        }
-        match self.cgroup.subtree() {
-            Ok(cgroups) => {
-                for (id, dir) in cgroups {
-                    if self.subtree.contains(&id) {
-                        continue;
-                    }
-                    match register(id, self.slot) {
-                        Ok(()) => {
-                            self.subtree.push(id);
-                            added.push(dir);
-                        }
-                        Err(e) => tracing::warn!(vm = %self.cfg.name, cgroup = id, "counting a child cgroup: {e}"),
+        let now: Vec<(u64, std::path::PathBuf)> =
+            if self.dir.as_ref().is_some_and(|d| cgroupfs::has_children(d).is_ok_and(|c| !c)) {
+                vec![(self.id, self.cgroup.dir())]
+            } else {
+                match self.cgroup.subtree() {
+                    Ok(now) => now,
+                    Err(e) => {
+                        tracing::debug!(vm = %self.cfg.name, "walking the cgroup subtree: {e}");
+                        return (Vec::new(), Vec::new());
                     }
                 }
-            }
-            Err(e) => tracing::debug!(vm = %self.cfg.name, "walking the cgroup subtree: {e}"),
-        }
-        added
+            };
+        let gone = self.live.iter().copied().filter(|id| !now.iter().any(|(n, _)| n == id)).collect();
+        let new = now.into_iter().filter(|(id, _)| !self.live.contains(id)).collect();
+        (new, gone)
     }
 
     pub fn name(&self) -> &str {

@@ -189,8 +189,8 @@ impl BpfTelemetry {
             source,
         })?;
         let mut loader = EbpfLoader::new();
-        // VM_STATS holds a copy of each slot per possible CPU.
-        let cpus = super::possible_cpus()?;
+        // VM_STATS holds a copy of each slot per CPU id.
+        let cpus = super::cpu_id_end()?;
         let nr_cpus = cpus as u32;
         loader.override_global("NR_CPUS", &nr_cpus, true);
         loader.map_max_entries(maps::VM_STATS, pins::vm_stats_entries(cpus));
@@ -397,9 +397,14 @@ impl Telemetry for BpfTelemetry {
     }
 
     /// A cgroup counted into a VM's slot (`count_cgroup_in`) shows only
-    /// what it counted before: its events since are in the VM's counters.
+    /// what it counted before: its events since are in the VM's counters
+    /// (what a CPU gathered for it and has not flushed is left out too, so
+    /// the figure never goes back).
     fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError> {
         let mut total = cgroup_entry(&self.cgroups, id)?;
+        if self.registered.contains_key(&id) {
+            return Ok(total);
+        }
         // After CGROUPS, never before (see CpuState::pending).
         let states =
             self.cpu_state.get(&0, 0).map_err(|source| TelemetryError::Map { name: maps::CPU_STATE, source })?;
@@ -453,6 +458,14 @@ impl Telemetry for BpfTelemetry {
 
     fn read_vms(&mut self, vms: &[VmKeys<'_>], out: &mut Vec<(CgroupStats, NetStats)>) -> Result<(), TelemetryError> {
         self.read_vms_in_place(vms, out)
+    }
+
+    fn uncount_cgroup(&mut self, id: u64) {
+        self.uncount_cgroup_in_map(id)
+    }
+
+    fn forget_stale(&mut self, cgroups: &HashSet<u64>, interfaces: &HashSet<u32>) {
+        self.forget_stale_in_maps(cgroups, interfaces)
     }
 
     fn set_vm_of_interface(&mut self, ifindex: u32, slot: u32) -> Result<(), TelemetryError> {

@@ -92,6 +92,16 @@ impl Telemetry for FakeTelemetry {
         Ok(())
     }
 
+    fn uncount_cgroup(&mut self, id: u64) {
+        self.state().cg_slot.remove(&id);
+    }
+
+    fn forget_stale(&mut self, cgroups: &HashSet<u64>, interfaces: &HashSet<u32>) {
+        let mut st = self.state();
+        st.cg_slot.retain(|id, _| cgroups.contains(id));
+        st.vm_of_if.retain(|i, _| interfaces.contains(i));
+    }
+
     fn clear_vm_of_interface(&mut self, ifindex: u32) {
         self.state().vm_of_if.remove(&ifindex);
     }

@@ -40,6 +40,25 @@ pub(crate) fn possible_cpus() -> Result<usize, TelemetryError> {
     })
 }
 
+/// One past the highest possible CPU id: the stride of `VM_STATS`, which
+/// the programs index by CPU id (not the count of possible CPUs, which is
+/// smaller when the possible mask has holes, as `0-3,8-11`).
+pub(crate) fn cpu_id_end() -> Result<usize, TelemetryError> {
+    const POSSIBLE: &str = "/sys/devices/system/cpu/possible";
+    let io = |source| TelemetryError::Io { op: "read", path: PathBuf::from(POSSIBLE), source };
+    let text = std::fs::read_to_string(POSSIBLE).map_err(io)?;
+    parse_cpu_id_end(&text).ok_or_else(|| io(std::io::Error::new(std::io::ErrorKind::InvalidData, text.clone())))
+}
+
+/// `0-3,8-11` -> 12.
+fn parse_cpu_id_end(text: &str) -> Option<usize> {
+    text.trim()
+        .split(',')
+        .map(|r| r.rsplit('-').next().and_then(|n| n.trim().parse::<usize>().ok()))
+        .try_fold(0, |end, n| Some(end.max(n? + 1)))
+        .filter(|end| *end > 0)
+}
+
 #[derive(Debug, Error)]
 pub enum TelemetryError {
     #[error("loading the kernel programs: {0}")]
@@ -110,7 +129,9 @@ pub trait Telemetry {
     fn attach_interface(&mut self, name: &str) -> Result<u32, TelemetryError>;
     /// Detach from an interface (a no-op when it is already gone).
     fn detach_interface(&mut self, name: &str);
-    /// Counters of one cgroup, summed over CPUs (zero if it never ran).
+    /// Counters of one cgroup, summed over CPUs (zero if it never ran). For
+    /// a cgroup counted into a VM's slot (`count_cgroup_in`), only what it
+    /// counted before: the VM's counters (`read_vms`) have the rest.
     fn cgroup(&self, id: u64) -> Result<CgroupStats, TelemetryError>;
     /// Counters of one interface, summed over CPUs.
     fn net(&self, ifindex: u32) -> Result<NetStats, TelemetryError>;
@@ -161,6 +182,17 @@ pub trait Telemetry {
         let _ = (id, slot);
         Ok(())
     }
+    /// Stop counting cgroup `id` into a VM's slot (a child cgroup that is
+    /// gone; what it counted stays in the slot).
+    fn uncount_cgroup(&mut self, id: u64) {
+        let _ = id;
+    }
+    /// Once every VM's cgroups and interfaces are known: stop counting any
+    /// other cgroup or interface into a VM's slot (what a governor before
+    /// left: a child since removed, an interface no longer in the config).
+    fn forget_stale(&mut self, cgroups: &HashSet<u64>, interfaces: &HashSet<u32>) {
+        let _ = (cgroups, interfaces);
+    }
     /// Every VM's counters, summed over CPUs, into `out` (one per key, in
     /// order): its cgroups' and interfaces' by default. The real kernel
     /// side counts a VM's events in its slot and reads them in place.
@@ -206,4 +238,16 @@ pub struct ProgramStat {
 /// Index of a VM direction in the QoS maps.
 pub fn qos_index(slot: u32, dir: Direction) -> u32 {
     slot * 2 + dir.index()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cpu_stride_is_one_past_the_highest_id() {
+        assert_eq!(super::parse_cpu_id_end("0-1\n"), Some(2));
+        assert_eq!(super::parse_cpu_id_end("0\n"), Some(1));
+        assert_eq!(super::parse_cpu_id_end("0-3,8-11\n"), Some(12));
+        assert_eq!(super::parse_cpu_id_end(""), None);
+        assert_eq!(super::parse_cpu_id_end("x"), None);
+    }
 }

@@ -26,7 +26,7 @@ type Shape = (&'static str, MapType, u32, u32, u32);
 
 fn shapes() -> Result<[Shape; 8], String> {
     let size = |n: usize| n as u32;
-    let cpus = super::possible_cpus().map_err(|e| e.to_string())?;
+    let cpus = super::cpu_id_end().map_err(|e| e.to_string())?;
     Ok([
         (maps::CGROUPS, MapType::PerCpuHash, 8, size(std::mem::size_of::<CgroupStats>()), size(MAX_CGROUPS)),
         (maps::NET, MapType::PerCpuHash, 4, size(std::mem::size_of::<NetEntry>()), size(MAX_IFACES)),
@@ -39,7 +39,7 @@ fn shapes() -> Result<[Shape; 8], String> {
     ])
 }
 
-/// Entries of `VM_STATS`: a copy of each VM slot per possible CPU.
+/// Entries of `VM_STATS`: a copy of each VM slot per CPU id.
 pub(super) fn vm_stats_entries(cpus: usize) -> u32 {
     (MAX_QOS_VMS * cpus) as u32
 }

@@ -10,7 +10,6 @@
 
 use std::collections::HashSet;
 
-use aya::maps::MapError;
 use governor_common::{maps, CgroupStats, CpuState, NetStats, Policer, QosStats};
 
 use super::bpf::BpfTelemetry;
@@ -20,13 +19,12 @@ use crate::qos::Direction;
 
 impl BpfTelemetry {
     pub(super) fn claim_slot_in_maps(&mut self, vm_id: u64, in_use: &[u32]) -> Result<u32, TelemetryError> {
-        match self.cg_slot.get(&vm_id, 0) {
-            Ok(s) if self.vm_stats.owner(s) == vm_id && !in_use.contains(&s) => {
-                tracing::debug!(cgroup = vm_id, slot = s, "the VM keeps the slot it had");
-                return Ok(s);
-            }
-            Ok(_) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(TelemetryError::Map { name: maps::CG_SLOT, source }),
+        // The slot whose owner word names the VM (the truth, also when its
+        // CG_SLOT entry was never written: a governor that died in between).
+        let slots = self.vm_stats.slots() as u32;
+        if let Some(s) = (0..slots).find(|s| self.vm_stats.owner(*s) == vm_id && !in_use.contains(s)) {
+            tracing::debug!(cgroup = vm_id, slot = s, "the VM keeps the slot it had");
+            return Ok(s);
         }
         let slot = (0..self.vm_stats.slots() as u32)
             .find(|s| self.vm_stats.owner(*s) == 0 && !in_use.contains(s))
@@ -84,6 +82,42 @@ impl BpfTelemetry {
             self.vm_stats.set_owner(*s, 0);
         }
         tracing::info!(slots = freed.len(), "released the slots of VMs a governor before watched");
+        // A program that read a freed slot from CG_SLOT or NET just before
+        // may still be adding to it for a moment (a program's run is
+        // microseconds): let it finish before a new VM's claim zeroes it.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    pub(super) fn uncount_cgroup_in_map(&mut self, id: u64) {
+        self.registered.remove(&id);
+        match self.cg_slot.remove(&id) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => tracing::warn!(cgroup = id, "removing its VM slot entry: {e}"),
+        }
+    }
+
+    pub(super) fn forget_stale_in_maps(&mut self, cgroups: &HashSet<u64>, interfaces: &HashSet<u32>) {
+        let stale: Vec<u64> = self.cg_slot.keys().filter_map(Result::ok).filter(|k| !cgroups.contains(k)).collect();
+        for id in &stale {
+            self.uncount_cgroup_in_map(*id);
+        }
+        let named: Vec<u32> = self
+            .net
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| !interfaces.contains(k) && v.iter().any(|e| e.qos_slot != 0))
+            .map(|(k, _)| k)
+            .collect();
+        for ifindex in &named {
+            self.clear_vm_of_interface(*ifindex);
+        }
+        if !stale.is_empty() || !named.is_empty() {
+            tracing::info!(
+                cgroups = stale.len(),
+                interfaces = named.len(),
+                "no longer counted into VM slots (left by a governor before)"
+            );
+        }
     }
 
     pub(super) fn count_cgroup_in_map(&mut self, id: u64, slot: u32) -> Result<(), TelemetryError> {
