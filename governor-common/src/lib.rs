@@ -111,6 +111,19 @@ pub struct NetStats {
 }
 
 impl NetStats {
+    /// Count one packet of `len` bytes: received by the interface
+    /// (`ingress`) or sent by it.
+    #[inline(always)]
+    pub fn count(&mut self, ingress: bool, len: u64) {
+        if ingress {
+            self.rx_bytes += len;
+            self.rx_packets += 1;
+        } else {
+            self.tx_bytes += len;
+            self.tx_packets += 1;
+        }
+    }
+
     #[inline(always)]
     pub fn add(&mut self, o: &NetStats) {
         self.rx_bytes += o.rx_bytes;
@@ -407,6 +420,15 @@ mod tests {
             let ns = x >> (x % 64);
             assert_eq!(delay_bucket(ns), by_log2(ns), "{ns} ns");
         }
+    }
+
+    #[test]
+    fn a_packet_counts_in_its_direction() {
+        let mut n = NetStats::default();
+        n.count(true, 100);
+        n.count(false, 7);
+        n.count(false, 3);
+        assert_eq!(n, NetStats { rx_bytes: 100, rx_packets: 1, tx_bytes: 10, tx_packets: 2 });
     }
 
     #[test]

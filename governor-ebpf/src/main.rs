@@ -470,24 +470,11 @@ fn count(ctx: &TcContext, ingress: bool) -> u32 {
     if vm_plus_one != 0 {
         if let Some(v) = slot_counters(vm_plus_one - 1) {
             // SAFETY: this CPU's copy of the VM's counters.
-            let v = unsafe { &mut (*v).net };
-            if ingress {
-                v.rx_bytes += len;
-                v.rx_packets += 1;
-            } else {
-                v.tx_bytes += len;
-                v.tx_packets += 1;
-            }
+            unsafe { (*v).net.count(ingress, len) };
             return vm_plus_one;
         }
     }
-    if ingress {
-        n.stats.rx_bytes += len;
-        n.stats.rx_packets += 1;
-    } else {
-        n.stats.tx_bytes += len;
-        n.stats.tx_packets += 1;
-    }
+    n.stats.count(ingress, len);
     n.qos_slot
 }
 

@@ -6,7 +6,7 @@ use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
-use super::bpf::{program, OBJECT};
+use super::load::{program, OBJECT};
 use super::TelemetryError;
 use crate::tracefs;
 

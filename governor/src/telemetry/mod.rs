@@ -21,6 +21,7 @@ mod bpf;
 #[cfg(any(test, feature = "fakes"))]
 pub mod fake;
 mod floor;
+mod load;
 mod pins;
 mod slots;
 mod vmstats;

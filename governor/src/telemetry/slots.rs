@@ -60,24 +60,7 @@ impl BpfTelemetry {
         if freed.is_empty() {
             return;
         }
-        let stale: Vec<u64> =
-            self.cg_slot.iter().filter_map(Result::ok).filter(|(_, s)| freed.contains(s)).map(|(k, _)| k).collect();
-        for id in stale {
-            if let Err(e) = self.cg_slot.remove(&id) {
-                tracing::warn!(cgroup = id, "releasing its VM slot: {e}");
-            }
-        }
-        let named = |slot: u32| slot != 0 && freed.contains(&(slot - 1));
-        let interfaces: Vec<u32> = self
-            .net
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| v.iter().any(|e| named(e.qos_slot)))
-            .map(|(k, _)| k)
-            .collect();
-        for ifindex in interfaces {
-            self.clear_vm_of_interface(ifindex);
-        }
+        self.unname(|_, slot| freed.contains(&slot), |_, slot| freed.contains(&slot));
         for s in &freed {
             self.vm_stats.set_owner(*s, 0);
         }
@@ -97,27 +80,33 @@ impl BpfTelemetry {
     }
 
     pub(super) fn forget_stale_in_maps(&mut self, cgroups: &HashSet<u64>, interfaces: &HashSet<u32>) {
-        let stale: Vec<u64> = self.cg_slot.keys().filter_map(Result::ok).filter(|k| !cgroups.contains(k)).collect();
-        for id in &stale {
+        let (c, i) = self.unname(|id, _| !cgroups.contains(&id), |ifindex, _| !interfaces.contains(&ifindex));
+        if c + i > 0 {
+            tracing::info!(cgroups = c, interfaces = i, "no longer counted into VM slots (left by a governor before)");
+        }
+    }
+
+    /// Stop counting into VM slots the cgroups (`CG_SLOT` entries) and the
+    /// interfaces (`NET` entries naming a slot) that `cgroup` and
+    /// `interface` pick, given the key and the slot; how many of each.
+    fn unname(&mut self, cgroup: impl Fn(u64, u32) -> bool, interface: impl Fn(u32, u32) -> bool) -> (usize, usize) {
+        let cgroups: Vec<u64> =
+            self.cg_slot.iter().filter_map(Result::ok).filter(|(k, s)| cgroup(*k, *s)).map(|(k, _)| k).collect();
+        for id in &cgroups {
             self.uncount_cgroup_in_map(*id);
         }
-        let named: Vec<u32> = self
+        // Every CPU's copy holds the same slot (set_net_slot writes them all).
+        let interfaces: Vec<u32> = self
             .net
             .iter()
             .filter_map(Result::ok)
-            .filter(|(k, v)| !interfaces.contains(k) && v.iter().any(|e| e.qos_slot != 0))
+            .filter(|(k, v)| v.iter().any(|e| e.qos_slot != 0 && interface(*k, e.qos_slot - 1)))
             .map(|(k, _)| k)
             .collect();
-        for ifindex in &named {
+        for ifindex in &interfaces {
             self.clear_vm_of_interface(*ifindex);
         }
-        if !stale.is_empty() || !named.is_empty() {
-            tracing::info!(
-                cgroups = stale.len(),
-                interfaces = named.len(),
-                "no longer counted into VM slots (left by a governor before)"
-            );
-        }
+        (cgroups.len(), interfaces.len())
     }
 
     pub(super) fn count_cgroup_in_map(&mut self, id: u64, slot: u32) -> Result<(), TelemetryError> {
