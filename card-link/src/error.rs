@@ -1,6 +1,6 @@
 //! Typed errors of the card link. Everything the card says is untrusted: any
 //! malformed, hostile or silent answer ends up as one of these, never a panic.
-//! Errors that come from below (the OS, the `vfio_user` client, `vfio-ioctls`)
+//! Errors that come from below (the OS, the vfio-user client, `vfio-ioctls`)
 //! keep that error as their source and say what was being done.
 
 use std::io;
@@ -23,13 +23,8 @@ pub enum CardError {
     Connect {
         path: PathBuf,
         #[source]
-        source: vfio_user::Error,
+        source: crate::transport::vfio_user::VfioUserError,
     },
-    /// After connecting, our end of the vfio-user socket could not be told
-    /// apart from other sockets to the same path, so its timeouts cannot be
-    /// bounded (a silent card could then hang us): refused instead.
-    #[error("cannot identify the vfio-user socket to bound its timeouts ({candidates} candidates)")]
-    SocketNotFound { candidates: usize },
     /// Kernel VFIO is missing on this host (checked before any ioctl).
     #[error("kernel VFIO is unavailable: {0}")]
     VfioUnavailable(String),
@@ -41,7 +36,7 @@ pub enum CardError {
         source: vfio_ioctls::VfioError,
     },
     /// A host-side resource of the link failed (eventfd, poll, socket
-    /// options, a helper thread): a problem of this host, not of the card.
+    /// options): a problem of this host, not of the card.
     #[error("{what}: {source}")]
     Os {
         what: &'static str,
@@ -62,7 +57,7 @@ pub enum CardError {
     Io {
         what: &'static str,
         #[source]
-        source: vfio_user::Error,
+        source: crate::transport::vfio_user::VfioUserError,
     },
     /// The card did not answer a link access within the timeout: it is silent.
     #[error("card did not answer within {timeout_ms} ms ({what})")]
@@ -75,6 +70,11 @@ pub enum CardError {
     /// Nothing was sent; retry once the card consumes again.
     #[error("card mailbox busy: {in_flight} of {slots} request slots not yet consumed by the card")]
     MailboxBusy { in_flight: u32, slots: u32 },
+    /// A command the host gave up on (timed out) is still unanswered by
+    /// the card: nothing was sent. The card is slow or silent; its health
+    /// check says which.
+    #[error("card has not answered {pending} command(s) given up on; nothing sent")]
+    Unanswered { pending: u32 },
     /// The card's heartbeat did not advance for three periods.
     #[error("card stalled: heartbeat stuck at {heartbeat} for {stuck_ms} ms (period {period_ms} ms)")]
     Stalled { heartbeat: u64, stuck_ms: u64, period_ms: u32 },

@@ -102,7 +102,8 @@ fn card_mailbox_1000_commands_in_order_on(mmap: bool) {
         "card-sim offers the fused doorbell"
     );
     drop(card);
-    let opts = CardOptions { command_timeout: Duration::from_secs(2), classic_doorbell: true };
+    let opts =
+        CardOptions { command_timeout: Duration::from_secs(2), classic_doorbell: true, ..CardOptions::default() };
     let mut card = card_link::connect_vfio_user(s.socket_path(), LINK_TIMEOUT, opts).expect("reconnect");
     for i in 0..200u64 {
         let m = card.echo(5000 + i, &i.to_be_bytes()).unwrap_or_else(|e| panic!("classic command {i}: {e}"));

@@ -72,7 +72,7 @@ impl Card {
             )));
         }
         if self.abandoned > 0 {
-            self.check_free_slot()?;
+            self.check_abandoned()?;
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
@@ -107,7 +107,8 @@ impl Card {
     pub(super) fn finish(&mut self, p: Pending) -> Result<Message> {
         let Pending { index, seq, op, expect, spin } = p;
         let resp = match self.wait_response(index, seq, op, expect, spin) {
-            Err(e @ CardError::Timeout { .. }) => {
+            // Given up on while the card may still hold it.
+            Err(e @ (CardError::Timeout { .. } | CardError::Stalled { .. })) => {
                 self.abandoned += 1;
                 self.resp_consumed = self.resp_consumed.wrapping_add(1);
                 return Err(e);
@@ -128,27 +129,27 @@ impl Card {
         Ok(resp)
     }
 
-    /// Timed-out commands may still sit in the request ring: never overwrite
-    /// a slot the card has not consumed. A ring full of them is a busy
-    /// mailbox (nothing is sent, nothing waited for); a consumed count that
-    /// is not within the ring is a card register out of range.
-    fn check_free_slot(&mut self) -> Result<()> {
-        let consumed = self.bar2_reg(mailbox::REG_REQ_CONSUMED)?;
-        let in_flight = self.req_produced.wrapping_sub(consumed);
-        if in_flight > self.slots {
+    /// A command given up on (timed out) may still be in the card: until
+    /// the card has answered every one, nothing more is sent (`Unanswered`,
+    /// at once). A card that has merely been slow catches up and the next
+    /// command goes; a silent one costs its caller one command timeout, not
+    /// one per command. An answered count outside the ring is a register
+    /// out of range.
+    pub(super) fn check_abandoned(&mut self) -> Result<()> {
+        let answered = self.bar2_reg(mailbox::REG_RESP_PRODUCED)?;
+        let pending = self.req_produced.wrapping_sub(answered);
+        if pending > self.slots {
             return Err(CardError::Range {
-                what: "mailbox requests in flight",
-                value: in_flight as u64,
+                what: "mailbox requests unanswered",
+                value: pending as u64,
                 range: "<= ring slots",
             });
         }
-        if in_flight == self.slots {
-            return Err(CardError::MailboxBusy { in_flight, slots: self.slots });
-        }
-        if in_flight == 0 {
+        if pending == 0 {
             self.abandoned = 0;
+            return Ok(());
         }
-        Ok(())
+        Err(CardError::Unanswered { pending })
     }
 
     fn wait_response(&mut self, index: u32, seq: u32, op: Op, expect: usize, spin: Duration) -> Result<Message> {
@@ -229,6 +230,23 @@ impl Card {
             }
             self.t.link_state()?;
             done = produced(self)?;
+            if !done {
+                // A card frozen mid-command (its heartbeat stopped too) is
+                // known well before the command timeout: three heartbeats
+                // and the probe bound (a heartbeat merely late, while the
+                // card works on a long command, is given that much).
+                let m = self.mem.as_ref().ok_or(CardError::Invalid("mapped wait on a message link".into()))?;
+                let regs = abi::read_mapped(&m.bar0)?;
+                let since = self.note_heartbeat(regs.heartbeat);
+                let frozen = Duration::from_millis(3 * regs.heartbeat_period_ms as u64) + self.opts.probe_timeout;
+                if since > frozen {
+                    return Err(CardError::Stalled {
+                        heartbeat: regs.heartbeat,
+                        stuck_ms: since.as_millis() as u64,
+                        period_ms: regs.heartbeat_period_ms,
+                    });
+                }
+            }
         }
         let msg = self.read_slot(off, HEADER_LEN.saturating_add(expect).min(self.slot_size as usize))?;
         check_answer(msg, seq, op)

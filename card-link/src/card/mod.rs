@@ -34,14 +34,27 @@ pub use snapshot::{SnapshotInfo, StreamStats, MAX_SNAPSHOT};
 pub struct CardOptions {
     /// Upper bound for one mailbox command (doorbell to response).
     pub command_timeout: Duration,
+    /// Upper bound for the link round trip of a health check: a card that
+    /// answers a register read slower than this is taken as silent. Short
+    /// (a few heartbeats) so that a silent card is known within a second,
+    /// whatever the command timeout.
+    pub probe_timeout: Duration,
     /// Ring the doorbell with its own write even if the card offers the
     /// fused doorbell (for comparison and for 1.0 behaviour).
     pub classic_doorbell: bool,
 }
 
+/// The default health probe bound: three heartbeats of a card beating
+/// every 100 ms, the same allowance as a stalled heartbeat gets.
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
 impl Default for CardOptions {
     fn default() -> Self {
-        CardOptions { command_timeout: Duration::from_secs(5), classic_doorbell: false }
+        CardOptions {
+            command_timeout: Duration::from_secs(5),
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            classic_doorbell: false,
+        }
     }
 }
 
@@ -53,6 +66,9 @@ pub struct HealthReport {
     pub health: Health,
     /// Time since the heartbeat last moved.
     pub since_beat: Duration,
+    /// The heartbeat had not moved for three periods, but the card
+    /// answered an echo: late (a busy card's firmware), not stalled.
+    pub late_beat: bool,
 }
 
 pub struct Card {
@@ -109,6 +125,25 @@ impl Card {
         match &mem {
             Some(m) => m.bar2.read(0, &mut regs)?,
             None => t.read(BAR2_INDEX, 0, &mut regs)?,
+        }
+        // A host before us (a link that broke) may have left commands the
+        // card is still working on: give them the probe timeout to be
+        // answered, so a reconnect after a slow moment finds the mailbox idle.
+        let settle = Instant::now() + opts.probe_timeout;
+        loop {
+            let reg = |r: u64| mailbox::get_reg(&regs, r).unwrap_or(0);
+            let (produced, consumed, answered) =
+                (reg(mailbox::REG_REQ_PRODUCED), reg(mailbox::REG_REQ_CONSUMED), reg(mailbox::REG_RESP_PRODUCED));
+            let busy = produced != consumed || answered != consumed;
+            // Counters further apart than the ring are garbage, not a busy card.
+            if !busy || produced.wrapping_sub(answered) > first.mailbox_slots || Instant::now() >= settle {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            match &mem {
+                Some(m) => m.bar2.read(0, &mut regs)?,
+                None => t.read(BAR2_INDEX, 0, &mut regs)?,
+            }
         }
         let reg = |r: u64| mailbox::get_reg(&regs, r).unwrap_or(0);
         let req_produced = reg(mailbox::REG_REQ_PRODUCED);
@@ -202,37 +237,104 @@ impl Card {
         r
     }
 
+    /// Judge liveness, every link round trip bounded by the probe timeout.
+    /// The card is dead when its heartbeat has not moved for three periods
+    /// and it does not answer either (commands given up on still pending,
+    /// or an echo unanswered within the probe bound), or when it reports
+    /// itself failed; a heartbeat that is only late while the card answers
+    /// is not a stall (`HealthReport::late_beat`). The link must answer one
+    /// message even when the BARs are mapped (their memory outlives a dead
+    /// or frozen card), and commands given up on must be answered within
+    /// the probe bound, followed by an echo.
     pub fn check_health(&mut self) -> Result<HealthReport> {
+        let probe = self.opts.probe_timeout;
+        let old = self.t.set_timeout(probe);
+        let r = self.check_health_now(probe);
+        if let Some(old) = old {
+            self.t.set_timeout(old);
+        }
+        r
+    }
+
+    fn check_health_now(&mut self, probe: Duration) -> Result<HealthReport> {
+        let s = self.registers()?;
+        let since = self.note_heartbeat(s.heartbeat);
+        let stale = since > Duration::from_millis(3 * s.heartbeat_period_ms as u64);
+        let stalled = || CardError::Stalled {
+            heartbeat: s.heartbeat,
+            stuck_ms: since.as_millis() as u64,
+            period_ms: s.heartbeat_period_ms,
+        };
+        if stale && self.abandoned > 0 && self.check_abandoned().is_err() {
+            // Frozen mid-command: nothing more to ask.
+            return Err(stalled());
+        }
         if self.mem.is_some() {
-            // Mapped memory outlives a dead or frozen card: one message
-            // across the link says whether the card still answers (a
-            // timeout, or the link closed, as on the message path).
             let mut word = [0u8; 4];
             self.t.read(BAR0_INDEX, 0, &mut word)?;
         }
-        let s = self.registers()?;
-        let now = Instant::now();
-        if s.heartbeat != self.last_beat {
-            self.last_beat = s.heartbeat;
-            self.last_beat_at = now;
-        }
-        let since = now.duration_since(self.last_beat_at);
-        if since > Duration::from_millis(3 * s.heartbeat_period_ms as u64) {
-            return Err(CardError::Stalled {
-                heartbeat: s.heartbeat,
-                stuck_ms: since.as_millis() as u64,
-                period_ms: s.heartbeat_period_ms,
-            });
-        }
         if s.health == Health::Failed {
             return Err(CardError::Failed(s.health as u32));
+        }
+        let had_abandoned = self.abandoned > 0;
+        if had_abandoned {
+            // Commands timed out: the card must answer them within the
+            // probe bound, and an echo, to show it still takes commands.
+            let until = Instant::now() + probe;
+            while let Err(e) = self.check_abandoned() {
+                if !matches!(e, CardError::Unanswered { .. }) || Instant::now() >= until {
+                    return Err(if stale { stalled() } else { e });
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        if stale || had_abandoned {
+            let echo = self.with_command_timeout(probe, |c| c.echo(0x6865_616c_7468, b"health"));
+            if let Err(e) = echo {
+                return Err(if stale { stalled() } else { e });
+            }
         }
         Ok(HealthReport {
             heartbeat: s.heartbeat,
             period_ms: s.heartbeat_period_ms,
             health: s.health,
             since_beat: since,
+            late_beat: stale,
         })
+    }
+
+    /// Note the heartbeat just read; returns the time since it last moved.
+    pub(super) fn note_heartbeat(&mut self, heartbeat: u64) -> Duration {
+        let now = Instant::now();
+        if heartbeat != self.last_beat {
+            self.last_beat = heartbeat;
+            self.last_beat_at = now;
+        }
+        now.duration_since(self.last_beat_at)
+    }
+
+    /// Whether something since the last health check says the card may be
+    /// slow or silent (a command given up on, the link broken): the caller
+    /// should check its health now rather than at the next period.
+    pub fn in_doubt(&self) -> bool {
+        self.abandoned > 0 || self.t.link_state().is_err()
+    }
+
+    /// Bound each later link exchange by `timeout` (a reconnect opens with
+    /// the short probe bound, then works with the command timeout).
+    pub fn set_link_timeout(&mut self, timeout: Duration) {
+        self.t.set_timeout(timeout);
+    }
+
+    /// End the link now: later calls fail with `LinkBroken`, and the card
+    /// can take another host connection.
+    pub fn close(&mut self, why: &str) {
+        self.t.close(why.to_string());
+    }
+
+    /// The heartbeat as last seen (a restarted card starts counting again).
+    pub fn last_heartbeat(&self) -> u64 {
+        self.last_beat
     }
 }
 

@@ -33,13 +33,16 @@ struct MappedFake {
     firmware_thread: Option<JoinHandle<()>>,
 }
 
+/// The fake's registers. Its heartbeat never moves, so its period is the
+/// longest the ABI allows: a frozen heartbeat is what only the stall test
+/// (`open_beating_every`) is about.
 fn regs() -> RegisterSnapshot {
     RegisterSnapshot {
         abi_minor: 3,
         serial: 3,
         model: "fake-mapped".into(),
         heartbeat: 1,
-        heartbeat_period_ms: 100,
+        heartbeat_period_ms: abi::MAX_PERIOD_MS,
         health: Health::Ok,
         card_time_ns: 1,
         mailbox_slots: DEFAULT_SLOTS,
@@ -52,10 +55,14 @@ fn regs() -> RegisterSnapshot {
 
 impl MappedFake {
     fn new(firmware: Firmware) -> MappedFake {
+        Self::with_registers(firmware, regs())
+    }
+
+    fn with_registers(firmware: Firmware, regs: RegisterSnapshot) -> MappedFake {
         let bar0 = Arc::new(SharedMem::create("fake-bar0", abi::BAR0_SIZE as usize).unwrap());
         let bar2_len = mailbox::bar2_size(DEFAULT_SLOTS, DEFAULT_SLOT_SIZE) as usize;
         let bar2 = Arc::new(SharedMem::create("fake-bar2", bar2_len).unwrap());
-        abi::publish_mapped(&bar0, &regs().encode()).unwrap();
+        abi::publish_mapped(&bar0, &regs.encode()).unwrap();
         let wires = Arc::new(Wires::default());
         let (b2, w) = (bar2.clone(), wires.clone());
         let firmware_thread = std::thread::spawn(move || run_firmware(&b2, &w, firmware));
@@ -138,7 +145,7 @@ impl Transport for MappedFake {
 fn open(firmware: Firmware) -> (Arc<SharedMem>, Arc<SharedMem>, Card) {
     let fake = MappedFake::new(firmware);
     let (bar0, bar2) = (fake.bar0.clone(), fake.bar2.clone());
-    let opts = CardOptions { command_timeout: Duration::from_millis(300), classic_doorbell: false };
+    let opts = CardOptions { command_timeout: Duration::from_millis(300), ..CardOptions::default() };
     let card = Card::open(Box::new(fake), opts).expect("open the mapped fake");
     assert_eq!(card.transport_info().access, Access::Mapped);
     (bar0, bar2, card)
@@ -286,6 +293,67 @@ fn a_card_that_never_answers_in_memory_times_out_on_time() {
     let t = Instant::now();
     assert!(matches!(c.echo(1, b""), Err(CardError::Timeout { .. })));
     assert!(t.elapsed() < Duration::from_millis(600), "{:?}", t.elapsed());
+}
+
+/// A card that answers a command after the host gave up on it takes the
+/// next one once it has caught up; until then callers are refused at once.
+#[test]
+fn a_late_answer_is_skipped_and_the_card_takes_the_next_command() {
+    let mut first = true;
+    let (_b0, _b2, mut c) = open(Box::new(move |m, _| {
+        if std::mem::take(&mut first) {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Some(Message::response_to(m, Status::Ok, m.arg0, m.arg1, m.payload.clone()).encode())
+    }));
+    assert!(matches!(c.echo(1, b"late"), Err(CardError::Timeout { .. })));
+    let t = Instant::now();
+    assert!(matches!(c.echo(2, b"early"), Err(CardError::Unanswered { pending: 1 })));
+    assert!(t.elapsed() < Duration::from_millis(50), "refused at once: {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(c.echo(3, b"next").expect("the next command after the late answer").arg0, 3);
+    c.check_health().expect("healthy once caught up");
+}
+
+/// A card whose heartbeat stops while it holds a command is known stalled
+/// within three heartbeats and the probe bound, long before the command
+/// timeout.
+#[test]
+fn a_card_frozen_mid_command_is_stalled_long_before_the_command_timeout() {
+    let fake =
+        MappedFake::with_registers(Box::new(|_, _| None), RegisterSnapshot { heartbeat_period_ms: 100, ..regs() });
+    let opts = CardOptions { command_timeout: Duration::from_secs(5), ..CardOptions::default() };
+    let mut c = Card::open(Box::new(fake), opts).expect("open the mapped fake");
+    let t = Instant::now();
+    match c.echo(1, b"") {
+        Err(CardError::Stalled { period_ms: 100, stuck_ms, .. }) => assert!(stuck_ms > 600, "{stuck_ms}"),
+        other => panic!("expected a stall, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_millis(900), "known after {:?}", t.elapsed());
+    // The health check says so at once: frozen, and the command unanswered.
+    let t = Instant::now();
+    assert!(matches!(c.check_health(), Err(CardError::Stalled { .. })));
+    assert!(t.elapsed() < Duration::from_millis(100), "judged in {:?}", t.elapsed());
+}
+
+/// A heartbeat that stops while the card still answers is late, not a
+/// stall; with the mailbox silent too, it is a stall.
+#[test]
+fn a_late_heartbeat_is_a_stall_only_when_the_card_does_not_answer() {
+    let beat100 = RegisterSnapshot { heartbeat_period_ms: 100, ..regs() };
+    let fake = MappedFake::with_registers(echo_firmware(), beat100.clone());
+    let mut c = Card::open(Box::new(fake), CardOptions::default()).expect("open");
+    assert!(!c.check_health().expect("fresh").late_beat);
+    std::thread::sleep(Duration::from_millis(350));
+    let h = c.check_health().expect("a late heartbeat with an answering card");
+    assert!(h.late_beat && h.since_beat > Duration::from_millis(300), "{h:?}");
+
+    let fake = MappedFake::with_registers(Box::new(|_, _| None), beat100);
+    let mut c = Card::open(Box::new(fake), CardOptions::default()).expect("open");
+    std::thread::sleep(Duration::from_millis(350));
+    let t = Instant::now();
+    assert!(matches!(c.check_health(), Err(CardError::Stalled { .. })));
+    assert!(t.elapsed() < Duration::from_millis(500), "judged within the probe bound: {:?}", t.elapsed());
 }
 
 /// A dense image the fake "holds" for snapshot reads.

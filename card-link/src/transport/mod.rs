@@ -40,6 +40,18 @@ pub trait Transport: Send {
         Ok(())
     }
 
+    /// Bound each later exchange by `timeout` (a quick health probe sets a
+    /// short one, then puts the old one back); returns the bound before,
+    /// or None when the transport has no such bound (kernel VFIO: an
+    /// access is a system call on a mapped device).
+    fn set_timeout(&mut self, _timeout: std::time::Duration) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// End the link now (`why` is what later accesses report): a card that
+    /// serves one host at a time can then take the next connection.
+    fn close(&mut self, _why: String) {}
+
     /// Let the card access `size` bytes of `fd` at I/O address `iova`
     /// (vfio-user DMA_MAP). Unsupported by default: the snapshot streams
     /// then go through the mailbox.
