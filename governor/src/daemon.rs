@@ -195,6 +195,7 @@ fn start_placement(
         specs,
         card_socket: card.socket.clone(),
         command_timeout: Duration::from_millis(card.command_timeout_ms),
+        probe_timeout: Duration::from_millis(card.probe_timeout_ms),
         host: HostSiteOptions {
             vmm_bin,
             guest: agent,

@@ -132,6 +132,7 @@ pub fn apply(card: &SimCard, req: &Request) -> Result<Reply, ApplyError> {
             let on = *on;
             match fault {
                 Fault::Stall => card.faults.stall.store(on, Ordering::Relaxed),
+                Fault::Silent => card.faults.silent.store(on, Ordering::Relaxed),
                 Fault::Garbage => {
                     card.faults.garbage.store(on, Ordering::Relaxed);
                     // A mapped BAR0 is what the host reads: rewrite it now,

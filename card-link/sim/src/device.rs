@@ -76,6 +76,8 @@ pub struct Faults {
     pub garbage: AtomicBool,
     /// Every mailbox command waits this long before it is handled.
     pub slow_ms: AtomicU64,
+    /// The vfio-user link holds every request until cleared.
+    pub silent: AtomicBool,
 }
 
 /// How long the mailbox thread keeps polling REQ_PRODUCED after its last
@@ -146,6 +148,27 @@ pub fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> Result<(
     }
 }
 
+/// The card's firmware threads (the link, the mailbox, the heartbeat) run
+/// before its data-plane work (relaying user traffic, the load knob, the
+/// VMs) when the card's CPU is contended, as firmware on cores of its own
+/// would: nice -10 for the calling thread. SCHED_RESET_ON_FORK makes the
+/// threads and processes it starts (a VM's `vmm`) begin at the default
+/// priority. Best effort: without the privilege the card runs on as it is.
+pub fn firmware_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: both calls take plain values and act on the calling thread
+    // (pid/who 0 with PRIO_PROCESS is the calling thread on Linux).
+    let (policy, nice) = unsafe {
+        (
+            libc::sched_setscheduler(0, libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, &param),
+            libc::setpriority(libc::PRIO_PROCESS, 0, -10),
+        )
+    };
+    if policy != 0 || nice != 0 {
+        tracing::debug!("firmware thread priority not raised: {}", std::io::Error::last_os_error());
+    }
+}
+
 impl SimCard {
     /// A card whose management VMs are modelled (`vms::ModelBackend`).
     pub fn new(cfg: SimConfig) -> Result<Arc<SimCard>, SimError> {
@@ -199,6 +222,7 @@ impl SimCard {
     pub fn spawn_threads(self: &Arc<Self>) -> Result<(), SimError> {
         let c = self.clone();
         spawn_thread("heartbeat".into(), move || {
+            firmware_priority();
             let period = Duration::from_millis(c.cfg.period_ms as u64);
             let mut next = Instant::now() + period;
             while !c.stop.load(Ordering::Relaxed) {
@@ -212,7 +236,10 @@ impl SimCard {
             }
         })?;
         let c = self.clone();
-        spawn_thread("mailbox".into(), move || c.mailbox_loop())
+        spawn_thread("mailbox".into(), move || {
+            firmware_priority();
+            c.mailbox_loop()
+        })
     }
 
     pub fn shutdown(&self) {
@@ -477,6 +504,14 @@ impl SimCard {
                 break;
             }
             std::thread::sleep((until - now).min(SLOW_STEP));
+        }
+    }
+
+    /// The silent fault: hold the link's current request while it is on
+    /// (or until the card shuts down).
+    pub(crate) fn silent_wait(&self) {
+        while self.faults.silent.load(Ordering::Relaxed) && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(SLOW_STEP);
         }
     }
 

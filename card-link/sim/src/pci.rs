@@ -54,6 +54,7 @@ fn einval(what: String) -> std::io::Error {
 impl ServerBackend for Backend {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), std::io::Error> {
         let c = &self.0;
+        c.silent_wait();
         let copy = |src: &SharedMem, data: &mut [u8]| -> Result<(), std::io::Error> {
             let off = usize::try_from(offset).map_err(|_| einval(format!("read at {offset:#x}")))?;
             src.read(off, data).map_err(|e| einval(format!("read {offset:#x}+{} in region {region}: {e}", data.len())))
@@ -80,6 +81,7 @@ impl ServerBackend for Backend {
             return Ok(()); // config space and BAR0 writes are ignored, as on the board
         }
         let c = &self.0;
+        c.silent_wait();
         let (slots, slot_size) = (c.cfg.slots as u64, c.cfg.slot_size as u64);
         let req_ring = mailbox::RINGS_OFFSET..mailbox::RINGS_OFFSET + slots * slot_size;
         let end = offset.checked_add(data.len() as u64).ok_or_else(|| einval("overflow".into()))?;
@@ -122,6 +124,7 @@ impl ServerBackend for Backend {
         fd: Option<File>,
     ) -> Result<(), std::io::Error> {
         let c = &self.0;
+        c.silent_wait();
         if !c.cfg.mmap {
             return Err(einval("this card takes no DMA mappings (--no-mmap)".into()));
         }

@@ -117,6 +117,10 @@ pub enum Fault {
     Slow,
     /// The process kills itself (SIGKILL).
     Crash,
+    /// The vfio-user link stops answering (the thread serving it holds
+    /// every request) while the process, its heartbeat and its mailbox go
+    /// on: firmware whose link thread is stuck. Cleared, it answers again.
+    Silent,
 }
 
 impl Fault {
@@ -126,6 +130,7 @@ impl Fault {
             Fault::Garbage => "garbage",
             Fault::Slow => "slow",
             Fault::Crash => "crash",
+            Fault::Silent => "silent",
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Live {
     decisions: Counters,
     qos_changes: Counters,
     tick_seconds: Histograms,
+    card_health_seconds: Histograms,
+    card_link: Counters,
 }
 
 impl Default for Live {
@@ -52,6 +54,8 @@ impl Default for Live {
             decisions: Counters::default(),
             qos_changes: Counters::default(),
             tick_seconds: Histograms::new_with_constructor(tick_buckets),
+            card_health_seconds: Histograms::new_with_constructor(tick_buckets),
+            card_link: Counters::default(),
         }
     }
 }
@@ -93,6 +97,16 @@ impl Live {
             self.qos_changes.clone(),
         );
         reg.register("tick_duration_seconds", "CPU-side duration of one sampling tick", self.tick_seconds.clone());
+        reg.register(
+            "card_health_check_duration_seconds",
+            "How long one health check of the card took (its link round trips included)",
+            self.card_health_seconds.clone(),
+        );
+        reg.register(
+            "card_link_events",
+            "Card link events short of a dead card: reconnected after a failed link, heartbeat late while the card answered",
+            self.card_link.clone(),
+        );
     }
 
     /// A placement record: the decision and each move it ran.
@@ -125,6 +139,15 @@ impl Live {
             ("result", if e.applied { "applied" } else { "failed" }.to_string()),
         ];
         self.qos_changes.get_or_create(&l).inc();
+    }
+
+    pub fn card_health_check(&self, seconds: f64) {
+        self.card_health_seconds.get_or_create(&Vec::new()).observe(seconds);
+    }
+
+    /// `event`: "reconnected" or "late_heartbeat".
+    pub fn card_link_event(&self, event: &'static str) {
+        self.card_link.get_or_create(&vec![("event", event.to_string())]).inc();
     }
 
     pub fn tick(&self, seconds: f64) {

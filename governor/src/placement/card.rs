@@ -49,6 +49,13 @@ impl CardSite {
         &mut self.card
     }
 
+    /// Put a new link to the same card in place of a failed one: the VMs
+    /// it runs for us are the same (the caller checked they are there).
+    pub fn replace_card(&mut self, card: Card) {
+        self.link = card.transport_info().to_string();
+        self.card = card;
+    }
+
     fn spec(&self, task: &str) -> VmSpec {
         VmSpec { name: task.to_string(), mem_mib: self.mem_mib.get(task).copied().unwrap_or(64), vcpus: 1 }
     }

@@ -20,6 +20,7 @@
 //! [card]
 //! socket = "/run/card-sim/card.sock"     # a vfio-user card (card-sim)
 //! command_timeout_ms = 2000              # one mailbox command, at most
+//! probe_timeout_ms = 300                 # a health check's link round trip, at most
 //!
 //! [[mc]]
 //! task = "log"              # monitor | log | qos | net-agent | storage-agent
@@ -130,10 +131,18 @@ pub struct CardConfig {
     /// Upper bound of one mailbox command (ms).
     #[serde(default = "default_command_timeout")]
     pub command_timeout_ms: u64,
+    /// Upper bound of the link round trip of a health check, and of a
+    /// reconnect (ms): a card silent this long is taken for dead.
+    #[serde(default = "default_probe_timeout")]
+    pub probe_timeout_ms: u64,
 }
 
 fn default_command_timeout() -> u64 {
     2000
+}
+
+fn default_probe_timeout() -> u64 {
+    card_link::card::DEFAULT_PROBE_TIMEOUT.as_millis() as u64
 }
 
 impl CardConfig {
@@ -143,6 +152,9 @@ impl CardConfig {
         }
         if !(10..=600_000).contains(&self.command_timeout_ms) {
             return Err(err("card.command_timeout_ms", format!("{} is outside 10..=600000", self.command_timeout_ms)));
+        }
+        if !(10..=60_000).contains(&self.probe_timeout_ms) {
+            return Err(err("card.probe_timeout_ms", format!("{} is outside 10..=60000", self.probe_timeout_ms)));
         }
         Ok(())
     }

@@ -173,8 +173,19 @@ impl Runtime {
         let period = Duration::from_millis(self.sites.card.card().identity().heartbeat_period_ms as u64);
         match &self.card {
             CardState::Healthy => {
-                if let Err(e) = self.sites.card.card().check_health() {
-                    self.card_died(e.to_string());
+                let t = Instant::now();
+                let r = self.sites.card.card().check_health();
+                self.opts.metrics.card_health_check(t.elapsed().as_secs_f64());
+                match r {
+                    Ok(h) if h.late_beat => {
+                        tracing::warn!(
+                            "placement: the card's heartbeat was late ({} ms without a beat) but the card answers",
+                            h.since_beat.as_millis()
+                        );
+                        self.opts.metrics.card_link_event("late_heartbeat");
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.card_unwell(e),
                 }
                 period
             }
@@ -185,6 +196,77 @@ impl Runtime {
                 period.max(Duration::from_millis(200))
             }
         }
+    }
+
+    /// A failed health check. A link that failed (no answer within the
+    /// probe bound, closed, a malformed reply) gets one new connection,
+    /// bounded by the probe timeout too: a card that answers on it, is the
+    /// same card (serial, heartbeat not restarted) and still holds our MC
+    /// VMs was only slow, and the new link replaces the old. Anything else
+    /// (a frozen heartbeat with an unanswering mailbox, a failed or
+    /// garbled card, a failed reconnect) is a dead card.
+    fn card_unwell(&mut self, e: card_link::CardError) {
+        use card_link::CardError as E;
+        let link_failed = matches!(e, E::Timeout { .. } | E::LinkBroken(_) | E::Io { .. });
+        if !link_failed {
+            self.card_died(e.to_string());
+            return;
+        }
+        match self.relink() {
+            Ok(()) => {
+                tracing::warn!(
+                    "placement: the card link failed ({e}); reconnected, the card answers and holds its MC VMs"
+                );
+                self.opts.metrics.card_link_event("reconnected");
+            }
+            Err(again) => self.card_died(format!("{e}; a new connection failed too: {again}")),
+        }
+    }
+
+    /// Close the card link and open a new one (see `card_unwell`).
+    fn relink(&mut self) -> Result<(), String> {
+        let (serial, beat) = {
+            let old = self.sites.card.card();
+            let serial = old.identity().serial;
+            let beat = old.last_heartbeat();
+            old.close("replaced by a new connection");
+            (serial, beat)
+        };
+        let mut card = self.connect_card().map_err(|e| e.to_string())?;
+        let h = card.check_health().map_err(|e| e.to_string())?;
+        if card.identity().serial != serial || h.heartbeat < beat {
+            return Err(format!(
+                "another card answers (serial {:#x}, heartbeat {}; was {serial:#x} at {beat}): its MC VMs are gone",
+                card.identity().serial,
+                h.heartbeat
+            ));
+        }
+        let probe = self.opts.probe_timeout;
+        let list = card.with_command_timeout(probe, |c| c.list_vms()).map_err(|e| e.to_string())?;
+        for (task, id) in self.sites.card.tasks() {
+            let there = list.iter().any(|v| {
+                v.id == id
+                    && matches!(v.state, card_link::mailbox::VmState::Running | card_link::mailbox::VmState::Paused)
+            });
+            if !there {
+                return Err(format!("{task}'s VM {id} is no longer on the card"));
+            }
+        }
+        card.set_link_timeout(self.opts.command_timeout);
+        self.sites.card.replace_card(card);
+        Ok(())
+    }
+
+    /// A new link to the card, every exchange of its opening bounded by
+    /// the probe timeout (a silent card costs that, and no thread or
+    /// socket is left behind), later ones by the command timeout.
+    fn connect_card(&self) -> Result<card_link::Card, card_link::CardError> {
+        let o = &self.opts;
+        let opts =
+            CardOptions { command_timeout: o.command_timeout, probe_timeout: o.probe_timeout, ..Default::default() };
+        let mut card = card_link::connect_vfio_user(&o.card_socket, o.probe_timeout, opts)?;
+        card.set_link_timeout(o.command_timeout);
+        Ok(card)
     }
 
     /// Checkpoint every card-side MC VM to the host: a diff of what it
@@ -306,17 +388,15 @@ impl Runtime {
 
     /// Reconnect (a crashed card comes back as a new process on the same
     /// socket) and check health; when healthy, fence our old copies and let
-    /// the normal rules bring VMs back.
+    /// the normal rules bring VMs back. The old link is closed before a new
+    /// one is tried (a card serves one host connection at a time), and a
+    /// try costs at most the probe timeout.
     fn try_card_back(&mut self) {
         let healthy_now = self.sites.card.card().check_health().is_ok();
         if !healthy_now {
-            let o = &self.opts;
-            let opts = CardOptions { command_timeout: o.command_timeout, ..CardOptions::default() };
-            let back = card_link::connect_vfio_user(&o.card_socket, o.command_timeout, opts)
-                .ok()
-                .and_then(|mut c| c.check_health().is_ok().then_some(c));
-            match back {
-                Some(c) => {
+            self.sites.card.card().close("the card is down; reconnecting");
+            match self.connect_card().and_then(|mut c| c.check_health().map(|_| c)) {
+                Ok(c) => {
                     let mut site = CardSite::new(c);
                     for s in &self.opts.specs {
                         site.register(&s.task, s.mem_mib as u32);
@@ -324,7 +404,8 @@ impl Runtime {
                     // The dead card's site has nothing to stop: forget_all ran.
                     self.sites.card = site;
                 }
-                None => {
+                Err(e) => {
+                    tracing::debug!("placement: the card is still down: {e}");
                     if let CardState::Down { next_try, .. } = &mut self.card {
                         *next_try = Instant::now() + Duration::from_secs(1);
                     }

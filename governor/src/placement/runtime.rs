@@ -41,6 +41,8 @@ pub struct RuntimeOptions {
     pub specs: Vec<McSpec>,
     pub card_socket: PathBuf,
     pub command_timeout: Duration,
+    /// A health check's link round trip, and a reconnect, at most.
+    pub probe_timeout: Duration,
     pub host: HostSiteOptions,
     pub audit_log: Option<PathBuf>,
     pub dry_run: bool,
@@ -220,7 +222,11 @@ impl Runtime {
         let card = card_link::connect_vfio_user(
             &opts.card_socket,
             opts.command_timeout,
-            CardOptions { command_timeout: opts.command_timeout, ..CardOptions::default() },
+            CardOptions {
+                command_timeout: opts.command_timeout,
+                probe_timeout: opts.probe_timeout,
+                ..CardOptions::default()
+            },
         )
         .with_context(|| format!("card.socket {}", opts.card_socket.display()))?;
         let mut card = CardSite::new(card);
@@ -378,6 +384,11 @@ impl Runtime {
         let mut next_checkpoint = Instant::now() + self.opts.checkpoint;
         loop {
             let now = Instant::now();
+            if matches!(self.card, CardState::Healthy) && self.sites.card.card().in_doubt() {
+                // A command went unanswered or the link broke: judge the
+                // card now, not half a heartbeat later.
+                next_health = now;
+            }
             let wake = next_tick.min(next_health).min(next_checkpoint);
             match rx.recv_timeout(wake.saturating_duration_since(now)) {
                 Ok(Command::Stop) => break,

@@ -120,6 +120,8 @@ fn run() -> Result<(), SimError> {
         let c = card.clone();
         device::spawn_thread("control".into(), move || control::serve(c, l))?;
     }
+    // This thread serves the link from here on (every other thread is started).
+    device::firmware_priority();
     device::serve(card)
 }
 
