@@ -295,12 +295,18 @@ fn card_fault_stall_is_detected_within_three_heartbeats() {
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("stall detected after {after:?}: {e}");
     assert!(matches!(e, CardError::Stalled { .. }), "expected Stalled, got {e}");
-    // Three periods plus the polling interval and one period of phase.
-    assert!(after <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2), "stall detected too late: {after:?}");
-    // The stalled firmware does not run commands: a typed timeout, on time.
+    // Three periods without a beat, the echo that goes unanswered within
+    // the probe bound, the polling interval and one period of phase.
+    let probe = card_link::card::DEFAULT_PROBE_TIMEOUT;
+    assert!(after <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2) + probe, "stall detected too late: {after:?}");
+    // The stalled firmware does not run commands: refused at once (its
+    // echo is still unanswered) or a typed timeout, on time.
     let t1 = Instant::now();
     let r = card.echo(1, b"x");
-    assert!(matches!(r, Err(CardError::Timeout { .. })), "command on a stalled card: {r:?}");
+    assert!(
+        matches!(r, Err(CardError::Timeout { .. } | CardError::Unanswered { .. })),
+        "command on a stalled card: {r:?}"
+    );
     assert!(t1.elapsed() < Duration::from_millis(900), "timeout took {:?}", t1.elapsed());
     s.control(&Request::fault(Fault::Stall, false)).expect("clear stall");
     std::thread::sleep(Duration::from_millis(2 * PERIOD_MS));
@@ -327,7 +333,10 @@ fn card_fault_silent_card_is_detected_within_three_heartbeats() {
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("silent card detected after {after:?}: {e}");
     assert!(matches!(e, CardError::Timeout { .. }), "expected Timeout, got {e}");
-    assert!(after <= Duration::from_millis(3 * PERIOD_MS), "silence detected too late: {after:?}");
+    // The health check's link round trip is bounded by the probe timeout
+    // (three heartbeats), whatever the link timeout of other exchanges.
+    let probe = card_link::card::DEFAULT_PROBE_TIMEOUT;
+    assert!(after <= probe + Duration::from_millis(PERIOD_MS / 2), "silence detected too late: {after:?}");
     // The link is now refused until reconnect; still a typed error, no hang.
     assert!(matches!(card.registers(), Err(CardError::LinkBroken(_))));
 }
@@ -406,7 +415,10 @@ fn card_fault_crash_is_reported_and_host_keeps_running() {
     }
     let (e, after) = wait_unhealthy(&mut card, t0, Duration::from_secs(5));
     eprintln!("crash detected after {after:?}: {e}");
-    assert!(matches!(e, CardError::Io { .. } | CardError::Timeout { .. }), "expected Io or Timeout, got {e}");
+    assert!(
+        matches!(e, CardError::Io { .. } | CardError::Timeout { .. } | CardError::LinkBroken(_)),
+        "expected the link closed (Io or LinkBroken) or Timeout, got {e}"
+    );
     assert!(after <= Duration::from_millis(3 * PERIOD_MS), "crash detected too late: {after:?}");
     assert!(card.echo(1, b"x").is_err());
     // The host goes on: a new card works.
@@ -455,7 +467,8 @@ fn card_watchdog_reports_stall_and_recovery() {
     let (at, v, healthy) = rx.recv_timeout(Duration::from_secs(2)).expect("stall reported");
     eprintln!("watchdog: {v} after {:?}", at - t0);
     assert!(!healthy && v.contains("Stalled"), "expected a stall report, got {v}");
-    assert!(at - t0 <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2), "reported after {:?}", at - t0);
+    let probe = card_link::card::DEFAULT_PROBE_TIMEOUT;
+    assert!(at - t0 <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2) + probe, "reported after {:?}", at - t0);
     s.control(&Request::fault(Fault::Stall, false)).expect("clear stall");
     let (_, v, healthy) = rx.recv_timeout(Duration::from_secs(2)).expect("recovery reported");
     assert!(healthy, "expected recovery, got {v}");

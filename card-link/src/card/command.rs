@@ -22,6 +22,9 @@ const POLL_SLICE: Duration = Duration::from_millis(50);
 /// the eventfd: a quick command is answered well within it, and waking
 /// from poll costs more than this much spinning.
 const HOST_SPIN: Duration = Duration::from_micros(150);
+/// How long a command waits for the card to answer commands given up on
+/// before it is refused (`Unanswered`) without being sent.
+const UNANSWERED_GRACE: Duration = Duration::from_millis(50);
 /// The first part of a spin that does not yield (an answer from a card
 /// that is already polling comes within it).
 const PURE_SPIN: Duration = Duration::from_micros(5);
@@ -72,7 +75,15 @@ impl Card {
             )));
         }
         if self.abandoned > 0 {
-            self.check_abandoned()?;
+            // A card slow for a moment (a fault just cleared, a busy
+            // firmware) answers a command given up on within moments.
+            let until = Instant::now() + UNANSWERED_GRACE;
+            while let Err(e) = self.check_abandoned() {
+                if !matches!(e, CardError::Unanswered { .. }) || Instant::now() >= until {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
@@ -110,6 +121,7 @@ impl Card {
             // Given up on while the card may still hold it.
             Err(e @ (CardError::Timeout { .. } | CardError::Stalled { .. })) => {
                 self.abandoned += 1;
+                self.abandoned_total += 1;
                 self.resp_consumed = self.resp_consumed.wrapping_add(1);
                 return Err(e);
             }

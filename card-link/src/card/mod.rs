@@ -69,6 +69,9 @@ pub struct HealthReport {
     /// The heartbeat had not moved for three periods, but the card
     /// answered an echo: late (a busy card's firmware), not stalled.
     pub late_beat: bool,
+    /// Commands given up on that the card has still not answered while
+    /// its heartbeat and link go on: a slow mailbox, not a dead card.
+    pub unanswered: u32,
 }
 
 pub struct Card {
@@ -85,6 +88,10 @@ pub struct Card {
     last_beat_at: Instant,
     /// Commands given up on (timed out) that the card may still hold.
     abandoned: u32,
+    /// Commands given up on since this card was opened, and that count as
+    /// of the last health check: more now means a fresh doubt.
+    abandoned_total: u64,
+    abandoned_checked: u64,
     scratch: Vec<u8>,
     /// BAR0 and BAR2 mapped into this process (ABI 1.3), or None: every
     /// access is a message on the transport.
@@ -175,6 +182,8 @@ impl Card {
             last_beat: first.heartbeat,
             last_beat_at: Instant::now(),
             abandoned: 0,
+            abandoned_total: 0,
+            abandoned_checked: 0,
             scratch: Vec::new(),
             no_dma: (first.features & abi::FEATURE_DMA_STREAM == 0 || mem.is_none())
                 .then(|| "the card offers no DMA streams (ABI 1.3 DMA_STREAM with mapped BARs)".to_string()),
@@ -276,19 +285,35 @@ impl Card {
         if s.health == Health::Failed {
             return Err(CardError::Failed(s.health as u32));
         }
-        let had_abandoned = self.abandoned > 0;
-        if had_abandoned {
-            // Commands timed out: the card must answer them within the
-            // probe bound, and an echo, to show it still takes commands.
-            let until = Instant::now() + probe;
-            while let Err(e) = self.check_abandoned() {
-                if !matches!(e, CardError::Unanswered { .. }) || Instant::now() >= until {
-                    return Err(if stale { stalled() } else { e });
+        // Commands given up on since the last check get the probe bound to
+        // be answered (a card slow for a moment catches up); older ones
+        // were waited for already.
+        let fresh = self.abandoned_total != self.abandoned_checked;
+        self.abandoned_checked = self.abandoned_total;
+        let mut unanswered = 0;
+        if self.abandoned > 0 {
+            let until = Instant::now() + if fresh { probe } else { Duration::ZERO };
+            loop {
+                match self.check_abandoned() {
+                    Ok(()) => break,
+                    Err(CardError::Unanswered { pending }) if Instant::now() >= until => {
+                        unanswered = pending;
+                        break;
+                    }
+                    Err(CardError::Unanswered { .. }) => std::thread::sleep(Duration::from_millis(2)),
+                    Err(e) => return Err(e),
                 }
-                std::thread::sleep(Duration::from_millis(2));
             }
         }
-        if stale || had_abandoned {
+        if unanswered > 0 {
+            // Frozen (no heartbeat either), or slow: the heartbeat goes on
+            // and the link answers, only the mailbox is behind.
+            if stale {
+                return Err(stalled());
+            }
+        } else if stale || fresh {
+            // The card must show it takes commands: a late heartbeat with
+            // an answer is late, without one it is a stall.
             let echo = self.with_command_timeout(probe, |c| c.echo(0x6865_616c_7468, b"health"));
             if let Err(e) = echo {
                 return Err(if stale { stalled() } else { e });
@@ -300,6 +325,7 @@ impl Card {
             health: s.health,
             since_beat: since,
             late_beat: stale,
+            unanswered,
         })
     }
 
@@ -317,7 +343,7 @@ impl Card {
     /// slow or silent (a command given up on, the link broken): the caller
     /// should check its health now rather than at the next period.
     pub fn in_doubt(&self) -> bool {
-        self.abandoned > 0 || self.t.link_state().is_err()
+        self.abandoned_total != self.abandoned_checked || self.t.link_state().is_err()
     }
 
     /// Bound each later link exchange by `timeout` (a reconnect opens with

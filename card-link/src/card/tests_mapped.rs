@@ -309,7 +309,7 @@ fn a_late_answer_is_skipped_and_the_card_takes_the_next_command() {
     assert!(matches!(c.echo(1, b"late"), Err(CardError::Timeout { .. })));
     let t = Instant::now();
     assert!(matches!(c.echo(2, b"early"), Err(CardError::Unanswered { pending: 1 })));
-    assert!(t.elapsed() < Duration::from_millis(50), "refused at once: {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_millis(100), "refused after the grace: {:?}", t.elapsed());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(c.echo(3, b"next").expect("the next command after the late answer").arg0, 3);
     c.check_health().expect("healthy once caught up");

@@ -184,6 +184,13 @@ impl Runtime {
                         );
                         self.opts.metrics.card_link_event("late_heartbeat");
                     }
+                    Ok(h) if h.unanswered > 0 => {
+                        tracing::warn!(
+                            "placement: the card's mailbox has not answered {} command(s) given up on; its heartbeat \
+                             and link go on (a slow card, not a dead one)",
+                            h.unanswered
+                        );
+                    }
                     Ok(_) => {}
                     Err(e) => self.card_unwell(e),
                 }
@@ -283,6 +290,11 @@ impl Runtime {
             match r {
                 Ok(what) => tracing::debug!(task, ms = t.elapsed().as_millis(), "checkpoint: {what}"),
                 Err(e) => tracing::warn!(task, "checkpointing the card-side MC VM: {e}"),
+            }
+            if self.sites.card.card().in_doubt() {
+                // The card did not answer: its health is judged first (the
+                // other checkpoints wait for the next round).
+                break;
             }
         }
     }
