@@ -169,6 +169,23 @@ impl System {
         self.wait("the placement API after a restart", Duration::from_secs(20), |s| s.try_placement().is_some());
     }
 
+    /// The governor's Prometheus exposition (needs `metrics_port`).
+    pub fn metrics(&self, port: u16) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("write");
+        let mut body = String::new();
+        s.read_to_string(&mut body).expect("read");
+        body
+    }
+
+    /// The governor process's thread and open fd counts.
+    pub fn governor_threads_and_fds(&self) -> (usize, usize) {
+        let pid = self.gov.id();
+        let count = |d: &str| std::fs::read_dir(format!("/proc/{pid}/{d}")).map_or(0, |r| r.count());
+        (count("task"), count("fd"))
+    }
+
     pub fn call(&self, req: &Request) -> Response {
         api::call(&self.socket, req).unwrap_or_else(|e| panic!("{req:?}: {e:#}"))
     }

@@ -298,7 +298,10 @@ fn card_fault_stall_is_detected_within_three_heartbeats() {
     // Three periods without a beat, the echo that goes unanswered within
     // the probe bound, the polling interval and one period of phase.
     let probe = card_link::card::DEFAULT_PROBE_TIMEOUT;
-    assert!(after <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2) + probe, "stall detected too late: {after:?}");
+    assert!(
+        after <= Duration::from_millis(4 * PERIOD_MS + PERIOD_MS / 2) + probe,
+        "stall detected too late: {after:?}"
+    );
     // The stalled firmware does not run commands: refused at once (its
     // echo is still unanswered) or a typed timeout, on time.
     let t1 = Instant::now();
@@ -610,4 +613,144 @@ fn crc32(b: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// Every user the governor has of the card link, at once, each from a
+/// thread of its own (the governor takes turns on one thread; here they
+/// race for the link as closely as a shared one allows): health polls, the
+/// placement tick's telemetry (registers and per-VM costs), the three
+/// agents' bulk exchanges with real MC VMs, checkpoints (a live base, then
+/// pause, a diff, resume) and echoes. 200,000 of them, through the
+/// governor's own card site and meter, with the card's CPU loaded to its
+/// quota: every one is answered, and answered right.
+#[test]
+fn every_user_of_the_card_link_at_once_gets_every_command_answered() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::Mutex;
+
+    use governor::placement::card::CardSite;
+    use governor::placement::meter::CardMeter;
+    use governor::placement::mover::Site;
+    use vmm::proto::logs::LogRecord;
+    use vmm::proto::qos::QosSignals;
+    use vmm::proto::signals::{VmSignals, FLAG_EXISTS};
+
+    integration_tests::require_root();
+    integration_tests::require_kvm();
+    const TARGET: u64 = 200_000;
+    let s = SimProcess::spawn(&SimOptions {
+        period_ms: PERIOD_MS as u32,
+        guest: Some(integration_tests::guest_elf()),
+        ..Default::default()
+    })
+    .expect("card-sim with real MC VMs");
+    // The governor's settings in the demo: 3 s a command, the default probe.
+    let card = connect(&s, Duration::from_secs(3));
+    let mut site = CardSite::new(card);
+    for task in ["monitor", "log", "qos"] {
+        site.cold_start(task, 32).unwrap_or_else(|e| panic!("{task} on the card: {e}"));
+    }
+    s.control(&load(Load { cpu: Some(1.0), ..Default::default() })).expect("load the card's CPU");
+    let site = Arc::new(Mutex::new(site));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(Mutex::new(None::<String>));
+    let stop = Arc::new(AtomicBool::new(false));
+    type User = Box<dyn FnMut(&mut CardSite, u64) -> Result<(), String> + Send>;
+    let fleet: Vec<VmSignals> = (0..50)
+        .map(|slot| VmSignals { slot, flags: FLAG_EXISTS, cpu_ns_total: 1000 + slot as u64, ..VmSignals::default() })
+        .collect();
+    let qos: Vec<QosSignals> = (0..50).map(|slot| QosSignals { slot, ..QosSignals::default() }).collect();
+    let mut meter = CardMeter::default();
+    let mut live_base = false;
+    let users: Vec<(&str, User)> = vec![
+        ("health", Box::new(|s, _| s.card().check_health().map(|_| ()).map_err(|e| e.to_string()))),
+        ("tick", Box::new(move |s, _| meter.read(s.card()).map(|_| ()).map_err(|e| e.to_string()))),
+        (
+            "monitor",
+            Box::new(move |s, i| s.monitor_tick("monitor", i + 1, 500, &fleet).map(|_| ()).map_err(|e| e.to_string())),
+        ),
+        (
+            "log",
+            Box::new(|s, i| {
+                let mut text = [0u8; vmm::proto::logs::TEXT_LEN];
+                text[..4].copy_from_slice(b"line");
+                let r = LogRecord { slot: 0, flags: 0, host_seq: i + 1, len: 4, text };
+                let acks = s.log_take("log", i + 1, 1, &[r]).map_err(|e| e.to_string())?;
+                match acks.as_slice() {
+                    [a] if a.last_host == i + 1 => Ok(()),
+                    other => Err(format!("log line {} acknowledged as {other:?}", i + 1)),
+                }
+            }),
+        ),
+        (
+            "qos",
+            Box::new(move |s, i| s.qos_tick("qos", i + 1, (1000, 5000), &qos).map(|_| ()).map_err(|e| e.to_string())),
+        ),
+        (
+            "checkpoint",
+            Box::new(move |s, _| {
+                // As the governor checkpoints: a live base once, then a
+                // diff taken paused, resumed whatever the diff did.
+                if !std::mem::replace(&mut live_base, true) {
+                    s.snapshot_live("monitor")?.ok_or("no pre-copy on card-sim")?;
+                }
+                s.pause("monitor")?;
+                let diff = s.snapshot_diff("monitor");
+                s.resume("monitor")?;
+                diff.map(|_| ())
+            }),
+        ),
+        (
+            "echo",
+            Box::new(|s, i| {
+                let payload = i.to_le_bytes().repeat((i % 13) as usize + 1);
+                let m = s.card().echo(i, &payload).map_err(|e| e.to_string())?;
+                if m.arg0 != i || m.payload != payload {
+                    return Err(format!("echo {i} answered with {} ({} bytes)", m.arg0, m.payload.len()));
+                }
+                Ok(())
+            }),
+        ),
+    ];
+    let t0 = Instant::now();
+    let threads: Vec<_> = users
+        .into_iter()
+        .map(|(name, mut user)| {
+            let (site, done, failed, stop) = (site.clone(), done.clone(), failed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut mine = 0u64;
+                while !stop.load(Ordering::Relaxed) && done.load(Ordering::Relaxed) < TARGET {
+                    let r = {
+                        let mut s = site.lock().unwrap_or_else(|e| e.into_inner());
+                        user(&mut s, mine)
+                    };
+                    if let Err(e) = r {
+                        let n = done.load(Ordering::Relaxed);
+                        failed
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(format!("{name} call {mine} (after {n} commands, {:?}): {e}", t0.elapsed()));
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
+                    mine += 1;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    // Let the others have the link in turn.
+                    std::thread::yield_now();
+                }
+                (name, mine)
+            })
+        })
+        .collect();
+    let counts: Vec<(&str, u64)> = threads.into_iter().map(|t| t.join().expect("user thread")).collect();
+    let took = t0.elapsed();
+    eprintln!("{} commands in {took:?}: {counts:?}", done.load(Ordering::Relaxed));
+    s.control(&load(Load { cpu: Some(0.0), ..Default::default() })).expect("unload");
+    if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        panic!("a command was not answered right: {e}");
+    }
+    assert!(done.load(Ordering::Relaxed) >= TARGET);
+    assert!(counts.iter().all(|(_, n)| *n > 0), "every user got the link: {counts:?}");
+    let mut site = site.lock().unwrap_or_else(|e| e.into_inner());
+    site.card().check_health().expect("healthy after them all");
 }

@@ -189,3 +189,106 @@ fn a_card_dead_before_any_checkpoint_has_its_vms_started_cold() {
     let c = s.agent("log", AgentOp::Counters, 0);
     assert_eq!((c.work, c.log_seq), (0, 0), "a cold start begins from nothing");
 }
+
+/// A loopback port nothing listens on now (for the governor's metrics).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// The value of a counter line of the exposition, 0 when absent.
+fn counter(metrics: &str, line_start: &str) -> f64 {
+    metrics.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// The card link falls silent while the card itself runs on (the thread
+/// serving its link stuck, its heartbeat and mailbox going on: how the demo
+/// lost its card). A silence shorter than the probe bound goes unnoticed;
+/// one a little longer is bridged by a new connection, with no card death.
+/// A silence that lasts is a dead card: every MC VM is up on the host
+/// within a second, and for the 60 s it stays silent the governor's
+/// reconnect attempts hold no extra thread or socket (its threads and fds
+/// stay within 2 of where they were) while the API answers at once. When
+/// the link answers again, the card is back and the VMs return to it.
+#[test]
+fn a_silent_card_link_is_a_dead_card_within_a_second_and_comes_back_when_it_answers() {
+    require_root();
+    require_kvm();
+    let port = free_port();
+    let mut s = System::start(&SystemOptions {
+        checkpoint_s: 1,
+        dwell_s: 2,
+        metrics_port: Some(port),
+        ..SystemOptions::default()
+    });
+    std::thread::sleep(Duration::from_millis(1300));
+    let silent = |s: &System, on: bool| {
+        s.sim.control(&card_sim::Request::fault(card_sim::Fault::Silent, on)).expect("silent fault");
+    };
+    let card_deaths =
+        |s: &System, after: u64| s.decisions(after).iter().filter(|d| d.reason == Reason::CardDead).count();
+    let tick0 = s.decisions(0).last().map_or(0, |d| d.tick);
+
+    // 100 ms: within the probe bound (300 ms), nothing happens.
+    silent(&s, true);
+    std::thread::sleep(Duration::from_millis(100));
+    silent(&s, false);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(card_deaths(&s, tick0), 0, "a 100 ms silence is not a dead card");
+    assert!(s.placement().tasks.iter().all(|t| t.side == Side::Card));
+
+    // 450 ms: the probe gives up, a new connection bridges it.
+    let reconnects = counter(&s.metrics(port), "governor_card_link_events_total{event=\"reconnected\"}");
+    silent(&s, true);
+    std::thread::sleep(Duration::from_millis(450));
+    silent(&s, false);
+    std::thread::sleep(Duration::from_millis(1000));
+    let now = counter(&s.metrics(port), "governor_card_link_events_total{event=\"reconnected\"}");
+    eprintln!("450 ms of silence: reconnects {reconnects} -> {now}, card deaths {}", card_deaths(&s, tick0));
+    assert_eq!(card_deaths(&s, tick0), 0, "a 450 ms silence is bridged by a new connection");
+    assert_eq!(now, reconnects + 1.0, "one new connection");
+    assert!(s.placement().tasks.iter().all(|t| t.side == Side::Card));
+
+    // For good: a dead card.
+    let before = s.governor_threads_and_fds();
+    let tick1 = s.decisions(0).last().map_or(0, |d| d.tick);
+    let t0 = Instant::now();
+    silent(&s, true);
+    let took = s.wait("every MC VM on the host", Duration::from_secs(5), |s| {
+        s.placement().tasks.iter().all(|t| t.side == Side::Host)
+    });
+    eprintln!("silent card link -> every MC VM on the host: {:?}", t0.elapsed());
+    assert!(took < Duration::from_millis(1000), "took {took:?}");
+    let dead = s.decisions(tick1).into_iter().find(|d| d.reason == Reason::CardDead).expect("card-dead record");
+    eprintln!("{}", dead.explain);
+    assert!(dead.explain.contains("did not answer within 300 ms"), "{}", dead.explain);
+    // The host's VMMs are up; from here the governor only tries the card.
+    std::thread::sleep(Duration::from_secs(2));
+    let (threads, fds) = s.governor_threads_and_fds();
+    eprintln!("governor before the silence: {before:?} threads/fds; with its VMs on the host: ({threads}, {fds})");
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut worst_api = Duration::ZERO;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_secs(3));
+        let t = Instant::now();
+        let p = s.placement();
+        worst_api = worst_api.max(t.elapsed());
+        assert!(!p.card.healthy);
+        let (th, fd) = s.governor_threads_and_fds();
+        assert!(
+            th.abs_diff(threads) <= 2 && fd.abs_diff(fds) <= 2,
+            "governor grew: ({threads}, {fds}) -> ({th}, {fd})"
+        );
+    }
+    eprintln!(
+        "60 s silent: governor threads/fds stayed within 2 of ({threads}, {fds}); slowest API answer {worst_api:?}"
+    );
+    assert!(worst_api < Duration::from_secs(1), "the API answered in {worst_api:?}");
+
+    // It answers again: the card is back, and the VMs return.
+    silent(&s, false);
+    let back = s.wait("the card back", Duration::from_secs(5), |s| s.placement().card.healthy);
+    eprintln!("card back {back:?} after its link answered again");
+    s.wait("every MC VM back on the card", Duration::from_secs(30), |s| {
+        s.placement().tasks.iter().all(|t| t.side == Side::Card)
+    });
+}
