@@ -8,6 +8,7 @@
 
 mod ramp;
 mod screen;
+mod soak;
 mod system;
 mod view;
 mod watch;
@@ -36,6 +37,11 @@ struct Cli {
     /// Stop after this many seconds (default: until Ctrl-C or q).
     #[arg(long)]
     seconds: Option<u64>,
+    /// Judge the run at the end (needs --seconds): fail on any card death,
+    /// any failed move, and growth of the governor's threads, fds or
+    /// memory (or card-sim's threads) past the bounds of `soak.rs`.
+    #[arg(long, requires = "seconds")]
+    soak: bool,
 }
 
 /// How often the view reads the API and redraws.
@@ -98,6 +104,9 @@ fn run(cli: &Cli, tty: bool, stderr_log: &TempPath) -> Result<()> {
     let w = watched?;
     stopped.context("stopping the demo")?;
     summary(&w);
+    if w.soak_failed {
+        anyhow::bail!("the soak failed (see its report above)");
+    }
     Ok(())
 }
 
@@ -111,6 +120,7 @@ fn watch_loop(
     let tty = stderr.is_some();
     let mut ramp = Ramp::new(sys)?;
     let mut w = Watch::default();
+    let mut soak = cli.soak.then(|| soak::Soak::new(Duration::from_secs(cli.seconds.unwrap_or(0))));
     let mut screen = Screen::open(stderr)?;
     let metrics = sys.metrics.to_string();
     let header = |ramp: &Ramp| Header {
@@ -122,6 +132,9 @@ fn watch_loop(
     };
     while !over() {
         sys.check_alive()?;
+        if let (Some(soak), (Some(gov), Some(card))) = (soak.as_mut(), sys.pids()) {
+            soak.sample(gov, card);
+        }
         let moved = w.poll(&sys.socket, ramp.elapsed_s());
         ramp.step(w.placement.as_ref())?;
         if !tty {
@@ -146,7 +159,43 @@ fn watch_loop(
     }
     drop(screen);
     ramp.stop();
+    if let Some(soak) = soak {
+        let events = link_events(&sys.metrics.to_string());
+        // The verdict goes out before the stop, which takes a while.
+        match soak.verdict(&w, &events) {
+            Ok(report) => println!("{report}"),
+            Err(e) => {
+                println!("{e}");
+                w.soak_failed = true;
+            }
+        }
+    }
     Ok(w)
+}
+
+/// What the governor counted on its card link, from its metrics.
+fn link_events(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let text = std::net::TcpStream::connect(addr)
+        .and_then(|mut s| {
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut t = String::new();
+            s.read_to_string(&mut t)?;
+            Ok(t)
+        })
+        .unwrap_or_default();
+    let value = |start: &str| {
+        text.lines().find(|l| l.starts_with(start)).and_then(|l| l.rsplit(' ').next()).unwrap_or("0").to_string()
+    };
+    let checks: f64 = value("governor_card_health_check_duration_seconds_count").parse().unwrap_or(0.0);
+    let sum: f64 = value("governor_card_health_check_duration_seconds_sum").parse().unwrap_or(0.0);
+    format!(
+        "reconnects {}, late heartbeats {}, health checks {} (mean {:.2} ms)",
+        value("governor_card_link_events_total{event=\"reconnected\"}"),
+        value("governor_card_link_events_total{event=\"late_heartbeat\"}"),
+        checks,
+        if checks > 0.0 { sum / checks * 1000.0 } else { 0.0 }
+    )
 }
 
 /// The closing lines (the test reads the first).

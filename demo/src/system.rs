@@ -299,6 +299,11 @@ impl System {
         }
     }
 
+    /// The governor's and card-sim's process ids (while they run).
+    pub fn pids(&self) -> (Option<u32>, Option<u32>) {
+        (self.gov.as_ref().map(|g| g.id()), self.sim.as_ref().map(|s| s.pid()))
+    }
+
     /// Fail when the governor or the card exited on its own.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(g) = self.gov.as_mut() {

@@ -66,6 +66,10 @@ pub struct Watch {
     pub first_crossing: Option<(u64, u64)>,
     /// Why the last read failed, if it did.
     pub error: Option<String>,
+    /// Each time the governor declared the card dead: when, and why.
+    pub card_deaths: Vec<String>,
+    /// `--soak` judged the run a failure.
+    pub soak_failed: bool,
     after_tick: u64,
 }
 
@@ -100,6 +104,9 @@ impl Watch {
                 continue;
             }
             self.after_tick = d.tick;
+            if d.reason == Reason::CardDead {
+                self.card_deaths.push(format!("{} {}", clock(d.time_ms), d.explain));
+            }
             if self.first_crossing.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
                 self.first_crossing = Some((d.tick, d.time_ms));
             }

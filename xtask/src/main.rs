@@ -37,6 +37,14 @@ enum Cmd {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// The main job's scenario for a long time, judged: fails on any card
+    /// death, any failed move, and growth of the governor's threads, fds
+    /// or memory past the bounds `governor-demo --soak` states.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
     /// Run every test (unit and integration, as root against the real kernel).
     Test {
         /// Extra arguments passed to the test binaries (a filter, for example).
@@ -60,6 +68,10 @@ fn main() -> Result<()> {
         Cmd::Run { seconds } => {
             setup::setup()?;
             run::run(seconds)
+        }
+        Cmd::Soak { minutes } => {
+            setup::setup()?;
+            run::soak(minutes)
         }
         Cmd::Test { args } => {
             setup::setup()?;
