@@ -6,7 +6,7 @@
 //! - `shm`: memory shared with the card (mapped BARs, DMA buffers, ABI 1.3)
 //! - `transport`: one trait, two transports (vfio-user, kernel VFIO)
 //! - `card`: the host driver on top of any transport (commands, snapshots, health)
-//! - `watchdog`: a thread reporting a stalled, silent or dead card within three heartbeats
+//! - `watchdog`: a thread reporting a stalled, silent or dead card (see `Card::check_health` for how soon)
 //!
 //! Everything read from the card is validated; errors are `CardError`. The
 //! card simulator is its own crate (`card-sim`, in `sim/`): it depends on

@@ -1,7 +1,8 @@
 //! A thread that watches a card's heartbeat and reports when the card goes
 //! bad (stalled, silent, dead, failed, garbage) and when it comes back. It
-//! polls at half the heartbeat period, so a stall is reported within three
-//! heartbeats of the last beat the host saw.
+//! polls at half the heartbeat period, so a silent link is reported within
+//! the probe timeout and a frozen card within three heartbeats of the last
+//! beat the host saw plus the probe timeout (its unanswered echo).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
