@@ -17,6 +17,10 @@ pub enum CardError {
         #[source]
         source: io::Error,
     },
+    /// Nothing answers at the card's socket: it does not exist, or nobody
+    /// accepts on it (a card process gone without removing it).
+    #[error("no card is listening at {path}: {why}")]
+    NotListening { path: PathBuf, why: &'static str },
     /// The vfio-user handshake with the card failed (refused, hung up, not a
     /// vfio-user server).
     #[error("vfio-user connect to {path}: {source}")]

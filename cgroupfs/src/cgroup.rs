@@ -331,7 +331,20 @@ impl Cgroup {
         if let Some(m) = l.memory_bytes {
             self.set_memory_limit(m)?;
         }
+        if let Some(w) = l.cpu_weight {
+            self.set_cpu_weight(w)?;
+        }
         Ok(())
+    }
+
+    /// The CPU weight (cpu.weight, or v1 cpu.shares on the same scale as
+    /// systemd maps them: weight * 1024 / 100).
+    pub fn set_cpu_weight(&self, weight: u64) -> Result<()> {
+        let d = self.controller_dir(Controller::Cpu);
+        if self.layout.v1_root(Controller::Cpu).is_some() {
+            return write(&d.join("cpu.shares"), &(weight * 1024 / 100).max(2).to_string());
+        }
+        write(&d.join("cpu.weight"), &weight.to_string())
     }
 
     /// Limit CPU to `quota_us` per `period_us` (cpu.max, or v1 CFS quota).

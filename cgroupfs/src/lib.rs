@@ -8,6 +8,8 @@
 //!   fails), attach processes and threads, usage, remove.
 //! - `limits`: CPU quota, cpuset and memory limits, validated field by field.
 //! - `watch`: child cgroups appearing under watched ones (inotify).
+//! - `priority`: the calling thread's CPU priority (the thread-level
+//!   counterpart of a cgroup's CPU weight).
 //!
 //! A VM's identity is its cgroup v2 id (what `bpf_get_current_cgroup_id`
 //! returns), so a cgroup2 hierarchy is required. Each controller is used
@@ -26,6 +28,7 @@ mod exec;
 mod files;
 mod layout;
 mod limits;
+pub mod priority;
 mod watch;
 
 pub use cgroup::{has_children, Cgroup, Memory, MemoryFiles};

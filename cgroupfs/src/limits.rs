@@ -15,6 +15,11 @@ pub struct Limits {
     pub cpuset: Option<String>,
     /// Memory limit in bytes.
     pub memory_bytes: Option<u64>,
+    /// CPU weight under contention, on cgroup v2's scale: 1..=10000, 100
+    /// being a default cgroup's (v1: cpu.shares = weight * 1024 / 100). A
+    /// quota caps what a cgroup uses; a weight is what it gets when others
+    /// want the CPU too: set both to hold CPU for a cgroup.
+    pub cpu_weight: Option<u64>,
 }
 
 pub const DEFAULT_PERIOD_US: u64 = 100_000;
@@ -61,6 +66,11 @@ impl Limits {
                 return bad("memory_bytes", "must be at least 16 MiB");
             }
         }
+        if let Some(w) = self.cpu_weight {
+            if !(1..=10_000).contains(&w) {
+                return bad("cpu_weight", "must be within 1..=10000");
+            }
+        }
         Ok(())
     }
 }
@@ -78,6 +88,11 @@ mod tests {
             ..Default::default()
         };
         assert!(ok.validate().is_ok());
+        assert!(Limits { cpu_weight: Some(1000), ..Default::default() }.validate().is_ok());
+        for w in [0, 10_001] {
+            let e = Limits { cpu_weight: Some(w), ..Default::default() }.validate().unwrap_err();
+            assert!(e.to_string().contains("cpu_weight"), "{e}");
+        }
         assert_eq!(ok.period(), 100_000);
         let cases = [
             (Limits { cpu_quota_us: Some(10), ..Default::default() }, "cpu_quota_us"),

@@ -57,12 +57,14 @@ fn pure_v2_create_limits_usage_remove() {
         cpu_quota_us: Some(50_000),
         cpuset: Some("0".into()),
         memory_bytes: Some(64 << 20),
+        cpu_weight: Some(1000),
         ..Limits::default()
     };
     let mut cg = layout.create("machine/web", &limits).expect("create");
     let dir = root.join("machine/web");
     assert_eq!(cg.dir(), dir);
     assert_eq!(read(&dir.join("cpu.max")), "50000 100000");
+    assert_eq!(read(&dir.join("cpu.weight")), "1000");
     assert_eq!(read(&dir.join("cpuset.cpus")), "0");
     assert_eq!(read(&dir.join("memory.max")), (64u64 << 20).to_string());
     assert!(!read(&root.join("cgroup.subtree_control")).is_empty(), "controllers delegated below the root");
@@ -92,7 +94,16 @@ fn pure_v2_create_limits_usage_remove() {
     assert!(matches!(layout.open("machine/none"), Err(CgroupError::Missing { .. })));
 
     // Plain directories are not cgroupfs: rmdir needs them empty.
-    for f in ["cpu.max", "cpuset.cpus", "memory.max", "memory.current", "memory.stat", "cpu.stat", "memory.peak"] {
+    for f in [
+        "cpu.max",
+        "cpu.weight",
+        "cpuset.cpus",
+        "memory.max",
+        "memory.current",
+        "memory.stat",
+        "cpu.stat",
+        "memory.peak",
+    ] {
         fs::remove_file(dir.join(f)).expect("rm");
     }
     cg.remove().expect("remove");
@@ -110,8 +121,9 @@ fn hybrid_create_limits_usage() {
     }
     let layout = Layout::from_mounts_at(HYBRID, &s.0).expect("layout");
     assert!(layout.is_hybrid());
-    let limits = Limits { memory_bytes: Some(32 << 20), ..Limits::cpus(0.25) };
+    let limits = Limits { memory_bytes: Some(32 << 20), cpu_weight: Some(1000), ..Limits::cpus(0.25) };
     let cg = layout.create("mc/vm-1", &limits).expect("create");
+    assert_eq!(read(&base.join("cpu/mc/vm-1/cpu.shares")), "10240", "v1 shares on systemd's scale");
     for ctrl in ["unified", "cpu", "cpuacct", "cpuset", "memory"] {
         assert!(base.join(ctrl).join("mc/vm-1").is_dir(), "{ctrl}");
     }

@@ -164,3 +164,70 @@ fn every_resource_answers_and_bad_input_gets_a_4xx_naming_the_field() {
         Command::new(bin_dir().join("governor")).args(["logs", "web", "--socket"]).arg(&sock).output().expect("logs");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\thello\n2\tworld\n");
 }
+
+/// What a person meets first: a client command with no governor behind its
+/// socket says that no governor is listening there and how to start one or
+/// point --socket elsewhere (a socket file left behind says nobody answers
+/// it); a config whose card socket does not exist is refused naming
+/// `card.socket` and saying that no card listens there.
+#[test]
+fn no_governor_and_no_card_are_said_plainly() {
+    let dir = TempDir::new("governor-test-nogov").expect("dir");
+    let missing = dir.path().join("governor.sock");
+    for cmd in [&["status"][..], &["placement"], &["vms"]] {
+        let out = Command::new(bin_dir().join("governor"))
+            .args(cmd)
+            .arg("--socket")
+            .arg(&missing)
+            .output()
+            .expect("governor client");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("no governor is listening at {}", missing.display()))
+                && err.contains("the socket does not exist")
+                && err.contains("governor run --config")
+                && err.contains("--socket"),
+            "{cmd:?}: {err}"
+        );
+    }
+    // A socket file nobody accepts on (a governor that died without removing it).
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+    let out = Command::new(bin_dir().join("governor"))
+        .args(["status", "--socket"])
+        .arg(&stale)
+        .output()
+        .expect("governor status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no governor is listening at") && err.contains("nobody answers"), "{err}");
+
+    // A config naming a card socket that does not exist.
+    require_root();
+    let card = dir.path().join("no-card.sock");
+    let pins = PinDir::new();
+    let cfg = dir.path().join("governor.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pin_dir = {:?}\nsocket = {:?}\n[placement]\nagent = {:?}\nvmm = {:?}\nmc_cgroup = {:?}\nrun_dir = {:?}\n\
+             [card]\nsocket = {card:?}\n[[mc]]\ntask = \"log\"\n",
+            pins.0,
+            dir.path().join("gov.sock"),
+            guest_elf(),
+            bin_dir().join("vmm"),
+            unique_long("governor-test-nocard"),
+            dir.path().join("mc"),
+        ),
+    )
+    .expect("config");
+    let out =
+        Command::new(bin_dir().join("governor")).args(["run", "--config"]).arg(&cfg).output().expect("governor run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("card.socket {}", card.display()))
+            && err.contains(&format!("no card is listening at {}: the socket does not exist", card.display())),
+        "{err}"
+    );
+}

@@ -151,21 +151,11 @@ pub fn spawn_thread(name: String, f: impl FnOnce() + Send + 'static) -> Result<(
 /// The card's firmware threads (the link, the mailbox, the heartbeat) run
 /// before its data-plane work (relaying user traffic, the load knob, the
 /// VMs) when the card's CPU is contended, as firmware on cores of its own
-/// would: nice -10 for the calling thread. SCHED_RESET_ON_FORK makes the
-/// threads and processes it starts (a VM's `vmm`) begin at the default
-/// priority. Best effort: without the privilege the card runs on as it is.
+/// would (`cgroupfs::priority`). Best effort: without the privilege the
+/// card runs on as it is.
 pub fn firmware_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: both calls take plain values and act on the calling thread
-    // (pid/who 0 with PRIO_PROCESS is the calling thread on Linux).
-    let (policy, nice) = unsafe {
-        (
-            libc::sched_setscheduler(0, libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, &param),
-            libc::setpriority(libc::PRIO_PROCESS, 0, -10),
-        )
-    };
-    if policy != 0 || nice != 0 {
-        tracing::debug!("firmware thread priority not raised: {}", std::io::Error::last_os_error());
+    if let Err(e) = cgroupfs::priority::raise_this_thread() {
+        tracing::debug!("firmware thread priority not raised: {e}");
     }
 }
 
@@ -227,6 +217,11 @@ impl SimCard {
             let mut next = Instant::now() + period;
             while !c.stop.load(Ordering::Relaxed) {
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                let late = Instant::now().saturating_duration_since(next);
+                if late > period {
+                    // The firmware's own clock says the card did not get to run.
+                    tracing::warn!("card-sim: the heartbeat thread woke {} ms late", late.as_millis());
+                }
                 next += period;
                 if !c.faults.stall.load(Ordering::Relaxed) {
                     c.heartbeat.fetch_add(1, Ordering::Relaxed);

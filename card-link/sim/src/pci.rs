@@ -65,7 +65,11 @@ impl ServerBackend for Backend {
                     garbage(data);
                     return Ok(());
                 }
+                let t = Instant::now();
                 let _whole = lock(&c.bar0_lock);
+                if t.elapsed() > std::time::Duration::from_millis(100) {
+                    tracing::warn!("card-sim: a BAR0 read waited {} ms for the register file", t.elapsed().as_millis());
+                }
                 copy(&c.bar0, data)
             }
             VFIO_PCI_BAR2_REGION_INDEX => copy(&c.bar2, data),

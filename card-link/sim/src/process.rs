@@ -23,6 +23,8 @@ use serde::Serialize;
 use crate::error::SimError;
 use crate::request::Reply;
 
+/// The card cgroup's CPU weight: ten default cgroups' (cgroup v2 scale).
+pub const CARD_CPU_WEIGHT: u64 = 1000;
 /// How long card-sim may take to create its sockets.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound of one control exchange (an ECS create boots a VM).
@@ -115,7 +117,14 @@ impl SimProcess {
             cmd.arg("--vmm").arg(v);
         }
         let cgroup = if opts.cgroup {
-            let limits = Limits { memory_bytes: Some(opts.mem_bytes), ..Limits::cpus(opts.cpus) };
+            // The card's CPU is its own: the quota caps it, and the weight
+            // holds it when the host's load wants the CPU too (on a card,
+            // the user VMs' load runs elsewhere and cannot starve it).
+            let limits = Limits {
+                memory_bytes: Some(opts.mem_bytes),
+                cpu_weight: Some(CARD_CPU_WEIGHT),
+                ..Limits::cpus(opts.cpus)
+            };
             let cg = ScopedCgroup::create("card-sim", &limits).map_err(SimError::CgroupCreate)?;
             // card-sim joins it itself before starting any thread, and
             // measures it.

@@ -51,12 +51,34 @@ pub fn call(socket: &Path, req: &Request) -> Result<Response> {
     decode(req, code, &bytes).with_context(|| format!("{method} {path}: answer {code}"))
 }
 
+/// A connect that failed, said as a person needs it: no governor listens
+/// there (the socket is missing or nobody answers it), and what to do.
+fn not_listening(socket: &Path, e: std::io::Error) -> anyhow::Error {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    let how = "start one with `governor run --config <file>` (its `socket` setting names the socket), or point \
+               --socket at the one it serves";
+    match e.kind() {
+        NotFound => {
+            anyhow::anyhow!("no governor is listening at {}: the socket does not exist; {how}", socket.display())
+        }
+        ConnectionRefused => anyhow::anyhow!(
+            "no governor is listening at {}: the socket is there but nobody answers (a governor that stopped without \
+             removing it?); {how}",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "cannot connect to the governor at {}: permission denied (the socket is 0600, for root); run as root",
+            socket.display()
+        ),
+        _ => anyhow::Error::new(e).context(format!("connect to the governor at {}", socket.display())),
+    }
+}
+
 /// One raw request: the status code and the body.
 pub fn request(socket: &Path, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Vec<u8>)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("a runtime for the call")?;
     rt.block_on(async {
-        let stream =
-            tokio::net::UnixStream::connect(socket).await.with_context(|| format!("connect {}", socket.display()))?;
+        let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| not_listening(socket, e))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let conn = tokio::spawn(conn);
         let has_body = body.is_some();

@@ -53,6 +53,9 @@ pub enum HostSiteError {
     },
 }
 
+/// The MC subtree's CPU weight: ten default cgroups' (cgroup v2 scale).
+pub const MC_CPU_WEIGHT: u64 = 1000;
+
 #[derive(Default)]
 struct Slot {
     /// An empty VMM ready to restore into.
@@ -78,8 +81,16 @@ impl HostSite {
     /// directory.
     pub fn new(opts: HostSiteOptions, layout: &Layout) -> Result<HostSite, HostSiteError> {
         let quota = (opts.reserve.cpus * 100_000.0).round().max(1000.0) as u64;
-        let limits =
-            Limits { cpu_quota_us: Some(quota), memory_bytes: Some(opts.reserve.memory_bytes), ..Limits::default() };
+        // The reserve is held for the MC VMs, not only capped: the quota
+        // caps them, the weight gets them that much when user VMs load the
+        // host (a default cgroup's weight would share the CPU with every
+        // busy user process alike).
+        let limits = Limits {
+            cpu_quota_us: Some(quota),
+            memory_bytes: Some(opts.reserve.memory_bytes),
+            cpu_weight: Some(MC_CPU_WEIGHT),
+            ..Limits::default()
+        };
         let subtree = layout
             .create(&opts.subtree, &limits)
             .map_err(|source| HostSiteError::Cgroup { subtree: opts.subtree.clone(), source })?;

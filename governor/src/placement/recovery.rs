@@ -373,10 +373,25 @@ impl Runtime {
         let mem = self.opts.specs.iter().find(|s| s.task == task).map_or(64, |s| s.mem_mib);
         if let Some(cp) = self.checkpoints.get(task) {
             let host = &mut self.sites.host;
+            let t = Instant::now();
+            let mut took = Vec::new();
             let restored = host
                 .prepare(task)
-                .and_then(|()| host.restore_chain(task, &cp.base, &cp.diffs))
-                .and_then(|()| host.resume(task));
+                .and_then(|()| {
+                    took.push(("prepare", t.elapsed()));
+                    host.restore_chain(task, &cp.base, &cp.diffs)
+                })
+                .and_then(|()| {
+                    took.push(("restore", t.elapsed()));
+                    host.resume(task)
+                });
+            if t.elapsed() > Duration::from_secs(1) {
+                tracing::warn!(
+                    task,
+                    "bringing the MC VM up on the host took {:?} (steps done at {took:?})",
+                    t.elapsed()
+                );
+            }
             self.checkpoints.drop_task(task);
             match restored {
                 Ok(()) => {

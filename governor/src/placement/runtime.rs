@@ -228,7 +228,13 @@ impl Runtime {
                 ..CardOptions::default()
             },
         )
-        .with_context(|| format!("card.socket {}", opts.card_socket.display()))?;
+        .with_context(|| {
+            format!(
+                "card.socket {}: the governor reaches the card there (is the card up? card-sim serves one with \
+                 `card-sim --socket PATH`)",
+                opts.card_socket.display()
+            )
+        })?;
         let mut card = CardSite::new(card);
         for s in &opts.specs {
             card.register(&s.task, s.mem_mib as u32);
@@ -378,6 +384,12 @@ impl Runtime {
     }
 
     fn run(mut self, rx: Receiver<Command>) {
+        // The control loop keeps its deadlines (health probes, moves, card
+        // death) while user VMs load the host; the VMMs it starts do not
+        // inherit the raise.
+        if let Err(e) = cgroupfs::priority::raise_this_thread() {
+            tracing::info!("placement: thread priority not raised ({e}); it shares the CPU with the host's load");
+        }
         let tick = self.opts.tick;
         let mut next_tick = Instant::now() + tick;
         let mut next_health = Instant::now();

@@ -552,12 +552,13 @@ fn page_size() -> u64 {
 /// poll(2) one fd for `events` until `deadline`.
 fn poll_until(fd: RawFd, events: i16, deadline: Instant, bound: Duration) -> Result<()> {
     loop {
+        // Past the deadline, one look that does not wait: a thread that
+        // was not scheduled until after it must not call an answer that is
+        // already there late.
         let now = Instant::now();
-        if now >= deadline {
-            return Err(VfioUserError::TimedOut { timeout_ms: bound.as_millis() as u64 });
-        }
+        let last = now >= deadline;
         // Round up so a wait never spins on a sub-millisecond remainder.
-        let ms = (deadline - now).as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let ms = if last { 0 } else { (deadline - now).as_micros().div_ceil(1000).min(i32::MAX as u128) as i32 };
         let mut p = libc::pollfd { fd, events, revents: 0 };
         // SAFETY: one valid pollfd on our own socket.
         let rc = unsafe { libc::poll(&mut p, 1, ms) };
@@ -572,6 +573,9 @@ fn poll_until(fd: RawFd, events: i16, deadline: Instant, bound: Duration) -> Res
         // follows says which.
         if rc > 0 && p.revents != 0 {
             return Ok(());
+        }
+        if last {
+            return Err(VfioUserError::TimedOut { timeout_ms: bound.as_millis() as u64 });
         }
     }
 }
@@ -672,6 +676,21 @@ mod tests {
         assert!(sparse_areas(&one, 8).is_err());
         assert!(sparse_areas(&one, 4096).is_err());
         assert!(sparse_areas(&[], 0).expect("no list").is_empty());
+    }
+
+    /// A thread that only runs again after its deadline still takes an
+    /// answer that is already there; with nothing there it times out.
+    #[test]
+    fn an_answer_already_there_is_taken_past_the_deadline() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let past = Instant::now() - Duration::from_secs(1);
+        let bound = Duration::from_millis(300);
+        assert!(matches!(
+            poll_until(a.as_raw_fd(), libc::POLLIN, past, bound),
+            Err(VfioUserError::TimedOut { timeout_ms: 300 })
+        ));
+        b.write_all(b"x").unwrap();
+        poll_until(a.as_raw_fd(), libc::POLLIN, past, bound).expect("the answer is there");
     }
 
     #[test]

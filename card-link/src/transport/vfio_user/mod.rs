@@ -38,6 +38,15 @@ impl VfioUserTransport {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
         let client = Client::connect(path, timeout).map_err(|e| match e {
             VfioUserError::TimedOut { timeout_ms } => CardError::Timeout { what: "vfio-user connect", timeout_ms },
+            VfioUserError::Io { what: "connect", source } if source.kind() == std::io::ErrorKind::NotFound => {
+                CardError::NotListening { path: path.to_path_buf(), why: "the socket does not exist" }
+            }
+            VfioUserError::Io { what: "connect", source } if source.kind() == std::io::ErrorKind::ConnectionRefused => {
+                CardError::NotListening {
+                    path: path.to_path_buf(),
+                    why: "the socket is there but nobody accepts on it (a card that stopped without removing it?)",
+                }
+            }
             source => CardError::Connect { path: path.to_path_buf(), source },
         })?;
         Ok(VfioUserTransport { client, path: path.to_path_buf(), broken: None })
