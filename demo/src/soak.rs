@@ -23,6 +23,10 @@ const MORE_RSS_KIB: u64 = 16 << 10;
 /// stream); a new peak this far above the warm-up's means they pile up.
 const MORE_CARD_THREADS: usize = 8;
 
+/// What is checked: its name, how it is read off a sample, how much more
+/// than the warm-up's peak it may reach, and how it is shown.
+type Check = (&'static str, fn(&Sample) -> u64, u64, fn(u64) -> String);
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     at_s: f64,
@@ -90,8 +94,7 @@ impl Soak {
             problems.push(format!("no sample after the {warm:.0} s warm-up: run the soak longer"));
         }
         let mut rows = Vec::new();
-        type Field = fn(&Sample) -> u64;
-        let checks: [(&str, Field, u64, fn(u64) -> String); 4] = [
+        let checks: [Check; 4] = [
             ("governor threads", |s| s.threads as u64, MORE_THREADS as u64, |v| v.to_string()),
             ("governor fds", |s| s.fds as u64, MORE_FDS as u64, |v| v.to_string()),
             ("governor RSS", |s| s.rss_kib, MORE_RSS_KIB, |v| format!("{:.1} MiB", v as f64 / 1024.0)),

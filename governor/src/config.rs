@@ -363,13 +363,13 @@ mod tests {
         assert!(err("pin_dir = \"/sys/fs/bpf/../x\"").contains("pin_dir"));
         let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.egress]\nmode = \"shape\"\nrate = \"fast\"\nburst = 1\n";
         assert!(err(q).contains("vm[0].qos.egress.rate"), "{}", err(q));
-        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"64kb\"\n[vm.qos.adaptive]\nmin = \"20mbit\"\n";
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"1mb\"\n[vm.qos.adaptive]\nmin = \"20mbit\"\n";
         assert!(err(q).contains("vm[0].qos.adaptive.min") && err(q).contains("above the ingress limit"), "{}", err(q));
         let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[vm.qos.adaptive]\nmin = \"20mbit\"\n";
         assert!(err(q).contains("vm[0].qos.adaptive") && err(q).contains("interfaces"), "{}", err(q));
         let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"v\"]\n[vm.qos.adaptive]\nmin = \"slow\"\n";
         assert!(err(q).contains("vm[0].qos.adaptive.min"), "{}", err(q));
-        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"64kb\"\n";
+        let q = "[[vm]]\nname = \"a\"\ncgroup = \"a\"\n[vm.qos.ingress]\nrate = \"10mbit\"\nburst = \"1mb\"\n";
         assert!(err(q).contains("vm[0].qos.ingress"), "{}", err(q));
         assert!(err("[[vm]]\nname = \"\"\ncgroup = \"a\"").contains("vm[0].name"));
         assert!(err("[[vm]]\nname = \"a b\"\ncgroup = \"a\"").contains("vm[0].name"));

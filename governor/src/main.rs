@@ -113,7 +113,10 @@ enum PlacementOp {
 
 #[derive(Subcommand)]
 enum LimitOp {
-    /// Set or change a limit (e.g. --rate 100mbit --burst 64kb).
+    /// Set or change a limit (e.g. --rate 100mbit --burst 3mb). A police
+    /// burst must hold 250 ms of the rate (at least 128kb) for TCP to get
+    /// the rate; a smaller one is refused with the size it needs.
+    /// Shaping queues instead, and takes a small burst (e.g. 64kb).
     Set {
         #[arg(long)]
         vm: String,

@@ -121,6 +121,38 @@ pub(crate) fn parse_bytes(q: &Quantity) -> Result<u64, String> {
     parse_quantity(q, &[("gb", k * k * k), ("mb", k * k), ("kb", k), ("b", 1.0)], "a size (e.g. 64kb)")
 }
 
+/// How much of the rate a policer's bucket must hold for TCP: more than
+/// TCP's minimum retransmission timeout (200 ms), so a flow that stalls
+/// after a drop finds its unused credit when it resumes. With this much
+/// (and at least `TCP_MIN_BURST`) one TCP flow gets at least 90% of the
+/// rate at 10, 100 and 1,000 Mbit/s (`tests/tests/qos.rs`); with less it
+/// can get a tenth of it.
+pub const TCP_BURST_MS: u64 = 250;
+/// The smallest bucket that keeps TCP at the rate at low rates.
+pub const TCP_MIN_BURST: u64 = 128 * 1024;
+
+/// The smallest police burst TCP needs at `rate_bps` (see `TCP_BURST_MS`).
+pub fn tcp_min_burst(rate_bps: u64) -> u64 {
+    (rate_bps / 8).saturating_mul(TCP_BURST_MS).div_ceil(1000).max(TCP_MIN_BURST)
+}
+
+fn show_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}mb", b >> 20),
+        b if b >= 1024 && b % 1024 == 0 => format!("{}kb", b >> 10),
+        b => format!("{b} bytes"),
+    }
+}
+
+fn show_rate(bps: u64) -> String {
+    match bps {
+        r if r >= 1_000_000_000 && r % 1_000_000_000 == 0 => format!("{}gbit", r / 1_000_000_000),
+        r if r >= 1_000_000 && r % 1_000_000 == 0 => format!("{}mbit", r / 1_000_000),
+        r if r >= 1000 && r % 1000 == 0 => format!("{}kbit", r / 1000),
+        r => format!("{r} bit/s"),
+    }
+}
+
 impl LimitSpec {
     /// Check the limit; `at` prefixes the field names in errors.
     pub fn check(&self, at: &str) -> Result<Limit, LimitError> {
@@ -140,6 +172,21 @@ impl LimitSpec {
             if self.mode == Mode::Shape {
                 return Err(err(&f("packet_rate"), "HTB shapes bytes only; use mode = \"police\" for a packet rate"));
             }
+        }
+        let need = tcp_min_burst(rate);
+        if self.mode == Mode::Police && burst < need {
+            let kb = need.div_ceil(1024);
+            return Err(err(
+                &f("burst"),
+                format!(
+                    "{} is too small to police TCP at {}: a flow that stalls after a drop resumes with no credit \
+                     and gets a fraction of the rate; give at least {kb}kb ({} ms of the rate), or use mode \
+                     shape, which queues instead of dropping",
+                    show_bytes(burst),
+                    show_rate(rate),
+                    TCP_BURST_MS
+                ),
+            ));
         }
         Ok(Limit { mode: self.mode, rate_bps: rate, burst_bytes: burst, packet_rate: self.packet_rate })
     }
@@ -206,12 +253,39 @@ mod tests {
 
     #[test]
     fn units() {
-        let l = spec("100mbit", "64kb").check("").expect("valid");
+        let l = spec("100mbit", "3mb").check("").expect("valid");
         assert_eq!(l.rate_bps, 100_000_000);
-        assert_eq!(l.burst_bytes, 65536);
-        assert_eq!(spec("1.5gbit", "1mb").check("").expect("ok").rate_bps, 1_500_000_000);
-        let n = LimitSpec { rate: Quantity::Number(10_000_000), burst: Quantity::Number(1514), ..spec("1", "1") };
+        assert_eq!(l.burst_bytes, 3 << 20);
+        assert_eq!(spec("1.5gbit", "45mb").check("").expect("ok").rate_bps, 1_500_000_000);
+        let n = LimitSpec {
+            mode: Mode::Shape,
+            rate: Quantity::Number(10_000_000),
+            burst: Quantity::Number(1514),
+            ..spec("1", "1")
+        };
         assert_eq!(n.check("").expect("ok").rate_bps, 10_000_000);
+    }
+
+    /// A police burst too small for TCP is refused with the size it needs,
+    /// which is then taken; shaping takes a small burst.
+    #[test]
+    fn a_police_burst_too_small_for_tcp_names_the_burst_it_needs() {
+        let e = spec("50mbit", "64kb").check("vm[0].qos.ingress").unwrap_err();
+        assert_eq!(e.field, "vm[0].qos.ingress.burst");
+        assert!(
+            e.reason.contains("64kb is too small to police TCP at 50mbit") && e.reason.contains("at least 1526kb"),
+            "{}",
+            e.reason
+        );
+        assert_eq!(spec("50mbit", "1526kb").check("").expect("the burst it named").burst_bytes, 1526 * 1024);
+        assert!(spec("50mbit", "1525kb").check("").is_err());
+        for (rate, need) in
+            [(10_000_000, 312_500), (100_000_000, 3_125_000), (1_000_000_000, 31_250_000), (8_000, 131_072)]
+        {
+            assert_eq!(tcp_min_burst(rate), need, "{rate} bit/s");
+        }
+        let shape = LimitSpec { mode: Mode::Shape, ..spec("50mbit", "64kb") };
+        assert_eq!(shape.check("").expect("shaping queues").burst_bytes, 65536);
     }
 
     #[test]
@@ -221,7 +295,7 @@ mod tests {
         assert_eq!(spec("1000gbit", "64kb").check("").unwrap_err().field, "rate");
         assert_eq!(spec("10mbit", "100").check("").unwrap_err().field, "burst");
         assert_eq!(spec("10mbit", "-1kb").check("").unwrap_err().field, "burst");
-        let mut s = spec("10mbit", "64kb");
+        let mut s = spec("10mbit", "1mb");
         s.packet_rate = Some(0);
         assert_eq!(s.check("").unwrap_err().field, "packet_rate");
         s.packet_rate = Some(1000);
@@ -231,7 +305,8 @@ mod tests {
 
     #[test]
     fn policer_time_credit() {
-        let l = spec("8mbit", "100kb").check("").expect("ok"); // 1 MB/s
+        let police = |rate_bps| Limit { mode: Mode::Police, rate_bps, burst_bytes: 102_400, packet_rate: None };
+        let l = police(8_000_000); // 1 MB/s
         let p = l.policer(None, 5);
         assert_eq!(p.rate_bytes_per_s, 1_000_000);
         assert_eq!(p.bucket.burst_ns, 102_400_000); // 102400 bytes at 1 MB/s
@@ -239,7 +314,7 @@ mod tests {
         assert_eq!(tokens_bytes(&p, 5), 102_400);
         // Halve the rate with 50 KB left: still 50 KB, now worth twice the time.
         let half = Policer { bucket: Bucket { tat_ns: p.bucket.tat_for_credit(5, 51_200_000), ..p.bucket }, ..p };
-        let l2 = spec("4mbit", "100kb").check("").expect("ok");
+        let l2 = police(4_000_000);
         let p2 = l2.policer(Some(&half), 5);
         assert_eq!(tokens_bytes(&p2, 5), 51_200);
         assert_eq!(p2.bucket.credit_ns(5), 51_200_000 * 2, "the same bytes at half the rate");

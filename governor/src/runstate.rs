@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn saved_limits_replace_the_configs_and_round_trip() {
         let mut cfg = Config::parse(
-            "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"a0\"]\n[vm.qos.egress]\nrate = \"10mbit\"\nburst = \"64kb\"\n\
+            "[[vm]]\nname = \"a\"\ncgroup = \"a\"\ninterfaces = [\"a0\"]\n[vm.qos.egress]\nrate = \"10mbit\"\nburst = \"1mb\"\n\
              [[vm]]\nname = \"b\"\ncgroup = \"b\"\ninterfaces = [\"b0\"]\n",
         )
         .expect("config");

@@ -93,7 +93,7 @@ fn run_status_and_clean_shutdown() {
     let sock = socket.to_str().expect("utf8");
     run(Command::new(&gb)
         .args(["limit", "set", "--socket", sock, "--vm", "busy", "--direction", "egress"])
-        .args(["--rate", "20mbit", "--burst", "256kb"]));
+        .args(["--rate", "20mbit", "--burst", "1mb"]));
     let shown = run(Command::new(&gb).args(["limit", "show", "--socket", sock]));
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("busy") && shown.contains("egress") && shown.contains("police"), "limit show:\n{shown}");
@@ -121,6 +121,32 @@ fn run_status_and_clean_shutdown() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+    // The trap a new user fell into: a police burst too small for TCP is
+    // refused through the CLI (and so the API) with the burst it needs;
+    // that burst is taken.
+    let small = Command::new(&gb)
+        .args(["limit", "set", "--socket", sock, "--vm", "busy", "--direction", "ingress"])
+        .args(["--rate", "50mbit", "--burst", "64kb"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&small.stderr);
+    assert!(!small.status.success());
+    assert!(
+        err.contains("limit.ingress.burst")
+            && err.contains("too small to police TCP")
+            && err.contains("at least 1526kb"),
+        "{err}"
+    );
+    run(Command::new(&gb)
+        .args(["limit", "set", "--socket", sock, "--vm", "busy", "--direction", "ingress"])
+        .args(["--rate", "50mbit", "--burst", "1526kb"]));
+    // Shaping queues instead, and takes the small burst (the config's limit again).
+    run(Command::new(&gb)
+        .args(["limit", "set", "--socket", sock, "--vm", "busy", "--direction", "ingress"])
+        .args(["--rate", "50mbit", "--burst", "64kb", "--mode", "shape"]));
+    let help = run(Command::new(&gb).args(["limit", "set", "--help"]));
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--burst 3mb") && help.contains("250 ms of the rate"), "the help's example:\n{help}");
     run(Command::new(&gb).args(["limit", "clear", "--socket", sock, "--vm", "busy", "--direction", "egress"]));
 
     // Prometheus exposition.

@@ -79,7 +79,7 @@ fn prometheus_and_every_dashboard_query_see_the_whole_system() {
     let limit = LimitSpec {
         mode: Mode::Police,
         rate: Quantity::Text("100mbit".into()),
-        burst: Quantity::Text("1mb".into()),
+        burst: Quantity::Text("3mb".into()),
         packet_rate: None,
     };
     let r = s.call(&Request::SetLimit { vm: "web".into(), direction: Direction::Ingress, limit });

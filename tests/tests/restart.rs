@@ -75,7 +75,7 @@ fn kill_9_under_traffic_keeps_the_limit_and_the_counters() {
     let limit = LimitSpec {
         mode: Mode::Police,
         rate: Quantity::Text("50mbit".into()),
-        burst: Quantity::Text("512kb".into()),
+        burst: Quantity::Text("2mb".into()),
         packet_rate: None,
     };
     let r =
@@ -126,7 +126,7 @@ fn kill_9_under_traffic_keeps_the_limit_and_the_counters() {
     );
     assert_eq!(
         (limit_after.mode, limit_after.rate_bps, limit_after.burst_bytes),
-        (Mode::Police, 50_000_000, 512 * 1024),
+        (Mode::Police, 50_000_000, 2 << 20),
         "the run-time limit, not the config's (none)"
     );
     // The counters went on while it was down: nothing reset, nothing lost.
