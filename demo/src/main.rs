@@ -42,6 +42,13 @@ struct Cli {
     /// memory (or card-sim's threads) past the bounds of `soak.rs`.
     #[arg(long, requires = "seconds")]
     soak: bool,
+    /// Kill the card (SIGKILL to card-sim and its VMs) this many seconds
+    /// into the load, as the `k` key does on the terminal.
+    #[arg(long)]
+    kill_card_at: Option<u64>,
+    /// Start the card again this many seconds into the load (`r`).
+    #[arg(long, requires = "kill_card_at")]
+    restart_card_at: Option<u64>,
 }
 
 /// How often the view reads the API and redraws.
@@ -130,13 +137,43 @@ fn watch_loop(
         ends_in_s: cli.seconds.map(|s| s.saturating_sub(t0.elapsed().as_secs())),
         tty,
     };
+    let (mut kill_at, mut restart_at) = (cli.kill_card_at, cli.restart_card_at);
+    let mut key = None;
     while !over() {
         sys.check_alive()?;
+        let at_s = ramp.elapsed_s();
+        let scripted = if kill_at.is_some_and(|s| at_s >= s as f64) {
+            kill_at = None;
+            Some(screen::CardKey::Kill)
+        } else if restart_at.is_some_and(|s| at_s >= s as f64) {
+            restart_at = None;
+            Some(screen::CardKey::Restart)
+        } else {
+            None
+        };
+        match key.take().or(scripted) {
+            Some(screen::CardKey::Kill) if sys.card_running() => {
+                sys.kill_card();
+                w.card_event(format!("+{at_s:.0} s: the card was killed (SIGKILL to card-sim and its VMs)"));
+                if !tty {
+                    println!("demo: card killed at +{at_s:.1} s of load");
+                }
+            }
+            Some(screen::CardKey::Restart) if !sys.card_running() => {
+                sys.restart_card()?;
+                w.card_event(format!("+{at_s:.0} s: the card was started again (nothing on it)"));
+                if !tty {
+                    println!("demo: card started again at +{at_s:.1} s of load");
+                }
+            }
+            _ => {}
+        }
         if let (Some(soak), (Some(gov), Some(card))) = (soak.as_mut(), sys.pids()) {
             soak.sample(gov, card);
         }
         let moved = w.poll(&sys.socket, ramp.elapsed_s());
-        ramp.step(w.placement.as_ref())?;
+        w.card_process_up = sys.card_running();
+        ramp.step(w.placement.as_ref(), w.card_process_up)?;
         if !tty {
             for m in &moved {
                 println!(
@@ -151,7 +188,7 @@ fn watch_loop(
             }
         }
         let h = header(&ramp);
-        screen.show(&w, ramp.state(), &h, !moved.is_empty(), ROUND)?;
+        key = screen.show(&w, ramp.state(), &h, !moved.is_empty(), ROUND)?;
     }
     if !tty {
         // The last frame, as it stood when the demo ended.

@@ -104,19 +104,26 @@ impl Ramp {
 
     /// Bring the load to where the schedule says it is now, and the log
     /// VM's shipping to where that VM runs.
-    pub fn step(&mut self, placement: Option<&PlacementStatus>) -> Result<()> {
+    /// While the card is down (`card_up` false) its forwards are gone
+    /// with it: no user traffic crosses it, and none is started until it
+    /// is back.
+    pub fn step(&mut self, placement: Option<&PlacementStatus>, card_up: bool) -> Result<()> {
         let t = self.started.elapsed().as_secs() % CYCLE_S;
         let i = PHASES.iter().rposition(|p| p.0 <= t).unwrap_or(0);
         let (_, level, phase) = PHASES[i];
         let next = PHASES.get(i + 1).map_or(CYCLE_S, |p| p.0);
         for v in 0..self.vms.len() {
-            self.set_streams(v, level)?;
+            self.set_streams(v, if card_up { level } else { 0 })?;
+        }
+        if !card_up {
+            // A card that comes back starts with no VM to ship for.
+            self.state.shipping_vm = None;
         }
         self.state.phase = phase;
         self.state.streams_per_vm = level;
         self.state.offered_bps = STREAM_BPS * (level * self.vms.len()) as u64;
         self.state.next_in_s = next - t;
-        if let Some(p) = placement {
+        if let Some(p) = placement.filter(|_| card_up) {
             self.follow_log_vm(p);
         }
         Ok(())

@@ -42,8 +42,15 @@ pub fn stop_requested() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
+/// What a key asked of the card: kill it, or start it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CardKey {
+    Kill,
+    Restart,
+}
+
 /// Text frames: this size, one every `TEXT_EVERY`.
-const TEXT_SIZE: (u16, u16) = (132, 30);
+const TEXT_SIZE: (u16, u16) = (132, 36);
 const TEXT_EVERY: Duration = Duration::from_secs(5);
 
 pub enum Screen {
@@ -72,15 +79,30 @@ impl Screen {
 
     /// Draw now (terminal) or when a frame is due (text; `force` prints one
     /// regardless). Then wait up to `wait` for a key or the next round.
-    pub fn show(&mut self, w: &Watch, ramp: &RampState, h: &Header, force: bool, wait: Duration) -> Result<()> {
+    /// Returns what a key asked of the card (`k`: kill it, `r`: start it again).
+    pub fn show(
+        &mut self,
+        w: &Watch,
+        ramp: &RampState,
+        h: &Header,
+        force: bool,
+        wait: Duration,
+    ) -> Result<Option<CardKey>> {
+        let mut asked = None;
         match self {
             Screen::Tty { term, .. } => {
                 term.draw(|f| view::draw(f, w, ramp, h)).context("draw the view")?;
                 if event::poll(wait).context("read the terminal")? {
                     if let Event::Key(k) = event::read().context("read a key")? {
                         let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
-                        if k.kind == KeyEventKind::Press && (ctrl_c || k.code == KeyCode::Char('q')) {
-                            STOP.store(true, Ordering::SeqCst);
+                        if k.kind == KeyEventKind::Press {
+                            match k.code {
+                                _ if ctrl_c => STOP.store(true, Ordering::SeqCst),
+                                KeyCode::Char('q') => STOP.store(true, Ordering::SeqCst),
+                                KeyCode::Char('k') => asked = Some(CardKey::Kill),
+                                KeyCode::Char('r') => asked = Some(CardKey::Restart),
+                                _ => {}
+                            }
                         }
                     }
                 }
@@ -93,7 +115,7 @@ impl Screen {
                 std::thread::sleep(wait);
             }
         }
-        Ok(())
+        Ok(asked)
     }
 }
 

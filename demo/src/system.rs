@@ -44,6 +44,8 @@ pub struct UserVm {
     pub name: &'static str,
     /// (card forward port on 127.0.0.1) per iperf3 server in the VM.
     pub forwards: Vec<u16>,
+    /// Where each forward leads (the iperf3 server in the VM's namespace).
+    pub targets: Vec<SocketAddr>,
 }
 
 /// The user VMs: name, CPU quota, the load that runs in them besides the
@@ -183,7 +185,7 @@ impl System {
             self.cgroups.push(cg);
             let addr = self.nets[i].peer_addr.clone();
             let log = self.vm_log(name);
-            let mut forwards = Vec::new();
+            let (mut forwards, mut targets) = (Vec::new(), Vec::new());
             for k in 0..STREAMS {
                 let port = FIRST_PORT + k as u16;
                 // Its one-line-per-second reports are the VM's log, which
@@ -197,14 +199,17 @@ impl System {
                     self.nets[i].ns.cmd(&["iperf3", "-s", "-B", &addr, "-p", &port.to_string(), "--forceflush"]);
                 cmd.stdout(out).stderr(Stdio::null());
                 self.spawn_in(i, &mut cmd)?;
-                forwards.push(self.forward(&format!("{addr}:{port}"))?);
+                let to: SocketAddr =
+                    format!("{addr}:{port}").parse().with_context(|| format!("forward target {addr}:{port}"))?;
+                forwards.push(self.forward(0, to)?);
+                targets.push(to);
             }
             if !extra.is_empty() {
                 let mut cmd = Command::new(extra[0]);
                 cmd.args(&extra[1..]).stdout(Stdio::null()).stderr(Stdio::null());
                 self.spawn_in(i, &mut cmd)?;
             }
-            self.vms.push(UserVm { name, forwards });
+            self.vms.push(UserVm { name, forwards, targets });
         }
         Ok(())
     }
@@ -222,13 +227,39 @@ impl System {
         Ok(())
     }
 
-    /// A card-sim forward from a loopback port to `to`: traffic to that
-    /// port crosses the card.
-    fn forward(&self, to: &str) -> Result<u16> {
-        let to: SocketAddr = to.parse().with_context(|| format!("forward target {to}"))?;
-        let req = CardRequest::Forward { listen: ([127, 0, 0, 1], 0).into(), to };
+    /// A card-sim forward from loopback `port` (0: any) to `to`: traffic
+    /// to that port crosses the card.
+    fn forward(&self, port: u16, to: SocketAddr) -> Result<u16> {
+        let req = CardRequest::Forward { listen: ([127, 0, 0, 1], port).into(), to };
         let reply = card_sim::process::control_at(&self.sim_control, &req).context("a card forward")?;
         reply.port.context("card-sim answered a forward without its port")
+    }
+
+    /// Kill the card (SIGKILL to card-sim and the VMs on it), as a card
+    /// dies: the governor is left to notice.
+    pub fn kill_card(&mut self) {
+        if let Some(sim) = self.sim.as_mut() {
+            sim.kill();
+        }
+    }
+
+    /// Start the card again after it died: a new card-sim on the same
+    /// socket, with nothing on it; the user traffic's forwards are made
+    /// again on the ports the load generator uses.
+    pub fn restart_card(&mut self) -> Result<()> {
+        let sim = self.sim.as_mut().context("card-sim")?;
+        sim.restart().context("start card-sim again")?;
+        for vm in &self.vms {
+            for (port, to) in vm.forwards.iter().zip(&vm.targets) {
+                self.forward(*port, *to).with_context(|| format!("forward 127.0.0.1:{port} again"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether card-sim runs (it may have been killed, or died).
+    pub fn card_running(&mut self) -> bool {
+        self.sim.as_mut().is_some_and(|s| !s.exited())
     }
 
     fn start_governor(&mut self, paths: &Paths) -> Result<()> {
@@ -304,15 +335,14 @@ impl System {
         (self.gov.as_ref().map(|g| g.id()), self.sim.as_ref().map(|s| s.pid()))
     }
 
-    /// Fail when the governor or the card exited on its own.
+    /// Fail when the governor exited on its own. A card that died is not
+    /// the demo's end: the governor brings its MC VMs up on the host, and
+    /// the view shows it.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(g) = self.gov.as_mut() {
             if let Ok(Some(st)) = g.child().try_wait() {
                 bail!("the governor exited: {st}");
             }
-        }
-        if self.sim.as_mut().is_some_and(SimProcess::exited) {
-            bail!("card-sim exited");
         }
         Ok(())
     }

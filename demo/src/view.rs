@@ -38,7 +38,7 @@ fn mbit(bps: f64) -> String {
 pub fn draw(f: &mut Frame, w: &Watch, ramp: &RampState, h: &Header) {
     let [top, mid, users, decisions, foot] = Layout::vertical([
         Constraint::Length(3),
-        Constraint::Length(8),
+        Constraint::Length(10),
         Constraint::Length(6),
         Constraint::Min(6),
         Constraint::Length(1),
@@ -55,6 +55,10 @@ pub fn draw(f: &mut Frame, w: &Watch, ramp: &RampState, h: &Header) {
 
 fn header(w: &Watch, ramp: &RampState, h: &Header) -> Paragraph<'static> {
     let card = match &w.placement {
+        _ if !w.card_process_up => Span::styled(
+            format!("card DEAD: card-sim killed{}", if h.tty { " (r starts it again)" } else { "" }),
+            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
+        ),
         Some(p) if p.card.healthy => Span::styled("card healthy", Style::new().fg(Color::Green)),
         Some(p) => Span::styled(
             format!("card DOWN: {}", p.card.error.clone().unwrap_or_default()),
@@ -90,7 +94,38 @@ fn header(w: &Watch, ramp: &RampState, h: &Header) -> Paragraph<'static> {
     ])
 }
 
-/// One bar per resource: `width` cells for 0..100%, the threshold as `|`.
+/// Levels of a sparkline cell, lowest to full.
+const SPARKS: [&str; 8] = ["▁", "▂", "▃", "▄", "▅", "▆", "▇", "█"];
+
+/// The last minute of one resource's use, a cell a second (the newest
+/// right), red where it was over `threshold`: the crossing behind a move.
+fn sparkline(w: &Watch, index: usize, threshold: f64, cells: usize) -> Line<'static> {
+    let mut per_second: Vec<Option<f64>> = vec![None; cells];
+    if let Some(&(newest, _)) = w.history.back() {
+        for (at, used) in &w.history {
+            let age = (newest - at).floor() as usize;
+            if age < cells {
+                let slot = &mut per_second[cells - 1 - age];
+                *slot = Some(slot.unwrap_or(0.0).max(used[index]));
+            }
+        }
+    }
+    let mut spans = vec![Span::styled(format!("{:<8}", "  60 s"), Style::new().fg(Color::DarkGray))];
+    for v in per_second {
+        spans.push(match v {
+            None => Span::raw(" "),
+            Some(u) => {
+                let level = ((u.clamp(0.0, 1.0) * (SPARKS.len() - 1) as f64).round()) as usize;
+                let color = if u > threshold { Color::Red } else { Color::Green };
+                Span::styled(SPARKS[level], Style::new().fg(color))
+            }
+        });
+    }
+    Line::from(spans)
+}
+
+/// One bar per resource: `width` cells for 0..100%, the threshold as `|`;
+/// under each, its last minute.
 fn card_bars(w: &Watch, width: u16) -> Paragraph<'static> {
     let width = width.max(10) as usize;
     let mut lines = Vec::new();
@@ -116,9 +151,10 @@ fn card_bars(w: &Watch, width: u16) -> Paragraph<'static> {
                 Style::new().fg(color),
             ));
             lines.push(Line::from(spans));
+            lines.push(sparkline(w, r.resource.index(), r.threshold, width.min(60)));
         }
     }
-    Paragraph::new(lines).block(Block::bordered().title(" card use | threshold "))
+    Paragraph::new(lines).block(Block::bordered().title(" card use | threshold (and the last minute) "))
 }
 
 fn tasks_table(w: &Watch) -> Table<'static> {
@@ -129,6 +165,8 @@ fn tasks_table(w: &Watch) -> Table<'static> {
         .map(|t| {
             let last = if let Some(why) = &t.stopped {
                 format!("STOPPED: {why}")
+            } else if let Some(how) = w.restored.get(&t.task).filter(|_| t.side == Side::Host) {
+                format!("card died: {how}")
             } else {
                 t.last_move.as_ref().map_or("-".to_string(), |m| {
                     format!("to {} {}, pause {:.1} ms", side(m.to), if m.ok { "ok" } else { "FAILED" }, m.pause_ms)
@@ -235,7 +273,8 @@ fn decision_list(w: &Watch, area: Rect) -> Paragraph<'static> {
 
 fn footer(w: &Watch, h: &Header) -> Paragraph<'static> {
     let pauses: Vec<String> = w.moves.iter().filter(|m| m.ok).map(|m| format!("{:.1}", m.pause_ms)).collect();
-    let keys = if h.tty { "  q or Ctrl-C: stop and remove everything" } else { "" };
+    let keys =
+        if h.tty { "  k: kill the card  r: start it again  q or Ctrl-C: stop and remove everything" } else { "" };
     Paragraph::new(format!(
         "moves to host {}, to card {} (pauses ms: {}){keys}",
         w.count(Side::Host),

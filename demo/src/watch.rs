@@ -3,8 +3,9 @@
 //! status (user VMs' rates and health) and the decisions since the last
 //! read, of which the moves are counted by direction.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::time::Instant;
 
 use governor::api::{self, Request, Status};
 use governor::placement::audit::AuditRecord;
@@ -70,8 +71,21 @@ pub struct Watch {
     pub card_deaths: Vec<String>,
     /// `--soak` judged the run a failure.
     pub soak_failed: bool,
+    /// Whether card-sim's process runs (the demo may have killed it).
+    pub card_process_up: bool,
+    /// The card's use per resource over the last `HISTORY_S`: (seconds
+    /// since the watch began, use by `Resource::index`).
+    pub history: VecDeque<(f64, [f64; 4])>,
+    /// How each MC VM the card's death brought to the host came up there
+    /// ("restored ... from its checkpoint 737 ms old ..."), until it moves
+    /// again.
+    pub restored: HashMap<String, String>,
+    started: Option<Instant>,
     after_tick: u64,
 }
+
+/// How much of the card's use history is kept and drawn.
+pub const HISTORY_S: f64 = 60.0;
 
 impl Watch {
     /// Read everything; `now_s` stamps what is new. Returns the moves seen
@@ -81,6 +95,17 @@ impl Watch {
         match api::call(socket, &Request::Placement) {
             Ok(r) => self.placement = r.placement,
             Err(e) => self.error = Some(format!("placement: {e:#}")),
+        }
+        let t = self.started.get_or_insert_with(Instant::now).elapsed().as_secs_f64();
+        if let Some(p) = self.placement.as_ref().filter(|p| p.card.healthy) {
+            let mut used = [0.0; 4];
+            for r in &p.card.resources {
+                used[r.resource.index()] = r.used;
+            }
+            self.history.push_back((t, used));
+        }
+        while self.history.front().is_some_and(|(at, _)| t - at > HISTORY_S) {
+            self.history.pop_front();
         }
         match api::call(socket, &Request::Status) {
             Ok(r) => self.status = r.status,
@@ -106,6 +131,15 @@ impl Watch {
             self.after_tick = d.tick;
             if d.reason == Reason::CardDead {
                 self.card_deaths.push(format!("{} {}", clock(d.time_ms), d.explain));
+                // "...; monitor: restored on the host from its checkpoint
+                // 737 ms old (...); log: started cold on the host ..."
+                for part in d.explain.split("; ") {
+                    if let Some((task, how)) = part.split_once(": ") {
+                        if d.moves.iter().any(|m| m.task == task) {
+                            self.restored.insert(task.to_string(), how.to_string());
+                        }
+                    }
+                }
             }
             if self.first_crossing.is_none() && d.card.iter().any(|r| r.used > r.threshold) {
                 self.first_crossing = Some((d.tick, d.time_ms));
@@ -139,6 +173,7 @@ impl Watch {
                         time_ms: d.time_ms,
                         tick: d.tick,
                     };
+                    self.restored.remove(&r.task);
                     self.moves.push(m.clone());
                     new.push(m);
                 }
@@ -150,6 +185,11 @@ impl Watch {
             }
         }
         new
+    }
+
+    /// Something the demo did to the card, as a line of the decisions panel.
+    pub fn card_event(&mut self, text: String) {
+        self.push(ShownLine { reason: Reason::CardDead, text, is_move: true });
     }
 
     fn push(&mut self, line: ShownLine) {

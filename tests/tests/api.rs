@@ -78,7 +78,7 @@ fn every_resource_answers_and_bad_input_gets_a_4xx_naming_the_field() {
     // Limits: set, see, change, clear; bad inputs change nothing.
     let (c, l) = curl(&sock, "GET", "/v1/limits", None);
     assert_eq!((c, l.as_array().map(Vec::len)), (200, Some(0)));
-    let limit = r#"{"mode":"police","rate":"100mbit","burst":"64kb"}"#;
+    let limit = r#"{"mode":"police","rate":"100mbit","burst":"3mb"}"#;
     let (c, _) = curl(&sock, "PUT", "/v1/vms/web/limits/egress", Some(limit));
     assert_eq!(c, 200);
     let (_, l) = curl(&sock, "GET", "/v1/limits", None);
@@ -86,6 +86,15 @@ fn every_resource_answers_and_bad_input_gets_a_4xx_naming_the_field() {
     assert_eq!(set.len(), 1, "{l}");
     assert_eq!((set[0]["vm"].as_str(), set[0]["rate_bps"].as_u64()), (Some("web"), Some(100_000_000)));
     refused(&sock, "PUT", "/v1/vms/web/limits/sideways", Some(limit), 400, "direction");
+    // A police burst too small for TCP: refused, naming the burst it needs.
+    refused(
+        &sock,
+        "PUT",
+        "/v1/vms/web/limits/egress",
+        Some(r#"{"mode":"police","rate":"100mbit","burst":"64kb"}"#),
+        400,
+        "limit.egress.burst",
+    );
     refused(&sock, "PUT", "/v1/vms/web/limits/egress", Some(r#"{"mode":"police","burst":"64kb"}"#), 400, "rate");
     refused(
         &sock,
@@ -174,7 +183,7 @@ fn every_resource_answers_and_bad_input_gets_a_4xx_naming_the_field() {
 fn no_governor_and_no_card_are_said_plainly() {
     let dir = TempDir::new("governor-test-nogov").expect("dir");
     let missing = dir.path().join("governor.sock");
-    for cmd in [&["status"][..], &["placement"], &["vms"]] {
+    for cmd in [&["status"][..], &["placement"], &["limit", "show"]] {
         let out = Command::new(bin_dir().join("governor"))
             .args(cmd)
             .arg("--socket")
@@ -210,7 +219,8 @@ fn no_governor_and_no_card_are_said_plainly() {
     std::fs::write(
         &cfg,
         format!(
-            "pin_dir = {:?}\nsocket = {:?}\n[placement]\nagent = {:?}\nvmm = {:?}\nmc_cgroup = {:?}\nrun_dir = {:?}\n\
+            "pin_dir = {:?}\nsocket = {:?}\n[placement]\nreserve = {{ cpus = 1.0, memory = \"256mb\" }}\nagent = {:?}\n\
+             vmm = {:?}\nmc_cgroup = {:?}\nrun_dir = {:?}\n\
              [card]\nsocket = {card:?}\n[[mc]]\ntask = \"log\"\n",
             pins.0,
             dir.path().join("gov.sock"),

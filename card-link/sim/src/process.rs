@@ -73,8 +73,38 @@ pub struct SimProcess {
     cgroup: Option<ScopedCgroup>,
     pub socket: PathBuf,
     pub control: PathBuf,
+    /// The binary and its arguments, to start the card again (`restart`).
+    bin: PathBuf,
+    args: Vec<std::ffi::OsString>,
     /// The sockets' directory.
     _dir: TempDir,
+}
+
+/// Start card-sim with `args` and wait until both its sockets exist.
+fn start(bin: &Path, args: &[std::ffi::OsString], socket: &Path, control: &Path) -> Result<Guarded, SimError> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    // SAFETY: prctl is async-signal-safe; it only sets a flag on the child.
+    // If the launching process dies without running Drop, the card dies too.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
+    let mut child = Guarded::new(cmd.spawn().map_err(|source| SimError::Spawn { bin: bin.to_path_buf(), source })?);
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !(socket.exists() && control.exists()) {
+        if Instant::now() > deadline {
+            return Err(SimError::NotReady(START_TIMEOUT));
+        }
+        if let Ok(Some(st)) = child.child().try_wait() {
+            return Err(SimError::ExitedEarly(st));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
 }
 
 /// Locate the card-sim binary (see the module comment).
@@ -103,18 +133,18 @@ impl SimProcess {
         let dir = TempDir::new("card-sim").map_err(|source| SimError::Dir { path: std::env::temp_dir(), source })?;
         let socket = dir.path().join("card.sock");
         let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("--socket").arg(&socket).arg("--control").arg(&control);
-        cmd.arg("--period-ms").arg(opts.period_ms.to_string());
+        let mut args: Vec<std::ffi::OsString> = vec!["--socket".into(), socket.clone().into(), "--control".into()];
+        args.push(control.clone().into());
+        args.extend(["--period-ms".into(), opts.period_ms.to_string().into()]);
         if !opts.mmap {
-            cmd.arg("--no-mmap");
+            args.push("--no-mmap".into());
         }
-        cmd.arg("--load-threads").arg((opts.cpus.ceil() as usize).max(1).to_string());
+        args.extend(["--load-threads".into(), (opts.cpus.ceil() as usize).max(1).to_string().into()]);
         if let Some(g) = &opts.guest {
-            cmd.arg("--guest").arg(g);
+            args.extend(["--guest".into(), g.clone().into()]);
         }
         if let Some(v) = &opts.vmm {
-            cmd.arg("--vmm").arg(v);
+            args.extend(["--vmm".into(), v.clone().into()]);
         }
         let cgroup = if opts.cgroup {
             // The card's CPU is its own: the quota caps it, and the weight
@@ -128,32 +158,46 @@ impl SimProcess {
             let cg = ScopedCgroup::create("card-sim", &limits).map_err(SimError::CgroupCreate)?;
             // card-sim joins it itself before starting any thread, and
             // measures it.
-            cmd.arg("--cgroup").arg(cg.cg.rel());
+            args.extend(["--cgroup".into(), cg.cg.rel().as_os_str().to_owned()]);
             Some(cg)
         } else {
             None
         };
-        // SAFETY: prctl is async-signal-safe; it only sets a flag on the child.
-        // If the launching process dies without running Drop, the card dies too.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-        let mut child = Guarded::new(cmd.spawn().map_err(|source| SimError::Spawn { bin: bin.clone(), source })?);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !(socket.exists() && control.exists()) {
-            if Instant::now() > deadline {
-                return Err(SimError::NotReady(START_TIMEOUT));
+        let child = start(&bin, &args, &socket, &control)?;
+        Ok(SimProcess { child, cgroup, socket, control, bin, args, _dir: dir })
+    }
+
+    /// The card dies the hard way: SIGKILL to everything in its cgroup (the
+    /// card-sim process and its VMs' `vmm` processes), or to the process
+    /// alone without one. Its sockets stay until `restart`.
+    pub fn kill(&mut self) {
+        match &self.cgroup {
+            Some(cg) => cg.cg.kill_all(Duration::from_secs(5)),
+            None => {
+                let pid = self.child.id() as libc::pid_t;
+                if self.child.0.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))) {
+                    // SAFETY: kill(2) on our own child, not yet reaped.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
-            if let Ok(Some(st)) = child.child().try_wait() {
-                return Err(SimError::ExitedEarly(st));
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        Ok(SimProcess { child, cgroup, socket, control, _dir: dir })
+        if self.child.wait_timeout(Duration::from_secs(5)).is_none() {
+            tracing::warn!("card-sim {} did not die on SIGKILL within 5 s", self.child.id());
+        }
+    }
+
+    /// Start the card again after it died (`kill`, a crash): the same
+    /// binary, sockets and cgroup, a new process with nothing on it.
+    pub fn restart(&mut self) -> Result<(), SimError> {
+        if !self.exited() {
+            self.kill();
+        }
+        // The dead card's sockets would pass for the new card's being up.
+        for s in [&self.socket, &self.control] {
+            crate::pci::remove_stale_socket(s);
+        }
+        self.child = start(&self.bin, &self.args, &self.socket, &self.control)?;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
