@@ -166,7 +166,7 @@ fn tasks_table(w: &Watch) -> Table<'static> {
             let last = if let Some(why) = &t.stopped {
                 format!("STOPPED: {why}")
             } else if let Some(how) = w.restored.get(&t.task).filter(|_| t.side == Side::Host) {
-                format!("card died: {how}")
+                how.clone()
             } else {
                 t.last_move.as_ref().map_or("-".to_string(), |m| {
                     format!("to {} {}, pause {:.1} ms", side(m.to), if m.ok { "ok" } else { "FAILED" }, m.pause_ms)

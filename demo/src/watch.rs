@@ -84,6 +84,18 @@ pub struct Watch {
     after_tick: u64,
 }
 
+/// "restored on the host from its checkpoint 737 ms old (a base and 1
+/// diffs)" -> "restored, checkpoint 737 ms old"; a cold start likewise.
+fn short_restore(how: &str) -> String {
+    if let Some(age) = how.split("checkpoint ").nth(1).and_then(|r| r.split(" old").next()) {
+        return format!("restored, checkpoint {age} old");
+    }
+    if how.contains("started cold") {
+        return "started cold (no checkpoint)".into();
+    }
+    how.to_string()
+}
+
 /// How much of the card's use history is kept and drawn.
 pub const HISTORY_S: f64 = 60.0;
 
@@ -136,7 +148,7 @@ impl Watch {
                 for part in d.explain.split("; ") {
                     if let Some((task, how)) = part.split_once(": ") {
                         if d.moves.iter().any(|m| m.task == task) {
-                            self.restored.insert(task.to_string(), how.to_string());
+                            self.restored.insert(task.to_string(), short_restore(how));
                         }
                     }
                 }
@@ -202,5 +214,21 @@ impl Watch {
     /// Successful moves to `side`.
     pub fn count(&self, side: Side) -> usize {
         self.moves.iter().filter(|m| m.ok && m.to == side).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn how_an_mc_vm_came_up_is_said_short() {
+        assert_eq!(
+            super::short_restore("restored on the host from its checkpoint 737 ms old (a base and 1 diffs)"),
+            "restored, checkpoint 737 ms old"
+        );
+        assert_eq!(
+            super::short_restore("started cold on the host (no usable checkpoint)"),
+            "started cold (no checkpoint)"
+        );
+        assert_eq!(super::short_restore("LOST: cannot start"), "LOST: cannot start");
     }
 }
